@@ -1,0 +1,200 @@
+"""Image directories: written to a staging directory, renamed into place only when complete,
+verified against their manifest before use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+from .._errors import AlreadyExistsError, ImageCorruptedError, ImageNotFoundError
+from . import _manifest
+from ._manifest import MANIFEST_NAME, FileEntry, Manifest
+
+STAGING_MARK = ".partial-"
+# hashlib releases the GIL on large buffers, so threads hash files in parallel.
+_HASH_WORKERS = max(2, os.cpu_count() or 2)
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of a file's content."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def hash_files(root: Path, names: Iterable[str]) -> list[FileEntry]:
+    """Size and SHA-256 of each named file under ``root``, hashed in parallel."""
+    names = list(names)
+
+    def one(name: str) -> FileEntry:
+        path = root / name
+        return FileEntry(name=name, size=path.stat().st_size, sha256=sha256_file(path))
+
+    if len(names) <= 1:
+        return [one(n) for n in names]
+    with ThreadPoolExecutor(_HASH_WORKERS) as pool:
+        return list(pool.map(one, names))
+
+
+def content_files(image_dir: Path) -> list[str]:
+    """The names of the regular files that make up an image (everything but the manifest)."""
+    return sorted(
+        e.name
+        for e in os.scandir(image_dir)
+        if e.is_file(follow_symlinks=False) and e.name != MANIFEST_NAME
+    )
+
+
+class Image:
+    """A complete image directory on local disk (manifest present).
+
+    Opening reads only the manifest; :meth:`verify` checks every file.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Image:
+        """Open the image at ``path``; raise :class:`ImageNotFoundError` if there is none."""
+        p = Path(path)
+        if not p.is_dir():
+            raise ImageNotFoundError(
+                f"no image at {p}", image=str(p), hint="`torpor images` lists the local images"
+            )
+        return cls(p, _manifest.read(p))
+
+    @property
+    def name(self) -> str:
+        """The image's name (from its manifest)."""
+        return self.manifest.name
+
+    def verify(self) -> None:
+        """Check every file's size and SHA-256; raise :class:`ImageCorruptedError` naming the
+        first bad file (in manifest order)."""
+        for entry in self.manifest.files:
+            path = self.path / entry.name
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError as exc:
+                raise self._corrupt(entry.name, "is missing") from exc
+            if size != entry.size:
+                raise self._corrupt(entry.name, f"has {size} bytes, expected {entry.size}")
+        actual = hash_files(self.path, (e.name for e in self.manifest.files))
+        for want, got in zip(self.manifest.files, actual, strict=True):
+            if got.sha256 != want.sha256:
+                raise self._corrupt(want.name, "does not match its SHA-256")
+
+    def _corrupt(self, name: str, what: str) -> ImageCorruptedError:
+        return ImageCorruptedError(
+            f"image {self.name!r} ({self.path}) is corrupted: file {name} {what}",
+            image=self.path,
+            file=name,
+            hint="restore refused; use another image or checkpoint again",
+        )
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` atomically, failing if ``dst`` exists (even as an empty dir)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    rename_noreplace = 1
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), str(dst))
+    if dst.exists():
+        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+    os.rename(src, dst)
+
+
+class Staging:
+    """A private staging directory next to ``dest``; :meth:`commit` makes it the image.
+
+    Until committed the directory's name marks it as partial, so a crash mid-dump never
+    leaves something that looks like a whole image.
+    """
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.path = dest.parent / f".{dest.name}{STAGING_MARK}{os.urandom(4).hex()}"
+
+    def create(self) -> Path:
+        """Create the staging directory (mode 0700); fail if ``dest`` exists already."""
+        check_free(self.dest)
+        self.dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.mkdir(mode=0o700)
+        return self.path
+
+    def commit(self, make_manifest: Callable[[list[FileEntry]], Manifest]) -> Image:
+        """Hash the staged files, write the manifest, rename into place; return the image."""
+        entries = hash_files(self.path, content_files(self.path))
+        manifest = make_manifest(entries)
+        write_manifest(self.path, manifest)
+        try:
+            _rename_noreplace(self.path, self.dest)
+        except FileExistsError as exc:
+            raise AlreadyExistsError(
+                f"image directory {self.dest} appeared while checkpointing",
+                path=str(self.dest),
+                hint=f"the new image is kept at {self.path}",
+            ) from exc
+        _fsync_dir(self.dest.parent)
+        return Image(self.dest, manifest)
+
+    def discard(self) -> None:
+        """Remove the staging directory and everything in it."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@contextmanager
+def staging(dest: Path) -> Iterator[Staging]:
+    """Context manager: a created :class:`Staging`, discarded unless committed."""
+    st = Staging(dest)
+    st.create()
+    try:
+        yield st
+    finally:
+        if st.path.exists():
+            st.discard()
+
+
+def check_free(dest: Path) -> None:
+    """Raise :class:`AlreadyExistsError` if ``dest`` exists (torpor never overwrites)."""
+    if dest.exists() or dest.is_symlink():
+        raise AlreadyExistsError(
+            f"image directory {dest} exists already",
+            path=str(dest),
+            hint="choose another -o/--name, or delete the old image first",
+        )
+
+
+def write_manifest(image_dir: Path, manifest: Manifest) -> None:
+    """Write ``torpor.json`` (0600) durably."""
+    tmp = image_dir / f".{MANIFEST_NAME}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(manifest.to_json())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.rename(tmp, image_dir / MANIFEST_NAME)
+    _fsync_dir(image_dir)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
