@@ -9,12 +9,12 @@
     │   └── ImageNotFoundError       no such image (carries ``image``)
     ├── AlreadyExistsError           a target that exists already (image dir, pool, name)
     ├── PermissionDeniedError        not root / not the owner of the process
-    ├── CriuError                    CRIU refused or failed (carries pid, image, log path, log lines)
+    ├── CriuError                    CRIU refused or failed (pid, image, log path, log lines)
     │   ├── CriuUnavailableError     no usable CRIU >= 4.2 on this machine
     │   ├── DumpError                a dump failed: the process keeps running
     │   └── RestoreError             a restore failed: nothing was left running
     ├── ImageError                   an image that cannot be used
-    │   └── ImageCorruptedError      a checksum mismatch or a missing/truncated file (carries ``file``)
+    │   └── ImageCorruptedError      a bad checksum, a missing/truncated file (``file``)
     ├── PoolError                    a storage pool or its backend failed
     │   └── PoolConfigError          an unknown key or a bad value (carries ``key``)
     └── CoordinationError            the in-process coordination protocol failed

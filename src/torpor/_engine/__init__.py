@@ -1,0 +1,44 @@
+"""The checkpoint engine: CRIU over RPC. Contract for the rest of torpor:
+
+- :class:`CriuEngine` ``.dump(pid, dir, DumpOptions, notify=, connection=)`` → :class:`DumpResult`
+- ``.restore(dir, RestoreOptions, notify=)`` → :class:`RestoreResult`
+- ``.version()``, ``.check()``, ``.features()``
+- failures raise :class:`~torpor.DumpError` / :class:`~torpor.RestoreError` (with log lines)
+"""
+
+from ._criu import (
+    CriuEngine as CriuEngine,
+)
+from ._criu import (
+    CriuVersion as CriuVersion,
+)
+from ._criu import (
+    DumpOptions as DumpOptions,
+)
+from ._criu import (
+    DumpResult as DumpResult,
+)
+from ._criu import (
+    Features as Features,
+)
+from ._criu import (
+    RestoreOptions as RestoreOptions,
+)
+from ._criu import (
+    RestoreResult as RestoreResult,
+)
+from ._criu import (
+    find_criu as find_criu,
+)
+from ._criu import (
+    log_errors as log_errors,
+)
+from ._rpc import (
+    Connection as Connection,
+)
+from ._rpc import (
+    NotifyEvent as NotifyEvent,
+)
+from ._rpc import (
+    NotifyHandler as NotifyHandler,
+)

@@ -1,0 +1,1 @@
+"""Managed processes: launching, restoring, the keeper, self-dumps."""

@@ -1,0 +1,5 @@
+"""``python -m torpor``."""
+
+from torpor._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""``torpor checkpoint``: dump a running process into an image."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from ._app import App, human_bytes
+
+
+def register(sub: Any) -> None:
+    """Add the command."""
+    p = sub.add_parser(
+        "checkpoint",
+        help="checkpoint a running process into an image",
+        description="Checkpoint PID (or a managed process's NAME). A process using the torpor "
+        "library runs its hooks first (a coordinated checkpoint); others get a plain CRIU dump. "
+        "A failed checkpoint leaves the process running.",
+    )
+    p.add_argument("target", metavar="PID|NAME")
+    p.add_argument("-o", "--output", metavar="IMAGE", help="image directory to create")
+    p.add_argument("--name", help="image name (default: the process name + time)")
+    p.add_argument("--pool", help="store the image in this pool (see `torpor pool`)")
+    p.add_argument("--leave-running", action="store_true", help="keep the process running")
+    p.add_argument(
+        "--tcp-established", action="store_true", help="dump established TCP connections"
+    )
+    p.add_argument("--shell-job", action="store_true", help="the process is a shell job (tty)")
+    p.add_argument(
+        "--no-coordinate", action="store_true", help="never run the process's hooks; plain dump"
+    )
+    p.add_argument("--timeout", type=float, default=120.0, help="coordinated checkpoint timeout")
+    p.set_defaults(handler=_checkpoint)
+
+
+def _checkpoint(app: App, args: argparse.Namespace) -> int:
+    from .._engine import DumpOptions
+    from .._images import _store
+    from .._images._image import Image, check_free
+    from .._process import _dump, _proc, _registry
+    from ._run import resolve_target
+
+    pid = resolve_target(args.target)
+    _proc.ref(pid)
+    managed = _registry.find_by_pid(pid)
+    base = managed.name if managed else f"pid{pid}"
+    name = _store.check_name(args.name or f"{base}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.output:
+        dest = Path(args.output).absolute()
+    elif args.pool:
+        from .. import _paths
+
+        dest = _paths.cache_dir() / f".push-{name}-{pid}"
+    else:
+        dest = _store.default_path(name)
+    check_free(dest)
+
+    image: Image | None = None
+    started = time.perf_counter()
+    if not args.no_coordinate:
+        image = _coordinated(app, pid, dest, args, name)
+    if image is None:
+        options = DumpOptions(
+            leave_running=args.leave_running,
+            tcp_established=args.tcp_established,
+            shell_job=args.shell_job,
+        )
+        image = _dump.checkpoint_pid(pid, dest, options, name=name)
+    elapsed = time.perf_counter() - started
+    m = image.manifest
+    if args.pool:
+        import shutil
+
+        from .._pools import open_pool
+
+        pool = open_pool(args.pool)
+        with app.progress(f"push {name}@{args.pool}", m.total_bytes) as bar:
+            stored = pool.push(image, name, progress=bar.advance)
+        shutil.rmtree(image.path, ignore_errors=True)
+        app.info(f"checkpointed pid {pid} in {elapsed:.3f}s into {name}@{args.pool}")
+        app.out(f"{stored.name}@{args.pool}")
+        return 0
+    app.info(
+        f"checkpointed pid {pid} in {elapsed:.3f}s: {human_bytes(m.total_bytes)} "
+        f"({'left running' if args.leave_running else 'process stopped'})"
+    )
+    app.out(str(image.path))
+    return 0
+
+
+def _coordinated(app: App, pid: int, dest: Path, args: argparse.Namespace, name: str) -> Any:
+    """Ask the process to checkpoint itself (its hooks run first); None if it cannot."""
+    try:
+        from .._coord import _channel
+    except ImportError:
+        return None
+    from .._images._image import Image
+
+    try:
+        _channel.request_checkpoint(
+            pid,
+            dest,
+            leave_running=args.leave_running,
+            tcp_established=args.tcp_established,
+            name=name,
+            timeout=args.timeout,
+        )
+    except _channel.NotCoordinatedError:
+        return None
+    app.debug("coordinated checkpoint: the process ran its hooks")
+    return Image.open(dest)

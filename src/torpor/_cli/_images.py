@@ -1,0 +1,75 @@
+"""``torpor images``: list images (local, or in a pool)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ._app import App, human_bytes
+
+
+def register(sub: Any) -> None:
+    """Add the command."""
+    p = sub.add_parser("images", help="list images (local, or in a pool with --pool)")
+    p.add_argument("--pool", help="list the images in this pool instead")
+    p.add_argument("--json", action="store_true", help="output JSON")
+    p.set_defaults(handler=_images)
+
+
+def _images(app: App, args: argparse.Namespace) -> int:
+    if args.pool:
+        from .._pools import open_pool
+
+        pool = open_pool(args.pool)
+        items = pool.list_images()
+        if args.json:
+            app.json([i.__dict__ for i in items])
+            return 0
+        app.table(
+            ("NAME", "ID", "CREATED", "SIZE", "STORED"),
+            [
+                (
+                    i.name,
+                    i.id[:12],
+                    i.created[:19],
+                    human_bytes(i.size),
+                    human_bytes(i.stored_bytes),
+                )
+                for i in items
+            ],
+        )
+        return 0
+    from .._images._store import list_local
+
+    images = list_local()
+    if args.json:
+        app.json(
+            [
+                {
+                    "name": i.name,
+                    "path": str(i.path),
+                    **{
+                        k: v
+                        for k, v in i.manifest.__dict__.items()
+                        if k not in ("files", "cpu_flags")
+                    },
+                }
+                for i in images
+            ]
+        )
+        return 0
+    app.table(
+        ("NAME", "ID", "CREATED", "SIZE", "PID", "COMMAND"),
+        [
+            (
+                i.name,
+                i.manifest.id[:12],
+                i.manifest.created[:19],
+                human_bytes(i.manifest.total_bytes),
+                i.manifest.pid,
+                " ".join(i.manifest.cmdline)[:50],
+            )
+            for i in images
+        ],
+    )
+    return 0

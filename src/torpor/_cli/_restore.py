@@ -1,0 +1,93 @@
+"""``torpor restore``: bring an image back as running processes."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from .._errors import UsageError
+from ._app import App
+
+
+def register(sub: Any) -> None:
+    """Add the command."""
+    p = sub.add_parser(
+        "restore",
+        help="restore an image (a local name, a path, or NAME@POOL)",
+        description="Restore IMAGE as running, managed processes. The image's checksums are "
+        "verified before any restored task runs; a corrupted image is refused.",
+    )
+    p.add_argument("image", metavar="IMAGE", help="a local image name, a path, or NAME@POOL")
+    p.add_argument("--name", help="name of the restored process (default: the image's name)")
+    p.add_argument("--count", type=int, default=1, metavar="K", help="restore K copies at once")
+    p.add_argument(
+        "--tcp-established",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="restore established TCP connections (default: as the image was dumped)",
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    p.add_argument("--json", action="store_true", help="output JSON")
+    p.set_defaults(handler=_restore)
+
+
+def open_image(app: App, arg: str) -> Any:
+    """An :class:`Image` from a local name, a path, or ``NAME@POOL`` (pulled into the cache)."""
+    from .._images import _store
+    from .._images._image import Image
+
+    if "@" in arg and "/" not in arg:
+        name, pool_name = arg.rsplit("@", 1)
+        from .._pools import open_pool
+
+        pool = open_pool(pool_name)
+        with app.progress(f"pull {arg}", None) as bar:
+            return pool.pull(name, progress=bar.advance)
+    return Image.open(_store.resolve(arg))
+
+
+def _restore(app: App, args: argparse.Namespace) -> int:
+    from .._images._store import check_name
+    from .._process import _manage, _registry
+
+    if args.count < 1:
+        raise UsageError(f"--count must be at least 1, not {args.count}")
+    started = time.perf_counter()
+    image = open_image(app, args.image)
+    base = args.name or image.name
+    check_name(base, what="process name")
+    if args.count == 1:
+        names = [base if args.name or not _is_running(base) else _fresh(base)]
+    else:
+        names = [f"{base}-{i}" for i in range(1, args.count + 1)]
+        if not args.name:
+            names = [n if not _is_running(n) else _fresh(n) for n in names]
+    _ = _registry
+    procs = _manage.restore(
+        image, names=names, tcp_established=args.tcp_established, verify=not args.no_verify
+    )
+    elapsed = time.perf_counter() - started
+    if args.json:
+        app.json([{"name": p.name, "pid": p.pid} for p in procs])
+    else:
+        for p in procs:
+            app.out(f"{p.name} {p.pid}")
+    app.info(f"restored {len(procs)} cop{'y' if len(procs) == 1 else 'ies'} in {elapsed:.3f}s")
+    return 0
+
+
+def _is_running(name: str) -> bool:
+    from .._errors import ProcessNotFoundError
+    from .._process import _registry
+
+    try:
+        return _registry.load(name).state == "running"
+    except ProcessNotFoundError:
+        return False
+
+
+def _fresh(base: str) -> str:
+    import os
+
+    return f"{base[:100]}-{os.urandom(3).hex()}"

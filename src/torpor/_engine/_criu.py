@@ -1,0 +1,514 @@
+"""The checkpoint engine: CRIU driven over its RPC protocol.
+
+This module is the one boundary where CRIU's failures become torpor errors: a failed response
+is turned into :class:`~torpor.DumpError` / :class:`~torpor.RestoreError` carrying the pid,
+the image, the log path and the real error lines of the log (CRIU's ``cr_errmsg`` holds the
+first logged error, which here is always a harmless rlimit line, so we read the log instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import _paths
+from .._errors import (
+    CriuError,
+    CriuUnavailableError,
+    DumpError,
+    PermissionDeniedError,
+    RestoreError,
+)
+from .._proto import criu_rpc_pb2 as pb
+from ._rpc import Connection, NotifyHandler, TransportError
+
+MIN_VERSION = (4, 2)
+_CANDIDATES = ("/usr/local/sbin/criu", "/usr/sbin/criu")
+_INSTALL_HINT = "run scripts/install-criu.sh (builds CRIU 4.2.1 from Debian's source) as root"
+
+
+@dataclass(frozen=True)
+class CriuVersion:
+    """CRIU's version as reported over RPC."""
+
+    major: int
+    minor: int
+    sublevel: int = 0
+    gitid: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.sublevel}" + (
+            f" ({self.gitid})" if self.gitid else ""
+        )
+
+
+@dataclass(frozen=True)
+class Features:
+    """Optional CRIU/kernel features (FEATURE_CHECK)."""
+
+    mem_track: bool
+    lazy_pages: bool
+    pidfd_store: bool
+
+
+@dataclass(frozen=True)
+class DumpOptions:
+    """How to dump. Defaults suit a process started with ``torpor run``."""
+
+    leave_running: bool = False
+    tcp_established: bool = False
+    shell_job: bool = False
+    ext_unix_sk: bool = False
+    file_locks: bool = False
+    link_remap: bool = False
+    external: tuple[str, ...] = ()
+    log_level: int = 4
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How to restore. ``rst_sibling`` makes the restored root a child of the caller."""
+
+    tcp_established: bool = False
+    shell_job: bool = False
+    ext_unix_sk: bool = False
+    file_locks: bool = False
+    rst_sibling: bool = True
+    inherit_fds: Mapping[str, int] = field(default_factory=dict)
+    external: tuple[str, ...] = ()
+    root: str | None = None
+    log_level: int = 4
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    """A finished dump: ``restored`` is true in a self-dumped process that was restored."""
+
+    restored: bool
+    log_path: Path
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """A finished restore: the host pid of the restored root."""
+
+    pid: int
+    log_path: Path
+    seconds: float
+
+
+@functools.cache
+def find_criu() -> str:
+    """Path of a CRIU >= 4.2 (``TORPOR_CRIU`` overrides the search). Cached per process."""
+    env = os.environ.get("TORPOR_CRIU")
+    candidates = [env] if env else [*_CANDIDATES, shutil.which("criu") or ""]
+    seen: list[str] = []
+    for cand in candidates:
+        if not cand or not os.access(cand, os.X_OK) or cand in seen:
+            continue
+        seen.append(cand)
+        ver = _cli_version(cand)
+        if ver is not None and ver >= MIN_VERSION:
+            return cand
+    found = ", ".join(seen) or "none"
+    raise CriuUnavailableError(
+        f"no CRIU >= {MIN_VERSION[0]}.{MIN_VERSION[1]} found (checked: {found})", hint=_INSTALL_HINT
+    )
+
+
+def _cli_version(binary: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except OSError:
+        return None
+    m = re.search(r"Version:\s*(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+# Known failure signatures in CRIU's log → what the user should do. First match wins.
+_HINTS: Sequence[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"within dumped tree"), "CRIU cannot run inside the tree it dumps"),
+    (
+        re.compile(r"tty|TTY|pty"),
+        "the process holds a terminal: start it with `torpor run` (stdio to a log file), "
+        "or checkpoint with --shell-job",
+    ),
+    (
+        re.compile(r"Connected TCP socket|tcp-established"),
+        "the process has an established TCP connection: pass --tcp-established",
+    ),
+    (
+        re.compile(r"[Uu]nix.*(external|[Ee]xt)|half of stream unix|unix.*peer"),
+        "the process holds a unix socket connected to a process outside its tree: close it "
+        "before the checkpoint (or use an fd policy)",
+    ),
+    (
+        re.compile(r"has bad size|Size mismatch"),
+        "a file the process has open changed size since the dump: open such files with "
+        "O_APPEND, or restore a fresh image",
+    ),
+    (
+        re.compile(r"File exists|Can't fork for \d+|set_tid"),
+        "a pid the image needs is in use (is the original still running?): stop it, or run "
+        "apps with `torpor run` so they live in their own PID namespace",
+    ),
+    (
+        re.compile(r"Can't open file.*No such file|Can't lookup"),
+        "a file the process had open is gone",
+    ),
+    (
+        re.compile(r"Operation not permitted|EPERM"),
+        "CRIU needs root (CAP_SYS_ADMIN and friends): run torpor as root",
+    ),
+]
+
+_RLIMIT = "RLIMIT_NOFILE"
+
+
+def log_errors(log_path: Path, limit: int = 8) -> list[str]:
+    """The real error lines of a CRIU log (harmless rlimit noise dropped), prefixes trimmed."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return []
+    lines: list[str] = []
+    for line in text.splitlines():
+        if "Error (" not in line or _RLIMIT in line:
+            continue
+        # "(00.012345) Error (criu/tty.c:123): message" -> "tty.c:123: message"
+        m = re.search(r"Error \((?:criu/)?([^)]*)\):\s*(.*)", line)
+        lines.append(f"{m.group(1)}: {m.group(2)}" if m else line.strip())
+        if len(lines) >= limit:
+            break
+    return lines
+
+
+def _hint_for(lines: Sequence[str]) -> str | None:
+    text = "\n".join(lines)
+    for pattern, hint in _HINTS:
+        if pattern.search(text):
+            return hint
+    return None
+
+
+class CriuEngine:
+    """Checkpoint and restore through ``criu swrk``.
+
+    Each call starts its own swrk process (they are cheap: ~15 ms), so calls may run
+    concurrently from several threads.
+    """
+
+    def __init__(self, binary: str | None = None, log_dir: Path | None = None) -> None:
+        self.binary = binary or find_criu()
+        self._log_dir = log_dir
+
+    @property
+    def log_dir(self) -> Path:
+        """Where CRIU logs go (``<home>/logs`` unless given)."""
+        return self._log_dir or _paths.logs_dir()
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def version(self) -> CriuVersion:
+        """CRIU's version (VERSION request)."""
+        resp = self._simple(pb.Req(type=pb.VERSION))
+        v = resp.version
+        return CriuVersion(v.major_number, v.minor_number, v.sublevel, v.gitid)
+
+    def check(self) -> None:
+        """Run CRIU's own kernel check (CHECK); raise :class:`CriuError` if it fails."""
+        with self._logfile("check") as (log_name, log_path), _dir_fd(self.log_dir) as dfd:
+            opts = pb.Opts(images_dir_fd=dfd, log_file=log_name, log_level=4)
+            resp = self._simple(pb.Req(type=pb.CHECK, opts=opts), pass_fds=(dfd,))
+            if not resp.success:
+                lines = log_errors(log_path)
+                raise CriuError(
+                    "`criu check` failed: " + (lines[0] if lines else "no detail"),
+                    log_path=log_path,
+                    log_lines=lines,
+                    hint=_INSTALL_HINT,
+                )
+
+    def features(self) -> Features:
+        """Which optional features work here (FEATURE_CHECK)."""
+        req = pb.Req(
+            type=pb.FEATURE_CHECK,
+            features=pb.Features(mem_track=True, lazy_pages=True, pidfd_store=True),
+        )
+        f = self._simple(req).features
+        return Features(f.mem_track, f.lazy_pages, f.pidfd_store)
+
+    # -- dump / restore ----------------------------------------------------------------
+
+    def dump(
+        self,
+        pid: int,
+        images_dir: Path,
+        options: DumpOptions = DumpOptions(),
+        *,
+        notify: NotifyHandler | None = None,
+        connection: Connection | None = None,
+    ) -> DumpResult:
+        """Dump the tree rooted at ``pid`` into ``images_dir``.
+
+        ``connection`` is an swrk connection made elsewhere (a self-dump needs CRIU outside
+        its own tree); by default a new swrk child is started. On failure the tree keeps
+        running (CRIU thaws it) and :class:`DumpError` says why.
+        """
+        o = options
+        with (
+            self._logfile(f"dump-{pid}") as (log_name, log_path),
+            _dir_fd(images_dir) as dfd,
+            _dir_fd(self.log_dir) as wfd,
+        ):
+            opts = pb.Opts(
+                images_dir_fd=dfd,
+                work_dir_fd=wfd,
+                pid=pid,
+                leave_running=o.leave_running,
+                tcp_established=o.tcp_established,
+                shell_job=o.shell_job,
+                ext_unix_sk=o.ext_unix_sk,
+                file_locks=o.file_locks,
+                link_remap=o.link_remap,
+                log_file=log_name,
+                log_level=o.log_level,
+                notify_scripts=notify is not None,
+            )
+            opts.external.extend(o.external)
+            if o.tcp_established:
+                opts.network_lock = pb.NFTABLES
+            req = pb.Req(type=pb.DUMP, opts=opts)
+            started = time.perf_counter()
+            # CRIU opens the fds through /proc/<peer>/fd, the peer being whoever created the
+            # socketpair: a connection made elsewhere must have been created by us.
+            resp, notify_error = self._call(
+                req,
+                notify,
+                connection,
+                pass_fds=(dfd, wfd),
+                kind="dump",
+                pid=pid,
+                image=images_dir,
+                log_path=log_path,
+            )
+            if not resp.success:
+                raise self._failure(
+                    DumpError,
+                    "checkpoint",
+                    resp,
+                    pid,
+                    images_dir,
+                    log_path,
+                    notify_error,
+                    kept="the process keeps running",
+                )
+            return DumpResult(resp.dump.restored, log_path, time.perf_counter() - started)
+
+    def restore(
+        self,
+        images_dir: Path,
+        options: RestoreOptions = RestoreOptions(),
+        *,
+        notify: NotifyHandler | None = None,
+    ) -> RestoreResult:
+        """Restore the image in ``images_dir``; the root is detached (and our child if
+        ``rst_sibling``). On failure nothing restored is left running."""
+        o = options
+        with (
+            self._logfile("restore") as (log_name, log_path),
+            _dir_fd(images_dir) as dfd,
+            _dir_fd(self.log_dir) as wfd,
+        ):
+            opts = pb.Opts(
+                images_dir_fd=dfd,
+                work_dir_fd=wfd,
+                tcp_established=o.tcp_established,
+                shell_job=o.shell_job,
+                ext_unix_sk=o.ext_unix_sk,
+                file_locks=o.file_locks,
+                rst_sibling=o.rst_sibling,
+                log_file=log_name,
+                log_level=o.log_level,
+                notify_scripts=notify is not None,
+            )
+            if o.root:
+                opts.root = o.root
+            opts.external.extend(o.external)
+            for key, fd in o.inherit_fds.items():
+                opts.inherit_fd.append(pb.InheritFd(key=key, fd=fd))
+            if o.tcp_established:
+                opts.network_lock = pb.NFTABLES
+            started = time.perf_counter()
+            resp, notify_error = self._call(
+                pb.Req(type=pb.RESTORE, opts=opts),
+                notify,
+                None,
+                pass_fds=(dfd, wfd, *o.inherit_fds.values()),
+                kind="restore",
+                pid=None,
+                image=images_dir,
+                log_path=log_path,
+            )
+            if not resp.success:
+                raise self._failure(
+                    RestoreError,
+                    "restore",
+                    resp,
+                    None,
+                    images_dir,
+                    log_path,
+                    notify_error,
+                    kept="nothing was left running",
+                )
+            return RestoreResult(resp.restore.pid, log_path, time.perf_counter() - started)
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _simple(self, req: pb.Req, pass_fds: Sequence[int] = ()) -> pb.Resp:
+        resp, _ = self._call(
+            req,
+            None,
+            None,
+            pass_fds=pass_fds,
+            kind=_type_name(req.type),
+            pid=None,
+            image=None,
+            log_path=None,
+        )
+        return resp
+
+    def _call(
+        self,
+        req: pb.Req,
+        notify: NotifyHandler | None,
+        conn: Connection | None,
+        *,
+        pass_fds: Sequence[int],
+        kind: str,
+        pid: int | None,
+        image: Path | None,
+        log_path: Path | None,
+    ) -> tuple[pb.Resp, BaseException | None]:
+        own = conn is None
+        try:
+            if conn is None:
+                conn = _spawn_with_fds(self.binary, pass_fds)
+        except OSError as exc:
+            raise CriuUnavailableError(
+                f"cannot start {self.binary}: {exc}", hint=_INSTALL_HINT
+            ) from exc
+        try:
+            resp = conn.call(req, notify)
+            return resp, conn.notify_error
+        except TransportError as exc:
+            lines = log_errors(log_path) if log_path else []
+            err_cls = (
+                DumpError if kind == "dump" else RestoreError if kind == "restore" else CriuError
+            )
+            raise err_cls(
+                f"CRIU {kind} died: {lines[0] if lines else exc}",
+                pid=pid,
+                image=image,
+                log_path=log_path,
+                log_lines=lines,
+                hint=_hint_for(lines),
+            ) from exc
+        finally:
+            if own:
+                conn.close()
+
+    def _failure(
+        self,
+        cls: type[CriuError],
+        what: str,
+        resp: pb.Resp,
+        pid: int | None,
+        image: Path,
+        log_path: Path,
+        notify_error: BaseException | None,
+        *,
+        kept: str,
+    ) -> CriuError:
+        lines = log_errors(log_path)
+        if notify_error is not None:
+            reason = f"a {what} callback failed: {notify_error}"
+        elif lines:
+            reason = lines[0]
+        else:
+            reason = resp.cr_errmsg or f"CRIU error {resp.cr_errno}"
+        subject = f"pid {pid}" if pid is not None else f"image {image}"
+        if pid is not None and not _pid_alive(pid) and what == "checkpoint":
+            kept = "the process is gone"
+        hint = _hint_for(lines) if notify_error is None else None
+        if hint is None and resp.cr_errno == 1 and os.geteuid() != 0:
+            hint = "CRIU needs root: run torpor as root"
+        msg = f"{what} of {subject} failed: {reason} ({kept}; log: {log_path})"
+        err = cls(msg, pid=pid, image=image, log_path=log_path, log_lines=lines, hint=hint)
+        if notify_error is not None:
+            err.__cause__ = notify_error
+        return err
+
+    @contextmanager
+    def _logfile(self, prefix: str) -> Iterator[tuple[str, Path]]:
+        name = f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}.log"
+        yield name, self.log_dir / name
+
+
+def _type_name(t: int) -> str:
+    return str(pb.ReqType.Name(t)).lower()  # type: ignore[arg-type]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _spawn_with_fds(binary: str, pass_fds: Sequence[int]) -> Connection:
+    # The fds CRIU must open (images dir, work dir, inherited fds) are passed to the swrk child.
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        proc = subprocess.Popen(
+            [binary, "swrk", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(), *pass_fds),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return Connection(ours, proc)
+
+
+@contextmanager
+def _dir_fd(path: Path) -> Iterator[int]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError as exc:
+        raise PermissionDeniedError(f"cannot open {path}: permission denied") from exc
+    try:
+        yield fd
+    finally:
+        os.close(fd)

@@ -1,0 +1,149 @@
+"""CRIU's RPC transport: one ``criu swrk`` per connection over a SOCK_SEQPACKET socketpair.
+
+One request per packet; replies are sized with ``recv(MSG_PEEK | MSG_TRUNC)``. While a request
+runs, CRIU may send NOTIFY messages (with ``notify_scripts``) and waits for our answer; the loop
+in :meth:`Connection.call` hands each to a callback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .._proto import criu_rpc_pb2 as pb
+
+
+@dataclass(frozen=True)
+class NotifyEvent:
+    """A CRIU notification: ``name`` is the action script name (``pre-dump``, ``post-restore``
+    …); ``pid`` is set for ``post-restore`` and the network/namespace events."""
+
+    name: str
+    pid: int
+
+
+NotifyHandler = Callable[[NotifyEvent], "bool | None"]
+"""Called for each notification; returning ``False`` (or raising) makes CRIU abort."""
+
+
+class TransportError(Exception):
+    """The swrk connection broke (CRIU died or closed it). Internal: the engine converts it."""
+
+
+class Connection:
+    """A connected ``criu swrk`` process (or a socket to one spawned elsewhere)."""
+
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen[bytes] | None = None) -> None:
+        self.sock = sock
+        self.proc = proc
+        self.notify_error: BaseException | None = None
+
+    @classmethod
+    def spawn(cls, criu: str) -> Connection:
+        """Start ``criu swrk`` as our child, connected through a fresh socketpair."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(
+                [criu, "swrk", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return cls(ours, proc)
+
+    def send(self, req: pb.Req) -> None:
+        """Send one request packet."""
+        try:
+            self.sock.send(req.SerializeToString())
+        except OSError as exc:
+            raise TransportError(f"cannot send to CRIU: {exc}") from exc
+
+    def recv(self) -> pb.Resp:
+        """Receive one response packet."""
+        try:
+            # With MSG_TRUNC the kernel reports the whole packet's length; Python returns a
+            # buffer of that length, so len() is the size to read.
+            size = len(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_TRUNC))
+            data = self.sock.recv(max(size, 1))
+        except OSError as exc:
+            raise TransportError(f"cannot read from CRIU: {exc}") from exc
+        if not data:
+            raise TransportError("CRIU closed the connection")
+        resp = pb.Resp()
+        resp.ParseFromString(data)
+        return resp
+
+    def call(self, req: pb.Req, notify: NotifyHandler | None = None) -> pb.Resp:
+        """Send ``req`` and return CRIU's final response, answering notifications on the way.
+
+        An exception raised by ``notify`` is kept in :attr:`notify_error` and answered as a
+        failure, so CRIU aborts cleanly; the caller re-raises it.
+        """
+        self.send(req)
+        while True:
+            resp = self.recv()
+            if resp.type != pb.NOTIFY:
+                return resp
+            ok = True
+            if notify is not None:
+                try:
+                    ok = notify(NotifyEvent(resp.notify.script, resp.notify.pid)) is not False
+                except BaseException as exc:  # kept and re-raised by the caller
+                    self.notify_error = exc
+                    ok = False
+            self.send(pb.Req(type=pb.NOTIFY, notify_success=ok))
+
+    def close(self) -> None:
+        """Close the socket and reap the swrk process (CRIU exits when the socket closes)."""
+        self.sock.close()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def spawn_detached(criu: str) -> socket.socket:
+    """Start ``criu swrk`` OUTSIDE our process tree (double fork + setsid) and return our end.
+
+    Needed to dump ourselves: CRIU refuses to run inside the tree it dumps. The grandchild is
+    re-parented to init (or to our PID namespace's init — then it is still in the tree, and the
+    caller must use a keeper instead).
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                ours.close()
+                fd = theirs.fileno()
+                os.set_inheritable(fd, True)
+                devnull = os.open(os.devnull, os.O_RDWR)
+                for target in (0, 1, 2):
+                    os.dup2(devnull, target)
+                os.closerange(3, fd)
+                os.closerange(fd + 1, 65536)
+                os.execvp(criu, [criu, "swrk", str(fd)])
+        finally:
+            os._exit(0)
+    theirs.close()
+    os.waitpid(pid, 0)
+    return ours

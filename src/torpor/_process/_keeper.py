@@ -1,0 +1,389 @@
+"""The keeper: the parent of managed processes.
+
+``torpor run`` and ``torpor restore`` fork a keeper (a session leader, detached from the
+terminal) and return once it reports. The keeper:
+
+- creates the app's PID namespace and starts the app as its pid 1 (``run``), or restores
+  images with ``rst_sibling`` so restored roots are its children (``restore``): being the parent
+  means exits are reaped at once (this VM's init reaps orphans late, and a restore that reuses a
+  pid too soon fails) and exit statuses are recorded;
+- starts CRIU for a child that dumps itself (CRIU must run outside the dumped tree, and a PID
+  namespace's orphans re-parent to its init, so the app cannot start it itself): the child sends
+  one end of a socketpair it created over ``@torpor-keeper-<keeper pid>`` and the keeper runs
+  ``criu swrk`` on it;
+- finalises such self-dumps when CRIU killed the process (see ``_finalize``).
+
+It exits when its last child has ended and no dump is in flight.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .. import _errors, _paths
+from .._engine import CriuEngine, NotifyEvent, RestoreOptions
+from .._errors import ImageCorruptedError, TorporError
+from .._images._image import Image
+from .._images._manifest import now_iso
+from . import _registry
+from ._finalize import PENDING_NAME, Pending, finalize
+from ._proc import CLONE_NEWPID, ref, setns, unshare
+from ._registry import ManagedProcess
+
+
+def address(keeper_pid: int) -> bytes:
+    """The abstract socket name of the keeper with host pid ``keeper_pid``."""
+    return b"\0torpor-keeper-%d" % keeper_pid
+
+
+# -- errors across the fork ------------------------------------------------------------------
+
+
+def encode_error(exc: BaseException) -> dict[str, Any]:
+    """A JSON form of an error, rebuilt by :func:`decode_error` in the CLI process."""
+    if isinstance(exc, TorporError):
+        fields = {
+            k: v for k, v in vars(exc).items() if isinstance(v, str | int | list | tuple | None)
+        }
+        return {"cls": type(exc).__name__, "fields": fields}
+    return {"cls": "TorporError", "fields": {"msg": f"keeper failed: {exc!r}", "hint": None}}
+
+
+def decode_error(data: dict[str, Any]) -> TorporError:
+    """Rebuild an error encoded by :func:`encode_error`."""
+    cls = getattr(_errors, data["cls"], TorporError)
+    if not (isinstance(cls, type) and issubclass(cls, TorporError)):
+        cls = TorporError
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, data["fields"].get("msg", ""))
+    for k, v in data["fields"].items():
+        setattr(exc, k, tuple(v) if k in ("log_lines", "offenders") else v)
+    return exc
+
+
+# -- the keeper ----------------------------------------------------------------------------
+
+
+class Keeper:
+    """State of one keeper process (lives in the forked child)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.children: dict[int, ManagedProcess] = {}
+        self.busy = 0  # self-dumps in flight
+        self.idle = threading.Condition(self.lock)
+        self.listener: socket.socket | None = None
+
+    # -- run --------------------------------------------------------------------------------
+
+    def launch(self, command: Sequence[str], name: str, log_path: Path | None) -> ManagedProcess:
+        """Start ``command`` as pid 1 of a new PID namespace; return its record."""
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        # Only the app goes into the new namespace: our later children (CRIU) must not.
+        own_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            unshare(CLONE_NEWPID)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the app's side
+                os.close(err_r)
+                _exec_app(command, name, log_path, err_w)
+            setns(own_ns, CLONE_NEWPID)
+        finally:
+            os.close(own_ns)
+        os.close(err_w)
+        failure = os.read(err_r, 4096)
+        os.close(err_r)
+        if failure:
+            os.waitpid(pid, 0)
+            raise TorporError(failure.decode(errors="replace"))
+        rec = ManagedProcess(
+            name=name,
+            pid=pid,
+            start_time=ref(pid).start_time,
+            keeper_pid=self.pid,
+            command=tuple(command),
+            started=now_iso(),
+            log_path=str(log_path) if log_path else None,
+        )
+        self._adopt(rec)
+        return rec
+
+    # -- restore ----------------------------------------------------------------------------
+
+    def restore(
+        self, image: Image, names: Sequence[str], options: RestoreOptions, *, verify: bool
+    ) -> list[ManagedProcess]:
+        """Restore ``len(names)`` copies of ``image`` concurrently.
+
+        The checksums are verified while CRIU restores (on the other core), and every copy
+        waits for the verdict at ``pre-resume``, before any restored task runs: a corrupted
+        image is refused and nothing from it ever executes.
+        """
+        verdict: Future[None] = Future()
+        if verify:
+            threading.Thread(target=_verify_into, args=(image, verdict), daemon=True).start()
+        else:
+            verdict.set_result(None)
+        engine = CriuEngine()
+
+        def gate(ev: NotifyEvent) -> bool:
+            if ev.name == "pre-resume":
+                return verdict.exception() is None
+            return True
+
+        results: list[ManagedProcess | BaseException] = [TorporError("not run")] * len(names)
+
+        def one(i: int) -> None:
+            try:
+                res = engine.restore(image.path, options, notify=gate)
+                rec = ManagedProcess(
+                    name=names[i],
+                    pid=res.pid,
+                    start_time=ref(res.pid).start_time,
+                    keeper_pid=self.pid,
+                    command=image.manifest.cmdline,
+                    started=now_iso(),
+                    restored_from=str(image.path),
+                )
+                self._adopt(rec)
+                results[i] = rec
+            except BaseException as exc:
+                results[i] = exc
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(names))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        bad = verdict.exception()
+        if isinstance(bad, ImageCorruptedError):
+            raise bad
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            # All or nothing: a partial --count is not what was asked for.
+            for r in results:
+                if isinstance(r, ManagedProcess):
+                    _kill(r.pid)
+            raise failures[0]
+        return [r for r in results if isinstance(r, ManagedProcess)]
+
+    # -- children ---------------------------------------------------------------------------
+
+    def _adopt(self, rec: ManagedProcess) -> None:
+        with self.lock:
+            self.children[rec.pid] = rec
+        _registry.save(rec)
+        threading.Thread(target=self._reap, args=(rec.pid,), daemon=True).start()
+
+    def _reap(self, pid: int) -> None:
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        with self.lock:
+            rec = self.children.pop(pid)
+            try:
+                latest = _registry.load(rec.name)
+                if latest.pid == rec.pid and latest.start_time == rec.start_time:
+                    rec = latest
+            except TorporError:
+                pass
+            _registry.save(rec.evolve(exit_status=code, ended=now_iso()))
+            self.idle.notify_all()
+
+    # -- CRIU for self-dumping children -------------------------------------------------------
+
+    def serve(self) -> None:
+        """Accept CRIU requests from our children (in a daemon thread)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.bind(address(self.pid))
+        sock.listen(8)
+        self.listener = sock
+        threading.Thread(target=self._accept_loop, args=(sock,), daemon=True).start()
+
+    def _accept_loop(self, sock: socket.socket) -> None:
+        while True:
+            conn, _ = sock.accept()
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            peer_pid = int.from_bytes(creds[:4], sys.byteorder)
+            with self.lock:
+                rec = self.children.get(peer_pid)
+            fds = array.array("i")
+            msg, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(fds.itemsize))
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+            if rec is None or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                conn.send(b'{"ok": false, "error": "not a child of this keeper"}')
+                return
+            try:
+                req = json.loads(msg)
+                staging = Path(req["staging"])
+                proc = subprocess.Popen(
+                    [CriuEngine().binary, "swrk", str(fds[0])],
+                    pass_fds=(fds[0],),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            except Exception as exc:
+                conn.send(json.dumps({"ok": False, "error": str(exc)}).encode())
+                return
+            finally:
+                os.close(fds[0])
+            with self.lock:
+                self.busy += 1
+            conn.send(b'{"ok": true}')
+        threading.Thread(target=self._after_swrk, args=(proc, staging, rec), daemon=True).start()
+
+    def _after_swrk(
+        self, proc: subprocess.Popen[bytes], staging: Path, rec: ManagedProcess
+    ) -> None:
+        proc.wait()
+        try:
+            pending = Pending.read(staging) if (staging / PENDING_NAME).exists() else None
+            if pending is not None and not pending.leave_running:
+                image = finalize(staging)
+                if image is not None:
+                    with self.lock:
+                        _registry.save(
+                            _registry.load(rec.name).evolve(checkpointed_to=str(image.path))
+                        )
+        except Exception:
+            traceback.print_exc()
+        finally:
+            with self.lock:
+                self.busy -= 1
+                self.idle.notify_all()
+
+    def wait_idle(self) -> None:
+        """Block until no child is left and no self-dump is in flight."""
+        with self.lock:
+            while self.children or self.busy:
+                self.idle.wait()
+
+
+def _verify_into(image: Image, verdict: Future[None]) -> None:
+    try:
+        image.verify()
+    except BaseException as exc:
+        verdict.set_exception(exc)
+    else:
+        verdict.set_result(None)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _exec_app(command: Sequence[str], name: str, log_path: Path | None, err_w: int) -> None:
+    """In the forked app (pid 1 of its namespace): session, stdio, clean fds, exec."""
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        out = (
+            os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            if log_path
+            else devnull
+        )
+        os.dup2(devnull, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        keep = err_w
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 1 << 16)
+        env = dict(os.environ)
+        env["TORPOR_MANAGED"] = name
+        os.execvpe(command[0], list(command), env)
+    except OSError as exc:
+        os.write(err_w, f"cannot start {command[0]!r}: {exc.strerror}".encode())
+    finally:
+        os._exit(127)
+
+
+# -- fork a keeper from the CLI ------------------------------------------------------------------
+
+
+def spawn(work: Callable[[Keeper], list[ManagedProcess]]) -> list[ManagedProcess]:
+    """Fork a keeper that runs ``work`` and stays behind as the parent of what it started.
+
+    Returns the records ``work`` produced, or raises the error it raised. Must be called before
+    the calling process starts any thread.
+    """
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - keeper side; exercised by the integration tests
+        os.close(r)
+        _keeper_main(work, w)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        data = fh.read()
+    if not data:
+        os.waitpid(pid, 0)
+        raise TorporError(
+            "the keeper died before reporting; see the logs in " + str(_paths.logs_dir())
+        )
+    reply = json.loads(data)
+    if not reply["ok"]:
+        os.waitpid(pid, 0)
+        raise decode_error(reply["error"])
+    procs = []
+    for d in reply["procs"]:
+        d["command"] = tuple(d["command"])
+        procs.append(ManagedProcess(**d))
+    return procs
+
+
+def _keeper_main(work: Callable[[Keeper], list[ManagedProcess]], report_w: int) -> None:
+    code = 0
+    try:
+        os.setsid()
+        # Detach from the terminal: a keeper outlives the CLI and must not hold its tty.
+        log = os.open(
+            _paths.logs_dir() / "keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+        )
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(devnull)
+        os.close(log)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        keeper = Keeper()
+        keeper.serve()
+        try:
+            procs = work(keeper)
+        except BaseException as exc:
+            os.write(report_w, json.dumps({"ok": False, "error": encode_error(exc)}).encode())
+            code = 1
+        else:
+            payload = {"ok": True, "procs": [asdict(p) for p in procs]}
+            os.write(report_w, json.dumps(payload).encode())
+        os.close(report_w)
+        keeper.wait_idle()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
