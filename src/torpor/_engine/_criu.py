@@ -85,6 +85,7 @@ class RestoreOptions:
     inherit_fds: Mapping[str, int] = field(default_factory=dict)
     external: tuple[str, ...] = ()
     root: str | None = None
+    leave_stopped: bool = False
     log_level: int = 4
 
 
@@ -339,6 +340,7 @@ class CriuEngine:
                 ext_unix_sk=o.ext_unix_sk,
                 file_locks=o.file_locks,
                 rst_sibling=o.rst_sibling,
+                leave_stopped=o.leave_stopped,
                 log_file=log_name,
                 log_level=o.log_level,
                 notify_scripts=notify is not None,
@@ -467,7 +469,7 @@ class CriuEngine:
 
 
 def _type_name(t: int) -> str:
-    return str(pb.ReqType.Name(t)).lower()  # type: ignore[arg-type]
+    return str(pb.ReqType.Name(t)).lower()
 
 
 def _pid_alive(pid: int) -> bool:

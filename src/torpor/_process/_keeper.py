@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -35,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import _errors, _paths
-from .._engine import CriuEngine, NotifyEvent, RestoreOptions
-from .._errors import ImageCorruptedError, TorporError
+from .._engine import CriuEngine, RestoreOptions
+from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
 from . import _registry
@@ -130,27 +131,23 @@ class Keeper:
     ) -> list[ManagedProcess]:
         """Restore ``len(names)`` copies of ``image`` concurrently.
 
-        The checksums are verified while CRIU restores (on the other core), and every copy
-        waits for the verdict at ``pre-resume``, before any restored task runs: a corrupted
-        image is refused and nothing from it ever executes.
+        The checksums are verified while CRIU restores (on the other core). CRIU ignores a
+        failing ``pre-resume`` answer, so copies are restored stopped (``leave_stopped``) and
+        continued only once the image is known good: nothing from a corrupted image ever runs.
         """
         verdict: Future[None] = Future()
         if verify:
             threading.Thread(target=_verify_into, args=(image, verdict), daemon=True).start()
+            options = dataclasses.replace(options, leave_stopped=True)
         else:
             verdict.set_result(None)
         engine = CriuEngine()
-
-        def gate(ev: NotifyEvent) -> bool:
-            if ev.name == "pre-resume":
-                return verdict.exception() is None
-            return True
 
         results: list[ManagedProcess | BaseException] = [TorporError("not run")] * len(names)
 
         def one(i: int) -> None:
             try:
-                res = engine.restore(image.path, options, notify=gate)
+                res = engine.restore(image.path, options)
                 rec = ManagedProcess(
                     name=names[i],
                     pid=res.pid,
@@ -171,16 +168,18 @@ class Keeper:
         for t in threads:
             t.join()
         bad = verdict.exception()
-        if isinstance(bad, ImageCorruptedError):
-            raise bad
         failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
+        if bad is not None or failures:
             # All or nothing: a partial --count is not what was asked for.
             for r in results:
                 if isinstance(r, ManagedProcess):
                     _kill(r.pid)
-            raise failures[0]
-        return [r for r in results if isinstance(r, ManagedProcess)]
+            raise bad or failures[0]
+        restored = [r for r in results if isinstance(r, ManagedProcess)]
+        if options.leave_stopped:
+            for r in restored:
+                _continue_tree(r.pid)
+        return restored
 
     # -- children ---------------------------------------------------------------------------
 
@@ -291,6 +290,24 @@ def _verify_into(image: Image, verdict: Future[None]) -> None:
         verdict.set_result(None)
 
 
+def _continue_tree(root: int) -> None:
+    """SIGCONT every process of the tree rooted at ``root`` (it was restored stopped).
+
+    SIGCONT resumes even a PID namespace's init, which ignores most signals from outside.
+    """
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as fh:
+                    todo.extend(int(c) for c in fh.read().split())
+        except OSError:
+            continue
+
+
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
@@ -345,7 +362,7 @@ def spawn(work: Callable[[Keeper], list[ManagedProcess]]) -> list[ManagedProcess
         )
     reply = json.loads(data)
     if not reply["ok"]:
-        os.waitpid(pid, 0)
+        # No waitpid: the keeper may still have children to reap; init adopts it when we exit.
         raise decode_error(reply["error"])
     procs = []
     for d in reply["procs"]:
