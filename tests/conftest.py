@@ -8,6 +8,7 @@ run there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -79,10 +80,8 @@ def _kill_managed(home: os.PathLike[str]) -> None:
         refs.append(ProcRef(rec["pid"], rec["start_time"]))
     for ref in refs:
         if ref.alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(ref.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     deadline = time.monotonic() + 5
     while any(r.alive() for r in refs) and time.monotonic() < deadline:
         time.sleep(0.02)

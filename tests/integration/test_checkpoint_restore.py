@@ -124,7 +124,7 @@ def test_tcp_connection_survives_checkpoint_and_restore(torpor_home: Path) -> No
 
 
 def test_corrupted_image_is_refused_naming_the_file(torpor_home: Path) -> None:
-    pid, _ = _run_counter(torpor_home, "corrupt")
+    _run_counter(torpor_home, "corrupt")
     image = Path(torpor("checkpoint", "corrupt", "--name", "corrupt-img").stdout.strip())
     pages = max(image.glob("pages-*.img"), key=lambda p: p.stat().st_size)
     data = bytearray(pages.read_bytes())

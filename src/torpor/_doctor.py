@@ -1,0 +1,136 @@
+"""Capabilities of this machine for torpor, probed once and reported plainly (``torpor doctor``).
+
+Each probe answers works / missing and, when missing, what it costs the user.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+
+from ._errors import TorporError
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One probed capability. ``cost`` says what the user loses when it is missing."""
+
+    name: str
+    ok: bool
+    detail: str
+    cost: str = ""
+
+
+def _in_child(fn: object) -> bool:
+    """Run ``fn`` in a forked child (namespace probes must not change us); True if it worked."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            fn()  # type: ignore[operator]
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def _unshare_probe(flag: int) -> bool:
+    from ._process._proc import unshare
+
+    return _in_child(lambda: unshare(flag))
+
+
+def _cap_sys_admin() -> bool:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << 21))
+    return False
+
+
+@functools.cache
+def probe() -> tuple[Capability, ...]:
+    """Probe everything (cached for the life of the process)."""
+    caps: list[Capability] = []
+    root = os.geteuid() == 0
+    caps.append(
+        Capability(
+            "privileges",
+            root and _cap_sys_admin(),
+            "root with CAP_SYS_ADMIN" if root else f"uid {os.geteuid()}",
+            "" if root else "CRIU needs root: checkpoint and restore will fail",
+        )
+    )
+    caps.append(Capability("kernel", True, platform.release()))
+    criu_ok = False
+    try:
+        from ._engine import CriuEngine
+
+        engine = CriuEngine()
+        version = engine.version()
+        criu_ok = True
+        caps.append(Capability("criu", True, f"{engine.binary} (version {version})"))
+    except TorporError as exc:
+        caps.append(
+            Capability("criu", False, str(exc), "nothing works without CRIU >= 4.2")
+        )
+    if criu_ok and root:
+        try:
+            engine.check()
+            caps.append(Capability("criu check", True, "looks good"))
+        except TorporError as exc:
+            caps.append(Capability("criu check", False, str(exc), "dumps may fail"))
+        feats = engine.features()
+        caps.append(
+            Capability(
+                "lazy pages (userfaultfd)",
+                feats.lazy_pages,
+                "supported" if feats.lazy_pages else "missing",
+                "" if feats.lazy_pages else "migration copies all memory before resuming",
+            )
+        )
+        caps.append(
+            Capability(
+                "memory tracking (soft-dirty)",
+                feats.mem_track,
+                "supported" if feats.mem_track else "missing (kernel without soft-dirty)",
+                ""
+                if feats.mem_track
+                else "no pre-dump: every checkpoint freezes the process for a full copy "
+                "(pools still deduplicate unchanged pages when stored)",
+            )
+        )
+    nft = shutil.which("nft")
+    caps.append(
+        Capability(
+            "tcp connections",
+            criu_ok and nft is not None,
+            f"CRIU >= 4.2 and nftables ({nft})" if nft else "nftables (`nft`) missing",
+            "" if nft else "--tcp-established cannot lock the network: install nftables",
+        )
+    )
+    if root:
+        for name, flag, cost in (
+            ("pid namespaces", 0x20000000, "`torpor run` cannot isolate pids: restores collide"),
+            ("mount namespaces", 0x00020000, "no private /proc for restored trees"),
+            ("net namespaces", 0x40000000, "no isolated network for migration tests"),
+        ):
+            ok = _unshare_probe(flag)
+            caps.append(Capability(name, ok, "works" if ok else "unshare failed", "" if ok else cost))
+    try:
+        with open("/proc/sys/fs/pipe-max-size", encoding="ascii") as fh:
+            pipe_max = int(fh.read())
+    except OSError:
+        pipe_max = 0
+    caps.append(
+        Capability(
+            "fs.pipe-max-size",
+            pipe_max >= 4 << 20,
+            f"{pipe_max} bytes",
+            "" if pipe_max >= 4 << 20 else "lazy-page migration is slow: sysctl fs.pipe-max-size=4194304",
+        )
+    )
+    return tuple(caps)
