@@ -1,0 +1,329 @@
+"""``torpor.checkpoint()``: a process checkpointing itself, coordinated.
+
+The sequence, under one lock (concurrent requests from several threads run one after another):
+
+1. refuse if called from inside a hook (:class:`CheckpointInProgressError`);
+2. tell every resource ``before_checkpoint`` (the application's, then torpor's own: the log
+   files, the trigger channel's listener);
+3. scan the descriptors and apply the policies; refuse with one line per offender;
+4. ``gc.collect()`` and ``malloc_trim(0)`` (smaller image);
+5. dump through the engine;
+6. in the restored copy (and in the original after ``leave_running``): reopen what the policies
+   closed for reopening, then tell every resource ``after_restore`` (torpor's own first).
+
+If anything fails before the dump (a hook, the checks, the engine), no image is written and
+step 6 runs at once, so the application is left as it was; the original error is raised, or a
+:class:`CheckpointError` holding it with the rollback's own failures.
+
+The engine is injectable: :class:`Coordinator` takes any callable with the contract of
+:data:`Engine`. The default one imports ``torpor._process._selfdump`` lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+from .._errors import CheckpointInProgressError, CheckpointRefusedError
+from . import _fds, _policy
+from ._context import Context, in_notification
+from ._failures import CheckpointError, RestoreHookError
+from ._runtime import enable, root_context
+from ._track import opened_at
+
+
+class DumpOutcome(Protocol):
+    """What the engine returns: ``restored`` is True in a restored copy, False in the original
+    after a ``leave_running`` dump; ``image`` is the image directory."""
+
+    @property
+    def restored(self) -> bool:
+        """Whether this is a restored copy."""
+
+    @property
+    def image(self) -> Path | None:
+        """The image directory."""
+
+
+class Engine(Protocol):
+    """Dumps the calling process into ``dest``. Without ``leave_running`` the original never
+    returns (CRIU kills it); every restored copy returns with ``restored=True``. Raises
+    ``DumpError`` (process still running) on failure."""
+
+    def __call__(
+        self,
+        dest: Path,
+        *,
+        leave_running: bool,
+        tcp_established: bool,
+        name: str | None,
+        labels: Mapping[str, str],
+    ) -> DumpOutcome:
+        """Dump this process."""
+
+
+def selfdump_engine(
+    dest: Path,
+    *,
+    leave_running: bool,
+    tcp_established: bool,
+    name: str | None,
+    labels: Mapping[str, str],
+) -> DumpOutcome:
+    """The real engine: CRIU through ``torpor._process._selfdump``."""
+    from .._process._selfdump import self_checkpoint
+
+    return self_checkpoint(
+        dest, leave_running=leave_running, tcp_established=tcp_established, name=name, labels=labels
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    """What ``checkpoint()`` returns, in the restored copy and in a ``leave_running`` original.
+
+    ``restored`` tells which of the two this is; ``restore_count`` how many restores this
+    process has lived through; ``restored_at`` the last one (UTC); ``checkpointed_at`` when this
+    checkpoint was taken.
+    """
+
+    restored: bool
+    image: Path | None
+    restore_count: int
+    restored_at: datetime | None
+    checkpointed_at: datetime
+
+
+@dataclass(frozen=True)
+class RestoreInfo:
+    """Was this process restored, when, how many times, and how long ago.
+
+    ``uptime_since_restore`` is in seconds (None if never restored). ``monotonic_jump`` is how
+    far ``time.monotonic()`` moved *unlike* the wall clock across the last restore: about 0 when
+    the restore kept the monotonic clock (same boot, or a time namespace), large or negative
+    after a restore on another host or boot. Timers and deadlines computed from monotonic time
+    before the checkpoint are off by that much.
+    """
+
+    restored: bool
+    restore_count: int
+    restored_at: datetime | None
+    uptime_since_restore: float | None
+    image: Path | None
+    monotonic_jump: float | None
+
+
+def _trim() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def _offender_line(decision: _policy.Decision) -> str:
+    info = decision.info
+    where = opened_at(info)
+    line = f"{info.describe()}: {decision.reason}"
+    return f"{line} [opened at {where}]" if where else line
+
+
+class Coordinator:
+    """Runs coordinated checkpoints of this process.
+
+    ``engine`` dumps the process (default: :func:`selfdump_engine`), ``context`` is notified
+    (default: torpor's root context), ``scan`` lists the descriptors (default: /proc/self).
+    """
+
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        context: Context | None = None,
+        *,
+        scan: Callable[[], list[_fds.FdInfo]] = _fds.scan,
+    ) -> None:
+        self._engine: Engine = engine or selfdump_engine
+        self._context = context if context is not None else root_context()
+        self._scan = scan
+        self._lock = threading.Lock()
+        self._count = 0
+        self._restored_at: datetime | None = None
+        self._restored_mono: float | None = None
+        self._image: Path | None = None
+        self._jump: float | None = None
+
+    def checkpoint(
+        self,
+        to: str | os.PathLike[str],
+        *,
+        leave_running: bool = False,
+        tcp_established: bool = False,
+        name: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        fd_rules: Iterable[_policy.FdRule] = (),
+    ) -> CheckpointResult:
+        """Checkpoint this process into the image directory ``to`` (see the module docstring).
+
+        Returns in the restored copy (``restored=True``) and, with ``leave_running``, in the
+        original (``restored=False``). Raises :class:`CheckpointError` (hooks),
+        ``CheckpointRefusedError`` (descriptors), ``DumpError`` (CRIU) with the application
+        left running, or :class:`RestoreHookError` (with ``.result``) when after-restore hooks
+        failed.
+        """
+        if in_notification():
+            raise CheckpointInProgressError(
+                "checkpoint requested from inside a checkpoint/restore hook",
+                hint="hooks must not checkpoint; request it from the application's own code",
+            )
+        dest = Path(to).absolute()
+        with self._lock:
+            return self._run(
+                dest, leave_running, tcp_established, name, dict(labels or {}), tuple(fd_rules)
+            )
+
+    def _run(
+        self,
+        dest: Path,
+        leave_running: bool,
+        tcp_established: bool,
+        name: str | None,
+        labels: dict[str, str],
+        call_rules: tuple[_policy.FdRule, ...],
+    ) -> CheckpointResult:
+        rules = _policy.effective_rules(call_rules)
+        taken = datetime.now(UTC)
+        wall0, mono0 = time.time(), time.monotonic()
+        reopener = _policy.Reopener()
+        try:
+            self._context.before_checkpoint()
+            decisions = _policy.decide(
+                self._scan(), rules, partial(_fds.problem, tcp_established=tcp_established)
+            )
+            refused = [d for d in decisions if d.action == "error"]
+            if refused:
+                lines = [_offender_line(d) for d in refused]
+                raise CheckpointRefusedError(
+                    f"checkpoint refused: {len(lines)} descriptor(s) would break the restore: "
+                    + "; ".join(lines),
+                    offenders=lines,
+                    hint="close them in a before_checkpoint hook, or set an fd policy "
+                    "(TORPOR_FD_POLICY); torpor.track_fds() shows where they were opened",
+                )
+            reopener.apply(decisions)
+            _trim()
+            outcome = self._engine(
+                dest,
+                leave_running=leave_running,
+                tcp_established=tcp_established,
+                name=name,
+                labels=labels,
+            )
+        except BaseException as exc:
+            self._rollback(exc, reopener.restore())
+            raise  # _rollback re-raises; this keeps the type checker informed
+        if outcome.restored:
+            self._count += 1
+            self._restored_at = datetime.now(UTC)
+            self._restored_mono = time.monotonic()
+            self._jump = (self._restored_mono - mono0) - (time.time() - wall0)
+            self._image = outcome.image
+        result = CheckpointResult(
+            restored=outcome.restored,
+            image=outcome.image,
+            restore_count=self._count,
+            restored_at=self._restored_at,
+            checkpointed_at=taken,
+        )
+        failures = reopener.restore()
+        try:
+            self._context.after_restore()
+        except RestoreHookError as group:
+            failures.extend(group.exceptions)
+        if failures:
+            err = RestoreHookError(failures, hint="the process is running; check the hooks above")
+            err.result = result
+            raise err
+        return result
+
+    def _rollback(self, exc: BaseException, failures: list[Exception]) -> None:
+        """Undo a checkpoint that failed before the dump, then raise."""
+        try:
+            self._context.after_restore()
+        except RestoreHookError as group:
+            failures.extend(group.exceptions)
+        if not failures or not isinstance(exc, Exception):
+            raise exc
+        for f in failures:
+            f.add_note("while rolling back the failed checkpoint")
+        primary = list(exc.exceptions) if isinstance(exc, CheckpointError) else [exc]
+        raise CheckpointError(
+            [*primary, *failures], hint="no image was written; some resources did not recover"
+        ) from None
+
+    def restore_info(self) -> RestoreInfo:
+        """Whether (and when, how often) this process was restored."""
+        with self._lock:
+            up = None if self._restored_mono is None else time.monotonic() - self._restored_mono
+            return RestoreInfo(
+                restored=self._count > 0,
+                restore_count=self._count,
+                restored_at=self._restored_at,
+                uptime_since_restore=up,
+                image=self._image,
+                monotonic_jump=self._jump,
+            )
+
+
+_default: Coordinator | None = None
+_default_lock = threading.Lock()
+
+
+def default_coordinator() -> Coordinator:
+    """The process's coordinator (real engine, root context), created on first use."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Coordinator()
+    return _default
+
+
+def checkpoint(
+    to: str | os.PathLike[str],
+    *,
+    leave_running: bool = False,
+    tcp_established: bool = False,
+    name: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    fd_rules: Iterable[_policy.FdRule] = (),
+) -> CheckpointResult:
+    """Checkpoint this process into the image directory ``to``, coordinated.
+
+    Runs the before-checkpoint hooks, checks the descriptors (``fd_rules`` first, then the
+    process-wide rules), trims memory and dumps. Without ``leave_running`` the original ends
+    here and only restored copies return; with it, the original returns too
+    (``result.restored`` tells them apart). See :class:`Coordinator` for the errors.
+    """
+    enable()
+    return default_coordinator().checkpoint(
+        to,
+        leave_running=leave_running,
+        tcp_established=tcp_established,
+        name=name,
+        labels=labels,
+        fd_rules=fd_rules,
+    )
+
+
+def restore_info() -> RestoreInfo:
+    """Was this process restored: when, how many times, how long ago (see :class:`RestoreInfo`)."""
+    enable()
+    return default_coordinator().restore_info()
