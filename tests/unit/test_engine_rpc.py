@@ -1,0 +1,117 @@
+"""The RPC transport and the engine's error boundary, against a fake swrk peer."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from torpor._engine import Connection, NotifyEvent, log_errors
+from torpor._engine._criu import _hint_for
+from torpor._errors import DumpError, ImageCorruptedError
+from torpor._process._keeper import decode_error, encode_error
+from torpor._proto import criu_rpc_pb2 as pb
+
+
+def _fake_criu(sock: socket.socket, script: list[str], answers: list[bool]) -> None:
+    req = pb.Req()
+    req.ParseFromString(sock.recv(65536))
+    assert req.type == pb.DUMP
+    for name in script:
+        sock.send(
+            pb.Resp(type=pb.NOTIFY, success=True, notify=pb.Notify(script=name)).SerializeToString()
+        )
+        ans = pb.Req()
+        ans.ParseFromString(sock.recv(65536))
+        answers.append(ans.notify_success)
+        if not ans.notify_success:
+            sock.send(pb.Resp(type=pb.DUMP, success=False, cr_errno=1).SerializeToString())
+            return
+    sock.send(
+        pb.Resp(type=pb.DUMP, success=True, dump=pb.DumpResp(restored=False)).SerializeToString()
+    )
+
+
+def _pair(script: list[str]) -> tuple[Connection, threading.Thread, list[bool]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    answers: list[bool] = []
+    t = threading.Thread(target=_fake_criu, args=(theirs, script, answers))
+    t.start()
+    return Connection(ours), t, answers
+
+
+def test_notify_loop_answers_each_notification_in_order() -> None:
+    conn, t, answers = _pair(["pre-dump", "query-ext-files", "post-dump"])
+    seen: list[NotifyEvent] = []
+    resp = conn.call(pb.Req(type=pb.DUMP, opts=pb.Opts(images_dir_fd=3)), seen.append)
+    t.join()
+    assert resp.success and [e.name for e in seen] == ["pre-dump", "query-ext-files", "post-dump"]
+    assert answers == [True, True, True]
+
+
+def test_failing_callback_aborts_and_is_kept() -> None:
+    conn, t, answers = _pair(["pre-dump", "post-dump"])
+
+    def boom(ev: NotifyEvent) -> None:
+        raise ValueError("hook failed")
+
+    resp = conn.call(pb.Req(type=pb.DUMP, opts=pb.Opts(images_dir_fd=3)), boom)
+    t.join()
+    assert not resp.success and answers == [False]
+    assert isinstance(conn.notify_error, ValueError)
+
+
+def test_large_replies_are_read_whole() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    big = pb.Resp(type=pb.VERSION, success=True, cr_errmsg="x" * 100_000)
+    theirs.send(big.SerializeToString())
+    assert Connection(ours).recv().cr_errmsg == "x" * 100_000
+
+
+def test_log_errors_drop_the_rlimit_noise(tmp_path: Path) -> None:
+    log = tmp_path / "dump.log"
+    log.write_text(
+        "(00.000010) Error (criu/util.c:1):  rlimit: Can't setup RLIMIT_NOFILE for self\n"
+        "(00.000100) Info stuff\n"
+        "(00.001000) Error (criu/sk-inet.c:188): inet: Connected TCP socket, consider using "
+        "--tcp-established option.\n"
+    )
+    lines = log_errors(log)
+    assert lines == [
+        "sk-inet.c:188: inet: Connected TCP socket, consider using --tcp-established option."
+    ]
+    assert "--tcp-established" in (_hint_for(lines) or "")
+
+
+def test_errors_cross_the_keeper_fork_with_their_fields() -> None:
+    err = ImageCorruptedError("bad", image="/x", file="pages-1.img", hint="h")
+    again = decode_error(encode_error(err))
+    assert isinstance(again, ImageCorruptedError)
+    assert (again.file, again.image, str(again)) == ("pages-1.img", "/x", "bad — h")
+    dump = DumpError("failed", pid=3, log_lines=["a", "b"])
+    back = decode_error(encode_error(dump))
+    assert isinstance(back, DumpError) and back.log_lines == ("a", "b") and back.pid == 3
+
+
+def test_unknown_errors_become_torpor_errors() -> None:
+    back = decode_error(encode_error(RuntimeError("x")))
+    assert "keeper failed" in str(back)
+
+
+def test_table_and_sizes() -> None:
+    from torpor._cli._app import format_table, human_bytes, human_duration
+
+    assert human_bytes(1536) == "1.5 KiB" and human_bytes(10) == "10 B"
+    assert human_duration(3725) == "1h02m"
+    assert format_table(["A", "BB"], [[1, None]]).splitlines() == ["A  BB", "1"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["ps", "--help"]])
+def test_cli_help_works(argv: list[str]) -> None:
+    from torpor._cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0

@@ -1,0 +1,137 @@
+"""Image directories: manifests, staging, verification, names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from torpor._errors import (
+    AlreadyExistsError,
+    ImageCorruptedError,
+    ImageError,
+    NotFoundError,
+    UsageError,
+)
+from torpor._images import _manifest
+from torpor._images._image import Image, Staging, hash_files, staging
+from torpor._images._store import check_name, list_local, resolve
+
+
+def _stage(dest: Path, files: dict[str, bytes]) -> Image:
+    with staging(dest) as st:
+        for name, data in files.items():
+            (st.path / name).write_bytes(data)
+        return st.commit(
+            lambda entries: _manifest.build(
+                name=dest.name,
+                pid=42,
+                files=entries,
+                criu_version="4.2.1",
+                cmdline=["python", "app.py"],
+                rss_bytes=1 << 20,
+            )
+        )
+
+
+def test_manifest_round_trip() -> None:
+    m = _manifest.build(
+        name="x",
+        pid=1,
+        files=[_manifest.FileEntry("b", 2, "00"), _manifest.FileEntry("a", 1, "11")],
+        criu_version="4.2.1",
+        cmdline=["a", "b"],
+        rss_bytes=5,
+        labels={"k": "v"},
+    )
+    again = _manifest.Manifest.from_json(m.to_json())
+    assert again == m
+    assert [f.name for f in m.files] == ["a", "b"]
+    assert m.total_bytes == 3
+
+
+def test_manifest_from_the_future_is_refused() -> None:
+    text = (
+        _manifest.build(name="x", pid=1, files=[], criu_version="4.2.1", cmdline=[], rss_bytes=0)
+        .to_json()
+        .replace('"format": 1', '"format": 99')
+    )
+    with pytest.raises(ImageError, match="newer"):
+        _manifest.Manifest.from_json(text)
+
+
+def test_malformed_manifest_is_an_image_error() -> None:
+    with pytest.raises(ImageError, match="malformed"):
+        _manifest.Manifest.from_json("{}")
+
+
+def test_commit_writes_private_manifest_and_verifies(tmp_path: Path) -> None:
+    img = _stage(tmp_path / "img", {"pages-1.img": os.urandom(100_000), "core-1.img": b"core"})
+    assert (tmp_path / "img" / "torpor.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "img").stat().st_mode & 0o777 == 0o700
+    reopened = Image.open(tmp_path / "img")
+    assert reopened.manifest == img.manifest
+    reopened.verify()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_verify_names_the_bad_file(tmp_path: Path, damage: str) -> None:
+    _stage(tmp_path / "img", {"pages-1.img": os.urandom(50_000), "core-1.img": b"core"})
+    target = tmp_path / "img" / "pages-1.img"
+    data = bytearray(target.read_bytes())
+    if damage == "flip":
+        data[123] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(bytes(data[:-1]))
+    else:
+        target.unlink()
+    with pytest.raises(ImageCorruptedError, match="pages-1.img") as info:
+        Image.open(tmp_path / "img").verify()
+    assert info.value.file == "pages-1.img"
+
+
+def test_staging_refuses_existing_destination(tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(AlreadyExistsError, match="exists already"):
+        Staging(tmp_path / "taken").create()
+
+
+def test_failed_staging_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), staging(tmp_path / "img") as st:
+        (st.path / "pages-1.img").write_bytes(b"x")
+        raise RuntimeError("dump failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_directory_without_manifest_is_not_an_image(tmp_path: Path) -> None:
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ImageError, match="no torpor.json"):
+        Image.open(tmp_path / "half")
+
+
+def test_hash_files_matches_hashlib(tmp_path: Path) -> None:
+    import hashlib
+
+    (tmp_path / "a").write_bytes(b"hello")
+    (tmp_path / "b").write_bytes(b"")
+    got = {e.name: e.sha256 for e in hash_files(tmp_path, ["a", "b"])}
+    assert got == {"a": hashlib.sha256(b"hello").hexdigest(), "b": hashlib.sha256(b"").hexdigest()}
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", ".hidden", "x" * 200, "a..b", "sp ace"])
+def test_bad_names_are_refused(bad: str) -> None:
+    with pytest.raises(UsageError):
+        check_name(bad)
+
+
+def test_store_resolves_names_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORPOR_HOME", str(tmp_path))
+    _stage(tmp_path / "images" / "one", {"f": b"1"})
+    (tmp_path / "images" / ".two.partial-abcd").mkdir()
+    assert resolve("one") == tmp_path / "images" / "one"
+    assert [i.name for i in list_local()] == ["one"]
+    with pytest.raises(NotFoundError):
+        resolve("missing")
