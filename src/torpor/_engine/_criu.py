@@ -8,6 +8,7 @@ first logged error, which here is always a harmless rlimit line, so we read the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -32,6 +33,7 @@ from ._rpc import Connection, NotifyHandler, TransportError
 
 MIN_VERSION = (4, 2)
 _CANDIDATES = ("/usr/local/sbin/criu", "/usr/sbin/criu")
+DUMP_LOG = "criu-dump.log"
 _INSTALL_HINT = "run scripts/install-criu.sh (builds CRIU 4.2.1 from Debian's source) as root"
 
 
@@ -268,14 +270,15 @@ class CriuEngine:
         running (CRIU thaws it) and :class:`DumpError` says why.
         """
         o = options
-        with (
-            self._logfile(f"dump-{pid}") as (log_name, log_path),
-            _dir_fd(images_dir) as dfd,
-            _dir_fd(self.log_dir) as wfd,
-        ):
+        # The dump's work dir is the image dir itself: CRIU writes ``stats-dump`` there only
+        # after a successful dump, which is how a self-dump's finaliser knows the image is
+        # whole. The log stays beside the image (not part of it); on failure it is moved to
+        # the logs dir before the staging directory goes.
+        log_path = images_dir / DUMP_LOG
+        dir_fd = _dir_fd(images_dir) if connection is None else contextlib.nullcontext(-1)
+        with dir_fd as dfd:
             opts = pb.Opts(
                 images_dir_fd=dfd,
-                work_dir_fd=wfd,
                 pid=pid,
                 leave_running=o.leave_running,
                 tcp_established=o.tcp_established,
@@ -283,39 +286,56 @@ class CriuEngine:
                 ext_unix_sk=o.ext_unix_sk,
                 file_locks=o.file_locks,
                 link_remap=o.link_remap,
-                log_file=log_name,
+                log_file=DUMP_LOG,
                 log_level=o.log_level,
                 notify_scripts=notify is not None,
             )
             opts.external.extend(o.external)
             if o.tcp_established:
                 opts.network_lock = pb.NFTABLES
+            if connection is not None:
+                # A self-dump: an fd of ours would be dumped with us and restored pointing at
+                # the staging directory, which is gone by then. Name the directory instead.
+                opts.images_dir = str(images_dir)
             req = pb.Req(type=pb.DUMP, opts=opts)
             started = time.perf_counter()
-            # CRIU opens the fds through /proc/<peer>/fd, the peer being whoever created the
-            # socketpair: a connection made elsewhere must have been created by us.
-            resp, notify_error = self._call(
-                req,
-                notify,
-                connection,
-                pass_fds=(dfd, wfd),
-                kind="dump",
-                pid=pid,
-                image=images_dir,
-                log_path=log_path,
-            )
+            try:
+                resp, notify_error = self._call(
+                    req,
+                    notify,
+                    connection,
+                    pass_fds=(dfd,) if dfd >= 0 else (),
+                    kind="dump",
+                    pid=pid,
+                    image=images_dir,
+                    log_path=log_path,
+                )
+            except CriuError as exc:
+                exc.log_path = str(self._keep_log(log_path, pid))
+                raise
             if not resp.success:
+                kept_log = self._keep_log(log_path, pid)
                 raise self._failure(
                     DumpError,
                     "checkpoint",
                     resp,
                     pid,
                     images_dir,
-                    log_path,
+                    kept_log,
                     notify_error,
                     kept="the process keeps running",
                 )
             return DumpResult(resp.dump.restored, log_path, time.perf_counter() - started)
+
+    def _keep_log(self, log_path: Path, pid: int) -> Path:
+        """Move a failed dump's log out of the staging directory, into the logs dir."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        dest = self.log_dir / f"dump-{pid}-{stamp}-{os.urandom(3).hex()}.log"
+        try:
+            shutil.move(str(log_path), dest)
+        except OSError:
+            return log_path
+        return dest
 
     def restore(
         self,

@@ -44,11 +44,15 @@ def hash_files(root: Path, names: Iterable[str]) -> list[FileEntry]:
 
 
 def content_files(image_dir: Path) -> list[str]:
-    """The names of the regular files that make up an image (everything but the manifest)."""
+    """The names of the regular files that make up an image: everything but the manifest, logs
+    (CRIU's log of the dump is kept beside the image) and torpor's bookkeeping files."""
     return sorted(
         e.name
         for e in os.scandir(image_dir)
-        if e.is_file(follow_symlinks=False) and e.name != MANIFEST_NAME
+        if e.is_file(follow_symlinks=False)
+        and e.name != MANIFEST_NAME
+        and not e.name.endswith(".log")
+        and not e.name.startswith((".", "torpor."))
     )
 
 

@@ -196,11 +196,11 @@ class Keeper:
             rec = self.children.pop(pid)
             try:
                 latest = _registry.load(rec.name)
-                if latest.pid == rec.pid and latest.start_time == rec.start_time:
-                    rec = latest
             except TorporError:
-                pass
-            _registry.save(rec.evolve(exit_status=code, ended=now_iso()))
+                latest = rec
+            # The name may belong to a newer process by now: never overwrite its record.
+            if latest.pid == rec.pid and latest.start_time == rec.start_time:
+                _registry.save(latest.evolve(exit_status=code, ended=now_iso()))
             self.idle.notify_all()
 
     # -- CRIU for self-dumping children -------------------------------------------------------

@@ -114,7 +114,10 @@ def _start_criu_outside(
         return
     with sock:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        if int.from_bytes(creds[:4], sys.byteorder) != keeper:
+        peer_pid = int.from_bytes(creds[:4], sys.byteorder)
+        peer_uid = int.from_bytes(creds[4:8], sys.byteorder)
+        # The keeper lives outside our PID namespace, where its pid reads as 0.
+        if peer_pid not in (0, keeper) or peer_uid not in (0, os.geteuid()):
             raise CoordinationError("the keeper's socket is held by another process")
         payload = json.dumps({"staging": str(staging), "leave_running": leave_running}).encode()
         sock.sendmsg(

@@ -56,11 +56,12 @@ class Notify(_message.Message):
     def __init__(self, script: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class Opts(_message.Message):
-    __slots__ = ["ext_unix_sk", "external", "file_locks", "images_dir_fd", "inherit_fd", "lazy_pages", "leave_running", "leave_stopped", "link_remap", "log_file", "log_level", "network_lock", "notify_scripts", "pid", "ps", "root", "rst_sibling", "shell_job", "tcp_close", "tcp_established", "timeout", "work_dir_fd"]
+    __slots__ = ["ext_unix_sk", "external", "file_locks", "images_dir", "images_dir_fd", "inherit_fd", "lazy_pages", "leave_running", "leave_stopped", "link_remap", "log_file", "log_level", "network_lock", "notify_scripts", "pid", "ps", "root", "rst_sibling", "shell_job", "tcp_close", "tcp_established", "timeout", "work_dir_fd"]
     EXTERNAL_FIELD_NUMBER: _ClassVar[int]
     EXT_UNIX_SK_FIELD_NUMBER: _ClassVar[int]
     FILE_LOCKS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_DIR_FD_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_DIR_FIELD_NUMBER: _ClassVar[int]
     INHERIT_FD_FIELD_NUMBER: _ClassVar[int]
     LAZY_PAGES_FIELD_NUMBER: _ClassVar[int]
     LEAVE_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +83,7 @@ class Opts(_message.Message):
     ext_unix_sk: bool
     external: _containers.RepeatedScalarFieldContainer[str]
     file_locks: bool
+    images_dir: str
     images_dir_fd: int
     inherit_fd: _containers.RepeatedCompositeFieldContainer[InheritFd]
     lazy_pages: bool
@@ -101,7 +103,7 @@ class Opts(_message.Message):
     tcp_established: bool
     timeout: int
     work_dir_fd: int
-    def __init__(self, images_dir_fd: _Optional[int] = ..., pid: _Optional[int] = ..., leave_running: bool = ..., ext_unix_sk: bool = ..., tcp_established: bool = ..., shell_job: bool = ..., file_locks: bool = ..., log_level: _Optional[int] = ..., log_file: _Optional[str] = ..., ps: _Optional[_Union[PageServerInfo, _Mapping]] = ..., notify_scripts: bool = ..., root: _Optional[str] = ..., work_dir_fd: _Optional[int] = ..., link_remap: bool = ..., rst_sibling: bool = ..., inherit_fd: _Optional[_Iterable[_Union[InheritFd, _Mapping]]] = ..., external: _Optional[_Iterable[str]] = ..., timeout: _Optional[int] = ..., lazy_pages: bool = ..., tcp_close: bool = ..., network_lock: _Optional[_Union[NetworkLockMethod, str]] = ..., leave_stopped: bool = ...) -> None: ...
+    def __init__(self, images_dir_fd: _Optional[int] = ..., images_dir: _Optional[str] = ..., pid: _Optional[int] = ..., leave_running: bool = ..., ext_unix_sk: bool = ..., tcp_established: bool = ..., shell_job: bool = ..., file_locks: bool = ..., log_level: _Optional[int] = ..., log_file: _Optional[str] = ..., ps: _Optional[_Union[PageServerInfo, _Mapping]] = ..., notify_scripts: bool = ..., root: _Optional[str] = ..., work_dir_fd: _Optional[int] = ..., link_remap: bool = ..., rst_sibling: bool = ..., inherit_fd: _Optional[_Iterable[_Union[InheritFd, _Mapping]]] = ..., external: _Optional[_Iterable[str]] = ..., timeout: _Optional[int] = ..., lazy_pages: bool = ..., tcp_close: bool = ..., network_lock: _Optional[_Union[NetworkLockMethod, str]] = ..., leave_stopped: bool = ...) -> None: ...
 
 class PageServerInfo(_message.Message):
     __slots__ = ["address", "fd", "pid", "port"]
