@@ -91,15 +91,13 @@ def _checkpoint(app: App, args: argparse.Namespace) -> int:
 
 
 def _coordinated(app: App, pid: int, dest: Path, args: argparse.Namespace, name: str) -> Any:
-    """Ask the process to checkpoint itself (its hooks run first); None if it cannot."""
-    try:
-        from .._coord import _channel
-    except ImportError:
-        return None
+    """Ask the process to checkpoint itself (its hooks run first); None if it does not use
+    torpor (then the caller does a plain dump)."""
+    from .._coord import NotCoordinatedError, request_checkpoint
     from .._images._image import Image
 
     try:
-        _channel.request_checkpoint(
+        request_checkpoint(
             pid,
             dest,
             leave_running=args.leave_running,
@@ -107,7 +105,7 @@ def _coordinated(app: App, pid: int, dest: Path, args: argparse.Namespace, name:
             name=name,
             timeout=args.timeout,
         )
-    except _channel.NotCoordinatedError:
+    except NotCoordinatedError:
         return None
     app.debug("coordinated checkpoint: the process ran its hooks")
     return Image.open(dest)
