@@ -1,0 +1,377 @@
+"""Garbage collection, and the protocol that makes it safe next to concurrent writers.
+
+The danger
+    A writer (push, copy, import) decides *not* to upload a chunk because the pool has it,
+    then writes its manifest last. A collector that listed the manifests before that manifest
+    landed sees the chunk as garbage; if it deletes the chunk, the new manifest points at
+    nothing. New packs a writer has stored but not yet referenced are garbage-looking too.
+
+The protocol (mark, condemn, wait, re-mark, sweep)
+    *Sessions.* Every writer and reader registers ``sessions/<id>`` before it reads the pool's
+    index and refreshes its heartbeat (a wall-clock time in the object) every
+    :attr:`Timing.heartbeat` seconds until it is done; writers delete it after their manifest
+    is stored.
+
+    *Condemned set.* ``gc/condemned`` lists the packs and list objects a collection is about
+    to delete. A session loads it right after registering and treats condemned chunks as
+    absent: a push uploads them again (into new packs), a copy re-packs them, nobody starts
+    a patch from a condemned list object.
+
+    A collection then runs, holding ``gc/lock-<time>-<id>`` (one collector per pool; the
+    older lock wins, a lock whose heartbeat is older than :attr:`Timing.stale` is broken):
+
+    1. *Mark*: read every manifest, resolve its chunk lists, and find the packs that hold no
+       referenced chunk (and packs without an index: interrupted uploads), the list objects
+       no manifest names, and — if repacking — the packs mostly dead.
+    2. *Repack* (optional): copy the live chunks of mostly-dead packs into new packs; the old
+       packs join the dead ones. Chunks are verified on the way.
+    3. *Condemn*: store ``gc/condemned``. From now on no *new* session relies on them.
+    4. *Wait*: list ``sessions/`` and wait until each of those sessions — the only ones that
+       may have decided to rely on a condemned chunk — has ended. A session whose heartbeat
+       is older than :attr:`Timing.stale` is declared dead and its object deleted; a writer
+       checks that its session object still exists right before storing its manifest, and
+       gives up if not, so a writer that was merely frozen cannot land a manifest late.
+    5. *Re-mark*: read the manifests again. A condemned pack holding a chunk that a manifest
+       now needs, and that exists in no other pack, is resurrected (kept); likewise list
+       objects.
+    6. *Sweep*: delete each remaining condemned pack's index, then the pack; then the list
+       objects; then ``gc/condemned``.
+
+    No clock is compared across hosts except for staleness (minutes, not milliseconds), and
+    the only window left is a writer frozen for longer than :attr:`Timing.stale` between its
+    last check and its manifest write.
+
+Repacking
+    Packs whose live chunks are less than ``repack`` (default one half) of their bytes are
+    rewritten; packs more alive than that keep their dead chunks, reported as
+    ``dead_bytes_kept``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from .._errors import PoolError
+from ._backend import Backend
+from ._pack import PackIndex, index_key, pack_key
+from ._record import LISTS_PREFIX, list_key
+
+if TYPE_CHECKING:
+    from ._pool import Pool
+
+SESSIONS_PREFIX = "sessions/"
+CONDEMNED_KEY = "gc/condemned"
+GC_LOCK_PREFIX = "gc/lock-"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Heartbeat period, the age after which a silent session is dead, and the polling step."""
+
+    heartbeat: float = 30.0
+    stale: float = 600.0
+    poll: float = 0.5
+
+
+class Heartbeat:
+    """An object in the pool that says "I am alive", refreshed in the background.
+
+    ``alive()`` is false once a collector has declared it dead (deleted its object) or once
+    this process could not refresh it for half the staleness period.
+    """
+
+    def __init__(self, backend: Backend, key: str, kind: str, timing: Timing) -> None:
+        self.key = key
+        self._backend = backend
+        self._timing = timing
+        self._info = {
+            "kind": kind,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+        }
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_beat = time.monotonic()
+
+    def _beat(self) -> None:
+        self._backend.put(self.key, json.dumps({**self._info, "beat": time.time()}).encode())
+        self._last_beat = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._timing.heartbeat):
+            try:
+                if not self._backend.exists(self.key):
+                    return  # declared dead by a collector: never bring it back
+                self._beat()
+            except PoolError:
+                continue  # a missed beat; alive() notices if they keep failing
+
+    def start(self) -> Heartbeat:
+        """Store the object and start refreshing it."""
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="torpor-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def alive(self) -> bool:
+        """Whether the object still stands for this process (checked against the pool)."""
+        if time.monotonic() - self._last_beat > self._timing.stale / 2:
+            return False
+        return self._backend.exists(self.key)
+
+    def stop(self) -> None:
+        """Stop refreshing and delete the object."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        # If this fails, the object goes stale and a collector removes it.
+        with contextlib.suppress(PoolError):
+            self._backend.delete(self.key)
+
+    def __enter__(self) -> Heartbeat:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class NoHeartbeat:
+    """The session of a pool that needs none (an export or import archive)."""
+
+    def alive(self) -> bool:
+        """Always true."""
+        return True
+
+    def __enter__(self) -> NoHeartbeat:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def session(backend: Backend, kind: str, timing: Timing) -> Heartbeat:
+    """A new (not yet started) session of ``kind`` (push, pull, copy, ...)."""
+    return Heartbeat(backend, f"{SESSIONS_PREFIX}{uuid.uuid4().hex}", kind, timing)
+
+
+@dataclass(frozen=True)
+class Condemned:
+    """The packs and list objects a running collection is about to delete."""
+
+    packs: frozenset[str] = frozenset()
+    lists: frozenset[str] = frozenset()
+
+    @classmethod
+    def load(cls, backend: Backend) -> Condemned:
+        """The current condemned set (empty when no collection is sweeping)."""
+        try:
+            data = json.loads(backend.get(CONDEMNED_KEY))
+            return cls(frozenset(data["packs"]), frozenset(data["lists"]))
+        except KeyError:
+            return cls()
+        except (ValueError, TypeError) as exc:
+            raise PoolError(
+                f"{CONDEMNED_KEY} is malformed ({exc})",
+                hint="run `torpor pool gc` again: it rewrites it",
+            ) from exc
+
+    def store(self, backend: Backend) -> None:
+        """Publish this set."""
+        data = {"packs": sorted(self.packs), "lists": sorted(self.lists), "time": time.time()}
+        backend.put(CONDEMNED_KEY, json.dumps(data).encode())
+
+
+def _read_beat(backend: Backend, key: str) -> dict[str, Any] | None:
+    try:
+        info: dict[str, Any] = json.loads(backend.get(key))
+        float(info["beat"])
+        return info
+    except KeyError:
+        return None
+    except (ValueError, TypeError):
+        return {"beat": 0.0}  # unreadable: treat as long dead
+
+
+def gc_lock(backend: Backend, timing: Timing, pool: str) -> Heartbeat:
+    """Take the pool's collector lock (started), or raise :class:`PoolError` if taken."""
+    lock = Heartbeat(
+        backend, f"{GC_LOCK_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex}", "gc", timing
+    )
+    lock.start()
+    try:
+        for other in sorted(backend.list(GC_LOCK_PREFIX)):
+            if other >= lock.key:
+                continue
+            info = _read_beat(backend, other)
+            if info is None:
+                continue
+            if time.time() - float(info["beat"]) > timing.stale:
+                backend.delete(other)
+                continue
+            raise PoolError(
+                f"another gc is running on pool {pool!r} "
+                f"(host {info.get('host', '?')}, pid {info.get('pid', '?')})",
+                pool=pool,
+                hint="wait for it to finish; a crashed gc's lock expires by itself",
+            )
+    except BaseException:
+        lock.stop()
+        raise
+    return lock
+
+
+def wait_for_sessions(
+    backend: Backend, keys: set[str], timing: Timing, *, timeout: float, pool: str
+) -> float:
+    """Wait until every session in ``keys`` has ended or gone stale; return the seconds spent.
+
+    Stale sessions are deleted (their writer then refuses to store its manifest).
+    """
+    started = time.monotonic()
+    pending = set(keys)
+    while True:
+        for key in sorted(pending):
+            info = _read_beat(backend, key)
+            if info is None:
+                pending.discard(key)
+            elif time.time() - float(info["beat"]) > timing.stale:
+                backend.delete(key)
+                pending.discard(key)
+        if not pending:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise PoolError(
+                f"gc of pool {pool!r} gave up after {timeout:.0f}s waiting for "
+                f"{len(pending)} running push/pull/copy session(s); nothing was deleted",
+                pool=pool,
+                hint="run `torpor pool gc` again when the transfers are done",
+            )
+        time.sleep(timing.poll)
+
+
+@dataclass(frozen=True)
+class GcStats:
+    """What a collection found and did. Byte counts of chunks are uncompressed sizes."""
+
+    images: int
+    packs: int
+    packs_deleted: int
+    packs_repacked: int
+    lists_deleted: int
+    bytes_freed: int
+    live_bytes: int
+    dead_bytes_kept: int
+    resurrected: int
+    missing_chunks: int
+    waited: float
+
+
+def _locations(
+    pool: Pool,
+) -> tuple[dict[str, PackIndex], dict[bytes, list[str]], dict[bytes, int]]:
+    indexes = pool._load_indexes(strict=True)
+    where: dict[bytes, list[str]] = defaultdict(list)
+    length: dict[bytes, int] = {}
+    for idx in indexes.values():
+        for c in idx.chunks:
+            where[c.digest].append(idx.pack_id)
+            length[c.digest] = c.length
+    return indexes, where, length
+
+
+def _size(backend: Backend, key: str) -> int:
+    try:
+        return backend.size(key)
+    except KeyError:
+        return 0
+
+
+def collect(pool: Pool, *, repack: float, wait: float) -> GcStats:
+    """Run one collection on ``pool`` (see the module docstring)."""
+    backend = pool.backend
+    lock = gc_lock(backend, pool.timing, pool.name)
+    try:
+        records = pool._records()
+        refs, list_refs = pool._references(records)
+        indexes, where, length = _locations(pool)
+        stored_packs = {key.rsplit("/", 1)[-1] for key in backend.list("packs/")}
+        orphans = stored_packs - indexes.keys()
+        total = {p: sum(c.length for c in idx.chunks) for p, idx in indexes.items()}
+        live = dict.fromkeys(indexes, 0)
+        live_chunks: dict[str, set[bytes]] = defaultdict(set)
+        missing = 0
+        for d in refs:
+            packs = where.get(d)
+            if not packs:
+                missing += 1
+                continue
+            # Prefer the newest copy: repacks write newer packs, so old packs drain.
+            p = max(packs, key=lambda p: (indexes[p].created, p))
+            live_chunks[p].add(d)
+            live[p] += length[d]
+        dead = {p for p, n in live.items() if n == 0} | orphans
+        mostly_dead = [p for p, n in live.items() if 0 < n < repack * total[p]]
+        repacked = pool._repack(indexes, mostly_dead, live_chunks) if mostly_dead else set()
+        doomed = dead | repacked
+        all_lists = {k[len(LISTS_PREFIX) :] for k in backend.list(LISTS_PREFIX)}
+        doomed_lists = all_lists - list_refs
+        freed = resurrected = 0
+        waited = 0.0
+        if doomed or doomed_lists:
+            Condemned(frozenset(doomed), frozenset(doomed_lists)).store(backend)
+            try:
+                sessions = set(backend.list(SESSIONS_PREFIX))
+                waited = wait_for_sessions(
+                    backend, sessions, pool.timing, timeout=wait, pool=pool.name
+                )
+                refs2, list_refs2 = pool._references(pool._records())
+                indexes2, where2, _ = _locations(pool)
+                keep: set[str] = set()
+                for d in refs2:
+                    packs = where2.get(d, [])
+                    if packs and all(p in doomed for p in packs):
+                        keep.add(max(packs, key=lambda p: (indexes2[p].created, p)))
+                resurrected = len(keep) + len(doomed_lists & list_refs2)
+                doomed -= keep
+                doomed_lists -= list_refs2
+                for p in sorted(doomed):
+                    freed += indexes2[p].size if p in indexes2 else _size(backend, pack_key(p))
+                    backend.delete(index_key(p))
+                    backend.delete(pack_key(p))
+                    pool._cache_drop("index", p)
+                for lid in sorted(doomed_lists):
+                    backend.delete(list_key(lid))
+            finally:
+                backend.delete(CONDEMNED_KEY)
+        kept_dead = sum(total[p] - live[p] for p in indexes if p not in doomed and p not in dead)
+        return GcStats(
+            images=len(records),
+            packs=len(stored_packs),
+            packs_deleted=len(doomed),
+            packs_repacked=len(repacked & doomed),
+            lists_deleted=len(doomed_lists),
+            bytes_freed=freed,
+            live_bytes=sum(live.values()),
+            dead_bytes_kept=kept_dead,
+            resurrected=resurrected,
+            missing_chunks=missing,
+            waited=waited,
+        )
+    finally:
+        lock.stop()

@@ -1,0 +1,279 @@
+"""Packs: many compressed chunks in one backend object, and the index object that finds them.
+
+Storing every 4 KiB chunk as its own object would mean ~50 000 objects per 200 MB image, which
+RADOS and S3 handle badly (per-object overhead, per-request latency). Chunks are therefore
+grouped, restic/git style, into *packs* of a few MiB (:data:`PACK_TARGET`).
+
+Pack object (key ``packs/<id[:2]>/<id>``, ``id`` a random 128-bit hex)::
+
+    b"TORPAK01" frame frame frame ...
+
+A frame holds up to :data:`FRAME_TARGET` bytes of consecutive chunks, compressed together in
+one zstd frame (4 KiB pages compress far better together than alone), or stored raw when zstd
+does not shrink them. Pack ids are random, never content hashes: a pack re-uploaded with the
+same bytes as a pack that garbage collection has condemned must not get the condemned key.
+
+Index object (key ``index/<id>``), zstd-compressed::
+
+    header   "<8sdQII"   magic b"TORIDX01", created (unix time), pack size, #frames, #chunks
+    frames   "<IIIB"     offset in pack, stored length, raw length, codec (0 raw, 1 zstd)
+    chunks   "<32sIII"   SHA-256, frame number, offset in the raw frame, length
+    trailer  32 bytes    SHA-256 of everything above
+
+The index is written after its pack, and an image manifest only after all its packs and
+indexes, so a crash leaves at worst a pack without an index or packs no manifest references;
+garbage collection removes both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Collection, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import zstandard
+
+from ._backend import Backend
+
+PACK_MAGIC = b"TORPAK01"
+INDEX_MAGIC = b"TORIDX01"
+FRAME_TARGET = 128 << 10
+# Packs stay at or under 4 MiB (unless one frame alone is bigger): one RADOS object (the
+# ceph driver stripes above 4 MiB) and one S3 PUT each.
+PACK_TARGET = 4 << 20
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+_HEADER = struct.Struct("<8sdQII")
+_FRAME = struct.Struct("<IIIB")
+_CHUNK = struct.Struct("<32sIII")
+
+
+class PackDamagedError(Exception):
+    """A pack or index object does not decode; ``digests`` are the chunks it takes down."""
+
+    def __init__(self, msg: str, digests: Collection[bytes] = ()) -> None:
+        super().__init__(msg)
+        self.digests = tuple(digests)
+
+
+def pack_key(pack_id: str) -> str:
+    """The backend key of a pack."""
+    return f"packs/{pack_id[:2]}/{pack_id}"
+
+
+def index_key(pack_id: str) -> str:
+    """The backend key of a pack's index."""
+    return f"index/{pack_id}"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where a frame sits in its pack and how to decode it."""
+
+    offset: int
+    stored: int
+    raw: int
+    codec: int
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """One chunk of a pack: its id, frame, and place inside the decoded frame."""
+
+    digest: bytes
+    frame: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class PackIndex:
+    """The decoded index of one pack."""
+
+    pack_id: str
+    created: float
+    size: int
+    frames: tuple[Frame, ...]
+    chunks: tuple[ChunkEntry, ...]
+
+    def encode(self) -> bytes:
+        """The index object's bytes."""
+        parts = [
+            _HEADER.pack(INDEX_MAGIC, self.created, self.size, len(self.frames), len(self.chunks))
+        ]
+        parts += [_FRAME.pack(f.offset, f.stored, f.raw, f.codec) for f in self.frames]
+        parts += [_CHUNK.pack(c.digest, c.frame, c.offset, c.length) for c in self.chunks]
+        body = b"".join(parts)
+        return zstandard.ZstdCompressor(level=3).compress(body + hashlib.sha256(body).digest())
+
+    @classmethod
+    def decode(cls, pack_id: str, blob: bytes) -> PackIndex:
+        """Parse an index object; :class:`PackDamagedError` if it is damaged."""
+        try:
+            data = zstandard.ZstdDecompressor().decompress(blob)
+        except zstandard.ZstdError as exc:
+            raise PackDamagedError(f"index of pack {pack_id} does not decompress") from exc
+        body, check = data[:-32], data[-32:]
+        if len(data) < _HEADER.size + 32 or hashlib.sha256(body).digest() != check:
+            raise PackDamagedError(f"index of pack {pack_id} fails its checksum")
+        magic, created, size, nframes, nchunks = _HEADER.unpack_from(body, 0)
+        if magic != INDEX_MAGIC:
+            raise PackDamagedError(f"index of pack {pack_id} has a bad magic number")
+        if len(body) != _HEADER.size + nframes * _FRAME.size + nchunks * _CHUNK.size:
+            raise PackDamagedError(f"index of pack {pack_id} has a bad length")
+        pos = _HEADER.size
+        frames = tuple(
+            Frame(*_FRAME.unpack_from(body, pos + i * _FRAME.size)) for i in range(nframes)
+        )
+        pos += nframes * _FRAME.size
+        chunks = tuple(
+            ChunkEntry(*_CHUNK.unpack_from(body, pos + i * _CHUNK.size)) for i in range(nchunks)
+        )
+        return cls(pack_id, created, size, frames, chunks)
+
+
+def iter_pack(
+    pack: bytes, index: PackIndex, wanted: Collection[bytes] | None = None
+) -> Iterator[tuple[bytes, bytes]]:
+    """``(digest, data)`` for the chunks of ``pack`` (only ``wanted`` ones if given).
+
+    The data is *not* verified against the digest: callers hash it. A frame that does not
+    decode raises :class:`PackDamagedError` naming the wanted chunks it holds.
+    """
+    by_frame: dict[int, list[ChunkEntry]] = defaultdict(list)
+    for c in index.chunks:
+        if wanted is None or c.digest in wanted:
+            by_frame[c.frame].append(c)
+    if by_frame and not pack.startswith(PACK_MAGIC):
+        raise PackDamagedError(
+            f"pack {index.pack_id} has a bad magic number",
+            [c.digest for cs in by_frame.values() for c in cs],
+        )
+    dctx = zstandard.ZstdDecompressor()
+    for frame_no in sorted(by_frame):
+        entries = by_frame[frame_no]
+        try:
+            f = index.frames[frame_no]
+            stored = pack[f.offset : f.offset + f.stored]
+            if len(stored) != f.stored:
+                raise ValueError("frame runs past the end of the pack")
+            raw = stored if f.codec == CODEC_RAW else dctx.decompress(stored, f.raw)
+            if len(raw) != f.raw:
+                raise ValueError("frame has the wrong decoded length")
+        except (IndexError, ValueError, zstandard.ZstdError) as exc:
+            raise PackDamagedError(
+                f"frame {frame_no} of pack {index.pack_id} does not decode ({exc})",
+                [c.digest for c in entries],
+            ) from exc
+        for c in entries:
+            yield c.digest, raw[c.offset : c.offset + c.length]
+
+
+class PackWriter:
+    """Accumulates new chunks into frames and packs; uploads full packs in the background.
+
+    ``add`` chunks, then ``finish`` (every pack and index stored, or the first upload error
+    raised). Chunks added twice are stored once. Not thread-safe: one writer per thread.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        level: int = 3,
+        pack_target: int = PACK_TARGET,
+        frame_target: int = FRAME_TARGET,
+        uploaders: int = 2,
+    ) -> None:
+        self._backend = backend
+        self._cctx = zstandard.ZstdCompressor(level=level)
+        self._pack_target = pack_target
+        self._frame_target = frame_target
+        self._executor = ThreadPoolExecutor(uploaders, thread_name_prefix="torpor-pack")
+        # Bound the packs held in memory while uploads run.
+        self._slots = threading.BoundedSemaphore(uploaders + 1)
+        self._futures: list[Future[tuple[PackIndex, int]]] = []
+        self._seen: set[bytes] = set()
+        self._frame = bytearray()
+        self._frame_chunks: list[tuple[bytes, int, int]] = []
+        self._pack = bytearray(PACK_MAGIC)
+        self._frames: list[Frame] = []
+        self._chunks: list[ChunkEntry] = []
+        self.stored_bytes = 0
+        self.chunk_bytes = 0
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._seen
+
+    def add(self, digest: bytes, data: bytes | memoryview) -> None:
+        """Queue a chunk for storage (a no-op if this writer already has it)."""
+        if digest in self._seen:
+            return
+        self._seen.add(digest)
+        self._frame_chunks.append((digest, len(self._frame), len(data)))
+        self._frame += data
+        self.chunk_bytes += len(data)
+        if len(self._frame) >= self._frame_target:
+            self._close_frame()
+            if len(self._pack) >= self._pack_target - self._frame_target:
+                self._close_pack()
+
+    def _close_frame(self) -> None:
+        if not self._frame_chunks:
+            return
+        raw = bytes(self._frame)
+        packed = self._cctx.compress(raw)
+        codec = CODEC_ZSTD
+        if len(packed) >= len(raw):
+            packed, codec = raw, CODEC_RAW
+        if self._frames and len(self._pack) + len(packed) > self._pack_target:
+            self._close_pack()
+        frame_no = len(self._frames)
+        self._frames.append(Frame(len(self._pack), len(packed), len(raw), codec))
+        self._pack += packed
+        self._chunks += [ChunkEntry(d, frame_no, off, n) for d, off, n in self._frame_chunks]
+        self._frame = bytearray()
+        self._frame_chunks = []
+
+    def _close_pack(self) -> None:
+        if not self._chunks:
+            return
+        index = PackIndex(
+            uuid.uuid4().hex, time.time(), len(self._pack), tuple(self._frames), tuple(self._chunks)
+        )
+        data = bytes(self._pack)
+        self._pack = bytearray(PACK_MAGIC)
+        self._frames = []
+        self._chunks = []
+        self._slots.acquire()
+        future = self._executor.submit(self._upload, index, data)
+        future.add_done_callback(lambda _f: self._slots.release())
+        self._futures.append(future)
+
+    def _upload(self, index: PackIndex, data: bytes) -> tuple[PackIndex, int]:
+        blob = index.encode()
+        self._backend.put(pack_key(index.pack_id), data)
+        self._backend.put(index_key(index.pack_id), blob)
+        return index, len(data) + len(blob)
+
+    def finish(self) -> list[PackIndex]:
+        """Store what is pending and wait; the indexes of every pack written."""
+        try:
+            self._close_frame()
+            self._close_pack()
+            done = [f.result() for f in self._futures]
+        finally:
+            self._executor.shutdown(wait=True)
+        self.stored_bytes = sum(n for _, n in done)
+        return [i for i, _ in done]
+
+    def abort(self) -> None:
+        """Wait for uploads in flight and drop the rest (garbage collection reclaims it)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
