@@ -60,7 +60,8 @@ from .._errors import (
     UsageError,
 )
 from ._context import Context
-from ._failures import NotCoordinatedError, RemoteCheckpointError, RestoreHookError
+from ._failures import NotCoordinatedError as NotCoordinatedError
+from ._failures import RemoteCheckpointError, RestoreHookError
 from ._runtime import channel_wanted, system_context
 
 log = logging.getLogger("torpor.coord")
@@ -254,6 +255,12 @@ class Listener:
         with conn:
             conn.settimeout(_HANDSHAKE_TIMEOUT)
             pid, uid, _ = _peercred(conn)
+            try:
+                # Read the request before answering, so the client never writes to a closed
+                # connection, even when it is refused.
+                message, bad = _recv(conn), None
+            except (ValueError, OSError) as exc:
+                message, bad = {}, f"malformed request: {exc}"
             if uid not in (0, os.geteuid()):
                 _send(
                     conn,
@@ -267,8 +274,10 @@ class Listener:
                 )
                 return
             try:
-                request = _parse_request(_recv(conn), (pid, uid))
-            except (UsageError, ValueError, OSError) as exc:
+                if bad is not None:
+                    raise UsageError(bad)
+                request = _parse_request(message, (pid, uid))
+            except UsageError as exc:
                 with contextlib.suppress(OSError):
                     _send(
                         conn, {"ok": False, "kind": "UsageError", "error": str(exc), "details": []}
@@ -387,11 +396,11 @@ class ExternalOutcome:
 
 def _start_time(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
     except OSError:
         return None
-    return int(stat.rpartition(")")[2].split()[19])
+    return int(stat.rpartition(b")")[2].split()[19])
 
 
 def _remote_error(pid: int, dest: Path, message: dict[str, Any]) -> TorporError:

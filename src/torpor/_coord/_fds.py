@@ -118,7 +118,7 @@ def problem(info: FdInfo, *, tcp_established: bool) -> str | None:
     if info.kind == "file":
         if info.deleted:
             return "the file is deleted; CRIU cannot restore it"
-        if info.writable and not info.append:
+        if info.writable and not info.append and not info.target.startswith("/memfd:"):
             return (
                 "open for writing without O_APPEND; if the file grows after the dump the "
                 "restore fails (close it before the checkpoint or reopen it with 'a')"
