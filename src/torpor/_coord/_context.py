@@ -112,7 +112,9 @@ class _Pass:
         except RuntimeError:
             if self._runner is None:
                 self._runner = asyncio.Runner()
-            self._runner.run(coro)
+            # run_until_complete, not Runner.run: the latter installs and removes a SIGINT
+            # handler on every call, which costs more than most hooks.
+            self._runner.get_loop().run_until_complete(coro)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="torpor-hook") as pool:
             pool.submit(asyncio.run, coro).result()
@@ -171,7 +173,8 @@ class Context:
         Holds a weak reference (the resource must support weak references: ``__slots__``
         classes need ``"__weakref__"``). Registering the same object again does nothing.
         """
-        if not isinstance(resource, Resource):
+        # Not isinstance(resource, Resource): a runtime Protocol check costs microseconds.
+        if not (hasattr(resource, "before_checkpoint") and hasattr(resource, "after_restore")):
             raise TypeError(
                 f"{type(resource).__qualname__} is not a torpor Resource: it needs "
                 "before_checkpoint(context) and after_restore(context) methods"
