@@ -113,11 +113,12 @@ def validate(pool: str, driver: Driver, config: Mapping[str, str]) -> dict[str, 
         spec = driver.keys.get(key)
         if spec is None:
             close = difflib.get_close_matches(key, list(driver.keys), n=1)
-            hint = (
-                f"did you mean {close[0]!r}?"
-                if close
-                else f"the {driver.name} driver knows: {', '.join(sorted(driver.keys))}"
-            )
+            if key in driver.not_here:
+                hint = driver.not_here[key]
+            elif close:
+                hint = f"did you mean {close[0]!r}?"
+            else:
+                hint = f"the {driver.name} driver knows: {', '.join(sorted(driver.keys))}"
             raise PoolConfigError(
                 f"pool {pool!r}: unknown key {key!r} for the {driver.name} driver",
                 pool=pool,

@@ -920,9 +920,17 @@ class Pool:
             self._export(name, file, progress)
 
     def _export(self, name: str, fh: BinaryIO, progress: Progress | None) -> None:
+        self._record(name)
         writer = ArchiveWriter(fh)
-        archive = Pool("archive", writer, level=self.level, sessions=False, cache=False)
-        self.copy_image(name, name, to_pool=archive, progress=progress)
+        try:
+            archive = Pool("archive", writer, level=self.level, sessions=False, cache=False)
+            self.copy_image(name, name, to_pool=archive, progress=progress)
+        except BaseException:
+            # End the tar stream anyway: an archive without its manifest (written last)
+            # is refused by import, never mistaken for a whole image.
+            with contextlib.suppress(PoolError):
+                writer.close()
+            raise
         writer.close()
 
     def import_image(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -94,6 +94,8 @@ class Driver:
     build: Callable[[Any, str, Mapping[str, str]], Backend]
     location: Callable[[str, Mapping[str, str]], str]
     doc: str = ""
+    # Keys users may know from elsewhere (LXD) that this driver does not take: key → why.
+    not_here: Mapping[str, str] = field(default_factory=dict)
 
     def load(self) -> Any:
         """Import the backend class; a missing client library raises :class:`PoolError`."""
@@ -218,6 +220,10 @@ DRIVERS: dict[str, Driver] = {
             **_COMMON,
         },
         build=_build_ceph,
+        not_here={
+            "ceph.keyring": "name the keyring in ceph.conf ('keyring = PATH'), "
+            "and point ceph.conf at that file",
+        },
         location=lambda _pool, cfg: (
             f"rados://{cfg['ceph.cluster_name']}/{cfg['ceph.osd.pool_name']}"
         ),
