@@ -150,8 +150,6 @@ class RadosBackend:
         self._workers = workers
         self._closed = False
         entity = user if "." in user else f"client.{user}"
-        self._cluster: Any = None
-        self._ioctx: Any = None
         with self._errors(f"connect to ceph cluster {cluster_name!r} as {entity}", None):
             cluster = self._rados.Rados(
                 conffile=str(conf_path), clustername=cluster_name, name=entity
@@ -163,8 +161,8 @@ class RadosBackend:
             except BaseException:
                 cluster.shutdown()
                 raise
-        self._cluster = cluster
-        self._ioctx = ioctx
+        self._cluster: Any = cluster
+        self._ioctx: Any = ioctx
         self._ioctx.set_namespace(namespace)
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="torpor-rados")
 
