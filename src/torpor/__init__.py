@@ -24,52 +24,130 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     AlreadyExistsError as AlreadyExistsError,
+)
+from ._errors import (
     CheckpointInProgressError as CheckpointInProgressError,
+)
+from ._errors import (
     CheckpointRefusedError as CheckpointRefusedError,
+)
+from ._errors import (
     CoordinationError as CoordinationError,
+)
+from ._errors import (
     CriuError as CriuError,
+)
+from ._errors import (
     CriuUnavailableError as CriuUnavailableError,
+)
+from ._errors import (
     DumpError as DumpError,
+)
+from ._errors import (
     ImageCorruptedError as ImageCorruptedError,
+)
+from ._errors import (
     ImageError as ImageError,
+)
+from ._errors import (
     ImageNotFoundError as ImageNotFoundError,
+)
+from ._errors import (
     NotFoundError as NotFoundError,
+)
+from ._errors import (
     PermissionDeniedError as PermissionDeniedError,
+)
+from ._errors import (
     PoolConfigError as PoolConfigError,
+)
+from ._errors import (
     PoolError as PoolError,
+)
+from ._errors import (
     ProcessNotFoundError as ProcessNotFoundError,
+)
+from ._errors import (
     RestoreError as RestoreError,
+)
+from ._errors import (
     TorporError as TorporError,
+)
+from ._errors import (
     UsageError as UsageError,
 )
 
 if TYPE_CHECKING:
     from ._coord import (
         CheckpointError as CheckpointError,
+    )
+    from ._coord import (
         CheckpointResult as CheckpointResult,
+    )
+    from ._coord import (
         Context as Context,
+    )
+    from ._coord import (
         FdPolicyWarning as FdPolicyWarning,
+    )
+    from ._coord import (
         FdRule as FdRule,
+    )
+    from ._coord import (
         NotCoordinatedError as NotCoordinatedError,
+    )
+    from ._coord import (
         RemoteCheckpointError as RemoteCheckpointError,
+    )
+    from ._coord import (
         Resource as Resource,
+    )
+    from ._coord import (
         RestoreHookError as RestoreHookError,
+    )
+    from ._coord import (
         RestoreInfo as RestoreInfo,
+    )
+    from ._coord import (
         add_fd_rules as add_fd_rules,
+    )
+    from ._coord import (
         after_restore as after_restore,
+    )
+    from ._coord import (
         before_checkpoint as before_checkpoint,
+    )
+    from ._coord import (
         checkpoint as checkpoint,
+    )
+    from ._coord import (
         clear_fd_rules as clear_fd_rules,
+    )
+    from ._coord import (
         configure_builtins as configure_builtins,
+    )
+    from ._coord import (
         enable as enable,
+    )
+    from ._coord import (
         global_context as global_context,
+    )
+    from ._coord import (
         load_fd_policy as load_fd_policy,
+    )
+    from ._coord import (
         restore_info as restore_info,
+    )
+    from ._coord import (
         track_fds as track_fds,
     )
     from ._engine import (
         CriuEngine as CriuEngine,
+    )
+    from ._engine import (
         DumpOptions as DumpOptions,
+    )
+    from ._engine import (
         RestoreOptions as RestoreOptions,
     )
     from ._images._image import Image as Image

@@ -74,9 +74,7 @@ def probe() -> tuple[Capability, ...]:
         criu_ok = True
         caps.append(Capability("criu", True, f"{engine.binary} (version {version})"))
     except TorporError as exc:
-        caps.append(
-            Capability("criu", False, str(exc), "nothing works without CRIU >= 4.2")
-        )
+        caps.append(Capability("criu", False, str(exc), "nothing works without CRIU >= 4.2"))
     if criu_ok and root:
         try:
             engine.check()
@@ -114,12 +112,14 @@ def probe() -> tuple[Capability, ...]:
     )
     if root:
         for name, flag, cost in (
-            ("pid namespaces", 0x20000000, "`torpor run` cannot isolate pids: restores collide"),
+            ("pid namespaces", 0x20000000, "`torpor run` cannot isolate pids: restores clash"),
             ("mount namespaces", 0x00020000, "no private /proc for restored trees"),
             ("net namespaces", 0x40000000, "no isolated network for migration tests"),
         ):
             ok = _unshare_probe(flag)
-            caps.append(Capability(name, ok, "works" if ok else "unshare failed", "" if ok else cost))
+            caps.append(
+                Capability(name, ok, "works" if ok else "unshare failed", "" if ok else cost)
+            )
     try:
         with open("/proc/sys/fs/pipe-max-size", encoding="ascii") as fh:
             pipe_max = int(fh.read())
@@ -130,7 +130,9 @@ def probe() -> tuple[Capability, ...]:
             "fs.pipe-max-size",
             pipe_max >= 4 << 20,
             f"{pipe_max} bytes",
-            "" if pipe_max >= 4 << 20 else "lazy-page migration is slow: sysctl fs.pipe-max-size=4194304",
+            ""
+            if pipe_max >= 4 << 20
+            else "lazy-page migration is slow: sysctl -w fs.pipe-max-size=4194304",
         )
     )
     return tuple(caps)

@@ -88,7 +88,7 @@ def test_verify_names_the_bad_file(tmp_path: Path, damage: str) -> None:
         target.write_bytes(bytes(data[:-1]))
     else:
         target.unlink()
-    with pytest.raises(ImageCorruptedError, match="pages-1.img") as info:
+    with pytest.raises(ImageCorruptedError, match=r"pages-1\.img") as info:
         Image.open(tmp_path / "img").verify()
     assert info.value.file == "pages-1.img"
 
@@ -108,7 +108,7 @@ def test_failed_staging_leaves_nothing(tmp_path: Path) -> None:
 
 def test_directory_without_manifest_is_not_an_image(tmp_path: Path) -> None:
     (tmp_path / "half").mkdir()
-    with pytest.raises(ImageError, match="no torpor.json"):
+    with pytest.raises(ImageError, match=r"no torpor\.json"):
         Image.open(tmp_path / "half")
 
 
