@@ -118,8 +118,13 @@ def _drop_local_lists() -> None:
 
 def test_a_damaged_manifest_is_named(pool: Pool, pushed: bytes) -> None:
     _backend(pool).put(image_key("web"), b"garbage")
-    with pytest.raises(ImageCorruptedError, match="manifest of image 'web'"):
+    with pytest.raises(ImageCorruptedError, match="manifest of image 'web'") as info:
         pool.pull("web")
+    assert "torpor image delete web@mem" in str(info.value)
+    with pytest.raises(ImageCorruptedError):
+        pool.gc()  # never guesses what a damaged manifest needed
+    pool.delete_image("web")  # what the hint says works
+    assert pool.gc().images == 0
 
 
 def test_a_tampered_local_file_is_refused_at_push(pool: Pool, tmp_path: Path) -> None:

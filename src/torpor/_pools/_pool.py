@@ -782,8 +782,14 @@ class Pool:
         return [self._to_image(r) for r in self._records()]
 
     def delete_image(self, name: str) -> None:
-        """Remove image ``name`` (its chunks go at the next :meth:`gc`)."""
-        self._record(name)
+        """Remove image ``name`` (its chunks go at the next :meth:`gc`); works on an image
+        whose manifest is damaged too."""
+        if not self.backend.exists(image_key(check_name(name))):
+            raise ImageNotFoundError(
+                f"no image {name!r} in pool {self.name!r}",
+                image=name,
+                hint=f"`torpor images --pool {self.name}` lists them",
+            )
         self.backend.delete(image_key(name))
 
     def copy_image(
