@@ -249,3 +249,21 @@ def test_concurrent_requests_are_serialised(tmp_path: Path) -> None:
     assert not errors
     assert most == 1
     assert c.restore_info().restore_count == 6
+
+
+def test_restore_info_works_inside_after_restore_hooks(tmp_path: Path) -> None:
+    seen: list[int] = []
+    c: Coordinator
+
+    class Reporter:
+        def before_checkpoint(self, context: Context) -> None: ...
+
+        def after_restore(self, context: Context) -> None:
+            seen.append(c.restore_info().restore_count)
+
+    ctx = Context()
+    r = Reporter()
+    ctx.register(r)
+    c = Coordinator(FakeEngine(Outcome(True, tmp_path)), ctx, scan=no_fds)
+    c.checkpoint(tmp_path)
+    assert seen == [1]

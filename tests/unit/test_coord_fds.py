@@ -399,3 +399,16 @@ def test_tracking_off_records_nothing(tmp_path: Path) -> None:
     track_fds(False)
     with open(tmp_path / "untracked", "w") as f:
         assert opened_at(info_of(f.fileno())) is None
+
+
+def test_tracking_sees_sqlite_connections(tmp_path: Path, tracking: None) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "t.db")
+    line = sys._getframe().f_lineno - 1
+    try:
+        conn.execute("CREATE TABLE t (x)")
+        (fd,) = [i.fd for i in scan() if i.path == str(tmp_path / "t.db")]
+        assert f"{__file__}:{line}" in (opened_at(info_of(fd)) or "")
+    finally:
+        conn.close()

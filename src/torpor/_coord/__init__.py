@@ -29,7 +29,12 @@ from ._policy import clear_fd_rules as clear_fd_rules
 from ._policy import load_fd_policy as load_fd_policy
 from ._runtime import enable as enable
 from ._runtime import global_context as global_context
+from ._track import enable_from_env as _track_from_env
 from ._track import track_fds as track_fds
+
+# Tracking must start before the application opens anything, so TORPOR_TRACK_FDS is read at
+# import (it only installs an audit hook); everything else starts on first use.
+_track_from_env()
 
 __all__ = [
     "CheckpointError",

@@ -154,6 +154,9 @@ class Coordinator:
         self._context = context if context is not None else root_context()
         self._scan = scan
         self._lock = threading.Lock()
+        # The restore state has its own lock: hooks (and request threads) read it while a
+        # checkpoint holds ``_lock``.
+        self._state_lock = threading.Lock()
         self._count = 0
         self._restored_at: datetime | None = None
         self._restored_mono: float | None = None
@@ -229,19 +232,20 @@ class Coordinator:
         except BaseException as exc:
             self._rollback(exc, reopener.restore())
             raise  # _rollback re-raises; this keeps the type checker informed
-        if outcome.restored:
-            self._count += 1
-            self._restored_at = datetime.now(UTC)
-            self._restored_mono = time.monotonic()
-            self._jump = (self._restored_mono - mono0) - (time.time() - wall0)
-            self._image = outcome.image
-        result = CheckpointResult(
-            restored=outcome.restored,
-            image=outcome.image,
-            restore_count=self._count,
-            restored_at=self._restored_at,
-            checkpointed_at=taken,
-        )
+        with self._state_lock:
+            if outcome.restored:
+                self._count += 1
+                self._restored_at = datetime.now(UTC)
+                self._restored_mono = time.monotonic()
+                self._jump = (self._restored_mono - mono0) - (time.time() - wall0)
+                self._image = outcome.image
+            result = CheckpointResult(
+                restored=outcome.restored,
+                image=outcome.image,
+                restore_count=self._count,
+                restored_at=self._restored_at,
+                checkpointed_at=taken,
+            )
         failures = reopener.restore()
         try:
             self._context.after_restore()
@@ -269,8 +273,8 @@ class Coordinator:
         ) from None
 
     def restore_info(self) -> RestoreInfo:
-        """Whether (and when, how often) this process was restored."""
-        with self._lock:
+        """Whether (and when, how often) this process was restored (callable from hooks)."""
+        with self._state_lock:
             up = None if self._restored_mono is None else time.monotonic() - self._restored_mono
             return RestoreInfo(
                 restored=self._count > 0,

@@ -67,10 +67,9 @@ def enable() -> None:
     with _start_lock:
         if _started:
             return
-        from . import _builtins, _channel, _track
+        from . import _builtins, _channel
 
         _builtins.install(_system)
-        _track.enable_from_env()
         _started = True
         if channel_wanted():
             _channel.start_listener()

@@ -1,10 +1,11 @@
 """Where each descriptor was opened: an opt-in audit hook, so a refused descriptor's error names
 the application line that opened it.
 
-``track_fds()`` (or ``TORPOR_TRACK_FDS=1``) installs a :func:`sys.addaudithook` that records a
-short stack on the ``open`` event (keyed by the resolved path: the descriptor does not exist yet
-when the event fires) and on ``socket.bind``/``socket.connect`` (keyed by descriptor number and
-socket inode). Sockets from ``accept()`` and pipes raise no audit event: they stay unnamed.
+``track_fds()`` (or ``TORPOR_TRACK_FDS=1``, read when torpor is imported) installs a
+:func:`sys.addaudithook` that records a short stack on the ``open`` and ``sqlite3.connect``
+events (keyed by the resolved path: the descriptor does not exist yet when the event fires) and
+on ``socket.bind``/``socket.connect`` (keyed by descriptor number and socket inode). Sockets from
+``accept()`` and pipes raise no audit event: they stay unnamed.
 
 Audit hooks cannot be removed: ``track_fds(False)`` stops recording and forgets what was
 recorded. The cost when on is a few microseconds per open; off, one attribute test per audit
@@ -40,9 +41,9 @@ class _Tracker:
     def hook(self, event: str, args: tuple[object, ...]) -> None:
         if not self.on:
             return
-        if event == "open":
+        if event in ("open", "sqlite3.connect"):
             path = args[0]
-            if isinstance(path, str | bytes):
+            if isinstance(path, str | bytes | os.PathLike):
                 name = os.fsdecode(path)
                 if not name.startswith("/proc/"):
                     self._remember(self.by_path, os.path.realpath(name))
