@@ -227,3 +227,24 @@ def test_listener_closes_before_checkpoint_and_listens_again_after() -> None:
     assert not _listening(listener.address)
     listener.after_restore(ctx)
     assert _listening(listener.address)
+
+
+def test_forked_child_listens_under_its_own_pid() -> None:
+    enable()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        listener = _channel._listener
+        ok = listener is not None and listener.address == _channel.listener_address(os.getpid())
+        os.write(w, b"1" if ok else b"0")
+        time.sleep(2)
+        os._exit(0)
+    try:
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        assert _listening(_channel.listener_address(pid))
+        assert _channel._listener is not None and _listening(_channel._listener.address)
+    finally:
+        os.close(r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
