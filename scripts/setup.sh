@@ -23,7 +23,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing torpor and its dependencies into $VENV" >&2
-  "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+  # pip warns about every index location this machine lacks: keep only real messages.
+  "$VENV/bin/pip" install -q -e "$ROOT[dev]" 2> >(grep -v '^WARNING: Location' >&2)
   echo "$want" > "$stamp"
 fi
 # pyenv's Python has no `rados` module and PyPI has none: link Debian's ABI-compatible build.
