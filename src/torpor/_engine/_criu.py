@@ -426,7 +426,7 @@ class CriuEngine:
         own = conn is None
         try:
             if conn is None:
-                conn = _spawn_with_fds(self.binary, pass_fds)
+                conn = Connection.spawn(self.binary, pass_fds)
         except OSError as exc:
             raise CriuUnavailableError(
                 f"cannot start {self.binary}: {exc}", hint=_INSTALL_HINT
@@ -500,28 +500,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _spawn_with_fds(binary: str, pass_fds: Sequence[int]) -> Connection:
-    # The fds CRIU must open (images dir, work dir, inherited fds) are passed to the swrk child.
-    import socket
-
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        proc = subprocess.Popen(
-            [binary, "swrk", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(), *pass_fds),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            close_fds=True,
-        )
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
-    return Connection(ours, proc)
 
 
 @contextmanager

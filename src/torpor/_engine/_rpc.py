@@ -7,10 +7,9 @@ in :meth:`Connection.call` hands each to a callback.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .._proto import criu_rpc_pb2 as pb
@@ -42,13 +41,14 @@ class Connection:
         self.notify_error: BaseException | None = None
 
     @classmethod
-    def spawn(cls, criu: str) -> Connection:
-        """Start ``criu swrk`` as our child, connected through a fresh socketpair."""
+    def spawn(cls, criu: str, pass_fds: Sequence[int] = ()) -> Connection:
+        """Start ``criu swrk`` as our child, connected through a fresh socketpair; ``pass_fds``
+        are the fds CRIU must open (images dir, work dir, inherited fds)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
                 [criu, "swrk", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), *pass_fds),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -118,32 +118,3 @@ class Connection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def spawn_detached(criu: str) -> socket.socket:
-    """Start ``criu swrk`` OUTSIDE our process tree (double fork + setsid) and return our end.
-
-    Needed to dump ourselves: CRIU refuses to run inside the tree it dumps. The grandchild is
-    re-parented to init (or to our PID namespace's init — then it is still in the tree, and the
-    caller must use a keeper instead).
-    """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.setsid()
-            if os.fork() == 0:
-                ours.close()
-                fd = theirs.fileno()
-                os.set_inheritable(fd, True)
-                devnull = os.open(os.devnull, os.O_RDWR)
-                for target in (0, 1, 2):
-                    os.dup2(devnull, target)
-                os.closerange(3, fd)
-                os.closerange(fd + 1, 65536)
-                os.execvp(criu, [criu, "swrk", str(fd)])
-        finally:
-            os._exit(0)
-    theirs.close()
-    os.waitpid(pid, 0)
-    return ours
