@@ -16,8 +16,9 @@ Line protocol, one request per line, one JSON answer per line, any number per co
 - anything else -> ``{"error": ...}``.
 
 The app is built to be checkpointed: no terminal, no file open for writing except the stdout and
-stderr its keeper gives it (appended to a log), no threads, ``poll`` rather than an epoll object,
-and every client connection closed by the time its client has seen EOF. This file uses only the
+stderr its keeper gives it (appended to a log), no threads of its own (OpenBLAS starts some; CRIU
+dumps threads fine), ``poll`` rather than an epoll object, and every client connection closed by
+the time its client has seen EOF. This file uses only the
 standard library, numpy and pandas: it never imports torpor.
 """
 
