@@ -17,22 +17,26 @@ from collections.abc import Sequence
 from .._errors import TorporError
 from ._app import App
 
-# Order here is the order of ``torpor --help``.
-_COMMAND_MODULES = (
-    "_run",
-    "_checkpoint",
-    "_restore",
-    "_images",
-    "_inspect",
-    "_image",
-    "_pool",
-    "_doctor",
-    "_demo",
-)
+# Order here is the order of ``torpor --help``: command -> the module that registers it.
+_COMMANDS = {
+    "run": "_run",
+    "ps": "_run",
+    "kill": "_run",
+    "checkpoint": "_checkpoint",
+    "restore": "_restore",
+    "images": "_images",
+    "inspect": "_inspect",
+    "image": "_image",
+    "pool": "_pool",
+    "doctor": "_doctor",
+    "demo": "_demo",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (every command module registered)."""
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser. Given ``argv`` naming a command, only that command's module is
+    registered: building every parser costs tens of milliseconds, paid by every command
+    (a restore's latency matters)."""
     parser = argparse.ArgumentParser(
         prog="torpor",
         description="Coordinated checkpoint/restore for Linux processes, on top of CRIU.",
@@ -40,20 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            continue  # a command group not built yet
-        module.register(sub)
+    wanted = _command_in(argv)
+    modules = [_COMMANDS[wanted]] if wanted else list(dict.fromkeys(_COMMANDS.values()))
+    for name in modules:
+        importlib.import_module(f".{name}", __name__).register(sub)
     return parser
+
+
+def _command_in(argv: Sequence[str] | None) -> str | None:
+    """The command named in ``argv`` (the first non-option word), if it is a known one."""
+    for arg in argv or ():
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg if arg in _COMMANDS else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torpor`` console script."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     app = App(verbosity=-1 if args.quiet else args.verbose)
     handler = getattr(args, "handler", None)

@@ -28,6 +28,9 @@ from ._criu import (
     RestoreResult as RestoreResult,
 )
 from ._criu import (
+    criu_version as criu_version,
+)
+from ._criu import (
     find_criu as find_criu,
 )
 from ._criu import (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import re
 import shutil
@@ -112,6 +113,16 @@ class RestoreResult:
 @functools.cache
 def find_criu() -> str:
     """Path of a CRIU >= 4.2 (``TORPOR_CRIU`` overrides the search). Cached per process."""
+    return _find()[0]
+
+
+def criu_version() -> str:
+    """The found CRIU's version string (``4.2.1``), from its ``--version``."""
+    return _find()[1]
+
+
+@functools.cache
+def _find() -> tuple[str, str]:
     env = os.environ.get("TORPOR_CRIU")
     candidates = [env] if env else [*_CANDIDATES, shutil.which("criu") or ""]
     seen: list[str] = []
@@ -120,23 +131,49 @@ def find_criu() -> str:
             continue
         seen.append(cand)
         ver = _cli_version(cand)
-        if ver is not None and ver >= MIN_VERSION:
-            return cand
+        if ver is not None and _version_tuple(ver) >= MIN_VERSION:
+            return cand, ver
     found = ", ".join(seen) or "none"
     raise CriuUnavailableError(
         f"no CRIU >= {MIN_VERSION[0]}.{MIN_VERSION[1]} found (checked: {found})", hint=_INSTALL_HINT
     )
 
 
-def _cli_version(binary: str) -> tuple[int, int] | None:
+def _version_tuple(ver: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in ver.split(".")[:2])
+
+
+def _cli_version(binary: str) -> str | None:
+    """``criu --version``, remembered per binary (path, inode, size, mtime) in the torpor
+    home: running it costs ~6 ms on every command otherwise."""
+    try:
+        st = os.stat(binary)
+    except OSError:
+        return None
+    stamp = f"{binary}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    cache = _paths.home() / "criu-version.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(stamp), str):
+        return str(known[stamp])
     try:
         out = subprocess.run(
             [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
         ).stdout
     except OSError:
         return None
-    m = re.search(r"Version:\s*(\d+)\.(\d+)", out)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    m = re.search(r"Version:\s*(\d+\.\d+(?:\.\d+)?)", out)
+    if not m:
+        return None
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({stamp: m.group(1)}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return m.group(1)
 
 
 # Known failure signatures in CRIU's log → what the user should do. First match wins.

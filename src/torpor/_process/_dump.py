@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .._engine import CriuEngine, DumpOptions
+from .._engine import CriuEngine, DumpOptions, criu_version
 from .._errors import DumpError, PermissionDeniedError
 from .._images import _manifest
 from .._images._image import Image, staging
@@ -57,7 +57,7 @@ def checkpoint_pid(
         )
     engine = engine or CriuEngine()
     cmdline, rss = _manifest.process_facts(pid)
-    version = str(engine.version())
+    version = criu_version()
     with staging(dest) as st:
         engine.dump(pid, st.path, options)
         image = st.commit(

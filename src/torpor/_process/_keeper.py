@@ -348,15 +348,22 @@ def spawn(work: Callable[[Keeper], list[ManagedProcess]]) -> list[ManagedProcess
     the calling process starts any thread.
     """
     r, w = os.pipe2(os.O_CLOEXEC)
+    # Double fork: the keeper is not our child, so a long-running caller (the API) never
+    # collects zombie keepers; init adopts it.
     pid = os.fork()
     if pid == 0:  # pragma: no cover - keeper side; exercised by the integration tests
-        os.close(r)
-        _keeper_main(work, w)
+        try:
+            os.close(r)
+            os.setsid()
+            if os.fork() == 0:
+                _keeper_main(work, w)
+        finally:
+            os._exit(0)
     os.close(w)
+    os.waitpid(pid, 0)
     with os.fdopen(r, "rb") as fh:
         data = fh.read()
     if not data:
-        os.waitpid(pid, 0)
         raise TorporError(
             "the keeper died before reporting; see the logs in " + str(_paths.logs_dir())
         )
@@ -374,7 +381,6 @@ def spawn(work: Callable[[Keeper], list[ManagedProcess]]) -> list[ManagedProcess
 def _keeper_main(work: Callable[[Keeper], list[ManagedProcess]], report_w: int) -> None:
     code = 0
     try:
-        os.setsid()
         # Detach from the terminal: a keeper outlives the CLI and must not hold its tty.
         log = os.open(
             _paths.logs_dir() / "keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._engine import Connection, CriuEngine, DumpOptions
+from .._engine import Connection, CriuEngine, DumpOptions, criu_version
 from .._errors import CoordinationError, DumpError
 from .._images._image import Staging, check_free
 from .._images._manifest import process_facts
@@ -66,7 +66,7 @@ def self_checkpoint(
             pid=me,
             cmdline=cmdline,
             rss_bytes=rss,
-            criu_version=str(engine.version()),
+            criu_version=criu_version(),
             leave_running=leave_running,
             tcp_established=tcp_established,
             labels=dict(labels or {}),
