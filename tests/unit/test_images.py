@@ -135,3 +135,34 @@ def test_store_resolves_names_and_lists(tmp_path: Path, monkeypatch: pytest.Monk
     assert [i.name for i in list_local()] == ["one"]
     with pytest.raises(NotFoundError):
         resolve("missing")
+
+
+def test_fresh_image_is_trusted_without_rehashing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    img = _stage(tmp_path / "img", {"pages-1.img": os.urandom(10_000)})
+    assert img.trusted()
+
+    def no_hashing(*args: object) -> None:
+        raise AssertionError("an unchanged image must not be re-hashed")
+
+    monkeypatch.setattr("torpor._images._image.hash_files", no_hashing)
+    Image.open(tmp_path / "img").verify()
+
+
+def test_any_write_voids_the_stamp_and_full_verify_rehashes(tmp_path: Path) -> None:
+    img = _stage(tmp_path / "img", {"pages-1.img": os.urandom(10_000)})
+    target = tmp_path / "img" / "pages-1.img"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[5] ^= 1
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back; ctime cannot be
+    assert not img.trusted()
+    with pytest.raises(ImageCorruptedError, match=r"pages-1\.img"):
+        img.verify()
+    data[5] ^= 1
+    target.write_bytes(bytes(data))
+    img.verify()  # good again: re-hashed, and the stamp is renewed
+    assert img.trusted()
+    img.verify(full=True)

@@ -27,7 +27,13 @@ def register(sub: Any) -> None:
         default=None,
         help="restore established TCP connections (default: as the image was dumped)",
     )
-    p.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    verify = p.add_mutually_exclusive_group()
+    verify.add_argument(
+        "--full-verify",
+        action="store_true",
+        help="re-hash every file (by default files unchanged since they were hashed are trusted)",
+    )
+    verify.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     p.add_argument("--json", action="store_true", help="output JSON")
     p.set_defaults(handler=_restore)
 
@@ -65,7 +71,10 @@ def _restore(app: App, args: argparse.Namespace) -> int:
             names = [n if not _is_running(n) else _fresh(n) for n in names]
     _ = _registry
     procs = _manage.restore(
-        image, names=names, tcp_established=args.tcp_established, verify=not args.no_verify
+        image,
+        names=names,
+        tcp_established=args.tcp_established,
+        verify=False if args.no_verify else "full" if args.full_verify else True,
     )
     elapsed = time.perf_counter() - started
     if args.json:

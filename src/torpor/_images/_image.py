@@ -4,9 +4,11 @@ verified against their manifest before use.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -19,6 +21,8 @@ from . import _manifest
 from ._manifest import MANIFEST_NAME, FileEntry, Manifest
 
 STAGING_MARK = ".partial-"
+# Identities (inode, size, mtime, ctime) of the files as last hashed; see Image.verify.
+VERIFIED_NAME = ".torpor-verified.json"
 # hashlib releases the GIL on large buffers, so threads hash files in parallel.
 _HASH_WORKERS = max(2, os.cpu_count() or 2)
 
@@ -81,21 +85,38 @@ class Image:
         """The image's name (from its manifest)."""
         return self.manifest.name
 
-    def verify(self) -> None:
+    def verify(self, *, full: bool = False) -> None:
         """Check every file's size and SHA-256; raise :class:`ImageCorruptedError` naming the
-        first bad file (in manifest order)."""
-        for entry in self.manifest.files:
-            path = self.path / entry.name
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError as exc:
-                raise self._corrupt(entry.name, "is missing") from exc
-            if size != entry.size:
-                raise self._corrupt(entry.name, f"has {size} bytes, expected {entry.size}")
+        first bad file (in manifest order).
+
+        Unless ``full``, files whose inode, size, mtime and ctime are exactly as recorded when
+        they were last hashed (at checkpoint, or at the last full verification) are trusted
+        without re-hashing, as git trusts its index: any write to a file changes its ctime,
+        which no user can set back. Hashing a large image costs more than CRIU's restore of it.
+        ``full`` re-hashes everything (bit rot on the disk itself changes no timestamp).
+        """
+        if not full and self.trusted():
+            return
         actual = hash_files(self.path, (e.name for e in self.manifest.files))
         for want, got in zip(self.manifest.files, actual, strict=True):
             if got.sha256 != want.sha256:
                 raise self._corrupt(want.name, "does not match its SHA-256")
+        write_stamp(self.path, self.manifest)
+
+    def trusted(self) -> bool:
+        """Whether every file is present, of the recorded size, and exactly as when it was last
+        hashed (see :meth:`verify`). Raises :class:`ImageCorruptedError` for a missing or
+        wrongly sized file. Costs one ``stat`` per file."""
+        stats: dict[str, os.stat_result] = {}
+        for entry in self.manifest.files:
+            try:
+                st = (self.path / entry.name).stat()
+            except FileNotFoundError as exc:
+                raise self._corrupt(entry.name, "is missing") from exc
+            if st.st_size != entry.size:
+                raise self._corrupt(entry.name, f"has {st.st_size} bytes, expected {entry.size}")
+            stats[entry.name] = st
+        return read_stamp(self.path) == _stamp(self.manifest, stats)
 
     def _corrupt(self, name: str, what: str) -> ImageCorruptedError:
         return ImageCorruptedError(
@@ -104,6 +125,41 @@ class Image:
             file=name,
             hint="restore refused; use another image or checkpoint again",
         )
+
+
+def _stamp(manifest: Manifest, stats: dict[str, os.stat_result]) -> dict[str, object]:
+    return {
+        "id": manifest.id,
+        "files": {
+            name: [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            for name, st in sorted(stats.items())
+        },
+    }
+
+
+def read_stamp(image_dir: Path) -> object:
+    """The verification stamp of an image directory (None if there is none)."""
+    try:
+        return json.loads((image_dir / VERIFIED_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_stamp(image_dir: Path, manifest: Manifest) -> None:
+    """Record the files' identities as just hashed and found matching ``manifest``.
+
+    Best effort: an image on read-only storage is simply verified in full every time.
+    """
+    stats = {e.name: (image_dir / e.name).stat() for e in manifest.files}
+    tmp = image_dir / f"{VERIFIED_NAME}.tmp{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(_stamp(manifest, stats), fh)
+        os.replace(tmp, image_dir / VERIFIED_NAME)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:
@@ -155,6 +211,7 @@ class Staging:
                 hint=f"the new image is kept at {self.path}",
             ) from exc
         _fsync_dir(self.dest.parent)
+        write_stamp(self.dest, manifest)
         return Image(self.dest, manifest)
 
     def discard(self) -> None:

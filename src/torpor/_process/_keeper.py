@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .. import _errors, _paths
 from .._engine import CriuEngine, RestoreOptions
@@ -127,7 +127,12 @@ class Keeper:
     # -- restore ----------------------------------------------------------------------------
 
     def restore(
-        self, image: Image, names: Sequence[str], options: RestoreOptions, *, verify: bool
+        self,
+        image: Image,
+        names: Sequence[str],
+        options: RestoreOptions,
+        *,
+        verify: bool | Literal["full"],
     ) -> list[ManagedProcess]:
         """Restore ``len(names)`` copies of ``image`` concurrently.
 
@@ -136,11 +141,13 @@ class Keeper:
         continued only once the image is known good: nothing from a corrupted image ever runs.
         """
         verdict: Future[None] = Future()
-        if verify:
-            threading.Thread(target=_verify_into, args=(image, verdict), daemon=True).start()
-            options = dataclasses.replace(options, leave_stopped=True)
-        else:
+        if not verify or (verify != "full" and image.trusted()):
+            # Unchanged since it was hashed (or verification declined): restore right away.
             verdict.set_result(None)
+        else:
+            full = verify == "full"
+            threading.Thread(target=_verify_into, args=(image, verdict, full), daemon=True).start()
+            options = dataclasses.replace(options, leave_stopped=True)
         engine = CriuEngine()
 
         results: list[ManagedProcess | BaseException] = [TorporError("not run")] * len(names)
@@ -281,9 +288,9 @@ class Keeper:
                 self.idle.wait()
 
 
-def _verify_into(image: Image, verdict: Future[None]) -> None:
+def _verify_into(image: Image, verdict: Future[None], full: bool) -> None:
     try:
-        image.verify()
+        image.verify(full=full)
     except BaseException as exc:
         verdict.set_exception(exc)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from .. import _paths
 from .._engine import RestoreOptions
@@ -44,12 +45,13 @@ def restore(
     *,
     names: Sequence[str],
     tcp_established: bool | None = None,
-    verify: bool = True,
+    verify: bool | Literal["full"] = True,
 ) -> list[ManagedProcess]:
     """Restore ``len(names)`` concurrent copies of ``image``, each a running managed process.
 
     All or nothing: if one copy fails, none is left running. The image's checksums are verified
-    before any restored task runs.
+    before any restored task runs: ``True`` re-hashes only files changed since they were last
+    hashed, ``"full"`` re-hashes everything, ``False`` skips verification.
     """
     _need_root("torpor restore")
     for n in names:
