@@ -431,6 +431,9 @@ class CriuEngine:
                     notify_error,
                     kept="nothing was left running",
                 )
+            # A successful restore's log says nothing anyone needs; failures keep theirs.
+            with contextlib.suppress(OSError):
+                log_path.unlink()
             return RestoreResult(resp.restore.pid, log_path, time.perf_counter() - started)
 
     # -- plumbing ----------------------------------------------------------------------
