@@ -423,19 +423,13 @@ def _alive(pid: int) -> bool:
 
 
 def _wait_gone(proc: ManagedProcess, timeout: float = 10.0) -> None:
-    """Wait until ``proc`` has ended and its keeper has recorded it and exited (the keeper is
-    our child: ``_keeper.spawn`` forked it, so we also reap it here)."""
+    """Wait until ``proc`` has ended and its keeper has recorded it and exited (keepers are
+    double-forked: not our children; a zombie keeper has finished its work)."""
     deadline = time.monotonic() + timeout
     ref = ProcRef(proc.pid, proc.start_time)
     while time.monotonic() < deadline:
-        try:
-            pid, _ = os.waitpid(proc.keeper_pid, os.WNOHANG)
-        except ChildProcessError:  # reaped already, or not ours: the process itself will do
-            if not ref.alive():
-                return
-        else:
-            if pid == proc.keeper_pid:
-                return
+        if not ref.alive() and not _alive(proc.keeper_pid):
+            return
         time.sleep(0.01)
 
 

@@ -204,9 +204,9 @@ class Keeper:
             try:
                 latest = _registry.load(rec.name)
             except TorporError:
-                latest = rec
+                latest = None  # forgotten meanwhile (deleted): do not bring it back
             # The name may belong to a newer process by now: never overwrite its record.
-            if latest.pid == rec.pid and latest.start_time == rec.start_time:
+            if latest is not None and latest.ref == rec.ref:
                 _registry.save(latest.evolve(exit_status=code, ended=now_iso()))
             self.idle.notify_all()
 
