@@ -5,14 +5,12 @@ verified against their manifest before use.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,6 +41,8 @@ def hash_files(root: Path, names: Iterable[str]) -> list[FileEntry]:
 
     if len(names) <= 1:
         return [one(n) for n in names]
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(_HASH_WORKERS) as pool:
         return list(pool.map(one, names))
 
@@ -164,6 +164,8 @@ def write_stamp(image_dir: Path, manifest: Manifest) -> None:
 
 def _rename_noreplace(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst`` atomically, failing if ``dst`` exists (even as an empty dir)."""
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     at_fdcwd = -100
     rename_noreplace = 1

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import socket
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -96,7 +93,7 @@ class Manifest:
 
 def new_id() -> str:
     """A fresh image id (32 hex digits)."""
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def now_iso() -> str:
@@ -155,6 +152,10 @@ def build(
     **extra: Any,
 ) -> Manifest:
     """A manifest for an image just dumped on this host."""
+    # Imported here: only dumps need them, and restores should not pay for the import.
+    import platform
+    import socket
+
     return Manifest(
         id=image_id or new_id(),
         name=name,
