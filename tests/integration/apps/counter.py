@@ -1,4 +1,8 @@
-"""Counts in memory; every 50 ms appends "<host pid> <count>" to stdout (the keeper's log)."""
+"""Counts in memory; every 50 ms appends "<host pid> <count>" to stdout (the keeper's log).
+
+One os.write per line: several restored copies share the log (O_APPEND), and print() with
+PYTHONUNBUFFERED writes a line in pieces that other copies' pieces would interleave with.
+"""
 
 import os
 import time
@@ -6,5 +10,5 @@ import time
 count = 0
 while True:
     count += 1
-    print(os.readlink("/proc/self"), count, flush=True)
+    os.write(1, f"{os.readlink('/proc/self')} {count}\n".encode())
     time.sleep(0.05)
