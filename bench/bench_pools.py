@@ -143,10 +143,11 @@ def criu(*args: str, work: Path) -> float:
 def dump(pid: int, dest: Path, work: Path) -> Any:
     from torpor._images import _manifest
     from torpor._images._image import staging
+    from torpor._process._proc import facts
 
     with staging(dest) as st:
         criu("dump", "-t", str(pid), "-D", str(st.path), "--leave-running", work=work)
-        cmdline, rss = _manifest.process_facts(pid)
+        cmdline, rss = facts(pid)
         return st.commit(
             lambda entries: _manifest.build(
                 name=dest.name, pid=pid, files=entries, criu_version="4.2.1",

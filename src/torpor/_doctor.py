@@ -44,11 +44,10 @@ def _unshare_probe(flag: int) -> bool:
 
 
 def _cap_sys_admin() -> bool:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) & (1 << 21))
-    return False
+    from ._process._proc import status_field
+
+    cap_eff = status_field("CapEff")
+    return bool(cap_eff) and bool(int(cap_eff[0], 16) & (1 << 21))
 
 
 @functools.cache

@@ -28,6 +28,7 @@ from torpor._images import _manifest
 from torpor._images._image import Image, content_files, staging
 from torpor._pools import Pool, create_pool, delete_pool, open_pool
 from torpor._pools._pack import PackIndex, index_key, pack_key
+from torpor._process._proc import facts
 
 pytestmark = [pytest.mark.ceph, pytest.mark.criu]
 
@@ -72,7 +73,7 @@ def criu_dump(pid: int, dest: Path, work: Path) -> Image:
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert res.returncode == 0, (work / "dump.log").read_text()[-3000:]
-        cmdline, rss = _manifest.process_facts(pid)
+        cmdline, rss = facts(pid)
         return st.commit(
             lambda entries: _manifest.build(
                 name=dest.name, pid=pid, files=entries, criu_version="4.2.1",

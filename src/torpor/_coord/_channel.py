@@ -59,6 +59,7 @@ from .._errors import (
     TorporError,
     UsageError,
 )
+from .._process._proc import host_pid, start_time
 from ._context import Context
 from ._failures import NotCoordinatedError as NotCoordinatedError
 from ._failures import RemoteCheckpointError, RestoreHookError
@@ -70,11 +71,6 @@ PROTOCOL = 1
 _MAX_PACKET = 1 << 16
 _CRED = struct.Struct("3i")
 _HANDSHAKE_TIMEOUT = 5.0
-
-
-def host_pid() -> int:
-    """This process's pid in the host's PID namespace (from the host's /proc)."""
-    return int(os.readlink("/proc/self"))
 
 
 def listener_address(pid: int) -> bytes:
@@ -394,15 +390,6 @@ class ExternalOutcome:
     warnings: tuple[str, ...] = ()
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    return int(stat.rpartition(b")")[2].split()[19])
-
-
 def _remote_error(pid: int, dest: Path, message: dict[str, Any]) -> TorporError:
     kind = str(message.get("kind", "Error"))
     text = str(message.get("error", "the process reported a failure"))
@@ -443,7 +430,7 @@ def request_checkpoint(
     started = time.monotonic()
     deadline = started + timeout
     dest = Path(dest).absolute()
-    born = _start_time(pid)
+    born = start_time(pid)
     if born is None:
         raise ProcessNotFoundError(f"no process {pid}", pid=pid)
     token = f"torpor-reply/{os.getpid()}/{secrets.token_hex(8)}"
@@ -515,7 +502,7 @@ def _await_outcome(
     except (OSError, AttributeError):
         pidfd = None
     try:
-        if pidfd is not None and _start_time(pid) != born:
+        if pidfd is not None and start_time(pid) != born:
             # The pid was reused between our checks: the process we asked is gone.
             os.close(pidfd)
             pidfd = None
@@ -537,7 +524,7 @@ def _await_outcome(
                 return ExternalOutcome(
                     pid, image, leave_running, False, time.monotonic() - started, warnings
                 )
-            gone = (pidfd is not None and pidfd in ready) or _start_time(pid) != born
+            gone = (pidfd is not None and pidfd in ready) or start_time(pid) != born
             if gone:
                 break
         return _await_image(pid, dest, reply, leave_running, started, deadline)

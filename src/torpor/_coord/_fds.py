@@ -28,6 +28,8 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from .._process._proc import descendants
+
 _O_ACCMODE = 0o3
 _O_APPEND = 0o2000
 
@@ -254,7 +256,7 @@ class _TreeInodes:
         if self._children is None:
             pipes: set[tuple[int, int]] = set()
             socks: set[int] = set()
-            for child in _descendant_pids():
+            for child in descendants("self"):
                 for fd, target in _links(child):
                     if target.startswith("socket:["):
                         socks.add(int(target[8:-1]))
@@ -295,25 +297,6 @@ def _peer_gone(fd: int, flags: int) -> bool:
     if flags & _O_ACCMODE == os.O_RDONLY:
         return bool(mask & select.POLLHUP)
     return bool(mask & select.POLLERR)
-
-
-def _descendant_pids() -> Iterator[int]:
-    todo = ["self"]
-    while todo:
-        p = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children", encoding="ascii") as fh:
-                    kids = fh.read().split()
-            except OSError:
-                continue
-            for kid in kids:
-                yield int(kid)
-                todo.append(kid)
 
 
 def _links(pid: int) -> Iterator[tuple[str, str]]:

@@ -32,7 +32,7 @@ from .._engine import DumpOptions, find_criu
 from .._errors import PermissionDeniedError, TorporError, UsageError
 from .._images import _store
 from .._process import _dump, _manage, _registry
-from .._process._proc import ProcRef
+from .._process._proc import ProcRef, running
 from .._process._registry import ManagedProcess
 
 APP_PATH = Path(__file__).with_name("app.py")
@@ -209,7 +209,7 @@ def wait_ready(
         try:
             client = connect(port)
         except OSError:
-            if not any(_alive(p) for p in pids):
+            if not any(running(p) for p in pids):
                 raise TorporError(
                     "the demo app exited before answering"
                     + (f"; its log: {log_path}" if log_path else ""),
@@ -413,22 +413,13 @@ def _question_copies(
 # -- cleanup ----------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def _wait_gone(proc: ManagedProcess, timeout: float = 10.0) -> None:
     """Wait until ``proc`` has ended and its keeper has recorded it and exited (keepers are
     double-forked: not our children; a zombie keeper has finished its work)."""
     deadline = time.monotonic() + timeout
     ref = ProcRef(proc.pid, proc.start_time)
     while time.monotonic() < deadline:
-        if not ref.alive() and not _alive(proc.keeper_pid):
+        if not ref.alive() and not running(proc.keeper_pid):
             return
         time.sleep(0.01)
 

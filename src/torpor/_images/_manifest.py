@@ -113,33 +113,6 @@ def cpu_flags() -> tuple[str, ...]:
     return ()
 
 
-def process_facts(pid: int) -> tuple[tuple[str, ...], int]:
-    """The command line and RSS (bytes, summed over the tree rooted at ``pid``) of a process."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmdline = tuple(a.decode(errors="replace") for a in fh.read().split(b"\0") if a)
-    except OSError:
-        cmdline = ()
-    return cmdline, _tree_rss(pid)
-
-
-def _tree_rss(pid: int) -> int:
-    total = 0
-    todo = [pid]
-    page = os.sysconf("SC_PAGE_SIZE")
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/statm", encoding="ascii") as fh:
-                total += int(fh.read().split()[1]) * page
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children", encoding="ascii") as fh:
-                    todo.extend(int(c) for c in fh.read().split())
-        except OSError:
-            continue
-    return total
-
-
 def build(
     *,
     name: str,

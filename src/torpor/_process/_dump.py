@@ -10,7 +10,7 @@ from .._errors import DumpError, PermissionDeniedError
 from .._images import _manifest
 from .._images._image import Image, staging
 from . import _registry
-from ._proc import ref
+from ._proc import facts, ref
 
 
 def terminal_fds(pid: int) -> list[str]:
@@ -56,7 +56,7 @@ def checkpoint_pid(
             "dump and restore it as a shell job",
         )
     engine = engine or CriuEngine()
-    cmdline, rss = _manifest.process_facts(pid)
+    cmdline, rss = facts(pid)
     version = criu_version()
     with staging(dest) as st:
         engine.dump(pid, st.path, options)

@@ -42,7 +42,7 @@ from .._images._image import Image
 from .._images._manifest import now_iso
 from . import _registry
 from ._finalize import PENDING_NAME, Pending, finalize
-from ._proc import CLONE_NEWPID, ref, setns, unshare
+from ._proc import CLONE_NEWPID, descendants, ref, setns, unshare
 from ._registry import ManagedProcess
 
 
@@ -302,17 +302,9 @@ def _continue_tree(root: int) -> None:
 
     SIGCONT resumes even a PID namespace's init, which ignores most signals from outside.
     """
-    todo = [root]
-    while todo:
-        pid = todo.pop()
+    for pid in (root, *descendants(root)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as fh:
-                    todo.extend(int(c) for c in fh.read().split())
-        except OSError:
-            continue
 
 
 def _kill(pid: int) -> None:

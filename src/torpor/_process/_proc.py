@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .._errors import ProcessNotFoundError
@@ -45,34 +46,85 @@ def ref(pid: int) -> ProcRef:
     return ProcRef(pid, int(st[19]))
 
 
+def start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of process ``pid``, or None if there is none."""
+    st = stat_fields(pid)
+    return int(st[19]) if st is not None else None
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` exists and has not ended (a zombie has ended)."""
+    st = stat_fields(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def descendants(root: int | str) -> Iterator[int]:
+    """Every descendant of ``root`` (a pid, or ``"self"``), parents before their children.
+
+    Read from /proc/PID/task/*/children as the walk goes; processes that end meanwhile are
+    skipped.
+    """
+    todo = [str(root)]
+    while todo:
+        pid = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as fh:
+                    kids = fh.read().split()
+            except OSError:
+                continue
+            for kid in kids:
+                yield int(kid)
+                todo.append(kid)
+
+
+def facts(pid: int) -> tuple[tuple[str, ...], int]:
+    """The command line of ``pid`` and the RSS in bytes of the tree rooted at it."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = tuple(a.decode(errors="replace") for a in fh.read().split(b"\0") if a)
+    except OSError:
+        cmdline = ()
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = 0
+    for p in (pid, *descendants(pid)):
+        try:
+            with open(f"/proc/{p}/statm", encoding="ascii") as fh:
+                rss += int(fh.read().split()[1]) * page
+        except OSError:
+            continue
+    return cmdline, rss
+
+
 def host_pid() -> int:
     """Our pid as the host sees it (/proc is the host's mount even inside a PID namespace)."""
     return int(os.readlink("/proc/self"))
 
 
-def host_ppid() -> int:
-    """Our parent's host pid (``getppid()`` is 0 for a PID namespace's init)."""
+def status_field(name: str) -> list[str]:
+    """The values of field ``name`` in /proc/self/status (empty if absent)."""
+    prefix = f"{name}:"
     with open("/proc/self/status", encoding="ascii") as fh:
         for line in fh:
-            if line.startswith("PPid:"):
-                return int(line.split()[1])
-    return 0
+            if line.startswith(prefix):
+                return line.split()[1:]
+    return []
+
+
+def host_ppid() -> int:
+    """Our parent's host pid (``getppid()`` is 0 for a PID namespace's init)."""
+    values = status_field("PPid")
+    return int(values[0]) if values else 0
 
 
 def is_namespace_init() -> bool:
     """Whether we are pid 1 of a PID namespace other than the host's."""
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("NSpid:"):
-                pids = line.split()[1:]
-                return len(pids) > 1 and pids[-1] == "1"
-    return False
-
-
-def has_terminal(pid: int) -> bool:
-    """Whether the process has a controlling terminal (tty_nr in /proc/PID/stat)."""
-    st = stat_fields(pid)
-    return st is not None and int(st[4]) != 0
+    pids = status_field("NSpid")
+    return len(pids) > 1 and pids[-1] == "1"
 
 
 def start_seconds_ago(r: ProcRef) -> float:
@@ -97,8 +149,3 @@ def setns(fd: int, nstype: int) -> None:
     if libc.setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def owner_uid(pid: int) -> int:
-    """The real uid of a process."""
-    return os.stat(f"/proc/{pid}").st_uid

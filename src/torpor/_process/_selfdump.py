@@ -24,10 +24,9 @@ from pathlib import Path
 from .._engine import Connection, CriuEngine, DumpOptions, criu_version
 from .._errors import CoordinationError, DumpError
 from .._images._image import Staging, check_free
-from .._images._manifest import process_facts
 from ._finalize import Pending, finalize
 from ._keeper import address
-from ._proc import host_pid, host_ppid, is_namespace_init
+from ._proc import facts, host_pid, host_ppid, is_namespace_init
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ def self_checkpoint(
     st = Staging(dest)
     st.create()
     try:
-        cmdline, rss = process_facts(me)
+        cmdline, rss = facts(me)
         Pending(
             dest=str(dest),
             name=name or dest.name,
