@@ -76,8 +76,9 @@ def test_commit_writes_private_manifest_and_verifies(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
+@pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
-def test_verify_names_the_bad_file(tmp_path: Path, damage: str) -> None:
+def test_verify_names_the_bad_file(tmp_path: Path, damage: str, full: bool) -> None:
     _stage(tmp_path / "img", {"pages-1.img": os.urandom(50_000), "core-1.img": b"core"})
     target = tmp_path / "img" / "pages-1.img"
     data = bytearray(target.read_bytes())
@@ -89,7 +90,7 @@ def test_verify_names_the_bad_file(tmp_path: Path, damage: str) -> None:
     else:
         target.unlink()
     with pytest.raises(ImageCorruptedError, match=r"pages-1\.img") as info:
-        Image.open(tmp_path / "img").verify()
+        Image.open(tmp_path / "img").verify(full=full)
     assert info.value.file == "pages-1.img"
 
 

@@ -95,7 +95,8 @@ class Image:
         which no user can set back. Hashing a large image costs more than CRIU's restore of it.
         ``full`` re-hashes everything (bit rot on the disk itself changes no timestamp).
         """
-        if not full and self.trusted():
+        # trusted() also refuses missing and wrongly sized files, full or not.
+        if self.trusted() and not full:
             return
         actual = hash_files(self.path, (e.name for e in self.manifest.files))
         for want, got in zip(self.manifest.files, actual, strict=True):
