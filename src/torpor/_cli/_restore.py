@@ -55,7 +55,7 @@ def open_image(app: App, arg: str) -> Any:
 
 def _restore(app: App, args: argparse.Namespace) -> int:
     from .._images._store import check_name
-    from .._process import _manage, _registry
+    from .._process import _manage
 
     if args.count < 1:
         raise UsageError(f"--count must be at least 1, not {args.count}")
@@ -69,7 +69,6 @@ def _restore(app: App, args: argparse.Namespace) -> int:
         names = [f"{base}-{i}" for i in range(1, args.count + 1)]
         if not args.name:
             names = [n if not _is_running(n) else _fresh(n) for n in names]
-    _ = _registry
     procs = _manage.restore(
         image,
         names=names,

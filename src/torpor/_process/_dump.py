@@ -73,11 +73,5 @@ def checkpoint_pid(
             )
         )
     if not options.leave_running:
-        rec = _registry.find_by_pid(pid)
-        if rec is None:
-            for r in _registry.list_all():
-                if r.ref == target:
-                    rec = r
-        if rec is not None:
-            _registry.save(_registry.load(rec.name).evolve(checkpointed_to=str(image.path)))
+        _registry.mark_checkpointed(target, image.path)
     return image

@@ -90,3 +90,14 @@ def finalize(staging: Path) -> Image | None:
                 labels=pending.labels,
             )
         )
+
+
+def finish_after_criu(staging: Path) -> Image | None:
+    """What the helper that ran CRIU for a self-dump does once CRIU has exited: finalise the
+    image if CRIU killed the process (without ``leave_running`` the process cannot; with it,
+    the process finalises itself). None when there is nothing to finalise."""
+    try:
+        pending = Pending.read(staging)
+    except FileNotFoundError:
+        return None
+    return None if pending.leave_running else finalize(staging)

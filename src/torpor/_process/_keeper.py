@@ -41,7 +41,7 @@ from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
 from . import _registry
-from ._finalize import PENDING_NAME, Pending, finalize
+from ._finalize import finish_after_criu
 from ._proc import CLONE_NEWPID, descendants, ref, setns, unshare
 from ._registry import ManagedProcess
 
@@ -266,14 +266,10 @@ class Keeper:
     ) -> None:
         proc.wait()
         try:
-            pending = Pending.read(staging) if (staging / PENDING_NAME).exists() else None
-            if pending is not None and not pending.leave_running:
-                image = finalize(staging)
-                if image is not None:
-                    with self.lock:
-                        _registry.save(
-                            _registry.load(rec.name).evolve(checkpointed_to=str(image.path))
-                        )
+            image = finish_after_criu(staging)
+            if image is not None:
+                with self.lock:
+                    _registry.mark_checkpointed(rec.ref, image.path)
         except Exception:
             traceback.print_exc()
         finally:

@@ -115,6 +115,13 @@ def find_by_pid(pid: int) -> ManagedProcess | None:
     return None
 
 
+def mark_checkpointed(target: ProcRef, image: Path) -> None:
+    """Record that the managed process ``target`` (if it is one) ended in a checkpoint."""
+    for rec in list_all():
+        if rec.ref == target:
+            save(rec.evolve(checkpointed_to=str(image)))
+
+
 def delete(name: str) -> None:
     """Forget a record."""
     _path(name).unlink(missing_ok=True)

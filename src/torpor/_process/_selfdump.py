@@ -24,7 +24,7 @@ from pathlib import Path
 from .._engine import Connection, CriuEngine, DumpOptions, criu_version
 from .._errors import CoordinationError, DumpError
 from .._images._image import Staging, check_free
-from ._finalize import Pending, finalize
+from ._finalize import Pending, finalize, finish_after_criu
 from ._keeper import address
 from ._proc import facts, host_pid, host_ppid, is_namespace_init
 
@@ -163,11 +163,7 @@ def _finaliser_main(criu: str, fd: int, staging: Path) -> int:
     proc = subprocess.Popen([criu, "swrk", str(fd)], pass_fds=(fd,))
     os.close(fd)
     proc.wait()
-    try:
-        if not Pending.read(staging).leave_running:
-            finalize(staging)
-    except FileNotFoundError:
-        pass
+    finish_after_criu(staging)
     return 0
 
 
