@@ -314,22 +314,10 @@ class CriuEngine:
         log_path = images_dir / DUMP_LOG
         dir_fd = _dir_fd(images_dir) if connection is None else contextlib.nullcontext(-1)
         with dir_fd as dfd:
-            opts = pb.Opts(
-                images_dir_fd=dfd,
-                pid=pid,
-                leave_running=o.leave_running,
-                tcp_established=o.tcp_established,
-                shell_job=o.shell_job,
-                ext_unix_sk=o.ext_unix_sk,
-                file_locks=o.file_locks,
-                link_remap=o.link_remap,
-                log_file=DUMP_LOG,
-                log_level=o.log_level,
-                notify_scripts=notify is not None,
-            )
-            opts.external.extend(o.external)
-            if o.tcp_established:
-                opts.network_lock = pb.NFTABLES
+            opts = _opts(o, images_dir_fd=dfd, log_file=DUMP_LOG, notify=notify)
+            opts.pid = pid
+            opts.leave_running = o.leave_running
+            opts.link_remap = o.link_remap
             if connection is not None:
                 # A self-dump: an fd of ours would be dumped with us and restored pointing at
                 # the staging directory, which is gone by then. Name the directory instead.
@@ -389,26 +377,14 @@ class CriuEngine:
             _dir_fd(images_dir) as dfd,
             _dir_fd(self.log_dir) as wfd,
         ):
-            opts = pb.Opts(
-                images_dir_fd=dfd,
-                work_dir_fd=wfd,
-                tcp_established=o.tcp_established,
-                shell_job=o.shell_job,
-                ext_unix_sk=o.ext_unix_sk,
-                file_locks=o.file_locks,
-                rst_sibling=o.rst_sibling,
-                leave_stopped=o.leave_stopped,
-                log_file=log_name,
-                log_level=o.log_level,
-                notify_scripts=notify is not None,
-            )
+            opts = _opts(o, images_dir_fd=dfd, log_file=log_name, notify=notify)
+            opts.work_dir_fd = wfd
+            opts.rst_sibling = o.rst_sibling
+            opts.leave_stopped = o.leave_stopped
             if o.root:
                 opts.root = o.root
-            opts.external.extend(o.external)
             for key, fd in o.inherit_fds.items():
                 opts.inherit_fd.append(pb.InheritFd(key=key, fd=fd))
-            if o.tcp_established:
-                opts.network_lock = pb.NFTABLES
             started = time.perf_counter()
             resp, notify_error = self._call(
                 pb.Req(type=pb.RESTORE, opts=opts),
@@ -526,6 +502,31 @@ class CriuEngine:
     def _logfile(self, prefix: str) -> Iterator[tuple[str, Path]]:
         name = f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}.log"
         yield name, self.log_dir / name
+
+
+def _opts(
+    o: DumpOptions | RestoreOptions,
+    *,
+    images_dir_fd: int,
+    log_file: str,
+    notify: NotifyHandler | None,
+) -> pb.Opts:
+    """The options dump and restore share; established TCP needs the network locked (with
+    nftables: this machine kind has no iptables) on both sides."""
+    opts = pb.Opts(
+        images_dir_fd=images_dir_fd,
+        tcp_established=o.tcp_established,
+        shell_job=o.shell_job,
+        ext_unix_sk=o.ext_unix_sk,
+        file_locks=o.file_locks,
+        log_file=log_file,
+        log_level=o.log_level,
+        notify_scripts=notify is not None,
+    )
+    opts.external.extend(o.external)
+    if o.tcp_established:
+        opts.network_lock = pb.NFTABLES
+    return opts
 
 
 def _type_name(t: int) -> str:
