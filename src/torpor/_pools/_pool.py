@@ -370,18 +370,16 @@ class Pool:
                 if len(digests) != f.count:
                     raise ValueError(f"it has {len(digests)} chunks, the file needs {f.count}")
             except KeyError as exc:
-                raise ImageCorruptedError(
-                    f"image {rec.name!r} in pool {self.name!r} is corrupted: the chunk list of "
-                    f"{f.name} (list object {f.list_id}) is missing",
-                    image=rec.name,
+                raise self._corrupted(
+                    rec.name,
+                    f"the chunk list of {f.name} (list object {f.list_id}) is missing",
                     file=f.name,
                     hint="restore refused; use another image",
                 ) from exc
             except ValueError as exc:
-                raise ImageCorruptedError(
-                    f"image {rec.name!r} in pool {self.name!r} is corrupted: the chunk list of "
-                    f"{f.name} is damaged ({exc})",
-                    image=rec.name,
+                raise self._corrupted(
+                    rec.name,
+                    f"the chunk list of {f.name} is damaged ({exc})",
                     file=f.name,
                     hint="restore refused; use another image",
                 ) from exc
@@ -450,18 +448,13 @@ class Pool:
             for f, digests in zip(rec.files, lists, strict=True):
                 with contextlib.suppress(ValueError):
                     i = list(digests).index(d)
-                    return ImageCorruptedError(
-                        f"image {rec.name!r} in pool {self.name!r} is corrupted: file {f.name}, "
-                        f"chunk {i} (sha256 {d.hex()[:16]}…) {what}",
-                        image=rec.name,
+                    return self._corrupted(
+                        rec.name,
+                        f"file {f.name}, chunk {i} (sha256 {d.hex()[:16]}…) {what}",
                         file=f.name,
                         hint="nothing was restored; use another image",
                     )
-            return ImageCorruptedError(
-                f"image {rec.name!r} in pool {self.name!r} is corrupted: chunk "
-                f"{d.hex()[:16]}… {what}",
-                image=rec.name,
-            )
+            return self._corrupted(rec.name, f"chunk {d.hex()[:16]}… {what}")
 
         return bad
 
@@ -754,10 +747,9 @@ class Pool:
                 for f in rec.files:
                     e = got.get(f.name)
                     if e is None or e.size != f.size or e.sha256 != f.sha256:
-                        raise ImageCorruptedError(
-                            f"image {rec.name!r} in pool {self.name!r} is corrupted: file "
-                            f"{f.name} does not match its SHA-256 after assembly",
-                            image=rec.name,
+                        raise self._corrupted(
+                            rec.name,
+                            f"file {f.name} does not match its SHA-256 after assembly",
                             file=f.name,
                             hint="nothing was restored; use another image",
                         )
@@ -772,6 +764,17 @@ class Pool:
                 return hit
         finally:
             staging.discard()
+
+    def _corrupted(
+        self, image: str, what: str, *, file: str | None = None, hint: str | None = None
+    ) -> ImageCorruptedError:
+        """The error for a damaged image in this pool (one wording for every check)."""
+        return ImageCorruptedError(
+            f"image {image!r} in pool {self.name!r} is corrupted: {what}",
+            image=image,
+            file=file,
+            hint=hint,
+        )
 
     def image(self, name: str) -> PoolImage:
         """The image called ``name``; :class:`ImageNotFoundError` if there is none."""
