@@ -42,7 +42,7 @@ from .._images._image import Image
 from .._images._manifest import now_iso
 from . import _registry
 from ._finalize import finish_after_criu
-from ._proc import CLONE_NEWPID, descendants, ref, setns, unshare
+from ._proc import CLONE_NEWPID, descendants, detached, ref, setns, unshare
 from ._registry import ManagedProcess
 
 
@@ -343,19 +343,14 @@ def spawn(work: Callable[[Keeper], list[ManagedProcess]]) -> list[ManagedProcess
     the calling process starts any thread.
     """
     r, w = os.pipe2(os.O_CLOEXEC)
-    # Double fork: the keeper is not our child, so a long-running caller (the API) never
-    # collects zombie keepers; init adopts it.
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - keeper side; exercised by the integration tests
-        try:
-            os.close(r)
-            os.setsid()
-            if os.fork() == 0:
-                _keeper_main(work, w)
-        finally:
-            os._exit(0)
+
+    def keeper() -> None:  # pragma: no cover - keeper side; exercised by integration tests
+        os.close(r)
+        _keeper_main(work, w)
+
+    # Not our child: a long-running caller (the API) never collects zombie keepers.
+    detached(keeper)
     os.close(w)
-    os.waitpid(pid, 0)
     with os.fdopen(r, "rb") as fh:
         data = fh.read()
     if not data:
@@ -364,7 +359,6 @@ def spawn(work: Callable[[Keeper], list[ManagedProcess]]) -> list[ManagedProcess
         )
     reply = json.loads(data)
     if not reply["ok"]:
-        # No waitpid: the keeper may still have children to reap; init adopts it when we exit.
         raise decode_error(reply["error"])
     procs = []
     for d in reply["procs"]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .._errors import ProcessNotFoundError
@@ -133,6 +133,22 @@ def start_seconds_ago(r: ProcRef) -> float:
     with open("/proc/uptime", encoding="ascii") as fh:
         uptime = float(fh.read().split()[0])
     return max(0.0, uptime - r.start_time / ticks)
+
+
+def detached(run: Callable[[], object]) -> None:
+    """Run ``run`` in a new process that is not our child: double fork + ``setsid``, so init
+    adopts it (we never collect it as a zombie, and it is outside our process tree — CRIU
+    refuses to run inside a tree it dumps). Returns once the intermediate child has exited;
+    ``run`` must not return to its caller in the grandchild (it is ended with ``_exit``)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child side; exercised by the integration tests
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                run()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
 
 
 def unshare(flags: int) -> None:

@@ -26,7 +26,7 @@ from .._errors import CoordinationError, DumpError
 from .._images._image import Staging, check_free
 from ._finalize import Pending, finalize, finish_after_criu
 from ._keeper import address
-from ._proc import facts, host_pid, host_ppid, is_namespace_init
+from ._proc import detached, facts, host_pid, host_ppid, is_namespace_init
 
 
 @dataclass(frozen=True)
@@ -130,29 +130,16 @@ def _start_criu_outside(
 
 def _spawn_detached_finaliser(theirs: socket.socket, staging: Path, criu: str) -> None:
     fd = theirs.fileno()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.setsid()
-            if os.fork() == 0:
-                os.set_inheritable(fd, True)
-                devnull = os.open(os.devnull, os.O_RDWR)
-                for target in (0, 1, 2):
-                    os.dup2(devnull, target)
-                os.execv(
-                    sys.executable,
-                    [
-                        sys.executable,
-                        "-m",
-                        "torpor._process._selfdump",
-                        criu,
-                        str(fd),
-                        str(staging),
-                    ],
-                )
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+
+    def finaliser() -> None:  # pragma: no cover - runs in the detached process
+        os.set_inheritable(fd, True)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(devnull, target)
+        module = "torpor._process._selfdump"
+        os.execv(sys.executable, [sys.executable, "-m", module, criu, str(fd), str(staging)])
+
+    detached(finaliser)
 
 
 def _finaliser_main(criu: str, fd: int, staging: Path) -> int:
