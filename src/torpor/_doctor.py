@@ -9,6 +9,7 @@ import functools
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._errors import TorporError
@@ -24,12 +25,12 @@ class Capability:
     cost: str = ""
 
 
-def _in_child(fn: object) -> bool:
+def _in_child(fn: Callable[[], object]) -> bool:
     """Run ``fn`` in a forked child (namespace probes must not change us); True if it worked."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         try:
-            fn()  # type: ignore[operator]
+            fn()
             os._exit(0)
         except BaseException:
             os._exit(1)

@@ -145,8 +145,8 @@ class Keeper:
             # Unchanged since it was hashed (or verification declined): restore right away.
             verdict.set_result(None)
         else:
-            full = verify == "full"
-            threading.Thread(target=_verify_into, args=(image, verdict, full), daemon=True).start()
+            # Known not to be trusted (or asked for in full): hash everything.
+            threading.Thread(target=_verify_into, args=(image, verdict), daemon=True).start()
             options = dataclasses.replace(options, leave_stopped=True)
         engine = CriuEngine()
 
@@ -284,9 +284,9 @@ class Keeper:
                 self.idle.wait()
 
 
-def _verify_into(image: Image, verdict: Future[None], full: bool) -> None:
+def _verify_into(image: Image, verdict: Future[None]) -> None:
     try:
-        image.verify(full=full)
+        image.verify(full=True)
     except BaseException as exc:
         verdict.set_exception(exc)
     else:
