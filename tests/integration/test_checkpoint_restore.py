@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from torpor._process._proc import running
+
 from .helpers import APPS, PYTHON, counts, torpor, wait_for
 
 pytestmark = pytest.mark.criu
@@ -25,19 +27,11 @@ def _run_counter(home: Path, name: str) -> tuple[int, Path]:
     return pid, log
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_counter_continues_from_its_count(torpor_home: Path) -> None:
     pid, log = _run_counter(torpor_home, "count")
     image = torpor("checkpoint", "count", "--name", "count-img").stdout.strip()
     assert Path(image, "torpor.json").exists()
-    wait_for(lambda: not _alive(pid), what="the original to stop")
+    wait_for(lambda: not running(pid), what="the original to stop")
     last = counts(log)[pid][-1]
     ps = torpor("ps", "-a").stdout
     assert "checkpointed" in ps
@@ -58,11 +52,11 @@ def test_leave_running_keeps_the_original(torpor_home: Path) -> None:
     torpor("checkpoint", "lr", "--leave-running", "--name", "lr-img")
     before = len(counts(log)[pid])
     wait_for(lambda: len(counts(log)[pid]) > before + 3, what="the original to keep counting")
-    assert _alive(pid)
+    assert running(pid)
     # A copy restores while the original still runs (its own PID namespace).
     new_pid = int(torpor("restore", "lr-img").stdout.split()[1])
     wait_for(lambda: len(counts(log).get(new_pid, [])) >= 2, what="the copy counting")
-    assert _alive(pid)
+    assert running(pid)
 
 
 def test_count_four_gives_four_independent_copies(torpor_home: Path) -> None:
@@ -82,10 +76,10 @@ def test_count_four_gives_four_independent_copies(torpor_home: Path) -> None:
         assert seq[0] in (start + 1, start + 2), log.read_text()
         assert seq == list(range(seq[0], seq[0] + len(seq))), log.read_text()
     os.kill(pids[0], signal.SIGKILL)
-    wait_for(lambda: not _alive(pids[0]), what="one copy to die")
-    assert all(_alive(p) for p in pids[1:])
-    running = torpor("ps").stdout
-    assert sum(f"four-img-{i}" in running for i in range(1, 5)) == 3
+    wait_for(lambda: not running(pids[0]), what="one copy to die")
+    assert all(running(p) for p in pids[1:])
+    listed = torpor("ps").stdout
+    assert sum(f"four-img-{i}" in listed for i in range(1, 5)) == 3
 
 
 def test_tcp_connection_survives_checkpoint_and_restore(torpor_home: Path) -> None:
@@ -109,13 +103,13 @@ def test_tcp_connection_survives_checkpoint_and_restore(torpor_home: Path) -> No
         refused = torpor("checkpoint", "tcp", "--name", "tcp-bad", check=False)
         assert refused.returncode != 0
         assert "--tcp-established" in refused.stderr
-        assert _alive(pid)
+        assert running(pid)
         assert ask("c") == b"3 c"
 
         torpor("checkpoint", "tcp", "--tcp-established", "--name", "tcp-img")
-        wait_for(lambda: not _alive(pid), what="the original to stop")
+        wait_for(lambda: not running(pid), what="the original to stop")
         new_pid = int(torpor("restore", "tcp-img").stdout.split()[1])
-        assert _alive(new_pid)
+        assert running(new_pid)
         # The same client connection keeps working, with the server's state.
         assert ask("d") == b"4 d"
         assert ask("e") == b"5 e"
@@ -173,7 +167,7 @@ def test_existing_image_dir_is_refused_and_process_kept(torpor_home: Path, tmp_p
     assert res.returncode != 0
     assert "exists already" in res.stderr and res.stderr.strip().count("\n") == 0
     assert (target / "precious").read_text() == "keep me"
-    assert _alive(pid)
+    assert running(pid)
 
 
 def test_terminal_holder_is_refused_and_keeps_running(torpor_home: Path) -> None:

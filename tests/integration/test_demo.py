@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from torpor._demo import _runner
-from torpor._process._proc import stat_fields
+from torpor._process._proc import running
 
 from .helpers import torpor
 
@@ -21,14 +21,9 @@ pytestmark = pytest.mark.criu
 SMALL = 200_000
 
 
-def _alive(pid: int) -> bool:
-    st = stat_fields(pid)
-    return st is not None and st[0] not in ("Z", "X")
-
-
 def _assert_nothing_left(home: Path, result: _runner.DemoResult) -> None:
     pids = [result.before.pid, *(c.pid for c in result.copies)]
-    assert not [p for p in pids if _alive(p)], "the demo left processes running"
+    assert not [p for p in pids if running(p)], "the demo left processes running"
     assert list((home / "images").iterdir()) == [], "the demo left its image"
     assert list((home / "procs").glob("*.json")) == [], "the demo left process records"
 
@@ -73,7 +68,7 @@ def test_keep_leaves_the_copies_running(torpor_home: Path) -> None:
     result = _runner.run_demo(count=2, rows=SMALL, keep=True)
     pids = [c.pid for c in result.copies]
     try:
-        assert all(_alive(p) for p in pids)
+        assert all(running(p) for p in pids)
         assert result.kept == tuple(c.name for c in result.copies)
         assert result.image_path is not None and Path(result.image_path, "torpor.json").exists()
         client = _runner.connect(result.port)
@@ -83,7 +78,7 @@ def test_keep_leaves_the_copies_running(torpor_home: Path) -> None:
             client.close()
     finally:
         for pid in pids:
-            if _alive(pid):
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -98,7 +93,7 @@ def test_cli_demo_json(torpor_home: Path) -> None:
     for copy in data["copies"]:
         assert copy["continues"] is True
         assert copy["restored"]["token"] == data["before"]["token"]
-        assert not _alive(copy["pid"])
+        assert not running(copy["pid"])
     assert list((torpor_home / "procs").glob("*.json")) == []
 
 
