@@ -5,14 +5,17 @@
     start of each method until the app answers its first ``STATS``:
 
     - ``cold start``        ``_manage.run`` of the app (what a restart costs)
-    - ``torpor restore``    the CLI as a user runs it (``torpor restore IMAGE``), a subprocess
+    - ``torpor restore``    the CLI as a user runs it (``torpor restore IMAGE``), a subprocess:
+                            handed to the agent (``torpor agent start``, started by this
+                            script), and with ``TORPOR_AGENT=off`` (in-process, no agent)
     - ``_manage.restore``   torpor's API (checksums verified, the default)
     - ``... verify=False``  the API without checksum verification (where the time goes)
     - ``criu restore``      bare ``criu restore -D IMAGE -d`` of the same image (default -v2)
     - ``criu restore -v4``  the same at torpor's log level (where the time goes)
 
 (b) A process holding 100 MiB / 500 MiB / 2 GiB of touched, incompressible memory: dump time and
-    restore time and GB/s (image bytes / seconds), torpor's API against bare ``criu``.
+    restore time and GB/s (image bytes / seconds), torpor's API and ``torpor restore`` (through
+    the agent) against bare ``criu``.
 
 Repetitions are interleaved (every method once per round, in rotating order) after an untimed
 warm-up round; each figure is the median and the min of N rounds. In (b) every timed step starts
@@ -72,7 +75,8 @@ while True:
 
 DEMO_METHODS = (
     "cold start",
-    "torpor restore (CLI)",
+    "torpor restore (CLI, agent)",
+    "torpor restore (CLI, no agent)",
     "_manage.restore (API)",
     "_manage.restore verify=False",
     "criu restore -d",
@@ -225,16 +229,18 @@ class DemoBench:
         stop_managed(rec.pid, rec.keeper_pid)
         return seconds
 
-    def cli(self) -> float:
+    def cli(self, *, agent: bool) -> float:
         from torpor._process import _registry
 
         name = self._name("cli")
+        env = dict(os.environ, TORPOR_AGENT="on" if agent else "off")
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             [str(TORPOR_CLI), "-q", "restore", str(self.image.path), "--name", name],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env=env,
         )
         seconds, pid = self.wait_answer(t0)
         out, err = proc.communicate(timeout=READY_TIMEOUT)
@@ -265,7 +271,8 @@ class DemoBench:
         """One timed bring-up by ``method`` (one of DEMO_METHODS)."""
         fn: dict[str, Callable[[], float]] = {
             "cold start": self.cold,
-            "torpor restore (CLI)": self.cli,
+            "torpor restore (CLI, agent)": lambda: self.cli(agent=True),
+            "torpor restore (CLI, no agent)": lambda: self.cli(agent=False),
             "_manage.restore (API)": self.api,
             "_manage.restore verify=False": lambda: self.api(verify=False),
             "criu restore -d": self.bare,
@@ -341,6 +348,7 @@ class MemSamples:
     dump_bare: list[float] = field(default_factory=list)
     restore_torpor: list[float] = field(default_factory=list)
     restore_torpor_noverify: list[float] = field(default_factory=list)
+    restore_cli: list[float] = field(default_factory=list)
     restore_bare: list[float] = field(default_factory=list)
 
 
@@ -392,6 +400,22 @@ def restore_torpor(image: Any, name: str, *, verify: bool = True) -> tuple[float
     t0 = time.perf_counter()
     [rec] = _manage.restore(image, names=[name], verify=verify)
     return time.perf_counter() - t0, Target(rec.pid, rec.keeper_pid)
+
+
+def restore_cli(src: Path, name: str) -> Target:
+    """``torpor restore`` as a user runs it, handed to the agent; the restored process (the
+    command returns once it runs)."""
+    from torpor._process import _registry
+
+    subprocess.run(
+        [str(TORPOR_CLI), "-q", "restore", str(src), "--name", name],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env=dict(os.environ, TORPOR_AGENT="on"),
+    )
+    rec = _registry.load(name)
+    return Target(rec.pid, rec.keeper_pid)
 
 
 def restore_bare(src: Path, work: Path) -> tuple[float, Target]:
@@ -453,7 +477,7 @@ def quiesce(nbytes: int, work: Path, *, page_cache: bool = False) -> None:
     del warm
 
 
-MEM_RESTORES = ("torpor", "torpor-noverify", "criu")
+MEM_RESTORES = ("torpor", "torpor-noverify", "torpor-cli", "criu")
 MEM_DUMPS = ("torpor", "criu")
 
 
@@ -505,6 +529,7 @@ def bench_memory(size: int, reps: int, work: Path, log: Callable[[str], None]) -
         s.image_bytes.append(image.manifest.total_bytes)
         s.restore_torpor.append(times["restore torpor"])
         s.restore_torpor_noverify.append(times["restore torpor-noverify"])
+        s.restore_cli.append(times["restore torpor-cli"])
         s.restore_bare.append(times["restore criu"])
         s.dump_torpor.append(times["dump torpor"])
         s.dump_bare.append(times["dump criu"])
@@ -524,6 +549,8 @@ def restore_one(method: str, image: Any, work: Path, name: str) -> Target:
     """Restore ``image`` by ``method`` (one of MEM_RESTORES); the restored process."""
     if method == "criu":
         return restore_bare(image.path, work)[1]
+    if method == "torpor-cli":
+        return restore_cli(image.path, name)
     return restore_torpor(image, name, verify=method == "torpor")[1]
 
 
@@ -576,21 +603,24 @@ def memory_table(results: dict[int, MemSamples]) -> str:
         "(GB/s = image bytes / median seconds, 1 GB = 1e9 B):",
         "",
         "| memory | image | dump torpor s | dump criu s | torpor over criu | dump GB/s t / c "
-        "| restore torpor s | restore torpor (no verify) s | restore criu s | torpor over criu "
-        "| restore GB/s t / c |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| restore torpor s | restore torpor (no verify) s | `torpor restore` (CLI, agent) s "
+        "| restore criu s | API over criu | CLI over criu "
+        "| restore GB/s API / CLI / criu |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size, s in results.items():
         img = med([float(b) for b in s.image_bytes])
         dt, db = med(s.dump_torpor), med(s.dump_bare)
         rt, rnv, rb = med(s.restore_torpor), med(s.restore_torpor_noverify), med(s.restore_bare)
+        rc = med(s.restore_cli)
         lines.append(
             f"| {size >> 20} MiB | {img / 2**20:.0f} MiB "
             f"| {dt:.3f} (min {min(s.dump_torpor):.3f}) | {db:.3f} (min {min(s.dump_bare):.3f}) "
             f"| {pct(dt, db)} | {img / dt / 1e9:.2f} / {img / db / 1e9:.2f} "
             f"| {rt:.3f} (min {min(s.restore_torpor):.3f}) | {rnv:.3f} "
-            f"| {rb:.3f} (min {min(s.restore_bare):.3f}) | {pct(rt, rb)} "
-            f"| {img / rt / 1e9:.2f} / {img / rb / 1e9:.2f} |"
+            f"| {rc:.3f} (min {min(s.restore_cli):.3f}) "
+            f"| {rb:.3f} (min {min(s.restore_bare):.3f}) | {pct(rt, rb)} | {pct(rc, rb)} "
+            f"| {img / rt / 1e9:.2f} / {img / rc / 1e9:.2f} / {img / rb / 1e9:.2f} |"
         )
     return "\n".join(lines)
 
@@ -610,7 +640,7 @@ def plot(demo: dict[str, Any] | None, mem: dict[int, MemSamples], path: Path) ->
         s = demo["samples"]
         names = list(DEMO_METHODS)
         meds = [med(s[m]) for m in names]
-        colors = ["#999999", "#1f77b4", "#4c9be0", "#9cc7ee", "#d62728", "#f08080"]
+        colors = ["#999999", "#1f77b4", "#6a8fb8", "#4c9be0", "#9cc7ee", "#d62728", "#f08080"]
         ax.barh(range(len(names)), meds, color=colors)
         for i, m in enumerate(names):
             ax.plot(s[m], [i] * len(s[m]), "k.", ms=3, alpha=0.6)
@@ -628,6 +658,7 @@ def plot(demo: dict[str, Any] | None, mem: dict[int, MemSamples], path: Path) ->
             ("dump criu", lambda s: s.dump_bare, "#d62728"),
             ("restore torpor", lambda s: s.restore_torpor, "#4c9be0"),
             ("restore torpor, no verify", lambda s: s.restore_torpor_noverify, "#9cc7ee"),
+            ("torpor restore (CLI, agent)", lambda s: s.restore_cli, "#6a8fb8"),
             ("restore criu", lambda s: s.restore_bare, "#f08080"),
         ]
         width = 0.8 / len(series)
@@ -710,13 +741,18 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     become_subreaper()
     with private_home() as home:
+        from torpor import _agent
+
         work = home / "bench"
         work.mkdir()
         info = machine()
+        agent, _ = _agent.start()
+        log(f"agent {agent.pid} serving {agent.socket}")
         log(f"machine: {info}")
         demo = None if args.no_demo else bench_demo(args.rows, args.reps, work, log)
         sizes = [parse_size(z) for z in args.sizes.split(",") if z.strip()]
         mem = {size: bench_memory(size, args.mem_reps, work, log) for size in sizes}
+        _agent.stop()
         reap_orphans()
 
     report = ["Machine: " + "; ".join(f"{k}: {v}" for k, v in info.items()), ""]

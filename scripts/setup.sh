@@ -16,7 +16,8 @@ if [ "$(id -u)" = 0 ] && [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 4194304 ]; th
 fi
 
 stamp="$VENV/.torpor-installed"
-want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
+# Reinstall when the packaging or the launchers change (setup.py compiles bin/torpor.c).
+want=$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/bin/* | sha256sum | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating venv $VENV" >&2
   "$PY" -m venv "$VENV"

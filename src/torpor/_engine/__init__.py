@@ -1,7 +1,7 @@
 """The checkpoint engine: CRIU over RPC. Contract for the rest of torpor:
 
 - :class:`CriuEngine` ``.dump(pid, dir, DumpOptions, notify=, connection=)`` → :class:`DumpResult`
-- ``.restore(dir, RestoreOptions, notify=)`` → :class:`RestoreResult`
+- ``.restore(dir, RestoreOptions, notify=, connection=)`` → :class:`RestoreResult`
 - ``.version()``, ``.check()``, ``.features()``
 - failures raise :class:`~torpor.DumpError` / :class:`~torpor.RestoreError` (with log lines)
 """

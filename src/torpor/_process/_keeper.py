@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import _errors, _paths
-from .._engine import CriuEngine, RestoreOptions
+from .._engine import Connection, CriuEngine, RestoreOptions
 from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
@@ -82,8 +82,11 @@ def decode_error(data: dict[str, Any]) -> TorporError:
 class Keeper:
     """State of one keeper process (lives in the forked child)."""
 
-    def __init__(self) -> None:
+    def __init__(self, warm: Connection | None = None) -> None:
         self.pid = os.getpid()
+        # A ``criu swrk`` child started ahead of time (by an agent worker), used by the first
+        # restore: CRIU's start-up is then off the restore's critical path.
+        self.warm = warm
         self.lock = threading.Lock()
         self.children: dict[int, ManagedProcess] = {}
         self.busy = 0  # self-dumps in flight
@@ -149,12 +152,13 @@ class Keeper:
             threading.Thread(target=_verify_into, args=(image, verdict), daemon=True).start()
             options = dataclasses.replace(options, leave_stopped=True)
         engine = CriuEngine()
+        warm, self.warm = self.warm, None
 
         results: list[ManagedProcess | BaseException] = [TorporError("not run")] * len(names)
 
         def one(i: int) -> None:
             try:
-                res = engine.restore(image.path, options)
+                res = engine.restore(image.path, options, connection=warm if i == 0 else None)
                 rec = ManagedProcess(
                     name=names[i],
                     pid=res.pid,
@@ -174,6 +178,8 @@ class Keeper:
             t.start()
         for t in threads:
             t.join()
+        if warm is not None:
+            warm.close()
         bad = verdict.exception()
         failures = [r for r in results if isinstance(r, BaseException)]
         if bad is not None or failures:
@@ -336,12 +342,62 @@ def _exec_app(command: Sequence[str], name: str, log_path: Path | None, err_w: i
 # -- fork a keeper from the CLI ------------------------------------------------------------------
 
 
+class _Host:
+    """This process offers itself as the next keeper (an agent worker does: it is already a
+    detached session leader, so forking another keeper would only add latency)."""
+
+    def __init__(self, warm: Connection | None) -> None:
+        self.warm = warm
+        self.keeper: Keeper | None = None
+
+
+_host: _Host | None = None
+
+
+def host_here(warm: Connection | None) -> None:
+    """Make this process the keeper of whatever the next :func:`spawn` starts, using ``warm``
+    (a ``criu swrk`` child of this process) for its first restore. Once the command is done,
+    the caller stays alive as that keeper while :func:`hosted_keeper` returns one."""
+    global _host
+    _host = _Host(warm)
+
+
+def hosted_keeper() -> Keeper | None:
+    """The keeper this process became through :func:`host_here`, if :func:`spawn` used it."""
+    return _host.keeper if _host is not None else None
+
+
+def release_host() -> None:
+    """Stop offering this process as a keeper; close the warm CRIU child if it was not used."""
+    global _host
+    if _host is not None and _host.keeper is None and _host.warm is not None:
+        _host.warm.close()
+    _host = None
+
+
+def _run_hosted(
+    host: _Host, work: Callable[[Keeper], list[ManagedProcess]]
+) -> list[ManagedProcess]:
+    keeper = host.keeper = Keeper(host.warm)
+    host.warm = None
+    keeper.serve()
+    try:
+        return work(keeper)
+    finally:
+        if keeper.warm is not None:  # not used (a ``run``): CRIU need not wait for us
+            keeper.warm.close()
+            keeper.warm = None
+
+
 def spawn(work: Callable[[Keeper], list[ManagedProcess]]) -> list[ManagedProcess]:
-    """Fork a keeper that runs ``work`` and stays behind as the parent of what it started.
+    """Fork a keeper that runs ``work`` and stays behind as the parent of what it started
+    (or, after :func:`host_here`, run ``work`` with this process as the keeper).
 
     Returns the records ``work`` produced, or raises the error it raised. Must be called before
     the calling process starts any thread.
     """
+    if _host is not None and _host.keeper is None:
+        return _run_hosted(_host, work)
     r, w = os.pipe2(os.O_CLOEXEC)
 
     def keeper() -> None:  # pragma: no cover - keeper side; exercised by integration tests

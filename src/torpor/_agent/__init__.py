@@ -1,0 +1,28 @@
+"""The agent: a resident torpor that runs CLI commands in warm, pre-forked workers.
+
+Every ``torpor`` command is a new Python process: ~10 ms of interpreter and ~60 ms of imports
+(argparse, protobuf, the engine) before any work. The agent pays them once. It keeps spare
+workers forked from a process that has imported everything, each already holding a started
+``criu swrk`` child; the ``torpor`` launcher (``bin/torpor``) hands its command to one and only
+waits. A worker that runs ``run`` or ``restore`` becomes the keeper of what it started (it is
+already a detached session leader), and restores through its warm CRIU.
+
+Contract for the rest of torpor:
+
+- :func:`start` / :func:`stop` / :func:`status` (``torpor agent start|stop|status``);
+  :func:`serve` runs one in the foreground (``torpor agent run``, for a supervisor);
+- files in the home: ``agent.sock`` (0600; the launcher's protocol is in ``bin/torpor``),
+  ``agent.pid`` (JSON: pid, start time), ``agent.lock`` (held while an agent serves),
+  ``logs/agent.log``;
+- a worker refuses a client of another uid, and declines (the command then runs in the client)
+  when torpor's code or the CRIU binary changed since the agent started; the agent then
+  re-executes itself so the next command gets the new code.
+"""
+
+from ._control import AgentStatus as AgentStatus
+from ._control import start as start
+from ._control import status as status
+from ._control import stop as stop
+from ._master import serve as serve
+
+__all__ = ["AgentStatus", "serve", "start", "status", "stop"]

@@ -1,0 +1,284 @@
+"""The agent's master: imports everything once, then keeps spare workers forked.
+
+Single-threaded on purpose (it forks). It holds ``agent.lock`` for its whole life, listens on
+``agent.sock``, and loops over a notes pipe from its workers (``taken PID`` when a worker takes
+a command, ``done PID`` when it is done), an inotify fd (``_watch``) and signals:
+
+- it keeps ``SPARES`` idle workers, but while a command runs it forks a replacement only if no
+  idle worker is left: forking and starting CRIU would otherwise compete with the command
+  (a restore) for the machine's cores; the rest are forked when the command is done;
+- a change to torpor's sources or the CRIU binary, or SIGHUP, makes it re-execute itself
+  (idle workers are stopped first);
+- SIGTERM/SIGINT stop it: idle workers are stopped; busy workers, and keepers, finish on their
+  own. Workers that end are reaped here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .. import _paths
+from .._errors import AlreadyExistsError, TorporError
+from .._images._manifest import now_iso
+from .._process._proc import ref
+from . import _watch, _worker
+
+SPARES = 2
+# A command running longer than this no longer holds back its replacement.
+BUSY_GRACE = 2.0
+# An idle worker that dies this soon after its fork, this many times in a row, means workers
+# cannot start (a broken install): stop forking them instead of spinning.
+CRASH_WINDOW = 1.0
+CRASH_LIMIT = 5
+
+
+def socket_path(home: Path) -> Path:
+    """Where the agent of ``home`` listens."""
+    return home / "agent.sock"
+
+
+def pid_path(home: Path) -> Path:
+    """The agent's record: ``{"pid", "start_time", "started", "socket"}``."""
+    return home / "agent.pid"
+
+
+def lock_path(home: Path) -> Path:
+    """Held (``flock``) by the serving agent for its whole life."""
+    return home / "agent.lock"
+
+
+def _preload() -> str | None:
+    """Import what commands need, so workers start with it imported; the CRIU binary (None if
+    there is none: commands then fail in the worker as they would in-process)."""
+    import torpor._cli
+    import torpor._cli._checkpoint
+    import torpor._cli._images
+    import torpor._cli._inspect
+    import torpor._cli._restore
+    import torpor._cli._run
+    import torpor._coord
+    import torpor._doctor
+    import torpor._images._image
+    import torpor._images._store
+    import torpor._process._dump
+    import torpor._process._manage
+    from torpor._engine import _criu
+
+    torpor._cli.prebuild()
+    try:
+        criu = _criu.find_criu()
+        _criu.criu_version()
+    except TorporError:
+        return None
+    return criu
+
+
+class _Master:
+    def __init__(self, home: Path, lock_fd: int, log_fd: int) -> None:
+        self.home = home
+        self.lock_fd = lock_fd
+        self.log_fd = log_fd
+        self.idle: dict[int, float] = {}  # worker pid -> fork time
+        self.busy: dict[int, float] = {}  # worker pid -> when it took its command
+        self.crashes = 0
+        self.stop = False
+        self.reload = False
+        self.criu = _preload()
+        self.watcher = self._watch()
+        self.listener = self._listen()
+        self.notes_r, self.notes_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.notes_r, False)
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def _watch(self) -> _watch.Watcher | None:
+        import torpor
+
+        try:
+            return _watch.Watcher(Path(torpor.__file__).parent, [self.criu] if self.criu else [])
+        except OSError as exc:
+            print(f"{now_iso()} not watching for code changes: {exc}", flush=True)
+            return None
+
+    def _listen(self) -> socket.socket:
+        path = socket_path(self.home)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a dead agent's: we hold the lock, so no live agent uses it
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            old = os.umask(0o077)
+            try:
+                sock.bind(str(path))
+            finally:
+                os.umask(old)
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            raise TorporError(
+                f"cannot listen on {path}: {exc.strerror}",
+                hint="a socket path must be under 108 bytes: set a shorter TORPOR_HOME",
+            ) from exc
+        return sock
+
+    def run(self, ready_fd: int | None) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wake_w)
+        me = ref(os.getpid())
+        record = {
+            "pid": me.pid,
+            "start_time": me.start_time,
+            "started": now_iso(),
+            "socket": str(socket_path(self.home)),
+        }
+        tmp = pid_path(self.home).with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(pid_path(self.home))
+        # Objects that exist now are never collected: a collection would touch (and so copy)
+        # every page a worker shares with us.
+        gc.freeze()
+        self._fill()
+        print(f"{now_iso()} agent {me.pid} serving {socket_path(self.home)}", flush=True)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+        fds = [self.notes_r, self.wake_r] + ([self.watcher.fd] if self.watcher else [])
+        while not self.stop and not self.reload:
+            with contextlib.suppress(InterruptedError):
+                select.select(fds, [], [], BUSY_GRACE)
+            self._drain(self.wake_r)
+            for line in self._drain(self.notes_r).decode().splitlines():
+                what, _, pid = line.partition(" ")
+                if what == "taken":
+                    self.idle.pop(int(pid), None)
+                    self.busy[int(pid)] = time.monotonic()
+                else:
+                    self.busy.pop(int(pid), None)
+            if self.watcher is not None and (changed := self.watcher.changed()):
+                print(f"{now_iso()} code changed ({', '.join(changed[:3])})", flush=True)
+                self.reload = True
+            self._reap()
+            if not self.stop and not self.reload:
+                self._fill()
+        self._shutdown()
+
+    def _on_stop(self, *_: object) -> None:
+        self.stop = True
+
+    def _on_reload(self, *_: object) -> None:
+        self.reload = True
+
+    @staticmethod
+    def _drain(fd: int) -> bytes:
+        data = b""
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except BlockingIOError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+    def _fill(self) -> None:
+        now = time.monotonic()
+        running = any(now - taken < BUSY_GRACE for taken in self.busy.values())
+        target = 1 if running else SPARES
+        while len(self.idle) < target and self.crashes < CRASH_LIMIT:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the worker's side; exercised by integration tests
+                self._become_worker()
+            self.idle[pid] = time.monotonic()
+
+    def _become_worker(self) -> None:
+        try:
+            os.setsid()
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for fd in (self.lock_fd, self.notes_r, self.wake_r, self.wake_w):
+                os.close(fd)
+            if self.watcher is not None:
+                self.watcher.close()
+        except BaseException:
+            os._exit(1)
+        _worker.work(self.listener, self.notes_w, self.criu, self.log_fd)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.busy.pop(pid, None)
+            forked = self.idle.pop(pid, None)
+            if forked is not None:  # an idle worker died: it never took a command
+                code = os.waitstatus_to_exitcode(status)
+                print(f"{now_iso()} idle worker {pid} ended ({code})", flush=True)
+                if time.monotonic() - forked < CRASH_WINDOW:
+                    self.crashes += 1
+                    if self.crashes == CRASH_LIMIT:
+                        print(f"{now_iso()} workers keep dying: not forking more", flush=True)
+                else:
+                    self.crashes = 0
+
+    def _shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        for pid in list(self.idle):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while self.idle and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.01)
+        if self.reload:
+            print(f"{now_iso()} agent {os.getpid()} re-executing (new code)", flush=True)
+            signal.set_wakeup_fd(-1)
+            os.execv(sys.executable, [sys.executable, "-m", "torpor._agent"])
+        with contextlib.suppress(FileNotFoundError):
+            socket_path(self.home).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            pid_path(self.home).unlink()
+        print(f"{now_iso()} agent {os.getpid()} stopped", flush=True)
+
+
+def serve(ready_fd: int | None = None) -> None:
+    """Run the agent of this torpor home in the foreground until SIGTERM/SIGINT.
+
+    ``ready_fd`` gets ``ready`` once commands are served. Raises :class:`AlreadyExistsError` if
+    an agent serves this home already.
+    """
+    home = _paths.home()
+    lock_fd = os.open(lock_path(home), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise AlreadyExistsError(
+            f"an agent already serves {home}", hint="`torpor agent status` shows it"
+        ) from exc
+    log_fd = os.open(
+        _paths.logs_dir() / "agent.log",
+        os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+        0o600,
+    )
+    _Master(home, lock_fd, log_fd).run(ready_fd)
