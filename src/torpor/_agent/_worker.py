@@ -78,6 +78,7 @@ def work(listener: socket.socket, notes_fd: int, criu: str | None, log_fd: int) 
         if criu:
             with contextlib.suppress(OSError):
                 warm = Connection.spawn(criu)
+        _warm_up()
         conn, _ = listener.accept()
         listener.close()
         with conn:
@@ -89,6 +90,18 @@ def work(listener: socket.socket, notes_fd: int, criu: str | None, log_fd: int) 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _warm_up() -> None:
+    """While idle, run what every command runs first. A fork shares the master's pages until
+    it writes them, and merely using an object writes its refcount: the copies (~1 ms for
+    argument parsing) are made now instead of during the command."""
+    from torpor import _cli
+
+    parser = _cli._prebuilt
+    if parser is not None:
+        with contextlib.suppress(SystemExit):
+            parser.parse_args(["restore", "warm-up"])
 
 
 def _serve(conn: socket.socket, notes_fd: int, warm: Connection | None, log_fd: int) -> None:
@@ -172,15 +185,16 @@ def _adopt_client(req: Request, fds: list[int]) -> None:
 
 
 def _text(fd: int, mode: str) -> io.TextIOWrapper:
+    """A ``sys.std*`` stream on ``fd`` like the interpreter makes: buffered binary underneath
+    (``sys.stdout.buffer`` writes whole), line-buffered on a terminal, utf-8."""
     tty = os.isatty(fd)
-    buffering = 0 if mode == "w" and not tty else -1
-    raw = open(fd, mode + "b", buffering=buffering, closefd=False)  # noqa: SIM115 - kept as sys.std*
+    raw = open(fd, mode + "b", closefd=False)  # noqa: SIM115 - kept as sys.std*
     return io.TextIOWrapper(
         raw,
         encoding="utf-8",
         errors="backslashreplace" if fd == 2 else "strict",
         line_buffering=tty,
-        write_through=mode == "w",
+        write_through=fd == 2,
     )
 
 

@@ -1,0 +1,163 @@
+"""The agent for real: ``torpor agent start``, then the installed ``torpor`` command (the native
+launcher) runs commands in the agent's workers, against real CRIU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from torpor._process._proc import ProcRef, running, stat_fields
+
+from .helpers import APPS, PYTHON, counts, wait_for
+
+pytestmark = pytest.mark.criu
+
+TORPOR = Path(sys.executable).parent / "torpor"
+
+
+def cli(*args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+    """The installed ``torpor`` command, as a user runs it (captured: a worker that kept the
+    client's stdout open would make this hang, and time out)."""
+    proc = subprocess.run(
+        [str(TORPOR), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, **env),
+        stdin=subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"torpor {' '.join(args)} exited {proc.returncode}\n"
+            f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+        )
+    return proc
+
+
+def _agent_ref(home: Path) -> ProcRef:
+    data = json.loads((home / "agent.pid").read_text())
+    return ProcRef(data["pid"], data["start_time"])
+
+
+@pytest.fixture
+def agent(torpor_home: Path) -> Iterator[ProcRef]:
+    """An agent serving the test's home; stopped (by its pid) at the end."""
+    if not os.access(TORPOR, os.X_OK):
+        pytest.fail(f"{TORPOR} is not installed: run scripts/setup.sh")
+    out = cli("agent", "start").stdout
+    assert out.startswith("agent started (pid ")
+    ref = _agent_ref(torpor_home)
+    yield ref
+    cli("agent", "stop", check=False)
+    if ref.alive():
+        os.kill(ref.pid, signal.SIGKILL)
+
+
+def _served_by_agent(pid: int, agent: ProcRef) -> bool:
+    """Whether the managed process ``pid`` was started by one of the agent's workers: its
+    keeper (its parent) is the agent's child."""
+    keeper = _ppid(pid)
+    return keeper is not None and _ppid(keeper) == agent.pid
+
+
+def _ppid(pid: int) -> int | None:
+    st = stat_fields(pid)
+    return int(st[1]) if st is not None else None
+
+
+def test_start_is_idempotent_and_status_reports(agent: ProcRef) -> None:
+    assert "already running" in cli("agent", "start").stdout
+    status = json.loads(cli("agent", "status", "--json").stdout)
+    assert status["running"] is True and status["pid"] == agent.pid
+
+
+def test_checkpoint_and_restore_through_the_agent(torpor_home: Path, agent: ProcRef) -> None:
+    out = cli("run", "--name", "cnt", "--", PYTHON, str(APPS / "counter.py")).stdout.split()
+    pid = int(out[1])
+    assert _served_by_agent(pid, agent)
+    log = torpor_home / "logs" / "cnt.log"
+    wait_for(lambda: len(counts(log).get(pid, [])) >= 5, what="counting")
+
+    image = cli("checkpoint", "cnt", "--name", "cnt-img").stdout.strip()
+    assert Path(image, "torpor.json").exists()
+    wait_for(lambda: not running(pid), what="the original to stop")
+    last = counts(log)[pid][-1]
+
+    restored = cli("restore", "cnt-img")
+    name, new_pid = restored.stdout.split()
+    assert _served_by_agent(int(new_pid), agent)
+    assert "restored 1 copy" in restored.stderr
+    wait_for(lambda: len(counts(log).get(int(new_pid), [])) >= 3, what="the copy counting")
+    assert counts(log)[int(new_pid)][0] in (last + 1, last + 2)
+
+    copies = json.loads(cli("restore", "cnt-img", "--count", "2", "--json").stdout)
+    assert len({c["pid"] for c in copies}) == 2
+    for c in copies:
+        wait_for(lambda c=c: len(counts(log).get(c["pid"], [])) >= 2, what="copies counting")
+    assert name in cli("ps").stdout
+
+
+def test_errors_are_one_line_with_a_code(agent: ProcRef) -> None:
+    missing = cli("restore", "no-such-image", check=False)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("torpor: error: ")
+    assert missing.stderr.count("\n") == 1
+    usage = cli("restore", check=False)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    gone = cli("checkpoint", "999999999", check=False)
+    assert gone.returncode == 1 and gone.stderr.count("\n") == 1
+
+
+def test_the_worker_runs_in_the_clients_directory(tmp_path: Path, agent: ProcRef) -> None:
+    # A relative -o lands where the user is, not where the agent was started.
+    out = cli("run", "--name", "here", "--", PYTHON, str(APPS / "counter.py")).stdout.split()
+    subprocess.run(
+        [str(TORPOR), "checkpoint", "here", "-o", "rel-img"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert (tmp_path / "rel-img" / "torpor.json").exists()
+    assert not running(int(out[1]))
+
+
+def test_stopping_the_agent_leaves_processes_running(torpor_home: Path, agent: ProcRef) -> None:
+    out = cli("run", "--name", "stays", "--", PYTHON, str(APPS / "counter.py")).stdout.split()
+    pid = int(out[1])
+    assert cli("agent", "stop").stdout.strip() == f"agent stopped (pid {agent.pid})"
+    assert not agent.alive()
+    assert not (torpor_home / "agent.sock").exists()
+    log = torpor_home / "logs" / "stays.log"
+    before = len(counts(log).get(pid, []))
+    wait_for(lambda: len(counts(log).get(pid, [])) > before + 2, what="it to keep counting")
+    # Without an agent the same command runs in-process.
+    assert "stays" in cli("ps").stdout
+    assert cli("agent", "status", check=False).returncode == 3
+
+
+def test_sighup_reloads_the_agent_in_place(torpor_home: Path, agent: ProcRef) -> None:
+    log = torpor_home / "logs" / "agent.log"
+    os.kill(agent.pid, signal.SIGHUP)
+    wait_for(lambda: log.read_text().count("serving") >= 2, what="the agent to re-execute")
+    assert agent.alive()  # the same process, new code
+    time.sleep(0.2)
+    out = cli("run", "--name", "after", "--", PYTHON, str(APPS / "counter.py")).stdout.split()
+    assert _served_by_agent(int(out[1]), agent)
+
+
+def test_a_second_agent_for_the_same_home_is_refused(agent: ProcRef) -> None:
+    proc = subprocess.run(
+        [PYTHON, "-m", "torpor._agent"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    assert "an agent already serves" in proc.stderr
+    assert agent.alive()
