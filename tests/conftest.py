@@ -55,8 +55,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture
 def torpor_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """A private TORPOR_HOME; every managed process and keeper started in it is killed (by pid)
-    at the end of the test."""
+    """A private TORPOR_HOME; every managed process started in it, and its agent, is stopped
+    (by pid) at the end of the test."""
     home = tmp_path_factory.mktemp("torpor-home")
     monkeypatch.setenv("TORPOR_HOME", str(home))
     yield home
@@ -72,6 +72,13 @@ def _kill_managed(home: os.PathLike[str]) -> None:
     from torpor._process._proc import ProcRef
 
     refs: list[ProcRef] = []
+    # An agent a test started in this home (its idle workers end with it).
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        data = json.loads(Path(home, "agent.pid").read_text())
+        agent = ProcRef(data["pid"], data["start_time"])
+        if agent.alive():
+            os.kill(agent.pid, signal.SIGTERM)
+            refs.append(agent)
     for rec_file in Path(home, "procs").glob("*.json"):
         try:
             rec = json.loads(rec_file.read_text())

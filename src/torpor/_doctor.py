@@ -9,8 +9,10 @@ import functools
 import os
 import platform
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ._errors import TorporError
 
@@ -135,4 +137,29 @@ def probe() -> tuple[Capability, ...]:
             else "lazy-page migration is slow: sysctl -w fs.pipe-max-size=4194304",
         )
     )
+    caps.append(_agent_capability())
     return tuple(caps)
+
+
+def _agent_capability() -> Capability:
+    """Whether commands are fast: an agent serves this home, and the native launcher is the
+    ``torpor`` command (rather than the Python one, ~10 ms slower to start)."""
+    from ._agent import status
+
+    st = status()
+    launcher = Path(sys.executable).parent / "torpor"
+    try:
+        with open(launcher, "rb") as fh:
+            native = fh.read(4) == b"\x7fELF"
+    except OSError:
+        native = False
+    how = "native launcher" if native else "Python launcher (no C compiler at install)"
+    if st.running:
+        return Capability("agent", True, f"running (pid {st.pid}); {how}")
+    return Capability(
+        "agent",
+        False,
+        f"not running; {how}",
+        "each command pays ~70 ms of Python start-up (`torpor restore` +70 % on a 100 MiB "
+        "image): `torpor agent start`",
+    )
