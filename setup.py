@@ -10,9 +10,11 @@ import os
 import shutil
 import subprocess
 import sys
+
+# setuptools has no build_scripts of its own: this is its bundled distutils'.
 from distutils.command.build_scripts import build_scripts
 
-from setuptools import setup
+from setuptools import Distribution, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,4 +38,12 @@ class BuildScripts(build_scripts):  # type: ignore[misc]
             shutil.copymode(os.path.join(self.build_dir, "torpor-py"), target)
 
 
-setup(cmdclass={"build_scripts": BuildScripts})
+class NativeDistribution(Distribution):
+    """A wheel holding a compiled launcher is platform-specific (``cp311-…-linux_x86_64``, not
+    ``py3-none-any``): pip must not reuse a cached wheel on another architecture."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
+
+setup(cmdclass={"build_scripts": BuildScripts}, distclass=NativeDistribution)

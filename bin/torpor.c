@@ -7,7 +7,8 @@
  * millisecond and waits for its exit code, exactly as the Python launcher `torpor-py` does
  * (the protocol is described there and implemented by torpor._agent._worker). In every other
  * case (no agent, `TORPOR_AGENT=off`, `torpor agent ...`, the agent declined) it executes
- * `torpor-py` from its own directory with the same arguments, which runs the command itself.
+ * `torpor-py` from its own directory with the same arguments and TORPOR_AGENT_TRIED=1 in the
+ * environment, which runs the command itself.
  *
  * Built by setup.py when torpor is installed (a failed build installs `torpor-py` under this
  * name instead). It links nothing but libc.
@@ -23,11 +24,13 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
-#define PROTOCOL "torpor-agent/1"
+#define PROTOCOL "torpor-agent/2"
 #define MAX_PACKET (1 << 20)
+#define READY_TIMEOUT 10 /* seconds for a worker to take the connection */
 
 extern char **environ;
 
@@ -38,20 +41,33 @@ static void on_sigint(int sig) {
     interrupts++;
 }
 
+static char install[PATH_MAX]; /* the directory this executable is in */
+
+static int find_install(void) {
+    ssize_t n = readlink("/proc/self/exe", install, sizeof install - 16);
+    if (n <= 0)
+        return -1;
+    install[n] = '\0';
+    char *slash = strrchr(install, '/');
+    if (!slash)
+        return -1;
+    *slash = '\0';
+    return 0;
+}
+
 /* Run the command with the Python launcher beside this executable. */
 static int fallback(char **argv) {
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 16);
-    if (n > 0) {
-        self[n] = '\0';
-        char *slash = strrchr(self, '/');
-        if (slash) {
-            strcpy(slash + 1, "torpor-py");
-            execv(self, argv);
-        }
+    char path[PATH_MAX + 16];
+    if (!install[0] && find_install()) {
+        fprintf(stderr, "torpor: error: cannot find this launcher's directory: %s\n",
+                strerror(errno));
+        return 127;
     }
-    fprintf(stderr, "torpor: error: cannot run torpor-py beside %s: %s — reinstall torpor\n",
-            n > 0 ? self : "this launcher", strerror(errno));
+    snprintf(path, sizeof path, "%s/torpor-py", install);
+    setenv("TORPOR_AGENT_TRIED", "1", 1);
+    execv(path, argv);
+    int err = errno;
+    fprintf(stderr, "torpor: error: cannot run %s: %s — reinstall torpor\n", path, strerror(err));
     return 127;
 }
 
@@ -110,7 +126,7 @@ static int encode_request(char *buf, size_t *used, int argc, char **argv) {
         return -1;
     mode_t mask = umask(022);
     umask(mask);
-    if (put_str(buf, used, PROTOCOL) || put_str(buf, used, cwd))
+    if (put_str(buf, used, PROTOCOL) || put_str(buf, used, install) || put_str(buf, used, cwd))
         return -1;
     snprintf(num, sizeof num, "%o", (unsigned)mask);
     if (put_str(buf, used, num))
@@ -124,8 +140,11 @@ static int encode_request(char *buf, size_t *used, int argc, char **argv) {
             continue;
         long long soft = lim.rlim_cur == RLIM_INFINITY ? -1 : (long long)lim.rlim_cur;
         long long hard = lim.rlim_max == RLIM_INFINITY ? -1 : (long long)lim.rlim_max;
-        at += snprintf(limits + at, sizeof limits - at, "%s%d:%lld:%lld", at ? "," : "", r, soft,
-                       hard);
+        int n = snprintf(limits + at, sizeof limits - at, "%s%d:%lld:%lld", at ? "," : "", r,
+                         soft, hard);
+        if (n < 0 || (size_t)n >= sizeof limits - at)
+            return -1;
+        at += (size_t)n;
     }
     if (put_str(buf, used, limits))
         return -1;
@@ -149,10 +168,22 @@ static int via_agent(int argc, char **argv) {
     int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (sock < 0)
         return -1;
-    if (connect(sock, (struct sockaddr *)&addr, sizeof addr)) {
+    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) || find_install()) {
         close(sock);
         return -1;
     }
+    /* A worker says `ready` once it has taken the connection; a reset or EOF before that (the
+     * agent stopping, or no worker coming) means nothing ran. */
+    struct timeval wait = {.tv_sec = READY_TIMEOUT};
+    char ready[16];
+    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
+    ssize_t got = recv(sock, ready, sizeof ready, 0);
+    if (got != 5 || memcmp(ready, "ready", 5)) {
+        close(sock);
+        return -1;
+    }
+    wait.tv_sec = 0;
+    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
     char *packet = malloc(MAX_PACKET);
     size_t used = 0;
     if (!packet || encode_request(packet, &used, argc, argv)) {
@@ -182,10 +213,15 @@ static int via_agent(int argc, char **argv) {
         return -1;
     }
 
-    /* Ctrl-C: forwarded once; a second one stops waiting. */
-    struct sigaction sa = {.sa_handler = on_sigint};
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL); /* no SA_RESTART: recv returns EINTR */
+    /* Ctrl-C: forwarded once; a second one stops waiting. An ignored SIGINT (a background
+     * job of a script) stays ignored, as it would in-process. */
+    struct sigaction old;
+    sigaction(SIGINT, NULL, &old);
+    if (old.sa_handler != SIG_IGN) {
+        struct sigaction sa = {.sa_handler = on_sigint};
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, NULL); /* no SA_RESTART: recv returns EINTR */
+    }
     char reply[4096];
     ssize_t n;
     int forwarded = 0;

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,16 +141,91 @@ def test_stopping_the_agent_leaves_processes_running(torpor_home: Path, agent: P
     # Without an agent the same command runs in-process.
     assert "stays" in cli("ps").stdout
     assert cli("agent", "status", check=False).returncode == 3
+    # Its keeper (a worker of the stopped agent) still records how it ends.
+    os.kill(pid, signal.SIGKILL)
+    record = torpor_home / "procs" / "stays.json"
+    wait_for(
+        lambda: json.loads(record.read_text()).get("exit_status") is not None,
+        what="the keeper to record the exit",
+    )
+
+
+def test_the_python_launcher_uses_the_agent_too(agent: ProcRef) -> None:
+    py_launcher = TORPOR.parent / "torpor-py"
+    out = subprocess.run(
+        [str(py_launcher), "run", "--name", "py", "--", PYTHON, str(APPS / "counter.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.split()
+    assert _served_by_agent(int(out[1]), agent)
+
+
+def test_the_clients_limits_and_umask_hold_in_the_worker(torpor_home: Path, agent: ProcRef) -> None:
+    import resource
+
+    def client_context() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1000, 1000))
+        os.umask(0o027)
+
+    subprocess.run(
+        [str(TORPOR), "run", "--name", "ctx", "--", "sh", "-c", "ulimit -n; umask; sleep 600"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        preexec_fn=client_context,
+    )
+    log = torpor_home / "logs" / "ctx.log"
+    wait_for(lambda: log.exists() and log.read_text().split() == ["1000", "0027"], what="output")
+
+
+def test_binary_output_through_the_agent(torpor_home: Path, tmp_path: Path, agent: ProcRef) -> None:
+    cli("run", "--name", "exp", "--", PYTHON, str(APPS / "counter.py"))
+    cli("checkpoint", "exp", "--pool", "default", "--name", "exp-img")
+    through_agent = subprocess.run(
+        [str(TORPOR), "-q", "image", "export", "exp-img@default", "-"],
+        capture_output=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    # The archive written to the worker's sys.stdout.buffer is whole: it imports.
+    archive = tmp_path / "exp.tar"
+    archive.write_bytes(through_agent)
+    assert len(through_agent) > 100_000
+    cli("image", "import", str(archive), "--name", "exp-copy", TORPOR_AGENT="off")
+    assert "exp-copy" in cli("images", "--pool", "default", TORPOR_AGENT="off").stdout
 
 
 def test_sighup_reloads_the_agent_in_place(torpor_home: Path, agent: ProcRef) -> None:
+    before = cli("run", "--name", "before", "--", PYTHON, str(APPS / "counter.py")).stdout.split()
     log = torpor_home / "logs" / "agent.log"
     os.kill(agent.pid, signal.SIGHUP)
     wait_for(lambda: log.read_text().count("serving") >= 2, what="the agent to re-execute")
     assert agent.alive()  # the same process, new code
-    time.sleep(0.2)
     out = cli("run", "--name", "after", "--", PYTHON, str(APPS / "counter.py")).stdout.split()
     assert _served_by_agent(int(out[1]), agent)
+    # The keeper from before the reload still does its job.
+    os.kill(int(before[1]), signal.SIGKILL)
+    record = torpor_home / "procs" / "before.json"
+    wait_for(
+        lambda: json.loads(record.read_text()).get("exit_status") is not None,
+        what="the old keeper to record the exit",
+    )
+
+
+def test_a_code_change_reloads_the_agent(torpor_home: Path, agent: ProcRef) -> None:
+    import torpor
+
+    log = torpor_home / "logs" / "agent.log"
+    probe = Path(torpor.__file__).parent / "_agent" / "_reload_probe_test.py"
+    try:
+        probe.write_text("# written by test_a_code_change_reloads_the_agent\n")
+        wait_for(lambda: "code changed (_reload_probe_test.py" in log.read_text(), what="notice")
+        wait_for(lambda: log.read_text().count("serving") >= 2, what="the agent to re-execute")
+    finally:
+        probe.unlink(missing_ok=True)
+    assert agent.alive()
 
 
 def test_a_second_agent_for_the_same_home_is_refused(agent: ProcRef) -> None:

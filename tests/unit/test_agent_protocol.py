@@ -20,7 +20,7 @@ from types import ModuleType
 import pytest
 
 from torpor import _paths
-from torpor._agent._worker import BadRequest, Request, decode_request
+from torpor._agent._worker import AgentContext, BadRequest, Request, decode_request
 
 ROOT = Path(__file__).resolve().parents[2]
 NATIVE_SOURCE = ROOT / "bin" / "torpor.c"
@@ -46,24 +46,30 @@ def test_request_round_trips() -> None:
     argv = ["restore", "img-é", "--name", "x y", "\udcff"]  # undecodable byte as surrogate
     env = {b"PATH": b"/usr/bin", b"EMPTY": b"", b"EQ": b"a=b", b"BYTES": b"\xff"}
     rlimits = [(7, 1024, 4096), (3, -1, -1)]
-    packet = launcher.encode_request(argv, b"/some/where", 0o027, rlimits, env)
+    packet = launcher.encode_request(b"/venv/bin", argv, b"/some/where", 0o027, rlimits, env)
     req = decode_request(packet)
-    assert req == Request(tuple(argv), b"/some/where", 0o027, tuple(rlimits), env)
+    assert req == Request(b"/venv/bin", tuple(argv), b"/some/where", 0o027, tuple(rlimits), env)
 
 
 def test_no_arguments_and_no_environment() -> None:
-    req = decode_request(launcher.encode_request([], b"/", 0, [], {}))
+    req = decode_request(launcher.encode_request(b"/b", [], b"/", 0, [], {}))
     assert req.argv == () and req.environ == {} and req.rlimits == ()
 
 
 def test_a_nul_byte_cannot_be_sent() -> None:
     with pytest.raises(ValueError):
-        launcher.encode_request(["a\0b"], b"/", 0, [], {})
+        launcher.encode_request(b"/b", ["a\0b"], b"/", 0, [], {})
 
 
 @pytest.mark.parametrize(
     "packet",
-    [b"", b"torpor-agent/0\0/\x000\0\x000", b"torpor-agent/1\0/\0zz\0\x000", b"torpor-agent/1\0/"],
+    [
+        b"",
+        b"torpor-agent/1\0/b\0/\x000\0\x000",
+        b"torpor-agent/2\0/b\0/\0zz\0\x000",
+        b"torpor-agent/2\0/b\0/\0-1\0\x000",
+        b"torpor-agent/2\0/b\0/",
+    ],
 )
 def test_bad_requests_are_refused(packet: bytes) -> None:
     with pytest.raises(BadRequest):
@@ -71,9 +77,25 @@ def test_bad_requests_are_refused(packet: bytes) -> None:
 
 
 def test_argument_count_beyond_the_packet_is_refused() -> None:
-    packet = launcher.encode_request(["a"], b"/", 0, [], {}).replace(b"\x001\x00", b"\x009\x00")
+    packet = launcher.encode_request(b"/b", ["a"], b"/", 0, [], {})
+    packet = packet.replace(b"\x001\x00", b"\x009\x00")
     with pytest.raises(BadRequest):
         decode_request(packet)
+
+
+def test_an_environment_entry_without_a_name_is_dropped() -> None:
+    req = decode_request(launcher.encode_request(b"/b", [], b"/", 0, [], {b"": b"x", b"A": b""}))
+    assert req.environ == {b"A": b""}
+
+
+def test_the_agent_runs_only_requests_of_its_own_installation(tmp_path: Path) -> None:
+    ctx = AgentContext(install=bytes(tmp_path), criu_env=None)
+    ok = Request(bytes(tmp_path), (), b"/", 0, (), {})
+    assert ctx.mismatch(ok) is None
+    other = Request(b"/elsewhere/bin", (), b"/", 0, (), {})
+    assert "launcher from" in (ctx.mismatch(other) or "")
+    criu = Request(bytes(tmp_path), (), b"/", 0, (), {b"TORPOR_CRIU": b"/opt/criu"})
+    assert "TORPOR_CRIU" in (ctx.mismatch(criu) or "")
 
 
 @pytest.mark.parametrize(
@@ -87,6 +109,7 @@ def test_argument_count_beyond_the_packet_is_refused() -> None:
         (["ps"], {b"TORPOR_AGENT": b"off"}, False),
         (["ps"], {b"TORPOR_AGENT": b"0"}, False),
         (["ps"], {b"TORPOR_AGENT": b"on"}, True),
+        (["ps"], {b"TORPOR_AGENT_TRIED": b"1"}, False),
         ([], {}, True),
     ],
 )
@@ -112,7 +135,9 @@ def test_home_rule_matches_torpor_paths(tmp_path: Path, monkeypatch: pytest.Monk
 class FakeAgent:
     """Listens where an agent would; ``answer(request, fds, conn)`` handles each connection."""
 
-    def __init__(self, home: Path, answer: Callable[[Request, list[int], socket.socket], None]):
+    def __init__(
+        self, home: Path, answer: Callable[[Request, list[int], socket.socket], None] | None
+    ):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.bind(str(home / "agent.sock"))
         self.sock.listen(4)
@@ -128,6 +153,9 @@ class FakeAgent:
             except OSError:
                 return
             with conn:
+                if self.answer is None:  # a worker that dies before it is ready
+                    continue
+                conn.send(b"ready")
                 msg, anc, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(3 * 4))
                 fds = [
                     int.from_bytes(data[i : i + 4], sys.byteorder)
@@ -160,7 +188,7 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
     )
     stand_in = bindir / "torpor-py"
-    stand_in.write_text('#!/bin/sh\necho "fallback $*"\n')
+    stand_in.write_text('#!/bin/sh\necho "fallback $* (tried=$TORPOR_AGENT_TRIED)"\n')
     stand_in.chmod(0o755)
     return exe
 
@@ -229,8 +257,19 @@ def test_a_declined_command_runs_in_the_launcher(tmp_path: Path, native: Path) -
         )
     finally:
         agent.close()
-    assert proc.stdout == b"fallback ps\n"
+    assert proc.stdout == b"fallback ps (tried=1)\n"
     assert len(agent.requests) == 1
+
+
+def test_a_connection_no_worker_took_runs_in_the_launcher(tmp_path: Path, native: Path) -> None:
+    agent = FakeAgent(tmp_path, None)  # accepts, closes: no `ready`
+    try:
+        proc = subprocess.run(
+            [str(native), "ps"], capture_output=True, env=_home_env(tmp_path), timeout=30
+        )
+    finally:
+        agent.close()
+    assert proc.stdout == b"fallback ps (tried=1)\n"
 
 
 @pytest.mark.parametrize(
@@ -253,7 +292,7 @@ def test_without_an_agent_the_native_launcher_runs_torpor_py(
     finally:
         if agent is not None:
             agent.close()
-    assert proc.stdout == f"fallback {' '.join(args)}\n".encode()
+    assert proc.stdout == f"fallback {' '.join(args)} (tried=1)\n".encode()
     assert agent is None or agent.requests == []
 
 

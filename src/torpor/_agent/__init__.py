@@ -14,9 +14,9 @@ Contract for the rest of torpor:
 - files in the home: ``agent.sock`` (0600; the launcher's protocol is in ``bin/torpor``),
   ``agent.pid`` (JSON: pid, start time), ``agent.lock`` (held while an agent serves),
   ``logs/agent.log``;
-- a worker refuses a client of another uid, and declines (the command then runs in the client)
-  when torpor's code or the CRIU binary changed since the agent started; the agent then
-  re-executes itself so the next command gets the new code.
+- a worker declines (the command then runs in the client, before anything ran) a client of
+  another uid, another installation of torpor, or another ``TORPOR_CRIU``; the master watches
+  torpor's sources and the CRIU binary and re-executes itself when they change.
 """
 
 from ._control import AgentStatus as AgentStatus

@@ -14,9 +14,10 @@ def main() -> int:
     """Serve until SIGTERM; a one-line error and exit code 1 if the agent cannot start."""
     parser = argparse.ArgumentParser(prog="python -m torpor._agent")
     parser.add_argument("--ready-fd", type=int, help="write 'ready' here once serving")
+    parser.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # re-executing agent
     args = parser.parse_args()
     try:
-        serve(args.ready_fd)
+        serve(args.ready_fd, args.lock_fd)
     except TorporError as exc:
         print(f"torpor agent: error: {exc}", file=sys.stderr, flush=True)
         return 1

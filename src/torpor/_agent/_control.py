@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import _paths
 from .._errors import TorporError
 from .._process._proc import ProcRef, detached
-from ._master import pid_path, socket_path
+from ._master import agent_argv, pid_path, socket_path
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -63,7 +63,7 @@ def start() -> tuple[AgentStatus, bool]:
     home = _paths.home()
     ready_r, ready_w = os.pipe()
     log_fd = os.open(current.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    argv = [sys.executable, "-m", "torpor._agent", "--ready-fd", str(ready_w)]
+    argv = [*agent_argv(), "--ready-fd", str(ready_w)]
     env = {**os.environ, "TORPOR_HOME": str(home)}
 
     def agent() -> None:  # pragma: no cover - the agent's side
@@ -90,6 +90,9 @@ def start() -> tuple[AgentStatus, bool]:
     finally:
         os.close(ready_r)
     if ready != b"ready\n":
+        now = status()
+        if now.running:  # another `agent start` won the race: that agent serves
+            return now, False
         raise TorporError(
             "the agent did not start: " + _last_line(current.log),
             hint=f"see {current.log}",

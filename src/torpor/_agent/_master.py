@@ -37,6 +37,11 @@ from . import _watch, _worker
 SPARES = 2
 # A command running longer than this no longer holds back its replacement.
 BUSY_GRACE = 2.0
+# After a command, spares are refilled only this much later: a restored process is resuming
+# then, and a fork plus a CRIU start on the other core would slow it (one spare is left).
+REFILL_DELAY = 0.3
+# Code changes are acted on once the tree has been quiet this long (pip writes many files).
+RELOAD_QUIET = 0.5
 # An idle worker that dies this soon after its fork, this many times in a row, means workers
 # cannot start (a broken install): stop forking them instead of spinning.
 CRASH_WINDOW = 1.0
@@ -91,6 +96,9 @@ class _Master:
         self.log_fd = log_fd
         self.idle: dict[int, float] = {}  # worker pid -> fork time
         self.busy: dict[int, float] = {}  # worker pid -> when it took its command
+        self.last_note = 0.0  # when a worker last took or finished a command
+        self.changed_at: float | None = None  # when torpor's code last changed (unhandled)
+        self.ctx = _worker.AgentContext.current()
         self.crashes = 0
         self.stop = False
         self.reload = False
@@ -124,9 +132,12 @@ class _Master:
             sock.listen(64)
         except OSError as exc:
             sock.close()
+            long = len(os.fsencode(path)) >= 108
             raise TorporError(
-                f"cannot listen on {path}: {exc.strerror}",
-                hint="a socket path must be under 108 bytes: set a shorter TORPOR_HOME",
+                f"cannot listen on {path}: {exc.strerror or exc}",
+                hint="a socket path must be under 108 bytes: set a shorter TORPOR_HOME"
+                if long
+                else None,
             ) from exc
         return sock
 
@@ -155,24 +166,45 @@ class _Master:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
         fds = [self.notes_r, self.wake_r] + ([self.watcher.fd] if self.watcher else [])
-        while not self.stop and not self.reload:
+        while not self.stop and not self.reload and self.crashes < CRASH_LIMIT:
             with contextlib.suppress(InterruptedError):
-                select.select(fds, [], [], BUSY_GRACE)
+                select.select(fds, [], [], self._timeout())
             self._drain(self.wake_r)
-            for line in self._drain(self.notes_r).decode().splitlines():
-                what, _, pid = line.partition(" ")
-                if what == "taken":
-                    self.idle.pop(int(pid), None)
-                    self.busy[int(pid)] = time.monotonic()
-                else:
-                    self.busy.pop(int(pid), None)
+            self._read_notes()
             if self.watcher is not None and (changed := self.watcher.changed()):
                 print(f"{now_iso()} code changed ({', '.join(changed[:3])})", flush=True)
+                self.changed_at = time.monotonic()
+            if self.changed_at is not None and time.monotonic() - self.changed_at > RELOAD_QUIET:
                 self.reload = True
             self._reap()
             if not self.stop and not self.reload:
                 self._fill()
+        if self.crashes >= CRASH_LIMIT:
+            print(f"{now_iso()} workers keep dying right after they start: stopping", flush=True)
         self._shutdown()
+
+    def _timeout(self) -> float:
+        """How long the loop may sleep: until a deferred refill or reload is due."""
+        now = time.monotonic()
+        due = [now + BUSY_GRACE]
+        if len(self.idle) < SPARES:
+            due.append(self.last_note + REFILL_DELAY)
+            due += [taken + BUSY_GRACE for taken in self.busy.values()]
+        if self.changed_at is not None:
+            due.append(self.changed_at + RELOAD_QUIET)
+        return max(min(due) - now, 0.0) + 0.001
+
+    def _read_notes(self) -> None:
+        for line in self._drain(self.notes_r).decode().splitlines():
+            what, _, pid_text = line.partition(" ")
+            pid = int(pid_text)
+            self.last_note = time.monotonic()
+            if what == "taken":
+                self.idle.pop(pid, None)
+                self.busy[pid] = self.last_note
+                self.crashes = 0  # a worker that serves is a healthy one
+            else:
+                self.busy.pop(pid, None)
 
     def _on_stop(self, *_: object) -> None:
         self.stop = True
@@ -195,7 +227,8 @@ class _Master:
     def _fill(self) -> None:
         now = time.monotonic()
         running = any(now - taken < BUSY_GRACE for taken in self.busy.values())
-        target = 1 if running else SPARES
+        settling = now - self.last_note < REFILL_DELAY
+        target = 1 if running or settling else SPARES
         while len(self.idle) < target and self.crashes < CRASH_LIMIT:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the worker's side; exercised by integration tests
@@ -216,7 +249,7 @@ class _Master:
                 self.watcher.close()
         except BaseException:
             os._exit(1)
-        _worker.work(self.listener, self.notes_w, self.criu, self.log_fd)
+        _worker.work(self.listener, self.notes_w, self.criu, self.log_fd, self.ctx)
 
     def _reap(self) -> None:
         while True:
@@ -233,25 +266,31 @@ class _Master:
                 print(f"{now_iso()} idle worker {pid} ended ({code})", flush=True)
                 if time.monotonic() - forked < CRASH_WINDOW:
                     self.crashes += 1
-                    if self.crashes == CRASH_LIMIT:
-                        print(f"{now_iso()} workers keep dying: not forking more", flush=True)
                 else:
                     self.crashes = 0
 
     def _shutdown(self) -> None:
+        # Shutting the listener down wakes every worker in accept() (EINVAL): idle workers end
+        # themselves, and one that has just taken a command is not in accept() and goes on.
+        # Connections still queued are reset when the socket closes; their launchers have no
+        # ``ready`` yet, so they run the command themselves.
         with contextlib.suppress(OSError):
-            self.listener.close()
-        for pid in list(self.idle):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
         deadline = time.monotonic() + 5
-        while self.idle and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            self._read_notes()
             self._reap()
+            if not self.idle:
+                break
             time.sleep(0.01)
         if self.reload:
             print(f"{now_iso()} agent {os.getpid()} re-executing (new code)", flush=True)
             signal.set_wakeup_fd(-1)
-            os.execv(sys.executable, [sys.executable, "-m", "torpor._agent"])
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the new image handles it
+            # The lock stays held across the exec: no other agent can start in between.
+            os.set_inheritable(self.lock_fd, True)
+            os.execv(sys.executable, [*agent_argv(), "--lock-fd", str(self.lock_fd)])
         with contextlib.suppress(FileNotFoundError):
             socket_path(self.home).unlink()
         with contextlib.suppress(FileNotFoundError):
@@ -259,14 +298,25 @@ class _Master:
         print(f"{now_iso()} agent {os.getpid()} stopped", flush=True)
 
 
-def serve(ready_fd: int | None = None) -> None:
+def agent_argv() -> list[str]:
+    """The command that runs an agent: ``-P`` keeps the directory it was started from off
+    ``sys.path`` (a stray ``torpor/`` there must not be imported by a root daemon)."""
+    return [sys.executable, "-P", "-m", "torpor._agent"]
+
+
+def serve(ready_fd: int | None = None, lock_fd: int | None = None) -> None:
     """Run the agent of this torpor home in the foreground until SIGTERM/SIGINT.
 
-    ``ready_fd`` gets ``ready`` once commands are served. Raises :class:`AlreadyExistsError` if
-    an agent serves this home already.
+    ``ready_fd`` gets ``ready`` once commands are served; ``lock_fd`` is the lock a
+    re-executing agent already holds. Raises :class:`AlreadyExistsError` if an agent serves
+    this home already.
     """
     home = _paths.home()
-    lock_fd = os.open(lock_path(home), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.chdir("/")  # hold no directory busy
+    if lock_fd is not None:
+        os.set_inheritable(lock_fd, False)
+    else:
+        lock_fd = os.open(lock_path(home), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

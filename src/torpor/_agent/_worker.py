@@ -1,11 +1,12 @@
 """An agent worker: takes one command from the launcher and runs the CLI on it.
 
 A worker is forked by the master (``_master``), starts a ``criu swrk`` child ahead of time and
-waits in ``accept()``. It tells the master when it takes a connection and when the command is
-done (the master then forks its replacement). It runs the command as the client would have:
-the client's argv, cwd, umask, rlimits, environment and stdin/stdout/stderr (received as fds).
-It answers ``exit:CODE`` and lets go of the client's fds; if the command started managed
-processes, the worker stays as their keeper, else it exits.
+waits in ``accept()``. On a connection it says ``ready``, tells the master (``taken``), reads
+the request and runs the command as the client would have: the client's argv, cwd, umask,
+rlimits, environment and stdin/stdout/stderr (received as fds). It answers ``exit:CODE``, lets
+go of the client's fds and tells the master (``done``: the master forks its replacement then).
+If the command started managed processes, the worker stays as their keeper, else it exits.
+A request it cannot run exactly as the client would is declined before anything runs.
 """
 
 from __future__ import annotations
@@ -25,18 +26,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torpor._engine import Connection
 
-PROTOCOL = b"torpor-agent/1"
+PROTOCOL = b"torpor-agent/2"
 MAX_REQUEST = 1 << 20
 
 
 @dataclass(frozen=True)
 class Request:
-    """A command handed over by the launcher (``bin/torpor``)."""
+    """A command handed over by a launcher (``bin/torpor-py`` describes the format)."""
 
+    install: bytes  # the launcher's directory: the agent must run the same installation
     argv: tuple[str, ...]
     cwd: bytes
     umask: int
-    rlimits: tuple[tuple[int, int, int], ...]  # (resource, soft, hard)
+    rlimits: tuple[tuple[int, int, int], ...]  # (resource, soft, hard); -1 is unlimited
     environ: dict[bytes, bytes]
 
 
@@ -45,29 +47,57 @@ class BadRequest(Exception):
 
 
 def decode_request(packet: bytes) -> Request:
-    """Parse the launcher's request packet (the format is in ``bin/torpor``'s docstring)."""
+    """Parse a launcher's request packet."""
     fields = packet.split(b"\0")
     if fields[0] != PROTOCOL:
         raise BadRequest(f"protocol {fields[0][:40]!r}, expected {PROTOCOL!r}")
     try:
-        cwd, umask, limits, argc = fields[1], int(fields[2], 8), fields[3], int(fields[4])
+        install, cwd, limits = fields[1], fields[2], fields[4]
+        umask, argc = int(fields[3], 8), int(fields[5])
+        if not 0 <= umask <= 0o777:
+            raise ValueError(f"umask {umask:o}")
         rlimits = tuple(
             (int(res), int(soft), int(hard))
             for res, soft, hard in (lim.split(b":") for lim in limits.split(b",") if lim)
         )
-        if argc < 0 or 5 + argc > len(fields):
+        if argc < 0 or 6 + argc > len(fields):
             raise ValueError("argument count")
-        argv = tuple(a.decode("utf-8", "surrogateescape") for a in fields[5 : 5 + argc])
-        environ = dict(e.split(b"=", 1) for e in fields[5 + argc :] if b"=" in e)
+        argv = tuple(a.decode("utf-8", "surrogateescape") for a in fields[6 : 6 + argc])
+        # putenv() refuses an empty name: such an entry could not be set in-process either.
+        environ = dict(e.split(b"=", 1) for e in fields[6 + argc :] if b"=" in e[1:])
     except (ValueError, IndexError) as exc:
         raise BadRequest(f"malformed request: {exc}") from exc
-    return Request(argv, cwd, umask, rlimits, environ)
+    return Request(install, argv, cwd, umask, rlimits, environ)
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """What a request must match to run here as it would in the client."""
+
+    install: bytes  # realpath of the agent's scripts directory (its interpreter's)
+    criu_env: bytes | None  # the agent's TORPOR_CRIU: CRIU was found (and started) with it
+
+    @classmethod
+    def current(cls) -> AgentContext:
+        """The context of this (the master's) process."""
+        install = os.path.realpath(os.path.dirname(sys.executable))
+        return cls(os.fsencode(install), os.environb.get(b"TORPOR_CRIU"))
+
+    def mismatch(self, req: Request) -> str | None:
+        """Why ``req`` cannot run here as in its client, or None."""
+        if os.fsencode(os.path.realpath(req.install)) != self.install:
+            return f"launcher from {req.install!r}, agent runs {self.install!r}"
+        if req.environ.get(b"TORPOR_CRIU") != self.criu_env:
+            return "TORPOR_CRIU differs from the agent's"
+        return None
 
 
 # -- one command ----------------------------------------------------------------------------
 
 
-def work(listener: socket.socket, notes_fd: int, criu: str | None, log_fd: int) -> None:
+def work(
+    listener: socket.socket, notes_fd: int, criu: str | None, log_fd: int, ctx: AgentContext
+) -> None:
     """The life of a worker after the fork: wait for a command, run it, stay as a keeper if it
     started managed processes. Never returns (ends with ``_exit``)."""
     code = 0
@@ -79,17 +109,28 @@ def work(listener: socket.socket, notes_fd: int, criu: str | None, log_fd: int) 
             with contextlib.suppress(OSError):
                 warm = Connection.spawn(criu)
         _warm_up()
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # the master shut the listener down (stopping, re-executing)
+            os._exit(0)
         listener.close()
+        _note(notes_fd, b"taken")
         with conn:
-            _serve(conn, notes_fd, warm, log_fd)
+            _serve(conn, notes_fd, warm, log_fd, ctx)
     except BaseException:
         traceback.print_exc()
         code = 1
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
         os._exit(code)
+
+
+def _note(notes_fd: int, what: bytes) -> None:
+    """Tell the master; it may be gone (stopped, re-executing), which must not end us."""
+    with contextlib.suppress(OSError):
+        os.write(notes_fd, b"%s %d\n" % (what, os.getpid()))
 
 
 def _warm_up() -> None:
@@ -104,33 +145,32 @@ def _warm_up() -> None:
             parser.parse_args(["restore", "warm-up"])
 
 
-def _serve(conn: socket.socket, notes_fd: int, warm: Connection | None, log_fd: int) -> None:
+def _serve(
+    conn: socket.socket, notes_fd: int, warm: Connection | None, log_fd: int, ctx: AgentContext
+) -> None:
     from torpor._process import _keeper
 
-    pid = os.getpid()
-    os.write(notes_fd, b"taken %d\n" % pid)
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    uid = int.from_bytes(creds[4:8], sys.byteorder)
-    packet, fds = _receive(conn)
+    keeper = None
+    fds: list[int] = []
     try:
-        if uid != os.geteuid():
-            return _decline(conn, f"uid {uid} is not this agent's")
-        try:
-            req = decode_request(packet)
-        except BadRequest as exc:
-            return _decline(conn, str(exc))
-        if len(fds) != 3:
-            return _decline(conn, f"{len(fds)} fds received, expected 3")
+        conn.send(b"ready")  # the launcher sends its request only to a worker that has it
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        uid = int.from_bytes(creds[4:8], sys.byteorder)
+        packet, fds = _receive(conn)
+        reason = _refusal(uid, packet, fds, ctx)
+        if reason is not None:
+            return _decline(conn, reason)
+        req = decode_request(packet)
         try:
             os.chdir(req.cwd)
-        except OSError as exc:
-            return _decline(conn, f"cannot enter {req.cwd!r}: {exc.strerror}")
-        _adopt_client(req, fds)
-        fds = []  # now fds 0, 1, 2
+            _adopt_context(req)
+        except (OSError, ValueError) as exc:
+            return _decline(conn, f"cannot take on the client's context: {exc}")
+        _adopt_stdio(fds)
+        fds = []  # now our fds 0, 1, 2
         _keeper.host_here(warm)
         code = _run_cli(req.argv, conn)
         keeper = _keeper.hosted_keeper()
-        _keeper.release_host()
         _let_go_of_client(log_fd)
         with contextlib.suppress(OSError):
             conn.send(b"exit:%d" % code)
@@ -139,12 +179,25 @@ def _serve(conn: socket.socket, notes_fd: int, warm: Connection | None, log_fd: 
             os.close(fd)
         # The master forks this worker's replacement now rather than at ``taken``: a fork and
         # a CRIU start on the other core would slow the command (a restore) by ~10 %.
-        os.write(notes_fd, b"done %d\n" % pid)
-        os.close(notes_fd)
+        _note(notes_fd, b"done")
+        with contextlib.suppress(OSError):
+            os.close(notes_fd)
+        _keeper.release_host()  # after the answer: an unused warm CRIU is waited for here
     if keeper is not None:
         conn.close()
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         keeper.wait_idle()
+
+
+def _refusal(uid: int, packet: bytes, fds: list[int], ctx: AgentContext) -> str | None:
+    if uid != os.geteuid():
+        return f"uid {uid} is not this agent's"
+    try:
+        req = decode_request(packet)
+    except BadRequest as exc:
+        return str(exc)
+    if len(fds) != 3:
+        return f"{len(fds)} fds received, expected 3"
+    return ctx.mismatch(req)
 
 
 def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
@@ -164,13 +217,13 @@ def _decline(conn: socket.socket, reason: str) -> None:
         conn.send(b"declined:" + reason.encode(errors="replace"))
 
 
-def _adopt_client(req: Request, fds: list[int]) -> None:
-    """Take on the client's process context: fds 0-2, umask, rlimits, environment."""
+def _adopt_context(req: Request) -> None:
+    """Take on the client's umask, resource limits and environment (raises if one of them
+    cannot be had: the command would then not run as it does in the client)."""
     os.umask(req.umask)
     for res, soft, hard in req.rlimits:
-        with contextlib.suppress(OSError, ValueError):
-            if resource.getrlimit(res) != (soft, hard):
-                resource.setrlimit(res, (soft, hard))
+        if resource.getrlimit(res) != (soft, hard):
+            resource.setrlimit(res, (soft, hard))
     # Only the differences: each change is a putenv()/unsetenv() call.
     env = os.environb
     for key in [k for k in env if k not in req.environ]:
@@ -178,6 +231,10 @@ def _adopt_client(req: Request, fds: list[int]) -> None:
     for key, value in req.environ.items():
         if env.get(key) != value:
             env[key] = value
+
+
+def _adopt_stdio(fds: list[int]) -> None:
+    """The client's stdin/stdout/stderr become ours (fds 0-2 and ``sys.std*``)."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -186,13 +243,15 @@ def _adopt_client(req: Request, fds: list[int]) -> None:
 
 def _text(fd: int, mode: str) -> io.TextIOWrapper:
     """A ``sys.std*`` stream on ``fd`` like the interpreter makes: buffered binary underneath
-    (``sys.stdout.buffer`` writes whole), line-buffered on a terminal, utf-8."""
+    (``sys.stdout.buffer`` writes whole), line-buffered on a terminal, in ``PYTHONIOENCODING``
+    (else utf-8)."""
     tty = os.isatty(fd)
+    encoding, _, errors = os.environ.get("PYTHONIOENCODING", "").partition(":")
     raw = open(fd, mode + "b", closefd=False)  # noqa: SIM115 - kept as sys.std*
     return io.TextIOWrapper(
         raw,
-        encoding="utf-8",
-        errors="backslashreplace" if fd == 2 else "strict",
+        encoding=encoding or "utf-8",
+        errors=errors or ("backslashreplace" if fd == 2 else "strict"),
         line_buffering=tty,
         write_through=fd == 2,
     )
@@ -248,14 +307,18 @@ def _run_cli(argv: tuple[str, ...], conn: socket.socket) -> int:
         except BaseException:
             traceback.print_exc()
             code = 70
-        finally:
+    except KeyboardInterrupt:  # in an except clause above
+        code = 130
+    while True:
+        # A Ctrl-C from now on must not hit what follows (a keeper's life). One that arrives
+        # while we get there is raised here: try again (the command's code stands).
+        try:
             with lock:
-                # A Ctrl-C from now on must not hit what follows (a keeper's life).
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 state["running"] = False
-    except KeyboardInterrupt:
-        code = 130
-    return code
+            return code
+        except KeyboardInterrupt:
+            continue
 
 
 def _exit_code(code: object) -> int:

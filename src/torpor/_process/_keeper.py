@@ -318,6 +318,9 @@ def _exec_app(command: Sequence[str], name: str, log_path: Path | None, err_w: i
     """In the forked app (pid 1 of its namespace): session, stdio, clean fds, exec."""
     try:
         os.setsid()
+        # The keeper ignores these; the app gets the defaults, however the keeper was started.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDWR)
         out = (
             os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -381,9 +384,19 @@ def _run_hosted(
     keeper = host.keeper = Keeper(host.warm)
     host.warm = None
     keeper.serve()
+    # As in a forked keeper, a Ctrl-C must not stop the work halfway (copies restored but
+    # never continued, an app started but not recorded): the command finishes, then reports.
+    ignoring = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignoring else None
     try:
         return work(keeper)
+    except TorporError:
+        raise
+    except Exception as exc:  # as a forked keeper reports it (see encode_error)
+        raise TorporError(f"keeper failed: {exc!r}") from exc
     finally:
+        if ignoring:
+            signal.signal(signal.SIGINT, previous)
         if keeper.warm is not None:  # not used (a ``run``): CRIU need not wait for us
             keeper.warm.close()
             keeper.warm = None
