@@ -311,11 +311,17 @@ def bench_demo(rows: int, reps: int, work: Path, log: Callable[[str], None]) -> 
         demo.run(method)
         reap_orphans()
     samples: dict[str, list[float]] = {m: [] for m in DEMO_METHODS}
+    # Each bring-up starts from the same state: the last one's exits settled (the agent refills
+    # its spare workers 0.3 s after a command), and memory for the app freshly touched (see
+    # quiesce: memory this VM has handed back to its host is ~20x slower to fault in, which
+    # otherwise decides the figures).
+    warm_bytes = 512 << 20
     for r in range(reps):
         k = r % len(DEMO_METHODS)
         order = DEMO_METHODS[k:] + DEMO_METHODS[:k]
         for method in order:
-            time.sleep(0.2)  # let the last method's exits settle on 2 cores
+            time.sleep(0.5)
+            quiesce(warm_bytes, work)
             samples[method].append(demo.run(method))
             reap_orphans()
         log(f"demo round {r + 1}/{reps}: " + ", ".join(f"{samples[m][-1]:.3f}" for m in order))
@@ -513,6 +519,7 @@ def bench_memory(size: int, reps: int, work: Path, log: Callable[[str], None]) -
         times: dict[str, float] = {}
         for method in MEM_RESTORES[k:] + MEM_RESTORES[:k]:
             seq += 1
+            time.sleep(0.5)  # the agent refills its spare workers 0.3 s after a command
             quiesce(size + size // 4 + (64 << 20), work)
             t0 = time.perf_counter()
             copy = restore_one(method, image, work, f"bench-r-{tag}-{seq}")
@@ -576,6 +583,17 @@ def pct(a: float, b: float) -> str:
     return f"{(a - b) / b * 100:+.1f} %"
 
 
+def paired(xs: list[float], bare: list[float]) -> tuple[float, float, float]:
+    """The median of the per-round differences ``xs[i] - bare[i]`` (both measured in the same
+    round, so slow spells of the VM hit both), with a 95 % bootstrap interval."""
+    import random
+
+    diffs = [x - b for x, b in zip(xs, bare, strict=True)]
+    rng = random.Random(1)
+    boots = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(2000))
+    return statistics.median(diffs), boots[50], boots[1949]
+
+
 def demo_table(d: dict[str, Any]) -> str:
     s = d["samples"]
     bare_med, bare_min = med(s[BARE]), min(s[BARE])
@@ -584,15 +602,25 @@ def demo_table(d: dict[str, Any]) -> str:
         f"Demo app ({d['rows']:,}-row index, image {d['image_bytes'] / 2**20:.1f} MiB), "
         f"start -> first answer, {len(s[BARE])} interleaved rounds:",
         "",
-        "| method | median s | min s | vs bare criu (median) | vs bare criu (min) | cold / this |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | median s | min s | vs bare criu (median) | vs bare criu (min) "
+        "| paired Δ vs bare, median [95 % CI] | cold / this |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for m in DEMO_METHODS:
         xs = s[m]
         vs = "—" if m in (BARE, "cold start") else pct(med(xs), bare_med)
         vs_min = "—" if m in (BARE, "cold start") else pct(min(xs), bare_min)
+        if m in (BARE, "cold start"):
+            delta = "—"
+        else:
+            d_med, lo, hi = paired(xs, s[BARE])
+            delta = (
+                f"{d_med * 1000:+.1f} ms ({d_med / bare_med * 100:+.1f} %) "
+                f"[{lo * 1000:+.1f}, {hi * 1000:+.1f}]"
+            )
         lines.append(
-            f"| {m} | {med(xs):.3f} | {min(xs):.3f} | {vs} | {vs_min} | {cold / med(xs):.1f}x |"
+            f"| {m} | {med(xs):.3f} | {min(xs):.3f} | {vs} | {vs_min} | {delta} "
+            f"| {cold / med(xs):.1f}x |"
         )
     return "\n".join(lines)
 
