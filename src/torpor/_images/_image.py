@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import hashlib
 import json
+import mmap
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,10 +28,40 @@ VERIFIED_NAME = ".torpor-verified.json"
 _HASH_WORKERS = max(2, os.cpu_count() or 2)
 
 
+_CHUNK = 8 << 20
+
+
 def sha256_file(path: Path) -> str:
     """SHA-256 (hex) of a file's content."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def hash_range(fd: int, h: hashlib._Hash, offset: int, end: int, *, mapped: bool = False) -> int:
+    """Feed bytes ``offset`` to ``end`` of ``fd`` into ``h``; the offset reached (short of
+    ``end`` only if the file is shorter).
+
+    ``mapped`` hashes straight from the page cache (~10 % faster than copying it out first),
+    but a file truncated under the mapping kills the process (SIGBUS): only for files nobody
+    but their writer touches, and whose writer never truncates them.
+    """
+    while offset < end:
+        n = min(end - offset, _CHUNK)
+        if mapped and offset % mmap.ALLOCATIONGRANULARITY == 0:
+            try:
+                with mmap.mmap(fd, n, prot=mmap.PROT_READ, offset=offset) as m:
+                    h.update(m)
+            except (OSError, ValueError):  # not mappable (or shrunk meanwhile): read it
+                pass
+            else:
+                offset += n
+                continue
+        chunk = os.pread(fd, n, offset)
+        if not chunk:
+            break
+        h.update(chunk)
+        offset += len(chunk)
+    return offset
 
 
 def hash_files(root: Path, names: Iterable[str]) -> list[FileEntry]:
@@ -45,6 +78,86 @@ def hash_files(root: Path, names: Iterable[str]) -> list[FileEntry]:
 
     with ThreadPoolExecutor(_HASH_WORKERS) as pool:
         return list(pool.map(one, names))
+
+
+class GrowingHasher:
+    """Hashes the files matching ``pattern`` in ``directory`` while they are being written,
+    on another thread, so a dump's hashing overlaps CRIU's writing instead of following it.
+
+    Only for files written strictly by appending through one open file: CRIU writes a dump's
+    ``pages-*.img`` that way (each is created once, ``O_TRUNC``, and pages are ``splice``d in at
+    the file position; ``criu/page-xfer.c``). :meth:`entries` vouches for a file only if it was
+    read to its final size through the same inode; any other file is left to be hashed after.
+    Use as a context manager around the dump; call :meth:`entries` once the writer is done.
+    """
+
+    def __init__(self, directory: Path, pattern: str = "pages-*.img") -> None:
+        self.directory = directory
+        self.pattern = pattern
+        self._done = threading.Event()
+        self._files: dict[str, tuple[int, hashlib._Hash, int]] = {}  # name -> fd, hash, offset
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="torpor-hash", daemon=True)
+
+    def __enter__(self) -> GrowingHasher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+        for fd, _, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def _stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                last_pass = self._done.is_set()  # read before looking: nothing is missed
+                progressed = self._open_new() | self._read_all()
+                if last_pass:
+                    return
+                if not progressed:
+                    self._done.wait(0.002)
+        except BaseException as exc:  # reported by entries(): the files are hashed after
+            self._error = exc
+
+    def _open_new(self) -> bool:
+        opened = False
+        for entry in os.scandir(self.directory):
+            if entry.name not in self._files and fnmatch.fnmatchcase(entry.name, self.pattern):
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+                self._files[entry.name] = (fd, hashlib.sha256(), 0)
+                opened = True
+        return opened
+
+    def _read_all(self) -> bool:
+        progressed = False
+        for name, (fd, h, offset) in self._files.items():
+            # CRIU's own files in our private staging directory, only ever appended to.
+            reached = hash_range(fd, h, offset, os.fstat(fd).st_size, mapped=True)
+            progressed |= reached > offset
+            self._files[name] = (fd, h, reached)
+        return progressed
+
+    def entries(self) -> dict[str, FileEntry]:
+        """Once the writer is done: the files hashed whole, by name (possibly none)."""
+        self._stop()
+        if self._error is not None:
+            return {}
+        out: dict[str, FileEntry] = {}
+        for name, (fd, h, offset) in self._files.items():
+            st = os.fstat(fd)
+            try:
+                now = os.stat(self.directory / name)
+            except OSError:
+                continue
+            if st.st_size == offset and now.st_ino == st.st_ino and now.st_size == offset:
+                out[name] = FileEntry(name=name, size=offset, sha256=h.hexdigest())
+        return out
 
 
 def content_files(image_dir: Path) -> list[str]:
@@ -200,9 +313,17 @@ class Staging:
         self.path.mkdir(mode=0o700)
         return self.path
 
-    def commit(self, make_manifest: Callable[[list[FileEntry]], Manifest]) -> Image:
-        """Hash the staged files, write the manifest, rename into place; return the image."""
-        entries = hash_files(self.path, content_files(self.path))
+    def commit(
+        self,
+        make_manifest: Callable[[list[FileEntry]], Manifest],
+        hashed: Mapping[str, FileEntry] | None = None,
+    ) -> Image:
+        """Hash the staged files (but those in ``hashed``, hashed while they were written),
+        write the manifest, rename into place; return the image."""
+        hashed = hashed or {}
+        names = content_files(self.path)
+        fresh = {e.name: e for e in hash_files(self.path, [n for n in names if n not in hashed])}
+        entries = [hashed[n] if n in hashed else fresh[n] for n in names]
         manifest = make_manifest(entries)
         write_manifest(self.path, manifest)
         try:

@@ -8,7 +8,7 @@ from pathlib import Path
 from .._engine import CriuEngine, DumpOptions, criu_version
 from .._errors import DumpError, PermissionDeniedError
 from .._images import _manifest
-from .._images._image import Image, staging
+from .._images._image import GrowingHasher, Image, staging
 from . import _registry
 from ._proc import facts, ref
 
@@ -59,7 +59,10 @@ def checkpoint_pid(
     cmdline, rss = facts(pid)
     version = criu_version()
     with staging(dest) as st:
-        engine.dump(pid, st.path, options)
+        # The pages are hashed on the other core while CRIU writes them, not after.
+        with GrowingHasher(st.path) as pages:
+            engine.dump(pid, st.path, options)
+            hashed = pages.entries()
         image = st.commit(
             lambda files: _manifest.build(
                 name=name,
@@ -70,7 +73,8 @@ def checkpoint_pid(
                 rss_bytes=rss,
                 tcp_established=options.tcp_established,
                 shell_job=options.shell_job,
-            )
+            ),
+            hashed,
         )
     if not options.leave_running:
         _registry.mark_checkpointed(target, image.path)

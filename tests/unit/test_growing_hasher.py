@@ -1,0 +1,81 @@
+"""Hashing a dump's page files while they are written (``GrowingHasher``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+from torpor._images._image import GrowingHasher, Staging, hash_files
+from torpor._images._manifest import FileEntry
+
+
+def _append_slowly(path: Path, chunks: list[bytes]) -> threading.Thread:
+    def write() -> None:
+        with open(path, "wb") as fh:  # created once, then only appended to, as CRIU does
+            for chunk in chunks:
+                fh.write(chunk)
+                fh.flush()
+                time.sleep(0.003)
+
+    t = threading.Thread(target=write)
+    t.start()
+    return t
+
+
+def test_a_file_appended_to_is_hashed_whole(tmp_path: Path) -> None:
+    chunks = [os.urandom(64 << 10) for _ in range(40)]
+    with GrowingHasher(tmp_path) as hasher:
+        writer = _append_slowly(tmp_path / "pages-1.img", chunks)
+        time.sleep(0.01)
+        (tmp_path / "core-1.img").write_bytes(b"not a page file")
+        writer.join()
+        entries = hasher.entries()
+    data = b"".join(chunks)
+    assert entries == {
+        "pages-1.img": FileEntry("pages-1.img", len(data), hashlib.sha256(data).hexdigest())
+    }
+
+
+def test_a_file_replaced_or_shrunk_is_not_vouched_for(tmp_path: Path) -> None:
+    with GrowingHasher(tmp_path) as hasher:
+        (tmp_path / "pages-1.img").write_bytes(b"x" * 100_000)
+        (tmp_path / "pages-2.img").write_bytes(b"y" * 100_000)
+        time.sleep(0.05)
+        # Rewritten under a new inode, and truncated in place: both must be hashed afresh.
+        os.replace(tmp_path / "pages-2.img", tmp_path / "pages-1.img")
+        (tmp_path / "pages-3.img").write_bytes(b"z" * 10)
+        with open(tmp_path / "pages-3.img", "r+b") as fh:
+            fh.truncate(5)
+        entries = hasher.entries()
+    assert "pages-1.img" not in entries
+    assert entries.get("pages-3.img") in (None, FileEntry("pages-3.img", 5, _sha(b"zzzzz")))
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_commit_uses_what_was_hashed_and_hashes_the_rest(tmp_path: Path) -> None:
+    st = Staging(tmp_path / "img")
+    st.create()
+    (st.path / "pages-1.img").write_bytes(b"p" * 1000)
+    (st.path / "core-1.img").write_bytes(b"c" * 10)
+    with GrowingHasher(st.path) as hasher:
+        hashed = hasher.entries()
+    assert set(hashed) == {"pages-1.img"}
+    seen: list[list[FileEntry]] = []
+
+    def manifest(files: list[FileEntry]):  # type: ignore[no-untyped-def]
+        from torpor._images import _manifest
+
+        seen.append(files)
+        return _manifest.build(
+            name="t", pid=1, files=files, criu_version="4.2.1", cmdline=("x",), rss_bytes=1
+        )
+
+    image = st.commit(manifest, hashed)
+    assert seen[0] == hash_files(image.path, ["core-1.img", "pages-1.img"])
+    image.verify(full=True)
