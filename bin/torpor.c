@@ -16,6 +16,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -222,21 +223,40 @@ static int via_agent(int argc, char **argv) {
         sigemptyset(&sa.sa_mask);
         sigaction(SIGINT, &sa, NULL); /* no SA_RESTART: recv returns EINTR */
     }
+    /* SIGINT stays blocked except inside ppoll, so one cannot slip in between the check of
+     * `interrupts` and the wait (it would then wait unforwarded). */
+    sigset_t block, orig_mask, unblocked;
+    sigemptyset(&block);
+    sigaddset(&block, SIGINT);
+    sigprocmask(SIG_BLOCK, &block, &orig_mask);
+    unblocked = orig_mask;
+    sigdelset(&unblocked, SIGINT);
     char reply[4096];
-    ssize_t n;
+    ssize_t n = -1;
     int forwarded = 0;
     for (;;) {
-        n = recv(sock, reply, sizeof reply - 1, 0);
-        if (n >= 0 || errno != EINTR)
-            break;
-        if (interrupts > 1)
+        if (interrupts > 1) {
+            close(sock);
             return 130;
+        }
         if (interrupts && !forwarded) {
             forwarded = 1;
             send(sock, "interrupt", 9, MSG_NOSIGNAL);
         }
+        struct pollfd wait_reply = {.fd = sock, .events = POLLIN};
+        if (ppoll(&wait_reply, 1, NULL, &unblocked) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        n = recv(sock, reply, sizeof reply - 1, MSG_DONTWAIT);
+        if (n >= 0 || (errno != EINTR && errno != EAGAIN))
+            break;
     }
     close(sock);
+    /* torpor-py may run next (a decline): it gets Ctrl-C as we got it. */
+    sigaction(SIGINT, &old, NULL);
+    sigprocmask(SIG_SETMASK, &orig_mask, NULL);
     if (n < 0)
         n = 0;
     reply[n] = '\0';

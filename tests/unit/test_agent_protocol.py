@@ -188,7 +188,14 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
     )
     stand_in = bindir / "torpor-py"
-    stand_in.write_text('#!/bin/sh\necho "fallback $* (tried=$TORPOR_AGENT_TRIED)"\n')
+    stand_in.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        "tried = os.environ.get('TORPOR_AGENT_TRIED', '')\n"
+        "print(f\"fallback {' '.join(sys.argv[1:])} (tried={tried})\")\n"
+        "print(next(ln for ln in open('/proc/self/status') if ln.startswith('SigBlk')),\n"
+        "      file=sys.stderr)\n"
+    )
     stand_in.chmod(0o755)
     return exe
 
@@ -259,6 +266,9 @@ def test_a_declined_command_runs_in_the_launcher(tmp_path: Path, native: Path) -
         agent.close()
     assert proc.stdout == b"fallback ps (tried=1)\n"
     assert len(agent.requests) == 1
+    # The launcher had SIGINT blocked while it waited; what runs the command gets it back.
+    blocked = int(proc.stderr.split()[-1], 16)
+    assert not blocked & (1 << (signal.SIGINT - 1))
 
 
 def test_a_connection_no_worker_took_runs_in_the_launcher(tmp_path: Path, native: Path) -> None:
