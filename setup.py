@@ -11,10 +11,13 @@ import shutil
 import subprocess
 import sys
 
-# setuptools has no build_scripts of its own: this is its bundled distutils'.
+# isort: off
+# setuptools first: on Python >= 3.12 it is what provides distutils. It has no build_scripts
+# command of its own; this is its bundled distutils'.
+from setuptools import Distribution, setup
 from distutils.command.build_scripts import build_scripts
 
-from setuptools import Distribution, setup
+# isort: on
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -3,8 +3,8 @@
  *
  * A Python process takes ~10 ms to start on the machines torpor targets, which is ~10 % of
  * restoring a 100 MiB process. When an agent serves this torpor home (`torpor agent start`),
- * this launcher hands the command to one of the agent's warm workers in well under a
- * millisecond and waits for its exit code, exactly as the Python launcher `torpor-py` does
+ * this launcher hands the command to one of the agent's warm workers in about a millisecond
+ * and waits for its exit code, exactly as the Python launcher `torpor-py` does
  * (the protocol is described there and implemented by torpor._agent._worker). In every other
  * case (no agent, `TORPOR_AGENT=off`, `torpor agent ...`, the agent declined) it executes
  * `torpor-py` from its own directory with the same arguments and TORPOR_AGENT_TRIED=1 in the
@@ -169,15 +169,16 @@ static int via_agent(int argc, char **argv) {
     int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (sock < 0)
         return -1;
+    /* A worker says `ready` once it has taken the connection; a reset or EOF before that (the
+     * agent stopping, or no worker coming) means nothing ran. A full backlog blocks connect. */
+    struct timeval wait = {.tv_sec = READY_TIMEOUT};
+    char ready[16];
+    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
+    setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait);
     if (connect(sock, (struct sockaddr *)&addr, sizeof addr) || find_install()) {
         close(sock);
         return -1;
     }
-    /* A worker says `ready` once it has taken the connection; a reset or EOF before that (the
-     * agent stopping, or no worker coming) means nothing ran. */
-    struct timeval wait = {.tv_sec = READY_TIMEOUT};
-    char ready[16];
-    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
     ssize_t got = recv(sock, ready, sizeof ready, 0);
     if (got != 5 || memcmp(ready, "ready", 5)) {
         close(sock);
@@ -185,6 +186,7 @@ static int via_agent(int argc, char **argv) {
     }
     wait.tv_sec = 0;
     setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
+    setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait);
     char *packet = malloc(MAX_PACKET);
     size_t used = 0;
     if (!packet || encode_request(packet, &used, argc, argv)) {

@@ -72,12 +72,16 @@ def _kill_managed(home: os.PathLike[str]) -> None:
     from torpor._process._proc import ProcRef
 
     refs: list[ProcRef] = []
-    # An agent a test started in this home (its idle workers end with it).
+    # An agent a test started in this home: asked to stop (its idle workers end with it), and
+    # given the time to; only then killed.
     with contextlib.suppress(OSError, ValueError, KeyError):
         data = json.loads(Path(home, "agent.pid").read_text())
         agent = ProcRef(data["pid"], data["start_time"])
         if agent.alive():
             os.kill(agent.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while agent.alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
             refs.append(agent)
     for rec_file in Path(home, "procs").glob("*.json"):
         try:

@@ -9,7 +9,6 @@ import functools
 import os
 import platform
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +146,9 @@ def _agent_capability() -> Capability:
     from ._agent import status
 
     st = status()
-    launcher = Path(sys.executable).parent / "torpor"
+    from ._agent._worker import launcher_dir
+
+    launcher = Path(launcher_dir()) / "torpor"
     try:
         with open(launcher, "rb") as fh:
             native = fh.read(4) == b"\x7fELF"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from torpor._process._proc import ProcRef, running, stat_fields
+from torpor._process._proc import ProcRef, ref, running, stat_fields
 
 from .helpers import APPS, PYTHON, counts, wait_for
 
@@ -55,7 +55,8 @@ def agent(torpor_home: Path) -> Iterator[ProcRef]:
     assert out.startswith("agent started (pid ")
     ref = _agent_ref(torpor_home)
     yield ref
-    cli("agent", "stop", check=False)
+    if ref.alive():
+        cli("agent", "stop", check=False)
     if ref.alive():
         os.kill(ref.pid, signal.SIGKILL)
 
@@ -162,22 +163,55 @@ def test_the_python_launcher_uses_the_agent_too(agent: ProcRef) -> None:
     assert _served_by_agent(int(out[1]), agent)
 
 
-def test_the_clients_limits_and_umask_hold_in_the_worker(torpor_home: Path, agent: ProcRef) -> None:
+def test_the_clients_context_holds_in_the_worker(torpor_home: Path, agent: ProcRef) -> None:
     import resource
 
     def client_context() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1000, 1000))
         os.umask(0o027)
+        os.sched_setaffinity(0, {0})
+        os.nice(5)
 
-    subprocess.run(
-        [str(TORPOR), "run", "--name", "ctx", "--", "sh", "-c", "ulimit -n; umask; sleep 600"],
+    script = "ulimit -n; umask; nice; grep Cpus_allowed_list /proc/self/status; sleep 600"
+    out = subprocess.run(
+        [str(TORPOR), "run", "--name", "ctx", "--", "sh", "-c", script],
         check=True,
         capture_output=True,
+        text=True,
         timeout=120,
         preexec_fn=client_context,
-    )
+    ).stdout.split()
+    assert _served_by_agent(int(out[1]), agent)
     log = torpor_home / "logs" / "ctx.log"
-    wait_for(lambda: log.exists() and log.read_text().split() == ["1000", "0027"], what="output")
+    expected = ["1000", "0027", "5", "Cpus_allowed_list:", "0"]
+    wait_for(lambda: log.exists() and log.read_text().split() == expected, what="its output")
+
+
+def test_a_confined_client_is_not_served_with_the_agents_powers(
+    torpor_home: Path, agent: ProcRef
+) -> None:
+    # no_new_privs (as systemd's NoNewPrivileges= sets): the command runs in the client.
+    out = subprocess.run(
+        ["setpriv", "--no-new-privs", str(TORPOR), "run", "--name", "nnp", "--", "sleep", "600"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout.split()
+    assert not _served_by_agent(int(out[1]), agent)
+    assert "the client's NoNewPrivs (1) differs" in (torpor_home / "logs" / "agent.log").read_text()
+
+
+def test_idle_workers_end_with_a_killed_agent(torpor_home: Path, agent: ProcRef) -> None:
+    def children() -> list[int]:
+        path = f"/proc/{agent.pid}/task/{agent.pid}/children"
+        with open(path, encoding="ascii") as fh:
+            return [int(p) for p in fh.read().split()]
+
+    workers = wait_for(lambda: len(children()) >= 2 and children(), what="spare workers")
+    refs = [ref(p) for p in workers]  # type: ignore[union-attr]
+    os.kill(agent.pid, signal.SIGKILL)  # ours: the fixture started it
+    wait_for(lambda: not any(r.alive() for r in refs), what="the idle workers to end")
 
 
 def test_binary_output_through_the_agent(torpor_home: Path, tmp_path: Path, agent: ProcRef) -> None:
@@ -215,6 +249,8 @@ def test_sighup_reloads_the_agent_in_place(torpor_home: Path, agent: ProcRef) ->
 
 
 def test_a_code_change_reloads_the_agent(torpor_home: Path, agent: ProcRef) -> None:
+    """A new source file in the installed package (created and removed again): every agent
+    of this installation reloads, which is what a code change is meant to do, and harmless."""
     import torpor
 
     log = torpor_home / "logs" / "agent.log"

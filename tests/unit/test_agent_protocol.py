@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import os
@@ -171,7 +172,10 @@ class FakeAgent:
                         os.close(fd)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() in our thread
         self.sock.close()
+        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +208,12 @@ LAUNCHERS = ("native", "python")
 
 
 @pytest.fixture(params=LAUNCHERS)
-def launch(request: pytest.FixtureRequest, native: Path) -> Iterator[Callable[..., list[str]]]:
+def launch(request: pytest.FixtureRequest) -> Iterator[Callable[..., list[str]]]:
+    # Only the native case needs a C compiler.
+    native = request.getfixturevalue("native") if request.param == "native" else None
+
     def command(*args: str) -> list[str]:
-        if request.param == "native":
+        if native is not None:
             return [str(native), *args]
         return [sys.executable, str(PY_LAUNCHER), *args]
 
@@ -330,16 +337,31 @@ def test_ctrl_c_is_forwarded_to_the_worker(
             conn.send(b"exit:130")
 
     agent = FakeAgent(tmp_path, answer)
+    proc = subprocess.Popen(
+        launch("checkpoint", "x"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_home_env(tmp_path),
+    )
     try:
-        proc = subprocess.Popen(
-            launch("checkpoint", "x"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=_home_env(tmp_path),
-        )
         assert got.wait(30)
-        time.sleep(0.1)  # the launcher is now waiting for the answer
+        _wait_catching_sigint(proc.pid)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 130
     finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         agent.close()
+
+
+def _wait_catching_sigint(pid: int) -> None:
+    """Until process ``pid`` catches SIGINT (the launcher's handler is in place)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            caught = next(int(ln.split()[1], 16) for ln in fh if ln.startswith("SigCgt"))
+        if caught & (1 << (signal.SIGINT - 1)):
+            return
+        time.sleep(0.005)
+    raise AssertionError("the launcher never caught SIGINT")

@@ -15,9 +15,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m torpor._agent")
     parser.add_argument("--ready-fd", type=int, help="write 'ready' here once serving")
     parser.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # re-executing agent
+    parser.add_argument("--install", help="the directory of the launchers served")
     args = parser.parse_args()
     try:
-        serve(args.ready_fd, args.lock_fd)
+        serve(args.ready_fd, args.lock_fd, args.install)
     except TorporError as exc:
         print(f"torpor agent: error: {exc}", file=sys.stderr, flush=True)
         return 1

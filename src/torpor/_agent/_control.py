@@ -16,6 +16,7 @@ from .. import _paths
 from .._errors import TorporError
 from .._process._proc import ProcRef, detached
 from ._master import agent_argv, pid_path, socket_path
+from ._worker import launcher_dir
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -63,7 +64,7 @@ def start() -> tuple[AgentStatus, bool]:
     home = _paths.home()
     ready_r, ready_w = os.pipe()
     log_fd = os.open(current.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    argv = [*agent_argv(), "--ready-fd", str(ready_w)]
+    argv = [*agent_argv(launcher_dir()), "--ready-fd", str(ready_w)]
     env = {**os.environ, "TORPOR_HOME": str(home)}
 
     def agent() -> None:  # pragma: no cover - the agent's side

@@ -90,7 +90,7 @@ def _preload() -> str | None:
 
 
 class _Master:
-    def __init__(self, home: Path, lock_fd: int, log_fd: int) -> None:
+    def __init__(self, home: Path, lock_fd: int, log_fd: int, install: str | None) -> None:
         self.home = home
         self.lock_fd = lock_fd
         self.log_fd = log_fd
@@ -98,7 +98,7 @@ class _Master:
         self.busy: dict[int, float] = {}  # worker pid -> when it took its command
         self.last_note = 0.0  # when a worker last took or finished a command
         self.changed_at: float | None = None  # when torpor's code last changed (unhandled)
-        self.ctx = _worker.AgentContext.current()
+        self.ctx = _worker.AgentContext.current(install)
         self.crashes = 0
         self.stop = False
         self.reload = False
@@ -142,6 +142,14 @@ class _Master:
         return sock
 
     def run(self, ready_fd: int | None) -> None:
+        try:
+            self._serve(ready_fd)
+        finally:
+            # However the loop ends (a signal, or an error such as fork failing under a pids
+            # limit): idle workers are let go and the files removed, or the agent re-executes.
+            self._shutdown()
+
+    def _serve(self, ready_fd: int | None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
@@ -181,18 +189,17 @@ class _Master:
                 self._fill()
         if self.crashes >= CRASH_LIMIT:
             print(f"{now_iso()} workers keep dying right after they start: stopping", flush=True)
-        self._shutdown()
 
     def _timeout(self) -> float:
         """How long the loop may sleep: until a deferred refill or reload is due."""
         now = time.monotonic()
         due = [now + BUSY_GRACE]
-        if len(self.idle) < SPARES:
+        if len(self.idle) < SPARES:  # when the refill target can next rise
             due.append(self.last_note + REFILL_DELAY)
             due += [taken + BUSY_GRACE for taken in self.busy.values()]
         if self.changed_at is not None:
             due.append(self.changed_at + RELOAD_QUIET)
-        return max(min(due) - now, 0.0) + 0.001
+        return min(t for t in due if t > now) - now + 0.001
 
     def _read_notes(self) -> None:
         for line in self._drain(self.notes_r).decode().splitlines():
@@ -229,14 +236,20 @@ class _Master:
         running = any(now - taken < BUSY_GRACE for taken in self.busy.values())
         settling = now - self.last_note < REFILL_DELAY
         target = 1 if running or settling else SPARES
+        master = os.getpid()
         while len(self.idle) < target and self.crashes < CRASH_LIMIT:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the worker's side; exercised by integration tests
-                self._become_worker()
+                self._become_worker(master)
             self.idle[pid] = time.monotonic()
 
-    def _become_worker(self) -> None:
+    def _become_worker(self, master: int) -> None:
         try:
+            # An idle worker must not outlive a master killed outright (SIGKILL, a crash):
+            # it would go on serving old code. Cleared once it takes a command.
+            _worker.set_parent_death_signal(signal.SIGTERM)
+            if os.getppid() != master:  # the master died before that took effect
+                os._exit(0)
             os.setsid()
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGCHLD):
@@ -270,10 +283,11 @@ class _Master:
                     self.crashes = 0
 
     def _shutdown(self) -> None:
-        # Shutting the listener down wakes every worker in accept() (EINVAL): idle workers end
-        # themselves, and one that has just taken a command is not in accept() and goes on.
-        # Connections still queued are reset when the socket closes; their launchers have no
-        # ``ready`` yet, so they run the command themselves.
+        # Shutting the listener down wakes every worker in accept() (EINVAL) and makes later
+        # accept() calls fail once the queue is empty: idle workers end themselves; a worker
+        # that has taken a command goes on (a late one may still take a queued connection and
+        # serve it). Connections still queued when the socket closes are reset: their launchers
+        # have no ``ready`` yet, so they run the command themselves. Either way it runs once.
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
@@ -284,13 +298,17 @@ class _Master:
             if not self.idle:
                 break
             time.sleep(0.01)
-        if self.reload:
+        if self.reload and not self.stop:  # a stop asked for meanwhile wins
             print(f"{now_iso()} agent {os.getpid()} re-executing (new code)", flush=True)
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the new image handles it
             # The lock stays held across the exec: no other agent can start in between.
             os.set_inheritable(self.lock_fd, True)
-            os.execv(sys.executable, [*agent_argv(), "--lock-fd", str(self.lock_fd)])
+            install = os.fsdecode(self.ctx.install)
+            os.execv(
+                sys.executable,
+                [*agent_argv(install), "--lock-fd", str(self.lock_fd)],
+            )
         with contextlib.suppress(FileNotFoundError):
             socket_path(self.home).unlink()
         with contextlib.suppress(FileNotFoundError):
@@ -298,18 +316,22 @@ class _Master:
         print(f"{now_iso()} agent {os.getpid()} stopped", flush=True)
 
 
-def agent_argv() -> list[str]:
-    """The command that runs an agent: ``-P`` keeps the directory it was started from off
-    ``sys.path`` (a stray ``torpor/`` there must not be imported by a root daemon)."""
-    return [sys.executable, "-P", "-m", "torpor._agent"]
+def agent_argv(install: str) -> list[str]:
+    """The command that runs an agent for the launchers in ``install``: ``-P`` keeps the
+    directory it was started from off ``sys.path`` (a stray ``torpor/`` there must not be
+    imported by a root daemon)."""
+    return [sys.executable, "-P", "-m", "torpor._agent", "--install", install]
 
 
-def serve(ready_fd: int | None = None, lock_fd: int | None = None) -> None:
+def serve(
+    ready_fd: int | None = None, lock_fd: int | None = None, install: str | None = None
+) -> None:
     """Run the agent of this torpor home in the foreground until SIGTERM/SIGINT.
 
     ``ready_fd`` gets ``ready`` once commands are served; ``lock_fd`` is the lock a
-    re-executing agent already holds. Raises :class:`AlreadyExistsError` if an agent serves
-    this home already.
+    re-executing agent already holds; ``install`` is the directory of the launchers it serves
+    (default: this process's, see :func:`_worker.launcher_dir`). Raises
+    :class:`AlreadyExistsError` if an agent serves this home already.
     """
     home = _paths.home()
     os.chdir("/")  # hold no directory busy
@@ -331,4 +353,4 @@ def serve(ready_fd: int | None = None, lock_fd: int | None = None) -> None:
         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
         0o600,
     )
-    _Master(home, lock_fd, log_fd).run(ready_fd)
+    _Master(home, lock_fd, log_fd, install or _worker.launcher_dir()).run(ready_fd)

@@ -70,18 +70,28 @@ def decode_request(packet: bytes) -> Request:
     return Request(install, argv, cwd, umask, rlimits, environ)
 
 
+def launcher_dir() -> str:
+    """The directory holding this installation's ``torpor`` launchers: where the running
+    launcher is, else the interpreter's scripts directory."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) in ("torpor", "torpor-py"):
+        return os.path.dirname(os.path.realpath(argv0))
+    import sysconfig
+
+    return os.path.realpath(sysconfig.get_path("scripts"))
+
+
 @dataclass(frozen=True)
 class AgentContext:
     """What a request must match to run here as it would in the client."""
 
-    install: bytes  # realpath of the agent's scripts directory (its interpreter's)
+    install: bytes  # the launchers' directory of the installation the agent runs
     criu_env: bytes | None  # the agent's TORPOR_CRIU: CRIU was found (and started) with it
 
     @classmethod
-    def current(cls) -> AgentContext:
+    def current(cls, install: str | None = None) -> AgentContext:
         """The context of this (the master's) process."""
-        install = os.path.realpath(os.path.dirname(sys.executable))
-        return cls(os.fsencode(install), os.environb.get(b"TORPOR_CRIU"))
+        return cls(os.fsencode(install or launcher_dir()), os.environb.get(b"TORPOR_CRIU"))
 
     def mismatch(self, req: Request) -> str | None:
         """Why ``req`` cannot run here as in its client, or None."""
@@ -90,6 +100,27 @@ class AgentContext:
         if req.environ.get(b"TORPOR_CRIU") != self.criu_env:
             return "TORPOR_CRIU differs from the agent's"
         return None
+
+
+# What a command run here would have differently from its client, and cannot take on: its
+# privileges and namespaces (a confined root shell must not get the agent's full powers).
+_STATUS_KEYS = ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp")
+_NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup")
+
+
+def _confinement(pid: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in _STATUS_KEYS:
+                out[key] = value.strip()
+    for ns in _NAMESPACES:
+        try:
+            out[f"{ns} namespace"] = os.readlink(f"/proc/{pid}/ns/{ns}")
+        except OSError:
+            out[f"{ns} namespace"] = "?"
+    return out
 
 
 # -- one command ----------------------------------------------------------------------------
@@ -113,6 +144,7 @@ def work(
             conn, _ = listener.accept()
         except OSError:  # the master shut the listener down (stopping, re-executing)
             os._exit(0)
+        set_parent_death_signal(0)  # from now on we outlive the master, as keepers must
         listener.close()
         _note(notes_fd, b"taken")
         with conn:
@@ -125,6 +157,15 @@ def work(
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """``prctl(PR_SET_PDEATHSIG, sig)``: ``sig`` when the parent (the master) dies; 0 clears."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _note(notes_fd: int, what: bytes) -> None:
@@ -155,15 +196,16 @@ def _serve(
     try:
         conn.send(b"ready")  # the launcher sends its request only to a worker that has it
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        peer = int.from_bytes(creds[:4], sys.byteorder)
         uid = int.from_bytes(creds[4:8], sys.byteorder)
         packet, fds = _receive(conn)
-        reason = _refusal(uid, packet, fds, ctx)
+        reason = _refusal(peer, uid, packet, fds, ctx)
         if reason is not None:
             return _decline(conn, reason)
         req = decode_request(packet)
         try:
             os.chdir(req.cwd)
-            _adopt_context(req)
+            _adopt_context(req, peer)
         except (OSError, ValueError) as exc:
             return _decline(conn, f"cannot take on the client's context: {exc}")
         _adopt_stdio(fds)
@@ -188,9 +230,16 @@ def _serve(
         keeper.wait_idle()
 
 
-def _refusal(uid: int, packet: bytes, fds: list[int], ctx: AgentContext) -> str | None:
+def _refusal(peer: int, uid: int, packet: bytes, fds: list[int], ctx: AgentContext) -> str | None:
     if uid != os.geteuid():
         return f"uid {uid} is not this agent's"
+    try:
+        theirs, ours = _confinement(peer), _confinement(os.getpid())
+    except OSError as exc:
+        return f"cannot read the client's process status: {exc}"
+    for key, value in ours.items():
+        if theirs.get(key) != value:
+            return f"the client's {key} ({theirs.get(key)}) differs from the agent's ({value})"
     try:
         req = decode_request(packet)
     except BadRequest as exc:
@@ -217,10 +266,16 @@ def _decline(conn: socket.socket, reason: str) -> None:
         conn.send(b"declined:" + reason.encode(errors="replace"))
 
 
-def _adopt_context(req: Request) -> None:
-    """Take on the client's umask, resource limits and environment (raises if one of them
-    cannot be had: the command would then not run as it does in the client)."""
+def _adopt_context(req: Request, peer: int) -> None:
+    """Take on the client's umask, resource limits, environment, CPU affinity and niceness
+    (raises if one of them cannot be had: the command would not run as in the client)."""
     os.umask(req.umask)
+    cpus = os.sched_getaffinity(peer)
+    if cpus != os.sched_getaffinity(0):
+        os.sched_setaffinity(0, cpus)
+    nice = os.getpriority(os.PRIO_PROCESS, peer)
+    if nice != os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
     for res, soft, hard in req.rlimits:
         if resource.getrlimit(res) != (soft, hard):
             resource.setrlimit(res, (soft, hard))

@@ -318,9 +318,10 @@ def _exec_app(command: Sequence[str], name: str, log_path: Path | None, err_w: i
     """In the forked app (pid 1 of its namespace): session, stdio, clean fds, exec."""
     try:
         os.setsid()
-        # The keeper ignores these; the app gets the defaults, however the keeper was started.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        # The app gets default dispositions, however the keeper was started: keepers ignore
+        # SIGINT and SIGHUP, and Python ignores SIGPIPE and SIGXFSZ (as subprocess resets).
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDWR)
         out = (
             os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
