@@ -25,6 +25,15 @@ def _append_slowly(path: Path, chunks: list[bytes]) -> threading.Thread:
     return t
 
 
+def test_a_file_written_whole_before_the_end_is_hashed_whole(tmp_path: Path) -> None:
+    # Much more than one bounded step, all of it there when the writer says it is done.
+    data = os.urandom(1 << 20) * 200
+    (tmp_path / "pages-1.img").write_bytes(data)
+    with GrowingHasher(tmp_path) as hasher:
+        entries = hasher.entries()  # at once: the hasher has (nearly) all of it still to read
+    assert entries == {"pages-1.img": FileEntry("pages-1.img", len(data), _sha(data))}
+
+
 def test_a_file_appended_to_is_hashed_whole(tmp_path: Path) -> None:
     chunks = [os.urandom(64 << 10) for _ in range(40)]
     with GrowingHasher(tmp_path) as hasher:

@@ -109,6 +109,10 @@ class GrowingHasher:
                 last_pass = self._done.is_set()  # read before looking: nothing is missed
                 progressed = self._open_new() | self._read_all()
                 if last_pass:
+                    # The writer is done: read what is left, in bounded steps (an abort is
+                    # noticed between them).
+                    while progressed and not self._abort:
+                        progressed = self._read_all()
                     return
                 if not progressed:
                     self._done.wait(0.002)
