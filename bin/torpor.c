@@ -164,36 +164,35 @@ static int encode_request(char *buf, size_t *used, int argc, char **argv) {
 /* Hand the command to the agent: its exit code, or -1 if nothing reached a worker. */
 static int via_agent(int argc, char **argv) {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    if (home_socket(addr.sun_path, sizeof addr.sun_path))
+    if (home_socket(addr.sun_path, sizeof addr.sun_path) || find_install())
         return -1;
+    /* The request is ready before we connect: the worker waits for nothing after `ready`. */
+    char *packet = malloc(MAX_PACKET);
+    size_t used = 0;
+    if (!packet || encode_request(packet, &used, argc, argv)) {
+        free(packet);
+        return -1;
+    }
     int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-    if (sock < 0)
+    if (sock < 0) {
+        free(packet);
         return -1;
+    }
     /* A worker says `ready` once it has taken the connection; a reset or EOF before that (the
      * agent stopping, or no worker coming) means nothing ran. A full backlog blocks connect. */
     struct timeval wait = {.tv_sec = READY_TIMEOUT};
     char ready[16];
     setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
     setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait);
-    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) || find_install()) {
-        close(sock);
-        return -1;
-    }
-    ssize_t got = recv(sock, ready, sizeof ready, 0);
-    if (got != 5 || memcmp(ready, "ready", 5)) {
+    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) ||
+        recv(sock, ready, sizeof ready, 0) != 5 || memcmp(ready, "ready", 5)) {
+        free(packet);
         close(sock);
         return -1;
     }
     wait.tv_sec = 0;
     setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
     setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait);
-    char *packet = malloc(MAX_PACKET);
-    size_t used = 0;
-    if (!packet || encode_request(packet, &used, argc, argv)) {
-        free(packet);
-        close(sock);
-        return -1;
-    }
     int fds[3] = {0, 1, 2};
     char control[CMSG_SPACE(sizeof fds)];
     memset(control, 0, sizeof control);
