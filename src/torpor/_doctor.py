@@ -161,6 +161,6 @@ def _agent_capability() -> Capability:
         "agent",
         False,
         f"not running; {how}",
-        "each command pays ~70 ms of Python start-up (`torpor restore` +70 % on a 100 MiB "
+        "each command pays ~80 ms of Python start-up (`torpor restore` +75 % on a 100 MiB "
         "image): `torpor agent start`",
     )

@@ -9,7 +9,7 @@ from ._app import App
 
 _DESCRIPTION = """\
 The agent keeps torpor imported and a CRIU process started in spare workers, so a command
-handed to it skips ~70 ms of Python start-up: `torpor restore` then costs little more than
+handed to it skips ~80 ms of Python start-up: `torpor restore` then costs little more than
 CRIU's own restore. The `torpor` command uses a running agent by itself (TORPOR_AGENT=off
 runs commands in-process). Processes started through the agent outlive it."""
 
@@ -65,7 +65,7 @@ def _status(app: App, args: argparse.Namespace) -> int:
     elif st.running:
         app.out(f"agent running (pid {st.pid}, since {st.started}), serving {st.socket}")
     else:
-        app.out("agent not running — `torpor agent start` makes commands ~70 ms faster")
+        app.out("agent not running — `torpor agent start` makes commands ~80 ms faster")
     return 0 if st.running else 3
 
 
