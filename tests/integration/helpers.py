@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 APPS = Path(__file__).parent / "apps"
@@ -14,15 +14,20 @@ PYTHON = sys.executable
 
 
 def torpor(
-    *args: str, check: bool = True, timeout: float = 120
+    *args: str,
+    check: bool = True,
+    timeout: float = 120,
+    command: Sequence[str] = (PYTHON, "-m", "torpor"),
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the torpor CLI (as a user would) with the test's TORPOR_HOME."""
+    """Run the torpor CLI (as a user would) with the test's TORPOR_HOME: in-process by default,
+    or through ``command`` (the installed launcher), with ``env`` added to the environment."""
     proc = subprocess.run(
-        [PYTHON, "-m", "torpor", *args],
+        [*command, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ),
+        env=dict(os.environ, **env),
         stdin=subprocess.DEVNULL,
     )
     if check and proc.returncode != 0:

@@ -15,7 +15,7 @@ import pytest
 
 from torpor._process._proc import ProcRef, ref, running, stat_fields
 
-from .helpers import APPS, PYTHON, counts, wait_for
+from .helpers import APPS, PYTHON, counts, torpor, wait_for
 
 pytestmark = pytest.mark.criu
 
@@ -25,20 +25,7 @@ TORPOR = Path(sys.executable).parent / "torpor"
 def cli(*args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
     """The installed ``torpor`` command, as a user runs it (captured: a worker that kept the
     client's stdout open would make this hang, and time out)."""
-    proc = subprocess.run(
-        [str(TORPOR), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, **env),
-        stdin=subprocess.DEVNULL,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"torpor {' '.join(args)} exited {proc.returncode}\n"
-            f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
-        )
-    return proc
+    return torpor(*args, check=check, command=(str(TORPOR),), **env)
 
 
 def _agent_ref(home: Path) -> ProcRef:

@@ -263,14 +263,23 @@ def _umask() -> int:
     return mask
 
 
-def test_a_declined_command_runs_in_the_launcher(tmp_path: Path, native: Path) -> None:
-    agent = FakeAgent(tmp_path, lambda req, fds, conn: conn.send(b"declined:testing"))
+def _served(
+    home: Path,
+    answer: Callable[[Request, list[int], socket.socket], None] | None,
+    command: list[str],
+) -> tuple[subprocess.CompletedProcess[bytes], FakeAgent]:
+    """Run ``command`` (a launcher) with a fake agent in ``home`` answering by ``answer``."""
+    agent = FakeAgent(home, answer)
     try:
-        proc = subprocess.run(
-            [str(native), "ps"], capture_output=True, env=_home_env(tmp_path), timeout=30
-        )
+        proc = subprocess.run(command, capture_output=True, env=_home_env(home), timeout=30)
     finally:
         agent.close()
+    return proc, agent
+
+
+def test_a_declined_command_runs_in_the_launcher(tmp_path: Path, native: Path) -> None:
+    declined = lambda req, fds, conn: conn.send(b"declined:testing")  # noqa: E731
+    proc, agent = _served(tmp_path, declined, [str(native), "ps"])
     assert proc.stdout == b"fallback ps (tried=1)\n"
     assert len(agent.requests) == 1
     # The launcher had SIGINT blocked while it waited; what runs the command gets it back.
@@ -279,13 +288,7 @@ def test_a_declined_command_runs_in_the_launcher(tmp_path: Path, native: Path) -
 
 
 def test_a_connection_no_worker_took_runs_in_the_launcher(tmp_path: Path, native: Path) -> None:
-    agent = FakeAgent(tmp_path, None)  # accepts, closes: no `ready`
-    try:
-        proc = subprocess.run(
-            [str(native), "ps"], capture_output=True, env=_home_env(tmp_path), timeout=30
-        )
-    finally:
-        agent.close()
+    proc, _ = _served(tmp_path, None, [str(native), "ps"])  # accepts, closes: no `ready`
     assert proc.stdout == b"fallback ps (tried=1)\n"
 
 
@@ -314,16 +317,12 @@ def test_without_an_agent_the_native_launcher_runs_torpor_py(
 
 
 def test_a_worker_that_dies_is_reported(tmp_path: Path, launch: Callable[..., list[str]]) -> None:
-    agent = FakeAgent(tmp_path, lambda req, fds, conn: None)  # closes without answering
-    try:
-        proc = subprocess.run(
-            launch("ps"), capture_output=True, env=_home_env(tmp_path), timeout=30, text=True
-        )
-    finally:
-        agent.close()
+    # The worker takes the request, then closes without answering.
+    proc, _ = _served(tmp_path, lambda req, fds, conn: None, launch("ps"))
+    err = proc.stderr.decode()
     assert proc.returncode == 1
-    assert proc.stderr.startswith("torpor: error: the agent's worker ended")
-    assert proc.stderr.count("\n") == 1
+    assert err.startswith("torpor: error: the agent's worker ended")
+    assert err.count("\n") == 1
 
 
 def test_ctrl_c_is_forwarded_to_the_worker(
