@@ -216,10 +216,10 @@ def _serve(
         peer = int.from_bytes(creds[:4], sys.byteorder)
         uid = int.from_bytes(creds[4:8], sys.byteorder)
         packet, fds = _receive(conn)
-        reason = _refusal(peer, uid, packet, fds, ctx)
-        if reason is not None:
-            return _decline(conn, reason)
-        req = decode_request(packet)
+        try:
+            req = _admit(peer, uid, packet, fds, ctx)
+        except _Declined as exc:
+            return _decline(conn, str(exc))
         try:
             os.chdir(req.cwd)
             _adopt_context(req, peer)
@@ -247,23 +247,33 @@ def _serve(
         keeper.wait_idle()
 
 
-def _refusal(peer: int, uid: int, packet: bytes, fds: list[int], ctx: AgentContext) -> str | None:
+class _Declined(Exception):
+    """Why a request cannot run here as it would in its client."""
+
+
+def _admit(peer: int, uid: int, packet: bytes, fds: list[int], ctx: AgentContext) -> Request:
+    """The request, if it may run here; else :class:`_Declined` says why."""
     if uid != os.geteuid():
-        return f"uid {uid} is not this agent's"
+        raise _Declined(f"uid {uid} is not this agent's")
     try:
         theirs, ours = _confinement(peer), _own_confinement or _confinement(os.getpid())
     except OSError as exc:
-        return f"cannot read the client's process status: {exc}"
+        raise _Declined(f"cannot read the client's process status: {exc}") from exc
     for key, value in ours.items():
         if theirs.get(key) != value:
-            return f"the client's {key} ({theirs.get(key)}) differs from the agent's ({value})"
+            raise _Declined(
+                f"the client's {key} ({theirs.get(key)}) differs from the agent's ({value})"
+            )
     try:
         req = decode_request(packet)
     except BadRequest as exc:
-        return str(exc)
+        raise _Declined(str(exc)) from exc
     if len(fds) != 3:
-        return f"{len(fds)} fds received, expected 3"
-    return ctx.mismatch(req)
+        raise _Declined(f"{len(fds)} fds received, expected 3")
+    reason = ctx.mismatch(req)
+    if reason is not None:
+        raise _Declined(reason)
+    return req
 
 
 def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
