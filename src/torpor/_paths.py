@@ -30,6 +30,15 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename (or a creation) in the directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def images_dir() -> Path:
     """Local image directories (``torpor checkpoint`` without ``-o`` or ``--pool``)."""
     return private_dir(home() / "images")

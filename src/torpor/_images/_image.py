@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .._errors import AlreadyExistsError, ImageCorruptedError, ImageNotFoundError
+from .._paths import fsync_dir
 from . import _manifest
 from ._manifest import MANIFEST_NAME, FileEntry, Manifest
 
@@ -331,7 +332,7 @@ class Staging:
                 path=str(self.dest),
                 hint=f"the new image is kept at {self.path}",
             ) from exc
-        _fsync_dir(self.dest.parent)
+        fsync_dir(self.dest.parent)
         write_stamp(self.dest, manifest)
         return Image(self.dest, manifest)
 
@@ -371,12 +372,4 @@ def write_manifest(image_dir: Path, manifest: Manifest) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.rename(tmp, image_dir / MANIFEST_NAME)
-    _fsync_dir(image_dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(image_dir)

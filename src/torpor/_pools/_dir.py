@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .._errors import PoolError
+from .._paths import fsync_dir
 from ._backend import check_key
 
 _DIR_SUFFIX = "+"
@@ -173,7 +174,7 @@ class DirBackend:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def _make_dirs(self, directory: Path) -> None:
         current = self._root
@@ -218,12 +219,3 @@ class DirBackend:
                 f"cannot {action} {what}: {exc.strerror or exc}",
                 hint="check the pool directory's permissions and free space",
             ) from exc
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
