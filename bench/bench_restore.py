@@ -190,23 +190,11 @@ class DemoBench:
         answering host pid."""
         from torpor._demo import _runner
 
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            try:
-                client = _runner.connect(self.port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the app never answered") from None
-                time.sleep(_runner.POLL_INTERVAL)
-                continue
-            try:
-                stats = client.stats()
-            finally:
-                client.close()
-            elapsed = time.perf_counter() - since
-            if stats.token != self.token:
-                raise RuntimeError(f"pid {stats.pid} answered with another token")
-            return elapsed, stats.pid
+        # Any pid: a bare or CLI restore's pid is known only once it runs.
+        elapsed, stats = _runner.wait_ready(self.port, None, since=since, timeout=READY_TIMEOUT)
+        if stats.token != self.token:
+            raise RuntimeError(f"pid {stats.pid} answered with another token")
+        return elapsed, stats.pid
 
     def cold(self) -> float:
         from torpor._demo import _runner

@@ -192,7 +192,7 @@ def connect(port: int, timeout: float = 5.0) -> Client:
 
 def wait_ready(
     port: int,
-    pids: Sequence[int],
+    pids: Sequence[int] | None,
     *,
     since: float,
     timeout: float = READY_TIMEOUT,
@@ -202,14 +202,15 @@ def wait_ready(
     ``since`` (a ``time.perf_counter()`` value) and the answer.
 
     An answer from any other process (a stranger on the same port) is an error, as is every
-    one of ``pids`` dying first.
+    one of ``pids`` dying first. ``pids=None`` takes an answer from any process (its pid is
+    not known beforehand) and waits until ``timeout``.
     """
     deadline = time.monotonic() + timeout
     while True:
         try:
             client = connect(port)
         except OSError:
-            if not any(running(p) for p in pids):
+            if pids is not None and not any(running(p) for p in pids):
                 raise TorporError(
                     "the demo app exited before answering"
                     + (f"; its log: {log_path}" if log_path else ""),
@@ -226,7 +227,7 @@ def wait_ready(
         finally:
             client.close()
         elapsed = time.perf_counter() - since
-        if stats.pid not in pids:
+        if pids is not None and stats.pid not in pids:
             raise TorporError(
                 f"pid {stats.pid} answered on port {port}, not the demo app (pids {list(pids)})",
                 hint="another process listens on that port with SO_REUSEPORT",
