@@ -75,8 +75,10 @@ def _checkpoint(app: App, args: argparse.Namespace) -> int:
 
         from .._pools import open_pool
 
-        pool = open_pool(args.pool)
-        with app.progress(f"push {name}@{args.pool}", m.total_bytes) as bar:
+        with (
+            open_pool(args.pool) as pool,
+            app.progress(f"push {name}@{args.pool}", m.total_bytes) as bar,
+        ):
             stored = pool.push(image, name, progress=bar.advance)
         shutil.rmtree(image.path, ignore_errors=True)
         app.info(f"checkpointed pid {pid} in {elapsed:.3f}s into {name}@{args.pool}")

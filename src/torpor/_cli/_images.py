@@ -20,8 +20,8 @@ def _images(app: App, args: argparse.Namespace) -> int:
     if args.pool:
         from .._pools import open_pool
 
-        pool = open_pool(args.pool)
-        items = pool.list_images()
+        with open_pool(args.pool) as pool:
+            items = pool.list_images()
         if args.json:
             app.json([i.__dict__ for i in items])
             return 0

@@ -47,8 +47,8 @@ def open_image(app: App, arg: str) -> Any:
         name, pool_name = arg.rsplit("@", 1)
         from .._pools import open_pool
 
-        pool = open_pool(pool_name)
-        with app.progress(f"pull {arg}", None) as bar:
+        # Closed once pulled: the command may go on as a long-lived keeper (in an agent worker).
+        with open_pool(pool_name) as pool, app.progress(f"pull {arg}", None) as bar:
             return pool.pull(name, progress=bar.advance)
     return Image.open(_store.resolve(arg))
 
