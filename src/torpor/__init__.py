@@ -71,7 +71,16 @@ from ._errors import (
     RestoreError as RestoreError,
 )
 from ._errors import (
+    SignatureError as SignatureError,
+)
+from ._errors import (
     TorporError as TorporError,
+)
+from ._errors import (
+    UnsafeImageError as UnsafeImageError,
+)
+from ._errors import (
+    UnsafePathError as UnsafePathError,
 )
 from ._errors import (
     UsageError as UsageError,
@@ -242,7 +251,10 @@ __all__ = [
     "RestoreHookError",
     "RestoreInfo",
     "RestoreOptions",
+    "SignatureError",
     "TorporError",
+    "UnsafeImageError",
+    "UnsafePathError",
     "UsageError",
     "add_fd_rules",
     "after_restore",

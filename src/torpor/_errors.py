@@ -9,12 +9,15 @@
     │   └── ImageNotFoundError       no such image (carries ``image``)
     ├── AlreadyExistsError           a target that exists already (image dir, pool, name)
     ├── PermissionDeniedError        not root / not the owner of the process
+    │   └── UnsafePathError          a path owned by another user, writable by others, a symlink
     ├── CriuError                    CRIU refused or failed (pid, image, log path, log lines)
     │   ├── CriuUnavailableError     no usable CRIU >= 4.2 on this machine
     │   ├── DumpError                a dump failed: the process keeps running
     │   └── RestoreError             a restore failed: nothing was left running
     ├── ImageError                   an image that cannot be used
-    │   └── ImageCorruptedError      a bad checksum, a missing/truncated file (``file``)
+    │   ├── ImageCorruptedError      a bad checksum, a missing/truncated file (``file``)
+    │   │   └── UnsafeImageError     a bad file name, a symlink/device/FIFO, an unlisted file
+    │   └── SignatureError           unsigned, or signed by a key that is not trusted
     ├── PoolError                    a storage pool or its backend failed
     │   └── PoolConfigError          an unknown key or a bad value (carries ``key``)
     └── CoordinationError            the in-process coordination protocol failed
@@ -84,6 +87,16 @@ class PermissionDeniedError(TorporError):
     """The caller may not do this (not root, not the owner)."""
 
 
+class UnsafePathError(PermissionDeniedError):
+    """A path torpor will not use as root: owned by another user, writable by group or others,
+    or a symlink where a directory or file was expected (ssh's StrictModes). ``path`` names it.
+    """
+
+    def __init__(self, msg: str, *, path: str | Path | None = None, hint: str | None = None):
+        super().__init__(msg, hint=hint)
+        self.path = str(path) if path is not None else None
+
+
 class CriuError(TorporError):
     """CRIU refused or failed.
 
@@ -146,6 +159,16 @@ class ImageCorruptedError(ImageError):
     ) -> None:
         super().__init__(msg, image=image, hint=hint)
         self.file = file
+
+
+class UnsafeImageError(ImageCorruptedError):
+    """An image (or archive, or pool record) holding something torpor refuses to act on: a file
+    name that is not a plain name, a symlink, device or FIFO, a file its manifest does not list
+    (or a listed one that is missing). ``file`` names it."""
+
+
+class SignatureError(ImageError):
+    """An image whose manifest is unsigned, badly signed, or signed by a key not trusted here."""
 
 
 class PoolError(TorporError):

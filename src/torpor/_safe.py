@@ -1,0 +1,208 @@
+"""The one boundary for names and files that come from outside (images, manifests, pool
+records, archives, the home): torpor runs as root, so every such byte is hostile until checked.
+
+- :func:`check_name`: a file name from an image, manifest, record or archive is a *plain* name:
+  not empty, no ``/``, not ``.`` or ``..``, no NUL or control characters, at most
+  :data:`MAX_NAME` bytes. Checked here and nowhere else.
+- Files are opened relative to a directory fd with ``O_NOFOLLOW`` (:func:`open_dir`,
+  :func:`open_regular`, :func:`create_file`), must be regular files (``fstat``: no symlinks,
+  devices or FIFOs; a FIFO is opened ``O_NONBLOCK`` so it cannot hang us) and are created
+  ``O_EXCL`` with mode 0600.
+- :func:`check_private`: a directory torpor acts on as root (its home and subdirectories, an
+  image directory, a dir pool's source) must be owned by the effective user or root and not
+  writable by group or others, as ssh's StrictModes requires of ``~/.ssh``.
+
+Everything here sits on the bottom floor: it imports nothing of torpor's but the errors.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ._errors import UnsafeImageError, UnsafePathError
+
+MAX_NAME = 255
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def check_name(name: object, *, source: str, what: str = "file name") -> str:
+    """Return ``name`` if it is a plain file name, else raise :class:`UnsafeImageError`
+    naming ``source`` (the image, record or archive it came from)."""
+    if not isinstance(name, str):
+        raise UnsafeImageError(
+            f"{source}: {what} {name!r} is not a string", image=source, file=repr(name)
+        )
+    problem = _name_problem(name)
+    if problem is not None:
+        raise UnsafeImageError(
+            f"{source}: {what} {name!r} {problem}; refused",
+            image=source,
+            file=name,
+            hint="the image was made or changed by something other than torpor: do not use it",
+        )
+    return name
+
+
+def _name_problem(name: str) -> str | None:
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return "is a directory reference"
+    if "/" in name or "\\" in name:
+        return "is a path, not a plain name"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "holds control characters"
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if len(encoded) > MAX_NAME:
+        return f"is longer than {MAX_NAME} bytes"
+    return None
+
+
+def is_plain_name(name: object) -> bool:
+    """Whether ``name`` would pass :func:`check_name`."""
+    return isinstance(name, str) and _name_problem(name) is None
+
+
+# -- directories --------------------------------------------------------------------------------
+
+
+def open_dir(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> int:
+    """Open a directory (``O_NOFOLLOW``: a symlink in its last component is refused)."""
+    try:
+        return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafePathError(
+                f"{path} is not a directory (a symlink or a file); refused",
+                path=str(path),
+                hint=f"remove {path} or point torpor at a real directory",
+            ) from exc
+        raise
+
+
+@contextmanager
+def opened_dir(path: str | os.PathLike[str]) -> Iterator[int]:
+    """Context manager around :func:`open_dir`."""
+    fd = open_dir(path)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def check_private(
+    path: str | os.PathLike[str], *, what: str = "directory", fd: int | None = None
+) -> os.stat_result:
+    """Refuse a directory that another user could change under root: it must be a real
+    directory (not a symlink), owned by the effective user or root, and not writable by group
+    or others. Returns its ``stat``. ``fd`` (an open fd of it) is checked instead of the path
+    when given, so the check and the use are of the same directory."""
+    p = Path(path)
+    st = os.fstat(fd) if fd is not None else os.lstat(p)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(
+            f"{what} {p} is not a directory (a symlink or a file); refused",
+            path=p,
+            hint=f"remove {p}, or point torpor at a real directory",
+        )
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        raise UnsafePathError(
+            f"{what} {p} is owned by uid {st.st_uid}, not by uid {euid} or root; refused",
+            path=p,
+            hint=f"chown {euid} {p}",
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafePathError(
+            f"{what} {p} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'}"
+            f" (mode {stat.S_IMODE(st.st_mode):04o}); refused",
+            path=p,
+            hint=f"chmod go-w {p}",
+        )
+    return st
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def open_regular(dir_fd: int, name: str, *, source: str) -> int:
+    """Open the plain-named regular file ``name`` in ``dir_fd`` for reading.
+
+    A symlink, device, FIFO, socket or directory is refused with :class:`UnsafeImageError`
+    (never followed, never read: a FIFO or ``/dev/zero`` would hang or never end).
+    """
+    check_name(name, source=source)
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _not_regular(source, name, "a symlink") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(source, name, _kind(st.st_mode))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_file(dir_fd: int, name: str, *, source: str, mode: int = 0o600) -> int:
+    """Create the plain-named file ``name`` in ``dir_fd`` for writing: ``O_EXCL`` (an existing
+    file or a planted symlink is never written through), mode 0600."""
+    check_name(name, source=source)
+    return os.open(
+        name,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        mode,
+        dir_fd=dir_fd,
+    )
+
+
+def lstat_entries(dir_fd: int) -> dict[str, os.stat_result]:
+    """Every entry of the directory ``dir_fd`` and its ``lstat`` (symlinks not followed)."""
+    out: dict[str, os.stat_result] = {}
+    with os.scandir(dir_fd) as it:
+        for entry in it:
+            out[entry.name] = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
+    return out
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def kind_problem(mode: int) -> str | None:
+    """None for a regular file, else what it is instead (``a symlink``, ``a device`` …)."""
+    return None if stat.S_ISREG(mode) else _kind(mode)
+
+
+def _not_regular(source: str, name: str, kind: str) -> UnsafeImageError:
+    return UnsafeImageError(
+        f"{source}: file {name} is {kind}, not a regular file; refused",
+        image=source,
+        file=name,
+        hint="an image holds only regular files: do not use this one",
+    )
