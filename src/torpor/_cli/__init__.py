@@ -28,6 +28,7 @@ _COMMANDS = {
     "inspect": "_inspect",
     "image": "_image",
     "pool": "_pool",
+    "identity": "_identity",
     "doctor": "_doctor",
     "agent": "_agent",
     "demo": "_demo",

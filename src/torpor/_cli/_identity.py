@@ -1,0 +1,31 @@
+"""``torpor identity``: this host's signing identity (the key pools can be told to trust)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ._app import App
+
+
+def register(sub: Any) -> None:
+    """Add ``torpor identity`` and its subcommands."""
+    p = sub.add_parser("identity", help="this host's signing key (made on first use)")
+    isub = p.add_subparsers(dest="identity_command", metavar="SUBCOMMAND", required=True)
+    s = isub.add_parser(
+        "show",
+        help="print the host key id (for another pool's security.trusted_keys)",
+    )
+    s.add_argument("--json", action="store_true", help="output JSON (key id and key file)")
+    s.set_defaults(handler=_show)
+
+
+def _show(app: App, args: argparse.Namespace) -> int:
+    from .._identity import host_identity
+
+    ident = host_identity()
+    if args.json:
+        app.json({"key_id": ident.key_id, "key_path": str(ident.key_path)})
+    else:
+        app.out(ident.key_id)
+    return 0

@@ -1,0 +1,214 @@
+"""The host key: made once under ``<torpor home>/identity/``, then loaded and checked on use.
+
+The private key is a PEM PKCS#8 file (``host.key``, mode 0600, in a 0700 directory) so that
+``cryptography`` (and the TLS stack later) loads it as is. It is created race-free: the new key
+is written completely to a temporary file made ``O_EXCL``, then ``link``\\ ed to its name; when
+two processes make one at once, one link wins and both then load the winner's key.
+
+``cryptography`` is imported inside the functions: it costs ~25 ms, which commands that never
+sign or verify (``torpor ps``, a local restore) should not pay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import _paths, _safe
+from .._errors import TorporError, UnsafePathError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+DIR_NAME = "identity"
+KEY_NAME = "host.key"
+KEY_ID_LEN = 64  # hex of a raw 32-byte Ed25519 public key
+SIG_LEN = 64  # bytes of an Ed25519 signature
+_MAX_KEY_FILE = 64 * 1024  # a PEM Ed25519 key is ~120 bytes; refuse to read a huge planted file
+
+
+class IdentityError(TorporError):
+    """The host key cannot be made or loaded (unreadable, not a valid Ed25519 key)."""
+
+
+@dataclass(frozen=True)
+class HostIdentity:
+    """This host's key pair. ``key_id`` names it (hex of the raw public key)."""
+
+    key_id: str
+    key_path: Path
+    private_key: Ed25519PrivateKey = field(repr=False, compare=False)
+
+    def sign(self, data: bytes) -> bytes:
+        """The Ed25519 signature (64 bytes) of ``data``."""
+        return self.private_key.sign(data)
+
+
+def host_identity() -> HostIdentity:
+    """This host's identity, made on first use under ``<torpor home>/identity/``.
+
+    Refuses (:class:`UnsafePathError`) an identity directory another user could change, and a
+    key file that is a symlink, not a regular file, owned by another user, or readable or
+    writable by group or others.
+    """
+    home = _paths.home()
+    home_fd = _safe.open_dir(home)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(DIR_NAME, 0o700, dir_fd=home_fd)
+        dir_path = home / DIR_NAME
+        dir_fd = _safe.open_dir(DIR_NAME, dir_fd=home_fd)
+    finally:
+        os.close(home_fd)
+    try:
+        _safe.check_private(dir_path, what="identity directory", fd=dir_fd)
+        pem = _read_key(dir_fd, dir_path)
+        if pem is None:
+            _make_key(dir_fd, dir_path)
+            pem = _read_key(dir_fd, dir_path)
+        if pem is None:  # made, then removed under us: say so rather than loop
+            raise IdentityError(
+                f"host key {dir_path / KEY_NAME} vanished just after it was made",
+                hint="run the command again",
+            )
+    finally:
+        os.close(dir_fd)
+    return _load(pem, dir_path / KEY_NAME)
+
+
+def _read_key(dir_fd: int, dir_path: Path) -> bytes | None:
+    """The key file's bytes, None if there is none yet; refuses an unsafe key file."""
+    path = dir_path / KEY_NAME
+    try:
+        fd = os.open(
+            KEY_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePathError(
+                f"host key {path} is a symlink; refused",
+                path=path,
+                hint=f"remove {path} (a new key is made on next use)",
+            ) from exc
+        raise IdentityError(f"cannot open host key {path}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        _check_key_stat(st, path)
+        data = os.read(fd, _MAX_KEY_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_KEY_FILE:
+        raise IdentityError(f"host key {path} is larger than {_MAX_KEY_FILE} bytes; refused")
+    return data
+
+
+def _check_key_stat(st: os.stat_result, path: Path) -> None:
+    kind = _safe.kind_problem(st.st_mode)
+    if kind is not None:
+        raise UnsafePathError(
+            f"host key {path} is {kind}, not a regular file; refused",
+            path=path,
+            hint=f"remove {path} (a new key is made on next use)",
+        )
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        raise UnsafePathError(
+            f"host key {path} is owned by uid {st.st_uid}, not by uid {euid} or root; refused",
+            path=path,
+            hint=f"chown {euid} {path}",
+        )
+    if st.st_mode & 0o077:
+        raise UnsafePathError(
+            f"host key {path} is accessible by group or others"
+            f" (mode {stat.S_IMODE(st.st_mode):04o}); refused",
+            path=path,
+            hint=f"chmod 600 {path}",
+        )
+
+
+def _make_key(dir_fd: int, dir_path: Path) -> None:
+    """Write a new key under a temporary name, then link it to ``host.key`` unless another
+    process got there first (then its key is the one)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    tmp = f".{KEY_NAME}.{os.getpid()}.{secrets.token_hex(4)}"
+    source = str(dir_path)
+    try:
+        fd = _safe.create_file(dir_fd, tmp, source=source)
+        try:
+            os.write(fd, pem)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, KEY_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            pass  # another process made the key at the same time: use its key
+        finally:
+            os.unlink(tmp, dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot make host key {dir_path / KEY_NAME}: {exc.strerror}",
+            hint=f"check that {dir_path} is writable by uid {os.geteuid()}",
+        ) from exc
+
+
+def _load(pem: bytes, path: Path) -> HostIdentity:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise IdentityError(
+            f"host key {path} is not a readable PEM private key",
+            hint=f"restore it from a backup, or remove {path} to make a new identity",
+        ) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IdentityError(
+            f"host key {path} is not an Ed25519 key",
+            hint=f"remove {path} to make a new identity",
+        )
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return HostIdentity(key_id=raw.hex(), key_path=path, private_key=key)
+
+
+def is_key_id(value: object) -> bool:
+    """Whether ``value`` has the form of a key id (64 lowercase hex digits)."""
+    return (
+        isinstance(value, str)
+        and len(value) == KEY_ID_LEN
+        and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+def verify_signature(key_id: str, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is ``key_id``'s Ed25519 signature of ``data``. False (never an
+    exception) for a malformed key id or signature: both come from outside."""
+    if not is_key_id(key_id) or not isinstance(data, bytes | bytearray | memoryview):
+        return False
+    if not isinstance(signature, bytes) or len(signature) != SIG_LEN:
+        return False
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_id)).verify(signature, bytes(data))
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
