@@ -1,0 +1,35 @@
+"""Hypothesis profiles for the fuzz suite, declared once.
+
+- ``ci`` (loaded when ``CI=true``): few examples per property, so the whole suite takes well
+  under a minute on 2 cores; derandomized (the same examples on every run, so a red CI run is
+  reproducible on any machine) and no example database (nothing written to the checkout).
+- ``dev`` (the default elsewhere): ten times the examples, random, with the example database,
+  so a local run explores more and replays what failed before.
+
+``HYPOTHESIS_PROFILE=dev|ci`` overrides the choice. Expensive properties scale their example
+count down from the profile's with :func:`tests.fuzz.support.scaled`.
+
+Every profile has a deadline (a slow example fails); hangs are caught harder than that by
+:func:`tests.fuzz.support.bounded`, a per-example alarm.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from hypothesis import HealthCheck, settings
+
+# The suite's examples run in sandboxes made inside the test (fresh per example), never in
+# function-scoped fixtures, which Hypothesis would share across examples.
+_COMMON = {
+    "deadline": timedelta(seconds=5),
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+    "print_blob": True,
+}
+
+settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_COMMON)
+settings.register_profile("dev", max_examples=400, **_COMMON)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") == "true" else "dev")
+)
