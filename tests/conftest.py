@@ -12,7 +12,7 @@ import contextlib
 import functools
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import pytest
 
@@ -43,14 +43,59 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs iproute2 (`ip`) for network namespaces"))
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
-    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
-        report.outcome = "failed"
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.longrepr = f"skipped in CI, which must run every test: {reason}"
+def pytest_configure(config: pytest.Config) -> None:
+    if IN_CI:
+        # A plugin, not hooks of this conftest: a collect report of a directory whose conftest
+        # skipped is not shown to conftest hooks, only to plugins.
+        config.pluginmanager.register(CIGuard(), "torpor-ci-guard")
+
+
+class CIGuard:
+    """In CI every way out of running a test is a failure: a skip (runtime `pytest.skip`, a skip
+    or skipif marker, a skip in a fixture, unittest's skips), a skip of a whole collector
+    (module-level `pytest.importorskip`, `pytest.skip(..., allow_module_level=True)`,
+    `unittest.SkipTest`, or a conftest that skips), or an xfail (marker or `pytest.xfail`, strict
+    or not, and an unexpected pass). What was skipped or xfailed was not proved to work, and CI
+    is where it must be."""
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """A skipped, xfailed or xpassed test (in any phase) fails."""
+        report = yield
+        if hasattr(report, "wasxfail"):
+            what = "xfailed" if report.skipped else "xpassed"
+            reason = report.wasxfail
+            # Without wasxfail the report is a plain failure everywhere (terminal, junitxml).
+            del report.wasxfail
+            report.outcome = "failed"
+            report.longrepr = f"{what} in CI, which must pass every test: {reason}"
+        elif report.skipped:
+            report.outcome = "failed"
+            report.longrepr = f"{SKIPPED_IN_CI}{_reason(report.longrepr)}"
+        return report
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_make_collect_report(
+        self, collector: pytest.Collector
+    ) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+        """A collector skipped while collected (no test report is ever made for its tests) is a
+        collection error, as an import that fails without importorskip is: pytest then runs no
+        test and exits non-zero."""
+        report = yield
+        if report.skipped:
+            report.outcome = "failed"
+            report.longrepr = f"{SKIPPED_IN_CI}{_reason(report.longrepr)}"
+        return report
+
+
+SKIPPED_IN_CI = "skipped in CI, which must run every test: "
+
+
+def _reason(longrepr: object) -> object:
+    # A skip's longrepr is (path, lineno, "Skipped: reason").
+    return longrepr[2] if isinstance(longrepr, tuple) else longrepr
 
 
 @pytest.fixture
