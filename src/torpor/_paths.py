@@ -3,31 +3,139 @@
 ``TORPOR_HOME`` overrides the default (``/var/lib/torpor`` for root, else
 ``$XDG_DATA_HOME/torpor``). Everything is created readable by its owner only: images hold a
 process's memory, secrets included.
+
+torpor acts on what it finds here as root (records name processes it signals, logs and images
+are written into it), so the home and each of its directories are checked every time they are
+handed out, as ssh's StrictModes checks ``~/.ssh``: a real directory (not a symlink), owned by
+the effective user or root, not writable by group or others (:func:`torpor._safe.check_private`,
+one ``lstat`` each). A missing one is created 0700; an existing one that fails is refused with
+the fix, never silently ``chmod``-ed (someone else may have prepared it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import secrets
+import stat
 from pathlib import Path
+
+from . import _safe
+from ._errors import PermissionDeniedError
 
 
 def home() -> Path:
-    """The torpor home directory (created 0700 on first use)."""
+    """The torpor home directory (created 0700 on first use; refused if another user could
+    change it, see the module docstring)."""
+    return private_dir(home_path(), what="torpor home")
+
+
+def home_path() -> Path:
+    """Where the torpor home is, unchecked (for messages and for ``torpor doctor``)."""
     env = os.environ.get("TORPOR_HOME")
     if env:
-        path = Path(env)
-    elif os.geteuid() == 0:
-        path = Path("/var/lib/torpor")
-    else:
-        xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-        path = Path(xdg) / "torpor"
-    return private_dir(path)
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/torpor")
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "torpor"
 
 
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) if missing, mode 0700; return it."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+def private_dir(path: Path, *, what: str = "directory") -> Path:
+    """Return ``path``, a directory only its owner can change: created 0700 (parents as the
+    umask makes them) if missing, refused (:class:`~torpor.UnsafePathError`, or
+    :class:`~torpor.PermissionDeniedError` when it is root's and we are not) otherwise."""
+    try:
+        try:
+            st = _safe.check_private(path, what=what)
+        except FileNotFoundError:
+            _create(path)
+            st = _safe.check_private(path, what=what)
+    except OSError as exc:
+        raise _unusable(path, what, exc) from exc
+    euid = os.geteuid()
+    if euid != 0 and st.st_uid != euid:
+        # Safe (root's), but not ours to write: say so rather than fail later on EACCES.
+        raise PermissionDeniedError(
+            f"{what} {path} belongs to root; uid {euid} cannot use it",
+            hint="run torpor as root, or set TORPOR_HOME to a directory of your own",
+        )
     return path
+
+
+def _create(path: Path) -> None:
+    if not path.parent.exists():
+        os.makedirs(path.parent, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return  # made meanwhile by someone else: the caller checks it as any existing one
+    # We made it, so its mode is ours to set (the umask may have taken owner bits away).
+    if stat.S_IMODE(os.lstat(path).st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def _unusable(path: Path, what: str, exc: OSError) -> PermissionDeniedError:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDeniedError(
+            f"cannot use {what} {path}: permission denied (uid {os.geteuid()})",
+            hint="run torpor as root, or set TORPOR_HOME to a directory of your own",
+        )
+    return PermissionDeniedError(
+        f"cannot use {what} {path}: {exc.strerror or exc}",
+        hint="set TORPOR_HOME to a directory of your own",
+    )
+
+
+def read_home_file(name: str, *, limit: int = 1 << 20) -> bytes | None:
+    """The bytes of the file ``name`` in the home (a cache, a record of torpor's own), or None
+    if there is none or it is not one torpor could have written: not a regular file (a
+    symlink is never followed), owned by another user, writable by group or others, or longer
+    than ``limit``."""
+    home_fd = _safe.open_dir(home())
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=home_fd
+        )
+    except OSError:
+        return None
+    finally:
+        os.close(home_fd)
+    try:
+        st = os.fstat(fd)
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_uid not in (os.geteuid(), 0)
+            or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        ):
+            return None
+        data = os.read(fd, limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) <= limit else None
+
+
+def write_home_file(name: str, data: bytes) -> None:
+    """Replace the file ``name`` in the home atomically with ``data``: a new 0600 file
+    (``O_EXCL``, ``O_NOFOLLOW``: a planted file or symlink is never written through) renamed
+    over the old one."""
+    home_fd = _safe.open_dir(home())
+    tmp = f".{name}.tmp{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = _safe.create_file(home_fd, tmp, source="torpor home")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.rename(tmp, name, src_dir_fd=home_fd, dst_dir_fd=home_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=home_fd)
+            raise
+    finally:
+        os.close(home_fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -39,26 +147,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _subdir(name: str, what: str) -> Path:
+    return private_dir(home() / name, what=what)
+
+
 def images_dir() -> Path:
     """Local image directories (``torpor checkpoint`` without ``-o`` or ``--pool``)."""
-    return private_dir(home() / "images")
+    return _subdir("images", "images directory")
 
 
 def procs_dir() -> Path:
     """Records of managed processes (``torpor run`` / ``torpor restore``)."""
-    return private_dir(home() / "procs")
+    return _subdir("procs", "records directory")
 
 
 def logs_dir() -> Path:
     """CRIU logs and the stdout/stderr logs of managed processes."""
-    return private_dir(home() / "logs")
+    return _subdir("logs", "logs directory")
 
 
 def pools_dir() -> Path:
     """Pool configurations and the ``default`` dir pool's data."""
-    return private_dir(home() / "pools")
+    return _subdir("pools", "pools directory")
 
 
 def cache_dir() -> Path:
     """Images materialised from pools for restore."""
-    return private_dir(home() / "cache")
+    return _subdir("cache", "cache directory")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _paths
-from .._errors import TorporError
-from .._process._proc import ProcRef, detached
+from .._errors import PermissionDeniedError, TorporError
+from .._process._proc import ProcRef, detached, holds_unix_socket
 from ._master import agent_argv, pid_path, socket_path
 from ._worker import launcher_dir
 
@@ -48,8 +48,13 @@ def status() -> AgentStatus:
 
 
 def _recorded(home: Path) -> tuple[ProcRef | None, str | None]:
+    """The agent's record (``agent.pid``), if there is one torpor could have written (see
+    :func:`torpor._paths.read_home_file`)."""
     try:
-        data = json.loads(pid_path(home).read_text())
+        raw = _paths.read_home_file(pid_path(home).name, limit=4096)
+        if raw is None:
+            return None, None
+        data = json.loads(raw)
         return ProcRef(int(data["pid"]), int(data["start_time"])), str(data["started"])
     except (OSError, ValueError, KeyError, TypeError):
         return None, None
@@ -63,7 +68,9 @@ def start() -> tuple[AgentStatus, bool]:
         return current, False
     home = _paths.home()
     ready_r, ready_w = os.pipe()
-    log_fd = os.open(current.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log_fd = os.open(
+        current.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
     argv = [*agent_argv(launcher_dir()), "--ready-fd", str(ready_w)]
     env = {**os.environ, "TORPOR_HOME": str(home)}
 
@@ -76,6 +83,8 @@ def start() -> tuple[AgentStatus, bool]:
         os.closerange(3, ready_w)
         os.closerange(ready_w + 1, 1 << 16)
         os.set_inheritable(ready_w, True)
+        # What the agent creates in the home (agent.pid, its socket) is its owner's only.
+        os.umask(0o077)
         os.execve(sys.executable, argv, env)
 
     try:
@@ -103,15 +112,35 @@ def start() -> tuple[AgentStatus, bool]:
 
 def stop() -> AgentStatus | None:
     """Stop the agent of this torpor home (its workers' managed processes and their keepers go
-    on); the status it had, or None if none ran."""
+    on); the status it had, or None if none ran.
+
+    Only a process that is this home's agent is signalled: the recorded pid and start time,
+    and it holds the socket bound at ``agent.sock`` (a stale or planted ``agent.pid`` naming
+    another process is refused)."""
+    home = _paths.home()
     current = status()
-    if current.pid is None:
+    proc, _ = _recorded(home)
+    if current.pid is None or proc is None:
         return None
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(current.pid, signal.SIGTERM)
-    proc, _ = _recorded(_paths.home())
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return None
+    try:
+        if not proc.alive():
+            return None
+        if not holds_unix_socket(proc.pid, str(socket_path(home))):
+            raise PermissionDeniedError(
+                f"{pid_path(home)} names pid {proc.pid}, which is not this home's agent (it "
+                f"does not serve {socket_path(home)}); nothing signalled",
+                hint=f"the record is stale or planted: remove {pid_path(home)}",
+            )
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    finally:
+        os.close(pidfd)
     deadline = time.monotonic() + STOP_TIMEOUT
-    while proc is not None and proc.alive():
+    while proc.alive():
         if time.monotonic() > deadline:
             raise TorporError(
                 f"the agent (pid {current.pid}) did not stop within {STOP_TIMEOUT:.0f}s",

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._errors import ProcessNotFoundError, UsageError
+from .._errors import TorporError, UsageError
 from ._app import App, human_duration
+
+if TYPE_CHECKING:
+    from .._process._proc import ProcRef
+    from .._process._registry import ManagedProcess
 
 
 def register(sub: Any) -> None:
@@ -32,7 +37,13 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="output JSON")
     p.set_defaults(handler=_ps)
 
-    p = sub.add_parser("kill", help="stop a managed process (SIGTERM, then SIGKILL)")
+    p = sub.add_parser(
+        "kill",
+        help="stop a managed process (SIGTERM, then SIGKILL)",
+        description="Stop a managed process: SIGTERM, then SIGKILL after --timeout. An app "
+        "that has no SIGTERM handler (pid 1 of its PID namespace ignores SIGTERM then) gets "
+        "SIGKILL at once. Says which signal ended it.",
+    )
     p.add_argument("target", metavar="NAME|PID")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before SIGKILL")
     p.set_defaults(handler=_kill)
@@ -59,7 +70,10 @@ def _run(app: App, args: argparse.Namespace) -> int:
 def _ps(app: App, args: argparse.Namespace) -> int:
     from .._process import _proc, _registry
 
-    recs = [r for r in _registry.list_all() if args.all or r.state == "running"]
+    skipped: list[TorporError] = []
+    recs = [r for r in _registry.list_all(skipped) if args.all or r.state == "running"]
+    for problem in skipped:
+        app.warn(f"skipped: {problem}")
     if args.json:
         app.json([{**r.__dict__, "state": r.state} for r in recs])
         return 0
@@ -74,37 +88,87 @@ def _ps(app: App, args: argparse.Namespace) -> int:
 
 
 def resolve_target(target: str) -> int:
-    """A pid from ``NAME|PID`` (a managed name must be running)."""
+    """A pid from ``NAME|PID``. A managed name must be running, and be the very process torpor
+    started (its record is checked against the live process: a stale or planted one is
+    refused)."""
     from .._process import _registry
 
     if target.isdigit():
         return int(target)
     rec = _registry.load(target)
-    if rec.state != "running":
-        raise ProcessNotFoundError(
-            f"managed process {target!r} is not running ({rec.state})", pid=rec.pid
-        )
+    _registry.check_live(rec)
     return rec.pid
 
 
 def _kill(app: App, args: argparse.Namespace) -> int:
-    from .._process import _proc, _registry
+    from .._process import _registry
 
-    pid = resolve_target(args.target)
-    managed = _registry.find_by_pid(pid)
-    if managed is None:
-        raise UsageError(
-            f"pid {pid} is not a managed process", hint="torpor kill only stops what torpor started"
-        )
-    ref = managed.ref
-    # A PID namespace's init ignores signals it has no handler for, except SIGKILL.
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + args.timeout
-    while ref.alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if ref.alive():
-        os.kill(pid, signal.SIGKILL)
-        while _proc.stat_fields(pid) is not None and ref.alive():
-            time.sleep(0.02)
-    app.info(f"stopped {managed.name} (pid {pid})")
+    if args.target.isdigit():
+        managed = _registry.find_by_pid(int(args.target))
+        if managed is None:
+            raise UsageError(
+                f"pid {args.target} is not a managed process",
+                hint="torpor kill only stops what torpor started",
+            )
+    else:
+        managed = _registry.load(args.target)
+    pidfd = _registry.open_checked(managed)
+    try:
+        how = _stop(pidfd, managed, args.timeout)
+    finally:
+        os.close(pidfd)
+    app.info(f"stopped {managed.name} (pid {managed.pid}) with {how}")
     return 0
+
+
+def _stop(pidfd: int, rec: ManagedProcess, timeout: float) -> str:
+    """End the process of ``pidfd`` (checked to be ``rec``'s); how it was ended."""
+    if _ignores_sigterm_by_default(rec.pid):
+        # Outside a namespace SIGTERM would end it at once without any cleanup (its default
+        # action): SIGKILL does the same here, where the kernel drops a SIGTERM from outside.
+        _send(pidfd, signal.SIGKILL)
+        _wait_ended(rec.ref, None)
+        return (
+            "SIGKILL: it has no SIGTERM handler, and pid 1 of a PID namespace ignores SIGTERM "
+            "without one"
+        )
+    _send(pidfd, signal.SIGTERM)
+    if _wait_ended(rec.ref, timeout):
+        return "SIGTERM"
+    _send(pidfd, signal.SIGKILL)
+    _wait_ended(rec.ref, None)
+    return f"SIGKILL: it was still running {timeout:g}s after SIGTERM"
+
+
+def _ignores_sigterm_by_default(pid: int) -> bool:
+    """Whether ``pid`` is a PID namespace's init that neither catches, blocks nor ignores
+    SIGTERM: the kernel then discards a SIGTERM sent from outside its namespace."""
+    from .._process import _proc
+
+    bit = 1 << (signal.SIGTERM - 1)
+    try:
+        if not _proc.is_namespace_init(pid):
+            return False
+        wanted = (
+            _proc.signal_mask(pid, "SigCgt")
+            | _proc.signal_mask(pid, "SigBlk")
+            | _proc.signal_mask(pid, "SigIgn")
+        )
+    except OSError:
+        return False  # ended meanwhile: SIGTERM then harms nothing
+    return not wanted & bit
+
+
+def _send(pidfd: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
+        signal.pidfd_send_signal(pidfd, sig)
+
+
+def _wait_ended(ref: ProcRef, timeout: float | None) -> bool:
+    """Wait (at most ``timeout`` seconds, or for ever) until ``ref`` has ended."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while ref.alive():
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True

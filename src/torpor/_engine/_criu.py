@@ -152,12 +152,15 @@ def _cli_version(binary: str) -> str | None:
         st = os.stat(binary)
     except OSError:
         return None
+    from .._errors import TorporError
+
     stamp = f"{binary}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    cache = _paths.home() / "criu-version.json"
+    cache = "criu-version.json"
     try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
+        # Only a cache torpor could have written (0600, ours or root's, not a symlink).
+        known = json.loads(_paths.read_home_file(cache) or b"{}")
+    except (TorporError, OSError, ValueError):
+        known = {}  # an unusable home: the command says so itself, `torpor doctor` goes on
     if isinstance(known, dict) and isinstance(known.get(stamp), str):
         return str(known[stamp])
     try:
@@ -169,12 +172,8 @@ def _cli_version(binary: str) -> str | None:
     m = re.search(r"Version:\s*(\d+\.\d+(?:\.\d+)?)", out)
     if not m:
         return None
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps({stamp: m.group(1)}))
-        os.replace(tmp, cache)
-    except OSError:
-        pass
+    with contextlib.suppress(TorporError, OSError):
+        _paths.write_home_file(cache, json.dumps({stamp: m.group(1)}).encode())
     return m.group(1)
 
 

@@ -105,10 +105,11 @@ def host_pid() -> int:
     return int(os.readlink("/proc/self"))
 
 
-def status_field(name: str) -> list[str]:
-    """The values of field ``name`` in /proc/self/status (empty if absent)."""
+def status_field(name: str, pid: int | str = "self") -> list[str]:
+    """The values of field ``name`` in /proc/PID/status (empty if absent; ``OSError`` if
+    there is no such process)."""
     prefix = f"{name}:"
-    with open("/proc/self/status", encoding="ascii") as fh:
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
         for line in fh:
             if line.startswith(prefix):
                 return line.split()[1:]
@@ -121,10 +122,57 @@ def host_ppid() -> int:
     return int(values[0]) if values else 0
 
 
-def is_namespace_init() -> bool:
-    """Whether we are pid 1 of a PID namespace other than the host's."""
-    pids = status_field("NSpid")
+def is_namespace_init(pid: int | str = "self") -> bool:
+    """Whether ``pid`` (we, by default) is pid 1 of a PID namespace other than the host's."""
+    pids = status_field("NSpid", pid)
     return len(pids) > 1 and pids[-1] == "1"
+
+
+def parent_pid(pid: int) -> int | None:
+    """The host pid of the parent of ``pid`` (None if there is no such process)."""
+    st = stat_fields(pid)
+    return int(st[1]) if st is not None else None
+
+
+def signal_mask(pid: int, field: str) -> int:
+    """A signal set of ``pid`` from /proc/PID/status (``SigCgt`` caught, ``SigIgn`` ignored,
+    ``SigBlk`` blocked by its main thread) as a bit mask: bit ``n - 1`` is signal ``n``."""
+    values = status_field(field, pid)
+    return int(values[0], 16) if values else 0
+
+
+def holds_unix_socket(pid: int, address: str) -> bool:
+    """Whether ``pid`` has open a unix socket bound to ``address`` (a path, or ``@name`` for
+    an abstract one, as /proc/net/unix spells it).
+
+    Anyone may bind a free abstract name, but not put the socket among another process's
+    fds: this tells a real torpor keeper or agent from a process that only has its pid.
+    """
+    inodes: set[str] = set()
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as fh:
+            next(fh, None)  # the header
+            for line in fh:
+                # Num RefCount Protocol Flags Type St Inode Path (a path may hold spaces)
+                parts = line.rstrip("\n").split(None, 7)
+                if len(parts) == 8 and parts[7] == address:
+                    inodes.add(parts[6])
+    except OSError:
+        return False
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            return True
+    return False
 
 
 def start_seconds_ago(r: ProcRef) -> float:

@@ -1,21 +1,52 @@
 """Records of managed processes (started by ``torpor run`` or ``torpor restore``).
 
-One JSON file per process under ``<home>/procs``, written atomically. The keeper that parents a
-process writes its exit status there when it ends.
+One JSON file per process under ``<home>/procs``, written atomically (0600, ``O_EXCL``). The
+keeper that parents a process writes its exit status there when it ends.
+
+A record names a pid that root will signal (``torpor kill``) or dump (``torpor checkpoint
+NAME``), so nothing in one is believed as read:
+
+- a record file is opened relative to the records directory with ``O_NOFOLLOW``, must be a
+  regular file owned by the effective user or root and not writable by group or others, and
+  must hold exactly the fields and types torpor writes (else: skipped by :func:`list_all`, a
+  clear error when named);
+- before its pid is acted on, :func:`open_checked` re-checks the live process: the same
+  ``(pid, start time)``, a child of the recorded keeper (same pid and start time), and that
+  keeper a torpor keeper (it holds the keeper socket of its own pid, which a process that only
+  knows a pid cannot fake). A pidfd is taken first, so the process checked is the process
+  signalled even if the pid is reused meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+import secrets
+import stat
+from collections.abc import Iterator
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .. import _paths
-from .._errors import AlreadyExistsError, ProcessNotFoundError
+from .. import _paths, _safe
+from .._errors import (
+    AlreadyExistsError,
+    PermissionDeniedError,
+    ProcessNotFoundError,
+    TorporError,
+    UnsafePathError,
+)
 from .._images._store import check_name
+from . import _proc
 from ._proc import ProcRef
+
+MAX_RECORD = 1 << 20  # bytes; a record is a few hundred, argv at most a few MiB
+
+
+class RecordError(TorporError):
+    """A record in the torpor home that is not one torpor wrote (bad JSON, fields, types)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +64,9 @@ class ManagedProcess:
     exit_status: int | None = None
     ended: str | None = None
     checkpointed_to: str | None = None
+    # The keeper's start time: with ``keeper_pid``, the keeper's identity (pids are reused).
+    # Filled in by :func:`save` in the keeper itself; records of older torpors lack it.
+    keeper_start_time: int | None = None
 
     @property
     def ref(self) -> ProcRef:
@@ -57,18 +91,63 @@ class ManagedProcess:
         return replace(self, **changes)
 
 
-def _path(name: str) -> Path:
-    return _paths.procs_dir() / f"{check_name(name, what='process name')}.json"
+# field -> the types its JSON value may have (bool is refused where int is meant)
+_INT, _OPT_INT, _STR, _OPT_STR = (int,), (int, type(None)), (str,), (str, type(None))
+_TYPES: dict[str, tuple[type, ...]] = {
+    "name": _STR,
+    "pid": _INT,
+    "start_time": _INT,
+    "keeper_pid": _INT,
+    "command": (list,),
+    "started": _STR,
+    "log_path": _OPT_STR,
+    "restored_from": _OPT_STR,
+    "exit_status": _OPT_INT,
+    "ended": _OPT_STR,
+    "checkpointed_to": _OPT_STR,
+    "keeper_start_time": _OPT_INT,
+}
+_REQUIRED = {f.name for f in fields(ManagedProcess) if f.default is MISSING}
+assert set(_TYPES) == {f.name for f in fields(ManagedProcess)}
+
+
+def _file_name(name: str) -> str:
+    return f"{check_name(name, what='process name')}.json"
+
+
+@contextlib.contextmanager
+def _procs() -> Iterator[tuple[int, Path]]:
+    """The records directory, checked, opened (``O_NOFOLLOW``) and checked again by fd."""
+    path = _paths.procs_dir()
+    fd = _safe.open_dir(path)
+    try:
+        _safe.check_private(path, what="records directory", fd=fd)
+        yield fd, path
+    finally:
+        os.close(fd)
 
 
 def save(rec: ManagedProcess) -> None:
-    """Write (or replace) a record atomically."""
-    path = _path(rec.name)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(asdict(rec), fh, indent=2, sort_keys=True)
-    os.rename(tmp, path)
+    """Write (or replace) a record atomically: a new 0600 file (``O_EXCL``, ``O_NOFOLLOW``)
+    renamed over the old one."""
+    if rec.keeper_start_time is None and rec.keeper_pid == os.getpid():
+        # Records are written by their keeper (the process that started them): it knows its
+        # own start time, which makes it recognisable later (see open_checked).
+        own = _proc.start_time(os.getpid())
+        rec = rec.evolve(keeper_start_time=own)
+    final = _file_name(rec.name)
+    tmp = f".{rec.name}.tmp{os.getpid()}-{secrets.token_hex(4)}"
+    data = json.dumps(asdict(rec), indent=2, sort_keys=True).encode()
+    with _procs() as (dir_fd, _):
+        fd = _safe.create_file(dir_fd, tmp, source="records directory")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.rename(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
 
 
 def reserve(name: str) -> None:
@@ -85,25 +164,101 @@ def reserve(name: str) -> None:
 
 
 def load(name: str) -> ManagedProcess:
-    """The record named ``name``."""
+    """The record named ``name``: :class:`ProcessNotFoundError` if there is none,
+    :class:`~torpor.UnsafePathError` or :class:`RecordError` if it cannot be trusted."""
+    file = _file_name(name)
+    with _procs() as (dir_fd, path):
+        return _read(dir_fd, path, file, name)
+
+
+def _read(dir_fd: int, dir_path: Path, file: str, name: str) -> ManagedProcess:
+    path = dir_path / file
     try:
-        data = json.loads(_path(name).read_text())
+        fd = os.open(
+            file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
     except FileNotFoundError as exc:
         raise ProcessNotFoundError(
             f"no managed process named {name!r}", hint="`torpor ps` lists managed processes"
         ) from exc
-    data["command"] = tuple(data["command"])
-    return ManagedProcess(**data)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _unsafe(path, "is a symlink") from exc
+        raise RecordError(f"cannot read record {path}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        kind = _safe.kind_problem(st.st_mode)
+        if kind is not None:
+            raise _unsafe(path, f"is {kind}, not a regular file")
+        euid = os.geteuid()
+        if st.st_uid not in (euid, 0):
+            raise _unsafe(path, f"is owned by uid {st.st_uid}, not by uid {euid} or root")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise _unsafe(path, f"is writable by group or others (mode {st.st_mode & 0o777:04o})")
+        raw = os.read(fd, MAX_RECORD + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_RECORD:
+        raise _malformed(path, f"is larger than {MAX_RECORD} bytes")
+    return _parse(raw, path, name)
 
 
-def list_all() -> list[ManagedProcess]:
-    """Every record, oldest first."""
-    out = []
-    for p in _paths.procs_dir().glob("*.json"):
-        try:
-            out.append(load(p.stem))
-        except (ProcessNotFoundError, ValueError, TypeError):
+def _parse(raw: bytes, path: Path, name: str) -> ManagedProcess:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _malformed(path, "is not JSON") from exc
+    if not isinstance(data, dict):
+        raise _malformed(path, "is not a JSON object")
+    missing = sorted(_REQUIRED - data.keys())
+    if missing:
+        raise _malformed(path, f"lacks {', '.join(missing)}")
+    values: dict[str, Any] = {}
+    for key, types in _TYPES.items():
+        if key not in data:
             continue
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise _malformed(path, f"has a bad {key} ({type(value).__name__})")
+        values[key] = value
+    if not all(isinstance(a, str) for a in values["command"]):
+        raise _malformed(path, "has a bad command (not a list of strings)")
+    values["command"] = tuple(values["command"])
+    if values["name"] != name:
+        raise _malformed(path, f"names another process ({values['name']!r})")
+    for key in ("pid", "keeper_pid"):
+        if values[key] <= 0:
+            raise _malformed(path, f"has a bad {key} ({values[key]})")
+    return ManagedProcess(**values)
+
+
+def _unsafe(path: Path, problem: str) -> UnsafePathError:
+    return UnsafePathError(
+        f"record {path} {problem}; refused",
+        path=path,
+        hint=f"torpor did not write it: remove {path}",
+    )
+
+
+def _malformed(path: Path, problem: str) -> RecordError:
+    return RecordError(
+        f"record {path} {problem}; refused", hint=f"torpor did not write it: remove {path}"
+    )
+
+
+def list_all(skipped: list[TorporError] | None = None) -> list[ManagedProcess]:
+    """Every record, oldest first. Records that cannot be trusted are left out (and their
+    errors appended to ``skipped``, when given)."""
+    out = []
+    with _procs() as (dir_fd, path), os.scandir(dir_fd) as it:
+        for entry in it:
+            if entry.name.startswith(".") or not entry.name.endswith(".json"):
+                continue  # temporary files of save()
+            try:
+                out.append(_read(dir_fd, path, entry.name, entry.name[: -len(".json")]))
+            except (TorporError, OSError) as exc:
+                if skipped is not None:
+                    skipped.append(exc if isinstance(exc, TorporError) else RecordError(str(exc)))
     return sorted(out, key=lambda r: r.started)
 
 
@@ -124,4 +279,72 @@ def mark_checkpointed(target: ProcRef, image: Path) -> None:
 
 def delete(name: str) -> None:
     """Forget a record."""
-    _path(name).unlink(missing_ok=True)
+    file = _file_name(name)
+    with _procs() as (dir_fd, _), contextlib.suppress(FileNotFoundError):
+        os.unlink(file, dir_fd=dir_fd)
+
+
+# -- acting on a record's pid ---------------------------------------------------------------
+
+
+def open_checked(rec: ManagedProcess) -> int:
+    """A pidfd of the process ``rec`` names, once it is known to be the very process torpor
+    started (see the module docstring); the caller closes it and signals through it
+    (``signal.pidfd_send_signal``), so a pid reused since cannot be hit.
+
+    :class:`ProcessNotFoundError` if it has ended; :class:`~torpor.PermissionDeniedError` if
+    the live process is not torpor's (a stale or planted record) or the record is too old to
+    tell."""
+    try:
+        pidfd = os.pidfd_open(rec.pid)
+    except ProcessLookupError as exc:
+        raise _ended(rec) from exc
+    try:
+        check_live(rec)
+    except BaseException:
+        os.close(pidfd)
+        raise
+    return pidfd
+
+
+def check_live(rec: ManagedProcess) -> None:
+    """Refuse (as :func:`open_checked`) unless ``rec`` names a live process torpor started."""
+    if rec.ended is not None or not rec.ref.alive():
+        raise _ended(rec)
+    if rec.keeper_start_time is None:
+        raise PermissionDeniedError(
+            f"record {rec.name!r} does not say which keeper started pid {rec.pid} (written by "
+            "an older torpor), so torpor cannot tell it is its own; nothing signalled",
+            hint=f"check it (`ps -o pid,ppid,args -p {rec.pid}`), then stop it with kill",
+        )
+    problem = _foreign(rec, rec.keeper_start_time)
+    if problem is not None:
+        raise PermissionDeniedError(
+            f"record {rec.name!r} names pid {rec.pid}, which torpor did not start "
+            f"({problem}); nothing signalled",
+            hint="the record is stale or planted: remove "
+            f"{_paths.procs_dir() / _file_name(rec.name)}",
+        )
+
+
+def _foreign(rec: ManagedProcess, keeper_start: int) -> str | None:
+    """Why the live process of ``rec`` is not torpor's, or None."""
+    from ._keeper import address  # the keeper imports us
+
+    parent = _proc.parent_pid(rec.pid)
+    if parent != rec.keeper_pid:
+        return f"its parent is pid {parent}, not the recorded keeper {rec.keeper_pid}"
+    if not ProcRef(rec.keeper_pid, keeper_start).alive():
+        return f"its parent {parent} is not the recorded keeper (another start time)"
+    name = "@" + address(rec.keeper_pid)[1:].decode()
+    if not _proc.holds_unix_socket(rec.keeper_pid, name):
+        return f"its parent {parent} is not a torpor keeper"
+    return None
+
+
+def _ended(rec: ManagedProcess) -> ProcessNotFoundError:
+    return ProcessNotFoundError(
+        f"managed process {rec.name!r} (pid {rec.pid}) is not running ({rec.state})",
+        pid=rec.pid,
+        hint="`torpor ps -a` lists ended ones",
+    )
