@@ -136,8 +136,31 @@ def probe() -> tuple[Capability, ...]:
             else "lazy-page migration is slow: sysctl -w fs.pipe-max-size=4194304",
         )
     )
-    caps.append(_agent_capability())
+    home = _home_capability()
+    caps.append(home)
+    if home.ok:
+        caps.append(_agent_capability())
     return tuple(caps)
+
+
+def _home_capability() -> Capability:
+    """Whether the torpor home is one torpor will use: its own directories, none of them
+    changeable by another user (the check every command makes)."""
+    from . import _paths
+
+    try:
+        for accessor in (
+            _paths.home,
+            _paths.procs_dir,
+            _paths.logs_dir,
+            _paths.images_dir,
+            _paths.cache_dir,
+            _paths.pools_dir,
+        ):
+            accessor()
+    except TorporError as exc:
+        return Capability("torpor home", False, str(exc), "every command refuses this home")
+    return Capability("torpor home", True, f"{_paths.home()} (private)")
 
 
 def _agent_capability() -> Capability:

@@ -26,5 +26,5 @@ def _doctor(app: App, args: argparse.Namespace) -> int:
             ("CHECK", "STATUS", "DETAIL", "IF MISSING"),
             [(c.name, "works" if c.ok else "MISSING", c.detail, c.cost) for c in caps],
         )
-    essential = {"criu", "privileges"}
+    essential = {"criu", "privileges", "torpor home"}
     return 0 if all(c.ok for c in caps if c.name in essential) else 1
