@@ -5,19 +5,37 @@ An archive is a tar file laid out like a pool holding one image (``torpor-pool.j
 the image into a write-only pool over :class:`ArchiveWriter`; importing is copying it out of a
 read-only pool over :class:`ArchiveReader`. Chunks stay compressed and are verified on the
 way in, like any copy between pools.
+
+An archive comes from outside: :class:`ArchiveReader` refuses, before anything is read from
+it, a member that is not a regular file (a symlink, hard link, device, FIFO, directory), a
+member name that is not a key of the expected form (``torpor-pool.json``, ``images/NAME``,
+``lists/ID``, ``index/ID``, ``packs/XX/ID``: no ``..``, no absolute name, no other prefix), a
+name given twice, and a member too large to be one torpor wrote.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 import threading
 import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .._errors import PoolError
+from .._errors import PoolError, UnsafeImageError
 from ._backend import check_key
+
+_ID = r"[0-9a-f]{32}"
+# Member names an export writes (image names as the store allows them: _images._store).
+_MEMBER_RE = re.compile(
+    rf"torpor-pool\.json|images/[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}|lists/{_ID}|index/{_ID}"
+    rf"|packs/(?P<fan>[0-9a-f]{{2}})/(?P<pack>{_ID})"
+)
+# A pack is at most ~5 MiB, a manifest or chunk list far less than this: a bigger member is
+# not one torpor wrote, and is read whole into memory.
+MAX_MEMBER = 256 << 20
+MAX_MEMBERS = 1 << 20
 
 
 class ArchiveWriter:
@@ -83,12 +101,17 @@ class ArchiveReader:
         self._source = source
         try:
             self._tar = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115
-            self._members = {m.name: m for m in self._tar.getmembers() if m.isfile()}
+            members = self._tar.getmembers()
         except (OSError, tarfile.TarError) as exc:
             raise PoolError(
                 f"{source} is not a torpor image archive ({exc})",
                 hint="make one with `torpor image export NAME@POOL FILE`",
             ) from exc
+        try:
+            self._members = _check_members(members, source)
+        except BaseException:
+            self._tar.close()
+            raise
 
     def _readonly(self) -> PoolError:
         return PoolError(f"{self._source} is a read-only archive")
@@ -135,3 +158,42 @@ class ArchiveReader:
     def close(self) -> None:
         """Close the tar reader (the file object stays open)."""
         self._tar.close()
+
+
+def _check_members(members: list[tarfile.TarInfo], source: str) -> dict[str, tarfile.TarInfo]:
+    """The archive's members by name, every one checked (see the module docstring)."""
+    if len(members) > MAX_MEMBERS:
+        raise _refused(source, f"{len(members)} members", "more than an export ever holds")
+    out: dict[str, tarfile.TarInfo] = {}
+    for m in members:
+        if not m.isreg():
+            kind = (
+                "a symlink"
+                if m.issym()
+                else "a hard link"
+                if m.islnk()
+                else "a directory"
+                if m.isdir()
+                else "a device or FIFO"
+            )
+            raise _refused(source, m.name, f"is {kind}, not a regular file")
+        match = _MEMBER_RE.fullmatch(m.name)
+        if match is None or ".." in m.name:
+            raise _refused(source, m.name, "is not a name an export writes")
+        if match["pack"] is not None and match["pack"][:2] != match["fan"]:
+            raise _refused(source, m.name, "is not a name an export writes")
+        if m.name in out:
+            raise _refused(source, m.name, "is in the archive twice")
+        if m.size > MAX_MEMBER:
+            raise _refused(source, m.name, f"is larger than {MAX_MEMBER} bytes")
+        out[check_key(m.name)] = m
+    return out
+
+
+def _refused(source: str, member: str, problem: str) -> UnsafeImageError:
+    return UnsafeImageError(
+        f"archive {source}: member {member!r} {problem}; refused",
+        image=source,
+        file=member,
+        hint="this archive was not made by `torpor image export`: do not import it",
+    )

@@ -152,11 +152,15 @@ def make_patch(base: Sequence[bytes], new: Sequence[bytes]) -> bytes:
     return bytes(out)
 
 
-def apply_patch(base: Sequence[bytes], patch: bytes) -> list[bytes]:
-    """Rebuild a chunk list from ``base`` and a patch; :class:`ValueError` if malformed."""
+def apply_patch(base: Sequence[bytes], patch: bytes, limit: int | None = None) -> list[bytes]:
+    """Rebuild a chunk list from ``base`` and a patch; :class:`ValueError` if malformed, or
+    if it would be longer than ``limit`` (a few bytes of patch can copy a long base many
+    times: the file's chunk count bounds what a patch from outside may build)."""
     out: list[bytes] = []
     pos = 0
     while pos < len(patch):
+        if limit is not None and len(out) > limit:
+            raise ValueError(f"patch builds more than {limit} chunks")
         op = patch[pos]
         pos += 1
         if op == _OP_COPY:
@@ -174,4 +178,6 @@ def apply_patch(base: Sequence[bytes], patch: bytes) -> list[bytes]:
             pos = end
         else:
             raise ValueError(f"unknown patch op {op}")
+    if limit is not None and len(out) > limit:
+        raise ValueError(f"patch builds more than {limit} chunks")
     return out

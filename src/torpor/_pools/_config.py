@@ -8,26 +8,42 @@ config file never collides with a ``dir`` pool's default data directory
 Only the keys the user gave are stored; defaults are filled in when the pool is opened, so a
 better default in a later torpor applies to old pools too. Secret values (``s3.secret_key``)
 never appear in messages and are masked when shown.
+
+A configuration says where root reads and writes a pool's data, so it is trusted only as a
+file torpor could have written: opened ``O_NOFOLLOW`` (a symlink is refused), a regular file
+owned by the effective user or root and not writable by group or others (checked with
+``fstat`` on the open file); written 0600 through ``O_EXCL|O_NOFOLLOW`` temporary files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import json
 import os
 import re
+import secrets
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import _paths
-from .._errors import AlreadyExistsError, NotFoundError, PoolConfigError, PoolError, UsageError
+from .. import _paths, _safe
+from .._errors import (
+    AlreadyExistsError,
+    NotFoundError,
+    PoolConfigError,
+    PoolError,
+    UnsafePathError,
+    UsageError,
+)
 from .._images._manifest import now_iso
 from ._registry import Driver, effective, get_driver
 
 DEFAULT_POOL = "default"
 MASK = "********"
+_MAX_CONFIG = 1 << 20
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
@@ -150,10 +166,11 @@ def _config_path(name: str) -> Path:
 
 
 def load(name: str) -> PoolConfig:
-    """The configuration of pool ``name``; :class:`NotFoundError` if there is none."""
+    """The configuration of pool ``name``; :class:`NotFoundError` if there is none,
+    :class:`~torpor.UnsafePathError` if it is not a file torpor could have written."""
     path = _config_path(name)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = _read_config(path)
     except FileNotFoundError as exc:
         if name == DEFAULT_POOL:
             return PoolConfig(DEFAULT_POOL, "dir")
@@ -163,7 +180,55 @@ def load(name: str) -> PoolConfig:
         ) from exc
     except OSError as exc:
         raise PoolError(f"cannot read pool configuration {path}: {exc}", pool=name) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PoolError(
+            f"pool configuration {path} is not UTF-8", pool=name, hint="fix or delete the file"
+        ) from exc
     return PoolConfig.from_json(text, source=str(path))
+
+
+def _read_config(path: Path) -> bytes:
+    """The bytes of a configuration file, refused unless torpor could have written it."""
+    with _safe.opened_dir(path.parent) as dir_fd:
+        try:
+            fd = os.open(
+                path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+            )
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _unsafe(path, "is a symlink", f"remove {path}") from exc
+            raise
+    try:
+        st = os.fstat(fd)
+        kind = _safe.kind_problem(st.st_mode)
+        if kind is not None:
+            raise _unsafe(path, f"is {kind}, not a regular file", f"remove {path}")
+        euid = os.geteuid()
+        if st.st_uid not in (euid, 0):
+            raise _unsafe(
+                path,
+                f"is owned by uid {st.st_uid}, not by uid {euid} or root",
+                f"chown {euid} {path}",
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise _unsafe(
+                path,
+                f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})",
+                f"chmod go-w {path}",
+            )
+        os.set_blocking(fd, True)
+        data = os.read(fd, _MAX_CONFIG + 1)
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_CONFIG:
+        raise PoolError(f"pool configuration {path} is larger than {_MAX_CONFIG} bytes")
+    return data
+
+
+def _unsafe(path: Path, problem: str, fix: str) -> UnsafePathError:
+    return UnsafePathError(f"pool configuration {path} {problem}; refused", path=path, hint=fix)
 
 
 def list_configs() -> list[PoolConfig]:
@@ -179,16 +244,17 @@ def list_configs() -> list[PoolConfig]:
 def save(cfg: PoolConfig, *, new: bool) -> None:
     """Write ``cfg`` (0600) atomically; with ``new``, fail if the pool exists already."""
     path = _config_path(cfg.name)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    dir_fd = _safe.open_dir(path.parent)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = _safe.create_file(dir_fd, tmp, source=str(path.parent))
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(cfg.to_json())
             fh.flush()
             os.fsync(fh.fileno())
         if new:
             try:
-                os.link(tmp, path)
+                os.link(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             except FileExistsError as exc:
                 raise AlreadyExistsError(
                     f"pool {cfg.name!r} exists already",
@@ -196,12 +262,13 @@ def save(cfg: PoolConfig, *, new: bool) -> None:
                     hint="`torpor pool show` it, or choose another name",
                 ) from exc
         else:
-            os.replace(tmp, path)
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as exc:
         raise PoolError(f"cannot write pool configuration {path}: {exc}", pool=cfg.name) from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
+        os.close(dir_fd)
 
 
 def remove(name: str) -> None:

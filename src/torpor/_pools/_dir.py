@@ -16,6 +16,12 @@ Readers that opened the old file keep reading the old value.
 
 Privacy. Directories are created 0700 and files 0600: only the owner can list or read them.
 
+Ownership. torpor acts on a pool's files as root: the root directory must be owned by the
+effective user (or root) and not writable by group or others (:func:`torpor._safe.check_private`,
+as ssh's StrictModes), or the pool is refused with the path and the ``chmod go-w`` fix. Values
+are opened ``O_NOFOLLOW`` and must be regular files: a symlink or FIFO planted as a key is
+refused, never followed or waited on.
+
 ``delete`` removes the file and then every directory it leaves empty, up to the root, so a
 pool does not fill up with empty directories; a ``put`` that loses a race with that removal
 re-creates its directory and tries again.
@@ -24,6 +30,7 @@ re-creates its directory and tries again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -32,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from .. import _safe
 from .._errors import PoolError
 from .._paths import fsync_dir
 from ._backend import check_key
@@ -57,8 +65,8 @@ class DirBackend:
         self._closed = False
         with self._errors("create", None):
             self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not self._root.is_dir():
-                raise PoolError(f"dir pool root {self._root} is not a directory")
+            with _safe.opened_dir(self._root) as fd:
+                _safe.check_private(self._root, what="dir pool directory", fd=fd)
 
     @property
     def root(self) -> Path:
@@ -81,21 +89,37 @@ class DirBackend:
 
     def get(self, key: str) -> bytes:
         """The value under ``key``; :class:`KeyError` if missing."""
-        path = self._path(key)
-        with self._errors("read", key):
-            try:
-                return path.read_bytes()
-            except FileNotFoundError:
-                raise KeyError(key) from None
+        with self.get_stream(key) as fh, self._errors("read", key):
+            return fh.read()
 
     def get_stream(self, key: str) -> BinaryIO:
         """An open file of the value under ``key``; :class:`KeyError` if missing."""
         path = self._path(key)
         with self._errors("open", key):
             try:
-                return open(path, "rb")
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise KeyError(key) from None
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise PoolError(
+                    f"key {key!r} in dir pool {self._root} is a symlink; refused",
+                    hint=f"remove {path}: torpor never makes one",
+                ) from exc
+            try:
+                problem = _safe.kind_problem(os.fstat(fd).st_mode)
+                if problem is not None:
+                    raise PoolError(
+                        f"key {key!r} in dir pool {self._root} is {problem}, not a regular"
+                        " file; refused",
+                        hint=f"remove {path}: torpor never makes one",
+                    )
+                os.set_blocking(fd, True)
+            except BaseException:
+                os.close(fd)
+                raise
+            return os.fdopen(fd, "rb")
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` exists."""

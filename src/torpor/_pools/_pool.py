@@ -36,7 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, TypeVar
 
-from .. import _paths
+from .. import _paths, _safe
 from .._errors import (
     AlreadyExistsError,
     ImageCorruptedError,
@@ -61,13 +61,14 @@ from ._record import (
     decode_list_object,
     encode_list_object,
     image_key,
+    is_id,
     list_key,
 )
 from ._registry import open_backend
+from ._sign import SOURCE_LABEL, Origin, Policy, local_origin
 
 META_KEY = "torpor-pool.json"
 POOL_FORMAT = 1
-SOURCE_LABEL = "torpor.source-id"
 # Chunk lists up to this long live in the manifest; longer ones in list objects.
 INLINE_MAX = 64
 # A patch bigger than this fraction of a whole list is replaced by a new keyframe list.
@@ -75,6 +76,9 @@ KEYFRAME_RATIO = 0.25
 _FETCHERS = 4
 _READERS = 8
 _OWNED_PREFIXES = ("images/", "lists/", "packs/", "index/", "sessions/", "gc/", META_KEY)
+# True wherever it is raised (pull, restore NAME@POOL, copy, export, import): the image is
+# refused before it is used, and only torpor's own cache or pool objects were written.
+_REFUSED_HINT = "the image was refused before any use; use another image"
 
 Progress = Callable[[int], None]
 """Called with the number of bytes done since the previous call (from any thread)."""
@@ -88,8 +92,9 @@ class PoolImage:
     """An image in a pool.
 
     ``created`` is when the image was checkpointed, ``size`` the sum of its files,
-    ``stored_bytes`` what storing it added to the pool (new chunks, lists, manifest), and
-    ``cmdline`` the checkpointed process's command line.
+    ``stored_bytes`` what storing it added to the pool (new chunks, lists, manifest),
+    ``cmdline`` the checkpointed process's command line, and ``signer`` the key id that signed
+    its manifest (None if unsigned; see ``docs/security.md``).
     """
 
     name: str
@@ -99,6 +104,7 @@ class PoolImage:
     stored_bytes: int
     pool: str
     cmdline: tuple[str, ...] = ()
+    signer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,18 +183,44 @@ def _bounded(
                 f.cancel()
 
 
-def _private_write(path: Path, data: bytes) -> None:
-    """Write a cache file (0600) atomically; a failure only costs a later re-fetch."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+def _cache_kind_dir(kind: str) -> int:
+    """An fd of ``<cache>/<kind>`` (made 0700 if missing; a symlink there is refused)."""
+    parent = _paths.cache_dir()
+    with _safe.opened_dir(parent) as parent_fd:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(kind, 0o700, dir_fd=parent_fd)
+        return _safe.open_dir(kind, dir_fd=parent_fd)
+
+
+def _private_write(kind: str, name: str, data: bytes) -> None:
+    """Write the cache file ``<cache>/<kind>/<name>`` (0600, created ``O_EXCL|O_NOFOLLOW``
+    under a temporary name, then renamed) atomically; a failure only costs a later re-fetch."""
+    tmp = f".{name}.{uuid.uuid4().hex[:8]}"
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        dir_fd = _cache_kind_dir(kind)
+    except (OSError, TorporError):
+        return
+    try:
+        fd = _safe.create_file(dir_fd, tmp, source=f"cache {kind}")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
-    except OSError:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except (OSError, TorporError):
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _private_read(kind: str, name: str) -> bytes | None:
+    """A cache file's bytes (a regular file, opened ``O_NOFOLLOW``), or None."""
+    try:
+        with _safe.opened_dir(_paths.cache_dir() / kind) as dir_fd:
+            fd = _safe.open_regular(dir_fd, name, source=f"cache {kind}")
+            with os.fdopen(fd, "rb") as fh:
+                return fh.read()
+    except (OSError, TorporError):
+        return None
 
 
 class Pool:
@@ -207,11 +239,13 @@ class Pool:
         timing: Timing | None = None,
         sessions: bool = True,
         cache: bool = True,
+        policy: Policy | None = None,
     ) -> None:
         self.name = name
         self.backend = backend
         self.level = level
         self.timing = timing or Timing()
+        self.policy = policy or Policy()
         self._sessions = sessions
         self._cache = cache
         self._check_meta()
@@ -256,27 +290,27 @@ class Pool:
     def _session(self, kind: str) -> Heartbeat | NoHeartbeat:
         return session(self.backend, kind, self.timing) if self._sessions else NoHeartbeat()
 
+    # Cache file names are ids checked by is_id (never a path); the checks here only make
+    # sure no caller can forget.
     def _cached(self, kind: str, key: str) -> bytes | None:
-        if not self._cache:
+        if not self._cache or not is_id(key):
             return None
-        try:
-            return (_paths.cache_dir() / kind / key).read_bytes()
-        except OSError:
-            return None
+        return _private_read(kind, key)
 
     def _cache_put(self, kind: str, key: str, data: bytes) -> None:
-        if self._cache:
-            _private_write(_paths.cache_dir() / kind / key, data)
+        if self._cache and is_id(key):
+            _private_write(kind, key, data)
 
     def _cache_drop(self, kind: str, key: str) -> None:
-        if self._cache:
+        if self._cache and is_id(key):
             with contextlib.suppress(OSError):
                 (_paths.cache_dir() / kind / key).unlink()
 
     def _load_indexes(self, *, strict: bool = False) -> dict[str, PackIndex]:
         """Every pack index. A damaged one is skipped, or raises :class:`PoolError` if
         ``strict`` (garbage collection must not guess)."""
-        ids = [k.rsplit("/", 1)[-1] for k in self.backend.list("index/")]
+        # A key of another form is not an index torpor wrote (nor a safe cache file name).
+        ids = [i for k in self.backend.list("index/") if is_id(i := k[len("index/") :])]
 
         def one(pack_id: str) -> PackIndex | None:
             blob = self._cached("index", pack_id)
@@ -366,7 +400,7 @@ class Pool:
                     if f.list_id not in memo:
                         memo[f.list_id] = self._load_list(f.list_id, f.list_sha256)
                     base = memo[f.list_id]
-                    digests = _cas.apply_patch(base, f.patch) if f.patch else base
+                    digests = _cas.apply_patch(base, f.patch, f.count) if f.patch else base
                 if len(digests) != f.count:
                     raise ValueError(f"it has {len(digests)} chunks, the file needs {f.count}")
             except KeyError as exc:
@@ -374,14 +408,14 @@ class Pool:
                     rec.name,
                     f"the chunk list of {f.name} (list object {f.list_id}) is missing",
                     file=f.name,
-                    hint="restore refused; use another image",
+                    hint=_REFUSED_HINT,
                 ) from exc
             except ValueError as exc:
                 raise self._corrupted(
                     rec.name,
                     f"the chunk list of {f.name} is damaged ({exc})",
                     file=f.name,
-                    hint="restore refused; use another image",
+                    hint=_REFUSED_HINT,
                 ) from exc
             out.append(digests)
         return out
@@ -452,7 +486,7 @@ class Pool:
                         rec.name,
                         f"file {f.name}, chunk {i} (sha256 {d.hex()[:16]}…) {what}",
                         file=f.name,
-                        hint="nothing was restored; use another image",
+                        hint=_REFUSED_HINT,
                     )
             return self._corrupted(rec.name, f"chunk {d.hex()[:16]}… {what}")
 
@@ -511,6 +545,7 @@ class Pool:
         manifest: Manifest,
         files: Sequence[tuple[FileEntry, int, list[bytes]]],
         stored: int,
+        origin: Origin | None,
     ) -> Record:
         """Store the chunk lists, then the manifest, of an image whose chunks are stored."""
         bases = self._bases(manifest.cmdline, condemned)
@@ -536,7 +571,8 @@ class Pool:
             self._cache_put("lists", list_id, blob)
             stored += len(blob)
             recs.append(FileRecord(*common, list_id=list_id, list_sha256=sha))
-        rec, blob = self._seal(Record(manifest.name, manifest, now_iso(), 0, tuple(recs)), stored)
+        rec = Record(manifest.name, manifest, now_iso(), 0, tuple(recs), origin)
+        rec, blob = self._seal(rec, stored)
         self._land(heartbeat, rec, blob)
         return rec
 
@@ -549,6 +585,7 @@ class Pool:
             stored_bytes=rec.stored_bytes,
             pool=self.name,
             cmdline=rec.manifest.cmdline,
+            signer=rec.origin.key if rec.origin is not None else None,
         )
 
     def _repack(
@@ -591,8 +628,10 @@ class Pool:
         the checkpoint is refused with :class:`ImageCorruptedError`).
         """
         self._check_free(name)
+        local, origin = local_origin(image)
+        self.policy.check(name, self.name, origin)
         tick = _Ticker(progress)
-        with self._session("push") as heartbeat:
+        with self._session("push") as heartbeat, _safe.opened_dir(image.path) as dir_fd:
             catalog = self._catalog()
             writer = PackWriter(self.backend, level=self.level)
             try:
@@ -600,22 +639,25 @@ class Pool:
                     (
                         e,
                         _cas.chunk_size_for(e.name),
-                        self._chunk_file(image, e, catalog, writer, tick),
+                        self._chunk_file(image, dir_fd, e, catalog, writer, tick),
                     )
-                    for e in image.manifest.files
+                    for e in local.files
                 ]
                 writer.finish()
             except BaseException:
                 writer.abort()
                 raise
-            labels = {**image.manifest.labels, SOURCE_LABEL: image.manifest.id}
-            manifest = image.manifest.evolve(name=name, id=new_id(), labels=labels)
-            rec = self._commit(heartbeat, catalog.condemned, manifest, files, writer.stored_bytes)
+            labels = {**local.labels, SOURCE_LABEL: local.id}
+            manifest = local.evolve(name=name, id=new_id(), labels=labels)
+            rec = self._commit(
+                heartbeat, catalog.condemned, manifest, files, writer.stored_bytes, origin
+            )
         return self._to_image(rec)
 
     def _chunk_file(
         self,
         image: Image,
+        dir_fd: int,
         entry: FileEntry,
         catalog: _Catalog,
         writer: PackWriter,
@@ -624,8 +666,11 @@ class Pool:
         digests: list[bytes] = []
         whole = hashlib.sha256()
         size = 0
+        # Relative to the image's directory fd, O_NOFOLLOW, regular files only: a symlink
+        # planted in a local image must not push a root-only file into a shared pool.
         try:
-            with open(image.path / entry.name, "rb") as fh:
+            fd = _safe.open_regular(dir_fd, entry.name, source=str(image.path))
+            with os.fdopen(fd, "rb") as fh:
                 for chunk in _cas.iter_chunks(fh, _cas.chunk_size_for(entry.name)):
                     whole.update(chunk)
                     size += len(chunk)
@@ -657,11 +702,14 @@ class Pool:
         Every chunk is checked against its SHA-256 as it arrives and every file against its
         SHA-256 before the image is returned; a bad or missing chunk raises
         :class:`ImageCorruptedError` naming the image, the file and the chunk. A cached copy
-        of the same image (same id) is reused after it verifies.
+        of the same image (same id) is reused after it verifies. An image the pool's
+        signature policy refuses raises :class:`~torpor.SignatureError` before anything is
+        fetched (or a cached copy used).
         """
         tick = _Ticker(progress)
         with self._session("pull"):
             rec = self._record(name)
+            self.policy.check(rec.name, self.name, rec.origin)
             dest = _paths.cache_dir() / "images" / rec.manifest.id
             hit = self._cache_hit(dest, rec)
             if hit is not None:
@@ -720,10 +768,13 @@ class Pool:
         try:
             fds: list[int] = []
             try:
-                for f in rec.files:
-                    fd = os.open(staging.path / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    fds.append(fd)
-                    os.ftruncate(fd, f.size)  # zero pages stay holes
+                # Names were checked plain when the record was decoded; create_file checks
+                # again and creates each O_EXCL|O_NOFOLLOW, 0600, inside the staging directory.
+                with _safe.opened_dir(staging.path) as staging_fd:
+                    for f in rec.files:
+                        fd = _safe.create_file(staging_fd, f.name, source=f"image {rec.name!r}")
+                        fds.append(fd)
+                        os.ftruncate(fd, f.size)  # zero pages stay holes
                 tick(zero_bytes)
 
                 def sink(d: bytes, chunk: bytes) -> None:
@@ -751,7 +802,7 @@ class Pool:
                             rec.name,
                             f"file {f.name} does not match its SHA-256 after assembly",
                             file=f.name,
-                            hint="nothing was restored; use another image",
+                            hint=_REFUSED_HINT,
                         )
                 return rec.manifest
 
@@ -806,11 +857,15 @@ class Pool:
         """Copy image ``src`` to ``dst`` in this pool or in ``to_pool``.
 
         In the same pool this writes one new manifest (O(1)); to another pool only the chunks
-        it lacks move, verified on the way.
+        it lacks move, verified on the way. The image keeps its signature; the signature
+        policies of both pools are checked on the manifest before anything is fetched.
         """
         target = to_pool or self
         target._check_free(dst)
         rec = self._record(src)
+        self.policy.check(rec.name, self.name, rec.origin)
+        if target is not self:
+            target.policy.check(rec.name, target.name, rec.origin)
         if target is self:
             with self._session("copy") as heartbeat:
                 condemned = Condemned.load(self.backend)
@@ -862,7 +917,12 @@ class Pool:
             ]
             manifest = rec.manifest.evolve(name=dst, id=new_id())
             new = target._commit(
-                heartbeat, target_catalog.condemned, manifest, files, writer.stored_bytes
+                heartbeat,
+                target_catalog.condemned,
+                manifest,
+                files,
+                writer.stored_bytes,
+                rec.origin,
             )
         return target._to_image(new)
 
@@ -1007,8 +1067,14 @@ def open_pool(name: str) -> Pool:
     """
     cfg = _config.load(name)
     backend = open_backend(cfg.spec, cfg.name, cfg.config)
+    effective = cfg.effective()
     try:
-        return Pool(cfg.name, backend, level=int(cfg.effective()["compression.level"]))
+        return Pool(
+            cfg.name,
+            backend,
+            level=int(effective["compression.level"]),
+            policy=Policy.from_config(effective),
+        )
     except BaseException:
         backend.close()
         raise

@@ -4,6 +4,7 @@ A pool manifest (key ``images/<name>``) is zstd-compressed JSON::
 
     {"format": 1, "name": ..., "pushed": ..., "stored_bytes": ...,
      "manifest": {the image's torpor.json},
+     "signature": {"manifest": "<signed torpor.json>", "key": ..., "sig": ...},  # _sign.py
      "files": [{"name", "size", "sha256", "chunk_size",
                  "digests": "<hex>"                              # short lists, inline
                  | "list": "<id>", "list_sha256": "<hex>", "patch": "<base64>"}]}
@@ -12,6 +13,12 @@ A long chunk list lives in a *list object* (key ``lists/<id>``, zstd of the dige
 back, ``id`` random like a pack id, its SHA-256 in the manifest) and the manifest adds a patch
 against it (:func:`~torpor._pools._cas.apply_patch`). Many manifests share one list object;
 the manifest is the only thing naming an image, and it is written last.
+
+Everything in a pool manifest comes from outside (a shared pool, an archive): :meth:`Record.decode`
+refuses, before anything is fetched or written, a file name that is not a plain name
+(:func:`torpor._safe.check_name`) or is one of torpor's own names, duplicate files, files that
+differ from the ones the manifest lists, an image name or id or list id of the wrong form,
+and a signed manifest that does not cover the stored one.
 """
 
 from __future__ import annotations
@@ -19,19 +26,69 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import zstandard
 
-from .._errors import ImageCorruptedError, ImageError
-from .._images._manifest import Manifest
+from .. import _safe
+from .._errors import ImageCorruptedError, ImageError, UnsafeImageError, UsageError
+from .._images._manifest import MANIFEST_NAME, FileEntry, Manifest
+from .._images._store import check_name as check_image_name
 from . import _cas
+from ._sign import SIG_NAME, Origin, covers
 
 RECORD_FORMAT = 1
 IMAGES_PREFIX = "images/"
 LISTS_PREFIX = "lists/"
+# Ids torpor makes (image ids, list and pack ids) are 128 random bits in hex: an id from
+# outside of any other form is refused before it names a key or a cache file.
+ID_RE = re.compile(r"[0-9a-f]{32}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+# Bounds on what a manifest from outside may make us allocate.
+MAX_RECORD = 64 << 20
+MAX_LIST = 1 << 30
+MAX_FILE_SIZE = 1 << 44
+MAX_CHUNK_SIZE = 64 << 20
+
+
+def is_id(value: object) -> bool:
+    """Whether ``value`` has the form of an id torpor makes (32 lowercase hex digits)."""
+    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
+
+
+def bounded_decompress(blob: bytes, limit: int) -> bytes:
+    """zstd-decompress ``blob``, refusing (``ValueError``) more than ``limit`` bytes of output
+    (a small object from outside must not make us allocate gigabytes)."""
+    try:
+        size = zstandard.frame_content_size(blob)
+        if size > limit:
+            raise ValueError(f"decompresses to {size} bytes, more than {limit}")
+        if size >= 0:
+            return zstandard.ZstdDecompressor().decompress(blob)
+        parts: list[bytes] = []
+        got = 0
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            while chunk := reader.read(1 << 20):
+                got += len(chunk)
+                if got > limit:
+                    raise ValueError(f"decompresses to more than {limit} bytes")
+                parts.append(chunk)
+        return b"".join(parts)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"does not decompress ({exc})") from exc
+
+
+def _reserved(name: str) -> str | None:
+    """Why ``name`` cannot be a content file of an image (torpor's own files, logs, hidden
+    files: an image directory never lists them as content), or None."""
+    if name in (MANIFEST_NAME, SIG_NAME) or name.startswith(("torpor.", ".")):
+        return "is one of torpor's own file names"
+    if name.endswith(".log"):
+        return "is a log file name"
+    return None
 
 
 def image_key(name: str) -> str:
@@ -79,22 +136,50 @@ class FileRecord:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FileRecord:
-        """Parse the JSON form (errors: ``KeyError``/``ValueError``/``TypeError``)."""
-        common = (
-            str(data["name"]),
-            int(data["size"]),
-            str(data["sha256"]),
-            int(data["chunk_size"]),
-        )
+    def from_dict(cls, data: dict[str, Any], *, source: str) -> FileRecord:
+        """Parse the JSON form: :class:`UnsafeImageError` for a file name that is not a plain
+        name; ``KeyError``/``ValueError``/``TypeError`` for anything else malformed."""
+        if not isinstance(data, dict):
+            raise TypeError("a file entry is not an object")
+        name = _safe.check_name(data["name"], source=source)
+        problem = _reserved(name)
+        if problem is not None:
+            raise UnsafeImageError(
+                f"{source}: file name {name!r} {problem}; refused",
+                image=source,
+                file=name,
+                hint="the image was made or changed by something other than torpor: do not use it",
+            )
+        size, chunk_size, sha256 = data["size"], data["chunk_size"], data["sha256"]
+        if type(size) is not int or not 0 <= size <= MAX_FILE_SIZE:
+            raise ValueError(f"file {name}: size {size!r} is out of range")
+        if type(chunk_size) is not int or not 0 < chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"file {name}: chunk size {chunk_size!r} is out of range")
+        if not isinstance(sha256, str) or not _SHA_RE.fullmatch(sha256):
+            raise ValueError(f"file {name}: {sha256!r} is not a SHA-256")
+        common = (name, size, sha256, chunk_size)
         if "digests" in data:
+            if not isinstance(data["digests"], str):
+                raise TypeError(f"file {name}: digests are not a string")
             return cls(*common, inline=bytes.fromhex(data["digests"]))
+        list_id, list_sha256, patch = data["list"], data["list_sha256"], data["patch"]
+        if not is_id(list_id):
+            raise ValueError(f"file {name}: list id {list_id!r} is not an id torpor makes")
+        if not isinstance(list_sha256, str) or not _SHA_RE.fullmatch(list_sha256):
+            raise ValueError(f"file {name}: {list_sha256!r} is not a SHA-256")
+        if not isinstance(patch, str):
+            raise TypeError(f"file {name}: patch is not a string")
         return cls(
             *common,
-            list_id=str(data["list"]),
-            list_sha256=str(data["list_sha256"]),
-            patch=base64.b64decode(data["patch"], validate=True),
+            list_id=list_id,
+            list_sha256=list_sha256,
+            patch=base64.b64decode(patch, validate=True),
         )
+
+    @property
+    def entry(self) -> FileEntry:
+        """The manifest's entry for this file."""
+        return FileEntry(self.name, self.size, self.sha256)
 
 
 @dataclass(frozen=True)
@@ -106,6 +191,7 @@ class Record:
     pushed: str
     stored_bytes: int
     files: tuple[FileRecord, ...]
+    origin: Origin | None = None
 
     @property
     def size(self) -> int:
@@ -127,30 +213,71 @@ class Record:
             "manifest": json.loads(self.manifest.to_json()),
             "files": [f.to_dict() for f in self.files],
         }
+        if self.origin is not None:
+            data["signature"] = self.origin.to_dict()
         raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return zstandard.ZstdCompressor(level=9).compress(raw)
 
     @classmethod
     def decode(cls, name: str, blob: bytes, *, pool: str) -> Record:
-        """Parse a stored pool manifest; :class:`ImageCorruptedError` if it is damaged."""
+        """Parse a stored pool manifest: :class:`UnsafeImageError` for a name or file that
+        must not be used (see the module docstring), :class:`ImageCorruptedError` if it is
+        damaged in any other way."""
+        source = f"image {name!r} in pool {pool!r}"
         try:
-            data = json.loads(zstandard.ZstdDecompressor().decompress(blob))
-            if int(data["format"]) > RECORD_FORMAT:
-                raise ValueError(f"format {data['format']} is newer than this torpor")
-            return cls(
-                name=str(data["name"]),
-                manifest=Manifest.from_json(json.dumps(data["manifest"])),
+            check_image_name(name)
+            data = json.loads(bounded_decompress(blob, MAX_RECORD))
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            if type(data["format"]) is not int or data["format"] > RECORD_FORMAT:
+                raise ValueError(f"format {data['format']!r} is newer than this torpor")
+            if data["name"] != name:
+                raise ValueError(f"it names itself {data['name']!r}")
+            manifest = Manifest.from_json(json.dumps(data["manifest"]), source=source)
+            if not isinstance(data["files"], list):
+                raise TypeError("files is not a list")
+            files = tuple(FileRecord.from_dict(f, source=source) for f in data["files"])
+            origin = Origin.from_dict(data["signature"]) if "signature" in data else None
+            rec = cls(
+                name=name,
+                manifest=manifest,
                 pushed=str(data["pushed"]),
                 stored_bytes=int(data["stored_bytes"]),
-                files=tuple(FileRecord.from_dict(f) for f in data["files"]),
+                files=files,
+                origin=origin,
             )
-        except (ValueError, KeyError, TypeError, zstandard.ZstdError, ImageError) as exc:
+            rec.check(source=source)
+            return rec
+        except UnsafeImageError:
+            raise
+        except (ValueError, KeyError, TypeError, ImageError, UsageError) as exc:
             raise ImageCorruptedError(
                 f"the manifest of image {name!r} in pool {pool!r} is damaged ({exc})",
                 image=name,
                 file="manifest",
                 hint=f"delete it: torpor image delete {name}@{pool}",
             ) from exc
+
+    def check(self, *, source: str) -> None:
+        """The record's own consistency (raises as :meth:`decode` does): its files are
+        plain, distinct, and exactly the manifest's; its signed manifest covers it."""
+        seen: set[str] = set()
+        for f in self.files:
+            if f.name in seen:
+                raise UnsafeImageError(
+                    f"{source}: file {f.name} is listed twice; refused", image=source, file=f.name
+                )
+            seen.add(f.name)
+        if tuple(f.entry for f in self.files) != self.manifest.files:
+            raise ValueError("its files are not the ones its manifest lists")
+        if self.manifest.name != self.name:
+            raise ValueError(f"its manifest names the image {self.manifest.name!r}")
+        if not is_id(self.manifest.id):
+            raise ValueError(f"image id {self.manifest.id!r} is not an id torpor makes")
+        if self.origin is not None:
+            signed = self.origin.signed_manifest(source=f"{source} (signed manifest)")
+            if not covers(signed, self.manifest):
+                raise ValueError("its manifest is not the one that was signed")
 
 
 def encode_list_object(digests: Sequence[bytes]) -> tuple[bytes, str]:
@@ -161,10 +288,7 @@ def encode_list_object(digests: Sequence[bytes]) -> tuple[bytes, str]:
 
 def decode_list_object(blob: bytes, sha256: str) -> list[bytes]:
     """Decode and verify a list object; :class:`ValueError` if it does not match."""
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(blob)
-    except zstandard.ZstdError as exc:
-        raise ValueError(f"does not decompress ({exc})") from exc
+    raw = bounded_decompress(blob, MAX_LIST)
     if hashlib.sha256(raw).hexdigest() != sha256:
         raise ValueError("does not match its SHA-256")
     return _cas.decode_list(raw)

@@ -6,7 +6,8 @@ pool of that driver is opened, and a missing library becomes a :class:`~torpor.P
 with the command that installs it.
 
 Configuration keys follow LXD's storage API where they apply (``source`` for ``dir``,
-``ceph.*`` for ``ceph``, ``s3.*`` for ``s3``). Every driver also takes ``compression.level``.
+``ceph.*`` for ``ceph``, ``s3.*`` for ``s3``). Every driver also takes ``compression.level``
+and the ``security.*`` signature policy (:mod:`._sign`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,19 @@ def _bucket(value: str) -> str | None:
 
 def _non_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
+
+
+def _bool(value: str) -> str | None:
+    return None if value in ("true", "false") else "must be true or false"
+
+
+def _key_ids(value: str) -> str | None:
+    from .._identity import is_key_id
+
+    bad = [k for k in (p.strip() for p in value.split(",")) if k and not is_key_id(k)]
+    if bad:
+        return f"must be comma-separated key ids (64 lowercase hex digits); {bad[0]!r} is not one"
+    return None
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,13 @@ def default_dir_source(pool: str) -> Path:
 _COMMON: dict[str, KeySpec] = {
     "compression.level": KeySpec(
         "zstd level for new chunks (1 fast … 19 small)", _int_range(1, 19), default="3"
+    ),
+    "security.require_signed": KeySpec(
+        "refuse images not signed by a trusted key (true or false)", _bool, default="false"
+    ),
+    "security.trusted_keys": KeySpec(
+        "comma-separated key ids trusted besides this host's own (`torpor identity show`)",
+        _key_ids,
     ),
 }
 
