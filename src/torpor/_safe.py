@@ -17,6 +17,7 @@ Everything here sits on the bottom floor: it imports nothing of torpor's but the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -27,6 +28,9 @@ from pathlib import Path
 from ._errors import UnsafeImageError, UnsafePathError
 
 MAX_NAME = 255
+# Temporary files of :func:`replace_file`; a crash may leave one behind, so directories that
+# hold them treat the prefix as theirs.
+TEMP_PREFIX = ".torpor-tmp-"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -205,4 +209,66 @@ def _not_regular(source: str, name: str, kind: str) -> UnsafeImageError:
         image=source,
         file=name,
         hint="an image holds only regular files: do not use this one",
+    )
+
+
+# -- whole small files --------------------------------------------------------------------------
+
+
+def read_regular(dir_fd: int, name: str, *, source: str, limit: int) -> bytes:
+    """The content of the plain-named regular file ``name`` in ``dir_fd`` (see
+    :func:`open_regular`), refused with :class:`UnsafeImageError` if it is larger than
+    ``limit`` bytes: a planted huge file must not exhaust memory. ``FileNotFoundError`` if
+    there is none."""
+    fd = open_regular(dir_fd, name, source=source)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise _too_large(source, name, size, limit)
+        chunks: list[bytes] = []
+        total = 0
+        # Read to the end rather than trust the size: the file may grow while read.
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(source, name, total, limit)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def replace_file(dir_fd: int, name: str, data: bytes, *, source: str, durable: bool = True) -> None:
+    """Write ``data`` to the plain-named file ``name`` in ``dir_fd`` whole or not at all: into
+    a fresh temporary file (:data:`TEMP_PREFIX`, created with :func:`create_file`: never through
+    a planted symlink), then renamed over ``name`` (a symlink or file there is replaced, never
+    followed). ``durable`` fsyncs the file and the directory."""
+    check_name(name, source=source)
+    tmp = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+    fd = create_file(dir_fd, tmp, source=source)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    if durable:
+        os.fsync(dir_fd)
+
+
+def _too_large(source: str, name: str, size: int, limit: int) -> UnsafeImageError:
+    return UnsafeImageError(
+        f"{source}: file {name} has {size} bytes or more, over the {limit} this file may have;"
+        " refused",
+        image=source,
+        file=name,
+        hint="the image was made or changed by something other than torpor: do not use it",
     )

@@ -1,204 +1,167 @@
 """Image directories: written to a staging directory, renamed into place only when complete,
 verified against their manifest before use.
+
+torpor restores images as root, so an image directory is outside input until checked, and the
+checks live here, in :class:`Image`, for every command that uses one (restore, push, pull,
+import, copy):
+
+- the directory is opened ``O_NOFOLLOW`` (not a symlink) and must be private
+  (:func:`torpor._safe.check_private`: owned by us or root, not writable by group or others);
+  every later step works relative to its fd and checks it is still the same directory;
+- its manifest is read through :func:`torpor._safe.read_regular` (no symlink, FIFO or huge
+  file) and every field is validated (:meth:`Manifest.from_json`: plain file names only);
+- it must hold exactly the files its manifest lists, plus torpor's bookkeeping files
+  (:mod:`._layout`), and the manifest must list the files every CRIU image has: a missing or
+  unlisted file is refused by name (:class:`~torpor.UnsafeImageError`) before anything is
+  hashed, so a file CRIU would read can never escape verification;
+- every listed file must be a regular file (a symlink to ``/dev/zero`` or ``/etc/shadow`` is
+  refused without being followed), owned by us or root and not writable by group or others.
+
+Staging writes the same way: relative to the staging directory's fd, new files ``O_EXCL`` under
+a temporary name then renamed, so a symlink planted in a staging directory (which a
+self-checkpointing app may be able to write to) is never written through.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
 import hashlib
 import json
 import os
 import shutil
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import stat
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
-from .._errors import AlreadyExistsError, ImageCorruptedError, ImageNotFoundError
+from .._errors import (
+    AlreadyExistsError,
+    ImageCorruptedError,
+    ImageError,
+    ImageNotFoundError,
+    UnsafeImageError,
+)
 from .._paths import fsync_dir
+from .._safe import (
+    check_private,
+    kind_problem,
+    lstat_entries,
+    open_dir,
+    open_regular,
+    read_regular,
+    replace_file,
+)
 from . import _manifest
-from ._manifest import MANIFEST_NAME, FileEntry, Manifest
+from ._hashing import GrowingHasher as GrowingHasher
+from ._hashing import hash_files as hash_files
+from ._hashing import hash_range as hash_range
+from ._layout import (
+    MANIFEST_NAME,
+    MAX_STAMP,
+    REQUIRED_FILES,
+    VERIFIED_NAME,
+    is_bookkeeping,
+)
+from ._manifest import FileEntry, Manifest
 
 STAGING_MARK = ".partial-"
-# Identities (inode, size, mtime, ctime) of the files as last hashed; see Image.verify.
-VERIFIED_NAME = ".torpor-verified.json"
-# hashlib releases the GIL on large buffers, so threads hash files in parallel.
-_HASH_WORKERS = max(2, os.cpu_count() or 2)
-
-
-_CHUNK = 8 << 20
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 (hex) of a file's content."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def hash_range(fd: int, h: hashlib._Hash, offset: int, end: int) -> int:
-    """Feed bytes ``offset`` to ``end`` of ``fd`` into ``h``; the offset reached (short of
-    ``end`` only if the file is shorter). Read, not mapped: hashing from a mapping is ~10 %
-    faster, but an I/O error or a truncation under it kills the process (SIGBUS)."""
-    while offset < end:
-        n = min(end - offset, _CHUNK)
-        chunk = os.pread(fd, n, offset)
-        if not chunk:
-            break
-        h.update(chunk)
-        offset += len(chunk)
-    return offset
-
-
-def hash_files(root: Path, names: Iterable[str]) -> list[FileEntry]:
-    """Size and SHA-256 of each named file under ``root``, hashed in parallel."""
-    names = list(names)
-
-    def one(name: str) -> FileEntry:
-        path = root / name
-        return FileEntry(name=name, size=path.stat().st_size, sha256=sha256_file(path))
-
-    if len(names) <= 1:
-        return [one(n) for n in names]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(_HASH_WORKERS) as pool:
-        return list(pool.map(one, names))
-
-
-class GrowingHasher:
-    """Hashes the files matching ``pattern`` in ``directory`` while they are being written,
-    on another thread, so a dump's hashing overlaps CRIU's writing instead of following it.
-
-    Only for files written strictly by appending through one open file: CRIU writes a dump's
-    ``pages-*.img`` that way (each is created once, ``O_TRUNC``, and pages are ``splice``d in at
-    the file position; ``criu/page-xfer.c``). :meth:`entries` vouches for a file only if it was
-    read to its final size through the same inode; any other file is left to be hashed after.
-    Use as a context manager around the dump; call :meth:`entries` once the writer is done.
-    """
-
-    def __init__(self, directory: Path, pattern: str = "pages-*.img") -> None:
-        self.directory = directory
-        self.pattern = pattern
-        self._done = threading.Event()
-        self._abort = False  # the writer failed: stop without a last pass
-        self._files: dict[str, tuple[int, hashlib._Hash, int]] = {}  # name -> fd, hash, offset
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="torpor-hash", daemon=True)
-
-    def __enter__(self) -> GrowingHasher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        try:
-            self._abort = exc_type is not None
-            self._stop()
-        finally:
-            for fd, _, _ in self._files.values():
-                os.close(fd)
-            self._files.clear()
-
-    def _stop(self) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                last_pass = self._done.is_set()  # read before looking: nothing is missed
-                progressed = self._open_new() | self._read_all()
-                if last_pass:
-                    # The writer is done: read what is left, in bounded steps (an abort is
-                    # noticed between them).
-                    while progressed and not self._abort:
-                        progressed = self._read_all()
-                    return
-                if not progressed:
-                    self._done.wait(0.002)
-        except BaseException as exc:  # reported by entries(): the files are hashed after
-            self._error = exc
-
-    def _open_new(self) -> bool:
-        opened = False
-        for entry in os.scandir(self.directory):
-            if entry.name not in self._files and fnmatch.fnmatchcase(entry.name, self.pattern):
-                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
-                self._files[entry.name] = (fd, hashlib.sha256(), 0)
-                opened = True
-        return opened
-
-    def _read_all(self) -> bool:
-        progressed = False
-        for name, (fd, h, offset) in self._files.items():
-            if self._abort:
-                break
-            # A bounded step: an abort (the dump failed) is noticed within ~30 ms.
-            end = min(os.fstat(fd).st_size, offset + 8 * _CHUNK)
-            reached = hash_range(fd, h, offset, end)
-            progressed |= reached > offset
-            self._files[name] = (fd, h, reached)
-        return progressed
-
-    def entries(self) -> dict[str, FileEntry]:
-        """Once the writer is done: the files hashed whole, by name (possibly none)."""
-        self._stop()
-        if self._error is not None:
-            return {}
-        out: dict[str, FileEntry] = {}
-        for name, (fd, h, offset) in self._files.items():
-            st = os.fstat(fd)
-            try:
-                now = os.stat(self.directory / name)
-            except OSError:
-                continue
-            if st.st_size == offset and now.st_ino == st.st_ino and now.st_size == offset:
-                out[name] = FileEntry(name=name, size=offset, sha256=h.hexdigest())
-        return out
-
-
-def content_files(image_dir: Path) -> list[str]:
-    """The names of the regular files that make up an image: everything but the manifest, logs
-    (CRIU's log of the dump is kept beside the image) and torpor's bookkeeping files."""
-    return sorted(
-        e.name
-        for e in os.scandir(image_dir)
-        if e.is_file(follow_symlinks=False)
-        and e.name != MANIFEST_NAME
-        and not e.name.endswith(".log")
-        and not e.name.startswith((".", "torpor."))
-    )
+_DISTRUST = "the image was made or changed by something other than torpor: do not use it"
+_NAMES_SHOWN = 5  # an error names at most this many files (then says how many more)
 
 
 class Image:
     """A complete image directory on local disk (manifest present).
 
-    Opening reads only the manifest; :meth:`verify` checks every file.
+    Opening reads and checks only the directory and its manifest; :meth:`check`,
+    :meth:`trusted` and :meth:`verify` check the files (see the module docstring).
     """
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    def __init__(
+        self, path: Path, manifest: Manifest, *, dir_id: tuple[int, int] | None = None
+    ) -> None:
         self.path = path
         self.manifest = manifest
+        # (st_dev, st_ino) of the directory as opened: every later step checks it is the same.
+        self._dir_id = dir_id
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Image:
-        """Open the image at ``path``; raise :class:`ImageNotFoundError` if there is none."""
+        """Open the image at ``path``: :class:`ImageNotFoundError` if there is none,
+        :class:`~torpor.UnsafePathError` for a symlinked or non-private directory,
+        :class:`ImageError` for a missing or malformed manifest."""
         p = Path(path)
-        if not p.is_dir():
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise ImageError(f"cannot open image {p}: {exc.strerror}", image=p) from exc
+        if st is None or not (stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             raise ImageNotFoundError(
                 f"no image at {p}", image=str(p), hint="`torpor images` lists the local images"
             )
-        return cls(p, _manifest.read(p))
+        fd = open_dir(p)  # a symlink is refused here
+        try:
+            dst = check_private(p, what="image directory", fd=fd)
+            manifest = _manifest.read(p, dir_fd=fd)
+        except OSError as exc:
+            raise ImageError(f"cannot read image {p}: {exc.strerror}", image=p) from exc
+        finally:
+            os.close(fd)
+        return cls(p, manifest, dir_id=(dst.st_dev, dst.st_ino))
 
     @property
     def name(self) -> str:
         """The image's name (from its manifest)."""
         return self.manifest.name
 
+    @contextmanager
+    def opened(self) -> Iterator[int]:
+        """The image directory, opened again and checked (not a symlink, private, the same
+        directory as when the image was opened): an fd to read its files relative to."""
+        try:
+            fd = open_dir(self.path)
+        except FileNotFoundError as exc:
+            raise ImageNotFoundError(
+                f"image {self.name!r} ({self.path}) is gone", image=str(self.path)
+            ) from exc
+        try:
+            st = check_private(self.path, what="image directory", fd=fd)
+            if self._dir_id is not None and (st.st_dev, st.st_ino) != self._dir_id:
+                raise UnsafeImageError(
+                    f"image directory {self.path} was replaced since it was opened; refused",
+                    image=self.path,
+                    hint="open the image again",
+                )
+            yield fd
+        finally:
+            os.close(fd)
+
+    def open_file(self, name: str) -> BinaryIO:
+        """One of the image's files, opened for reading: it must be listed in the manifest and
+        be a regular file in the directory (never a symlink followed)."""
+        if name not in {e.name for e in self.manifest.files}:
+            raise UnsafeImageError(
+                f"image {self.name!r} ({self.path}) has no file {name!r} in its manifest",
+                image=self.path,
+                file=name,
+            )
+        with self.opened() as dir_fd:
+            fd = open_regular(dir_fd, name, source=str(self.path))
+        return os.fdopen(fd, "rb")
+
+    def check(self) -> None:
+        """Refuse the image unless its directory holds exactly the files its manifest lists
+        (plus torpor's bookkeeping), each a private regular file of the recorded size, and the
+        manifest lists what every CRIU image has. No hashing: one ``lstat`` per entry."""
+        with self.opened() as fd:
+            self._check_layout(fd)
+
     def verify(self, *, full: bool = False) -> None:
-        """Check every file's size and SHA-256; raise :class:`ImageCorruptedError` naming the
-        first bad file (in manifest order).
+        """:meth:`check`, then every file's size and SHA-256; raise
+        :class:`ImageCorruptedError` naming the first bad file (in manifest order).
 
         Unless ``full``, files whose inode, size, mtime and ctime are exactly as recorded when
         they were last hashed (at checkpoint, or at the last full verification) are trusted
@@ -206,29 +169,80 @@ class Image:
         which no user can set back. Hashing a large image costs more than CRIU's restore of it.
         ``full`` re-hashes everything (bit rot on the disk itself changes no timestamp).
         """
-        # trusted() also refuses missing and wrongly sized files, full or not.
-        if self.trusted() and not full:
-            return
-        actual = hash_files(self.path, (e.name for e in self.manifest.files))
-        for want, got in zip(self.manifest.files, actual, strict=True):
-            if got.sha256 != want.sha256:
-                raise self._corrupt(want.name, "does not match its SHA-256")
-        write_stamp(self.path, self.manifest)
+        with self.opened() as fd:
+            stats = self._check_layout(fd)
+            if not full and _read_stamp(fd, self.path) == _stamp(self.manifest, stats):
+                return
+            actual = hash_files(fd, [e.name for e in self.manifest.files], source=str(self.path))
+            for want, got in zip(self.manifest.files, actual, strict=True):
+                if got.size != want.size:
+                    raise self._corrupt(want.name, f"has {got.size} bytes, expected {want.size}")
+                if got.sha256 != want.sha256:
+                    raise self._corrupt(want.name, "does not match its SHA-256")
+            for name, before in stats.items():
+                after = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if _identity(after) != _identity(before):
+                    raise self._corrupt(name, "changed while it was being verified")
+            write_stamp(fd, self.manifest, stats)
 
     def trusted(self) -> bool:
-        """Whether every file is present, of the recorded size, and exactly as when it was last
-        hashed (see :meth:`verify`). Raises :class:`ImageCorruptedError` for a missing or
-        wrongly sized file. Costs one ``stat`` per file."""
+        """Whether every file is exactly as when it was last hashed (see :meth:`verify`).
+        Refuses (raises) what :meth:`check` refuses. Costs one ``lstat`` per entry."""
+        with self.opened() as fd:
+            stats = self._check_layout(fd)
+            return _read_stamp(fd, self.path) == _stamp(self.manifest, stats)
+
+    def _check_layout(self, dir_fd: int) -> dict[str, os.stat_result]:
+        """The checks of :meth:`check`; the listed files' ``lstat``, by name."""
+        try:
+            entries = lstat_entries(dir_fd)
+        except OSError as exc:
+            raise ImageError(
+                f"cannot list image {self.path}: {exc.strerror}", image=self.path
+            ) from exc
+        files = self.manifest.files
+        listed = {e.name for e in files}
+        for required in REQUIRED_FILES:
+            if required not in listed:
+                raise UnsafeImageError(
+                    f"image {self.name!r} ({self.path}) is refused: its manifest does not list "
+                    f"{required}, which every CRIU image has",
+                    image=self.path,
+                    file=required,
+                    hint=_DISTRUST,
+                )
+        missing = [e.name for e in files if e.name not in entries]
+        extra = sorted(n for n in entries if n not in listed and not is_bookkeeping(n))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"{_names(missing)} missing")
+            if extra:
+                parts.append(f"{_names(extra)} not in its manifest")
+            raise UnsafeImageError(
+                f"image {self.name!r} ({self.path}) does not hold the files its manifest "
+                f"lists: {'; '.join(parts)}",
+                image=self.path,
+                file=(missing or extra)[0],
+                hint="restore refused; use another image or checkpoint again",
+            )
+        euid = os.geteuid()
         stats: dict[str, os.stat_result] = {}
-        for entry in self.manifest.files:
-            try:
-                st = (self.path / entry.name).stat()
-            except FileNotFoundError as exc:
-                raise self._corrupt(entry.name, "is missing") from exc
+        for entry in files:
+            st = entries[entry.name]
+            kind = kind_problem(st.st_mode)
+            if kind is not None:
+                raise self._unsafe(entry.name, f"is {kind}, not a regular file")
+            if st.st_uid not in (euid, 0):
+                raise self._unsafe(entry.name, f"is owned by uid {st.st_uid}")
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise self._unsafe(
+                    entry.name, f"is writable by group or others ({stat.S_IMODE(st.st_mode):04o})"
+                )
             if st.st_size != entry.size:
                 raise self._corrupt(entry.name, f"has {st.st_size} bytes, expected {entry.size}")
             stats[entry.name] = st
-        return read_stamp(self.path) == _stamp(self.manifest, stats)
+        return stats
 
     def _corrupt(self, name: str, what: str) -> ImageCorruptedError:
         return ImageCorruptedError(
@@ -238,40 +252,50 @@ class Image:
             hint="restore refused; use another image or checkpoint again",
         )
 
+    def _unsafe(self, name: str, what: str) -> UnsafeImageError:
+        return UnsafeImageError(
+            f"image {self.name!r} ({self.path}): file {name} {what}; refused",
+            image=self.path,
+            file=name,
+            hint=_DISTRUST,
+        )
 
-def _stamp(manifest: Manifest, stats: dict[str, os.stat_result]) -> dict[str, object]:
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    more = len(names) - _NAMES_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _stamp(manifest: Manifest, stats: Mapping[str, os.stat_result]) -> dict[str, object]:
     return {
         "id": manifest.id,
-        "files": {
-            name: [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-            for name, st in sorted(stats.items())
-        },
+        # The manifest as hashed against: a changed manifest voids the stamp.
+        "manifest": hashlib.sha256(manifest.to_json().encode()).hexdigest(),
+        "files": {name: list(_identity(st)) for name, st in sorted(stats.items())},
     }
 
 
-def read_stamp(image_dir: Path) -> object:
-    """The verification stamp of an image directory (None if there is none)."""
+def _read_stamp(dir_fd: int, path: Path) -> object:
+    """The verification stamp of an image directory (None if there is none or it is not a
+    plain small JSON file: then the image is simply hashed again)."""
     try:
-        return json.loads((image_dir / VERIFIED_NAME).read_text())
-    except (OSError, ValueError):
+        return json.loads(read_regular(dir_fd, VERIFIED_NAME, source=str(path), limit=MAX_STAMP))
+    except (OSError, ValueError, RecursionError, ImageError):
         return None
 
 
-def write_stamp(image_dir: Path, manifest: Manifest) -> None:
-    """Record the files' identities as just hashed and found matching ``manifest``.
-
-    Best effort: an image on read-only storage is simply verified in full every time.
-    """
-    stats = {e.name: (image_dir / e.name).stat() for e in manifest.files}
-    tmp = image_dir / f"{VERIFIED_NAME}.tmp{os.getpid()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(_stamp(manifest, stats), fh)
-        os.replace(tmp, image_dir / VERIFIED_NAME)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+def write_stamp(dir_fd: int, manifest: Manifest, stats: Mapping[str, os.stat_result]) -> None:
+    """Record the files' identities (``stats``) as just hashed and found matching
+    ``manifest``. Best effort: an image on read-only storage is simply verified in full every
+    time."""
+    data = json.dumps(_stamp(manifest, stats)).encode()
+    with contextlib.suppress(OSError):
+        replace_file(dir_fd, VERIFIED_NAME, data, source="image", durable=False)
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:
@@ -317,24 +341,71 @@ class Staging:
         hashed: Mapping[str, FileEntry] | None = None,
     ) -> Image:
         """Hash the staged files (but those in ``hashed``, hashed while they were written),
-        write the manifest, rename into place; return the image."""
-        hashed = hashed or {}
-        names = content_files(self.path)
-        fresh = {e.name: e for e in hash_files(self.path, [n for n in names if n not in hashed])}
-        entries = [hashed[n] if n in hashed else fresh[n] for n in names]
-        manifest = make_manifest(entries)
-        write_manifest(self.path, manifest)
+        write the manifest, rename into place; return the image.
+
+        Every entry but torpor's bookkeeping files is part of the image, so a staged symlink,
+        FIFO or directory is refused (:class:`~torpor.UnsafeImageError`), never followed.
+        Files are made 0600 (CRIU writes its files 0644: pages hold secrets). The manifest
+        ``make_manifest`` returns must list exactly the staged files as hashed.
+        """
+        source = str(self.path)
         try:
-            _rename_noreplace(self.path, self.dest)
-        except FileExistsError as exc:
-            raise AlreadyExistsError(
-                f"image directory {self.dest} appeared while checkpointing",
-                path=str(self.dest),
-                hint=f"the new image is kept at {self.path}",
-            ) from exc
-        fsync_dir(self.dest.parent)
-        write_stamp(self.dest, manifest)
-        return Image(self.dest, manifest)
+            dir_fd = open_dir(self.path)
+        except FileNotFoundError as exc:
+            raise ImageError(f"staging directory {self.path} is gone", image=self.path) from exc
+        try:
+            entries = lstat_entries(dir_fd)
+            names = sorted(n for n in entries if not is_bookkeeping(n))
+            for name in names:
+                kind = kind_problem(entries[name].st_mode)
+                if kind is not None:
+                    raise UnsafeImageError(
+                        f"staged image {self.path} holds {name}, {kind}, not a regular file; "
+                        "refused",
+                        image=self.path,
+                        file=name,
+                        hint="something other than CRIU wrote into the staging directory",
+                    )
+            vouched = dict(hashed or {})
+            for name in names:
+                fd = open_regular(dir_fd, name, source=source)
+                try:
+                    os.fchmod(fd, 0o600)
+                    size = os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+                if name in vouched and vouched[name].size != size:
+                    del vouched[name]  # changed after it was hashed: hash it again
+            todo = [n for n in names if n not in vouched]
+            fresh = {e.name: e for e in hash_files(dir_fd, todo, source=source)}
+            files = [vouched[n] if n in vouched else fresh[n] for n in names]
+            manifest = make_manifest(files)
+            if {e.name: e for e in manifest.files} != {e.name: e for e in files}:
+                raise ImageCorruptedError(
+                    f"the manifest made for {self.dest} does not list the staged files as "
+                    "they were hashed",
+                    image=self.dest,
+                    hint="checkpoint again",
+                )
+            _write_manifest(dir_fd, manifest, source=source)
+            stats = {
+                e.name: os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
+                for e in manifest.files
+            }
+            try:
+                _rename_noreplace(self.path, self.dest)
+            except FileExistsError as exc:
+                raise AlreadyExistsError(
+                    f"image directory {self.dest} appeared while checkpointing",
+                    path=str(self.dest),
+                    hint=f"the new image is kept at {self.path}",
+                ) from exc
+            fsync_dir(self.dest.parent)
+            write_stamp(dir_fd, manifest, stats)
+            dst = os.fstat(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return Image(self.dest, manifest, dir_id=(dst.st_dev, dst.st_ino))
 
     def discard(self) -> None:
         """Remove the staging directory and everything in it."""
@@ -363,13 +434,18 @@ def check_free(dest: Path) -> None:
         )
 
 
-def write_manifest(image_dir: Path, manifest: Manifest) -> None:
-    """Write ``torpor.json`` (0600) durably."""
-    tmp = image_dir / f".{MANIFEST_NAME}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(manifest.to_json())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(tmp, image_dir / MANIFEST_NAME)
-    fsync_dir(image_dir)
+def write_manifest(image_dir: Path | int, manifest: Manifest) -> None:
+    """Write ``torpor.json`` (0600) durably into the directory ``image_dir`` (a path, or an
+    open directory fd), never through a symlink planted there."""
+    if isinstance(image_dir, int):
+        _write_manifest(image_dir, manifest, source="image")
+        return
+    fd = open_dir(image_dir)
+    try:
+        _write_manifest(fd, manifest, source=str(image_dir))
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(dir_fd: int, manifest: Manifest, *, source: str) -> None:
+    replace_file(dir_fd, MANIFEST_NAME, manifest.to_json().encode(), source=source)

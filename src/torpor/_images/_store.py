@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from .. import _paths
-from .._errors import ImageError, ImageNotFoundError, UsageError
+from .._errors import ImageError, ImageNotFoundError, UnsafePathError, UsageError
 from ._image import STAGING_MARK, Image
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -50,14 +50,16 @@ def resolve(arg: str) -> Path:
 
 
 def list_local() -> list[Image]:
-    """Every complete image in the local store, oldest first (partial ones are skipped)."""
+    """Every complete image in the local store, oldest first (partial ones are skipped, and so
+    are entries that are not images or that torpor refuses to open: symlinks, directories
+    another user could change, damaged manifests)."""
     images: list[Image] = []
     root = _paths.images_dir()
     for entry in os.scandir(root):
-        if not entry.is_dir() or STAGING_MARK in entry.name:
+        if not entry.is_dir(follow_symlinks=False) or STAGING_MARK in entry.name:
             continue
         try:
             images.append(Image.open(entry.path))
-        except ImageError:
+        except (ImageError, UnsafePathError):
             continue
     return sorted(images, key=lambda i: i.manifest.created)
