@@ -47,23 +47,32 @@ def _one_line(exc: TorporError) -> None:
     assert text and "\n" not in text, f"{type(exc).__name__} message is not one line: {text!r}"
 
 
-class Hang(BaseException):
-    """An example ran past its time bound (a BaseException: no ``except Exception`` in the
-    code under test swallows it)."""
+class Hang(AssertionError):
+    """An example ran past its time bound: the property failed (an ``Exception``, so that
+    Hypothesis shrinks and reports it)."""
+
+
+class _Alarm(BaseException):
+    # Raised inside the code under test: a BaseException, so no ``except Exception`` there
+    # swallows it; :func:`bounded` turns it into :class:`Hang`.
+    pass
 
 
 @contextlib.contextmanager
 def bounded(seconds: float = 10.0) -> Iterator[None]:
     """Fail the example with :class:`Hang` if it runs longer than ``seconds`` (SIGALRM: it
-    interrupts a blocking system call too, such as an ``open`` of a FIFO)."""
+    interrupts a blocking system call too, such as an ``open`` of a FIFO). Only for code that
+    runs in this thread; see :func:`in_child` for the rest."""
 
     def alarm(signum: int, frame: FrameType | None) -> None:
-        raise Hang(f"example still running after {seconds} s: a hang")
+        raise _Alarm
 
     old = signal.signal(signal.SIGALRM, alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
+    except _Alarm:
+        raise Hang(f"example still running after {seconds} s: a hang") from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
@@ -193,6 +202,19 @@ def _evil_around(root: Path) -> list[Path]:
     return found
 
 
+def fill(value: Any, outside: str = "/torpor-fuzz-out") -> Any:
+    """``value`` with :data:`OUT` replaced by ``outside`` in every string (keys too)."""
+    if isinstance(value, str):
+        return value.replace(OUT, outside)
+    if isinstance(value, bytes):
+        return value.replace(OUT.encode(), os.fsencode(outside))
+    if isinstance(value, list):
+        return [fill(v, outside) for v in value]
+    if isinstance(value, dict):
+        return {fill(k, outside): fill(v, outside) for k, v in value.items()}
+    return value
+
+
 class Jail:
     """A fresh directory tree for one example: ``TORPOR_HOME`` deep inside it, a sentinel
     ``outside`` directory beside, the cwd in ``cwd/``. On leaving, every change in the jail
@@ -216,15 +238,7 @@ class Jail:
 
     def fill(self, value: Any) -> Any:
         """``value`` with :data:`OUT` replaced by the ``outside`` directory in every string."""
-        if isinstance(value, str):
-            return value.replace(OUT, str(self.outside))
-        if isinstance(value, bytes):
-            return value.replace(OUT.encode(), os.fsencode(self.outside))
-        if isinstance(value, list):
-            return [self.fill(v) for v in value]
-        if isinstance(value, dict):
-            return {self.fill(k): self.fill(v) for k, v in value.items()}
-        return value
+        return fill(value, str(self.outside))
 
     def __enter__(self) -> Jail:
         self._saved = (os.environ.get("TORPOR_HOME"), os.getcwd())
@@ -392,3 +406,39 @@ def mutated_json(draw: st.DrawFn, base: Any, *, max_mutations: int = 3) -> Any:
 def dumps(value: Any) -> bytes:
     """JSON as a hostile writer might send it (NaN allowed, lone surrogates escaped)."""
     return json.dumps(value).encode()
+
+
+# -- a small valid image ------------------------------------------------------------------------
+
+IMAGE_FILES = {
+    "inventory.img": b"inv",
+    "pstree.img": b"pstree" * 10,
+    "core-1.img": b"core" * 300,
+    "mm-1.img": bytes(range(256)) * 20,
+    # Two chunk lists' worth of pages (a long list lives in a list object, a short one inline),
+    # zero pages among them (stored as holes).
+    "pages-1.img": b"".join(
+        (bytes(4096) if i % 5 == 0 else bytes([i % 251]) * 4096) for i in range(80)
+    ),
+}
+
+
+def make_image(root: Path, name: str = "web") -> Any:
+    """A committed image directory shaped like CRIU's under ``root``."""
+    from torpor._images import _manifest
+    from torpor._images._image import staging
+
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with staging(root / name) as st_:
+        for fname, data in IMAGE_FILES.items():
+            (st_.path / fname).write_bytes(data)
+        return st_.commit(
+            lambda entries: _manifest.build(
+                name=name,
+                pid=4242,
+                files=entries,
+                criu_version="4.2.1",
+                cmdline=("python3", "app.py"),
+                rss_bytes=len(IMAGE_FILES["pages-1.img"]),
+            )
+        )
