@@ -6,7 +6,6 @@ import argparse
 import time
 from typing import Any
 
-from .._errors import UsageError
 from ._app import App
 
 
@@ -20,12 +19,33 @@ def register(sub: Any) -> None:
     )
     p.add_argument("image", metavar="IMAGE", help="a local image name, a path, or NAME@POOL")
     p.add_argument("--name", help="name of the restored process (default: the image's name)")
-    p.add_argument("--count", type=int, default=1, metavar="K", help="restore K copies at once")
     p.add_argument(
+        "--count",
+        type=int,
+        default=1,
+        metavar="K",
+        help="restore K copies at once (as many as free memory holds, within a fixed bound); "
+        "copies of a server share its listening ports, the kernel spreading connections",
+    )
+    p.add_argument(
+        "--reuseport",
+        action="store_true",
+        default=None,
+        help="restore listening sockets with SO_REUSEPORT even for one copy, so that copies "
+        "restored later share the port with it (automatic with --count above 1)",
+    )
+    tcp = p.add_mutually_exclusive_group()
+    tcp.add_argument(
         "--tcp-established",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="restore established TCP connections (default: as the image was dumped)",
+    )
+    tcp.add_argument(
+        "--tcp-close",
+        action="store_true",
+        help="restore established TCP connections closed: an image that held one can then be "
+        "restored again, and as copies",
     )
     verify = p.add_mutually_exclusive_group()
     verify.add_argument(
@@ -56,9 +76,9 @@ def open_image(app: App, arg: str) -> Any:
 def _restore(app: App, args: argparse.Namespace) -> int:
     from .._images._store import check_name
     from .._process import _manage
+    from .._process._copies import check_count
 
-    if args.count < 1:
-        raise UsageError(f"--count must be at least 1, not {args.count}")
+    check_count(args.count)  # before a pull: memory is judged once the image is here
     started = time.perf_counter()
     image = open_image(app, args.image)
     base = args.name or image.name
@@ -73,6 +93,8 @@ def _restore(app: App, args: argparse.Namespace) -> int:
         image,
         names=names,
         tcp_established=args.tcp_established,
+        tcp_close=args.tcp_close,
+        reuseport=args.reuseport,
         verify=False if args.no_verify else "full" if args.full_verify else True,
     )
     elapsed = time.perf_counter() - started

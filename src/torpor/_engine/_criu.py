@@ -89,6 +89,9 @@ class RestoreOptions:
     external: tuple[str, ...] = ()
     root: str | None = None
     leave_stopped: bool = False
+    # Established TCP connections come back closed (CRIU's tcp_close): an image that held one
+    # can then be restored again, and as copies, while the old connection lingers.
+    tcp_close: bool = False
     # CRIU's default. Errors and warnings are kept; -v4's per-mapping lines cost a 100 MiB
     # restore ~4 ms (measured), and a successful restore's log is deleted anyway.
     log_level: int = 2
@@ -186,6 +189,21 @@ _HINTS: Sequence[tuple[re.Pattern[str], str]] = [
         "or checkpoint with --shell-job",
     ),
     (
+        re.compile(r"Connected TCP socket in image"),
+        "the image holds an established TCP connection: restore with --tcp-established (it "
+        "resumes) or --tcp-close (it comes back closed)",
+    ),
+    (
+        re.compile(r"Can't connect inet socket back"),
+        "the image's TCP connection still exists (a restored copy holds it, or it lingers): "
+        "restore with --tcp-close to bring it back closed",
+    ),
+    (
+        re.compile(r"Can't bind inet socket.*in use"),
+        "a port the image binds is taken (is the original still running?): stop it; restored "
+        "copies share a listening port only with each other",
+    ),
+    (
         re.compile(r"Connected TCP socket|tcp-established"),
         "the process has an established TCP connection: pass --tcp-established",
     ),
@@ -198,6 +216,12 @@ _HINTS: Sequence[tuple[re.Pattern[str], str]] = [
         re.compile(r"has bad size|Size mismatch"),
         "a file the process has open changed size since the dump: open such files with "
         "O_APPEND, or restore a fresh image",
+    ),
+    (
+        re.compile(r"ghost regfile|Couldn't unlink remap|ghost.*File exists"),
+        "the ghost file CRIU recreates for a deleted-but-open file (<path>.cr.<id>.ghost) "
+        "was there already: a restore outside torpor was making it, or a killed restore left "
+        "it; retry, or delete the leftover",
     ),
     (
         re.compile(r"File exists|Can't fork for \d+|set_tid"),
@@ -392,6 +416,7 @@ class CriuEngine:
             opts.work_dir_fd = wfd
             opts.rst_sibling = o.rst_sibling
             opts.leave_stopped = o.leave_stopped
+            opts.tcp_close = o.tcp_close
             if o.root:
                 opts.root = o.root
             for key, fd in o.inherit_fds.items():
@@ -535,7 +560,9 @@ def _opts(
         notify_scripts=notify is not None,
     )
     opts.external.extend(o.external)
-    if o.tcp_established:
+    # With tcp_close too: the restore then removes the lock table the dump left for the
+    # connections (CRIU names it after the dump), which nothing else would.
+    if o.tcp_established or (isinstance(o, RestoreOptions) and o.tcp_close):
         opts.network_lock = pb.NFTABLES
     return opts
 

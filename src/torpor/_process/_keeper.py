@@ -136,16 +136,33 @@ class Keeper:
         options: RestoreOptions,
         *,
         verify: bool | Literal["full"],
+        reuseport: bool | None = None,
     ) -> list[ManagedProcess]:
-        """Restore ``len(names)`` copies of ``image`` concurrently.
+        """Restore ``len(names)`` copies of ``image``, a bounded number at a time.
 
         The checksums are verified while CRIU restores (on the other core). CRIU ignores a
         failing ``pre-resume`` answer, so copies are restored stopped (``leave_stopped``) and
         continued only once the image is known good: nothing from a corrupted image ever runs.
+        Copies that must share a listening port (``reuseport``, see ``_copies``) are restored
+        from a derived image, made only once the image is verified.
         """
+        from . import _copies
+
+        _copies.check_fits(image, len(names))
+        try:
+            copies = _copies.Copies(image, len(names), reuseport=reuseport)
+        except _errors.ImageCorruptedError:
+            if verify:  # a damaged file is reported as every restore reports it
+                image.verify(full=True)
+            raise
         verdict: Future[None] = Future()
         if not verify or (verify != "full" and image.trusted()):
             # Unchanged since it was hashed (or verification declined): restore right away.
+            verdict.set_result(None)
+        elif copies.derives:
+            # Known not to be trusted (or asked for in full), and to be derived from: hash
+            # everything first.
+            image.verify(full=True)
             verdict.set_result(None)
         else:
             # Known not to be trusted (or asked for in full): hash everything.
@@ -154,32 +171,27 @@ class Keeper:
         engine = CriuEngine()
         warm, self.warm = self.warm, None
 
-        results: list[ManagedProcess | BaseException] = [TorporError("not run")] * len(names)
+        def one(i: int, images_dir: Path) -> ManagedProcess:
+            with copies.criu_turn():
+                res = engine.restore(images_dir, options, connection=warm if i == 0 else None)
+            rec = ManagedProcess(
+                name=names[i],
+                pid=res.pid,
+                start_time=ref(res.pid).start_time,
+                keeper_pid=self.pid,
+                command=image.manifest.cmdline,
+                started=now_iso(),
+                restored_from=str(image.path),
+            )
+            self._adopt(rec)
+            return rec
 
-        def one(i: int) -> None:
-            try:
-                res = engine.restore(image.path, options, connection=warm if i == 0 else None)
-                rec = ManagedProcess(
-                    name=names[i],
-                    pid=res.pid,
-                    start_time=ref(res.pid).start_time,
-                    keeper_pid=self.pid,
-                    command=image.manifest.cmdline,
-                    started=now_iso(),
-                    restored_from=str(image.path),
-                )
-                self._adopt(rec)
-                results[i] = rec
-            except BaseException as exc:
-                results[i] = exc
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(names))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if warm is not None:
-            warm.close()
+        try:
+            with copies.images_dir() as images_dir:
+                results = _copies.run_bounded(len(names), lambda i: one(i, images_dir))
+        finally:
+            if warm is not None:
+                warm.close()
         bad = verdict.exception()
         failures = [r for r in results if isinstance(r, BaseException)]
         if bad is not None or failures:

@@ -46,19 +46,30 @@ def restore(
     names: Sequence[str],
     tcp_established: bool | None = None,
     verify: bool | Literal["full"] = True,
+    tcp_close: bool = False,
+    reuseport: bool | None = None,
 ) -> list[ManagedProcess]:
     """Restore ``len(names)`` concurrent copies of ``image``, each a running managed process.
 
     All or nothing: if one copy fails, none is left running. The image's checksums are verified
     before any restored task runs: ``True`` re-hashes only files changed since they were last
     hashed, ``"full"`` re-hashes everything, ``False`` skips verification.
+
+    ``tcp_close`` restores established TCP connections closed (instead of resumed), so an
+    image that held one restores again and as copies. Listening sockets of several copies
+    share their port (``reuseport``: see :class:`torpor._process._copies.Copies`).
     """
     _need_root("torpor restore")
     for n in names:
         _registry.reserve(n)
     m = image.manifest
+    if tcp_close:
+        tcp_established = False  # nothing to resume: the connections come back closed
     options = RestoreOptions(
         tcp_established=m.tcp_established if tcp_established is None else tcp_established,
         shell_job=m.shell_job,
+        tcp_close=tcp_close,
     )
-    return _keeper.spawn(lambda k: k.restore(image, names, options, verify=verify))
+    return _keeper.spawn(
+        lambda k: k.restore(image, names, options, verify=verify, reuseport=reuseport)
+    )
