@@ -15,7 +15,12 @@ import, copy):
   unlisted file is refused by name (:class:`~torpor.UnsafeImageError`) before anything is
   hashed, so a file CRIU would read can never escape verification;
 - every listed file must be a regular file (a symlink to ``/dev/zero`` or ``/etc/shadow`` is
-  refused without being followed), owned by us or root and not writable by group or others.
+  refused without being followed), owned by us or root and not writable by group or others;
+- a manifest with a signature (``torpor.sig``, :mod:`._signature`) must verify: a manifest
+  changed after it was signed is refused (:class:`~torpor.SignatureError`) even where its
+  hashes were rewritten to match changed files. :attr:`Image.signer` says who signed; images
+  made before torpor signed them have none and are accepted as unsigned, for a policy (a
+  pool's ``security.require_signed``) to refuse.
 
 Staging writes the same way: relative to the staging directory's fd, new files ``O_EXCL`` under
 a temporary name then renamed, so a symlink planted in a staging directory (which a
@@ -41,6 +46,7 @@ from .._errors import (
     ImageCorruptedError,
     ImageError,
     ImageNotFoundError,
+    TorporError,
     UnsafeImageError,
 )
 from .._paths import fsync_dir
@@ -53,7 +59,7 @@ from .._safe import (
     read_regular,
     replace_file,
 )
-from . import _manifest
+from . import _manifest, _signature
 from ._hashing import GrowingHasher as GrowingHasher
 from ._hashing import hash_files as hash_files
 from ._hashing import hash_range as hash_range
@@ -61,6 +67,7 @@ from ._layout import (
     MANIFEST_NAME,
     MAX_STAMP,
     REQUIRED_FILES,
+    SIGNATURE_NAME,
     VERIFIED_NAME,
     is_bookkeeping,
 )
@@ -79,10 +86,17 @@ class Image:
     """
 
     def __init__(
-        self, path: Path, manifest: Manifest, *, dir_id: tuple[int, int] | None = None
+        self,
+        path: Path,
+        manifest: Manifest,
+        *,
+        signer: str | None = None,
+        dir_id: tuple[int, int] | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
+        #: The key id whose valid signature the manifest carries, None if it is unsigned.
+        self.signer = signer
         # (st_dev, st_ino) of the directory as opened: every later step checks it is the same.
         self._dir_id = dir_id
 
@@ -105,17 +119,24 @@ class Image:
         fd = open_dir(p)  # a symlink is refused here
         try:
             dst = check_private(p, what="image directory", fd=fd)
-            manifest = _manifest.read(p, dir_fd=fd)
+            raw = _manifest.read_bytes(p, dir_fd=fd)
+            manifest = Manifest.from_json(raw, source=str(p / MANIFEST_NAME))
+            signer = _signature.check(fd, raw, source=str(p))
         except OSError as exc:
             raise ImageError(f"cannot read image {p}: {exc.strerror}", image=p) from exc
         finally:
             os.close(fd)
-        return cls(p, manifest, dir_id=(dst.st_dev, dst.st_ino))
+        return cls(p, manifest, signer=signer, dir_id=(dst.st_dev, dst.st_ino))
 
     @property
     def name(self) -> str:
         """The image's name (from its manifest)."""
         return self.manifest.name
+
+    @property
+    def signed_by(self) -> str | None:
+        """Same as :attr:`signer`."""
+        return self.signer
 
     @contextmanager
     def opened(self) -> Iterator[int]:
@@ -339,14 +360,20 @@ class Staging:
         self,
         make_manifest: Callable[[list[FileEntry]], Manifest],
         hashed: Mapping[str, FileEntry] | None = None,
+        *,
+        sign: bool = True,
     ) -> Image:
         """Hash the staged files (but those in ``hashed``, hashed while they were written),
-        write the manifest, rename into place; return the image.
+        write the manifest and, if ``sign``, its signature by this host (``torpor.sig``),
+        rename into place; return the image.
 
         Every entry but torpor's bookkeeping files is part of the image, so a staged symlink,
         FIFO or directory is refused (:class:`~torpor.UnsafeImageError`), never followed.
         Files are made 0600 (CRIU writes its files 0644: pages hold secrets). The manifest
         ``make_manifest`` returns must list exactly the staged files as hashed.
+
+        Signing is best effort: if this host's key cannot be made or loaded the image is
+        committed unsigned (its process may already be gone: losing the image would lose it).
         """
         source = str(self.path)
         try:
@@ -387,7 +414,12 @@ class Staging:
                     image=self.dest,
                     hint="checkpoint again",
                 )
-            _write_manifest(dir_fd, manifest, source=source)
+            raw = manifest.to_json().encode()
+            # Whatever torpor.sig the staging directory holds is not this manifest's.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(SIGNATURE_NAME, dir_fd=dir_fd)
+            replace_file(dir_fd, MANIFEST_NAME, raw, source=source)
+            signer = _sign(dir_fd, raw, source=source) if sign else None
             stats = {
                 e.name: os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
                 for e in manifest.files
@@ -405,7 +437,7 @@ class Staging:
             dst = os.fstat(dir_fd)
         finally:
             os.close(dir_fd)
-        return Image(self.dest, manifest, dir_id=(dst.st_dev, dst.st_ino))
+        return Image(self.dest, manifest, signer=signer, dir_id=(dst.st_dev, dst.st_ino))
 
     def discard(self) -> None:
         """Remove the staging directory and everything in it."""
@@ -449,3 +481,17 @@ def write_manifest(image_dir: Path | int, manifest: Manifest) -> None:
 
 def _write_manifest(dir_fd: int, manifest: Manifest, *, source: str) -> None:
     replace_file(dir_fd, MANIFEST_NAME, manifest.to_json().encode(), source=source)
+    # A signature of another manifest must not stay beside this one.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(SIGNATURE_NAME, dir_fd=dir_fd)
+
+
+def _sign(dir_fd: int, manifest_bytes: bytes, *, source: str) -> str | None:
+    """Write ``torpor.sig`` for ``manifest_bytes``; the signing key id, None if this host has
+    no usable key (see :meth:`Staging.commit`)."""
+    try:
+        key_id, content = _signature.sign(manifest_bytes)
+    except (TorporError, OSError):
+        return None
+    replace_file(dir_fd, SIGNATURE_NAME, content, source=source)
+    return key_id
