@@ -3,9 +3,14 @@
 - :class:`CriuEngine` ``.dump(pid, dir, DumpOptions, notify=, connection=)`` → :class:`DumpResult`
 - ``.restore(dir, RestoreOptions, notify=, connection=)`` → :class:`RestoreResult`
 - ``.version()``, ``.check()``, ``.features()``
+- a self-dump asked for by a keeper: :func:`dump_request` (the keeper's side) and
+  :func:`receive_dump` (the dumped process's side); ``criu swrk`` started by :func:`start_swrk`
 - failures raise :class:`~torpor.DumpError` / :class:`~torpor.RestoreError` (with log lines)
 """
 
+from ._criu import (
+    DUMP_LOG as DUMP_LOG,
+)
 from ._criu import (
     CriuEngine as CriuEngine,
 )
@@ -31,10 +36,16 @@ from ._criu import (
     criu_version as criu_version,
 )
 from ._criu import (
+    dump_request as dump_request,
+)
+from ._criu import (
     find_criu as find_criu,
 )
 from ._criu import (
     log_errors as log_errors,
+)
+from ._criu import (
+    receive_dump as receive_dump,
 )
 from ._rpc import (
     Connection as Connection,
@@ -44,4 +55,7 @@ from ._rpc import (
 )
 from ._rpc import (
     NotifyHandler as NotifyHandler,
+)
+from ._rpc import (
+    start_swrk as start_swrk,
 )

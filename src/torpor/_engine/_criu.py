@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,7 +365,7 @@ class CriuEngine:
                 raise
             if not resp.success:
                 kept_log = self._keep_log(log_path, pid)
-                raise self._failure(
+                raise _failure(
                     DumpError,
                     "checkpoint",
                     resp,
@@ -433,7 +433,7 @@ class CriuEngine:
                 log_path=log_path,
             )
             if not resp.success:
-                raise self._failure(
+                raise _failure(
                     RestoreError,
                     "restore",
                     resp,
@@ -503,41 +503,107 @@ class CriuEngine:
             if own:
                 conn.close()
 
-    def _failure(
-        self,
-        cls: type[CriuError],
-        what: str,
-        resp: pb.Resp,
-        pid: int | None,
-        image: Path,
-        log_path: Path,
-        notify_error: BaseException | None,
-        *,
-        kept: str,
-    ) -> CriuError:
-        lines = log_errors(log_path)
-        if notify_error is not None:
-            reason = f"a {what} callback failed: {notify_error}"
-        elif lines:
-            reason = lines[0]
-        else:
-            reason = resp.cr_errmsg or f"CRIU error {resp.cr_errno}"
-        subject = f"pid {pid}" if pid is not None else f"image {image}"
-        if pid is not None and not _pid_alive(pid) and what == "checkpoint":
-            kept = "the process is gone"
-        hint = _hint_for(lines) if notify_error is None else None
-        if hint is None and resp.cr_errno == 1 and os.geteuid() != 0:
-            hint = "CRIU needs root: run torpor as root"
-        msg = f"{what} of {subject} failed: {reason} ({kept}; log: {log_path})"
-        err = cls(msg, pid=pid, image=image, log_path=log_path, log_lines=lines, hint=hint)
-        if notify_error is not None:
-            err.__cause__ = notify_error
-        return err
-
     @contextmanager
     def _logfile(self, prefix: str) -> Iterator[tuple[str, Path]]:
         name = f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}.log"
         yield name, self.log_dir / name
+
+
+def _failure(
+    cls: type[CriuError],
+    what: str,
+    resp: pb.Resp,
+    pid: int | None,
+    image: Path,
+    log_path: Path,
+    notify_error: BaseException | None,
+    *,
+    kept: str,
+    lines: Sequence[str] | None = None,
+) -> CriuError:
+    """The error for a failed response; ``lines`` are the log's error lines when the log was
+    read elsewhere than ``log_path`` (the path the message names)."""
+    lines = list(lines) if lines is not None else log_errors(log_path)
+    if notify_error is not None:
+        reason = f"a {what} callback failed: {notify_error}"
+    elif lines:
+        reason = lines[0]
+    else:
+        reason = resp.cr_errmsg or f"CRIU error {resp.cr_errno}"
+    subject = f"pid {pid}" if pid is not None else f"image {image}"
+    if pid is not None and not _pid_alive(pid) and what == "checkpoint":
+        kept = "the process is gone"
+    hint = _hint_for(lines) if notify_error is None else None
+    if hint is None and resp.cr_errno == 1 and os.geteuid() != 0:
+        hint = "CRIU needs root: run torpor as root"
+    msg = f"{what} of {subject} failed: {reason} ({kept}; log: {log_path})"
+    err = cls(msg, pid=pid, image=image, log_path=log_path, log_lines=lines, hint=hint)
+    if notify_error is not None:
+        err.__cause__ = notify_error
+    return err
+
+
+def dump_request(pid: int, images_dir_fd: int, options: DumpOptions) -> bytes:
+    """A serialised DUMP request of the tree rooted at ``pid`` into the directory
+    ``images_dir_fd`` (an fd of the process that created the swrk socketpair: CRIU opens it as
+    ``/proc/<creator>/fd/N``), logging to :data:`DUMP_LOG` there, without notifications.
+
+    For a keeper that dumps a child on the child's request: the keeper builds the request, so
+    nothing of it comes from the child.
+    """
+    opts = _opts(options, images_dir_fd=images_dir_fd, log_file=DUMP_LOG, notify=None)
+    opts.pid = pid
+    opts.leave_running = options.leave_running
+    opts.link_remap = options.link_remap
+    return bytes(pb.Req(type=pb.DUMP, opts=opts).SerializeToString())
+
+
+def receive_dump(
+    connection: Connection,
+    pid: int,
+    images_dir: Path,
+    *,
+    settle: Callable[[], Path | None],
+) -> DumpResult:
+    """The outcome of a dump of ``pid`` (the caller itself) that someone else asked CRIU for on
+    ``connection`` (a keeper: see :func:`dump_request`): we only read the response.
+
+    In a restored copy it returns at once (``restored=True``). In the original ``settle`` is
+    called first: it waits until the directory's files are ours to read and returns where the
+    log was kept for the user (None: in ``images_dir``), which a failure names; the log's lines
+    are read from ``images_dir``. Raises :class:`DumpError` as :meth:`CriuEngine.dump` does.
+    """
+    log_path = images_dir / DUMP_LOG
+    started = time.perf_counter()
+    try:
+        resp = connection.receive()
+    except TransportError as exc:
+        kept = settle() or log_path
+        lines = log_errors(log_path)
+        raise DumpError(
+            f"CRIU dump died: {lines[0] if lines else exc}",
+            pid=pid,
+            image=images_dir,
+            log_path=kept,
+            log_lines=lines,
+            hint=_hint_for(lines),
+        ) from exc
+    if resp.success and resp.dump.restored:
+        return DumpResult(True, log_path, time.perf_counter() - started)
+    kept = settle() or log_path
+    if not resp.success:
+        raise _failure(
+            DumpError,
+            "checkpoint",
+            resp,
+            pid,
+            images_dir,
+            kept,
+            None,
+            kept="the process keeps running",
+            lines=log_errors(log_path),
+        )
+    return DumpResult(False, log_path, time.perf_counter() - started)
 
 
 def _opts(

@@ -2,14 +2,17 @@
 
 One request per packet; replies are sized with ``recv(MSG_PEEK | MSG_TRUNC)``. While a request
 runs, CRIU may send NOTIFY messages (with ``notify_scripts``) and waits for our answer; the loop
-in :meth:`Connection.call` hands each to a callback.
+in :meth:`Connection.receive` hands each to a callback.
+
+Every ``criu swrk`` is started by :func:`start_swrk`, with umask 077: CRIU creates its images,
+logs and stats 0644, and pages hold a process's secrets.
 """
 
 from __future__ import annotations
 
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .._proto import criu_rpc_pb2 as pb
@@ -32,6 +35,33 @@ class TransportError(Exception):
     """The swrk connection broke (CRIU died or closed it). Internal: the engine converts it."""
 
 
+SWRK_UMASK = 0o077
+
+
+def start_swrk(
+    criu: str,
+    sock_fd: int,
+    *,
+    pass_fds: Sequence[int] = (),
+    options: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``criu swrk`` serving the socket ``sock_fd`` (which the caller then closes);
+    ``pass_fds`` are further fds CRIU must open itself, ``options`` command-line options that
+    hold for every request (``--action-script``), ``env`` its environment (ours by default).
+    No stdio: CRIU logs to the log file a request names."""
+    return subprocess.Popen(
+        [criu, *options, "swrk", str(sock_fd)],
+        pass_fds=(sock_fd, *pass_fds),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+        umask=SWRK_UMASK,
+        env=env,
+    )
+
+
 class Connection:
     """A connected ``criu swrk`` process (or a socket to one spawned elsewhere)."""
 
@@ -46,14 +76,7 @@ class Connection:
         are the fds CRIU must open (images dir, work dir, inherited fds)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            proc = subprocess.Popen(
-                [criu, "swrk", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(), *pass_fds),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                close_fds=True,
-            )
+            proc = start_swrk(criu, theirs.fileno(), pass_fds=pass_fds)
         except BaseException:
             ours.close()
             raise
@@ -90,6 +113,12 @@ class Connection:
         failure, so CRIU aborts cleanly; the caller re-raises it.
         """
         self.send(req)
+        return self.receive(notify)
+
+    def receive(self, notify: NotifyHandler | None = None) -> pb.Resp:
+        """CRIU's final response to a request already sent (by us, or by whoever set up the
+        connection: a keeper sends a self-dump's request for the process), answering
+        notifications on the way as :meth:`call` does."""
         while True:
             resp = self.recv()
             if resp.type != pb.NOTIFY:
