@@ -57,3 +57,31 @@ def counts(log: Path) -> dict[int, list[int]]:
         if len(parts) == 2 and parts[0].isdigit():
             out.setdefault(int(parts[0]), []).append(int(parts[1]))
     return out
+
+
+PS_COLUMNS = ("NAME", "PID", "STATE", "UPTIME", "COMMAND", "RESTORED-FROM")
+
+
+def parse_table(text: str, columns: Sequence[str]) -> dict[str, dict[str, str]]:
+    """One of torpor's text tables (``ps``, ``images``, ``pool list``) as rows keyed by their
+    first column: {first value: {column: value}}. The header must be exactly ``columns`` (a
+    changed table fails here, not in a substring check that still finds its word somewhere),
+    and columns are cut where the header's start (values may hold spaces)."""
+    header, *lines = text.splitlines()
+    assert tuple(header.split()) == tuple(columns), header
+    starts = [header.index(column) for column in columns]
+    bounds = list(zip(starts, [*starts[1:], None], strict=True))
+    rows: dict[str, dict[str, str]] = {}
+    for line in lines:
+        row = {c: line[a:b].strip() for c, (a, b) in zip(columns, bounds, strict=True)}
+        key = row[columns[0]]
+        assert key not in rows, f"{key} listed twice:\n{text}"
+        rows[key] = row
+    return rows
+
+
+def parse_ps(text: str, *columns: str) -> dict[str, tuple[str, ...]]:
+    """``torpor ps`` output (see :func:`parse_table`) as NAME -> the values of ``columns``."""
+    return {
+        name: tuple(row[c] for c in columns) for name, row in parse_table(text, PS_COLUMNS).items()
+    }

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from torpor._images import _image
+from torpor._images._image import Image
 from torpor._process._proc import running
 
-from .helpers import APPS, PYTHON, counts, torpor, wait_for
+from .helpers import APPS, PYTHON, counts, parse_ps, torpor, wait_for
 
 pytestmark = pytest.mark.criu
 
@@ -33,8 +35,9 @@ def test_counter_continues_from_its_count(torpor_home: Path) -> None:
     assert Path(image, "torpor.json").exists()
     wait_for(lambda: not running(pid), what="the original to stop")
     last = counts(log)[pid][-1]
-    ps = torpor("ps", "-a").stdout
-    assert "checkpointed" in ps
+    assert parse_ps(torpor("ps", "-a").stdout, "PID", "STATE") == {
+        "count": (str(pid), "checkpointed")
+    }
 
     out = torpor("restore", "count-img").stdout.split()
     new_pid = int(out[1])
@@ -44,7 +47,9 @@ def test_counter_continues_from_its_count(torpor_home: Path) -> None:
     # It continues from its count: the first number after restore follows the last before.
     assert resumed[0] in (last + 1, last + 2), (last, resumed[:3])
     assert resumed == sorted(resumed)
-    assert "count-img" in torpor("ps").stdout
+    assert parse_ps(torpor("ps").stdout, "PID", "STATE", "RESTORED-FROM") == {
+        "count-img": (str(new_pid), "running", image)
+    }
 
 
 def test_leave_running_keeps_the_original(torpor_home: Path) -> None:
@@ -57,6 +62,62 @@ def test_leave_running_keeps_the_original(torpor_home: Path) -> None:
     new_pid = int(torpor("restore", "lr-img").stdout.split()[1])
     wait_for(lambda: len(counts(log).get(new_pid, [])) >= 2, what="the copy counting")
     assert running(pid)
+
+
+def test_restore_name_at_pool_pulls_and_continues(torpor_home: Path) -> None:
+    pid, log = _run_counter(torpor_home, "pooled")
+    out = torpor("checkpoint", "pooled", "--pool", "default", "--name", "pooled-img").stdout
+    assert out.strip() == "pooled-img@default"
+    wait_for(lambda: not running(pid), what="the original to stop")
+    last = counts(log)[pid][-1]
+    assert not (torpor_home / "images" / "pooled-img").exists()  # only the pool has it
+
+    new_pid = int(torpor("restore", "pooled-img@default").stdout.split()[1])
+    wait_for(lambda: len(counts(log).get(new_pid, [])) >= 3, what="the restored copy counting")
+    resumed = counts(log)[new_pid]
+    assert resumed[0] in (last + 1, last + 2), (last, resumed[:3])
+    assert resumed == list(range(resumed[0], resumed[0] + len(resumed)))
+    assert parse_ps(torpor("ps").stdout, "PID", "STATE") == {
+        "pooled-img": (str(new_pid), "running")
+    }
+
+
+def test_full_verify_rehashes_what_the_stamp_trusts(
+    torpor_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bit rot: a file's bytes change while its inode, size and times stay as the verification
+    stamp recorded them. A plain restore trusts the stamp; only --full-verify re-hashes."""
+    pid, log = _run_counter(torpor_home, "rot")
+    image = Path(torpor("checkpoint", "rot", "--name", "rot-img").stdout.strip())
+    wait_for(lambda: not running(pid), what="the original to stop")
+    last = counts(log)[pid][-1]
+    # CRIU's statistics of the dump, which restore does not read: rotten, the image still runs.
+    rotten = image / "stats-dump"
+    data = bytearray(rotten.read_bytes())
+    data[-1] ^= 0x01
+    rotten.write_bytes(bytes(data))
+    _stamp_as_verified(image, monkeypatch)
+
+    res = torpor("restore", "--full-verify", "rot-img", check=False)
+    assert res.returncode == 1, res.stderr
+    assert "is corrupted: file stats-dump does not match its SHA-256" in res.stderr
+    assert res.stderr.count("\n") == 1
+    assert parse_ps(torpor("ps").stdout, "PID") == {}  # nothing from the image runs
+
+    new_pid = int(torpor("restore", "rot-img").stdout.split()[1])
+    wait_for(lambda: len(counts(log).get(new_pid, [])) >= 2, what="the restored copy counting")
+    assert counts(log)[new_pid][0] in (last + 1, last + 2)
+
+
+def _stamp_as_verified(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record the image's files, as they now are, as hashed and found matching: a verify whose
+    hashing finds what the manifest says, as it would have just before the bytes rotted."""
+    img = Image.open(image)
+    assert not img.trusted()  # the write to the file voided the stamp
+    with monkeypatch.context() as m:
+        m.setattr(_image, "hash_files", lambda *args, **kwargs: list(img.manifest.files))
+        img.verify()
+    assert Image.open(image).trusted()
 
 
 def test_count_four_gives_four_independent_copies(torpor_home: Path) -> None:
@@ -78,8 +139,10 @@ def test_count_four_gives_four_independent_copies(torpor_home: Path) -> None:
     os.kill(pids[0], signal.SIGKILL)
     wait_for(lambda: not running(pids[0]), what="one copy to die")
     assert all(running(p) for p in pids[1:])
-    listed = torpor("ps").stdout
-    assert sum(f"four-img-{i}" in listed for i in range(1, 5)) == 3
+    assert [p["name"] for p in procs] == [f"four-img-{i}" for i in range(1, 5)]
+    assert parse_ps(torpor("ps").stdout, "PID", "STATE") == {
+        p["name"]: (str(p["pid"]), "running") for p in procs[1:]
+    }
 
 
 def test_tcp_connection_survives_checkpoint_and_restore(torpor_home: Path) -> None:
@@ -118,7 +181,7 @@ def test_tcp_connection_survives_checkpoint_and_restore(torpor_home: Path) -> No
 
 
 def test_corrupted_image_is_refused_naming_the_file(torpor_home: Path) -> None:
-    _run_counter(torpor_home, "corrupt")
+    pid, _ = _run_counter(torpor_home, "corrupt")
     image = Path(torpor("checkpoint", "corrupt", "--name", "corrupt-img").stdout.strip())
     pages = max(image.glob("pages-*.img"), key=lambda p: p.stat().st_size)
     data = bytearray(pages.read_bytes())
@@ -130,8 +193,10 @@ def test_corrupted_image_is_refused_naming_the_file(torpor_home: Path) -> None:
     assert pages.name in res.stderr
     assert "corrupted" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
-    # Nothing from the image runs.
-    assert "corrupt-img" not in torpor("ps").stdout
+    # Nothing from the image runs, nor is recorded.
+    assert parse_ps(torpor("ps", "-a").stdout, "PID", "STATE") == {
+        "corrupt": (str(pid), "checkpointed")
+    }
     time.sleep(0.2)
     after = {int(p) for p in os.listdir("/proc") if p.isdigit()}
     for p in after - before:
