@@ -27,6 +27,8 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
+import zstandard
+
 PAGE_SIZE = 4096
 LARGE_CHUNK = 1 << 20
 DIGEST_SIZE = 32
@@ -181,3 +183,25 @@ def apply_patch(base: Sequence[bytes], patch: bytes, limit: int | None = None) -
     if limit is not None and len(out) > limit:
         raise ValueError(f"patch builds more than {limit} chunks")
     return out
+
+
+def bounded_decompress(blob: bytes, limit: int) -> bytes:
+    """zstd-decompress ``blob``, refusing (``ValueError``) more than ``limit`` bytes of output
+    (a small object from outside must not make us allocate gigabytes)."""
+    try:
+        size = zstandard.frame_content_size(blob)
+        if size > limit:
+            raise ValueError(f"decompresses to {size} bytes, more than {limit}")
+        if size >= 0:
+            return zstandard.ZstdDecompressor().decompress(blob)
+        parts: list[bytes] = []
+        got = 0
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            while chunk := reader.read(1 << 20):
+                got += len(chunk)
+                if got > limit:
+                    raise ValueError(f"decompresses to more than {limit} bytes")
+                parts.append(chunk)
+        return b"".join(parts)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"does not decompress ({exc})") from exc

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import zstandard
 
 from ._backend import Backend
+from ._cas import bounded_decompress
 
 PACK_MAGIC = b"TORPAK01"
 INDEX_MAGIC = b"TORIDX01"
@@ -49,6 +50,10 @@ FRAME_TARGET = 128 << 10
 PACK_TARGET = 4 << 20
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+# Bounds on what an index from outside may make us allocate: a real frame is ~128 KiB (one
+# chunk of up to 1 MiB at most), a real index ~50 KiB.
+MAX_FRAME = 64 << 20
+MAX_INDEX = 256 << 20
 
 _HEADER = struct.Struct("<8sdQII")
 _FRAME = struct.Struct("<IIIB")
@@ -117,9 +122,9 @@ class PackIndex:
     def decode(cls, pack_id: str, blob: bytes) -> PackIndex:
         """Parse an index object; :class:`PackDamagedError` if it is damaged."""
         try:
-            data = zstandard.ZstdDecompressor().decompress(blob)
-        except zstandard.ZstdError as exc:
-            raise PackDamagedError(f"index of pack {pack_id} does not decompress") from exc
+            data = bounded_decompress(blob, MAX_INDEX)
+        except ValueError as exc:
+            raise PackDamagedError(f"index of pack {pack_id} does not decompress ({exc})") from exc
         body, check = data[:-32], data[-32:]
         if len(data) < _HEADER.size + 32 or hashlib.sha256(body).digest() != check:
             raise PackDamagedError(f"index of pack {pack_id} fails its checksum")
@@ -132,6 +137,8 @@ class PackIndex:
         frames = tuple(
             Frame(*_FRAME.unpack_from(body, pos + i * _FRAME.size)) for i in range(nframes)
         )
+        if any(f.raw > MAX_FRAME for f in frames):
+            raise PackDamagedError(f"index of pack {pack_id} has a frame over {MAX_FRAME} bytes")
         pos += nframes * _FRAME.size
         chunks = tuple(
             ChunkEntry(*_CHUNK.unpack_from(body, pos + i * _CHUNK.size)) for i in range(nchunks)
@@ -164,6 +171,9 @@ def iter_pack(
             stored = pack[f.offset : f.offset + f.stored]
             if len(stored) != f.stored:
                 raise ValueError("frame runs past the end of the pack")
+            # decompress() trusts a size in the frame header over its limit: check it first.
+            if f.codec != CODEC_RAW and zstandard.frame_content_size(stored) > f.raw:
+                raise ValueError("frame claims more bytes than its index says")
             raw = stored if f.codec == CODEC_RAW else dctx.decompress(stored, f.raw)
             if len(raw) != f.raw:
                 raise ValueError("frame has the wrong decoded length")

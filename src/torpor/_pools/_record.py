@@ -34,7 +34,13 @@ from typing import Any
 import zstandard
 
 from .. import _safe
-from .._errors import ImageCorruptedError, ImageError, UnsafeImageError, UsageError
+from .._errors import (
+    ImageCorruptedError,
+    ImageError,
+    TorporError,
+    UnsafeImageError,
+    UsageError,
+)
 from .._images._manifest import MANIFEST_NAME, FileEntry, Manifest
 from .._images._store import check_name as check_image_name
 from . import _cas
@@ -57,28 +63,6 @@ MAX_CHUNK_SIZE = 64 << 20
 def is_id(value: object) -> bool:
     """Whether ``value`` has the form of an id torpor makes (32 lowercase hex digits)."""
     return isinstance(value, str) and ID_RE.fullmatch(value) is not None
-
-
-def bounded_decompress(blob: bytes, limit: int) -> bytes:
-    """zstd-decompress ``blob``, refusing (``ValueError``) more than ``limit`` bytes of output
-    (a small object from outside must not make us allocate gigabytes)."""
-    try:
-        size = zstandard.frame_content_size(blob)
-        if size > limit:
-            raise ValueError(f"decompresses to {size} bytes, more than {limit}")
-        if size >= 0:
-            return zstandard.ZstdDecompressor().decompress(blob)
-        parts: list[bytes] = []
-        got = 0
-        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
-            while chunk := reader.read(1 << 20):
-                got += len(chunk)
-                if got > limit:
-                    raise ValueError(f"decompresses to more than {limit} bytes")
-                parts.append(chunk)
-        return b"".join(parts)
-    except zstandard.ZstdError as exc:
-        raise ValueError(f"does not decompress ({exc})") from exc
 
 
 def _reserved(name: str) -> str | None:
@@ -226,7 +210,7 @@ class Record:
         source = f"image {name!r} in pool {pool!r}"
         try:
             check_image_name(name)
-            data = json.loads(bounded_decompress(blob, MAX_RECORD))
+            data = json.loads(_cas.bounded_decompress(blob, MAX_RECORD))
             if not isinstance(data, dict):
                 raise TypeError("not a JSON object")
             if type(data["format"]) is not int or data["format"] > RECORD_FORMAT:
@@ -251,8 +235,10 @@ class Record:
         except UnsafeImageError:
             raise
         except (ValueError, KeyError, TypeError, ImageError, UsageError) as exc:
+            # A torpor error's own hint ("checkpoint again") is not the fix here: only its msg.
+            detail = exc.msg if isinstance(exc, TorporError) else str(exc)
             raise ImageCorruptedError(
-                f"the manifest of image {name!r} in pool {pool!r} is damaged ({exc})",
+                f"the manifest of image {name!r} in pool {pool!r} is damaged ({detail})",
                 image=name,
                 file="manifest",
                 hint=f"delete it: torpor image delete {name}@{pool}",
@@ -288,7 +274,7 @@ def encode_list_object(digests: Sequence[bytes]) -> tuple[bytes, str]:
 
 def decode_list_object(blob: bytes, sha256: str) -> list[bytes]:
     """Decode and verify a list object; :class:`ValueError` if it does not match."""
-    raw = bounded_decompress(blob, MAX_LIST)
+    raw = _cas.bounded_decompress(blob, MAX_LIST)
     if hashlib.sha256(raw).hexdigest() != sha256:
         raise ValueError("does not match its SHA-256")
     return _cas.decode_list(raw)
