@@ -20,6 +20,8 @@ from ._failures import CheckpointError as CheckpointError
 from ._failures import NotCoordinatedError as NotCoordinatedError
 from ._failures import RemoteCheckpointError as RemoteCheckpointError
 from ._failures import RestoreHookError as RestoreHookError
+from ._hold import configure_hold as configure_hold
+from ._hold import release_before_hooks as release_before_hooks
 from ._hooks import after_restore as after_restore
 from ._hooks import before_checkpoint as before_checkpoint
 from ._policy import FdPolicyWarning as FdPolicyWarning
@@ -55,9 +57,11 @@ __all__ = [
     "checkpoint",
     "clear_fd_rules",
     "configure_builtins",
+    "configure_hold",
     "enable",
     "global_context",
     "load_fd_policy",
+    "release_before_hooks",
     "request_checkpoint",
     "restore_info",
     "track_fds",

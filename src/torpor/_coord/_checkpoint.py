@@ -7,12 +7,14 @@ The sequence, under one lock (concurrent requests from several threads run one a
    files, the trigger channel's listener);
 3. scan the descriptors and apply the policies; refuse with one line per offender;
 4. ``gc.collect()`` and ``malloc_trim(0)`` (smaller image);
-5. dump through the engine;
+5. hold the application's other threads (:mod:`._hold`) and dump through the engine;
 6. in the restored copy (and in the original after ``leave_running``): reopen what the policies
-   closed for reopening, then tell every resource ``after_restore`` (torpor's own first).
+   closed for reopening, then tell every resource ``after_restore`` (torpor's own first), and
+   only then let the other threads go on.
 
 If anything fails before the dump (a hook, the checks, the engine), no image is written and
-step 6 runs at once, so the application is left as it was; the original error is raised, or a
+step 6 runs at once (threads held by then stay held through it), so the application is left
+as it was; the original error is raised, or a
 :class:`CheckpointError` holding it with the rollback's own failures.
 
 The engine is injectable: :class:`Coordinator` takes any callable with the contract of
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .._errors import CheckpointInProgressError, CheckpointRefusedError
-from . import _fds, _policy
+from . import _fds, _hold, _policy
 from ._context import Context, in_notification
 from ._failures import CheckpointError, RestoreHookError
 from ._runtime import enable, root_context
@@ -141,6 +143,8 @@ class Coordinator:
 
     ``engine`` dumps the process (default: :func:`selfdump_engine`), ``context`` is notified
     (default: torpor's root context), ``scan`` lists the descriptors (default: /proc/self).
+    ``hold`` says whether the other threads are held from the dump to the end of the
+    after-restore hooks (default: :func:`configure_hold`'s setting, on unless switched off).
     """
 
     def __init__(
@@ -149,10 +153,12 @@ class Coordinator:
         context: Context | None = None,
         *,
         scan: Callable[[], list[_fds.FdInfo]] = _fds.scan,
+        hold: bool | None = None,
     ) -> None:
         self._engine: Engine = engine or selfdump_engine
         self._context = context if context is not None else root_context()
         self._scan = scan
+        self._hold = hold
         self._lock = threading.Lock()
         # The restore state has its own lock: hooks (and request threads) read it while a
         # checkpoint holds ``_lock``.
@@ -205,6 +211,7 @@ class Coordinator:
         taken = datetime.now(UTC)
         wall0, mono0 = time.time(), time.monotonic()
         reopener = _policy.Reopener()
+        hold: _hold.Hold | None = None
         try:
             self._context.before_checkpoint()
             decisions = _policy.decide(
@@ -221,7 +228,10 @@ class Coordinator:
                     "(TORPOR_FD_POLICY); torpor.track_fds() shows where they were opened",
                 )
             reopener.apply(decisions)
+            hold = _hold.begin(self._hold)
             _trim()
+            if hold is not None:
+                hold.start()
             outcome = self._engine(
                 dest,
                 leave_running=leave_running,
@@ -230,8 +240,30 @@ class Coordinator:
                 labels=labels,
             )
         except BaseException as exc:
-            self._rollback(exc, reopener.restore())
+            if hold is not None:
+                hold.arm()
+            try:
+                self._rollback(exc, reopener.restore())
+            finally:
+                if hold is not None:
+                    hold.release()
             raise  # _rollback re-raises; this keeps the type checker informed
+        if hold is not None:
+            hold.arm()
+        try:
+            return self._after_dump(outcome, reopener, taken, wall0, mono0)
+        finally:
+            if hold is not None:
+                hold.release()
+
+    def _after_dump(
+        self,
+        outcome: DumpOutcome,
+        reopener: _policy.Reopener,
+        taken: datetime,
+        wall0: float,
+        mono0: float,
+    ) -> CheckpointResult:
         with self._state_lock:
             if outcome.restored:
                 self._count += 1

@@ -9,6 +9,10 @@ Two contexts sit under one root that the checkpoint notifies:
   channel listens again before any application hook runs);
 - the *global* context (:func:`global_context`) holds the application's resources.
 
+Between them sits the hold's stage marker: after restore, threads the application marked with
+``release_before_hooks`` go on once torpor's own resources are back; the others stay held until
+the application's hooks ran too (see :mod:`._hold`).
+
 Nothing runs at import. The first use of the coordination API (a registration, a hook
 decorator, ``checkpoint()``, ``restore_info()``, or :func:`enable`) installs the built-in
 resources and starts the channel, so a process that merely imports torpor (the CLI, tools) never
@@ -21,11 +25,14 @@ import os
 import threading
 
 from ._context import Context
+from ._hold import HoldStage
 
 _root = Context("torpor")
 _system = Context("torpor.system")
 _global = Context("global")
 _root._register_strong(_system)
+# Between the two: after restore, threads marked release_before_hooks go on here.
+_root._register_strong(HoldStage())
 _root._register_strong(_global)
 
 _started = False
