@@ -122,11 +122,11 @@ def test_which_commands_go_to_the_agent(
 
 def test_home_rule_matches_torpor_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORPOR_HOME", str(tmp_path / "h"))
-    assert launcher.home_dir(os.environb, os.geteuid()) == bytes(_paths.home())
+    assert launcher.home_dir(os.environb, os.geteuid()) == bytes(_paths.home_path())
     monkeypatch.delenv("TORPOR_HOME")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert launcher.home_dir(os.environb, 1000) == bytes(_paths.home())
+    assert launcher.home_dir(os.environb, 1000) == bytes(_paths.home_path())
     assert launcher.home_dir({}, 0) == b"/var/lib/torpor"
 
 

@@ -91,6 +91,8 @@ def test_commit_uses_what_was_hashed_and_hashes_the_rest(tmp_path: Path) -> None
     st.create()
     (st.path / "pages-1.img").write_bytes(b"p" * 1000)
     (st.path / "core-1.img").write_bytes(b"c" * 10)
+    (st.path / "inventory.img").write_bytes(b"i")  # what every CRIU image has
+    (st.path / "pstree.img").write_bytes(b"t")
     with GrowingHasher(st.path) as hasher:
         hashed = hasher.entries()
     assert set(hashed) == {"pages-1.img"}
@@ -105,5 +107,6 @@ def test_commit_uses_what_was_hashed_and_hashes_the_rest(tmp_path: Path) -> None
         )
 
     image = st.commit(manifest, hashed)
-    assert seen[0] == hash_files(image.path, ["core-1.img", "pages-1.img"])
+    names = ["core-1.img", "inventory.img", "pages-1.img", "pstree.img"]
+    assert seen[0] == hash_files(image.path, names)
     image.verify(full=True)

@@ -18,10 +18,13 @@ from torpor._images import _manifest
 from torpor._images._image import Image, Staging, hash_files, staging
 from torpor._images._store import check_name, list_local, resolve
 
+REQUIRED = {"inventory.img": b"inventory", "pstree.img": b"pstree"}
+
 
 def _stage(dest: Path, files: dict[str, bytes]) -> Image:
+    """A committed image of ``files`` plus the two every CRIU image has."""
     with staging(dest) as st:
-        for name, data in files.items():
+        for name, data in {**REQUIRED, **files}.items():
             (st.path / name).write_bytes(data)
         return st.commit(
             lambda entries: _manifest.build(
@@ -39,7 +42,7 @@ def test_manifest_round_trip() -> None:
     m = _manifest.build(
         name="x",
         pid=1,
-        files=[_manifest.FileEntry("b", 2, "00"), _manifest.FileEntry("a", 1, "11")],
+        files=[_manifest.FileEntry("b", 2, "0" * 64), _manifest.FileEntry("a", 1, "1" * 64)],
         criu_version="4.2.1",
         cmdline=["a", "b"],
         rss_bytes=5,
@@ -167,3 +170,24 @@ def test_any_write_voids_the_stamp_and_full_verify_rehashes(tmp_path: Path) -> N
     img.verify()  # good again: re-hashed, and the stamp is renewed
     assert img.trusted()
     img.verify(full=True)
+
+
+def test_full_verify_rehashes_what_the_stamp_trusts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bit rot: bytes change while inode, size and times stay as the stamp recorded them. A plain
+    verify trusts the stamp; only a full one re-hashes, and names the file."""
+    img = _stage(tmp_path / "img", {"pages-1.img": os.urandom(10_000), "core-1.img": b"core"})
+    target = tmp_path / "img" / "pages-1.img"
+    data = bytearray(target.read_bytes())
+    data[5] ^= 1
+    target.write_bytes(bytes(data))
+    # The stamp renewed for the file as it now is: what a verify just before the rot left.
+    with monkeypatch.context() as m:
+        m.setattr("torpor._images._image.hash_files", lambda *a, **k: list(img.manifest.files))
+        img.verify()
+    assert img.trusted()
+    Image.open(tmp_path / "img").verify()
+    with pytest.raises(ImageCorruptedError, match=r"file pages-1\.img does not match") as info:
+        Image.open(tmp_path / "img").verify(full=True)
+    assert info.value.file == "pages-1.img"

@@ -29,6 +29,7 @@ def make_image(
         "core-1.img": b"core" * 300,
         "mm-1.img": random.Random(len(pages)).randbytes(5000),
         "inventory.img": b"inv",
+        "pstree.img": b"pstree",
         **(extra or {}),
     }
     root.mkdir(parents=True, exist_ok=True)
