@@ -7,25 +7,22 @@ terminal) and return once it reports. The keeper:
   images with ``rst_sibling`` so restored roots are its children (``restore``): being the parent
   means exits are reaped at once (this VM's init reaps orphans late, and a restore that reuses a
   pid too soon fails) and exit statuses are recorded;
-- starts CRIU for a child that dumps itself (CRIU must run outside the dumped tree, and a PID
-  namespace's orphans re-parent to its init, so the app cannot start it itself): the child sends
-  one end of a socketpair it created over ``@torpor-keeper-<keeper pid>`` and the keeper runs
-  ``criu swrk`` on it;
-- finalises such self-dumps when CRIU killed the process (see ``_finalize``).
+- dumps a child that asks to be checkpointed over ``@torpor-keeper-<keeper pid>`` (CRIU must run
+  outside the dumped tree, and a PID namespace's orphans re-parent to its init, so the app
+  cannot start it itself): the keeper builds the CRIU request itself, for the child's own tree
+  only, into a directory the child could have made, and makes the image (``_keeper_dump``).
 
 It exits when its last child has ended and no dump is in flight.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import dataclasses
 import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import traceback
@@ -40,8 +37,7 @@ from .._engine import Connection, CriuEngine, RestoreOptions
 from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
-from . import _registry
-from ._finalize import finish_after_criu
+from . import _keeper_dump, _peer, _registry
 from ._proc import CLONE_NEWPID, descendants, detached, ref, setns, unshare
 from ._registry import ManagedProcess
 
@@ -90,6 +86,9 @@ class Keeper:
         self.lock = threading.Lock()
         self.children: dict[int, ManagedProcess] = {}
         self.busy = 0  # self-dumps in flight
+        # The latest self-dump of each child, by pid (its outcome is collected from it).
+        self.dumps: dict[int, _keeper_dump.SelfDump] = {}
+        self.guard: _peer.TreeGuard | None = None
         self.idle = threading.Condition(self.lock)
         self.listener: socket.socket | None = None
 
@@ -219,6 +218,8 @@ class Keeper:
         code = os.waitstatus_to_exitcode(status)
         with self.lock:
             rec = self.children.pop(pid)
+            if pid in self.dumps and self.dumps[pid].outcome is not None:
+                del self.dumps[pid]  # nobody is left to collect it
             try:
                 latest = _registry.load(rec.name)
             except TorporError:
@@ -231,7 +232,7 @@ class Keeper:
     # -- CRIU for self-dumping children -------------------------------------------------------
 
     def serve(self) -> None:
-        """Accept CRIU requests from our children (in a daemon thread)."""
+        """Accept self-dump requests from our children (in a daemon thread)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.bind(address(self.pid))
         sock.listen(8)
@@ -244,54 +245,85 @@ class Keeper:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
+        """One connection from a child: a self-dump request, or the collection of its outcome
+        (see ``_keeper_dump``). Refused, saying why, unless the peer is one of our children
+        and the request is sound."""
+        job = None
         with conn:
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            peer_pid = int.from_bytes(creds[:4], sys.byteorder)
-            with self.lock:
-                rec = self.children.get(peer_pid)
-            fds = array.array("i")
-            msg, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(fds.itemsize))
-            for level, kind, data in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
-            if rec is None or len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                conn.send(b'{"ok": false, "error": "not a child of this keeper"}')
-                return
+            conn.settimeout(_keeper_dump.HANDOVER_TIMEOUT)
             try:
-                req = json.loads(msg)
-                staging = Path(req["staging"])
-                proc = subprocess.Popen(
-                    [CriuEngine().binary, "swrk", str(fds[0])],
-                    pass_fds=(fds[0],),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            except Exception as exc:
-                conn.send(json.dumps({"ok": False, "error": str(exc)}).encode())
-                return
-            finally:
-                os.close(fds[0])
-            with self.lock:
-                self.busy += 1
-            conn.send(b'{"ok": true}')
-        threading.Thread(target=self._after_swrk, args=(proc, staging, rec), daemon=True).start()
-
-    def _after_swrk(
-        self, proc: subprocess.Popen[bytes], staging: Path, rec: ManagedProcess
-    ) -> None:
-        proc.wait()
-        try:
-            image = finish_after_criu(staging)
-            if image is not None:
+                peer = _peer.identify(conn)
                 with self.lock:
-                    _registry.mark_checkpointed(rec.ref, image.path)
+                    rec = self.children.get(peer.pid)
+                # Read the request before any refusal: the client never writes to a closed
+                # connection.
+                data = _keeper_dump.receive(conn)
+                if rec is None:
+                    raise _errors.PermissionDeniedError(
+                        f"process {peer.pid} is not a child of keeper {self.pid}; refused"
+                    )
+                req = _keeper_dump.parse_request(data)
+                if isinstance(req, _keeper_dump.CollectRequest):
+                    self._collect(conn, peer.pid)
+                    return
+                job = self._start_dump(conn, peer, rec, req)
+            except (TorporError, OSError) as exc:
+                print(f"{now_iso()} keeper {self.pid}: refused: {exc}", file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):
+                    conn.send(json.dumps({"ok": False, "error": str(exc)}).encode())
+                return
+        threading.Thread(target=self._after_swrk, args=(job, rec), daemon=True).start()
+
+    def _start_dump(
+        self,
+        conn: socket.socket,
+        peer: _peer.Peer,
+        rec: ManagedProcess,
+        req: _keeper_dump.DumpRequest,
+    ) -> _keeper_dump.SelfDump:
+        job = _keeper_dump.SelfDump(peer, rec, req)
+        with self.lock:
+            running = self.dumps.get(peer.pid)
+            if running is not None and running.outcome is None:
+                raise _errors.PermissionDeniedError(
+                    f"a dump of process {peer.pid} is in flight; refused"
+                )
+            self.dumps[peer.pid] = job
+            self.busy += 1
+        try:
+            job.prepare()
+            if self.guard is None:
+                self.guard = _peer.TreeGuard()
+            job.launch(conn, CriuEngine().binary, self.guard)
+        except BaseException:
+            job.abort()
+            with self.lock:
+                self.busy -= 1
+                self.idle.notify_all()
+            raise
+        return job
+
+    def _collect(self, conn: socket.socket, pid: int) -> None:
+        with self.lock:
+            job = self.dumps.get(pid)
+        outcome = job.wait() if job is not None else None
+        reply = outcome if outcome is not None else {"ok": True, "image": None, "log": None}
+        conn.send(json.dumps(reply).encode())
+
+    def _after_swrk(self, job: _keeper_dump.SelfDump, rec: ManagedProcess) -> None:
+        try:
+            outcome = job.finish()
+            if outcome.get("image"):
+                with self.lock:
+                    _registry.mark_checkpointed(rec.ref, Path(outcome["image"]))
+            elif not outcome.get("ok"):
+                print(f"{now_iso()} keeper {self.pid}: {outcome['error']}", file=sys.stderr)
         except Exception:
             traceback.print_exc()
         finally:
             with self.lock:
+                if rec.pid not in self.children and self.dumps.get(rec.pid) is job:
+                    del self.dumps[rec.pid]  # killed by the dump: nobody will collect
                 self.busy -= 1
                 self.idle.notify_all()
 
