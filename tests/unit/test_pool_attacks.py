@@ -634,6 +634,25 @@ def test_the_local_signature_file_is_used_and_checked(dir_pool: Pool, world: Pat
     fd = os.open(image.path / "torpor.sig", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.write(fd, json.dumps({"key": ident.key_id, "sig": ident.sign(raw + b"x").hex()}).encode())
     os.close(fd)
-    with pytest.raises(SignatureError, match=r"torpor.sig does not match its torpor.json"):
+    with pytest.raises(SignatureError, match=r"torpor.sig does not match its manifest"):
         dir_pool.push(Image(image.path, image.manifest), "web")
     assert stat.S_ISREG(os.lstat(image.path / "torpor.sig").st_mode)
+
+
+def test_a_pulled_image_is_not_vouched_for_by_this_host(
+    dir_pool: Pool, world: Path, other_host: Callable[[str], str]
+) -> None:
+    theirs = other_host("there")
+    dir_pool.push(make_image(world / "local", "src"), "web")
+    other_host("here")
+    pulled = dir_pool.pull("web")
+    assert pulled.signer is None
+    assert not (pulled.path / "torpor.sig").exists()
+    # Pushing the cache copy on would make this host its signer: refused; copy keeps it.
+    with (
+        Pool("strict", DirBackend(world / "strict"), policy=Policy(True)) as strict,
+        pytest.raises(SignatureError, match=r"was pulled from a pool and is not signed here"),
+    ):
+        strict.push(Image.open(pulled.path), "web")
+    with Pool("other", DirBackend(world / "other")) as other:
+        assert dir_pool.copy_image("web", "web", to_pool=other).signer == theirs

@@ -807,7 +807,9 @@ class Pool:
                 return rec.manifest
 
             try:
-                return staging.commit(check)
+                # Not signed here: this host did not make the image (its pool record carries
+                # the maker's signature; `image copy` keeps it).
+                return staging.commit(check, sign=False)
             except AlreadyExistsError:
                 hit = self._cache_hit(dest, rec)
                 if hit is None:

@@ -41,10 +41,11 @@ from .._errors import (
     UnsafeImageError,
     UsageError,
 )
-from .._images._manifest import MANIFEST_NAME, FileEntry, Manifest
+from .._images._layout import is_bookkeeping
+from .._images._manifest import FileEntry, Manifest
 from .._images._store import check_name as check_image_name
 from . import _cas
-from ._sign import SIG_NAME, Origin, covers
+from ._sign import Origin, covers
 
 RECORD_FORMAT = 1
 IMAGES_PREFIX = "images/"
@@ -68,7 +69,7 @@ def is_id(value: object) -> bool:
 def _reserved(name: str) -> str | None:
     """Why ``name`` cannot be a content file of an image (torpor's own files, logs, hidden
     files: an image directory never lists them as content), or None."""
-    if name in (MANIFEST_NAME, SIG_NAME) or name.startswith(("torpor.", ".")):
+    if is_bookkeeping(name) or name.startswith(("torpor.", ".")):
         return "is one of torpor's own file names"
     if name.endswith(".log"):
         return "is a log file name"

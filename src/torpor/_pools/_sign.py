@@ -16,24 +16,21 @@ See ``docs/security.md``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
-from .. import _safe
+from .. import _paths, _safe
 from .._errors import ImageCorruptedError, ImageError, SignatureError
 from .._identity import host_identity, is_key_id, verify_signature
+from .._images import _signature
 from .._images._image import Image
-from .._images._manifest import MANIFEST_NAME, Manifest
+from .._images._layout import MANIFEST_NAME, MAX_MANIFEST, MAX_SIGNATURE, SIGNATURE_NAME
+from .._images._manifest import Manifest
 
-SIG_NAME = "torpor.sig"
 SOURCE_LABEL = "torpor.source-id"
 REQUIRE_KEY = "security.require_signed"
 TRUSTED_KEY = "security.trusted_keys"
-# torpor.json of a large image is a few KiB; bounded so a planted file cannot exhaust memory.
-_MAX_MANIFEST = 16 << 20
-_MAX_SIG_FILE = 4096
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,7 @@ class Origin:
         if not isinstance(data, dict):
             raise TypeError("signature is not an object")
         text, key, sig = data.get("manifest"), data.get("key"), data.get("sig")
-        if not isinstance(text, str) or len(text) > _MAX_MANIFEST:
+        if not isinstance(text, str) or len(text) > MAX_MANIFEST:
             raise ValueError("signed manifest is not a string of bounded size")
         if not is_key_id(key) or not isinstance(key, str):
             raise ValueError(f"signing key {key!r} is not a key id")
@@ -82,31 +79,22 @@ def covers(signed: Manifest, stored: Manifest) -> bool:
     return _pool_side_removed(signed) == _pool_side_removed(stored)
 
 
-def _read_small(dir_fd: int, name: str, limit: int, *, source: str) -> bytes:
-    fd = _safe.open_regular(dir_fd, name, source=source)
-    try:
-        data = os.read(fd, limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise ImageCorruptedError(
-            f"{source}: {name} is larger than {limit} bytes; refused", image=source, file=name
-        )
-    return data
-
-
 def local_origin(image: Image) -> tuple[Manifest, Origin]:
     """The manifest of a local image, read once from its exact ``torpor.json`` bytes, and its
-    origin: the image's own ``torpor.sig`` when it has a valid one, else a signature made now
-    with this host's key (the pushing host vouches for its local image)."""
+    origin: the image's own ``torpor.sig`` (checked), else a signature made now with this
+    host's key (the pushing host vouches for its unsigned local image, e.g. one made before
+    torpor signed images). An unsigned image of the pool cache is refused instead: signing it
+    here would make this host vouch for whatever the pool served."""
     source = str(image.path)
     try:
         with _safe.opened_dir(image.path) as dir_fd:
-            raw = _read_small(dir_fd, MANIFEST_NAME, _MAX_MANIFEST, source=source)
+            raw = _safe.read_regular(dir_fd, MANIFEST_NAME, source=source, limit=MAX_MANIFEST)
             try:
-                sig_raw: bytes | None = _read_small(dir_fd, SIG_NAME, _MAX_SIG_FILE, source=source)
+                sig_file: bytes | None = _safe.read_regular(
+                    dir_fd, SIGNATURE_NAME, source=source, limit=MAX_SIGNATURE
+                )
             except FileNotFoundError:
-                sig_raw = None
+                sig_file = None
     except OSError as exc:
         raise ImageError(f"cannot read image {source}: {exc.strerror}", image=source) from exc
     try:
@@ -123,33 +111,25 @@ def local_origin(image: Image) -> tuple[Manifest, Origin]:
             file=MANIFEST_NAME,
             hint="push refused; run the command again",
         )
-    if sig_raw is not None:
-        origin = _parse_local_sig(text, sig_raw, source=source)
-        if origin is not None:
-            return manifest, origin
+    if sig_file is not None:
+        key = _signature.verify(sig_file, raw, source=source)  # SignatureError if it fails
+        return manifest, Origin(text, key, bytes.fromhex(json.loads(sig_file)["sig"]))
+    if _in_pool_cache(image.path):
+        raise SignatureError(
+            f"image {source} was pulled from a pool and is not signed here; push refused",
+            image=source,
+            hint="`torpor image copy NAME@POOL NAME@OTHER` copies it with its signature",
+        )
     ident = host_identity()
     return manifest, Origin(text, ident.key_id, ident.sign(raw))
 
 
-def _parse_local_sig(text: str, sig_raw: bytes, *, source: str) -> Origin | None:
-    """The origin a local ``torpor.sig`` gives, or raise if it does not match the manifest."""
+def _in_pool_cache(path: Path) -> bool:
+    cache = _paths.home_path() / "cache" / "images"
     try:
-        data: Any = json.loads(sig_raw)
-        origin = Origin.from_dict({"manifest": text, "key": data["key"], "sig": data["sig"]})
-    except (ValueError, TypeError, KeyError) as exc:
-        raise SignatureError(
-            f"image at {source}: {SIG_NAME} is malformed ({exc})",
-            image=source,
-            hint="the image was changed by something other than torpor: checkpoint again",
-        ) from exc
-    if not origin.valid():
-        raise SignatureError(
-            f"image at {source}: {SIG_NAME} does not match its {MANIFEST_NAME}"
-            f" (signed by key {origin.key})",
-            image=source,
-            hint="the manifest was changed after it was signed: checkpoint again",
-        )
-    return origin
+        return path.resolve().is_relative_to(cache.resolve())
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
