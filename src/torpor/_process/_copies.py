@@ -4,8 +4,8 @@ Restoring K copies of a server at once meets four problems, each handled here (t
 ``restore`` uses this module around its CRIU calls; see ``docs/copies.md``):
 
 - **Memory.** Each copy writes the image's pages into fresh memory. :func:`check_fits` refuses
-  (one line, with the numbers and the fix) K copies that do not fit in ``MemAvailable`` less a
-  margin, and any K above :data:`MAX_COUNT`.
+  (one line, with the numbers and the fix) K copies that do not fit in ``MemAvailable`` (less a
+  margin when K > 1), and any K above :data:`MAX_COUNT`.
 - **Parallelism.** :func:`run_bounded` runs at most :func:`parallelism` CRIU restores at once
   (not one thread per copy) and starts no more once one has failed (all or nothing).
 - **Paths CRIU creates.** A deleted-but-open file (every gunicorn worker's heartbeat file) is
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .. import _paths, _safe
-from .._errors import ImageCorruptedError, UsageError
+from .._errors import CriuError, ImageCorruptedError, UsageError
 from .._images._image import Image
 from .._images._manifest import Manifest
 
@@ -112,25 +112,35 @@ def check_count(count: int) -> None:
 
 def check_fits(image: Image, count: int, *, meminfo: Path = Path("/proc/meminfo")) -> None:
     """Refuse ``count`` copies of ``image`` that the machine's free memory cannot hold (see
-    :func:`copy_bytes`), leaving a margin (:data:`MARGIN_MIN` or a :data:`MARGIN_FRACTION`-th of
-    the memory, whichever is more); and any count :func:`check_count` refuses."""
+    :func:`copy_bytes`), and any count :func:`check_count` refuses. Several copies must leave a
+    margin free (:data:`MARGIN_MIN` or a :data:`MARGIN_FRACTION`-th of the memory, whichever is
+    more); one copy only has to fit: refusing a restore the machine can hold helps nobody."""
     check_count(count)
     available, total = _memory(meminfo)
     if available is None:
         return  # no MemAvailable (kernels before 3.14): nothing to judge by
     per_copy = copy_bytes(image.manifest)
+    need = per_copy * count
+    if count == 1:
+        if need > available:
+            raise UsageError(
+                f"image {image.name!r} needs {_size(need)} of memory but only "
+                f"{_size(available)} is available",
+                hint="free memory first",
+            )
+        return
     margin = max(MARGIN_MIN, (total or 0) // MARGIN_FRACTION)
     room = max(0, available - margin)
-    need = per_copy * count
     if need <= room:
         return
     fit = room // per_copy if per_copy else count
-    copies = "1 copy" if count == 1 else f"{count} copies"
     raise UsageError(
-        f"{copies} of image {image.name!r} need {_size(need)} of memory ({count} x "
+        f"{count} copies of image {image.name!r} need {_size(need)} of memory ({count} x "
         f"{_size(per_copy)}) but only {_size(room)} is free for them ({_size(available)} "
         f"available less a {_size(margin)} margin)",
-        hint=f"restore at most {fit} copies, or free memory" if fit else "free memory first",
+        hint=f"restore at most {fit} cop{'y' if fit == 1 else 'ies'}, or free memory"
+        if fit
+        else "free memory first",
     )
 
 
@@ -546,6 +556,7 @@ class Copies:
         self.facts = read_facts(image.path)
         wanted = count > 1 if reuseport is None else reuseport
         self.derives = wanted and self.facts.solo_listeners > 0
+        self._derived: Path | None = None
 
     @contextmanager
     def images_dir(self) -> Iterator[Path]:
@@ -555,11 +566,23 @@ class Copies:
             yield self.image.path
             return
         with reuseport_image(self.image) as path:
-            yield path
+            self._derived = path
+            try:
+                yield path
+            finally:
+                self._derived = None
 
     @contextmanager
     def criu_turn(self) -> Iterator[None]:
         """Hold around one CRIU restore call: waits while another restore creates one of the
-        paths this image's restore creates (see :func:`path_locks`)."""
-        with path_locks(self.facts.paths):
-            yield
+        paths this image's restore creates (see :func:`path_locks`). A CRIU error names the
+        image, not the derived image it was restored through (which is gone by then)."""
+        derived = self._derived
+        try:
+            with path_locks(self.facts.paths):
+                yield
+        except CriuError as exc:
+            if derived is not None:
+                exc.msg = exc.msg.replace(str(derived), str(self.image.path))
+                exc.image = str(self.image.path)
+            raise
