@@ -6,7 +6,9 @@
 - ``dev`` (the default elsewhere): ten times the examples, random, with the example database,
   so a local run explores more and replays what failed before.
 
-``HYPOTHESIS_PROFILE=dev|ci`` overrides the choice. Expensive properties scale their example
+``HYPOTHESIS_PROFILE=dev|ci`` overrides the choice; ``explore`` is ``dev`` without the
+explicit ``@example`` cases (a known failing one there stops a property before it generates
+anything, hiding what else it would find). Expensive properties scale their example
 count down from the profile's with :func:`tests.fuzz.support.scaled`.
 
 Every profile has a deadline (a slow example fails); hangs are caught harder than that by
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 # The suite's examples run in sandboxes made inside the test (fresh per example), never in
 # function-scoped fixtures, which Hypothesis would share across examples.
@@ -30,6 +32,9 @@ _COMMON = {
 
 settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_COMMON)
 settings.register_profile("dev", max_examples=400, **_COMMON)
+settings.register_profile(
+    "explore", max_examples=400, phases=[Phase.generate, Phase.target, Phase.shrink], **_COMMON
+)
 settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") == "true" else "dev")
 )

@@ -175,18 +175,15 @@ MAX_UP = 12
 _BASE = Path(tempfile.gettempdir()) / f"torpor-fuzz-{os.getpid()}"
 
 
-def _tree(root: Path, skip: Path) -> dict[str, tuple[int, int, int]]:
-    """Every path under ``root`` (``skip`` excepted) with its type, size and mtime."""
+def _tree(root: Path, skip: tuple[Path, ...]) -> dict[str, tuple[int, int, int]]:
+    """Every path under ``root`` (the trees in ``skip`` excepted) with its type, size and
+    mtime."""
     out: dict[str, tuple[int, int, int]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        if here == skip:
-            dirnames.clear()
-            continue
+        dirnames[:] = [d for d in dirnames if here / d not in skip]
         for name in dirnames + filenames:
             p = here / name
-            if p == skip:
-                continue
             st_ = p.lstat()
             out[str(p.relative_to(root))] = (stat.S_IFMT(st_.st_mode), st_.st_size, st_.st_mtime_ns)
     return out
@@ -218,12 +215,13 @@ def fill(value: Any, outside: str = "/torpor-fuzz-out") -> Any:
 class Jail:
     """A fresh directory tree for one example: ``TORPOR_HOME`` deep inside it, a sentinel
     ``outside`` directory beside, the cwd in ``cwd/``. On leaving, every change in the jail
-    outside the home, and any file named with :data:`EVIL` above the jail, fails the example.
+    outside the home (and ``outside``, if ``outside_allowed``), and any file named with
+    :data:`EVIL` above the jail, fails the example.
 
     Input files the example prepares go to :attr:`inputs` *before* entering (or are ignored:
     the tree is snapshotted on entry)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, outside_allowed: bool = False) -> None:
         _BASE.mkdir(mode=0o700, exist_ok=True)
         self.root = Path(tempfile.mkdtemp(prefix="jail-", dir=_BASE))
         self.home = self.root.joinpath(*(f"d{i}" for i in range(DEPTH)), "home")
@@ -233,6 +231,9 @@ class Jail:
         for d in (self.home, self.outside, self.inputs, self.cwd):
             d.mkdir(mode=0o700, parents=True)
         (self.outside / "sentinel").write_text("untouched")
+        # Where writes are expected: the home, and ``outside`` when a test points torpor at
+        # it on purpose (a pool's configured source).
+        self._skip = (self.home, self.outside) if outside_allowed else (self.home,)
         self._saved: tuple[str | None, str] | None = None
         self._before: dict[str, tuple[int, int, int]] = {}
 
@@ -244,7 +245,7 @@ class Jail:
         self._saved = (os.environ.get("TORPOR_HOME"), os.getcwd())
         os.environ["TORPOR_HOME"] = str(self.home)
         os.chdir(self.cwd)
-        self._before = _tree(self.root, self.home)
+        self._before = _tree(self.root, self._skip)
         return self
 
     def __exit__(
@@ -261,7 +262,7 @@ class Jail:
         else:
             os.environ["TORPOR_HOME"] = env
         try:
-            after = _tree(self.root, self.home)
+            after = _tree(self.root, self._skip)
             changed = sorted(
                 k for k in set(self._before) | set(after) if self._before.get(k) != after.get(k)
             )
