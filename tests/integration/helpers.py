@@ -60,6 +60,8 @@ def counts(log: Path) -> dict[int, list[int]]:
 
 
 PS_COLUMNS = ("NAME", "PID", "STATE", "UPTIME", "COMMAND", "RESTORED-FROM")
+LOCAL_IMAGES_COLUMNS = ("NAME", "ID", "CREATED", "SIZE", "PID", "COMMAND")  # torpor images
+POOL_IMAGES_COLUMNS = ("NAME", "ID", "CREATED", "SIZE", "STORED")  # torpor images --pool P
 
 
 def parse_table(text: str, columns: Sequence[str]) -> dict[str, dict[str, str]]:

@@ -15,7 +15,16 @@ import pytest
 
 from torpor._process._proc import ProcRef, ref, running, stat_fields
 
-from .helpers import APPS, PYTHON, counts, torpor, wait_for
+from .helpers import (
+    APPS,
+    POOL_IMAGES_COLUMNS,
+    PYTHON,
+    counts,
+    parse_ps,
+    parse_table,
+    torpor,
+    wait_for,
+)
 
 pytestmark = pytest.mark.criu
 
@@ -89,7 +98,10 @@ def test_checkpoint_and_restore_through_the_agent(torpor_home: Path, agent: Proc
     assert len({c["pid"] for c in copies}) == 2
     for c in copies:
         wait_for(lambda c=c: len(counts(log).get(c["pid"], [])) >= 2, what="copies counting")
-    assert name in cli("ps").stdout
+    running_now = {name: (new_pid, "running")} | {
+        c["name"]: (str(c["pid"]), "running") for c in copies
+    }
+    assert parse_ps(cli("ps").stdout, "PID", "STATE") == running_now
 
 
 def test_errors_are_one_line_with_a_code(agent: ProcRef) -> None:
@@ -127,7 +139,7 @@ def test_stopping_the_agent_leaves_processes_running(torpor_home: Path, agent: P
     before = len(counts(log).get(pid, []))
     wait_for(lambda: len(counts(log).get(pid, [])) > before + 2, what="it to keep counting")
     # Without an agent the same command runs in-process.
-    assert "stays" in cli("ps").stdout
+    assert parse_ps(cli("ps").stdout, "PID", "STATE") == {"stays": (str(pid), "running")}
     assert cli("agent", "status", check=False).returncode == 3
     # Its keeper (a worker of the stopped agent) still records how it ends.
     os.kill(pid, signal.SIGKILL)
@@ -215,7 +227,8 @@ def test_binary_output_through_the_agent(torpor_home: Path, tmp_path: Path, agen
     archive.write_bytes(through_agent)
     assert len(through_agent) > 100_000
     cli("image", "import", str(archive), "--name", "exp-copy", TORPOR_AGENT="off")
-    assert "exp-copy" in cli("images", "--pool", "default", TORPOR_AGENT="off").stdout
+    listed = cli("images", "--pool", "default", TORPOR_AGENT="off").stdout
+    assert set(parse_table(listed, POOL_IMAGES_COLUMNS)) == {"exp-img", "exp-copy"}
 
 
 def test_sighup_reloads_the_agent_in_place(torpor_home: Path, agent: ProcRef) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import PYTHON, torpor, wait_for
+from .helpers import LOCAL_IMAGES_COLUMNS, PYTHON, parse_ps, parse_table, torpor, wait_for
 
 pytestmark = pytest.mark.criu
 
@@ -147,5 +147,5 @@ def test_failing_hook_reaches_the_cli_and_keeps_the_app(torpor_home: Path, tmp_p
         "db-open",
         "hook-after",
     ]
-    assert "refuse-img" not in torpor("images").stdout
-    assert "refuse" in torpor("ps").stdout
+    assert parse_table(torpor("images").stdout, LOCAL_IMAGES_COLUMNS) == {}
+    assert parse_ps(torpor("ps").stdout, "PID", "STATE") == {"refuse": (str(pid), "running")}

@@ -56,10 +56,12 @@ def test_pull_round_trip_and_private_files(pool: Pool, pushed: bytes) -> None:
     assert (image.path / "pages-1.img").read_bytes() == pushed
     assert image.name == "web"
     assert stat.S_IMODE(image.path.stat().st_mode) == 0o700
-    for f in image.path.iterdir():
-        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
-    for f in (image.path.parent.parent / "index").iterdir():
-        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    local = {f.name: stat.S_IMODE(f.stat().st_mode) for f in image.path.iterdir()}
+    assert set(local) >= {e.name for e in image.manifest.files} | {"torpor.json"}
+    assert set(local.values()) == {0o600}, local
+    pack_id, _ = _only_pack(pool)
+    index = image.path.parent.parent / "index"
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in index.iterdir()} == {pack_id: 0o600}
 
 
 def test_a_flipped_byte_in_a_pack_is_named(pool: Pool, pushed: bytes) -> None:
