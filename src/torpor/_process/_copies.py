@@ -269,9 +269,10 @@ def _is_listener(isk: _Message) -> bool:
     return isk.get_int(_ISK_STATE) == _TCP_LISTEN and isk.get_int(_ISK_PROTO) == _IPPROTO_TCP
 
 
-def with_reuseport(data: bytes, *, source: str = FILES_IMG) -> tuple[bytes, int]:
+def with_reuseport(data: bytes, *, source: str = "") -> tuple[bytes, int]:
     """``files.img`` content ``data`` with ``SO_REUSEPORT`` on in every listening TCP socket's
-    options, and how many sockets changed. Every other byte is kept as it was."""
+    options, and how many sockets changed. Every other byte is kept as it was. ``source``
+    (the image directory) is named in errors."""
     _check_header(data, _FILES_MAGIC, source, FILES_IMG)
     out = [data[: _HEADER.size]]
     changed = 0
@@ -322,7 +323,7 @@ def _split_entries(data: bytes, source: str, name: str) -> list[bytes]:
 
 def _corrupt(source: str, name: str, what: str) -> ImageCorruptedError:
     return ImageCorruptedError(
-        f"{source}/{name} {what}",
+        f"{source}/{name} {what}" if source else f"{name} {what}",
         image=source,
         file=name,
         hint="the image is damaged; checkpoint again",
