@@ -656,3 +656,13 @@ def test_a_pulled_image_is_not_vouched_for_by_this_host(
         strict.push(Image.open(pulled.path), "web")
     with Pool("other", DirBackend(world / "other")) as other:
         assert dir_pool.copy_image("web", "web", to_pool=other).signer == theirs
+
+
+def test_a_planted_key_that_is_not_an_image_name_does_not_stop_the_listing(
+    dir_pool: Pool, world: Path
+) -> None:
+    dir_pool.push(make_image(world / "local", "src"), "web")
+    dir_pool.backend.put("images/..." + PWNED, b"junk")
+    dir_pool.backend.put("images/a/b", b"junk")
+    assert [i.name for i in dir_pool.list_images()] == ["web"]
+    assert dir_pool.stats().images == 1

@@ -183,6 +183,14 @@ def _bounded(
                 f.cancel()
 
 
+def _is_image_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except UsageError:
+        return False
+    return True
+
+
 def _cache_kind_dir(kind: str) -> int:
     """An fd of ``<cache>/<kind>`` (made 0700 if missing; a symlink there is refused)."""
     parent = _paths.cache_dir()
@@ -361,7 +369,13 @@ class Pool:
         return Record.decode(name, blob, pool=self.name)
 
     def _records(self) -> list[Record]:
-        names = [k[len(IMAGES_PREFIX) :] for k in self.backend.list(IMAGES_PREFIX)]
+        # A key whose name is not an image name was not written by torpor (a shared pool
+        # can hold anything): it is not an image, and must not stop the listing.
+        names = [
+            n
+            for k in self.backend.list(IMAGES_PREFIX)
+            if _is_image_name(n := k[len(IMAGES_PREFIX) :])
+        ]
 
         def one(name: str) -> Record | None:
             try:
@@ -1044,7 +1058,11 @@ class Pool:
         """What the pool holds (reads every index; no chunk data)."""
         indexes = self._load_indexes()
         return PoolStats(
-            images=sum(1 for _ in self.backend.list(IMAGES_PREFIX)),
+            images=sum(
+                1
+                for k in self.backend.list(IMAGES_PREFIX)
+                if _is_image_name(k[len(IMAGES_PREFIX) :])
+            ),
             packs=len(indexes),
             pack_bytes=sum(i.size for i in indexes.values()),
             chunks=sum(len(i.chunks) for i in indexes.values()),
