@@ -402,3 +402,38 @@ def test_criu_errors_name_the_image_not_the_derived_directory(
         raise RestoreError(f"restore of image {derived} failed: x", image=derived)
     assert info.value.msg == f"restore of image {image.path} failed: x"
     assert info.value.image == str(image.path)
+
+
+# -- hints for what copies run into ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "hint"),
+    [
+        (
+            "files-reg.c:467: Can't create ghost regfile: File exists",
+            "the ghost file CRIU recreates for a deleted-but-open file (<path>.cr.<id>.ghost) "
+            "was there already: a restore outside torpor was making it, or a killed restore "
+            "left it; retry, or delete the leftover",
+        ),
+        (
+            "soccr/soccr.c:529: Can't connect inet socket back: Cannot assign requested address",
+            "the image's TCP connection still exists (a restored copy holds it, or it lingers): "
+            "restore with --tcp-close to bring it back closed",
+        ),
+        (
+            "sk-inet.c:912: inet: Connected TCP socket in image",
+            "the image holds an established TCP connection: restore with --tcp-established (it "
+            "resumes) or --tcp-close (it comes back closed)",
+        ),
+        (
+            "sk-inet.c:1059: inet: Can't bind inet socket (id 14): Address already in use",
+            "a port the image binds is taken (is the original still running?): stop it; "
+            "restored copies share a listening port only with each other",
+        ),
+    ],
+)
+def test_restore_failures_of_copies_get_the_right_hint(line: str, hint: str) -> None:
+    from torpor._engine._criu import _hint_for
+
+    assert _hint_for([line]) == hint
