@@ -350,8 +350,9 @@ JSON_VALUES = st.recursive(
     max_leaves=12,
 )
 
-DEEP_JSON = [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000]
-"""Nesting deeper than the interpreter's recursion limit."""
+DEEP_JSON = [b"[" * 10_000 + b"]" * 10_000, b'{"a":' * 10_000 + b"1" + b"}" * 10_000]
+"""Nesting ten times deeper than the interpreter's recursion limit, in under 64 KiB (one
+packet of the socket protocols)."""
 
 
 def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
