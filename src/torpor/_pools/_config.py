@@ -105,7 +105,7 @@ class PoolConfig:
             data = json.loads(text)
             config = {str(k): str(v) for k, v in data["config"].items()}
             return cls(str(data["name"]), str(data["driver"]), config, str(data["created"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise PoolError(
                 f"pool configuration {source} is malformed ({exc})",
                 hint="fix or delete the file",

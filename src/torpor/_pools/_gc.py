@@ -181,11 +181,13 @@ class Condemned:
     def load(cls, backend: Backend) -> Condemned:
         """The current condemned set (empty when no collection is sweeping)."""
         try:
-            data = json.loads(backend.get(CONDEMNED_KEY))
-            return cls(frozenset(data["packs"]), frozenset(data["lists"]))
+            blob = backend.get(CONDEMNED_KEY)
         except KeyError:
             return cls()
-        except (ValueError, TypeError) as exc:
+        try:
+            data = json.loads(blob)
+            return cls(frozenset(data["packs"]), frozenset(data["lists"]))
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
             raise PoolError(
                 f"{CONDEMNED_KEY} is malformed ({exc})",
                 hint="run `torpor pool gc` again: it rewrites it",
@@ -199,12 +201,14 @@ class Condemned:
 
 def _read_beat(backend: Backend, key: str) -> dict[str, Any] | None:
     try:
-        info: dict[str, Any] = json.loads(backend.get(key))
-        float(info["beat"])
-        return info
+        blob = backend.get(key)
     except KeyError:
         return None
-    except (ValueError, TypeError):
+    try:
+        info: dict[str, Any] = json.loads(blob)
+        float(info["beat"])
+        return info
+    except (ValueError, TypeError, KeyError, RecursionError):
         return {"beat": 0.0}  # unreadable: treat as long dead
 
 

@@ -285,7 +285,7 @@ class Pool:
             meta = {"format": POOL_FORMAT, "created": now_iso()}
             self.backend.put(META_KEY, json.dumps(meta).encode())
             return
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise PoolError(f"pool {self.name!r}: {META_KEY} is malformed", pool=self.name) from exc
         fmt = data.get("format", 0) if isinstance(data, dict) else 0
         if not isinstance(fmt, int) or fmt > POOL_FORMAT:

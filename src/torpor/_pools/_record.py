@@ -235,7 +235,7 @@ class Record:
             return rec
         except UnsafeImageError:
             raise
-        except (ValueError, KeyError, TypeError, ImageError, UsageError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError, ImageError, UsageError) as exc:
             # A torpor error's own hint ("checkpoint again") is not the fix here: only its msg.
             detail = exc.msg if isinstance(exc, TorporError) else str(exc)
             raise ImageCorruptedError(
