@@ -11,9 +11,11 @@ Contract for the rest of torpor:
 
 - :func:`start` / :func:`stop` / :func:`status` (``torpor agent start|stop|status``);
   :func:`serve` runs one in the foreground (``torpor agent run``, for a supervisor);
-- files in the home: ``agent.sock`` (0600; the launcher's protocol is in ``bin/torpor``),
+- files in the home: ``agent.sock`` (the launcher's protocol is in ``bin/torpor``),
   ``agent.pid`` (JSON: pid, start time), ``agent.lock`` (held while an agent serves),
-  ``logs/agent.log``;
+  ``logs/agent.log``, all private to their owner (:func:`start` runs the agent under umask
+  077); :func:`stop` signals only the process ``agent.pid`` names if it is a file torpor could
+  have written and that process holds the socket bound at ``agent.sock``;
 - a worker declines (the command then runs in the client, before anything ran) a client of
   another uid, another installation of torpor, or another ``TORPOR_CRIU``; the master watches
   torpor's sources and the CRIU binary and re-executes itself when they change.
