@@ -2,8 +2,8 @@
 
 Tests are split by what they need: ``unit`` (nothing), ``integration`` (root + real CRIU),
 ``cluster`` (real Ceph daemons), ``migration`` (network namespaces). Locally a missing
-capability is a skip with the reason; in CI (``CI=true``) a skip is a failure: every test must
-run there.
+capability is a skip with the reason; in CI (``CI=true``) every skip and every xfail, however
+it comes, is a failure (:class:`CIGuard`): every test must run, and pass, there.
 """
 
 from __future__ import annotations

@@ -84,13 +84,14 @@ def test_open_file_refused_then_reopened_by_policy(torpor_home: Path, tmp_path: 
     torpor("run", "--name", "pol", "--", PYTHON, str(app), str(tmp_path))
     events = tmp_path / "events"
     wait_for(lambda: events.exists() and "checkpointed" in events.read_text(), what="checkpoints")
-    text = events.read_text()
-    assert "refused: " in text and str(tmp_path / "data.txt") in text, text
+    refused, checkpointed = events.read_text().splitlines()
+    assert refused.startswith("refused: ") and str(tmp_path / "data.txt") in refused, refused
+    assert checkpointed == "checkpointed restored=False"
     assert not (tmp_path / "img1").exists()
     assert (tmp_path / "img2" / "torpor.json").exists()
     torpor("restore", str(tmp_path / "img2"), "--name", "pol-copy")
     wait_for(
-        lambda: "restored=True" in (tmp_path / "data.txt").read_text(),
+        lambda: "after restored=True" in (tmp_path / "data.txt").read_text().splitlines(),
         what="the restored copy to write through its reopened file",
     )
 
@@ -107,8 +108,14 @@ def test_snapstart_hooked_module_works_unchanged(
     pid = int(out.split()[1])
     wait_for(lambda: events.exists() and "ready" in events.read_text(), what="the app")
     torpor("checkpoint", "snap", "--name", "snap-img")
-    assert f"{pid} before-snapshot" in events.read_text()
+    assert events.read_text().splitlines() == [f"{pid} ready", f"{pid} before-snapshot"]
     new_pid = int(torpor("restore", "snap-img").stdout.split()[1])
     wait_for(
-        lambda: f"{new_pid} after-restore" in events.read_text(), what="the after-restore hook"
+        lambda: f"{new_pid} after-restore" in events.read_text().splitlines(),
+        what="the after-restore hook",
     )
+    assert events.read_text().splitlines() == [
+        f"{pid} ready",
+        f"{pid} before-snapshot",
+        f"{new_pid} after-restore",
+    ]
