@@ -192,6 +192,14 @@ _TORPOR: tuple[type[Exception], ...] = (__import__("torpor").TorporError,)
 @example(("deep", 0))
 @example(("other", "fifo"))
 @example(("other", "symlink-zero"))
+@example(("json", {**VALID_FILE, "config": {"compression.level": None}}))
+@example(("json", {**VALID_FILE, "config": {"source": "relative/dir"}}))
+@example(
+    (
+        "json",
+        {**VALID_FILE, "driver": "s3", "config": {"s3.bucket": "b", "s3.endpoint": "http://["}},
+    )
+)
 def test_planted_configuration_files(case: tuple[str, Any]) -> None:
     # A source outside the home is a user's choice: writes there are fine; anywhere else
     # (relative to the cwd, say) they are not.
