@@ -81,8 +81,9 @@ _NAMES_SHOWN = 5  # an error names at most this many files (then says how many m
 class Image:
     """A complete image directory on local disk (manifest present).
 
-    Opening reads and checks only the directory and its manifest; :meth:`check`,
-    :meth:`trusted` and :meth:`verify` check the files (see the module docstring).
+    Opening checks the directory, its manifest and signature, and what the directory holds
+    (:meth:`check`: one ``lstat`` per entry); :meth:`trusted` and :meth:`verify` check the
+    files again and their content (see the module docstring).
     """
 
     def __init__(
@@ -104,7 +105,9 @@ class Image:
     def open(cls, path: str | os.PathLike[str]) -> Image:
         """Open the image at ``path``: :class:`ImageNotFoundError` if there is none,
         :class:`~torpor.UnsafePathError` for a symlinked or non-private directory,
-        :class:`ImageError` for a missing or malformed manifest."""
+        :class:`ImageError` for a missing or malformed manifest,
+        :class:`~torpor.SignatureError` for a signature that does not verify, and what
+        :meth:`check` refuses."""
         p = Path(path)
         try:
             st = os.lstat(p)
@@ -122,11 +125,15 @@ class Image:
             raw = _manifest.read_bytes(p, dir_fd=fd)
             manifest = Manifest.from_json(raw, source=str(p / MANIFEST_NAME))
             signer = _signature.check(fd, raw, source=str(p))
+            image = cls(p, manifest, signer=signer, dir_id=(dst.st_dev, dst.st_ino))
+            # Here too, not only in verify: a restore without verification (--no-verify) or
+            # a push must not read a directory that holds anything but the listed files.
+            image._check_layout(fd)
         except OSError as exc:
             raise ImageError(f"cannot read image {p}: {exc.strerror}", image=p) from exc
         finally:
             os.close(fd)
-        return cls(p, manifest, signer=signer, dir_id=(dst.st_dev, dst.st_ino))
+        return image
 
     @property
     def name(self) -> str:
