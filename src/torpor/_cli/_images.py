@@ -48,6 +48,8 @@ def _images(app: App, args: argparse.Namespace) -> int:
                 {
                     "name": i.name,
                     "path": str(i.path),
+                    # The key id whose valid signature the manifest carries (None: unsigned).
+                    "signer": i.signer,
                     **{
                         k: v
                         for k, v in i.manifest.__dict__.items()
