@@ -217,6 +217,7 @@ REPLIES = st.one_of(
     reply=st.none() | REPLIES,
 )
 @example(ready=b"ready", reply=b"exit:x")
+@example(ready=b"ready", reply=b"exit:")
 def test_the_launcher_against_a_hostile_agent(ready: bytes, reply: bytes | None) -> None:
     with Jail() as jail:
         agent = FakeAgent(jail.home / "agent.sock", ready, reply)

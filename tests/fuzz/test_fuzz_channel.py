@@ -141,6 +141,7 @@ class FakeProcess:
 @scaled(0.5)
 @given(ack=ANSWERS, result=RESULTS)
 @example(ack=dumps({"ok": False, "details": 5}), result=None)
+@example(ack=dumps({"ok": False, "details": None}), result=None)
 @example(ack=dumps(ACK), result=dumps({"ok": True, "warnings": 5}))
 @example(ack=dumps(ACK), result=dumps({"ok": False, "details": {"a": 1}}))
 def test_the_client_against_a_hostile_process(ack: bytes, result: bytes | None) -> None:

@@ -18,6 +18,7 @@ import functools
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -146,9 +147,12 @@ def dir_pool(jail: Jail, objects: dict[str, bytes], changes: list[tuple[str, str
         path.chmod(0o600)
     for key, op, arg in changes:
         path = _dir_path(root, key)
-        if op != "kind" or not path.exists():
+        if op != "kind" or not os.path.lexists(path):
             continue
-        path.unlink()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)  # made a directory by an earlier change
+        else:
+            path.unlink()
         if arg == "symlink-zero":
             path.symlink_to("/dev/zero")
         elif arg == "symlink-out":

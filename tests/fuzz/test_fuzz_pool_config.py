@@ -194,6 +194,7 @@ _TORPOR: tuple[type[Exception], ...] = (__import__("torpor").TorporError,)
 @example(("other", "symlink-zero"))
 @example(("json", {**VALID_FILE, "config": {"compression.level": None}}))
 @example(("json", {**VALID_FILE, "config": {"source": "relative/dir"}}))
+@example(("json", {**VALID_FILE, "name": "../.."}))
 @example(
     (
         "json",
