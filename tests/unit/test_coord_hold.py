@@ -6,7 +6,9 @@ a thread's own trace function put back."""
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import signal
 import socket
 import socketserver
 import sys
@@ -19,7 +21,14 @@ from pathlib import Path
 import pytest
 
 import torpor._coord._checkpoint as checkpoint_module
-from torpor._coord import Context, Coordinator, configure_hold, release_before_hooks
+from torpor._coord import (
+    Context,
+    Coordinator,
+    _hold,
+    _runtime,
+    configure_hold,
+    release_before_hooks,
+)
 from torpor._coord._fds import FdInfo
 from torpor._coord._hold import HoldStage, available, is_app_code
 from torpor._errors import DumpError
@@ -362,6 +371,52 @@ def test_a_threads_own_tracer_is_put_back(threads: Callable[..., threading.Threa
     after = len(calls)
     wait_until(lambda: len(calls) > after + 3, "the tracer to see calls again")
     assert traced[-1] is True
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_signal_handlers_exception_reaches_a_held_main_thread() -> None:
+    # Ctrl-C or a SystemExit raised by a SIGTERM handler must not be lost while held.
+    state, log = State(), []
+    main = threading.get_ident()
+
+    def raise_interrupted(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    def signal_the_parked_main_thread() -> None:
+        hold = _hold._active
+        assert hold is not None
+        wait_until(lambda: main in hold.parked(), "the main thread to be parked")
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    engine = Engine(state, Outcome(True, None), during=0.3)
+    engine.on_start = signal_the_parked_main_thread
+    coord, _ = coordinator(state, engine, lambda: None, log)
+    coordinating = threading.Thread(target=coord.checkpoint, args=("/tmp/img",), daemon=True)
+    old = signal.signal(signal.SIGUSR1, raise_interrupted)
+    caught_during_dump = None
+    try:
+        coordinating.start()
+        while coordinating.is_alive():
+            time.sleep(0.001)
+    except Interrupted:
+        caught_during_dump = coordinating.is_alive()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        coordinating.join(5)
+    assert caught_during_dump is True
+    assert sys.gettrace() is None
+
+
+def test_torpors_root_context_releases_marked_threads_between_its_own_and_the_apps() -> None:
+    # (The module's contexts, not global_context(): that would start the channel here.)
+    order = _runtime.root_context()._snapshot()
+    assert len(order) == 3
+    assert order[0] is _runtime.system_context()
+    assert isinstance(order[1], HoldStage)
+    assert order[2] is _runtime._global
 
 
 def test_app_code_is_told_apart_from_library_code() -> None:

@@ -8,13 +8,15 @@ and run application code first: they draw from the random generator before it is
 reopened yet. CRaC's promise is that the notifications complete before the application goes
 on; this module keeps it.
 
-How: just before the dump, the checkpointing thread sets a C-level trace function in every
-other Python thread (:mod:`._tstate`). CPython calls it at each new line and each call and
-return; while a hold is on it parks the thread on a condition variable when that code is the
-application's. A thread running Python parks at its next line; one blocked in a system call
-parks at the line after the call returns. Parked threads are in the image like any blocked
-thread, so in a restored copy they stay parked until the checkpointing thread releases them,
-in two stages:
+How: just before the dump, the checkpointing thread sets a trace function (what
+``sys.settrace`` sets) in every other Python thread and on every frame of their stacks
+(:mod:`._tstate`). CPython calls it at each new line and each call and return; while a hold is
+on it parks the thread on a condition variable when that code is the application's. A thread
+running Python parks at its next line; one blocked in a system call parks at the line after the
+call returns. An exception a signal handler raises in a parked main thread (Ctrl-C, a
+``SystemExit`` on SIGTERM) goes on into the application's frame as it would have. Parked
+threads are in the image like any blocked thread, so in a restored copy they stay parked until
+the checkpointing thread releases them, in two stages:
 
 1. threads marked with :func:`release_before_hooks` (an event loop your hooks hand work to)
    after torpor's own resources (reseed, log files, the channel);
@@ -44,7 +46,6 @@ interpreter's thread states cannot be read (another CPython version's layout), t
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import logging
 import os
@@ -53,24 +54,13 @@ import sysconfig
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from types import FrameType
 from typing import Any
 
 from .._errors import UsageError
 from ._context import Context
-from ._tstate import (
-    NO_TRACER,
-    TRACEFUNC,
-    Access,
-    GilWindow,
-    ThreadState,
-    Tracer,
-    access,
-    callback_address,
-)
+from ._tstate import NO_TRACER, GilWindow, ThreadState, Tracer, access
 
 log = logging.getLogger("torpor.coord")
 
@@ -185,16 +175,6 @@ def _classify(filename: str) -> bool:
 _SLICE = 0.2  # parked threads re-check the watchdog this often
 _THREAD_START = threading.Thread.start.__code__
 _active: Hold | None = None
-Restore = Callable[[], None]
-
-
-def _on_event(hold: Hold, frame: FrameType, what: int, arg: int | None) -> int:
-    # Exceptions raised here would be printed and dropped by ctypes: _event raises none.
-    hold._event(frame, what)
-    return 0
-
-
-_CALLBACK = TRACEFUNC(_on_event)
 
 
 class Hold:
@@ -213,12 +193,14 @@ class Hold:
         self._stage = 0  # 1: early threads go; 2: everyone goes
         self._deadline: float | None = None
         self._expired = False
-        self._interrupted = False
-        self._restore: dict[int, Restore] = {}
+        self._prev: dict[int, Tracer] = {}  # each held thread's own tracer, to put back
+        self._frames: dict[int, list[tuple[FrameType, Any]]] = {}  # and its frames' f_trace
         self._early_ids: set[int] = set()
         self._spawned: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._parked: set[int] = set()
-        # Installed as threading's trace hook; kept here so it stays alive while installed.
+        # The bound methods installed as trace functions, kept alive here: a thread taking its
+        # own tracer back drops the reference its thread state held.
+        self._trace_fn = self._trace
         self._spawn_fn = self._spawn
         self._spawn_saved: Any = None
         self.held: frozenset[int] = frozenset()
@@ -238,19 +220,32 @@ class Hold:
                 log.info("torpor: thread states do not match the running threads: no hold")
                 return False
             me = threading.get_ident()
-            callback = callback_address(_CALLBACK)
             for state in states:
                 if state.ident != me:
-                    self._restore[state.ident] = _restorer(acc, state)
-                    acc.set_trace(state, callback, self)
+                    self._prev[state.ident] = _own_tracer(state)
+                    acc.set_trace(state, self._trace_fn)
+            for ident, top in sys._current_frames().items():
+                if ident in self._prev:
+                    self._frames[ident] = self._trace_frames(top)
         finally:
             self._window.close()
-        self.held = frozenset(self._restore)
+        self.held = frozenset(self._prev)
         self._early_ids = {t.ident for t in list(_early) if t.ident in self.held}
         self._spawn_saved = threading.gettrace()
         threading.settrace(self._spawn_fn)
         _active = self
         return True
+
+    def _trace_frames(self, top: FrameType | None) -> list[tuple[FrameType, Any]]:
+        """Have line events in every frame of a stack; return the frames' own f_trace."""
+        saved = []
+        frame = top
+        while frame is not None:
+            old = frame.f_trace
+            saved.append((frame, None if isinstance(getattr(old, "__self__", None), Hold) else old))
+            frame.f_trace = self._trace_fn
+            frame = frame.f_back
+        return saved
 
     def arm(self) -> None:
         """The dump returned (in the original or a copy): the watchdog counts from now."""
@@ -271,8 +266,6 @@ class Hold:
                 threading.settrace(self._spawn_saved)
             if _active is self:
                 _active = None
-            if self._interrupted:
-                _thread.interrupt_main()  # a Ctrl-C that came while the main thread was held
 
     def release(self) -> None:
         """Let every held thread go; the GIL window is closed if still open."""
@@ -286,23 +279,23 @@ class Hold:
 
     # -- the held threads --------------------------------------------------------------
 
-    def _event(self, frame: FrameType, what: int) -> None:
-        """Every trace event of a held thread: park at the application's next line or call."""
+    def _trace(self, frame: FrameType, event: str, arg: object) -> Any:
+        """The trace function of held threads: park at the application's next line or call."""
         ident = threading.get_ident()
         if self._stage >= (1 if ident in self._early_ids else 2):
-            self._uninstall(ident)
-            return
+            return self._uninstall(ident, frame, event, arg)
         code = frame.f_code
         if code is _THREAD_START:
             # A held thread starting a thread (a server's handler thread): hold that one too.
-            started = frame.f_locals.get("self") if what == 0 else None
+            started = frame.f_locals.get("self") if event == "call" else None
             if isinstance(started, threading.Thread):
                 self._spawned.add(started)
-            return
-        if is_app_code(code.co_filename):
-            self._park(ident)
+        elif is_app_code(code.co_filename):
+            self._park(ident, frame)
+            return self._uninstall(ident, frame, event, arg)
+        return self._trace_fn
 
-    def _park(self, ident: int) -> None:
+    def _park(self, ident: int, frame: FrameType) -> None:
         stage = 1 if ident in self._early_ids else 2
         expired = False
         with self._cond:
@@ -312,11 +305,12 @@ class Hold:
                     if self._deadline is not None and time.monotonic() >= self._deadline:
                         expired = self._expire()
                         break
-                    try:
-                        self._cond.wait(_SLICE)
-                    except KeyboardInterrupt:
-                        # ctypes would print and drop it: delivered again on release.
-                        self._interrupted = True
+                    self._cond.wait(_SLICE)
+            except BaseException:
+                # A signal handler's exception (KeyboardInterrupt, SystemExit): it goes on
+                # into the application's frame, and this thread is no longer held.
+                self._uninstall(ident, frame, "exception", None)
+                raise
             finally:
                 self._parked.discard(ident)
         if expired:
@@ -326,9 +320,6 @@ class Hold:
                 "torpor.release_before_hooks())",
                 self._timeout,
             )
-            if self._interrupted:
-                _thread.interrupt_main()
-        self._uninstall(ident)
 
     def _expire(self) -> bool:
         """The watchdog fired (caller holds the condition): all go. True the first time."""
@@ -338,15 +329,22 @@ class Hold:
         self._cond.notify_all()
         return first
 
-    def _uninstall(self, ident: int) -> None:
-        """Give the calling thread its own trace function back."""
-        restore = self._restore.pop(ident, None)
-        if restore is not None:
-            restore()
-            return
+    def _uninstall(self, ident: int, frame: FrameType, event: str, arg: object) -> Any:
+        """Give the calling thread its own tracer and its frames their own f_trace back; the
+        return value is what the trampoline keeps as ``frame``'s local trace function."""
+        if getattr(frame.f_trace, "__self__", None) is self:
+            frame.f_trace = None  # a frame entered while held
+        for f, old in self._frames.pop(ident, ()):
+            f.f_trace = old
+        prev = self._prev.pop(ident, None)
         acc = access()
-        if acc is not None:
-            acc.set_own_trace(NO_TRACER)
+        if prev is None or acc is None:
+            return None  # already put back (an outer frame entered while held)
+        acc.set_own_trace(prev)
+        if event == "call" and prev.func and callable(prev.obj):
+            # The thread's own Python tracer would have seen this call: hand it over.
+            return prev.obj(frame, event, arg)
+        return None
 
     def _spawn(self, frame: FrameType, event: str, arg: object) -> Any:
         """First event of a thread started during the hold: held if a held thread started it."""
@@ -356,24 +354,23 @@ class Hold:
         saved = self._spawn_saved
         acc = access()
         if self._stage < 2 and acc is not None and thread in self._spawned:
-            self._restore[ident] = partial(sys.settrace, saved)
+            self._prev[ident] = acc.python_tracer(saved)
             if thread in _early:
                 self._early_ids.add(ident)
-            acc.set_own_trace(Tracer(callback_address(_CALLBACK), self))
-            self._event(frame, 0)
-            return None
+            sys.settrace(self._trace_fn)
+            return self._trace(frame, event, arg)
         sys.settrace(saved)
         # The saved hook (a coverage tool's, say) would have seen this first call.
         return saved(frame, event, arg) if saved is not None else None
 
 
-def _restorer(acc: Access, state: ThreadState) -> Restore:
-    """What puts back thread ``state``'s trace function (a finished hold's function, left in a
-    thread that had no event since, stands for what that hold saved)."""
-    owner = state.tracer.obj
+def _own_tracer(state: ThreadState) -> Tracer:
+    """A thread's own tracer (a finished hold's function, left in a thread that had no event
+    since, stands for what that hold saved)."""
+    owner = getattr(state.tracer.obj, "__self__", None)
     if isinstance(owner, Hold):
-        return owner._restore.get(state.ident) or partial(acc.set_own_trace, NO_TRACER)
-    return partial(acc.set_own_trace, state.tracer)
+        return owner._prev.get(state.ident, NO_TRACER)
+    return state.tracer
 
 
 def begin(enabled: bool | None = None) -> Hold | None:

@@ -1,18 +1,20 @@
-"""Setting a C-level trace function in *other* threads, for the restore hold (:mod:`._hold`).
+"""Setting a trace function in *other* threads, for the restore hold (:mod:`._hold`).
 
 ``sys.settrace`` and ``threading.settrace`` reach only the calling thread and threads started
 later; ``threading.settrace_all_threads`` is 3.12+. CPython 3.11 exports what 3.12 builds that
 on: ``_PyEval_SetTrace(tstate, func, obj)``, and the public ``PyInterpreterState_ThreadHead`` /
 ``PyThreadState_Next`` walk the interpreter's thread states. What is not public is where a
-thread state keeps its trace function, trace object and thread id; those offsets are not
-guessed but probed once, in a scratch thread: it sets a known trace object with
-``sys.settrace`` and looks for it (and for its own thread id) in its thread state. The walk is
-then checked against ``sys._current_frames()``. Any mismatch means no hold.
+thread state keeps its trace function, trace object and thread id, and the address of the
+trampoline through which CPython calls a Python trace function; they are not guessed but probed
+once, in a scratch thread: it calls ``sys.settrace`` with a known object and looks for it (and
+for its own thread id) in its thread state. The walk is then checked against
+``sys._current_frames()``. Any mismatch means no hold.
 
-The trace function is a C function (a ctypes callback): CPython calls a C-level trace function
-with a line event at each new line of *every* frame (the Python-level ``sys.settrace``
-trampoline only does so for frames with ``f_trace`` set), so a thread that was blocked in a
-system call when the function was set stops at the next line after the call returns.
+The trace function is set as ``sys.settrace`` would set it (trampoline and Python callable), so
+an exception it raises (a signal handler's, run while the thread waits in it) propagates into
+the traced frame as usual. The trampoline sends line events only to frames whose ``f_trace`` is
+set: the hold sets it on every frame of the threads' stacks, so a thread that was blocked in a
+system call stops at the next line after the call returns.
 
 A thread state is freed when its thread ends, which needs the GIL; the walk must therefore not
 lose the GIL. A waiting thread asks the holder to drop it after the switch interval, which it
@@ -33,7 +35,6 @@ import threading
 import time
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
 
 log = logging.getLogger("torpor.coord")
 
@@ -44,20 +45,16 @@ _WINDOW_MIN = 0.01
 _WINDOW_PER_THREAD = 100e-6
 _SCAN_WORDS = 32  # how far into a PyThreadState the probe looks
 
-# int (*Py_tracefunc)(PyObject *obj, PyFrameObject *frame, int what, PyObject *arg). PYFUNCTYPE:
-# called with the GIL held, from the thread being traced. ``arg`` may be NULL: a raw pointer.
-TRACEFUNC = ctypes.PYFUNCTYPE(
-    ctypes.c_int, ctypes.py_object, ctypes.py_object, ctypes.c_int, ctypes.c_void_p
-)
-
 
 @dataclass(frozen=True)
 class _Layout:
-    """Word indices of c_tracefunc, c_traceobj and thread_id in a PyThreadState."""
+    """Word indices of c_tracefunc, c_traceobj and thread_id in a PyThreadState, and the
+    address of CPython's trampoline to Python trace functions."""
 
     func: int
     obj: int
     tid: int
+    trampoline: int
 
 
 @dataclass(frozen=True)
@@ -128,9 +125,13 @@ class Access:
             return None
         return states
 
-    def set_trace(self, state: ThreadState, func: int, obj: object) -> None:
-        """Set thread ``state``'s trace function (inside the same :class:`GilWindow`)."""
-        self._api.set_trace(state.address, func or None, id(obj) if obj is not None else None)
+    def python_tracer(self, func: object) -> Tracer:
+        """What ``sys.settrace(func)`` sets (``func`` None: no tracer)."""
+        return Tracer(self._layout.trampoline, func) if func is not None else NO_TRACER
+
+    def set_trace(self, state: ThreadState, func: object) -> None:
+        """``sys.settrace(func)`` in thread ``state`` (inside the same :class:`GilWindow`)."""
+        self._api.set_trace(state.address, self._layout.trampoline, id(func))
 
     def set_own_trace(self, tracer: Tracer) -> None:
         """Set the calling thread's trace function back to ``tracer``."""
@@ -169,7 +170,7 @@ def _probe(api: _Api) -> _Layout | None:
         func = obj - 2  # c_profilefunc, c_tracefunc, c_profileobj, c_traceobj (3.11, 3.12)
         if words[func] == 0 or after[func] != 0 or after[obj] != 0:
             return
-        found[0] = _Layout(func=func, obj=obj, tid=tids[0])
+        found[0] = _Layout(func=func, obj=obj, tid=tids[0], trampoline=words[func])
 
     t = threading.Thread(target=probe, name="torpor-hold-probe", daemon=True)
     t.start()
@@ -200,13 +201,6 @@ def access() -> Access | None:
                     )
             _probed = True
     return _access
-
-
-def callback_address(callback: Any) -> int:
-    """The C address of a :data:`TRACEFUNC` callback."""
-    address = ctypes.cast(callback, ctypes.c_void_p).value
-    assert address is not None
-    return address
 
 
 class GilWindow:
