@@ -137,3 +137,33 @@ def test_garbage_key_refused(torpor_home: Path) -> None:
 def test_cli_identity_show(torpor_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["identity", "show"]) == 0
     assert capsys.readouterr().out == host_identity().key_id + "\n"
+
+
+# Encodings of points of small order (and a non-canonical one): with such a public key a forged
+# signature verifies for many messages under RFC 8032's rules, so they are never accepted.
+_WEAK_KEYS = [
+    "00" * 32,  # order 4
+    "01" + "00" * 31,  # the identity
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # p: non-canonical
+]
+
+
+@pytest.mark.parametrize("key_id", _WEAK_KEYS)
+def test_small_order_keys_never_verify(key_id: str) -> None:
+    # The all-zero key with an all-zero signature verifies b"other" in OpenSSL's Ed25519.
+    assert [verify_signature(key_id, m, bytes(64)) for m in (b"other", b"", b"x" * 64)] == [
+        False,
+        False,
+        False,
+    ]
+
+
+def test_small_order_check_keeps_real_keys(torpor_home: Path) -> None:
+    from torpor._identity._key import _weak_key
+
+    ident = host_identity()
+    assert _weak_key(bytes.fromhex(ident.key_id)) is False
+    assert verify_signature(ident.key_id, b"m", ident.sign(b"m")) is True

@@ -204,6 +204,8 @@ def verify_signature(key_id: str, data: bytes, signature: bytes) -> bool:
         return False
     if not isinstance(signature, bytes) or len(signature) != SIG_LEN:
         return False
+    if _weak_key(bytes.fromhex(key_id)):
+        return False
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -212,3 +214,52 @@ def verify_signature(key_id: str, data: bytes, signature: bytes) -> bool:
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True
+
+
+# -- weak public keys ---------------------------------------------------------------------------
+# Ed25519 verification (RFC 8032, as OpenSSL does it) accepts public keys of small order: with
+# such a key (e.g. all zeros) a forged signature verifies for many messages. No honest key is
+# one, so they are refused, as are non-canonical encodings (y >= p), which no key generator
+# makes. Checked in pure Python: the curve arithmetic is a few lines, and `cryptography` does
+# not expose the point.
+
+_P = 2**255 - 19
+_D = (-121665 * pow(121666, _P - 2, _P)) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+
+
+def _decode_point(raw: bytes) -> tuple[int, int] | None:
+    """The affine point a 32-byte encoding names, or None if it names none (or not canonically)."""
+    n = int.from_bytes(raw, "little")
+    sign, y = n >> 255, n & ((1 << 255) - 1)
+    if y >= _P:
+        return None
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = (u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P)) % _P
+    if (v * x * x - u) % _P != 0:
+        x = (x * _SQRT_M1) % _P
+        if (v * x * x - u) % _P != 0:
+            return None
+    if x == 0 and sign:
+        return None
+    if x & 1 != sign:
+        x = _P - x
+    return x, y
+
+
+def _double(pt: tuple[int, int]) -> tuple[int, int]:
+    x, y = pt
+    xx, yy = x * x % _P, y * y % _P
+    dxy = _D * xx * yy % _P
+    return (2 * x * y * pow(1 + dxy, _P - 2, _P) % _P, (yy + xx) * pow(1 - dxy, _P - 2, _P) % _P)
+
+
+def _weak_key(raw: bytes) -> bool:
+    """Whether ``raw`` is not a canonical point, or a point of small order ([8]P is the
+    identity)."""
+    pt = _decode_point(raw)
+    if pt is None:
+        return True
+    for _ in range(3):
+        pt = _double(pt)
+    return pt == (0, 1)
