@@ -20,6 +20,10 @@ The hooks are torpor function hooks in torpor's global context, so they run at e
 registration order. One difference from Lambda: a failing hook does not stop the others; torpor
 runs them all and raises ``torpor.CheckpointError`` (no snapshot is taken) or
 ``torpor.RestoreHookError`` with every failure.
+
+As Lambda runs no invocation before the after-restore hooks finished, torpor runs none of the
+application's other threads before them: they are held from the snapshot until the hooks ran
+(see ``torpor._coord._hold``).
 """
 
 from __future__ import annotations
