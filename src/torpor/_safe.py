@@ -121,9 +121,10 @@ def check_private(
             hint=f"remove {p}, or point torpor at a real directory",
         )
     euid = os.geteuid()
-    if st.st_uid not in (euid, 0):
+    owner = owner_problem(st)
+    if owner is not None:
         raise UnsafePathError(
-            f"{what} {p} is owned by uid {st.st_uid}, not by uid {euid} or root; refused",
+            f"{what} {p} {owner}; refused",
             path=p,
             hint=f"chown {euid} {p}",
         )
@@ -275,3 +276,12 @@ def _too_large(source: str, name: str, size: int, limit: int) -> UnsafeImageErro
         file=name,
         hint="the image was made or changed by something other than torpor: do not use it",
     )
+
+
+def owner_problem(st: os.stat_result) -> str | None:
+    """None if ``st`` is owned by the effective user or root, else what is wrong, as a phrase
+    (``is owned by uid N, not by root``): the one wording of every ownership refusal."""
+    euid = os.geteuid()
+    if st.st_uid in (euid, 0):
+        return None
+    return f"is owned by uid {st.st_uid}, not by {'root' if euid == 0 else f'uid {euid} or root'}"

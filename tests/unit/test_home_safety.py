@@ -97,8 +97,8 @@ def test_home_owned_by_another_user_is_refused_with_the_fix(
     code, out, err = run(capsys, "images")
     assert (code, out) == (1, "")
     assert err == (
-        f"torpor: error: torpor home {torpor_home} is owned by uid 65534, not by uid 0 or "
-        f"root; refused — chown 0 {torpor_home}\n"
+        f"torpor: error: torpor home {torpor_home} is owned by uid 65534, not by root; "
+        f"refused — chown 0 {torpor_home}\n"
     )
 
 
@@ -247,7 +247,7 @@ def test_a_record_owned_by_another_user_is_refused(
     os.chown(path, 65534, 65534)
     with pytest.raises(UnsafePathError) as info:
         _registry.load("web")
-    assert str(info.value).startswith(f"record {path} is owned by uid 65534, not by uid 0")
+    assert str(info.value).startswith(f"record {path} is owned by uid 65534, not by root;")
 
 
 @pytest.mark.parametrize(

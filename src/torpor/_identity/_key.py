@@ -118,12 +118,10 @@ def _check_key_stat(st: os.stat_result, path: Path) -> None:
             path=path,
             hint=f"remove {path} (a new key is made on next use)",
         )
-    euid = os.geteuid()
-    if st.st_uid not in (euid, 0):
+    owner = _safe.owner_problem(st)
+    if owner is not None:
         raise UnsafePathError(
-            f"host key {path} is owned by uid {st.st_uid}, not by uid {euid} or root; refused",
-            path=path,
-            hint=f"chown {euid} {path}",
+            f"host key {path} {owner}; refused", path=path, hint=f"chown {os.geteuid()} {path}"
         )
     if st.st_mode & 0o077:
         raise UnsafePathError(

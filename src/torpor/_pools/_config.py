@@ -205,13 +205,9 @@ def _read_config(path: Path) -> bytes:
         kind = _safe.kind_problem(st.st_mode)
         if kind is not None:
             raise _unsafe(path, f"is {kind}, not a regular file", f"remove {path}")
-        euid = os.geteuid()
-        if st.st_uid not in (euid, 0):
-            raise _unsafe(
-                path,
-                f"is owned by uid {st.st_uid}, not by uid {euid} or root",
-                f"chown {euid} {path}",
-            )
+        owner = _safe.owner_problem(st)
+        if owner is not None:
+            raise _unsafe(path, owner, f"chown {os.geteuid()} {path}")
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise _unsafe(
                 path,

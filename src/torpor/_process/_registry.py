@@ -190,9 +190,9 @@ def _read(dir_fd: int, dir_path: Path, file: str, name: str) -> ManagedProcess:
         kind = _safe.kind_problem(st.st_mode)
         if kind is not None:
             raise _unsafe(path, f"is {kind}, not a regular file")
-        euid = os.geteuid()
-        if st.st_uid not in (euid, 0):
-            raise _unsafe(path, f"is owned by uid {st.st_uid}, not by uid {euid} or root")
+        owner = _safe.owner_problem(st)
+        if owner is not None:
+            raise _unsafe(path, owner)
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise _unsafe(path, f"is writable by group or others (mode {st.st_mode & 0o777:04o})")
         raw = os.read(fd, MAX_RECORD + 1)
