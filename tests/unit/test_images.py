@@ -191,3 +191,23 @@ def test_full_verify_rehashes_what_the_stamp_trusts(
     with pytest.raises(ImageCorruptedError, match=r"file pages-1\.img does not match") as info:
         Image.open(tmp_path / "img").verify(full=True)
     assert info.value.file == "pages-1.img"
+
+
+def test_a_failed_full_verify_voids_the_stamp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a full verify found rot, a later plain verify must not trust the stamp again."""
+    img = _stage(tmp_path / "img", {"pages-1.img": os.urandom(10_000), "core-1.img": b"core"})
+    target = tmp_path / "img" / "pages-1.img"
+    data = bytearray(target.read_bytes())
+    data[7] ^= 1
+    target.write_bytes(bytes(data))
+    with monkeypatch.context() as m:
+        m.setattr("torpor._images._image.hash_files", lambda *a, **k: list(img.manifest.files))
+        img.verify()
+    assert img.trusted()
+    with pytest.raises(ImageCorruptedError, match=r"file pages-1\.img does not match"):
+        Image.open(tmp_path / "img").verify(full=True)
+    assert Image.open(tmp_path / "img").trusted() is False
+    with pytest.raises(ImageCorruptedError, match=r"file pages-1\.img does not match"):
+        Image.open(tmp_path / "img").verify()

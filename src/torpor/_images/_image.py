@@ -203,10 +203,19 @@ class Image:
                 return
             actual = hash_files(fd, [e.name for e in self.manifest.files], source=str(self.path))
             for want, got in zip(self.manifest.files, actual, strict=True):
-                if got.size != want.size:
-                    raise self._corrupt(want.name, f"has {got.size} bytes, expected {want.size}")
-                if got.sha256 != want.sha256:
-                    raise self._corrupt(want.name, "does not match its SHA-256")
+                problem = (
+                    f"has {got.size} bytes, expected {want.size}"
+                    if got.size != want.size
+                    else "does not match its SHA-256"
+                    if got.sha256 != want.sha256
+                    else None
+                )
+                if problem is not None:
+                    # A stamp must never vouch for a file known bad: the next plain verify
+                    # would trust it again (rot changes no timestamp).
+                    with contextlib.suppress(OSError):
+                        os.unlink(VERIFIED_NAME, dir_fd=fd)
+                    raise self._corrupt(want.name, problem)
             for name, before in stats.items():
                 after = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 if _identity(after) != _identity(before):
