@@ -136,6 +136,9 @@ if TYPE_CHECKING:
         configure_builtins as configure_builtins,
     )
     from ._coord import (
+        configure_hold as configure_hold,
+    )
+    from ._coord import (
         enable as enable,
     )
     from ._coord import (
@@ -143,6 +146,9 @@ if TYPE_CHECKING:
     )
     from ._coord import (
         load_fd_policy as load_fd_policy,
+    )
+    from ._coord import (
+        release_before_hooks as release_before_hooks,
     )
     from ._coord import (
         restore_info as restore_info,
@@ -185,6 +191,8 @@ _LAZY = {
     "checkpoint": "._coord",
     "clear_fd_rules": "._coord",
     "configure_builtins": "._coord",
+    "configure_hold": "._coord",
+    "release_before_hooks": "._coord",
     "enable": "._coord",
     "global_context": "._coord",
     "load_fd_policy": "._coord",
@@ -263,9 +271,11 @@ __all__ = [
     "checkpoint_process",
     "clear_fd_rules",
     "configure_builtins",
+    "configure_hold",
     "enable",
     "global_context",
     "load_fd_policy",
+    "release_before_hooks",
     "restore",
     "restore_info",
     "run",
