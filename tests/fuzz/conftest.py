@@ -1,9 +1,9 @@
 """Hypothesis profiles for the fuzz suite, declared once.
 
-- ``ci`` (loaded when ``CI=true``): few examples per property, so the whole suite takes well
+- ``ci`` (loaded when ``CI=true``): 60 examples per property, so the whole suite takes well
   under a minute on 2 cores; derandomized (the same examples on every run, so a red CI run is
   reproducible on any machine) and no example database (nothing written to the checkout).
-- ``dev`` (the default elsewhere): ten times the examples, random, with the example database,
+- ``dev`` (the default elsewhere): 400 examples per property, random, with the example database,
   so a local run explores more and replays what failed before.
 
 ``HYPOTHESIS_PROFILE=dev|ci`` overrides the choice; ``explore`` is ``dev`` without the
@@ -30,7 +30,7 @@ _COMMON = {
     "print_blob": True,
 }
 
-settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_COMMON)
+settings.register_profile("ci", max_examples=60, derandomize=True, database=None, **_COMMON)
 settings.register_profile("dev", max_examples=400, **_COMMON)
 settings.register_profile(
     "explore", max_examples=400, phases=[Phase.generate, Phase.target, Phase.shrink], **_COMMON

@@ -59,7 +59,7 @@ class _Alarm(BaseException):
 
 
 @contextlib.contextmanager
-def bounded(seconds: float = 10.0) -> Iterator[None]:
+def bounded(seconds: float = 2.0) -> Iterator[None]:
     """Fail the example with :class:`Hang` if it runs longer than ``seconds`` (SIGALRM: it
     interrupts a blocking system call too, such as an ``open`` of a FIFO). Only for code that
     runs in this thread; see :func:`in_child` for the rest."""

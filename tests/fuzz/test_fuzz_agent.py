@@ -114,7 +114,7 @@ def pkt(*fields: bytes) -> bytes:
 @example(pkt(b"/", b"22", b"0:1:1", b"-1"))
 @example(pkt(b"/", b"22", b"0:1:1", b"1"))
 def test_admission(packet: bytes) -> None:
-    with bounded(5):
+    with bounded():
         admit(packet)
 
 
@@ -123,7 +123,7 @@ def test_admission(packet: bytes) -> None:
 @example(pkt(b"/", b"22", b"4:18446744073709551616:-1", b"0"))
 @example(pkt(b"/", b"22", b"18446744073709551616:1:1", b"0"))
 def test_an_admitted_request_is_taken_on_or_declined(packet: bytes) -> None:
-    with bounded(5):
+    with bounded():
         req = admit(packet)
     if req is not None:
         in_child(lambda: take_on(req), seconds=5)
@@ -224,7 +224,7 @@ def test_the_launcher_against_a_hostile_agent(ready: bytes, reply: bytes | None)
         try:
             environ = {b"TORPOR_HOME": os.fsencode(jail.home), b"PATH": b"/usr/bin"}
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            with bounded(15):
+            with bounded(5):
                 code = launcher._hand_over(
                     sock, os.fsencode(jail.home / "agent.sock"), ["ps"], environ
                 )

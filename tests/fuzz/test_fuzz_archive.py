@@ -195,7 +195,7 @@ def read_all(data: bytes) -> None:
 @example(bytes(1024))
 @example(b"\0" * 511 + b"x")
 def test_random_bytes(data: bytes) -> None:
-    with Jail(), bounded(5):
+    with Jail(), bounded():
         verdict(lambda: read_all(data))
         verdict(lambda: Pool("to", MemoryBackend(), timing=FAST).import_image(io.BytesIO(data)))
 
@@ -205,7 +205,7 @@ def test_random_bytes(data: bytes) -> None:
 def test_reader(spec: list[Member]) -> None:
     with Jail() as jail:
         data = tar_bytes(jail, spec)
-        with bounded(5):
+        with bounded():
             verdict(lambda: read_all(data))
 
 

@@ -101,9 +101,18 @@ def entries(draw: st.DrawFn) -> dict[str, Any]:
     return entry
 
 
+REQUIRED = {
+    "inventory.img": {"kind": "file", "listed": True, "truthful": True, "data": b"inv"},
+    "pstree.img": {"kind": "file", "listed": True, "truthful": True, "data": b"tree"},
+}
+
+
 @st.composite
 def image_dirs(draw: st.DrawFn) -> dict[str, Any]:
-    files = draw(st.dictionaries(DISK_NAMES, entries(), max_size=6))
+    # Mostly an image with the files every CRIU image has (else it is refused before anything
+    # else is looked at), with hostile entries beside or instead of them.
+    base = draw(st.sampled_from([REQUIRED, REQUIRED, REQUIRED, {}]))
+    files = {**base, **draw(st.dictionaries(DISK_NAMES, entries(), max_size=5))}
     return {
         "files": files,
         "extra_listed": draw(st.lists(HOSTILE_NAMES, max_size=2)),

@@ -62,7 +62,7 @@ EXAMPLES = [
 @example(EXAMPLES[4])
 @example(EXAMPLES[5])
 def test_parse_request(packet: bytes) -> None:
-    with bounded(5):
+    with bounded():
         req = verdict(lambda: _keeper_dump.parse_request(packet))
     if isinstance(req, DumpRequest):
         assert os.path.isabs(req.staging) and os.path.normpath(req.staging) == req.staging
@@ -89,7 +89,7 @@ def test_receive_refuses_and_closes_fds(packet: bytes, nfds: int) -> None:
         finally:
             for fd in sent:
                 os.close(fd)
-        with bounded(5):
+        with bounded():
             got = verdict(lambda: _keeper_dump.receive(theirs))
         if nfds:
             assert isinstance(got, _keeper.TorporError), f"{nfds} fds were taken: {got!r}"
@@ -136,7 +136,7 @@ def handle(packet: bytes, *, child: bool) -> tuple[list[Any], list[Any]]:
 @example(packet=EXAMPLES[5], child=True)
 @example(packet=dumps(DUMP), child=False)
 def test_handle_answers_every_packet_once(packet: bytes, child: bool) -> None:
-    with bounded(5):
+    with bounded():
         answers, reached = handle(packet, child=child)
     assert len(answers) == 1 and isinstance(answers[0].get("ok"), bool), f"answers: {answers}"
     if not child:

@@ -44,7 +44,7 @@ VALID = valid_manifest()
 
 
 def check_parsed(text: bytes) -> None:
-    with bounded(5):
+    with bounded():
         got = verdict(lambda: Manifest.from_json(text, source="fuzz/torpor.json"))
     if isinstance(got, Manifest):
         # What torpor does with every manifest it reads: show it, sum it, write it again.

@@ -212,7 +212,7 @@ def test_the_untouched_pools_work() -> None:
 
 
 def decoded(blob: bytes) -> None:
-    with bounded(5):
+    with bounded():
         got = verdict(lambda: Record.decode(NAME, blob, pool="fz"))
     assert isinstance(got, Record | TorporError)
 

@@ -105,7 +105,7 @@ def check_usable(cfg: PoolConfig) -> None:
 @example(["=x"])
 @example(["x"])
 def test_assignments_for_every_driver(items: list[str]) -> None:
-    with Jail(), bounded(5):
+    with Jail(), bounded():
         parsed = verdict(lambda: parse_assignments(items))
         if not isinstance(parsed, dict):
             return
@@ -118,7 +118,7 @@ def test_assignments_for_every_driver(items: list[str]) -> None:
 @given(st.sampled_from(sorted(DRIVERS)), ASSIGNMENTS, ASSIGNMENTS)
 def test_new_then_set(driver: str, first: list[str], changes: list[str]) -> None:
     """``pool create`` (its validation and save) then ``torpor pool set``."""
-    with Jail(), bounded(5):
+    with Jail(), bounded():
         cfg = verdict(lambda: _config.new_config("fz", driver, parse_assignments(first)))
         if not isinstance(cfg, PoolConfig):
             return
