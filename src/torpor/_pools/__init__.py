@@ -20,13 +20,13 @@ from ._config import PoolConfig as PoolConfig
 from ._config import list_configs as list_configs
 from ._config import load as load_config
 from ._gc import GcStats as GcStats
-from ._gc import Timing as Timing
 from ._memory import MemoryBackend as MemoryBackend
 from ._pool import Pool as Pool
 from ._pool import PoolImage as PoolImage
 from ._pool import PoolStats as PoolStats
 from ._pool import open_pool as open_pool
 from ._registry import DRIVERS as DRIVERS
+from ._session import Timing as Timing
 
 __all__ = [
     "DEFAULT_POOL",

@@ -15,7 +15,8 @@ The protocol (mark, condemn, wait, re-mark, sweep)
     *Condemned set.* ``gc/condemned`` lists the packs and list objects a collection is about
     to delete. A session loads it right after registering and treats condemned chunks as
     absent: a push uploads them again (into new packs), a copy re-packs them, nobody starts
-    a patch from a condemned list object.
+    a patch from a condemned list object. Sessions and the condemned set live in
+    :mod:`._session`, a floor below both this module and the pool.
 
     A collection then runs, holding ``gc/lock-<time>-<id>`` (one collector per pool; the
     older lock wins, a lock whose heartbeat is older than :attr:`Timing.stale` is broken):
@@ -49,167 +50,23 @@ Repacking
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import socket
+import hashlib
 import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
 
 from .._errors import PoolError
 from ._backend import Backend
-from ._pack import PackIndex, index_key, pack_key
+from ._pack import PackDamagedError, PackIndex, PackWriter, index_key, iter_pack, pack_key
+from ._reader import FETCHERS, PoolReader, bounded
 from ._record import LISTS_PREFIX, list_key
+from ._session import CONDEMNED_KEY, SESSIONS_PREFIX, Condemned, Heartbeat, Timing, read_beat
+from ._session import session as session  # sessions are part of the protocol described here
 
-if TYPE_CHECKING:
-    from ._pool import Pool
-
-SESSIONS_PREFIX = "sessions/"
-CONDEMNED_KEY = "gc/condemned"
 GC_LOCK_PREFIX = "gc/lock-"
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Heartbeat period, the age after which a silent session is dead, and the polling step."""
-
-    heartbeat: float = 30.0
-    stale: float = 600.0
-    poll: float = 0.5
-
-
-class Heartbeat:
-    """An object in the pool that says "I am alive", refreshed in the background.
-
-    ``alive()`` is false once a collector has declared it dead (deleted its object) or once
-    this process could not refresh it for half the staleness period.
-    """
-
-    def __init__(self, backend: Backend, key: str, kind: str, timing: Timing) -> None:
-        self.key = key
-        self._backend = backend
-        self._timing = timing
-        self._info = {
-            "kind": kind,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": time.time(),
-        }
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._last_beat = time.monotonic()
-
-    def _beat(self) -> None:
-        self._backend.put(self.key, json.dumps({**self._info, "beat": time.time()}).encode())
-        self._last_beat = time.monotonic()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._timing.heartbeat):
-            try:
-                if not self._backend.exists(self.key):
-                    return  # declared dead by a collector: never bring it back
-                self._beat()
-            except PoolError:
-                continue  # a missed beat; alive() notices if they keep failing
-
-    def start(self) -> Heartbeat:
-        """Store the object and start refreshing it."""
-        self._beat()
-        self._thread = threading.Thread(target=self._run, name="torpor-heartbeat", daemon=True)
-        self._thread.start()
-        return self
-
-    def alive(self) -> bool:
-        """Whether the object still stands for this process (checked against the pool)."""
-        if time.monotonic() - self._last_beat > self._timing.stale / 2:
-            return False
-        return self._backend.exists(self.key)
-
-    def stop(self) -> None:
-        """Stop refreshing and delete the object."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        # If this fails, the object goes stale and a collector removes it.
-        with contextlib.suppress(PoolError):
-            self._backend.delete(self.key)
-
-    def __enter__(self) -> Heartbeat:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class NoHeartbeat:
-    """The session of a pool that needs none (an export or import archive)."""
-
-    def alive(self) -> bool:
-        """Always true."""
-        return True
-
-    def __enter__(self) -> NoHeartbeat:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def session(backend: Backend, kind: str, timing: Timing) -> Heartbeat:
-    """A new (not yet started) session of ``kind`` (push, pull, copy, ...)."""
-    return Heartbeat(backend, f"{SESSIONS_PREFIX}{uuid.uuid4().hex}", kind, timing)
-
-
-@dataclass(frozen=True)
-class Condemned:
-    """The packs and list objects a running collection is about to delete."""
-
-    packs: frozenset[str] = frozenset()
-    lists: frozenset[str] = frozenset()
-
-    @classmethod
-    def load(cls, backend: Backend) -> Condemned:
-        """The current condemned set (empty when no collection is sweeping)."""
-        try:
-            blob = backend.get(CONDEMNED_KEY)
-        except KeyError:
-            return cls()
-        try:
-            data = json.loads(blob)
-            return cls(frozenset(data["packs"]), frozenset(data["lists"]))
-        except (ValueError, TypeError, KeyError, RecursionError) as exc:
-            raise PoolError(
-                f"{CONDEMNED_KEY} is malformed ({exc})",
-                hint="run `torpor pool gc` again: it rewrites it",
-            ) from exc
-
-    def store(self, backend: Backend) -> None:
-        """Publish this set."""
-        data = {"packs": sorted(self.packs), "lists": sorted(self.lists), "time": time.time()}
-        backend.put(CONDEMNED_KEY, json.dumps(data).encode())
-
-
-def _read_beat(backend: Backend, key: str) -> dict[str, Any] | None:
-    try:
-        blob = backend.get(key)
-    except KeyError:
-        return None
-    try:
-        info: dict[str, Any] = json.loads(blob)
-        float(info["beat"])
-        return info
-    except (ValueError, TypeError, KeyError, RecursionError):
-        return {"beat": 0.0}  # unreadable: treat as long dead
 
 
 def gc_lock(backend: Backend, timing: Timing, pool: str) -> Heartbeat:
@@ -222,7 +79,7 @@ def gc_lock(backend: Backend, timing: Timing, pool: str) -> Heartbeat:
         for other in sorted(backend.list(GC_LOCK_PREFIX)):
             if other >= lock.key:
                 continue
-            info = _read_beat(backend, other)
+            info = read_beat(backend, other)
             if info is None:
                 continue
             if time.time() - float(info["beat"]) > timing.stale:
@@ -251,7 +108,7 @@ def wait_for_sessions(
     pending = set(keys)
     while True:
         for key in sorted(pending):
-            info = _read_beat(backend, key)
+            info = read_beat(backend, key)
             if info is None:
                 pending.discard(key)
             elif time.time() - float(info["beat"]) > timing.stale:
@@ -287,7 +144,7 @@ class GcStats:
 
 
 def _locations(
-    pool: Pool,
+    pool: PoolReader,
 ) -> tuple[dict[str, PackIndex], dict[bytes, list[str]], dict[bytes, int]]:
     indexes = pool._load_indexes(strict=True)
     where: dict[bytes, list[str]] = defaultdict(list)
@@ -306,7 +163,42 @@ def _size(backend: Backend, key: str) -> int:
         return 0
 
 
-def collect(pool: Pool, *, repack: float, wait: float) -> GcStats:
+def _repack(
+    pool: PoolReader,
+    indexes: dict[str, PackIndex],
+    pack_ids: Sequence[str],
+    live: dict[str, set[bytes]],
+) -> set[str]:
+    """Copy the ``live`` chunks of ``pack_ids`` into new packs; the packs copied whole.
+
+    A pack that is missing or holds a damaged live chunk is left alone.
+    """
+    writer = PackWriter(pool.backend, level=pool.level)
+    lock = threading.Lock()
+
+    def one(pack_id: str) -> str | None:
+        try:
+            data = pool.backend.get(pack_key(pack_id))
+            chunks = list(iter_pack(data, indexes[pack_id], live[pack_id]))
+        except (KeyError, PackDamagedError):
+            return None
+        if any(hashlib.sha256(c).digest() != d for d, c in chunks):
+            return None
+        with lock:
+            for d, c in chunks:
+                writer.add(d, c)
+        return pack_id
+
+    try:
+        done = {p for p in bounded(one, pack_ids, workers=FETCHERS, window=FETCHERS) if p}
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return done
+
+
+def collect(pool: PoolReader, *, repack: float, wait: float) -> GcStats:
     """Run one collection on ``pool`` (see the module docstring)."""
     backend = pool.backend
     lock = gc_lock(backend, pool.timing, pool.name)
@@ -331,7 +223,7 @@ def collect(pool: Pool, *, repack: float, wait: float) -> GcStats:
             live[p] += length[d]
         dead = {p for p, n in live.items() if n == 0} | orphans
         mostly_dead = [p for p, n in live.items() if 0 < n < repack * total[p]]
-        repacked = pool._repack(indexes, mostly_dead, live_chunks) if mostly_dead else set()
+        repacked = _repack(pool, indexes, mostly_dead, live_chunks) if mostly_dead else set()
         doomed = dead | repacked
         all_lists = {k[len(LISTS_PREFIX) :] for k in backend.list(LISTS_PREFIX)}
         doomed_lists = all_lists - list_refs

@@ -1,0 +1,412 @@
+"""The base of every pool: opening it, and reading what it holds.
+
+:class:`PoolReader` is what each operation of :class:`~._pool.Pool` stands on, and all that
+garbage collection (:mod:`._gc`) needs of a pool: the format marker, sessions, the pack
+indexes and chunk lists (kept in the local cache, :mod:`._cache`), the manifests, and chunks
+fetched from packs concurrently, each checked against its SHA-256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .._errors import ImageCorruptedError, ImageNotFoundError, PoolError, TorporError, UsageError
+from .._images._manifest import now_iso
+from .._images._store import check_name
+from . import _cas
+from ._backend import Backend
+from ._cache import drop_cached, read_cached, write_cached
+from ._pack import ChunkEntry, PackDamagedError, PackIndex, iter_pack, pack_key
+from ._record import IMAGES_PREFIX, Record, decode_list_object, image_key, is_id, list_key
+from ._session import Condemned, Heartbeat, NoHeartbeat, Timing, session
+from ._sign import Policy
+
+META_KEY = "torpor-pool.json"
+POOL_FORMAT = 1
+FETCHERS = 4
+READERS = 8
+# True wherever it is raised (pull, restore NAME@POOL, copy, export, import): the image is
+# refused before it is used, and only torpor's own cache or pool objects were written.
+REFUSED_HINT = "the image was refused before any use; use another image"
+
+Progress = Callable[[int], None]
+"""Called with the number of bytes done since the previous call (from any thread)."""
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True)
+class PoolImage:
+    """An image in a pool.
+
+    ``created`` is when the image was checkpointed, ``size`` the sum of its files,
+    ``stored_bytes`` what storing it added to the pool (new chunks, lists, manifest),
+    ``cmdline`` the checkpointed process's command line, and ``signer`` the key id that signed
+    its manifest (None if unsigned; see ``docs/security.md``).
+    """
+
+    name: str
+    id: str
+    created: str
+    size: int
+    stored_bytes: int
+    pool: str
+    cmdline: tuple[str, ...] = ()
+    signer: str | None = None
+
+
+class Catalog:
+    """Where each chunk of the pool is, as a session sees it.
+
+    ``present`` are the chunks a writer may rely on (in packs nobody condemned); ``where``
+    finds any copy, preferring uncondemned and newer packs.
+    """
+
+    def __init__(self, indexes: dict[str, PackIndex], condemned: Condemned) -> None:
+        self.indexes = indexes
+        self.condemned = condemned
+        self.where: dict[bytes, tuple[str, ChunkEntry]] = {}
+        order = sorted(indexes, key=lambda p: (p not in condemned.packs, indexes[p].created))
+        for pack_id in order:
+            for c in indexes[pack_id].chunks:
+                self.where[c.digest] = (pack_id, c)
+        self.present = {d for d, (p, _) in self.where.items() if p not in condemned.packs}
+        self.present.add(_cas.ZERO_PAGE)
+
+
+class Ticker:
+    """A thread-safe wrapper of a progress callback."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    def __call__(self, n: int) -> None:
+        if self._progress is not None and n:
+            with self._lock:
+                self._progress(n)
+
+
+def bounded(
+    fn: Callable[[_T], _R], items: Iterable[_T], *, workers: int, window: int
+) -> Iterator[_R]:
+    """``fn`` over ``items`` in threads, at most ``window`` in flight, results as they finish.
+
+    The first exception cancels what has not started and is raised after the rest finish.
+    """
+    todo = iter(items)
+    with ThreadPoolExecutor(workers, thread_name_prefix="torpor-fetch") as ex:
+        running: set[Future[_R]] = set()
+        try:
+            for item in todo:
+                running.add(ex.submit(fn, item))
+                if len(running) >= window:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        yield f.result()
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+        finally:
+            for f in running:
+                f.cancel()
+
+
+def is_image_name(name: str) -> bool:
+    """Whether ``name`` is an image name (a key of another form under ``images/`` was not
+    written by torpor)."""
+    try:
+        check_name(name)
+    except UsageError:
+        return False
+    return True
+
+
+class PoolReader:
+    """The state of a pool and the reading of it; :class:`~._pool.Pool` builds on it."""
+
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        *,
+        level: int = 3,
+        timing: Timing | None = None,
+        sessions: bool = True,
+        cache: bool = True,
+        policy: Policy | None = None,
+    ) -> None:
+        self.name = name
+        self.backend = backend
+        self.level = level
+        self.timing = timing or Timing()
+        self.policy = policy or Policy()
+        self._sessions = sessions
+        self._cache = cache
+        self._check_meta()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _check_meta(self) -> None:
+        try:
+            data = json.loads(self.backend.get(META_KEY))
+        except KeyError:
+            meta = {"format": POOL_FORMAT, "created": now_iso()}
+            self.backend.put(META_KEY, json.dumps(meta).encode())
+            return
+        except (ValueError, RecursionError) as exc:
+            raise PoolError(f"pool {self.name!r}: {META_KEY} is malformed", pool=self.name) from exc
+        fmt = data.get("format", 0) if isinstance(data, dict) else 0
+        if not isinstance(fmt, int) or fmt > POOL_FORMAT:
+            raise PoolError(
+                f"pool {self.name!r} has format {fmt!r}, newer than this torpor ({POOL_FORMAT})",
+                pool=self.name,
+                hint="upgrade torpor",
+            )
+
+    def _session(self, kind: str) -> Heartbeat | NoHeartbeat:
+        return session(self.backend, kind, self.timing) if self._sessions else NoHeartbeat()
+
+    # Cache file names are ids checked by is_id (never a path); the checks here only make
+    # sure no caller can forget.
+    def _cached(self, kind: str, key: str) -> bytes | None:
+        if not self._cache or not is_id(key):
+            return None
+        return read_cached(kind, key)
+
+    def _cache_put(self, kind: str, key: str, data: bytes) -> None:
+        if self._cache and is_id(key):
+            write_cached(kind, key, data)
+
+    def _cache_drop(self, kind: str, key: str) -> None:
+        if self._cache and is_id(key):
+            drop_cached(kind, key)
+
+    # -- indexes, manifests, chunk lists --------------------------------------------------
+
+    def _load_indexes(self, *, strict: bool = False) -> dict[str, PackIndex]:
+        """Every pack index. A damaged one is skipped, or raises :class:`PoolError` if
+        ``strict`` (garbage collection must not guess)."""
+        # A key of another form is not an index torpor wrote (nor a safe cache file name).
+        ids = [i for k in self.backend.list("index/") if is_id(i := k[len("index/") :])]
+
+        def one(pack_id: str) -> PackIndex | None:
+            blob = self._cached("index", pack_id)
+            if blob is not None:
+                try:
+                    return PackIndex.decode(pack_id, blob)
+                except PackDamagedError:
+                    self._cache_drop("index", pack_id)
+            try:
+                blob = self.backend.get(f"index/{pack_id}")
+            except KeyError:
+                return None  # deleted by a collection since the listing
+            try:
+                index = PackIndex.decode(pack_id, blob)
+            except PackDamagedError as exc:
+                if strict:
+                    raise PoolError(
+                        f"pool {self.name!r}: {exc}",
+                        pool=self.name,
+                        hint="images using that pack cannot be restored; gc refuses to guess",
+                    ) from exc
+                return None
+            self._cache_put("index", pack_id, blob)
+            return index
+
+        out: dict[str, PackIndex] = {}
+        for index in bounded(one, ids, workers=READERS, window=4 * READERS):
+            if index is not None:
+                out[index.pack_id] = index
+        return out
+
+    def _catalog(self) -> Catalog:
+        # The condemned set first: a pack condemned after we read the indexes is one our
+        # session's existence protects (the collector waits for us).
+        condemned = Condemned.load(self.backend)
+        return Catalog(self._load_indexes(), condemned)
+
+    def _record(self, name: str) -> Record:
+        check_name(name)
+        try:
+            blob = self.backend.get(image_key(name))
+        except KeyError as exc:
+            raise ImageNotFoundError(
+                f"no image {name!r} in pool {self.name!r}",
+                image=name,
+                hint=f"`torpor images --pool {self.name}` lists them",
+            ) from exc
+        return Record.decode(name, blob, pool=self.name)
+
+    def _records(self) -> list[Record]:
+        # A key whose name is not an image name was not written by torpor (a shared pool
+        # can hold anything): it is not an image, and must not stop the listing.
+        names = [
+            n
+            for k in self.backend.list(IMAGES_PREFIX)
+            if is_image_name(n := k[len(IMAGES_PREFIX) :])
+        ]
+
+        def one(name: str) -> Record | None:
+            try:
+                return self._record(name)
+            except ImageNotFoundError:
+                return None  # deleted since the listing
+
+        found = bounded(one, names, workers=READERS, window=4 * READERS)
+        return sorted((r for r in found if r is not None), key=lambda r: r.manifest.created)
+
+    def _load_list(self, list_id: str, sha256: str) -> list[bytes]:
+        """A list object, verified; :class:`KeyError` if missing, :class:`ValueError` if bad."""
+        blob = self._cached("lists", list_id)
+        if blob is not None:
+            try:
+                return decode_list_object(blob, sha256)
+            except ValueError:
+                self._cache_drop("lists", list_id)
+        blob = self.backend.get(list_key(list_id))
+        digests = decode_list_object(blob, sha256)
+        self._cache_put("lists", list_id, blob)
+        return digests
+
+    def _resolve(
+        self, rec: Record, memo: dict[str, list[bytes]] | None = None
+    ) -> list[list[bytes]]:
+        """The chunk list of every file of ``rec``."""
+        memo = {} if memo is None else memo
+        out: list[list[bytes]] = []
+        for f in rec.files:
+            try:
+                if f.inline is not None:
+                    digests = _cas.decode_list(f.inline)
+                else:
+                    assert f.list_id is not None and f.list_sha256 is not None
+                    if f.list_id not in memo:
+                        memo[f.list_id] = self._load_list(f.list_id, f.list_sha256)
+                    base = memo[f.list_id]
+                    digests = _cas.apply_patch(base, f.patch, f.count) if f.patch else base
+                if len(digests) != f.count:
+                    raise ValueError(f"it has {len(digests)} chunks, the file needs {f.count}")
+            except KeyError as exc:
+                raise self._corrupted(
+                    rec.name,
+                    f"the chunk list of {f.name} (list object {f.list_id}) is missing",
+                    file=f.name,
+                    hint=REFUSED_HINT,
+                ) from exc
+            except ValueError as exc:
+                raise self._corrupted(
+                    rec.name,
+                    f"the chunk list of {f.name} is damaged ({exc})",
+                    file=f.name,
+                    hint=REFUSED_HINT,
+                ) from exc
+            out.append(digests)
+        return out
+
+    def _references(self, records: Sequence[Record]) -> tuple[set[bytes], set[str]]:
+        """Every chunk and list object the manifests need (the zero page excluded)."""
+        chunks: set[bytes] = set()
+        lists: set[str] = set()
+        memo: dict[str, list[bytes]] = {}
+        for rec in records:
+            lists |= rec.list_ids
+            for digests in self._resolve(rec, memo):
+                chunks.update(digests)
+        chunks.discard(_cas.ZERO_PAGE)
+        return chunks, lists
+
+    def _corrupted(
+        self, image: str, what: str, *, file: str | None = None, hint: str | None = None
+    ) -> ImageCorruptedError:
+        """The error for a damaged image in this pool (one wording for every check)."""
+        return ImageCorruptedError(
+            f"image {image!r} in pool {self.name!r} is corrupted: {what}",
+            image=image,
+            file=file,
+            hint=hint,
+        )
+
+    def _to_image(self, rec: Record) -> PoolImage:
+        return PoolImage(
+            name=rec.name,
+            id=rec.manifest.id,
+            created=rec.manifest.created,
+            size=rec.size,
+            stored_bytes=rec.stored_bytes,
+            pool=self.name,
+            cmdline=rec.manifest.cmdline,
+            signer=rec.origin.key if rec.origin is not None else None,
+        )
+
+    # -- chunks (for pulls and copies) ----------------------------------------------------
+
+    def _fetch(
+        self,
+        by_pack: dict[str, set[bytes]],
+        catalog: Catalog,
+        sink: Callable[[bytes, bytes], None],
+        bad: Callable[[bytes, str], TorporError],
+    ) -> None:
+        """Fetch packs concurrently; hand each wanted chunk, verified, to ``sink`` (in a
+        worker thread). ``bad(digest, what)`` builds the error for a chunk that fails."""
+
+        def one(pack_id: str) -> None:
+            wanted = by_pack[pack_id]
+            try:
+                data = self.backend.get(pack_key(pack_id))
+            except KeyError as exc:
+                raise bad(next(iter(wanted)), f"is in pack {pack_id}, which is missing") from exc
+            try:
+                for d, chunk in iter_pack(data, catalog.indexes[pack_id], wanted):
+                    if hashlib.sha256(chunk).digest() != d:
+                        raise bad(d, f"in pack {pack_id} does not match its SHA-256")
+                    sink(d, chunk)
+            except PackDamagedError as exc:
+                raise bad(exc.digests[0] if exc.digests else next(iter(wanted)), str(exc)) from exc
+
+        for _ in bounded(one, sorted(by_pack), workers=FETCHERS, window=FETCHERS):
+            pass
+
+    def _group(
+        self,
+        wanted: Iterable[bytes],
+        catalog: Catalog,
+        bad: Callable[[bytes, str], TorporError],
+    ) -> dict[str, set[bytes]]:
+        by_pack: dict[str, set[bytes]] = defaultdict(set)
+        for d in wanted:
+            loc = catalog.where.get(d)
+            if loc is None:
+                raise bad(d, "is in no pack of the pool")
+            by_pack[loc[0]].add(d)
+        return by_pack
+
+    def _bad_chunk(
+        self, rec: Record, lists: Sequence[Sequence[bytes]]
+    ) -> Callable[[bytes, str], TorporError]:
+        """A builder of errors naming the image, the first file and chunk using a digest."""
+
+        def bad(d: bytes, what: str) -> TorporError:
+            for f, digests in zip(rec.files, lists, strict=True):
+                with contextlib.suppress(ValueError):
+                    i = list(digests).index(d)
+                    return self._corrupted(
+                        rec.name,
+                        f"file {f.name}, chunk {i} (sha256 {d.hex()[:16]}…) {what}",
+                        file=f.name,
+                        hint=REFUSED_HINT,
+                    )
+            return self._corrupted(rec.name, f"chunk {d.hex()[:16]}… {what}")
+
+        return bad

@@ -1,0 +1,204 @@
+"""Writing images into a pool: push, and the commit every writer ends with.
+
+A push cuts each file of a local image into chunks (:mod:`._cas`), checking the file against
+its manifest on the way, and stores the chunks the pool lacks in new packs. Every writer
+(push, copy, import) then stores the chunk lists and, last, the manifest: a short list inline
+in the manifest, a long one as a patch against the list object of the newest image of the same
+program when the patch is small, else in a new list object (a keyframe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from .. import _safe
+from .._errors import AlreadyExistsError, ImageCorruptedError, PoolError
+from .._images._image import Image
+from .._images._manifest import FileEntry, Manifest, new_id, now_iso
+from .._images._store import check_name
+from . import _cas
+from ._pack import PackWriter
+from ._reader import Catalog, PoolImage, PoolReader, Progress, Ticker
+from ._record import FileRecord, Record, encode_list_object, image_key, list_key
+from ._session import Condemned, Heartbeat, NoHeartbeat
+from ._sign import SOURCE_LABEL, Origin, local_origin
+
+# Chunk lists up to this long live in the manifest; longer ones in list objects.
+INLINE_MAX = 64
+# A patch bigger than this fraction of a whole list is replaced by a new keyframe list.
+KEYFRAME_RATIO = 0.25
+
+
+@dataclass(frozen=True)
+class _Base:
+    list_id: str
+    sha256: str
+    digests: list[bytes]
+
+
+class PoolWriter(PoolReader):
+    """The writing half of a pool: :meth:`push`, and the commit of every writer."""
+
+    def push(self, image: Image, name: str, *, progress: Progress | None = None) -> PoolImage:
+        """Store a local image as ``name``; only chunks the pool lacks are uploaded.
+
+        The local files are checked against their manifest on the way (a file changed since
+        the checkpoint is refused with :class:`ImageCorruptedError`).
+        """
+        self._check_free(name)
+        local, origin = local_origin(image)
+        self.policy.check(name, self.name, origin)
+        tick = Ticker(progress)
+        with self._session("push") as heartbeat, _safe.opened_dir(image.path) as dir_fd:
+            catalog = self._catalog()
+            writer = PackWriter(self.backend, level=self.level)
+            try:
+                files = [
+                    (
+                        e,
+                        _cas.chunk_size_for(e.name),
+                        self._chunk_file(image, dir_fd, e, catalog, writer, tick),
+                    )
+                    for e in local.files
+                ]
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            labels = {**local.labels, SOURCE_LABEL: local.id}
+            manifest = local.evolve(name=name, id=new_id(), labels=labels)
+            rec = self._commit(
+                heartbeat, catalog.condemned, manifest, files, writer.stored_bytes, origin
+            )
+        return self._to_image(rec)
+
+    def _chunk_file(
+        self,
+        image: Image,
+        dir_fd: int,
+        entry: FileEntry,
+        catalog: Catalog,
+        writer: PackWriter,
+        tick: Ticker,
+    ) -> list[bytes]:
+        digests: list[bytes] = []
+        whole = hashlib.sha256()
+        size = 0
+        # Relative to the image's directory fd, O_NOFOLLOW, regular files only: a symlink
+        # planted in a local image must not push a root-only file into a shared pool.
+        try:
+            fd = _safe.open_regular(dir_fd, entry.name, source=str(image.path))
+            with os.fdopen(fd, "rb") as fh:
+                for chunk in _cas.iter_chunks(fh, _cas.chunk_size_for(entry.name)):
+                    whole.update(chunk)
+                    size += len(chunk)
+                    d = _cas.digest(chunk)
+                    if d not in catalog.present:
+                        writer.add(d, chunk)
+                    digests.append(d)
+                    tick(len(chunk))
+        except OSError as exc:
+            raise ImageCorruptedError(
+                f"image {image.name!r} ({image.path}): cannot read {entry.name} ({exc.strerror})",
+                image=image.path,
+                file=entry.name,
+                hint="push refused",
+            ) from exc
+        if size != entry.size or whole.hexdigest() != entry.sha256:
+            raise ImageCorruptedError(
+                f"image {image.name!r} ({image.path}) is corrupted: file {entry.name} does not "
+                "match its manifest",
+                image=image.path,
+                file=entry.name,
+                hint="push refused; checkpoint again",
+            )
+        return digests
+
+    def _seal(self, rec: Record, stored: int) -> tuple[Record, bytes]:
+        """Encode ``rec`` with ``stored_bytes`` counting the manifest itself."""
+        total = stored
+        for _ in range(4):
+            rec = replace(rec, stored_bytes=total)
+            blob = rec.encode()
+            if stored + len(blob) == total:
+                break
+            total = stored + len(blob)
+        return rec, blob
+
+    def _land(self, heartbeat: Heartbeat | NoHeartbeat, rec: Record, blob: bytes) -> None:
+        """Store a manifest: the last write of every push, copy and import."""
+        if not heartbeat.alive():
+            raise PoolError(
+                f"pool {self.name!r}: a gc declared this transfer dead (no heartbeat for "
+                f"{self.timing.stale:.0f}s); its manifest was not stored",
+                pool=self.name,
+                hint="run the command again",
+            )
+        self._check_free(rec.name)
+        self.backend.put(image_key(rec.name), blob)
+
+    def _check_free(self, name: str) -> None:
+        if self.backend.exists(image_key(check_name(name))):
+            raise AlreadyExistsError(
+                f"image {name!r} exists in pool {self.name!r}",
+                path=f"{name}@{self.name}",
+                hint=f"choose another name, or `torpor image delete {name}@{self.name}` first",
+            )
+
+    def _bases(self, cmdline: tuple[str, ...], condemned: Condemned) -> dict[str, _Base]:
+        """Keyframe lists of the newest image of the same program, by file name."""
+        same = [r for r in self._records() if r.manifest.cmdline == cmdline]
+        if not same:
+            return {}
+        out: dict[str, _Base] = {}
+        for f in same[-1].files:
+            if f.list_id is None or f.list_sha256 is None or f.list_id in condemned.lists:
+                continue
+            with contextlib.suppress(KeyError, ValueError):
+                out[f.name] = _Base(
+                    f.list_id, f.list_sha256, self._load_list(f.list_id, f.list_sha256)
+                )
+        return out
+
+    def _commit(
+        self,
+        heartbeat: Heartbeat | NoHeartbeat,
+        condemned: Condemned,
+        manifest: Manifest,
+        files: Sequence[tuple[FileEntry, int, list[bytes]]],
+        stored: int,
+        origin: Origin | None,
+    ) -> Record:
+        """Store the chunk lists, then the manifest, of an image whose chunks are stored."""
+        bases = self._bases(manifest.cmdline, condemned)
+        recs: list[FileRecord] = []
+        for entry, chunk_size, digests in files:
+            common = (entry.name, entry.size, entry.sha256, chunk_size)
+            if len(digests) <= INLINE_MAX:
+                recs.append(FileRecord(*common, inline=_cas.encode_list(digests)))
+                continue
+            base = bases.get(entry.name)
+            if base is not None:
+                patch = _cas.make_patch(base.digests, digests)
+                if len(patch) <= KEYFRAME_RATIO * _cas.DIGEST_SIZE * len(digests):
+                    recs.append(
+                        FileRecord(
+                            *common, list_id=base.list_id, list_sha256=base.sha256, patch=patch
+                        )
+                    )
+                    continue
+            blob, sha = encode_list_object(digests)
+            list_id = uuid.uuid4().hex
+            self.backend.put(list_key(list_id), blob)
+            self._cache_put("lists", list_id, blob)
+            stored += len(blob)
+            recs.append(FileRecord(*common, list_id=list_id, list_sha256=sha))
+        rec = Record(manifest.name, manifest, now_iso(), 0, tuple(recs), origin)
+        rec, blob = self._seal(rec, stored)
+        self._land(heartbeat, rec, blob)
+        return rec
