@@ -103,8 +103,12 @@ class PoolConfig:
         """Parse the on-disk form; :class:`PoolError` if it is malformed."""
         try:
             data = json.loads(text)
-            config = {str(k): str(v) for k, v in data["config"].items()}
-            return cls(str(data["name"]), str(data["driver"]), config, str(data["created"]))
+            fields = (data["name"], data["driver"], data["created"])
+            config = data["config"]
+            # Written by torpor, every one is a string: anything else was planted or damaged.
+            if not all(isinstance(v, str) for v in (*fields, *config, *config.values())):
+                raise TypeError("a name, driver, time or configuration value is not a string")
+            return cls(*fields[:2], dict(config), fields[2])
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise PoolError(
                 f"pool configuration {source} is malformed ({exc})",
@@ -186,7 +190,15 @@ def load(name: str) -> PoolConfig:
         raise PoolError(
             f"pool configuration {path} is not UTF-8", pool=name, hint="fix or delete the file"
         ) from exc
-    return PoolConfig.from_json(text, source=str(path))
+    cfg = PoolConfig.from_json(text, source=str(path))
+    if cfg.name != name:
+        raise PoolError(
+            f"pool configuration {path} names pool {cfg.name!r}", hint="fix or delete the file"
+        )
+    # A file in the home is outside input like any other: its values pass the checks that
+    # `pool create` and `pool set` apply (a relative dir pool source, a bad level ...).
+    validate(name, cfg.spec, cfg.config)
+    return cfg
 
 
 def _read_config(path: Path) -> bytes:

@@ -52,7 +52,11 @@ def _pattern(regex: str, what: str) -> Check:
 
 
 def _http_url(value: str) -> str | None:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parses the port, raising ValueError for a bad one
+    except ValueError:
+        return "must be an http:// or https:// URL"
     if parts.scheme in ("http", "https") and parts.netloc:
         return None
     return "must be an http:// or https:// URL"
