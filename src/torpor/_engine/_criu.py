@@ -184,6 +184,18 @@ def _cli_version(binary: str) -> str | None:
 _HINTS: Sequence[tuple[re.Pattern[str], str]] = [
     (re.compile(r"within dumped tree"), "CRIU cannot run inside the tree it dumps"),
     (
+        # The root of a PID namespace that is not root: CRIU's parasite must mount a /proc
+        # of that namespace from inside the process (pie/parasite.c, get_proc_fd).
+        re.compile(r"parasite\.c:\d+: Can't create a directory|whose /proc doesn't belong"),
+        "CRIU cannot dump a process that dropped root while it is pid 1 of its PID namespace "
+        "(`torpor run`): keep the app's first process root and drop privileges in its children",
+    ),
+    (
+        re.compile(r"torpor keeper: process \d+ of the tree runs with other credentials"),
+        "a dump for an unprivileged process covers only processes with its credentials: end "
+        "the others (root children, set-uid programs) first",
+    ),
+    (
         re.compile(r"tty|TTY|pty"),
         "the process holds a terminal: start it with `torpor run` (stdio to a log file), "
         "or checkpoint with --shell-job",
@@ -520,9 +532,11 @@ def _failure(
     *,
     kept: str,
     lines: Sequence[str] | None = None,
+    ourselves: bool = False,
 ) -> CriuError:
     """The error for a failed response; ``lines`` are the log's error lines when the log was
-    read elsewhere than ``log_path`` (the path the message names)."""
+    read elsewhere than ``log_path`` (the path the message names). ``ourselves``: the dumped
+    process is the caller (alive, and its host pid may not even exist in its PID namespace)."""
     lines = list(lines) if lines is not None else log_errors(log_path)
     if notify_error is not None:
         reason = f"a {what} callback failed: {notify_error}"
@@ -531,7 +545,7 @@ def _failure(
     else:
         reason = resp.cr_errmsg or f"CRIU error {resp.cr_errno}"
     subject = f"pid {pid}" if pid is not None else f"image {image}"
-    if pid is not None and not _pid_alive(pid) and what == "checkpoint":
+    if pid is not None and not ourselves and not _pid_alive(pid) and what == "checkpoint":
         kept = "the process is gone"
     hint = _hint_for(lines) if notify_error is None else None
     if hint is None and resp.cr_errno == 1 and os.geteuid() != 0:
@@ -602,6 +616,7 @@ def receive_dump(
             None,
             kept="the process keeps running",
             lines=log_errors(log_path),
+            ourselves=True,
         )
     return DumpResult(False, log_path, time.perf_counter() - started)
 

@@ -37,6 +37,7 @@ import socket
 import stat
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,6 +302,7 @@ class SelfDump:
     def finish(self) -> dict[str, Any]:
         """Wait for CRIU, then make the image and give it to the peer (step 5); the outcome
         as the ``collect`` reply says it."""
+        outcome: dict[str, Any] = {"ok": False, "error": "the keeper failed"}
         try:
             self.proc.wait()
             outcome = self._finish()
@@ -308,11 +310,14 @@ class SelfDump:
             outcome = {"ok": False, "error": str(exc)}
         except OSError as exc:
             outcome = {"ok": False, "error": f"finishing the image failed: {exc}"}
+        except Exception as exc:  # a bug: the app waiting to collect must hear of it still
+            traceback.print_exc()
+            outcome = {"ok": False, "error": f"the keeper failed: {exc!r}"}
         finally:
             self.hand_back()
             self.close()
-        self.outcome = outcome
-        self._done.set()
+            self.outcome = outcome
+            self._done.set()
         return outcome
 
     def _finish(self) -> dict[str, Any]:

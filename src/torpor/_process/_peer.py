@@ -138,9 +138,7 @@ def run_as(peer: Peer, work: Callable[[], Sequence[int]]) -> list[int]:
             theirs.sendmsg([b"ok"], anc)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                theirs.send(
-                    b"errno %d %s" % (exc.errno or errno.EIO, os.fsencode(exc.filename or ""))
-                )
+                theirs.send(b"errno %d" % (exc.errno or errno.EIO))
         finally:
             os._exit(0)
     theirs.close()
@@ -240,8 +238,9 @@ same() {
     [ "$seen" = 4 ]
 }
 todo=$CRTOOLS_INIT_PID
-while [ -n "$todo" ]; do
+while :; do
     set -- $todo
+    [ $# -gt 0 ] || break
     pid=$1
     shift
     todo=$*
