@@ -82,11 +82,13 @@ def _requests(log: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def _run(arena: Path, name: str, *args: str, uid: int = NOBODY, **env: str) -> int:
+def _run(
+    arena: Path, name: str, *args: str, uid: int = NOBODY, env: dict[str, str] | None = None
+) -> int:
     """``torpor run`` the dropper as root; its host pid once it has dropped root."""
     out = str(arena / "out")
     cmd = [PYTHON, str(APPS / "dropper.py"), out, str(uid), str(uid), *args]
-    pid = int(torpor("run", "--name", name, "--", *cmd, **env).stdout.split()[1])
+    pid = int(torpor("run", "--name", name, "--", *cmd, **(env or {})).stdout.split()[1])
     wait_for(lambda: "dropped" in _events(arena, pid), timeout=20, what="the app to drop root")
     return pid
 
@@ -181,7 +183,9 @@ def test_post_dump_guard_is_installed_for_an_unprivileged_app(
     # The tree passes the keeper's check; then, frozen, it holds a root process (the stand-in
     # CRIU shows the action script the victim's tree instead): the dump fails, saying why.
     env, _ = fake_criu
-    pid = _run(arena, "guarded", "checkpoint", "leave", FAKE_CRIU_INIT_PID=str(victim.pid), **env)
+    pid = _run(
+        arena, "guarded", "checkpoint", "leave", env={**env, "FAKE_CRIU_INIT_PID": str(victim.pid)}
+    )
     wait_for(lambda: len(_events(arena, pid)) == 2, timeout=20, what="the checkpoint")
     assert _events(arena, pid)[1] == (
         f"failed: checkpoint of pid {pid} failed: torpor keeper: process {victim.pid} of the "
@@ -324,7 +328,7 @@ def test_image_name_planted_as_a_symlink_is_not_written_through(
     torpor_home: Path, arena: Path, fake_criu: tuple[dict[str, str], Path]
 ) -> None:
     env, _ = fake_criu
-    pid = _run(arena, "dest", "dest", str(arena / "rootdir"), **env)
+    pid = _run(arena, "dest", "dest", str(arena / "rootdir"), env=env)
     wait_for(lambda: len(_events(arena, pid)) == 2, timeout=20, what="the dump")
     out = arena / "out"
     assert _events(arena, pid)[1] == (
@@ -342,7 +346,7 @@ def test_staging_directory_is_the_keepers_while_criu_writes(
     torpor_home: Path, arena: Path, fake_criu: tuple[dict[str, str], Path]
 ) -> None:
     env, requests = fake_criu
-    pid = _run(arena, "seized", "seized", **env)
+    pid = _run(arena, "seized", "seized", env=env)
     wait_for(lambda: len(_events(arena, pid)) == 4, timeout=20, what="the dump")
     image = arena / "out" / "img"
     assert _events(arena, pid)[1:] == [
@@ -398,7 +402,7 @@ def test_unprivileged_app_checkpoints_itself_into_its_own_private_files(
     torpor_home: Path, arena: Path, fake_criu: tuple[dict[str, str], Path], how: str
 ) -> None:
     env, requests = fake_criu
-    pid = _run(arena, f"legit-{how}", "checkpoint", how, **env)
+    pid = _run(arena, f"legit-{how}", "checkpoint", how, env=env)
     image = arena / "out" / "img"
     wait_for(lambda: (image / "torpor.json").exists(), timeout=30, what="the image")
     if how == "leave":
