@@ -32,6 +32,7 @@ from torpor._images._image import Image
 from torpor._pools import MemoryBackend, Pool, Timing
 from torpor._pools._dir import DirBackend
 from torpor._pools._record import Record
+from torpor._pools._sign import Policy, covers
 
 from .support import (
     DEEP_JSON,
@@ -80,6 +81,7 @@ def tampered(draw: st.DrawFn) -> list[tuple[str, str, Any]]:
         op = draw(
             st.sampled_from(
                 ["json", "json", "json", "bytes", "truncate", "flip", "delete", "plant", "kind"]
+                + ["sig"] * 2
             )
         )
         arg: Any = None
@@ -100,6 +102,9 @@ def tampered(draw: st.DrawFn) -> list[tuple[str, str, Any]]:
             arg = base["images/" + NAME]
         elif op == "kind":
             arg = draw(st.sampled_from(["symlink-zero", "symlink-out", "fifo", "dir"]))
+        elif op == "sig":
+            key = "images/" + NAME
+            arg = draw(st.sampled_from(["drop", "foreign", "foreign-changed", "replay"]))
         changes.append((key, op, arg))
     return changes
 
@@ -121,6 +126,34 @@ def _apply(objects: dict[str, bytes], changes: list[tuple[str, str, Any]], jail:
             objects.pop(key, None)
         elif op == "plant":
             objects[jail.fill(key)] = arg
+        elif op == "sig" and key in objects:
+            with contextlib.suppress(zstandard.ZstdError, ValueError, KeyError, TypeError):
+                objects[key] = _encoded(_resigned(_decoded(objects[key]), arg))
+
+
+def _resigned(doc: dict[str, Any], how: str) -> dict[str, Any]:
+    """A pool record whose signature was dropped, replaced by a valid one of a key nobody
+    trusts (over the same manifest, or over one changed to run something else, the record
+    changed to match), or kept while the record's manifest was changed."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    doc = dict(doc)
+    if how == "drop":
+        doc.pop("signature", None)
+        return doc
+    evil = {**doc["manifest"], "cmdline": ["sh", "-c", "evil"]}
+    if how == "replay":
+        doc["manifest"] = evil
+        return doc
+    text = doc["signature"]["manifest"]
+    if how == "foreign-changed":
+        text = json.dumps({**json.loads(text), "cmdline": ["sh", "-c", "evil"]})
+        doc["manifest"] = evil
+    key = Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+    doc["signature"] = {"manifest": text, "key": pub, "sig": key.sign(text.encode()).hex()}
+    return doc
 
 
 def _dir_path(root: Path, key: str) -> Path:
@@ -129,15 +162,32 @@ def _dir_path(root: Path, key: str) -> Path:
     return root.joinpath(*(d + "+" for d in dirs), last)
 
 
-def memory_pool(objects: dict[str, bytes]) -> Pool:
+def signer() -> str:
+    """The key id that signed the base image (its maker's host key, not the example's)."""
+    key: str = _decoded(base_objects()["images/" + NAME])["signature"]["key"]
+    return key
+
+
+def policy(signed: bool) -> Policy:
+    """No policy, or one requiring the base image's signer."""
+    return Policy(require_signed=True, trusted_keys=frozenset({signer()})) if signed else Policy()
+
+
+def memory_pool(objects: dict[str, bytes], *, signed: bool = False) -> Pool:
     backend = MemoryBackend()
     # Planted keys break the key contract on purpose: a backend (a dir pool listing files
     # someone put there) may return them.
     backend._objects.update(objects)
-    return Pool("fz", backend, timing=FAST)
+    return Pool("fz", backend, timing=FAST, policy=policy(signed))
 
 
-def dir_pool(jail: Jail, objects: dict[str, bytes], changes: list[tuple[str, str, Any]]) -> Pool:
+def dir_pool(
+    jail: Jail,
+    objects: dict[str, bytes],
+    changes: list[tuple[str, str, Any]],
+    *,
+    signed: bool = False,
+) -> Pool:
     root = jail.home / "pools" / "fz-data"
     backend = DirBackend(root)
     for key, data in objects.items():
@@ -161,13 +211,13 @@ def dir_pool(jail: Jail, objects: dict[str, bytes], changes: list[tuple[str, str
             os.mkfifo(path, 0o600)
         else:
             path.mkdir(mode=0o700)
-    return Pool("fz", backend, timing=FAST)
+    return Pool("fz", backend, timing=FAST, policy=policy(signed))
 
 
 def use(pool: Pool, jail: Jail, *, strict: bool = False) -> None:
     """Everything a user can do with a pool; each step a success or a TorporError (with
     ``strict``, a success)."""
-    other = Pool("other", MemoryBackend(), timing=FAST)
+    other = Pool("other", MemoryBackend(), timing=FAST, policy=pool.policy)
     steps = [
         pool.list_images,
         lambda: pool.image(NAME),
@@ -192,6 +242,13 @@ def pulled(pool: Pool, jail: Jail) -> None:
     assert names == sorted(
         n for n in os.listdir(image.path) if not n.startswith((".", "torpor."))
     ), "the pulled image holds other files than its manifest lists"
+    if pool.policy.require_signed:
+        # What a signed pool promises: the image restored is the one its trusted maker signed.
+        rec = Record.decode(NAME, pool.backend.get("images/" + NAME), pool=pool.name)
+        assert rec.origin is not None and rec.origin.key == signer() and rec.origin.valid()
+        assert covers(rec.origin.signed_manifest(source="fuzz"), image.manifest), (
+            "a pull from a signed pool gave an image its signature does not cover"
+        )
 
 
 def export_import(pool: Pool, other: Pool) -> None:
@@ -208,6 +265,9 @@ def test_the_untouched_pools_work() -> None:
         assert in_child(lambda: use(pool, jail, strict=True)) == {"kind": "ok"}
     with Jail() as jail:
         pool = dir_pool(jail, dict(base_objects()), [])
+        assert in_child(lambda: use(pool, jail, strict=True)) == {"kind": "ok"}
+    with Jail() as jail:
+        pool = memory_pool(dict(base_objects()), signed=True)
         assert in_child(lambda: use(pool, jail, strict=True)) == {"kind": "ok"}
 
 
@@ -240,18 +300,18 @@ def test_record_decode_hostile_values(data: st.DataObject) -> None:
 
 
 @scaled(0.5)
-@given(tampered())
-def test_memory_pool(changes: list[tuple[str, str, Any]]) -> None:
+@given(tampered(), st.booleans())
+def test_memory_pool(changes: list[tuple[str, str, Any]], signed: bool) -> None:
     with Jail() as jail:
         objects = dict(base_objects())
         _apply(objects, changes, jail)
-        in_child(lambda: use(memory_pool(objects), jail), seconds=8)
+        in_child(lambda: use(memory_pool(objects, signed=signed), jail), seconds=8)
 
 
 @scaled(0.5)
-@given(tampered())
-def test_dir_pool(changes: list[tuple[str, str, Any]]) -> None:
+@given(tampered(), st.booleans())
+def test_dir_pool(changes: list[tuple[str, str, Any]], signed: bool) -> None:
     with Jail() as jail:
         objects = dict(base_objects())
         _apply(objects, [c for c in changes if c[1] != "plant"], jail)
-        in_child(lambda: use(dir_pool(jail, objects, changes), jail), seconds=8)
+        in_child(lambda: use(dir_pool(jail, objects, changes, signed=signed), jail), seconds=8)
