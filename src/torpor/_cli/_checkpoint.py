@@ -17,7 +17,11 @@ def register(sub: Any) -> None:
         help="checkpoint a running process into an image",
         description="Checkpoint PID (or a managed process's NAME). A process using the torpor "
         "library runs its hooks first (a coordinated checkpoint); others get a plain CRIU dump. "
-        "A failed checkpoint leaves the process running.",
+        "A failed checkpoint leaves the process running. Ctrl-C, SIGTERM or SIGHUP (or this "
+        "command's death) before CRIU has written the image aborts the checkpoint and the "
+        "process keeps running; after that the checkpoint completes regardless. An image that "
+        "could not be finished once the process was stopped is kept: `torpor images` shows it "
+        "as incomplete and `torpor image repair` finishes it.",
     )
     p.add_argument("target", metavar="PID|NAME")
     p.add_argument("-o", "--output", metavar="IMAGE", help="image directory to create")
@@ -36,6 +40,21 @@ def register(sub: Any) -> None:
 
 
 def _checkpoint(app: App, args: argparse.Namespace) -> int:
+    import signal
+
+    from .._process._checkpointer import CheckpointAbortedError, interruptible_by
+
+    # SIGTERM and SIGHUP (a CI timeout, a closed terminal) do what Ctrl-C does: abort before
+    # CRIU has written the image, nothing once it has (see _process._checkpointer).
+    with interruptible_by((signal.SIGTERM, signal.SIGHUP)):
+        try:
+            return _checkpoint_now(app, args)
+        except CheckpointAbortedError as exc:
+            app.err(f"torpor: error: {exc}")
+            return 130
+
+
+def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
     from .._engine import DumpOptions
     from .._images import _store
     from .._images._image import Image, check_free
@@ -67,19 +86,18 @@ def _checkpoint(app: App, args: argparse.Namespace) -> int:
             tcp_established=args.tcp_established,
             shell_job=args.shell_job,
         )
-        image = _dump.checkpoint_pid(pid, dest, options, name=name)
+        outcome = _dump.checkpoint(pid, dest, options, name=name)
+        image = outcome.image
+        if outcome.interrupted:
+            app.warn("interrupted once CRIU had written the image: the checkpoint completed")
+        for warning in outcome.warnings:
+            app.warn(warning)
     elapsed = time.perf_counter() - started
     m = image.manifest
     if args.pool:
         import shutil
 
-        from .._pools import open_pool
-
-        with (
-            open_pool(args.pool) as pool,
-            app.progress(f"push {name}@{args.pool}", m.total_bytes) as bar,
-        ):
-            stored = pool.push(image, name, progress=bar.advance)
+        stored = _push(app, image, name, args.pool, pid)
         shutil.rmtree(image.path, ignore_errors=True)
         app.info(f"checkpointed pid {pid} in {elapsed:.3f}s into {name}@{args.pool}")
         app.out(f"{stored.name}@{args.pool}")
@@ -90,6 +108,28 @@ def _checkpoint(app: App, args: argparse.Namespace) -> int:
     )
     app.out(str(image.path))
     return 0
+
+
+def _push(app: App, image: Any, name: str, pool_name: str, pid: int) -> Any:
+    """Store the new local ``image`` in the pool; if that fails the image stays where it is
+    and the error says where (the process may be gone: it is all there is of it)."""
+    from .._errors import PoolError, TorporError
+    from .._pools import open_pool
+
+    try:
+        with (
+            open_pool(pool_name) as pool,
+            app.progress(f"push {name}@{pool_name}", image.manifest.total_bytes) as bar,
+        ):
+            return pool.push(image, name, progress=bar.advance)
+    except (TorporError, KeyboardInterrupt) as exc:
+        why = exc.msg if isinstance(exc, TorporError) else "interrupted"
+        raise PoolError(
+            f"checkpoint of pid {pid}: the image was made but not stored in pool "
+            f"{pool_name!r} ({why}); it is kept at {image.path}",
+            pool=pool_name,
+            hint=f"`torpor image push {image.path} {name}@{pool_name}` stores it",
+        ) from exc
 
 
 def _coordinated(app: App, pid: int, dest: Path, args: argparse.Namespace, name: str) -> Any:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .._engine import CriuEngine, DumpOptions, criu_version
+from .._engine import CriuEngine, DumpOptions
 from .._errors import DumpError, PermissionDeniedError
-from .._images import _manifest
-from .._images._image import GrowingHasher, Image, staging
-from . import _registry
-from ._proc import facts, ref
+from .._images._image import Image
+from ._checkpointer import Job, Outcome, run
+from ._proc import ref
 
 
 def terminal_fds(pid: int) -> list[str]:
@@ -40,9 +39,24 @@ def checkpoint_pid(
 ) -> Image:
     """Dump the tree rooted at ``pid`` into a new image directory ``dest``.
 
-    The image is staged and renamed into place only when complete. A failed dump leaves the
-    process running and no image behind.
+    The dump and the commit run in a detached checkpointer (``_checkpointer``): the image is
+    committed however the caller ends, once CRIU may have killed the process. A failed or
+    aborted dump (a ``KeyboardInterrupt`` while CRIU writes) leaves the process running and no
+    image behind; an image that could not be finished after the process was stopped is kept
+    (:class:`~torpor._images._incomplete.IncompleteImageError` names it).
     """
+    return checkpoint(pid, dest, options, name=name, engine=engine).image
+
+
+def checkpoint(
+    pid: int,
+    dest: Path,
+    options: DumpOptions,
+    *,
+    name: str,
+    engine: CriuEngine | None = None,
+) -> Outcome:
+    """:func:`checkpoint_pid`, saying also whether an interruption came too late to abort."""
     if os.geteuid() != 0:
         raise PermissionDeniedError("checkpointing needs root (CRIU)", hint="run as root")
     target = ref(pid)
@@ -55,27 +69,4 @@ def checkpoint_pid(
             hint="start it with `torpor run` (stdio to a log file), or pass --shell-job to "
             "dump and restore it as a shell job",
         )
-    engine = engine or CriuEngine()
-    cmdline, rss = facts(pid)
-    version = criu_version()
-    with staging(dest) as st:
-        # The pages are hashed on the other core while CRIU writes them, not after.
-        with GrowingHasher(st.path) as pages:
-            engine.dump(pid, st.path, options)
-            hashed = pages.entries()
-        image = st.commit(
-            lambda files: _manifest.build(
-                name=name,
-                pid=pid,
-                files=files,
-                criu_version=version,
-                cmdline=cmdline,
-                rss_bytes=rss,
-                tcp_established=options.tcp_established,
-                shell_job=options.shell_job,
-            ),
-            hashed,
-        )
-    if not options.leave_running:
-        _registry.mark_checkpointed(target, image.path)
-    return image
+    return run(Job(target, Path(dest).absolute(), options, name), engine=engine)

@@ -1,0 +1,600 @@
+"""Checkpoints from outside that commit whatever happens to the command that asked for them.
+
+``torpor checkpoint PID`` (and :func:`torpor.checkpoint_process`) does not dump in its own
+process: it starts a *checkpointer*, a detached process (double fork + ``setsid``: not its
+child, in a session of its own, so neither the command's death nor its terminal's signals
+reach it) that dumps with CRIU, commits the image and reports over a pipe; the command relays
+the report. Through the agent, the worker running the command starts it the same way.
+
+The rule, at CRIU's notifications (``notify_scripts``):
+
+- **Until CRIU has written the whole image the checkpoint can be aborted, and the process
+  keeps running.** The command's interruption (Ctrl-C; SIGTERM and SIGHUP, which the CLI
+  treats as Ctrl-C; an agent client that hangs up) or its death (the control pipe closes), or
+  a SIGTERM to the checkpointer, aborts at CRIU's next notification: ``pre-dump`` (nothing
+  done yet) or ``post-dump`` (CRIU thaws the tree instead of killing it).
+- **At post-dump, with the tree still frozen, the checkpointer vouches for the image** before
+  it lets CRIU kill the process: every file a regular one, hashed (the page files were hashed
+  while CRIU wrote them). One it cannot vouch for is refused, and the process keeps running.
+  It then renames its space reserve into the commit mark (``_images._incomplete``): from
+  there on the image is kept, whatever happens. An interruption that comes later is too late:
+  the checkpoint completes, and the command says so.
+- **The commit** (manifest, signature, rename, stamp) comes once CRIU has ended, in the
+  space reserved before CRIU started, so a disk CRIU filled cannot stop it. If it still
+  fails, or the checkpointer dies, the staging directory stays as an *incomplete* image that
+  ``torpor images`` lists and ``torpor image repair`` finishes (:class:`IncompleteImageError`
+  names it).
+- With ``leave_running`` CRIU never kills the process: post-dump only checks for an abort
+  (the freeze is not made longer) and a failed commit simply fails (the process runs).
+
+A disk that fills before CRIU starts or while it writes is one line naming the disk; the
+process keeps running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import select
+import signal
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._engine import CriuEngine, DumpOptions, NotifyEvent, criu_version
+from .._errors import DumpError, ProcessNotFoundError, TorporError, UnsafeImageError
+from .._images._hashing import GrowingHasher, hash_files
+from .._images._image import Image, Staging
+from .._images._incomplete import (
+    COMMITTING_NAME,
+    INCOMPLETE,
+    RESERVE_NAME,
+    STALE,
+    IncompleteImageError,
+    Record,
+    disk_problem,
+    drop_bookkeeping,
+    free_bytes,
+    give_back,
+    lock,
+    mount_point,
+    no_space,
+    scan,
+    sweep,
+)
+from .._images._layout import is_bookkeeping
+from .._images._manifest import FileEntry, now_iso
+from .._safe import create_file, kind_problem, lstat_entries, open_dir
+from . import _registry
+from ._proc import ProcRef, descendants, detached, facts
+
+# Room for the manifest, signature and stamp (~250 bytes per file, ~12 files per process)
+# and the temporary files they are written through, in whole blocks of any filesystem.
+_RESERVE_BASE = 64 << 10
+_RESERVE_PER_PROCESS = 8 << 10
+# A dump that fails with less than this free failed for want of space, whatever CRIU's log
+# says (its own log lines are lost on a full disk).
+_LOW_SPACE = 1 << 20
+_NO_SPACE_TEXT = "No space left on device"
+_ABORT = b"a"
+
+
+class CheckpointAbortedError(DumpError):
+    """The checkpoint was interrupted before CRIU had written the image; the process keeps
+    running and nothing was kept."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One checkpoint from outside: the process, where its image goes, how, under what name."""
+
+    target: ProcRef
+    dest: Path
+    options: DumpOptions
+    name: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A committed checkpoint: ``interrupted`` if the command was interrupted once it was too
+    late to abort; ``warnings`` for the user (the image is fine)."""
+
+    image: Image
+    interrupted: bool = False
+    warnings: tuple[str, ...] = ()
+
+
+# -- the command's side --------------------------------------------------------------------------
+
+
+def run(job: Job, *, engine: CriuEngine | None = None) -> Outcome:
+    """Checkpoint ``job`` through a detached checkpointer and return how it ended, or raise
+    its error. A ``KeyboardInterrupt`` while waiting asks it to abort (see the module
+    docstring); the wait goes on until it has answered."""
+    staging = Staging(job.dest)  # its path is chosen here: we look at it if the checkpointer dies
+    report_r, report_w = os.pipe()
+    ctl_r, ctl_w = os.pipe()
+    theirs = (report_w, ctl_r)
+    ours = (report_r, ctl_w)
+    stop = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    # Held back until we wait: an interruption must find us ready to pass it on.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        try:
+            detached(lambda: _checkpointer(job, engine, staging, theirs, ours, old_mask))
+        except OSError as exc:
+            for fd in ours:
+                os.close(fd)
+            raise DumpError(
+                f"checkpoint of pid {job.target.pid} failed: cannot start the checkpointer: "
+                f"{exc.strerror} (nothing was done)",
+                pid=job.target.pid,
+            ) from exc
+        finally:
+            for fd in theirs:
+                os.close(fd)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raise
+    try:
+        return _relay(job, staging, report_r, ctl_w, old_mask)
+    finally:
+        for fd in ours:
+            os.close(fd)
+
+
+def _relay(job: Job, staging: Staging, report_r: int, ctl_w: int, mask: set[int]) -> Outcome:
+    asked = False
+    buf = b""
+    restored = False
+    while True:
+        try:
+            if not restored:
+                restored = True
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            chunk = os.read(report_r, 1 << 16)
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                msg = json.loads(line)
+                if "ok" in msg:
+                    return _result(msg, interrupted=asked)
+        except KeyboardInterrupt:
+            if not asked:
+                asked = True
+                with contextlib.suppress(OSError):
+                    os.write(ctl_w, _ABORT)
+    return _orphaned(job, staging)
+
+
+def _result(msg: Mapping[str, Any], *, interrupted: bool) -> Outcome:
+    if not msg["ok"]:
+        raise decode_error(msg["error"])
+    warnings = tuple(str(w) for w in msg.get("warnings", ()))
+    return Outcome(Image.open(msg["image"]), interrupted=interrupted, warnings=warnings)
+
+
+def _orphaned(job: Job, staging: Staging) -> Outcome:
+    """The checkpointer ended without a report (killed): say what it left."""
+    pid = job.target.pid
+    kept = "the process keeps running" if job.target.alive() else "the process is gone"
+    for left in scan(staging.path.parent):
+        if left.path != staging.path:
+            continue
+        if left.state == INCOMPLETE:
+            raise IncompleteImageError(
+                f"checkpoint of pid {pid}: the checkpointer ended before its image was "
+                f"finished ({kept}); it is kept at {left.path}",
+                image=left.path,
+                hint=f"`torpor image repair {left.path}` finishes it",
+            )
+        if left.state == STALE:
+            sweep(staging.path.parent)
+    if not staging.path.exists() and job.dest.is_dir():
+        with contextlib.suppress(TorporError):
+            image = Image.open(job.dest)
+            if image.manifest.pid == pid:  # committed; the report was all that was lost
+                return Outcome(image)
+    raise DumpError(
+        f"checkpoint of pid {pid} failed: the checkpointer ended before CRIU had written the "
+        f"image ({kept}; nothing was kept)",
+        pid=pid,
+        hint="checkpoint it again",
+    )
+
+
+# -- errors across the pipe ----------------------------------------------------------------------
+
+
+def encode_error(exc: BaseException) -> dict[str, Any]:
+    """A torpor error as JSON data for :func:`decode_error`; any other exception becomes a
+    :class:`DumpError` saying the checkpointer failed."""
+    if not isinstance(exc, TorporError):
+        return {"class": None, "msg": f"the checkpointer failed: {exc!r}", "hint": None}
+    fields = {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in vars(exc).items()
+        if k not in ("msg", "hint") and _plain(v)
+    }
+    cls = type(exc)
+    return {
+        "class": f"{cls.__module__}:{cls.__qualname__}",
+        "msg": exc.msg,
+        "hint": exc.hint,
+        "fields": fields,
+    }
+
+
+def _plain(value: object) -> bool:
+    if value is None or isinstance(value, str | int | float | bool):
+        return True
+    return isinstance(value, tuple | list) and all(isinstance(v, str) for v in value)
+
+
+def decode_error(data: Mapping[str, Any]) -> TorporError:
+    """The error :func:`encode_error` encoded (a torpor error class, else :class:`DumpError`)."""
+    cls: type[TorporError] = DumpError
+    where = data.get("class")
+    if isinstance(where, str) and where.startswith("torpor.") and ":" in where:
+        module, _, qualname = where.partition(":")
+        with contextlib.suppress(ImportError, AttributeError):
+            found = getattr(importlib.import_module(module), qualname)
+            if isinstance(found, type) and issubclass(found, TorporError):
+                cls = found
+    exc = cls.__new__(cls)
+    TorporError.__init__(exc, str(data.get("msg")), hint=data.get("hint"))
+    for key, value in dict(data.get("fields") or {}).items():
+        setattr(exc, key, tuple(value) if isinstance(value, list) else value)
+    return exc
+
+
+# -- the checkpointer's side -----------------------------------------------------------------
+
+
+def _checkpointer(
+    job: Job,
+    engine: CriuEngine | None,
+    staging: Staging,
+    theirs: tuple[int, int],
+    ours: tuple[int, int],
+    mask: set[int],
+) -> None:  # pragma: no cover - runs in the detached process; the integration tests drive it
+    report_w, ctl_r = theirs
+    for fd in ours:
+        os.close(fd)  # our holding the command's ends would hide its death
+    _drop_inherited(keep={report_w, ctl_r})
+    control = Control(ctl_r)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, control.on_sigterm)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    _send(report_w, {"checkpointer": os.getpid()})
+    try:
+        image, warnings = Checkpointer(job, engine or CriuEngine(), staging, control).perform()
+        msg: dict[str, Any] = {"ok": True, "image": str(image.path), "warnings": warnings}
+    except BaseException as exc:
+        msg = {"ok": False, "error": encode_error(exc)}
+    _send(report_w, msg)
+
+
+def _send(fd: int, msg: Mapping[str, Any]) -> None:
+    # The command may be gone: what we did stands, reported or not.
+    with contextlib.suppress(OSError):
+        os.write(fd, json.dumps(msg).encode() + b"\n")
+
+
+def _drop_inherited(*, keep: set[int]) -> None:
+    """Let go of every file the command had open (its terminal, its stdout pipe, an agent
+    client's socket), keeping the fd numbers, which objects of the forked interpreter may
+    still close: each becomes ``/dev/null``."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd != devnull and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.dup2(devnull, fd, inheritable=fd <= 2)
+    os.close(devnull)
+
+
+class Control:
+    """Whether the checkpointer has been asked to abort: by the command (a byte, or the end
+    of the control pipe ``fd``: it is gone), or by a SIGTERM. ``fd`` None: never."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self.reason: str | None = None
+        self._sigterm = False
+
+    def on_sigterm(self, signum: int, frame: object) -> None:
+        """Signal handler: a SIGTERM to the checkpointer aborts if it is not too late."""
+        self._sigterm = True
+
+    def check(self) -> str | None:
+        """Why to abort, or None."""
+        if self.reason is None and self._sigterm:
+            self.reason = "the checkpointer got SIGTERM"
+        if self.reason is None and self.fd is not None:
+            ready, _, _ = select.select([self.fd], [], [], 0)
+            if ready:
+                data = os.read(self.fd, 64)
+                self.reason = "the command was interrupted" if data else "the command ended"
+        return self.reason
+
+
+class Checkpointer:
+    """Dumps ``job`` into ``staging`` and commits it (see the module docstring). Runs in the
+    detached process; :meth:`perform` can run in any process (the unit tests use fakes)."""
+
+    def __init__(self, job: Job, engine: CriuEngine, staging: Staging, control: Control):
+        self.job = job
+        self.engine = engine
+        self.staging = staging
+        self.control = control
+        self.committing = False  # CRIU was let kill the process: the image must be kept
+        self.refused: BaseException | None = None
+        self.hashed: dict[str, FileEntry] = {}
+
+    @property
+    def pid(self) -> int:
+        """The dumped process's pid."""
+        return self.job.target.pid
+
+    def perform(self) -> tuple[Image, list[str]]:
+        """The image and any warnings, or raise: :class:`CheckpointAbortedError`, a
+        :class:`DumpError` (the process keeps running, nothing kept),
+        :class:`IncompleteImageError` (the image is kept for ``torpor image repair``)."""
+        job = self.job
+        reason = self.control.check()
+        if reason is not None:
+            raise self._aborted(reason, "nothing was done")
+        sweep(job.dest.parent)  # space of leftovers that cannot be used, back first
+        if not job.target.alive():
+            raise ProcessNotFoundError(f"no process with pid {self.pid}", pid=self.pid)
+        cmdline, rss = facts(self.pid)
+        tree = 1 + sum(1 for _ in descendants(self.pid))
+        record = Record(
+            dest=job.dest.name,
+            name=job.name,
+            pid=self.pid,
+            start_time=job.target.start_time,
+            cmdline=cmdline,
+            rss_bytes=rss,
+            criu_version=criu_version(),
+            tcp_established=job.options.tcp_established,
+            shell_job=job.options.shell_job,
+            leave_running=job.options.leave_running,
+            created=now_iso(),
+        )
+        try:
+            self.staging.create()
+        except OSError as exc:
+            raise self._before(exc) from exc
+        try:
+            dir_fd = open_dir(self.staging.path)
+        except BaseException:
+            self.staging.discard()
+            raise
+        try:
+            lock(dir_fd, wait=True)  # a sweep looking at it meanwhile lets go at once
+            return self._staged(dir_fd, record, tree)
+        finally:
+            os.close(dir_fd)
+
+    def _staged(self, dir_fd: int, record: Record, tree: int) -> tuple[Image, list[str]]:
+        try:
+            try:
+                record.write(dir_fd)
+                _reserve(dir_fd, _RESERVE_BASE + tree * _RESERVE_PER_PROCESS)
+            except OSError as exc:
+                raise self._before(exc) from exc
+            self._dump(dir_fd)
+            return self._commit(dir_fd, record)
+        except BaseException as exc:
+            if self.committing:
+                raise self._kept(exc) from exc
+            self.staging.discard()
+            raise
+
+    def _before(self, exc: OSError) -> DumpError:
+        parent = self.job.dest.parent
+        return DumpError(
+            f"checkpoint of pid {self.pid} refused: {disk_problem(exc, parent)}, where its "
+            "image goes (nothing was done; the process keeps running)",
+            pid=self.pid,
+            image=self.job.dest,
+            hint=f"free space on {mount_point(parent)}, or checkpoint to another disk with -o",
+        )
+
+    # -- the dump --------------------------------------------------------------------------
+
+    def _dump(self, dir_fd: int) -> None:
+        options = self.job.options
+
+        def notify(event: NotifyEvent) -> bool:
+            if event.name not in ("pre-dump", "post-dump"):
+                return True
+            if self.control.check() is not None:
+                return False  # before CRIU starts, or CRIU thaws the tree
+            if event.name == "pre-dump" or options.leave_running:
+                # Nothing is killed with leave_running: the commit waits until CRIU has
+                # thawed the tree, not to make the freeze longer.
+                return True
+            try:
+                self.hashed = self._vouch(dir_fd, pages.entries())
+                os.rename(RESERVE_NAME, COMMITTING_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                os.fsync(dir_fd)
+            except (OSError, TorporError) as exc:
+                self.refused = exc
+                return False
+            self.committing = True
+            return True
+
+        with GrowingHasher(self.staging.path) as pages:
+            try:
+                self.engine.dump(self.pid, self.staging.path, options, notify=notify)
+            except DumpError as exc:
+                if self.committing and not self.job.target.alive():
+                    # CRIU failed after it was let kill the process: what it left, whole and
+                    # vouched for at post-dump, is all there is of the process.
+                    return
+                self.committing = False  # the process lives: nothing need be kept
+                raise self._dump_failure(exc) from exc
+            if options.leave_running:
+                self.hashed = dict(pages.entries())
+
+    def _vouch(self, dir_fd: int, vouched: Mapping[str, FileEntry]) -> dict[str, FileEntry]:
+        """Every staged file, each a regular file, hashed (but those ``vouched`` for, hashed
+        while CRIU wrote them, if their size is still the same)."""
+        source = str(self.staging.path)
+        entries = lstat_entries(dir_fd)
+        names = sorted(n for n in entries if not is_bookkeeping(n))
+        for name in names:
+            kind = kind_problem(entries[name].st_mode)
+            if kind is not None:
+                raise UnsafeImageError(
+                    f"staged image {source} holds {name}, {kind}, not a regular file; refused",
+                    image=source,
+                    file=name,
+                    hint="something other than CRIU wrote into the staging directory",
+                )
+        known = {n: e for n, e in vouched.items() if n in entries and entries[n].st_size == e.size}
+        fresh = hash_files(dir_fd, [n for n in names if n not in known], source=source)
+        return {**known, **{e.name: e for e in fresh}}
+
+    def _dump_failure(self, exc: DumpError) -> DumpError:
+        reason = self.control.check()
+        if reason is not None:
+            return self._aborted(reason, "CRIU thawed it")
+        pid = self.pid
+        if self.refused is not None:
+            why = (
+                disk_problem(self.refused, self.staging.path)
+                if isinstance(self.refused, OSError)
+                else str(self.refused)
+            )
+            return DumpError(
+                f"checkpoint of pid {pid} failed: its image could not be checked before the "
+                f"process was stopped: {why} (the process keeps running)",
+                pid=pid,
+                image=self.job.dest,
+            )
+        if self._out_of_space(exc):
+            mount = mount_point(self.staging.path)
+            kept = "the process keeps running" if self.job.target.alive() else "the process is gone"
+            log = exc.log_path if exc.log_path and not _inside(exc.log_path, self.staging) else ""
+            return DumpError(
+                f"checkpoint of pid {pid} failed: {no_space(self.staging.path)} while CRIU "
+                f"wrote the image ({kept}" + (f"; log: {log})" if log else ")"),
+                pid=pid,
+                image=self.job.dest,
+                log_path=log or None,
+                log_lines=exc.log_lines,
+                hint=f"free space on {mount}, or checkpoint to another disk with -o",
+            )
+        return exc
+
+    def _out_of_space(self, exc: DumpError) -> bool:
+        if any(_NO_SPACE_TEXT in line for line in exc.log_lines):
+            return True
+        try:
+            return free_bytes(self.staging.path) < _LOW_SPACE
+        except OSError:
+            return False
+
+    def _aborted(self, reason: str, done: str) -> CheckpointAbortedError:
+        return CheckpointAbortedError(
+            f"checkpoint of pid {self.pid} aborted: {reason} before CRIU had written the image "
+            f"({done}; the process keeps running)",
+            pid=self.pid,
+            image=self.job.dest,
+        )
+
+    # -- the commit ------------------------------------------------------------------------
+
+    def _commit(self, dir_fd: int, record: Record) -> tuple[Image, list[str]]:
+        try:
+            if not self.committing:  # leave_running: the files are checked now
+                self.hashed = self._vouch(dir_fd, self.hashed)
+            give_back(dir_fd)  # the reserve's space, for what follows
+            image = self.staging.commit(record.manifest, self.hashed)
+        except (OSError, TorporError) as exc:
+            if self.committing:
+                raise
+            raise DumpError(
+                f"checkpoint of pid {self.pid} failed: its image could not be finished: "
+                f"{_why(exc, self.staging.path)} (the process keeps running)",
+                pid=self.pid,
+                image=self.job.dest,
+            ) from exc
+        self.committing = False
+        drop_bookkeeping(dir_fd)
+        warnings: list[str] = []
+        if not self.job.options.leave_running:
+            try:
+                _registry.mark_checkpointed(self.job.target, image.path)
+            except (OSError, TorporError) as exc:
+                warnings.append(f"the process's record was not updated: {_why(exc, image.path)}")
+        return image, warnings
+
+    def _kept(self, exc: BaseException) -> IncompleteImageError:
+        path = self.staging.path
+        fix = (
+            f"free space on {mount_point(path)}, then "
+            if isinstance(exc, OSError) and "no space" in _why(exc, path)
+            else ""
+        )
+        return IncompleteImageError(
+            f"checkpoint of pid {self.pid} stopped the process but could not finish its image: "
+            f"{_why(exc, path)}; the image is kept at {path}",
+            image=path,
+            hint=f"{fix}`torpor image repair {path}` finishes it",
+        )
+
+
+def _why(exc: BaseException, path: Path) -> str:
+    if isinstance(exc, OSError):
+        return disk_problem(exc, path)
+    if isinstance(exc, TorporError):
+        return exc.msg
+    return repr(exc)
+
+
+def _inside(path: str, staging: Staging) -> bool:
+    return Path(path).parent == staging.path
+
+
+def _reserve(dir_fd: int, size: int) -> None:
+    """Allocate ``size`` bytes in :data:`RESERVE_NAME` (``ENOSPC`` if the disk has not got
+    them)."""
+    fd = create_file(dir_fd, RESERVE_NAME, source="staging directory")
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def interruptible_by(signals: tuple[int, ...]) -> Iterator[None]:
+    """Within: each of ``signals`` raises ``KeyboardInterrupt`` as SIGINT does (only in the
+    main thread; elsewhere nothing changes)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old: dict[int, Callable[..., Any] | int | None] = {}
+    try:
+        for sig in signals:
+            old[sig] = signal.signal(sig, interrupt)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
