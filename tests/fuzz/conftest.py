@@ -18,9 +18,14 @@ Every profile has a deadline (a slow example fails); hangs are caught harder tha
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from datetime import timedelta
 
+import pytest
 from hypothesis import HealthCheck, Phase, settings
+
+from .support import JAILS
 
 # The suite's examples run in sandboxes made inside the test (fresh per example), never in
 # function-scoped fixtures, which Hypothesis would share across examples.
@@ -38,3 +43,10 @@ settings.register_profile(
 settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") == "true" else "dev")
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_jails() -> Iterator[None]:
+    """The examples' jails are removed one by one; their parent directory at the end."""
+    yield
+    shutil.rmtree(JAILS, ignore_errors=True)

@@ -172,7 +172,8 @@ DEPTH = 16
 """How deep the home sits in the jail: deeper than any ``../`` chain the strategies make
 (:data:`MAX_UP`) climbs from anywhere in the home, so an escape lands inside the jail."""
 MAX_UP = 12
-_BASE = Path(tempfile.gettempdir()) / f"torpor-fuzz-{os.getpid()}"
+JAILS = Path(tempfile.gettempdir()) / f"torpor-fuzz-{os.getpid()}"
+"""Where the jails of this run are made (removed at the end of the session)."""
 
 
 def _tree(root: Path, skip: tuple[Path, ...]) -> dict[str, tuple[int, int, int]]:
@@ -222,8 +223,8 @@ class Jail:
     the tree is snapshotted on entry)."""
 
     def __init__(self, *, outside_allowed: bool = False) -> None:
-        _BASE.mkdir(mode=0o700, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix="jail-", dir=_BASE))
+        JAILS.mkdir(mode=0o700, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix="jail-", dir=JAILS))
         self.home = self.root.joinpath(*(f"d{i}" for i in range(DEPTH)), "home")
         self.outside = self.root / "outside"
         self.inputs = self.root / "inputs"
