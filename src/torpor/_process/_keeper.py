@@ -313,7 +313,8 @@ class Keeper:
     def _after_swrk(self, job: _keeper_dump.SelfDump, rec: ManagedProcess) -> None:
         try:
             outcome = job.finish()
-            if outcome.get("image"):
+            # Only a dump that ended the process is where the process went.
+            if outcome.get("image") and not job.req.leave_running:
                 with self.lock:
                     _registry.mark_checkpointed(rec.ref, Path(outcome["image"]))
             elif not outcome.get("ok"):

@@ -35,6 +35,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import threading
 import time
 import traceback
@@ -212,7 +213,7 @@ class SelfDump:
         self.dir_fd = -1
         self._st: os.stat_result | None = None  # the directory as the peer handed it over
         self.facts: ImageFacts | None = None
-        self.proc: Any = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.outcome: dict[str, Any] | None = None
         self._done = threading.Event()
 
@@ -238,9 +239,9 @@ class SelfDump:
                 problem = "was replaced while it was opened"
         if problem is not None:
             raise PermissionDeniedError(f"staging directory {self.req.staging} {problem}; refused")
+        self._st = st  # from here on it is handed back, whatever happens
         os.fchown(self.dir_fd, 0, 0)
         os.fchmod(self.dir_fd, 0o700)
-        self._st = st
         # Taken: from now on only root can add to it. What was put there before is refused
         # (a symlink CRIU would write through, a file it would truncate).
         planted = sorted(lstat_entries(self.dir_fd))
@@ -304,6 +305,7 @@ class SelfDump:
         as the ``collect`` reply says it."""
         outcome: dict[str, Any] = {"ok": False, "error": "the keeper failed"}
         try:
+            assert self.proc is not None  # launched
             self.proc.wait()
             outcome = self._finish()
         except TorporError as exc:
