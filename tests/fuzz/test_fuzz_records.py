@@ -104,8 +104,10 @@ def plant(jail: Jail, spec: dict[str, Any]) -> None:
         path.mkdir(mode=0o700)
     else:
         path.write_text(json.dumps(_resolved(BASE)))
-        if spec["what"] == "foreign":
+        if spec["what"] == "foreign" and os.geteuid() == 0:
             os.chown(path, FOREIGN_UID, FOREIGN_UID)
+        elif spec["what"] == "foreign":
+            path.chmod(0o666)  # only root gives a file away: the nearest hostile case
         else:
             path.chmod(0o666)
     os.chmod(procs, 0o700)
