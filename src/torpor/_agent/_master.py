@@ -124,7 +124,9 @@ class _Master:
             path.unlink()  # a dead agent's: we hold the lock, so no live agent uses it
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            old = os.umask(0o077)
+            # A socket is made 0777 less the umask: 0177 leaves 0600 (connecting needs write
+            # permission only; the home's 0700 keeps others out as well).
+            old = os.umask(0o177)
             try:
                 sock.bind(str(path))
             finally:
