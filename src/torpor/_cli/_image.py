@@ -1,4 +1,5 @@
-"""``torpor image``: copy, delete, prune, export, import, push and pull images in pools.
+"""``torpor image``: copy, delete, prune, export, import, push and pull images in pools; repair
+an incomplete local image.
 
 Images in pools are written ``NAME@POOL``; a bare ``NAME`` means the ``default`` pool.
 """
@@ -6,9 +7,11 @@ Images in pools are written ``NAME@POOL``; a bare ``NAME`` means the ``default``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Any
 
+from .._errors import TorporError
 from ._app import App, human_bytes
 
 
@@ -58,6 +61,18 @@ def register(sub: Any) -> None:
     )
     pl.add_argument("image", metavar="NAME[@POOL]")
     pl.set_defaults(handler=_pull)
+
+    r = isub.add_parser(
+        "repair",
+        help="finish an incomplete local image (one a checkpoint could not finish)",
+        description="Finish an image a checkpoint kept incomplete (`torpor images` shows it): "
+        "hash its files, write and sign its manifest, give it its name. NAME is the image's "
+        "name in the local store; PATH its staging directory, or the directory it was going "
+        "to (-o).",
+    )
+    r.add_argument("image", metavar="NAME|PATH")
+    r.add_argument("--name", help="give the image this name instead (its own is taken)")
+    r.set_defaults(handler=_repair)
 
 
 def _split(arg: str) -> tuple[str, str]:
@@ -167,5 +182,23 @@ def _pull(app: App, args: argparse.Namespace) -> int:
         size = pool.image(name).size
         with app.progress(f"pull {name}@{pool_name}", size) as bar:
             image = pool.pull(name, progress=bar.advance)
+    app.out(str(image.path))
+    return 0
+
+
+def _repair(app: App, args: argparse.Namespace) -> int:
+    from .. import _paths
+    from .._images import _incomplete, _store
+    from .._process import _proc, _registry
+
+    name = _store.check_name(args.name) if args.name else None
+    left = _incomplete.find(args.image, _paths.images_dir())
+    image = _incomplete.repair(left, name=name)
+    record = left.record
+    if not record.leave_running:
+        # Best effort: a record of the process says where it went.
+        with contextlib.suppress(OSError, TorporError):
+            _registry.mark_checkpointed(_proc.ProcRef(record.pid, record.start_time), image.path)
+    app.info(f"repaired: {human_bytes(image.manifest.total_bytes)} image of pid {record.pid}")
     app.out(str(image.path))
     return 0

@@ -39,15 +39,25 @@ def _images(app: App, args: argparse.Namespace) -> int:
             ],
         )
         return 0
+    from .. import _paths
+    from .._images import _incomplete
     from .._images._store import list_local
 
     images = list_local()
+    # Images a checkpoint could not finish (its process may be gone), for `torpor image repair`;
+    # leftovers of dumps that never succeeded are removed on the way.
+    incomplete = [
+        left
+        for left in _incomplete.sweep(_paths.images_dir())
+        if left.state == _incomplete.INCOMPLETE
+    ]
     if args.json:
         app.json(
             [
                 {
                     "name": i.name,
                     "path": str(i.path),
+                    "state": "complete",
                     # The key id whose valid signature the manifest carries (None: unsigned).
                     "signer": i.signer,
                     **{
@@ -58,8 +68,25 @@ def _images(app: App, args: argparse.Namespace) -> int:
                 }
                 for i in images
             ]
+            + [
+                {
+                    "name": left.record.dest,
+                    "path": str(left.path),
+                    "state": _incomplete.INCOMPLETE,
+                    "created": left.record.created,
+                    "pid": left.record.pid,
+                    "cmdline": list(left.record.cmdline),
+                    "size": left.size,
+                }
+                for left in incomplete
+            ]
         )
         return 0
+    for left in incomplete:
+        app.warn(
+            f"image {left.record.dest!r} is incomplete (kept at {left.path}): "
+            f"`torpor image repair {left.record.dest}` finishes it"
+        )
     app.table(
         ("NAME", "ID", "CREATED", "SIZE", "PID", "COMMAND"),
         [
@@ -72,6 +99,19 @@ def _images(app: App, args: argparse.Namespace) -> int:
                 " ".join(i.manifest.cmdline)[:50],
             )
             for i in images
+        ]
+        + [
+            # An incomplete image has no id yet (its manifest is not written): the column
+            # says what it is instead.
+            (
+                left.record.dest,
+                _incomplete.INCOMPLETE,
+                left.record.created[:19],
+                human_bytes(left.size),
+                left.record.pid,
+                " ".join(left.record.cmdline)[:50],
+            )
+            for left in incomplete
         ],
     )
     return 0

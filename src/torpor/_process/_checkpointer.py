@@ -39,6 +39,7 @@ import json
 import os
 import select
 import signal
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from .._images._hashing import GrowingHasher, hash_files
 from .._images._image import Image, Staging
 from .._images._incomplete import (
     COMMITTING_NAME,
+    IN_USE,
     INCOMPLETE,
     RESERVE_NAME,
     STALE,
@@ -81,6 +83,7 @@ _RESERVE_PER_PROCESS = 8 << 10
 _LOW_SPACE = 1 << 20
 _NO_SPACE_TEXT = "No space left on device"
 _ABORT = b"a"
+_EXIT_GRACE = 5.0  # seconds
 
 
 class CheckpointAbortedError(DumpError):
@@ -183,10 +186,22 @@ def _result(msg: Mapping[str, Any], *, interrupted: bool) -> Outcome:
 def _orphaned(job: Job, staging: Staging) -> Outcome:
     """The checkpointer ended without a report (killed): say what it left."""
     pid = job.target.pid
+    # Its end of the pipe may close before its lock goes: give the exit a moment.
+    deadline = time.monotonic() + _EXIT_GRACE
+    while True:
+        lefts = [left for left in scan(staging.path.parent) if left.path == staging.path]
+        if not lefts or lefts[0].state != IN_USE or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     kept = "the process keeps running" if job.target.alive() else "the process is gone"
-    for left in scan(staging.path.parent):
-        if left.path != staging.path:
-            continue
+    for left in lefts:
+        if left.state == IN_USE:
+            raise DumpError(
+                f"checkpoint of pid {pid}: the checkpointer ended without a report and "
+                f"{left.path} is still in use ({kept})",
+                pid=pid,
+                hint="`torpor images` shows what became of it",
+            )
         if left.state == INCOMPLETE:
             raise IncompleteImageError(
                 f"checkpoint of pid {pid}: the checkpointer ended before its image was "
@@ -473,16 +488,13 @@ class Checkpointer:
             return self._aborted(reason, "CRIU thawed it")
         pid = self.pid
         if self.refused is not None:
-            why = (
-                disk_problem(self.refused, self.staging.path)
-                if isinstance(self.refused, OSError)
-                else str(self.refused)
-            )
             return DumpError(
                 f"checkpoint of pid {pid} failed: its image could not be checked before the "
-                f"process was stopped: {why} (the process keeps running)",
+                f"process was stopped: {_why(self.refused, self.staging.path)} (the process "
+                "keeps running)",
                 pid=pid,
                 image=self.job.dest,
+                hint=getattr(self.refused, "hint", None),
             )
         if self._out_of_space(exc):
             mount = mount_point(self.staging.path)
