@@ -35,6 +35,8 @@ SELF, PARENT, INIT, NONE = "self", "parent", "init", "none"
 
 
 def _pid(symbol: Any) -> Any:
+    if not isinstance(symbol, str):
+        return symbol  # a hostile value a mutation put there
     return {SELF: os.getpid(), PARENT: os.getppid(), INIT: 1, NONE: NO_PROCESS}.get(symbol, symbol)
 
 
