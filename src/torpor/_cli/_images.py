@@ -70,7 +70,7 @@ def _images(app: App, args: argparse.Namespace) -> int:
             ]
             + [
                 {
-                    "name": left.record.dest,
+                    "name": left.record.name,
                     "path": str(left.path),
                     "state": _incomplete.INCOMPLETE,
                     "created": left.record.created,
@@ -84,8 +84,8 @@ def _images(app: App, args: argparse.Namespace) -> int:
         return 0
     for left in incomplete:
         app.warn(
-            f"image {left.record.dest!r} is incomplete (kept at {left.path}): "
-            f"`torpor image repair {left.record.dest}` finishes it"
+            f"image {left.record.name!r} is incomplete (kept at {left.path}): "
+            f"`torpor image repair {left.record.name}` finishes it"
         )
     app.table(
         ("NAME", "ID", "CREATED", "SIZE", "PID", "COMMAND"),
@@ -104,7 +104,7 @@ def _images(app: App, args: argparse.Namespace) -> int:
             # An incomplete image has no id yet (its manifest is not written): the column
             # says what it is instead.
             (
-                left.record.dest,
+                left.record.name,
                 _incomplete.INCOMPLETE,
                 left.record.created[:19],
                 human_bytes(left.size),

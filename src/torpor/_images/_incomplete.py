@@ -259,7 +259,7 @@ def find(arg: str, images_dir: Path) -> Leftover:
         else:
             lefts = [left for left in scan(path.parent) if left.record.dest == path.name]
     else:
-        lefts = [left for left in scan(images_dir) if left.record.dest == arg]
+        lefts = [left for left in scan(images_dir) if arg in (left.record.dest, left.record.name)]
     if not lefts:
         raise ImageNotFoundError(
             f"no incomplete image {arg!r}",

@@ -72,7 +72,7 @@ from .._images._layout import is_bookkeeping
 from .._images._manifest import FileEntry, now_iso
 from .._safe import create_file, kind_problem, lstat_entries, open_dir
 from . import _registry
-from ._proc import ProcRef, descendants, detached, facts
+from ._proc import ProcRef, descendants, detached, facts, status_field
 
 # Room for the manifest, signature and stamp (~250 bytes per file, ~12 files per process)
 # and the temporary files they are written through, in whole blocks of any filesystem.
@@ -186,8 +186,11 @@ def _result(msg: Mapping[str, Any], *, interrupted: bool) -> Outcome:
 def _orphaned(job: Job, staging: Staging) -> Outcome:
     """The checkpointer ended without a report (killed): say what it left."""
     pid = job.target.pid
-    # Its end of the pipe may close before its lock goes: give the exit a moment.
+    # Its end of the pipe may close before its lock goes, and its CRIU, unanswered, may still
+    # be thawing the process: give both a moment before looking.
     deadline = time.monotonic() + _EXIT_GRACE
+    while job.target.alive() and _traced(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
     while True:
         lefts = [left for left in scan(staging.path.parent) if left.path == staging.path]
         if not lefts or lefts[0].state != IN_USE or time.monotonic() > deadline:
@@ -222,6 +225,13 @@ def _orphaned(job: Job, staging: Staging) -> Outcome:
         pid=pid,
         hint="checkpoint it again",
     )
+
+
+def _traced(pid: int) -> bool:
+    try:
+        return status_field("TracerPid", pid) not in ([], ["0"])
+    except OSError:
+        return False
 
 
 # -- errors across the pipe ----------------------------------------------------------------------
