@@ -1,0 +1,83 @@
+"""SIGKILL to the CLI, CRIU or the app's keeper at random moments of `torpor checkpoint`
+(process stopped, --leave-running, --pool, -o): the app runs, or its image restores and
+continues its count; never neither."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .harness import Fault, Lab, iterate
+from .invariants import check_output, check_ps, check_quiet, still_manageable, survived
+
+pytestmark = [pytest.mark.root, pytest.mark.criu]
+
+VARIANTS = ("stop", "leave-running", "pool", "output")
+TRIGGERS = {
+    "cli": ("start", "criu", "staging", "pages", "manifest", "image"),
+    "criu": ("criu", "staging", "pages"),
+    "keeper": ("start", "criu", "pages", "manifest", "image"),
+}
+
+
+def pick_fault(rng: random.Random, victim: str) -> Fault:
+    """A seeded moment for ``victim``: a trigger, then up to 30 ms more (or up to 350 ms after
+    the start: a checkpoint of the counter takes 0.2-0.4 s)."""
+    trigger = rng.choice(TRIGGERS[victim])
+    delay = rng.uniform(0, 0.35) if trigger == "start" else rng.uniform(0, 0.03)
+    return Fault(trigger, round(delay, 4), victim)
+
+
+def checkpoint_once(lab: Lab, i: int, variant: str, fault: Fault) -> bool:
+    """One faulted checkpoint of a fresh app, and every invariant after it; whether the fault
+    fired."""
+    app = lab.start_app(f"a{i}")
+    floor = lab.last_count(app.ref.pid)
+    img = f"i{i}"
+    args = ["checkpoint", app.name, "--name", img]
+    committed: Path | None = lab.home / "images" / img
+    image, watch = img, [lab.home / "images"]
+    if variant == "leave-running":
+        args.append("--leave-running")
+    elif variant == "pool":
+        args += ["--pool", "default"]
+        image, committed = f"{img}@default", None
+    elif variant == "output":
+        out_dir = lab.tmp / "out"
+        out_dir.mkdir(exist_ok=True)
+        committed = out_dir / img
+        args += ["-o", str(committed)]
+        image, watch = str(committed), [out_dir]
+    out = lab.run(args, fault, keeper=app.keeper, watch=watch)
+    check_output(lab, out)
+    check_quiet(lab, out)
+    check_ps(lab, out.story)
+    held = survived(
+        lab,
+        app,
+        out,
+        image=image,
+        committed=committed,
+        floor=floor,
+        leave_running=variant == "leave-running",
+    )
+    if app.ref.alive():
+        still_manageable(lab, app, out.story)
+    check_ps(lab, f"{out.story}, after the checks")
+    lab.note(f"  held: {held}")
+    return out.fired is not None
+
+
+@pytest.mark.parametrize("victim", ["cli", "criu", "keeper"])
+def test_checkpoint_survives_sigkill(make_lab: Callable[..., Lab], victim: str) -> None:
+    lab = make_lab()
+
+    def body(i: int, rng: random.Random) -> bool:
+        variant = VARIANTS[i % len(VARIANTS)]
+        lab.note(f"  variant {variant}")
+        return checkpoint_once(lab, i, variant, pick_fault(rng, victim))
+
+    iterate(lab, f"checkpoint-{victim}", body)
