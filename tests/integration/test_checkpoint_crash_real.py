@@ -266,3 +266,41 @@ def test_repair_on_a_full_disk_says_so_and_works_once_there_is_space(
         restores_and_continues(disk / "img", "full-copy", app, log)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+AGENT_TORPOR = Path(PYTHON).parent / "torpor"  # the native launcher
+
+
+@pytest.mark.parametrize("when", ["while CRIU dumps", "once the process is gone"])
+def test_through_the_agent_the_clients_death_is_the_same(torpor_home: Path, when: str) -> None:
+    """The agent's worker runs the command, so the launcher's death (SIGKILL) reaches it as an
+    interrupt: while CRIU dumps it aborts (the process runs on); once CRIU stopped the process
+    the worker's checkpointer commits the image."""
+    launcher = [str(AGENT_TORPOR)]
+    torpor("agent", "start", command=launcher)
+    try:
+        app, log = run_counter(torpor_home, "ag", 256 if when == "while CRIU dumps" else 0)
+        client = subprocess.Popen(
+            [*launcher, "checkpoint", "ag", "--name", "ag-img"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        if when == "while CRIU dumps":
+            assert _soon(lambda: _traced(app.pid)), "CRIU did not seize the app"
+        else:
+            assert _soon(lambda: _gone(app.pid)), "CRIU did not kill the app"
+        client.kill()
+        client.communicate()
+        images = torpor_home / "images"
+        # The checkpointer is not ours to wait for: its staging directory goes when it ends.
+        wait_for(lambda: leftovers(images) == [], timeout=30, what="the checkpointer to end")
+        if when == "while CRIU dumps":
+            wait_for(lambda: not _traced(app.pid), what="CRIU to let go")
+            assert frozen(app.pid) is None
+            still_counting(log, app.pid)
+            assert not (images / "ag-img").exists()
+        else:
+            restores_and_continues(images / "ag-img", "ag-copy", app, log)
+    finally:
+        torpor("agent", "stop", command=launcher, check=False)
