@@ -297,6 +297,7 @@ class Injector:
         self.watch = [*watch, lab.home / "images", lab.home / "cache"]
         self.started = started
         self.prefix = procs.cmdline(cli_pid)
+        self.agent_argv = procs.cmdline(lab.agent.pid) if lab.agent is not None else ()
         self.existing = self._images()
         self.pool_files = self._pool_files()
         self.records = self._records()
@@ -329,7 +330,7 @@ class Injector:
         for r in self.new():
             if procs.is_criu(r.pid):
                 return True
-            if _same_program(r.pid, self.prefix) and not self.lab.keeps_app(r):
+            if r in self.forks() and not self.lab.keeps_app(r):
                 return True
         return bool(self.workers())
 
@@ -347,17 +348,30 @@ class Injector:
                 return [self.keeper] if self.keeper.alive() else []
             if self.lab.agent is not None:
                 return self.workers()
-            return [
-                r
-                for r in self.new()
-                if r != self.cli
-                and not procs.is_criu(r.pid)
-                and not self.lab.is_app(r.pid)
-                and _same_program(r.pid, self.prefix)
-            ]
+            return self.forks()
+        if kind == "checkpointer":
+            return [r for r in self.forks() if not self.lab.keeps_app(r)]
         if kind == "worker":
             return self.workers()
         raise AssertionError(f"unknown victim {kind}")
+
+    def forks(self) -> list[Ref]:
+        """New forks of the command (a restore's keeper, a detached checkpointer): the same
+        argv as the CLI, or, through an agent, as its master (but not the master's children,
+        its workers)."""
+        agent = self.lab.agent
+        out = []
+        for r in self.new():
+            if r == self.cli or procs.is_criu(r.pid) or self.lab.is_app(r.pid):
+                continue
+            if agent is None:
+                if _same_program(r.pid, self.prefix):
+                    out.append(r)
+                continue
+            st = procs.stat(r.pid)
+            if st is not None and st.ppid != agent.pid and _same_program(r.pid, self.agent_argv):
+                out.append(r)
+        return out
 
     def new(self) -> list[Ref]:
         """The test's processes that were not there when the command started."""

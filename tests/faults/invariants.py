@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from . import procs
-from .harness import App, Lab, Outcome
+from .harness import STAGING_MARK, App, Lab, Outcome
 from .procs import Ref
 
 ERROR_PREFIX = "torpor: error: "
@@ -84,7 +84,7 @@ def continues(lab: Lab, pids: list[int], floor: int, ceiling: int, story: str) -
     (what the app had counted before the checkpoint began; a fresh start counts from 1) and at
     most ``ceiling``."""
     for pid in pids:
-        ok = procs.wait_until(lambda p=pid: len(lab.counts().get(p, [])) >= 2, 10)
+        ok = procs.wait_until(lambda: len(lab.counts().get(pid, [])) >= 2, 10)  # noqa: B023
         assert ok, lab.fail(f"{story}: restored pid {pid} does not count")
         first = lab.counts()[pid][0]
         assert floor < first <= ceiling, lab.fail(
@@ -105,16 +105,6 @@ def restore(lab: Lab, image: str, name: str, floor: int, ceiling: int, story: st
         r = procs.ref(pid)
         if r is not None:
             procs.signal_ref(r)
-
-
-def image_state(lab: Lab, image: str) -> str | None:
-    """How ``torpor images`` lists a local image (``complete``, ``incomplete``...), None if not
-    at all."""
-    rows = json.loads(lab.ok("images", "--json"))
-    for row in rows:
-        if row.get("name") == image or row.get("path") == image:
-            return str(row.get("state", "complete"))
-    return None
 
 
 def image_repair_exists(lab: Lab) -> bool:
@@ -147,22 +137,43 @@ def survived(
     if restorable:
         restore(lab, image, f"{app.name}-r", floor, ceiling, story)
         return "image" if not alive else "both"
-    listed = _listed_image_of(lab, app)
-    if listed is not None and not alive:
+    repairable = None if alive else _repairable(lab, app, image, committed)
+    if repairable is not None:
+        lab.ok("image", "repair", repairable)
+        lab.note(f"  repaired {repairable}")
+        repaired = str(committed) if committed is not None and committed.is_dir() else None
+        repaired = repaired or _listed_image_of(lab, app)
+        assert repaired is not None, lab.fail(f"{story}: `torpor image repair` made no image")
+        restore(lab, repaired, f"{app.name}-r", floor, ceiling, f"{story}; after repair")
+        return "repaired"
+    listed = None if alive else _listed_image_of(lab, app)
+    if listed is not None:
         # Not where it was asked to go, but torpor knows it: a user finds it in `torpor images`.
         restore(lab, listed, f"{app.name}-r", floor, ceiling, f"{story}; image {listed}")
         return "listed"
-    if not alive and image_repair_exists(lab):
-        state = image_state(lab, image)
-        if state == "incomplete":
-            lab.ok("image", "repair", image)
-            restore(lab, image, f"{app.name}-r", floor, ceiling, f"{story}; after repair")
-            return "repaired"
     assert alive, lab.fail(
         f"{story}: LOST: the app (pid {app.ref.pid}) is gone and there is no image {image} "
         f"(error: {out.stderr.strip() or '-'}; leftovers: {_leftovers(lab, committed)})"
     )
     return "running"
+
+
+def _repairable(lab: Lab, app: App, image: str, committed: Path | None) -> str | None:
+    """What to give `torpor image repair` to finish the image of ``app`` the checkpoint kept
+    incomplete (listed by `torpor images`, or a staging directory beside an -o path); None if
+    there is none (or this torpor cannot repair)."""
+    if not image_repair_exists(lab):
+        return None
+    for row in json.loads(lab.ok("images", "--json")):
+        if row.get("state") == "incomplete" and (
+            row.get("name") == image or row.get("pid") == app.ref.pid
+        ):
+            return str(row["path"])
+    if committed is None or committed.parent == lab.home / "images":
+        return None
+    return (
+        str(committed) if any(committed.parent.glob(f".{committed.name}{STAGING_MARK}*")) else None
+    )
 
 
 def _listed_image_of(lab: Lab, app: App) -> str | None:

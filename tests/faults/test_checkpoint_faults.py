@@ -20,6 +20,7 @@ TRIGGERS = {
     "cli": ("start", "criu", "staging", "pages", "manifest", "image"),
     "criu": ("criu", "staging", "pages"),
     "keeper": ("start", "criu", "pages", "manifest", "image"),
+    "checkpointer": ("start", "criu", "staging", "pages", "manifest", "image"),
 }
 
 
@@ -71,7 +72,7 @@ def checkpoint_once(lab: Lab, i: int, variant: str, fault: Fault) -> bool:
     return out.fired is not None
 
 
-@pytest.mark.parametrize("victim", ["cli", "criu", "keeper"])
+@pytest.mark.parametrize("victim", ["cli", "criu", "keeper", "checkpointer"])
 def test_checkpoint_survives_sigkill(make_lab: Callable[..., Lab], victim: str) -> None:
     lab = make_lab()
 
