@@ -572,6 +572,7 @@ def test_leftovers_are_classified_by_what_they_hold(tmp_path: Path) -> None:
     by_mark = _leftover(tmp_path, "b", marks=(COMMITTING_NAME,))
     by_stats = _leftover(tmp_path, "c", marks=("stats-dump",))
     _leftover(tmp_path, "d", marks=("stats-dump",), record=False)  # not ours
+    os.chmod(_leftover(tmp_path, "f", marks=("stats-dump",)), 0o770)  # others could write in
     busy = _leftover(tmp_path, "e")
     fd = os.open(busy, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -37,8 +37,23 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .._errors import AlreadyExistsError, ImageError, ImageNotFoundError, TorporError, UsageError
-from .._safe import TEMP_PREFIX, create_file, is_plain_name, lstat_entries, open_dir, read_regular
+from .._errors import (
+    AlreadyExistsError,
+    ImageError,
+    ImageNotFoundError,
+    TorporError,
+    UnsafePathError,
+    UsageError,
+)
+from .._safe import (
+    TEMP_PREFIX,
+    check_private,
+    create_file,
+    is_plain_name,
+    lstat_entries,
+    open_dir,
+    read_regular,
+)
 from . import _manifest
 from ._image import STAGING_MARK, Image, Staging
 from ._manifest import FileEntry, Manifest
@@ -176,10 +191,13 @@ def is_staging_name(name: str) -> bool:
 
 def classify(dir_fd: int, *, source: str) -> tuple[Record, str, int] | None:
     """The record, state (:data:`INCOMPLETE` or :data:`STALE`: the caller holds the lock) and
-    size of the staging directory ``dir_fd``; None if it is not one of ours."""
+    size of the staging directory ``dir_fd``; None if it is not one of ours (no record, or a
+    directory someone else could have written in: its record and files are not to be
+    trusted)."""
     try:
+        check_private(source, what="staging directory", fd=dir_fd)
         record = Record.read(dir_fd, source=source)
-    except (FileNotFoundError, ImageError):
+    except (FileNotFoundError, ImageError, UnsafePathError):
         return None
     entries = lstat_entries(dir_fd)
     done = COMMITTING_NAME in entries or SUCCESS_MARK in entries
