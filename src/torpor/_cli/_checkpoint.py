@@ -137,16 +137,21 @@ def _coordinated(app: App, pid: int, dest: Path, args: argparse.Namespace, name:
     torpor (then the caller does a plain dump)."""
     from .._coord import NotCoordinatedError, request_checkpoint
     from .._images._image import Image
+    from .._process import _locks, _proc
 
+    # One checkpoint of a process at a time: while it runs its hooks (before its keeper takes
+    # the dump lock) no other command may start a plain dump of it. Let go before a plain
+    # dump of our own, whose checkpointer refuses to start while another command holds it.
     try:
-        request_checkpoint(
-            pid,
-            dest,
-            leave_running=args.leave_running,
-            tcp_established=args.tcp_established,
-            name=name,
-            timeout=args.timeout,
-        )
+        with _locks.requesting(_proc.ref(pid)):
+            request_checkpoint(
+                pid,
+                dest,
+                leave_running=args.leave_running,
+                tcp_established=args.tcp_established,
+                name=name,
+                timeout=args.timeout,
+            )
     except NotCoordinatedError:
         return None
     app.debug("coordinated checkpoint: the process ran its hooks")

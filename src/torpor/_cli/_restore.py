@@ -83,12 +83,7 @@ def _restore(app: App, args: argparse.Namespace) -> int:
     image = open_image(app, args.image)
     base = args.name or image.name
     check_name(base, what="process name")
-    if args.count == 1:
-        names = [base if args.name or not _is_running(base) else _fresh(base)]
-    else:
-        names = [f"{base}-{i}" for i in range(1, args.count + 1)]
-        if not args.name:
-            names = [n if not _is_running(n) else _fresh(n) for n in names]
+    names = [base] if args.count == 1 else [f"{base}-{i}" for i in range(1, args.count + 1)]
     procs = _manage.restore(
         image,
         names=names,
@@ -96,6 +91,9 @@ def _restore(app: App, args: argparse.Namespace) -> int:
         tcp_close=args.tcp_close,
         reuseport=args.reuseport,
         verify=False if args.no_verify else "full" if args.full_verify else True,
+        # Names from --name are the user's: refused if taken. Automatic ones (the image's
+        # name) are replaced by fresh ones instead, as the keeper reserves them.
+        rename_taken=not args.name,
     )
     elapsed = time.perf_counter() - started
     if args.json:
@@ -105,19 +103,3 @@ def _restore(app: App, args: argparse.Namespace) -> int:
             app.out(f"{p.name} {p.pid}")
     app.info(f"restored {len(procs)} cop{'y' if len(procs) == 1 else 'ies'} in {elapsed:.3f}s")
     return 0
-
-
-def _is_running(name: str) -> bool:
-    from .._errors import ProcessNotFoundError
-    from .._process import _registry
-
-    try:
-        return _registry.load(name).state == "running"
-    except ProcessNotFoundError:
-        return False
-
-
-def _fresh(base: str) -> str:
-    import os
-
-    return f"{base[:100]}-{os.urandom(3).hex()}"

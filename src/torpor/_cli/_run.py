@@ -61,7 +61,8 @@ def _run(app: App, args: argparse.Namespace) -> int:
     name = args.name or f"{os.path.basename(cmd[0])}-{int(time.time() * 1000) % 100000}"
     check_name(name, what="process name")
     log: Any = False if args.no_log else (args.log or True)
-    rec = _manage.run(cmd, name=name, log=log)
+    # A name given is the user's: refused if taken. An automatic one is replaced instead.
+    rec = _manage.run(cmd, name=name, log=log, rename_taken=not args.name)
     app.info(f"started {rec.name} (pid {rec.pid}); log: {rec.log_path or '/dev/null'}")
     app.out(f"{rec.name} {rec.pid}")
     return 0

@@ -71,7 +71,7 @@ from .._images._incomplete import (
 from .._images._layout import is_bookkeeping
 from .._images._manifest import FileEntry, now_iso
 from .._safe import create_file, kind_problem, lstat_entries, open_dir
-from . import _registry
+from . import _locks, _registry
 from ._proc import ProcRef, descendants, detached, facts, status_field
 
 # Room for the manifest, signature and stamp (~250 bytes per file, ~12 files per process)
@@ -301,7 +301,10 @@ def _checkpointer(
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     _send(report_w, {"checkpointer": os.getpid()})
     try:
-        image, warnings = Checkpointer(job, engine or CriuEngine(), staging, control).perform()
+        # One checkpoint of a process at a time: the lock is held here, by the process that
+        # dumps and commits, so the command's death does not let it go early and ours does.
+        with _locks.dumping(job.target, unless_requested=True):
+            image, warnings = Checkpointer(job, engine or CriuEngine(), staging, control).perform()
         msg: dict[str, Any] = {"ok": True, "image": str(image.path), "warnings": warnings}
     except BaseException as exc:
         msg = {"ok": False, "error": encode_error(exc)}

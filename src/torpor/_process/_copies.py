@@ -39,6 +39,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import stat
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -72,13 +73,22 @@ _U32 = struct.Struct("<I")
 _IMG_COMMON_MAGIC = 0x54564319
 _FILES_MAGIC = 0x56303138
 _REMAP_FPATH_MAGIC = 0x59133954
+_PSTREE_MAGIC = 0x50273030
+_IDS_MAGIC = 0x54432030
+_CORE_MAGIC = 0x55053847
+_FDINFO_MAGIC = 0x56213732
 FILES_IMG = "files.img"
 REMAP_FPATH_IMG = "remap-fpath.img"
+PSTREE_IMG = "pstree.img"
 
 # Field numbers and values of CRIU's images/*.proto that this module reads or writes.
 _FE_TYPE, _FE_ID, _FE_REG, _FE_ISK, _FE_USK = 1, 2, 3, 4, 16  # file_entry
 _FD_REG, _FD_INETSK, _FD_UNIXSK = 1, 4, 5  # fd_types
-_REG_NAME = 6  # reg_file_entry.name
+_REG_FLAGS, _REG_NAME, _REG_MODE = 2, 6, 10  # reg_file_entry
+_PE_PID = 1  # pstree_entry.pid
+_IDS_FILES = 2  # task_kobj_ids_entry.files_id
+_CORE_IDS = 4  # core_entry.ids
+_FDI_ID, _FDI_TYPE, _FDI_FD = 1, 3, 4  # fdinfo_entry
 _ISK_PROTO, _ISK_STATE, _ISK_OPTS = 5, 6, 14  # inet_sk_entry
 _SO_REUSEPORT = 17  # sk_opts_entry.so_reuseport
 _USK_NAME, _USK_NAME_DIR = 11, 14  # unix_sk_entry
@@ -263,6 +273,57 @@ def read_facts(image_dir: Path) -> ImageFacts:
             # CRIU's ghost_path() (criu/files-reg.c).
             paths.add(f"ghost:{orig}.cr.{remap_id & ~_OLD_GHOST_BIT:x}.ghost")
     return ImageFacts(listeners, solo, tuple(sorted(paths)))
+
+
+def stdio_keys(image_dir: Path) -> tuple[str, ...]:
+    """CRIU's ``inherit_fd`` keys (the path without its leading ``/``) of the regular files
+    the image's root task writes its stdout and stderr to (a ``torpor run`` log), so that
+    each restored copy can be given a log of its own in their place. Empty if they are not
+    regular files (``/dev/null``, a pipe, a terminal) or the image does not say; a damaged
+    file raises ImageCorruptedError."""
+    source = str(image_dir)
+    with _safe.opened_dir(image_dir) as dfd:
+        tree = _read_entries(dfd, PSTREE_IMG, _PSTREE_MAGIC, source)
+        if not tree:
+            return ()
+        root = _Message.parse(tree[0], source, PSTREE_IMG).get_int(_PE_PID)
+        files_id = _files_id(dfd, root, source)
+        if files_id is None:
+            return ()
+        fdinfo = f"fdinfo-{files_id}.img"
+        fds = _read_entries(dfd, fdinfo, _FDINFO_MAGIC, source) or []
+        wanted = set()
+        for raw in fds:
+            fi = _Message.parse(raw, source, fdinfo)
+            if fi.get_int(_FDI_FD) in (1, 2) and fi.get_int(_FDI_TYPE) == _FD_REG:
+                wanted.add(fi.get_int(_FDI_ID))
+        files = _read_entries(dfd, FILES_IMG, _FILES_MAGIC, source) if wanted else None
+        keys = set()
+        for raw in files or ():
+            entry = _Message.parse(raw, source, FILES_IMG)
+            reg = entry.get_message(_FE_REG)
+            if entry.get_int(_FE_ID) not in wanted or reg is None:
+                continue
+            name = reg.get_text(_REG_NAME)
+            mode = reg.get_int(_REG_MODE) if reg.has(_REG_MODE) else None
+            regular = stat.S_ISREG(mode) if mode is not None else not name.startswith("/dev/")
+            writes = (reg.get_int(_REG_FLAGS) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+            if regular and writes and name.startswith("/") and len(name) > 1:
+                keys.add(name[1:])
+    return tuple(sorted(keys))
+
+
+def _files_id(dfd: int, pid: int, source: str) -> int | None:
+    """Which ``fdinfo-N.img`` holds task ``pid``'s descriptors (from ``ids-PID.img``, or its
+    core file's ids in newer images)."""
+    ids = _read_entries(dfd, f"ids-{pid}.img", _IDS_MAGIC, source)
+    if ids:
+        return _Message.parse(ids[0], source, f"ids-{pid}.img").get_int(_IDS_FILES)
+    core = _read_entries(dfd, f"core-{pid}.img", _CORE_MAGIC, source)
+    if not core:
+        return None
+    kobj = _Message.parse(core[0], source, f"core-{pid}.img").get_message(_CORE_IDS)
+    return kobj.get_int(_IDS_FILES) if kobj is not None and kobj.has(_IDS_FILES) else None
 
 
 def _is_listener(isk: _Message) -> bool:
@@ -555,6 +616,12 @@ class Copies:
         self.image = image
         self.count = count
         self.facts = read_facts(image.path)
+        # Where the root's stdout/stderr went (a log): each copy gets a log of its own there.
+        # A damaged file here is for the verification (or CRIU) to report, as for any file.
+        try:
+            self.stdio = stdio_keys(image.path)
+        except ImageCorruptedError:
+            self.stdio = ()
         wanted = count > 1 if reuseport is None else reuseport
         self.derives = wanted and self.facts.solo_listeners > 0
         self._derived: Path | None = None

@@ -37,9 +37,11 @@ from .._engine import Connection, CriuEngine, RestoreOptions
 from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
-from . import _keeper_dump, _peer, _registry
-from ._proc import CLONE_NEWPID, descendants, detached, ref, setns, unshare
-from ._registry import ManagedProcess
+from . import _keeper_dump, _locks, _peer, _registry
+from ._locks import Lock
+from ._logs import open_log
+from ._proc import CLONE_NEWPID, descendants, detached, setns, start_time, unshare
+from ._registry import ManagedProcess, Reservation
 
 
 def address(keeper_pid: int) -> bytes:
@@ -85,6 +87,11 @@ class Keeper:
         self.warm = warm
         self.lock = threading.Lock()
         self.children: dict[int, ManagedProcess] = {}
+        # Children started but not yet recorded (pid -> exit code once reaped, else None):
+        # a record is written only once what was asked for runs (see record()).
+        self.unrecorded: dict[int, int | None] = {}
+        # Dump locks of self-dumps in flight (by child pid): held until the image is made.
+        self.dump_locks: dict[int, Lock] = {}
         self.busy = 0  # self-dumps in flight
         # The latest self-dump of each child, by pid (its outcome is collected from it).
         self.dumps: dict[int, _keeper_dump.SelfDump] = {}
@@ -95,19 +102,25 @@ class Keeper:
     # -- run --------------------------------------------------------------------------------
 
     def launch(self, command: Sequence[str], name: str, log_path: Path | None) -> ManagedProcess:
-        """Start ``command`` as pid 1 of a new PID namespace; return its record."""
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        # Only the app goes into the new namespace: our later children (CRIU) must not.
-        own_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        """Start ``command`` as pid 1 of a new PID namespace; return its record, not yet
+        written (see :meth:`record`)."""
+        log_fd = open_log(log_path) if log_path else None
         try:
-            unshare(CLONE_NEWPID)
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the app's side
-                os.close(err_r)
-                _exec_app(command, name, log_path, err_w)
-            setns(own_ns, CLONE_NEWPID)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            # Only the app goes into the new namespace: our later children (CRIU) must not.
+            own_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                unshare(CLONE_NEWPID)
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - the app's side
+                    os.close(err_r)
+                    _exec_app(command, name, log_fd, err_w)
+                setns(own_ns, CLONE_NEWPID)
+            finally:
+                os.close(own_ns)
         finally:
-            os.close(own_ns)
+            if log_fd is not None:
+                os.close(log_fd)
         os.close(err_w)
         failure = os.read(err_r, 4096)
         os.close(err_r)
@@ -117,7 +130,7 @@ class Keeper:
         rec = ManagedProcess(
             name=name,
             pid=pid,
-            start_time=ref(pid).start_time,
+            start_time=_start_time(pid),
             keeper_pid=self.pid,
             command=tuple(command),
             started=now_iso(),
@@ -171,15 +184,27 @@ class Keeper:
         warm, self.warm = self.warm, None
 
         def one(i: int, images_dir: Path) -> ManagedProcess:
-            with copies.criu_turn():
-                res = engine.restore(images_dir, options, connection=warm if i == 0 else None)
+            # Each copy writes its stdout/stderr to a log of its own, not the original's.
+            log_path = _paths.logs_dir() / f"{names[i]}.log" if copies.stdio else None
+            log_fd = open_log(log_path) if log_path else None
+            try:
+                own = options
+                if log_fd is not None:  # a fresh CRIU (not the warm one) gets the fd
+                    inherit = {key: log_fd for key in copies.stdio}
+                    own = dataclasses.replace(options, inherit_fds=inherit)
+                with copies.criu_turn():
+                    res = engine.restore(images_dir, own, connection=warm if i == 0 else None)
+            finally:
+                if log_fd is not None:
+                    os.close(log_fd)
             rec = ManagedProcess(
                 name=names[i],
                 pid=res.pid,
-                start_time=ref(res.pid).start_time,
+                start_time=_start_time(res.pid),
                 keeper_pid=self.pid,
                 command=image.manifest.cmdline,
                 started=now_iso(),
+                log_path=str(log_path) if log_path else None,
                 restored_from=str(image.path),
             )
             self._adopt(rec)
@@ -193,13 +218,12 @@ class Keeper:
                 warm.close()
         bad = verdict.exception()
         failures = [r for r in results if isinstance(r, BaseException)]
-        if bad is not None or failures:
-            # All or nothing: a partial --count is not what was asked for.
-            for r in results:
-                if isinstance(r, ManagedProcess):
-                    _kill(r.pid)
-            raise bad or failures[0]
         restored = [r for r in results if isinstance(r, ManagedProcess)]
+        if bad is not None or failures:
+            # All or nothing: a partial --count is not what was asked for. The copies were
+            # never recorded, and never will be.
+            self.discard(restored)
+            raise bad or failures[0]
         if options.leave_stopped:
             for r in restored:
                 _continue_tree(r.pid)
@@ -208,10 +232,44 @@ class Keeper:
     # -- children ---------------------------------------------------------------------------
 
     def _adopt(self, rec: ManagedProcess) -> None:
+        """Take ``rec``'s process as a child (reaped when it ends); its record is written by
+        :meth:`record`, or never (:meth:`discard`)."""
         with self.lock:
             self.children[rec.pid] = rec
-        _registry.save(rec)
+            self.unrecorded[rec.pid] = None
         threading.Thread(target=self._reap, args=(rec.pid,), daemon=True).start()
+
+    def record(self, recs: Sequence[ManagedProcess], names: Reservation) -> list[ManagedProcess]:
+        """Write the records of ``recs`` (started under the names ``names`` holds): all of
+        them, or, if one cannot be written, none, and their processes are killed. A process
+        that has already ended is recorded as ended."""
+        written: list[ManagedProcess] = []
+        with self.lock:
+            try:
+                for rec in recs:
+                    code = self.unrecorded[rec.pid]
+                    final = rec if code is None else rec.evolve(exit_status=code, ended=now_iso())
+                    names.commit(final)
+                    written.append(final)
+                    del self.unrecorded[rec.pid]
+            except BaseException:
+                for rec in written:
+                    with contextlib.suppress(OSError, TorporError):
+                        _registry.delete_if(rec.name, rec.ref)
+                self._discard_locked(recs)
+                raise
+        return written
+
+    def discard(self, recs: Sequence[ManagedProcess]) -> None:
+        """Kill the (unrecorded) processes of ``recs``; they are never recorded."""
+        with self.lock:
+            self._discard_locked(recs)
+
+    def _discard_locked(self, recs: Sequence[ManagedProcess]) -> None:
+        for rec in recs:
+            self.unrecorded.pop(rec.pid, None)
+            if rec.pid in self.children:
+                _kill(rec.pid)
 
     def _reap(self, pid: int) -> None:
         _, status = os.waitpid(pid, 0)
@@ -220,13 +278,13 @@ class Keeper:
             rec = self.children.pop(pid)
             if pid in self.dumps and self.dumps[pid].outcome is not None:
                 del self.dumps[pid]  # nobody is left to collect it
-            try:
-                latest = _registry.load(rec.name)
-            except TorporError:
-                latest = None  # forgotten meanwhile (deleted): do not bring it back
-            # The name may belong to a newer process by now: never overwrite its record.
-            if latest is not None and latest.ref == rec.ref:
-                _registry.save(latest.evolve(exit_status=code, ended=now_iso()))
+            if pid in self.unrecorded:
+                self.unrecorded[pid] = code  # record() writes it as ended
+            else:
+                # Only the very process's record: the name may belong to a newer one by now,
+                # and a deleted record is not brought back.
+                with contextlib.suppress(OSError, TorporError):
+                    _registry.update(rec.name, rec.ref, exit_status=code, ended=now_iso())
             self.idle.notify_all()
 
     # -- CRIU for self-dumping children -------------------------------------------------------
@@ -282,13 +340,18 @@ class Keeper:
         req: _keeper_dump.DumpRequest,
     ) -> _keeper_dump.SelfDump:
         job = _keeper_dump.SelfDump(peer, rec, req)
+        # One checkpoint of a process at a time, whoever asks (torpor checkpoint PID too):
+        # held until the image is made (_after_swrk), or let go with this keeper.
+        dump_lock = _locks.dumping(rec.ref)
         with self.lock:
             running = self.dumps.get(peer.pid)
             if running is not None and running.outcome is None:
+                dump_lock.release()
                 raise _errors.PermissionDeniedError(
                     f"a dump of process {peer.pid} is in flight; refused"
                 )
             self.dumps[peer.pid] = job
+            self.dump_locks[peer.pid] = dump_lock
             self.busy += 1
         try:
             job.prepare()
@@ -298,10 +361,16 @@ class Keeper:
         except BaseException:
             job.abort()
             with self.lock:
+                self._release_dump_lock(peer.pid, dump_lock)
                 self.busy -= 1
                 self.idle.notify_all()
             raise
         return job
+
+    def _release_dump_lock(self, pid: int, lock: Lock) -> None:
+        if self.dump_locks.get(pid) is lock:
+            del self.dump_locks[pid]
+        lock.release()
 
     def _collect(self, conn: socket.socket, pid: int) -> None:
         with self.lock:
@@ -325,6 +394,9 @@ class Keeper:
             with self.lock:
                 if rec.pid not in self.children and self.dumps.get(rec.pid) is job:
                     del self.dumps[rec.pid]  # killed by the dump: nobody will collect
+                lock = self.dump_locks.get(rec.pid)
+                if lock is not None:
+                    self._release_dump_lock(rec.pid, lock)
                 self.busy -= 1
                 self.idle.notify_all()
 
@@ -359,7 +431,16 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _exec_app(command: Sequence[str], name: str, log_path: Path | None, err_w: int) -> None:
+def _start_time(pid: int) -> int:
+    """The start time of our child ``pid``, which may have ended already (then a zombie
+    until reaped: its start time is still there)."""
+    born = start_time(pid)
+    if born is None:  # pragma: no cover - our unreaped child always has one
+        raise TorporError(f"child {pid} vanished before it was reaped")
+    return born
+
+
+def _exec_app(command: Sequence[str], name: str, log_fd: int | None, err_w: int) -> None:
     """In the forked app (pid 1 of its namespace): session, stdio, clean fds, exec."""
     try:
         os.setsid()
@@ -368,11 +449,7 @@ def _exec_app(command: Sequence[str], name: str, log_path: Path | None, err_w: i
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDWR)
-        out = (
-            os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            if log_path
-            else devnull
-        )
+        out = log_fd if log_fd is not None else devnull
         os.dup2(devnull, 0)
         os.dup2(out, 1)
         os.dup2(out, 2)

@@ -11,6 +11,7 @@ from .. import _paths
 from .._engine import RestoreOptions
 from .._errors import PermissionDeniedError, UsageError
 from .._images._image import Image
+from .._images._store import check_name
 from . import _keeper, _registry
 from ._registry import ManagedProcess
 
@@ -22,22 +23,34 @@ def _need_root(what: str) -> None:
         )
 
 
-def run(command: Sequence[str], *, name: str, log: Path | bool | None = True) -> ManagedProcess:
+def run(
+    command: Sequence[str],
+    *,
+    name: str,
+    log: Path | bool | None = True,
+    rename_taken: bool = False,
+) -> ManagedProcess:
     """Start ``command`` so it can be checkpointed and restored cleanly, any number of times:
     pid 1 of its own PID namespace, session leader, stdin on /dev/null, stdout/stderr appended
-    to ``log`` (default ``<home>/logs/NAME.log``; ``False`` for /dev/null), no inherited fds."""
+    to ``log`` (default ``<home>/logs/NAME.log``; ``False`` for /dev/null), no inherited fds.
+
+    ``name`` is reserved before anything starts (:func:`_registry.reserve`): a name another
+    command is starting, or whose process runs, is refused, or, with ``rename_taken`` (an
+    automatic name), replaced by a fresh one. The record is written once the command runs;
+    a command that cannot be started leaves none."""
     _need_root("torpor run")
     if not command:
         raise UsageError("no command given", hint="torpor run [--name N] -- CMD [ARGS...]")
-    _registry.reserve(name)
-    log_path: Path | None
-    if log is True:
-        log_path = _paths.logs_dir() / f"{name}.log"
-    elif log is False or log is None:
-        log_path = None
-    else:
-        log_path = Path(log).absolute()
-    return _keeper.spawn(lambda k: [k.launch(command, name, log_path)])[0]
+    check_name(name, what="process name")
+    chosen = None if log is True or log is False or log is None else Path(log).absolute()
+
+    def work(k: _keeper.Keeper) -> list[ManagedProcess]:
+        with _registry.reserve([name], rename_taken=rename_taken) as held:
+            final = held.names[0]
+            log_path = _paths.logs_dir() / f"{final}.log" if log is True else chosen
+            return k.record([k.launch(command, final, log_path)], held)
+
+    return _keeper.spawn(work)[0]
 
 
 def restore(
@@ -48,12 +61,17 @@ def restore(
     verify: bool | Literal["full"] = True,
     tcp_close: bool = False,
     reuseport: bool | None = None,
+    rename_taken: bool = False,
 ) -> list[ManagedProcess]:
-    """Restore ``len(names)`` concurrent copies of ``image``, each a running managed process.
+    """Restore ``len(names)`` concurrent copies of ``image``, each a running managed process
+    writing its stdout/stderr to a log of its own (``<home>/logs/NAME.log``) when the image's
+    went to a file.
 
-    All or nothing: if one copy fails, none is left running. The image's checksums are verified
-    before any restored task runs: ``True`` re-hashes only files changed since they were last
-    hashed, ``"full"`` re-hashes everything, ``False`` skips verification.
+    All or nothing: if one copy fails, none is left running, and none is recorded. The
+    image's checksums are verified before any restored task runs: ``True`` re-hashes only
+    files changed since they were last hashed, ``"full"`` re-hashes everything, ``False``
+    skips verification. ``names`` are reserved as :func:`run` reserves its name (a taken one
+    replaced by a fresh one with ``rename_taken``).
 
     ``tcp_close`` restores established TCP connections closed (instead of resumed), so an
     image that held one restores again and as copies. Listening sockets of several copies
@@ -61,7 +79,7 @@ def restore(
     """
     _need_root("torpor restore")
     for n in names:
-        _registry.reserve(n)
+        check_name(n, what="process name")
     m = image.manifest
     if tcp_close:
         tcp_established = False  # nothing to resume: the connections come back closed
@@ -70,6 +88,10 @@ def restore(
         shell_job=m.shell_job,
         tcp_close=tcp_close,
     )
-    return _keeper.spawn(
-        lambda k: k.restore(image, names, options, verify=verify, reuseport=reuseport)
-    )
+
+    def work(k: _keeper.Keeper) -> list[ManagedProcess]:
+        with _registry.reserve(names, rename_taken=rename_taken) as held:
+            restored = k.restore(image, held.names, options, verify=verify, reuseport=reuseport)
+            return k.record(restored, held)
+
+    return _keeper.spawn(work)

@@ -15,17 +15,30 @@ NAME``), so nothing in one is believed as read:
   keeper a torpor keeper (it holds the keeper socket of its own pid, which a process that only
   knows a pid cannot fake). A pidfd is taken first, so the process checked is the process
   signalled even if the pid is reused meanwhile.
+
+Records match what runs (issue 12 item 4):
+
+- a name is taken for a new process by :func:`reserve` before anything is started: the name's
+  lock (``_locks.starting``) is held until the record is written, and a name whose record
+  says it is running is refused. Two commands starting one name: exactly one gets it;
+- a record is written only once its process runs as asked (a restore whose copies were
+  killed, or a ``run`` that failed, leaves none), replacing an ended one atomically (rename);
+- every read-modify-write of a record (the keeper noting an exit, a checkpoint noting where
+  the process went) holds the records directory's ``flock`` and changes a record only if it
+  still names the very process (pid and start time): a newer process under the name is never
+  overwritten.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +52,8 @@ from .._errors import (
     UnsafePathError,
 )
 from .._images._store import check_name
-from . import _proc
+from . import _locks, _proc
+from ._locks import Lock
 from ._proc import ProcRef
 
 MAX_RECORD = 1 << 20  # bytes; a record is a few hundred, argv at most a few MiB
@@ -116,12 +130,16 @@ def _file_name(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _procs() -> Iterator[tuple[int, Path]]:
-    """The records directory, checked, opened (``O_NOFOLLOW``) and checked again by fd."""
+def _procs(*, locked: bool = False) -> Iterator[tuple[int, Path]]:
+    """The records directory, checked, opened (``O_NOFOLLOW``) and checked again by fd;
+    ``locked``: with its ``flock`` held (exclusive) for a read-modify-write. The lock is
+    per open file, so a locked section must not open it again (it would wait for itself)."""
     path = _paths.procs_dir()
     fd = _safe.open_dir(path)
     try:
         _safe.check_private(path, what="records directory", fd=fd)
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # let go with the fd
         yield fd, path
     finally:
         os.close(fd)
@@ -130,6 +148,11 @@ def _procs() -> Iterator[tuple[int, Path]]:
 def save(rec: ManagedProcess) -> None:
     """Write (or replace) a record atomically: a new 0600 file (``O_EXCL``, ``O_NOFOLLOW``)
     renamed over the old one."""
+    with _procs(locked=True) as (dir_fd, _):
+        _write(dir_fd, rec)
+
+
+def _write(dir_fd: int, rec: ManagedProcess) -> None:
     if rec.keeper_start_time is None and rec.keeper_pid == os.getpid():
         # Records are written by their keeper (the process that started them): it knows its
         # own start time, which makes it recognisable later (see open_checked).
@@ -138,20 +161,115 @@ def save(rec: ManagedProcess) -> None:
     final = _file_name(rec.name)
     tmp = f".{rec.name}.tmp{os.getpid()}-{secrets.token_hex(4)}"
     data = json.dumps(asdict(rec), indent=2, sort_keys=True).encode()
-    with _procs() as (dir_fd, _):
-        fd = _safe.create_file(dir_fd, tmp, source="records directory")
+    fd = _safe.create_file(dir_fd, tmp, source="records directory")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.rename(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def update(name: str, target: ProcRef, **changes: Any) -> bool:
+    """Apply ``changes`` to the record ``name`` if it still names ``target`` (pid and start
+    time); whether it did. A record gone, untrusted or naming a newer process is left as it
+    is."""
+    with _procs(locked=True) as (dir_fd, path):
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.rename(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
+            rec = _read(dir_fd, path, _file_name(name), name)
+        except TorporError:
+            return False
+        if rec.ref != target:
+            return False
+        _write(dir_fd, rec.evolve(**changes))
+        return True
 
 
-def reserve(name: str) -> None:
-    """Fail if ``name`` belongs to a process that is still running."""
+# -- names ------------------------------------------------------------------------------------
+
+# Fresh names tried for one taken automatic name before giving up.
+_FRESH_ATTEMPTS = 8
+
+
+def fresh_name(base: str) -> str:
+    """``base`` with a random suffix (for an automatic name that is taken)."""
+    return f"{base[:100]}-{secrets.token_hex(3)}"
+
+
+class Reservation:
+    """Names held for processes about to be started (see :func:`reserve`): :attr:`names`, in
+    the order asked, each held until the reservation is closed. :meth:`commit` writes the
+    record of a process started under one of them."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._locks: dict[str, Lock] = {}
+
+    def _hold(self, name: str, rename_taken: bool) -> None:
+        wanted = name
+        for _ in range(_FRESH_ATTEMPTS):
+            try:
+                lock = _locks.starting(name)
+            except AlreadyExistsError:
+                if not rename_taken:
+                    raise
+                name = fresh_name(wanted)
+                continue
+            try:
+                _check_free(name)
+            except AlreadyExistsError:
+                lock.release()
+                if not rename_taken:
+                    raise
+                name = fresh_name(wanted)
+                continue
+            except BaseException:
+                lock.release()
+                raise
+            self._locks[name] = lock
+            self.names.append(name)
+            return
+        raise AlreadyExistsError(
+            f"no free managed process name like {wanted!r} (tried {_FRESH_ATTEMPTS})",
+            hint="choose a --name",
+        )
+
+    def commit(self, rec: ManagedProcess) -> None:
+        """Write ``rec``, whose name this reservation holds (replacing an ended record)."""
+        lock = self._locks.get(rec.name)
+        if lock is None or not lock.held:
+            raise TorporError(f"internal error: name {rec.name!r} is not reserved")
+        with _procs(locked=True) as (dir_fd, _):
+            _write(dir_fd, rec)
+
+    def close(self) -> None:
+        """Let go of every name (started or not)."""
+        for lock in self._locks.values():
+            lock.release()
+        self._locks.clear()
+
+
+@contextlib.contextmanager
+def reserve(names: Sequence[str], *, rename_taken: bool = False) -> Iterator[Reservation]:
+    """Hold ``names`` for processes about to be started, until the block ends.
+
+    A name is refused (:class:`~torpor.AlreadyExistsError`) while another command starts a
+    process under it or its record says it is running; with ``rename_taken`` (automatic
+    names) a taken name is replaced by :func:`fresh_name` instead. Nothing of a refused
+    reservation is held."""
+    held = Reservation()
+    try:
+        for name in names:
+            held._hold(name, rename_taken)
+        yield held
+    finally:
+        held.close()
+
+
+def _check_free(name: str) -> None:
+    """Refuse ``name`` if its record says it is running."""
     try:
         rec = load(name)
     except ProcessNotFoundError:
@@ -249,8 +367,15 @@ def _malformed(path: Path, problem: str) -> RecordError:
 def list_all(skipped: list[TorporError] | None = None) -> list[ManagedProcess]:
     """Every record, oldest first. Records that cannot be trusted are left out (and their
     errors appended to ``skipped``, when given)."""
+    with _procs() as (dir_fd, path):
+        return _list(dir_fd, path, skipped)
+
+
+def _list(
+    dir_fd: int, path: Path, skipped: list[TorporError] | None = None
+) -> list[ManagedProcess]:
     out = []
-    with _procs() as (dir_fd, path), os.scandir(dir_fd) as it:
+    with os.scandir(dir_fd) as it:
         for entry in it:
             if entry.name.startswith(".") or not entry.name.endswith(".json"):
                 continue  # temporary files of save()
@@ -272,16 +397,31 @@ def find_by_pid(pid: int) -> ManagedProcess | None:
 
 def mark_checkpointed(target: ProcRef, image: Path) -> None:
     """Record that the managed process ``target`` (if it is one) ended in a checkpoint."""
-    for rec in list_all():
-        if rec.ref == target:
-            save(rec.evolve(checkpointed_to=str(image)))
+    with _procs(locked=True) as (dir_fd, path):
+        for rec in _list(dir_fd, path):
+            if rec.ref == target:
+                _write(dir_fd, rec.evolve(checkpointed_to=str(image)))
 
 
 def delete(name: str) -> None:
     """Forget a record."""
     file = _file_name(name)
-    with _procs() as (dir_fd, _), contextlib.suppress(FileNotFoundError):
+    with _procs(locked=True) as (dir_fd, _), contextlib.suppress(FileNotFoundError):
         os.unlink(file, dir_fd=dir_fd)
+
+
+def delete_if(name: str, target: ProcRef) -> bool:
+    """Forget the record ``name`` if it still names ``target``; whether it did."""
+    with _procs(locked=True) as (dir_fd, path):
+        try:
+            rec = _read(dir_fd, path, _file_name(name), name)
+        except TorporError:
+            return False
+        if rec.ref != target:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_file_name(name), dir_fd=dir_fd)
+        return True
 
 
 # -- acting on a record's pid ---------------------------------------------------------------
