@@ -503,15 +503,15 @@ class Checkpointer:
         if self.refused is not None:
             return DumpError(
                 f"checkpoint of pid {pid} failed: its image could not be checked before the "
-                f"process was stopped: {_why(self.refused, self.staging.path)} (the process "
-                "keeps running)",
+                f"process was stopped: {_why(self.refused, self.staging.path)} "
+                f"({self._fate()})",
                 pid=pid,
                 image=self.job.dest,
                 hint=getattr(self.refused, "hint", None),
             )
         if self._out_of_space(exc):
             mount = mount_point(self.staging.path)
-            kept = "the process keeps running" if self.job.target.alive() else "the process is gone"
+            kept = self._fate()
             log = exc.log_path if exc.log_path and not _inside(exc.log_path, self.staging) else ""
             return DumpError(
                 f"checkpoint of pid {pid} failed: {no_space(self.staging.path)} while CRIU "
@@ -535,10 +535,15 @@ class Checkpointer:
     def _aborted(self, reason: str, done: str) -> CheckpointAbortedError:
         return CheckpointAbortedError(
             f"checkpoint of pid {self.pid} aborted: {reason} before CRIU had written the image "
-            f"({done}; the process keeps running)",
+            f"({done}; {self._fate()})",
             pid=self.pid,
             image=self.job.dest,
         )
+
+    def _fate(self) -> str:
+        """What became of the process, checked (CRIU thaws it when a dump fails; it may have
+        ended on its own meanwhile)."""
+        return "the process keeps running" if self.job.target.alive() else "the process is gone"
 
     # -- the commit ------------------------------------------------------------------------
 
