@@ -234,7 +234,7 @@ class Lab:
             mine = self.tree.mine()
             busy = []
             for r in mine:
-                if self.agent is not None and self._agent_own(r):
+                if self.agent is not None and self.agent_own(r):
                     continue
                 if self.is_app(r.pid):
                     continue
@@ -246,7 +246,7 @@ class Lab:
         procs.wait_until(lambda: not transient(), timeout, step=0.02)
         return [f"pid {r.pid} {' '.join(procs.cmdline(r.pid))[:120]}" for r in transient()]
 
-    def _agent_own(self, r: Ref) -> bool:
+    def agent_own(self, r: Ref) -> bool:
         """The agent master, an idle worker, or an idle worker's pre-started CRIU."""
         assert self.agent is not None
         if r == self.agent:
@@ -261,13 +261,13 @@ class Lab:
 
     def cleanup(self) -> None:
         """Kill every process of this iteration (the agent and its workers stay)."""
-        keep: frozenset[int] = frozenset()
-        if self.agent is not None and self.agent.alive():
-            keep = frozenset(
-                r.pid
-                for r in self.tree.mine()
-                if self._agent_own(r) and not self.is_app(r.pid) and not self.keeps_app(r)
-            )
+        agent = self.agent
+
+        def keep(r: Ref) -> bool:
+            if agent is None or not agent.alive():
+                return False
+            return self.agent_own(r) and not self.is_app(r.pid) and not self.keeps_app(r)
+
         left = self.tree.kill_all(keep)
         assert not left, f"processes outlived SIGKILL: {left}"
 
@@ -327,10 +327,13 @@ class Injector:
     def busy(self) -> bool:
         """Whether something the command started still works (CRIU, a detached finaliser or
         keeper without an app yet, the agent worker serving it)."""
+        forks = self.forks()
         for r in self.new():
+            if self.lab.agent is not None and self.lab.agent_own(r):
+                continue  # a spare worker the master started meanwhile, and its CRIU
             if procs.is_criu(r.pid):
                 return True
-            if r in self.forks() and not self.lab.keeps_app(r):
+            if r in forks and not self.lab.keeps_app(r):
                 return True
         return bool(self.workers())
 
@@ -338,11 +341,20 @@ class Injector:
 
     def victims(self) -> list[Ref]:
         """The processes the fault's victim names, now."""
-        kind = self.fault.victim
+        return self.victims_of(self.fault.victim)
+
+    def victims_of(self, kind: str) -> list[Ref]:
+        """The processes ``kind`` (cli, criu, keeper, checkpointer, worker) names, now."""
         if kind == "cli":
             return [self.cli] if self.cli is not None and self.cli.alive() else []
         if kind == "criu":
-            return [r for r in self.new() if procs.is_criu(r.pid)] + self.worker_criu()
+            agent = self.lab.agent
+            spawned = [
+                r
+                for r in self.new()
+                if procs.is_criu(r.pid) and not (agent is not None and self.lab.agent_own(r))
+            ]
+            return spawned + self.worker_criu()
         if kind == "keeper":
             if self.keeper is not None:
                 return [self.keeper] if self.keeper.alive() else []
@@ -396,7 +408,7 @@ class Injector:
         for w in self.workers():
             for kid in procs.children(w.pid):
                 r = procs.ref(kid)
-                if r is not None and procs.is_criu(kid) and r.pid in self.before:
+                if r is not None and procs.is_criu(kid):
                     out.append(r)
         return out
 
@@ -465,12 +477,12 @@ def _same_program(pid: int, prefix: Sequence[str]) -> bool:
 
 TRIGGERS: dict[str, Callable[[Injector], bool]] = {
     "start": lambda i: True,
-    "criu": lambda i: any(procs.is_criu(r.pid) for r in i.new()) or bool(i.worker_criu()),
+    "criu": lambda i: bool(i.victims_of("criu")),
     "staging": lambda i: bool(i.staging_dirs()),
     "pages": lambda i: i.staged(lambda n: n.startswith("pages-")),
     "manifest": lambda i: i.staged(lambda n: n == "torpor.json"),
     "image": Injector.image_in_place,
-    "keeper": lambda i: bool([r for r in i.new() if r != i.cli and not procs.is_criu(r.pid)]),
+    "keeper": lambda i: bool(i.forks()) or bool(i.workers()),
     "restored": lambda i: any(i.lab.is_app(r.pid) for r in i.new()),
     "record": lambda i: i._records() - i.records != set(),
     "pool": lambda i: i._pool_files() > i.pool_files,

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from . import procs
@@ -21,6 +22,10 @@ from .harness import STAGING_MARK, App, Lab, Outcome
 from .procs import Ref
 
 ERROR_PREFIX = "torpor: error: "
+# An exception's repr (``OSError(28, ...)``) in a message: an error no boundary converted,
+# passed on as it came (the keeper's fallback for non-torpor errors says so: "keeper failed").
+FOREIGN = re.compile(r"\b[A-Z]\w*(Error|Exception)\(|keeper failed: ")
+REPAIR_HINT = re.compile(r"`torpor image repair (\S+)`")
 
 
 def check_output(lab: Lab, out: Outcome) -> None:
@@ -31,6 +36,10 @@ def check_output(lab: Lab, out: Outcome) -> None:
     assert out.rc is not None, lab.fail(f"{story}: no exit status")
     for bad in ("Traceback", "internal error"):
         assert bad not in out.stderr, lab.fail(f"{story}: stderr holds {bad!r}:\n{out.stderr}")
+    leaked = FOREIGN.search(out.stderr)
+    assert leaked is None, lab.fail(
+        f"{story}: a foreign exception, not a torpor error: {leaked.group(0)!r} in {out.stderr}"
+    )
     if out.rc == 0:
         return
     lines = out.stderr.splitlines()
@@ -137,13 +146,13 @@ def survived(
     if restorable:
         restore(lab, image, f"{app.name}-r", floor, ceiling, story)
         return "image" if not alive else "both"
-    repairable = None if alive else _repairable(lab, app, image, committed)
+    repairable = None if alive else _repairable(lab, app, out, image, committed)
     if repairable is not None:
-        lab.ok("image", "repair", repairable)
-        lab.note(f"  repaired {repairable}")
-        repaired = str(committed) if committed is not None and committed.is_dir() else None
-        repaired = repaired or _listed_image_of(lab, app)
-        assert repaired is not None, lab.fail(f"{story}: `torpor image repair` made no image")
+        repaired = lab.ok("image", "repair", repairable).strip()
+        lab.note(f"  repaired {repairable} into {repaired}")
+        assert Path(repaired, "torpor.json").is_file(), lab.fail(
+            f"{story}: `torpor image repair {repairable}` printed {repaired!r}, not an image"
+        )
         restore(lab, repaired, f"{app.name}-r", floor, ceiling, f"{story}; after repair")
         return "repaired"
     listed = None if alive else _listed_image_of(lab, app)
@@ -158,12 +167,16 @@ def survived(
     return "running"
 
 
-def _repairable(lab: Lab, app: App, image: str, committed: Path | None) -> str | None:
+def _repairable(lab: Lab, app: App, out: Outcome, image: str, committed: Path | None) -> str | None:
     """What to give `torpor image repair` to finish the image of ``app`` the checkpoint kept
-    incomplete (listed by `torpor images`, or a staging directory beside an -o path); None if
-    there is none (or this torpor cannot repair)."""
+    incomplete: what its error said to repair, an image `torpor images` lists as incomplete,
+    or the -o path beside which a staging directory is left; None if there is none (or this
+    torpor cannot repair)."""
     if not image_repair_exists(lab):
         return None
+    said = REPAIR_HINT.search(out.stderr)
+    if said:
+        return said.group(1)
     for row in json.loads(lab.ok("images", "--json")):
         if row.get("state") == "incomplete" and (
             row.get("name") == image or row.get("pid") == app.ref.pid

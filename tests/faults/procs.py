@@ -265,12 +265,15 @@ class Tree:
                     out.append(r)
         return out
 
-    def kill_all(self, keep: frozenset[int] = frozenset(), timeout: float = 10) -> list[Ref]:
-        """SIGKILL every process of the test but those in ``keep`` (pids) and wait until they
-        are gone; the ones that outlived ``timeout`` (none, normally)."""
+    def kill_all(
+        self, keep: Callable[[Ref], bool] = lambda r: False, timeout: float = 10
+    ) -> list[Ref]:
+        """SIGKILL every process of the test but those ``keep`` spares (judged afresh each
+        round: a process started meanwhile is judged too) and wait until they are gone; the
+        ones that outlived ``timeout`` (none, normally)."""
         deadline = time.monotonic() + timeout
         while True:
-            left = [r for r in self.mine() if r.pid not in keep]
+            left = [r for r in self.mine() if not keep(r)]
             if not left or time.monotonic() > deadline:
                 return left
             for r in left:
