@@ -54,14 +54,19 @@ def still_counting(log: Path, pid: int) -> None:
 
 
 def restores_and_continues(image: Path, name: str, app: ProcRef, log: Path) -> None:
-    """The image at ``image`` (named ``name``) is complete, restores, and the copy goes on
-    from the last count of ``app``; the copy is then killed."""
+    """The image at ``image`` is complete, restores (as ``name``, writing to its own log
+    beside ``log``), and the copy goes on from the last count of ``app``; the copy is then
+    killed."""
     Image.open(image).verify(full=True)
     last = counts(log)[app.pid][-1]
     new = int(torpor("restore", str(image), "--name", name).stdout.split()[1])
-    wait_for(lambda: len(counts(log).get(new, [])) >= 2, what="the restored copy counting")
-    first = counts(log)[new][0]
-    assert first in (last + 1, last + 2), (last, counts(log)[new][:3])
+    copy_log = log.parent / f"{name}.log"
+    wait_for(
+        lambda: copy_log.exists() and len(counts(copy_log).get(new, [])) >= 2,
+        what="the restored copy counting",
+    )
+    first = counts(copy_log)[new][0]
+    assert first in (last + 1, last + 2), (last, counts(copy_log)[new][:3])
     assert parse_ps(torpor("ps").stdout, "PID", "STATE")[name] == (str(new), "running")
     torpor("kill", name)
 
