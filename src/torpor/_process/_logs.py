@@ -8,7 +8,7 @@ write into the original's log, nor into each other's.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -30,12 +30,21 @@ def open_log(path: Path) -> int:
         try:
             _safe.check_private(logs, what="logs directory", fd=dir_fd)
             _safe.check_name(path.name, source=str(logs))
-            fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600, dir_fd=dir_fd)
+            try:
+                fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600, dir_fd=dir_fd)
+            except OSError as exc:
+                # A symlink (ELOOP), a FIFO without a reader (ENXIO), a directory...: say what.
+                with contextlib.suppress(OSError):
+                    st = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+                    planted = _safe.kind_problem(st.st_mode)
+                    if planted == "a symlink":
+                        raise _unsafe_log(path, "is a symlink") from exc
+                    if planted is not None:
+                        raise _unsafe_log(path, f"is {planted}, not a regular file") from exc
+                raise
         finally:
             os.close(dir_fd)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _unsafe_log(path, "is a symlink") from exc
         raise TorporError(
             f"cannot open log {path}: {exc.strerror or exc}",
             hint="give --log a file in a directory that exists, or --no-log",
