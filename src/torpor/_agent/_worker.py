@@ -57,7 +57,7 @@ def decode_request(packet: bytes) -> Request:
         if not 0 <= umask <= 0o777:
             raise ValueError(f"umask {umask:o}")
         rlimits = tuple(
-            (int(res), int(soft), int(hard))
+            _rlimit(int(res), int(soft), int(hard))
             for res, soft, hard in (lim.split(b":") for lim in limits.split(b",") if lim)
         )
         if argc < 0 or 6 + argc > len(fields):
@@ -68,6 +68,21 @@ def decode_request(packet: bytes) -> Request:
     except (ValueError, IndexError) as exc:
         raise BadRequest(f"malformed request: {exc}") from exc
     return Request(install, argv, cwd, umask, rlimits, environ)
+
+
+# Linux's RLIM_NLIMITS (the resource module does not export it); the launchers send these 16.
+_RLIMIT_NLIMITS = 16
+
+
+def _rlimit(res: int, soft: int, hard: int) -> tuple[int, int, int]:
+    """A resource limit as setrlimit takes it, or ValueError: a resource this kernel has, and
+    limits that are unlimited (-1) or fit the kernel's rlim_t."""
+    if not 0 <= res < _RLIMIT_NLIMITS:
+        raise ValueError(f"resource {res}")
+    for value in (soft, hard):
+        if not (value == resource.RLIM_INFINITY or 0 <= value < 2**63):
+            raise ValueError(f"resource limit {value}")
+    return res, soft, hard
 
 
 def launcher_dir() -> str:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import _safe
 from .._errors import (
     AlreadyExistsError,
     CheckpointInProgressError,
@@ -91,7 +92,10 @@ def _recv(sock: socket.socket) -> dict[str, Any]:
     data = sock.recv(_MAX_PACKET)
     if not data:
         raise ConnectionResetError("the other end closed the connection")
-    message = json.loads(data)
+    try:
+        message = json.loads(data)
+    except RecursionError as exc:  # nesting deeper than the parser goes: malformed like the rest
+        raise ValueError("nested too deeply") from exc
     if not isinstance(message, dict):
         raise ValueError("not a JSON object")
     return message
@@ -119,12 +123,18 @@ def _parse_request(message: dict[str, Any], requester: tuple[int, int]) -> _Requ
     flags = (message.get("leave_running"), message.get("tcp_established"))
     if not isinstance(dest, str) or not os.path.isabs(dest):
         raise UsageError("the request's dest must be an absolute path")
-    if not isinstance(reply, str) or not reply.startswith("torpor-reply/"):
+    if (
+        not isinstance(reply, str)
+        or not reply.startswith("torpor-reply/")
+        or not reply.isascii()
+        or not reply.isprintable()
+        or len(reply) > 100
+    ):
         raise UsageError("the request's reply address is malformed")
     if not all(isinstance(f, bool) for f in flags):
         raise UsageError("leave_running and tcp_established must be booleans")
-    if name is not None and not isinstance(name, str):
-        raise UsageError("the request's name must be a string")
+    if name is not None and not _safe.is_plain_name(name):
+        raise UsageError("the request's name must be a plain name")
     return _Request(
         Path(dest), bool(flags[0]), bool(flags[1]), name, b"\0" + reply.encode(), requester
     )
@@ -391,9 +401,11 @@ class ExternalOutcome:
 
 
 def _remote_error(pid: int, dest: Path, message: dict[str, Any]) -> TorporError:
-    kind = str(message.get("kind", "Error"))
-    text = str(message.get("error", "the process reported a failure"))
-    details = [str(d) for d in message.get("details", [])]
+    # The process may be anyone's (and torpor checkpoint runs as root): its words are outside
+    # input, shown as one bounded line each.
+    kind = _one_line_text(message.get("kind", "Error"))
+    text = _one_line_text(message.get("error", "the process reported a failure"))
+    details = _text_list(message.get("details"))
     msg = f"process {pid}: {text}"
     if kind == "PermissionDeniedError":
         return PermissionDeniedError(msg)
@@ -408,6 +420,19 @@ def _remote_error(pid: int, dest: Path, message: dict[str, Any]) -> TorporError:
     if kind.endswith("DumpError") or kind.startswith("Criu"):
         return DumpError(msg, pid=pid, image=dest, log_lines=details)
     return RemoteCheckpointError(msg, pid=pid, kind=kind, details=details)
+
+
+def _one_line_text(value: object, limit: int = 500) -> str:
+    """``value`` as one printable line of at most ``limit`` characters."""
+    text = "".join(c if c.isprintable() else " " for c in str(value))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _text_list(value: object, limit: int = 64) -> list[str]:
+    """A list of strings from the other end as bounded lines (anything else: none)."""
+    if not isinstance(value, list):
+        return []
+    return [_one_line_text(v) for v in value[:limit]]
 
 
 def request_checkpoint(
@@ -519,7 +544,7 @@ def _await_outcome(
                 message = _read_reply(pid, reply)
                 if not message.get("ok"):
                     raise _remote_error(pid, dest, message)
-                warnings = tuple(str(w) for w in message.get("warnings", []))
+                warnings = tuple(_text_list(message.get("warnings")))
                 image = Path(str(message.get("image", dest)))
                 return ExternalOutcome(
                     pid, image, leave_running, False, time.monotonic() - started, warnings
