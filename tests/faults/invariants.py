@@ -35,16 +35,16 @@ def check_output(lab: Lab, out: Outcome) -> None:
     story = out.story
     assert out.rc is not None, lab.fail(f"{story}: no exit status")
     for bad in ("Traceback", "internal error"):
-        assert bad not in out.stderr, lab.fail(f"{story}: stderr holds {bad!r}:\n{out.stderr}")
+        assert bad not in out.stderr, lab.fail(f"{story}: stderr holds {bad!r}: {out.stderr!r}")
     leaked = FOREIGN.search(out.stderr)
     assert leaked is None, lab.fail(
-        f"{story}: a foreign exception, not a torpor error: {leaked.group(0)!r} in {out.stderr}"
+        f"{story}: a foreign exception, not a torpor error: {leaked.group(0)!r} in {out.stderr!r}"
     )
     if out.rc == 0:
         return
     lines = out.stderr.splitlines()
-    assert out.rc == 1, lab.fail(f"{story}: exit status {out.rc}, stderr:\n{out.stderr}")
-    assert len(lines) == 1, lab.fail(f"{story}: the error is not one line:\n{out.stderr}")
+    assert out.rc == 1, lab.fail(f"{story}: exit status {out.rc}, stderr: {out.stderr!r}")
+    assert len(lines) == 1, lab.fail(f"{story}: the error is not one line: {out.stderr!r}")
     assert lines[0].startswith(ERROR_PREFIX), lab.fail(f"{story}: not a torpor error: {lines[0]}")
 
 

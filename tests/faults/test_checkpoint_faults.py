@@ -20,15 +20,21 @@ TRIGGERS = {
     "cli": ("start", "criu", "staging", "pages", "manifest", "image"),
     "criu": ("criu", "staging", "pages"),
     "keeper": ("start", "criu", "pages", "manifest", "image"),
-    "checkpointer": ("start", "criu", "staging", "pages", "manifest", "image"),
+    # The checkpointer ends as soon as the image is in place.
+    "checkpointer": ("start", "criu", "staging", "pages", "manifest"),
 }
+
+LATE = {("criu", "staging"): 0.015, ("criu", "pages"): 0.005}
 
 
 def pick_fault(rng: random.Random, victim: str) -> Fault:
-    """A seeded moment for ``victim``: a trigger, then up to 30 ms more (or up to 350 ms after
-    the start: a checkpoint of the counter takes 0.2-0.4 s)."""
+    """A seeded moment for ``victim``: a trigger, then up to 30 ms more (10 for the short-lived
+    checkpointer), or up to 350 ms after the start (a checkpoint of the counter takes
+    0.2-0.4 s)."""
     trigger = rng.choice(TRIGGERS[victim])
-    delay = rng.uniform(0, 0.35) if trigger == "start" else rng.uniform(0, 0.03)
+    # CRIU is done some 10 ms after its first page file; the checkpointer soon after the image.
+    late = LATE.get((victim, trigger), 0.01 if victim == "checkpointer" else 0.03)
+    delay = rng.uniform(0, 0.35) if trigger == "start" else rng.uniform(0, late)
     return Fault(trigger, round(delay, 4), victim)
 
 
