@@ -75,11 +75,19 @@ def _preload() -> str | None:
     import torpor._coord
     import torpor._doctor
     import torpor._images._image
+    import torpor._images._signature
     import torpor._images._store
+    import torpor._process._copies
     import torpor._process._dump
+    import torpor._process._locks
     import torpor._process._manage
     from torpor._engine import _criu
 
+    # Restores verify the image's signature: OpenSSL's Ed25519 through `cryptography` costs
+    # ~25 ms to import, which must not land on a restore's path.
+    with contextlib.suppress(ImportError):
+        import cryptography.exceptions
+        import cryptography.hazmat.primitives.asymmetric.ed25519  # noqa: F401
     torpor._cli.prebuild()
     try:
         criu = _criu.find_criu()
