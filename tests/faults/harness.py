@@ -319,8 +319,10 @@ class Injector:
                 if sent:
                     pids = ", ".join(str(v.pid) for v in sent)
                     return f"killed {self.fault.victim} (pid {pids}) at {now - self.started:.3f}s"
-            if done() is not None and not (self.fault.victim != "cli" and self.busy()):
+            if done() is not None and self.fault.victim == "cli":
                 return None
+            if done() is not None and not (self.victims() if triggered else self.busy()):
+                return None  # the command is over, and so is what the fault could hit
             time.sleep(0.002)
         return None
 

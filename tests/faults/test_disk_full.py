@@ -1,6 +1,6 @@
 """Full disks at every stage: a tmpfs as the `-o` destination or as the whole TORPOR_HOME,
 filled (by a ballast file) so that a seeded amount of space is left, from none to a little
-more than the image needs, while `torpor checkpoint`, `restore` and `image push` run. After
+more than the image needs, while `torpor checkpoint`, `restore`, `image push` and `run` run. After
 each the ballast goes and every invariant is checked: the app runs or its image restores,
 one-line errors, `torpor ps` true, and the failed command never blocks its retry."""
 
@@ -149,7 +149,7 @@ def test_commands_in_a_full_home(
     image, floor, ceiling = base_image(lab)
 
     def body(i: int, rng: random.Random) -> bool:
-        op = ("checkpoint", "restore", "leave-running", "push")[i % 4]
+        op = ("checkpoint", "restore", "leave-running", "push", "run")[i % 5]
         app = lab.start_app(f"a{i}") if op in ("checkpoint", "leave-running") else None
         app_floor = lab.last_count(app.ref.pid) if app is not None else 0
         free = pick_free(rng, size)
@@ -159,6 +159,8 @@ def test_commands_in_a_full_home(
                 out = lab.cli("restore", image, "--name", f"r{i}", "--json")
             elif op == "push":
                 out = lab.cli("image", "push", image, f"p{i}@default")
+            elif op == "run":
+                out = lab.cli("run", "--name", f"n{i}", "--", *lab.app_argv())
             else:
                 assert app is not None
                 extra = ["--leave-running"] if op == "leave-running" else []
@@ -180,6 +182,10 @@ def test_commands_in_a_full_home(
         elif op == "restore" and out.rc == 0:
             pids = [int(p["pid"]) for p in json.loads(out.stdout)]
             continues(lab, pids, floor, ceiling, out.story)
+        elif op == "run" and out.rc != 0:
+            # Refused on the full disk: nothing of it runs, and with room it starts.
+            assert not lab.apps(), lab.fail(f"{out.story}: refused, yet {lab.apps()} run")
+            lab.start_app(f"n{i}")
         # Whatever failed, the base image is whole and the retry works with room.
         if op == "push":
             retry = lab.cli("image", "push", image, f"p{i}b@default")
