@@ -66,7 +66,7 @@ def _start_agent(lab: Lab) -> None:
     if not os.access(LAUNCHER, os.X_OK):
         pytest.fail(f"{LAUNCHER} is not installed: run scripts/setup.sh")
     lab.cli_prefix = (LAUNCHER,)
-    lab.agent = Ref(0, 0)  # the environment says TORPOR_AGENT=on from now on
+    lab.use_agent = True
     out = lab.cli("agent", "start")
     assert out.rc == 0 and out.stdout.startswith("agent started (pid "), out
     data = json.loads((lab.home / "agent.pid").read_text())

@@ -35,6 +35,8 @@ TICK = 0.02  # the counter app's period, seconds
 
 # How many iterations each scenario runs (CI: the default; more locally on request).
 ITERATIONS = int(os.environ.get("TORPOR_FAULT_ITERATIONS", "6"))
+# pytest-timeout's bound for one scenario: ~3 s an iteration at most, with room.
+TIMEOUT = 120 + 10 * ITERATIONS
 BASE_SEED = os.environ.get("TORPOR_FAULT_SEED") or str(random.SystemRandom().randrange(1 << 32))
 
 
@@ -103,6 +105,7 @@ class Lab:
     tmp: Path
     scenario: str
     cli_prefix: tuple[str, ...] = (PYTHON, "-m", "torpor")
+    use_agent: bool = False  # commands go through the launcher to this home's agent
     agent: Ref | None = None
     log: list[str] = field(default_factory=list)
 
@@ -111,7 +114,7 @@ class Lab:
         """The CLI's environment: the lab's home; no agent unless this lab started one."""
         env = dict(os.environ, TORPOR_HOME=str(self.home))
         env.pop("TORPOR_DEBUG", None)
-        env["TORPOR_AGENT"] = "on" if self.agent is not None else "off"
+        env["TORPOR_AGENT"] = "on" if self.use_agent else "off"
         return env
 
     @property
@@ -298,9 +301,9 @@ class Injector:
         self.started = started
         self.prefix = procs.cmdline(cli_pid)
         self.agent_argv = procs.cmdline(lab.agent.pid) if lab.agent is not None else ()
-        self.existing = self._images()
-        self.pool_files = self._pool_files()
-        self.records = self._records()
+        self.images_before = self.images_now()
+        self.pool_files = self.pool_files_now()
+        self.records_before = self.records_now()
         # The launcher's stdout: the agent worker serving it holds the same pipe.
         self.pipe = _fd1(cli_pid)
 
@@ -437,7 +440,8 @@ class Injector:
                 continue
         return False
 
-    def _images(self) -> set[Path]:
+    def images_now(self) -> set[Path]:
+        """The image directories (holding a manifest) in the watched places."""
         out: set[Path] = set()
         for d in self.watch:
             try:
@@ -450,15 +454,18 @@ class Injector:
     def image_in_place(self) -> bool:
         """An image directory (or a staging directory holding its manifest) appeared in a
         watched place since the command started."""
-        return bool({p for p in self._images() if not p.name.startswith(".")} - self.existing)
+        made = {p for p in self.images_now() if not p.name.startswith(".")}
+        return bool(made - self.images_before)
 
-    def _pool_files(self) -> int:
+    def pool_files_now(self) -> int:
+        """How many files the home's pools hold."""
         n = 0
         for _root, _dirs, files in os.walk(self.lab.home / "pools"):
             n += len(files)
         return n
 
-    def _records(self) -> set[str]:
+    def records_now(self) -> set[str]:
+        """The record files of the home."""
         try:
             return set(os.listdir(self.lab.home / "procs"))
         except OSError:
@@ -486,8 +493,8 @@ TRIGGERS: dict[str, Callable[[Injector], bool]] = {
     "image": Injector.image_in_place,
     "keeper": lambda i: bool(i.forks()) or bool(i.workers()),
     "restored": lambda i: any(i.lab.is_app(r.pid) for r in i.new()),
-    "record": lambda i: i._records() - i.records != set(),
-    "pool": lambda i: i._pool_files() > i.pool_files,
+    "record": lambda i: bool(i.records_now() - i.records_before),
+    "pool": lambda i: i.pool_files_now() > i.pool_files,
 }
 
 

@@ -11,12 +11,12 @@ from collections.abc import Callable
 import pytest
 
 from . import procs
-from .harness import Fault, Lab, iterate
+from .harness import TIMEOUT, Fault, Lab, iterate
 from .invariants import check_output, check_ps, check_quiet, continues
 from .test_checkpoint_faults import checkpoint_once
 from .test_restore_faults import base_image, restore_once
 
-pytestmark = [pytest.mark.root, pytest.mark.criu]
+pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.timeout(TIMEOUT)]
 
 OPS = ("stop", "restore", "leave-running", "idle-criu", "restore", "idle-worker")
 VICTIMS = {

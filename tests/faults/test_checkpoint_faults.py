@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Fault, Lab, iterate
+from .harness import TIMEOUT, Fault, Lab, iterate
 from .invariants import check_output, check_ps, check_quiet, still_manageable, survived
 
-pytestmark = [pytest.mark.root, pytest.mark.criu]
+pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.timeout(TIMEOUT)]
 
 VARIANTS = ("stop", "leave-running", "pool", "output")
 TRIGGERS = {

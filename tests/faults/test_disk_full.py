@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import App, Lab, Outcome, iterate
+from .harness import TIMEOUT, App, Lab, Outcome, iterate
 from .invariants import (
     check_output,
     check_ps,
@@ -28,7 +28,7 @@ from .invariants import (
 )
 from .test_restore_faults import base_image
 
-pytestmark = [pytest.mark.root, pytest.mark.criu]
+pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.timeout(TIMEOUT)]
 
 # Fractions of the image's size left free: nothing, a few blocks, partway through the pages,
 # around where CRIU's files fit but the manifest would not, and just enough.

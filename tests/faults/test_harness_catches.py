@@ -10,10 +10,10 @@ from collections.abc import Callable
 import pytest
 
 from . import procs
-from .harness import Fault, Lab, Outcome
+from .harness import TIMEOUT, Fault, Lab, Outcome
 from .invariants import check_output, check_ps, check_quiet, continues, survived
 
-pytestmark = [pytest.mark.root, pytest.mark.criu]
+pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.timeout(TIMEOUT)]
 
 
 def _raises(check: Callable[[], object], words: str) -> None:

@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 import pytest
 
-from .harness import Fault, Lab, iterate
+from .harness import TIMEOUT, Fault, Lab, iterate
 from .invariants import check_output, check_quiet, restore
 from .test_restore_faults import base_image
 
-pytestmark = [pytest.mark.root, pytest.mark.criu]
+pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.timeout(TIMEOUT)]
 
 
 def pool_names(lab: Lab) -> set[str]:

@@ -11,10 +11,10 @@ from collections.abc import Callable
 import pytest
 
 from . import procs
-from .harness import Fault, Lab, iterate
+from .harness import TIMEOUT, Fault, Lab, iterate
 from .invariants import check_output, check_ps, check_quiet, continues, restore
 
-pytestmark = [pytest.mark.root, pytest.mark.criu]
+pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.timeout(TIMEOUT)]
 
 TRIGGERS = {
     "cli": ("start", "keeper", "criu", "restored", "record"),
