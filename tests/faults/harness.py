@@ -246,8 +246,16 @@ class Lab:
                 busy.append(r)
             return busy
 
-        procs.wait_until(lambda: not transient(), timeout, step=0.02)
-        return [f"pid {r.pid} {' '.join(procs.cmdline(r.pid))[:120]}" for r in transient()]
+        # Judged on one look: a process seen busy (an app dying leaves an empty cmdline for a
+        # moment, then a zombie) is looked at again until none is, or the time is up.
+        deadline = time.monotonic() + timeout
+        busy = transient()
+        while busy and time.monotonic() < deadline:
+            time.sleep(0.02)
+            busy = transient()
+        return [
+            f"pid {r.pid} ({r.state()}) {' '.join(procs.cmdline(r.pid))[:120] or '-'}" for r in busy
+        ]
 
     def agent_own(self, r: Ref) -> bool:
         """The agent master, an idle worker, or an idle worker's pre-started CRIU."""
