@@ -62,7 +62,8 @@ def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
     from ._run import resolve_target
 
     pid = resolve_target(args.target)
-    _proc.ref(pid)
+    # Refused before anything is asked of the process or of CRIU (see _process._dump).
+    _dump.check_dumpable(_proc.ref(pid))
     managed = _registry.find_by_pid(pid)
     base = managed.name if managed else f"pid{pid}"
     name = _store.check_name(args.name or f"{base}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -74,6 +75,7 @@ def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
         dest = _paths.cache_dir() / f".push-{name}-{pid}"
     else:
         dest = _store.default_path(name)
+    _dump.check_destination(dest)
     check_free(dest)
 
     image: Image | None = None

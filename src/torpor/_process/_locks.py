@@ -243,8 +243,15 @@ def _take(file: str) -> Lock:
                 raise
             return Lock(dir_fd, fd, file)
         raise TorporError(f"cannot take lock {path / file}: it keeps being replaced")
-    except BaseException:
+    except BaseException as exc:
         os.close(dir_fd)
+        if isinstance(exc, OSError):  # a full disk: one line naming it, not an OSError
+            from .._images._incomplete import disk_problem, mount_point
+
+            raise TorporError(
+                f"cannot take lock {path / file}: {disk_problem(exc, path)} (nothing was done)",
+                hint=f"free space on {mount_point(path)}",
+            ) from exc
         raise
 
 

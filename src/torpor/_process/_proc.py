@@ -46,6 +46,84 @@ def ref(pid: int) -> ProcRef:
     return ProcRef(pid, int(st[19]))
 
 
+# PF_KTHREAD, in the flags field of /proc/PID/stat (include/linux/sched.h).
+_PF_KTHREAD = 0x00200000
+# How torpor's own processes are started: the CLI (``python -m torpor``, ``torpor-py``, the
+# native launcher ``torpor``), the agent, a self-dump's detached finaliser. Keepers and
+# checkpointers are forks of these and keep their command lines.
+_OWN_MODULES = ("torpor", "torpor._agent", "torpor._process._selfdump")
+_OWN_PROGRAMS = ("torpor", "torpor-py")
+
+
+def command_name(pid: int) -> str:
+    """The kernel's short name of ``pid`` (``/proc/PID/comm``; empty if there is none)."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def is_kernel_thread(pid: int) -> bool:
+    """Whether ``pid`` is a kernel thread: ``PF_KTHREAD`` in its flags, or a live process
+    without an executable (``/proc/PID/exe``)."""
+    st = stat_fields(pid)
+    if st is None:
+        return False
+    if int(st[6]) & _PF_KTHREAD:
+        return True
+    try:
+        os.readlink(f"/proc/{pid}/exe")
+    except FileNotFoundError:
+        return running(pid)  # a zombie has no executable either
+    except OSError:
+        return False
+    return False
+
+
+def ancestors(pid: int) -> Iterator[int]:
+    """The host pids of the parents of ``pid``, nearest first, up to (and with) pid 1."""
+    seen = {pid}
+    parent = parent_pid(pid)
+    while parent and parent not in seen:
+        yield parent
+        seen.add(parent)
+        parent = parent_pid(parent)
+
+
+def torpor_role(pid: int) -> str | None:
+    """What ``pid`` is if it is one of torpor's own processes (``a torpor keeper``, ``a torpor
+    process``), else None: it holds the socket of a keeper with its pid, or its command line
+    runs torpor's CLI, agent or finaliser."""
+    if holds_unix_socket(pid, f"@torpor-keeper-{pid}"):
+        return "a torpor keeper"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return None
+    return "a torpor process" if argv and _runs_torpor(argv) else None
+
+
+def _runs_torpor(argv: list[str]) -> bool:
+    if os.path.basename(argv[0]) in _OWN_PROGRAMS:
+        return True
+    args = iter(argv[1:])
+    for arg in args:  # an interpreter's options, then a module or a script
+        if arg == "-m":
+            module = next(args, "")
+            return module in _OWN_MODULES
+        if arg in ("-c", "-"):
+            return False
+        if arg in ("-X", "-W", "-Q"):
+            next(args, None)
+            continue
+        if arg.startswith("-"):
+            continue
+        return os.path.basename(arg) in _OWN_PROGRAMS
+    return False
+
+
 def start_time(pid: int) -> int | None:
     """The start time (clock ticks since boot) of process ``pid``, or None if there is none."""
     st = stat_fields(pid)

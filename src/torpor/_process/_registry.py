@@ -166,9 +166,17 @@ def _write(dir_fd: int, rec: ManagedProcess) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.rename(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
+        if isinstance(exc, OSError):  # a full disk: one line naming it, not an OSError
+            from .._images._incomplete import disk_problem, mount_point
+
+            where = _paths.procs_dir()
+            raise TorporError(
+                f"cannot write the record of {rec.name!r} in {where}: {disk_problem(exc, where)}",
+                hint=f"free space on {mount_point(where)}",
+            ) from exc
         raise
 
 
