@@ -313,7 +313,11 @@ def test_criu_dying_is_a_dump_error_after_settling(tmp_path: Path) -> None:
     with pytest.raises(DumpError) as exc:
         receive_dump(conn, 5, tmp_path, settle=_settle(calls))
     t.join()
-    assert (calls, str(exc.value)) == (["settle"], "CRIU dump died: CRIU closed the connection")
+    assert (calls, str(exc.value)) == (
+        ["settle"],
+        "checkpoint of pid 5 failed: CRIU ended without answering (CRIU closed the connection) "
+        f"(the process keeps running; log: {tmp_path / 'criu-dump.log'})",
+    )
 
 
 # -- sealing and publishing relative to dir fds -------------------------------------------------

@@ -30,6 +30,8 @@ from .._errors import (
     RestoreError,
 )
 from .._proto import criu_rpc_pb2 as pb
+from ._failures import _CriuDied, _died, _failure, _hint_for, _how_it_ended
+from ._failures import log_errors as log_errors
 from ._rpc import Connection, NotifyHandler, TransportError
 
 MIN_VERSION = (4, 2)
@@ -180,105 +182,6 @@ def _cli_version(binary: str) -> str | None:
     return m.group(1)
 
 
-# Known failure signatures in CRIU's log → what the user should do. First match wins.
-_HINTS: Sequence[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"within dumped tree"), "CRIU cannot run inside the tree it dumps"),
-    (
-        # The root of a PID namespace that is not root: CRIU's parasite must mount a /proc
-        # of that namespace from inside the process (pie/parasite.c, get_proc_fd).
-        re.compile(r"parasite\.c:\d+: Can't create a directory|whose /proc doesn't belong"),
-        "CRIU cannot dump a process that dropped root while it is pid 1 of its PID namespace "
-        "(`torpor run`): keep the app's first process root and drop privileges in its children",
-    ),
-    (
-        re.compile(r"torpor keeper: process \d+ of the tree runs with other credentials"),
-        "a dump for an unprivileged process covers only processes with its credentials: end "
-        "the others (root children, set-uid programs) first",
-    ),
-    (
-        re.compile(r"tty|TTY|pty"),
-        "the process holds a terminal: start it with `torpor run` (stdio to a log file), "
-        "or checkpoint with --shell-job",
-    ),
-    (
-        re.compile(r"Connected TCP socket in image"),
-        "the image holds an established TCP connection: restore with --tcp-established (it "
-        "resumes) or --tcp-close (it comes back closed)",
-    ),
-    (
-        re.compile(r"Can't connect inet socket back"),
-        "the image's TCP connection still exists (a restored copy holds it, or it lingers): "
-        "restore with --tcp-close to bring it back closed",
-    ),
-    (
-        re.compile(r"Can't bind inet socket.*in use"),
-        "a port the image binds is taken (is the original still running?): stop it; restored "
-        "copies share a listening port only with each other",
-    ),
-    (
-        re.compile(r"Connected TCP socket|tcp-established"),
-        "the process has an established TCP connection: pass --tcp-established",
-    ),
-    (
-        re.compile(r"[Uu]nix.*(external|[Ee]xt)|half of stream unix|unix.*peer"),
-        "the process holds a unix socket connected to a process outside its tree: close it "
-        "before the checkpoint (or use an fd policy)",
-    ),
-    (
-        re.compile(r"has bad size|Size mismatch"),
-        "a file the process has open changed size since the dump: open such files with "
-        "O_APPEND, or restore a fresh image",
-    ),
-    (
-        re.compile(r"ghost regfile|Couldn't unlink remap|ghost.*File exists"),
-        "the ghost file CRIU recreates for a deleted-but-open file (<path>.cr.<id>.ghost) "
-        "was there already: a restore outside torpor was making it, or a killed restore left "
-        "it; retry, or delete the leftover",
-    ),
-    (
-        re.compile(r"File exists|Can't fork for \d+|set_tid"),
-        "a pid the image needs is in use (is the original still running?): stop it, or run "
-        "apps with `torpor run` so they live in their own PID namespace",
-    ),
-    (
-        re.compile(r"Can't open file.*No such file|Can't lookup"),
-        "a file the process had open is gone",
-    ),
-    (
-        re.compile(r"Operation not permitted|EPERM"),
-        "CRIU needs root (CAP_SYS_ADMIN and friends): run torpor as root",
-    ),
-]
-
-_RLIMIT = "RLIMIT_NOFILE"
-
-
-def log_errors(log_path: Path, limit: int = 8) -> list[str]:
-    """The real error lines of a CRIU log (harmless rlimit noise dropped), prefixes trimmed."""
-    try:
-        text = log_path.read_text(errors="replace")
-    except OSError:
-        return []
-    lines: list[str] = []
-    for line in text.splitlines():
-        if "Error (" not in line or _RLIMIT in line:
-            continue
-        # "(00.012345) Error (criu/tty.c:123): message" -> "tty.c:123: message"
-        m = re.search(r"Error \((?:criu/)?([^)]*)\):\s*(.*)", line)
-        lines.append(f"{m.group(1)}: {m.group(2)}" if m else line.strip())
-        if len(lines) >= limit:
-            break
-    return lines
-
-
-def _hint_for(lines: Sequence[str]) -> str | None:
-    text = "\n".join(lines)
-    for pattern, hint in _HINTS:
-        if pattern.search(text):
-            return hint
-    return None
-
-
 class CriuEngine:
     """Checkpoint and restore through ``criu swrk``.
 
@@ -375,6 +278,14 @@ class CriuEngine:
             except CriuError as exc:
                 exc.log_path = str(self._keep_log(log_path, pid))
                 raise
+            except _CriuDied as died:
+                raise _died(
+                    DumpError,
+                    died,
+                    pid=pid,
+                    image=images_dir,
+                    log_path=self._keep_log(log_path, pid),
+                ) from died.__cause__
             if not resp.success:
                 kept_log = self._keep_log(log_path, pid)
                 raise _failure(
@@ -434,16 +345,21 @@ class CriuEngine:
             for key, fd in o.inherit_fds.items():
                 opts.inherit_fd.append(pb.InheritFd(key=key, fd=fd))
             started = time.perf_counter()
-            resp, notify_error = self._call(
-                pb.Req(type=pb.RESTORE, opts=opts),
-                notify,
-                connection,
-                pass_fds=(dfd, wfd, *o.inherit_fds.values()),
-                kind="restore",
-                pid=None,
-                image=images_dir,
-                log_path=log_path,
-            )
+            try:
+                resp, notify_error = self._call(
+                    pb.Req(type=pb.RESTORE, opts=opts),
+                    notify,
+                    connection,
+                    pass_fds=(dfd, wfd, *o.inherit_fds.values()),
+                    kind="restore",
+                    pid=None,
+                    image=images_dir,
+                    log_path=log_path,
+                )
+            except _CriuDied as died:
+                raise _died(
+                    RestoreError, died, pid=None, image=images_dir, log_path=log_path
+                ) from died.__cause__
             if not resp.success:
                 raise _failure(
                     RestoreError,
@@ -463,16 +379,22 @@ class CriuEngine:
     # -- plumbing ----------------------------------------------------------------------
 
     def _simple(self, req: pb.Req, pass_fds: Sequence[int] = ()) -> pb.Resp:
-        resp, _ = self._call(
-            req,
-            None,
-            None,
-            pass_fds=pass_fds,
-            kind=_type_name(req.type),
-            pid=None,
-            image=None,
-            log_path=None,
-        )
+        kind = _type_name(req.type)
+        try:
+            resp, _ = self._call(
+                req,
+                None,
+                None,
+                pass_fds=pass_fds,
+                kind=kind,
+                pid=None,
+                image=None,
+                log_path=None,
+            )
+        except _CriuDied as died:
+            raise CriuError(
+                f"CRIU's {kind} request failed: CRIU {died.how}", hint=_INSTALL_HINT
+            ) from died.__cause__
         return resp
 
     def _call(
@@ -499,62 +421,16 @@ class CriuEngine:
             resp = conn.call(req, notify)
             return resp, conn.notify_error
         except TransportError as exc:
-            lines = log_errors(log_path) if log_path else []
-            err_cls = (
-                DumpError if kind == "dump" else RestoreError if kind == "restore" else CriuError
-            )
-            raise err_cls(
-                f"CRIU {kind} died: {lines[0] if lines else exc}",
-                pid=pid,
-                image=image,
-                log_path=log_path,
-                log_lines=lines,
-                hint=_hint_for(lines),
-            ) from exc
+            broke = exc
         finally:
             if own:
                 conn.close()
+        raise _CriuDied(_how_it_ended(conn, broke)) from broke
 
     @contextmanager
     def _logfile(self, prefix: str) -> Iterator[tuple[str, Path]]:
         name = f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}.log"
         yield name, self.log_dir / name
-
-
-def _failure(
-    cls: type[CriuError],
-    what: str,
-    resp: pb.Resp,
-    pid: int | None,
-    image: Path,
-    log_path: Path,
-    notify_error: BaseException | None,
-    *,
-    kept: str,
-    lines: Sequence[str] | None = None,
-    ourselves: bool = False,
-) -> CriuError:
-    """The error for a failed response; ``lines`` are the log's error lines when the log was
-    read elsewhere than ``log_path`` (the path the message names). ``ourselves``: the dumped
-    process is the caller (alive, and its host pid may not even exist in its PID namespace)."""
-    lines = list(lines) if lines is not None else log_errors(log_path)
-    if notify_error is not None:
-        reason = f"a {what} callback failed: {notify_error}"
-    elif lines:
-        reason = lines[0]
-    else:
-        reason = resp.cr_errmsg or f"CRIU error {resp.cr_errno}"
-    subject = f"pid {pid}" if pid is not None else f"image {image}"
-    if pid is not None and not ourselves and not _pid_alive(pid) and what == "checkpoint":
-        kept = "the process is gone"
-    hint = _hint_for(lines) if notify_error is None else None
-    if hint is None and resp.cr_errno == 1 and os.geteuid() != 0:
-        hint = "CRIU needs root: run torpor as root"
-    msg = f"{what} of {subject} failed: {reason} ({kept}; log: {log_path})"
-    err = cls(msg, pid=pid, image=image, log_path=log_path, log_lines=lines, hint=hint)
-    if notify_error is not None:
-        err.__cause__ = notify_error
-    return err
 
 
 def dump_request(pid: int, images_dir_fd: int, options: DumpOptions) -> bytes:
@@ -594,8 +470,11 @@ def receive_dump(
     except TransportError as exc:
         kept = settle() or log_path
         lines = log_errors(log_path)
+        said = f"; its log says: {lines[0]}" if lines else ""
+        # Someone else's CRIU: how it ended is theirs to know. We are the process, running.
         raise DumpError(
-            f"CRIU dump died: {lines[0] if lines else exc}",
+            f"checkpoint of pid {pid} failed: CRIU ended without answering ({exc}){said} "
+            f"(the process keeps running; log: {kept})",
             pid=pid,
             image=images_dir,
             log_path=kept,
@@ -650,16 +529,6 @@ def _opts(
 
 def _type_name(t: int) -> str:
     return str(pb.ReqType.Name(t)).lower()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextmanager
