@@ -2,8 +2,8 @@
 
 The packs an image needs are fetched concurrently and each chunk is written into place as it
 arrives, after its SHA-256 check (zero pages stay holes); every file is checked against its
-SHA-256 before the image is committed to the cache. A cached copy of the same image (same id)
-is reused once it verifies.
+SHA-256 before the image is committed to the cache. A cached copy of the same image (the
+record's manifest exactly, not only its id) is reused once it verifies.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ class PoolPuller(PoolReader):
         Every chunk is checked against its SHA-256 as it arrives and every file against its
         SHA-256 before the image is returned; a bad or missing chunk raises
         :class:`ImageCorruptedError` naming the image, the file and the chunk. A cached copy
-        of the same image (same id) is reused after it verifies. An image the pool's
-        signature policy refuses raises :class:`~torpor.SignatureError` before anything is
-        fetched (or a cached copy used).
+        of the same image (the record's manifest exactly) is reused after it verifies. An
+        image the pool's signature policy refuses raises :class:`~torpor.SignatureError`
+        before anything is fetched (or a cached copy used).
         """
         tick = Ticker(progress)
         with self._session("pull"):
@@ -61,7 +61,10 @@ class PoolPuller(PoolReader):
             return None
         try:
             image = Image.open(dest)
-            if image.manifest.id == rec.manifest.id:
+            # The whole manifest, not only the id that names the directory: an id is a
+            # pool-side field anyone who writes to a pool may set, to the id of a trusted
+            # image of another pool too. A copy pulled from there must never stand in for it.
+            if image.manifest == rec.manifest:
                 image.verify()
                 return image
         except ImageError:
