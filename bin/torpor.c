@@ -161,6 +161,16 @@ static int encode_request(char *buf, size_t *used, int argc, char **argv) {
     return 0;
 }
 
+/* Whether the process listening on `sock` runs as our effective user (SO_PEERCRED): only then
+ * is it an agent of ours. Anyone who could create agent.sock in a home that is not private
+ * would otherwise get our stdin/stdout/stderr and environment (a root terminal). */
+static int ours(int sock) {
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    return !getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) && len == sizeof cred &&
+           cred.uid == geteuid();
+}
+
 /* Hand the command to the agent: its exit code, or -1 if nothing reached a worker. */
 static int via_agent(int argc, char **argv) {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
@@ -184,7 +194,7 @@ static int via_agent(int argc, char **argv) {
     char ready[16];
     setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
     setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait);
-    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) ||
+    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) || !ours(sock) ||
         recv(sock, ready, sizeof ready, 0) != 5 || memcmp(ready, "ready", 5)) {
         free(packet);
         close(sock);
