@@ -21,6 +21,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 from .._errors import PoolError, UnsafeImageError
@@ -41,10 +42,11 @@ MAX_MEMBERS = 1 << 20
 class ArchiveWriter:
     """A write-only backend appending every ``put`` to a tar stream (no seeking needed)."""
 
-    def __init__(self, fileobj: BinaryIO) -> None:
+    def __init__(self, fileobj: BinaryIO, *, path: Path | None = None) -> None:
         # The tar object lives as long as the backend; close() ends it.
         self._tar = tarfile.open(fileobj=fileobj, mode="w|")  # noqa: SIM115
         self._lock = threading.Lock()
+        self._path = path  # the file written, named in errors (None: a stream)
 
     def put(self, key: str, data: bytes) -> None:
         """Append a member."""
@@ -56,7 +58,7 @@ class ArchiveWriter:
             with self._lock:
                 self._tar.addfile(info, io.BytesIO(data))
         except (OSError, tarfile.TarError) as exc:
-            raise PoolError(f"cannot write the archive: {exc}") from exc
+            raise write_failure(exc, self._path) from exc
 
     def put_stream(self, key: str, stream: BinaryIO, size: int | None = None) -> None:
         """Append a member from a stream."""
@@ -90,7 +92,22 @@ class ArchiveWriter:
         try:
             self._tar.close()
         except (OSError, tarfile.TarError) as exc:
-            raise PoolError(f"cannot finish the archive: {exc}") from exc
+            raise write_failure(exc, self._path) from exc
+
+
+def write_failure(exc: Exception, path: Path | None) -> PoolError:
+    """A failed write of an archive (the file at ``path``, or a stream) in one line: the disk
+    when it is full, the reason in words otherwise (never an ``OSError`` repr)."""
+    from .._images._incomplete import disk_problem, mount_point
+
+    where = f" {path}" if path is not None else ""
+    if isinstance(exc, OSError) and path is not None:
+        return PoolError(
+            f"cannot write the archive{where}: {disk_problem(exc, path.parent)}",
+            hint=f"free space on {mount_point(path.parent)}, or export to another disk",
+        )
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return PoolError(f"cannot write the archive{where}: {why}")
 
 
 class ArchiveReader:

@@ -38,7 +38,7 @@ from .._errors import AlreadyExistsError, ImageError, ImageNotFoundError, PoolEr
 from .._images._manifest import FileEntry, new_id, now_iso
 from .._images._store import check_name
 from . import _cas, _config
-from ._archive import ArchiveReader, ArchiveWriter
+from ._archive import ArchiveReader, ArchiveWriter, write_failure
 from ._gc import GcStats, collect
 from ._pack import PackWriter
 from ._pull import PoolPuller
@@ -244,17 +244,21 @@ class Pool(PoolWriter, PoolPuller):
                 raise ImageError(f"cannot create {path}: {exc.strerror}", image=name) from exc
             try:
                 with os.fdopen(fd, "wb") as fh:
-                    self._export(name, fh, progress)
-            except BaseException:
+                    self._export(name, fh, progress, path=path)
+            except BaseException as exc:
                 with contextlib.suppress(OSError):
                     path.unlink()
+                if isinstance(exc, OSError):  # the buffered file's last write, at its close
+                    raise write_failure(exc, path) from exc
                 raise
         else:
             self._export(name, file, progress)
 
-    def _export(self, name: str, fh: BinaryIO, progress: Progress | None) -> None:
+    def _export(
+        self, name: str, fh: BinaryIO, progress: Progress | None, *, path: Path | None = None
+    ) -> None:
         self._record(name)
-        writer = ArchiveWriter(fh)
+        writer = ArchiveWriter(fh, path=path)
         try:
             archive = Pool("archive", writer, level=self.level, sessions=False, cache=False)
             self.copy_image(name, name, to_pool=archive, progress=progress)

@@ -9,6 +9,7 @@ write into the original's log, nor into each other's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from pathlib import Path
@@ -45,6 +46,13 @@ def open_log(path: Path) -> int:
         finally:
             os.close(dir_fd)
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, not the path, is at fault
+            from .._images._incomplete import mount_point, no_space
+
+            raise TorporError(
+                f"cannot open log {path}: {no_space(path.parent)}",
+                hint=f"free space on {mount_point(path.parent)}",
+            ) from exc
         raise TorporError(
             f"cannot open log {path}: {exc.strerror or exc}",
             hint="give --log a file in a directory that exists, or --no-log",

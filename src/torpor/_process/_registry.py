@@ -161,23 +161,24 @@ def _write(dir_fd: int, rec: ManagedProcess) -> None:
     final = _file_name(rec.name)
     tmp = f".{rec.name}.tmp{os.getpid()}-{secrets.token_hex(4)}"
     data = json.dumps(asdict(rec), indent=2, sort_keys=True).encode()
-    fd = _safe.create_file(dir_fd, tmp, source="records directory")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.rename(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        if isinstance(exc, OSError):  # a full disk: one line naming it, not an OSError
-            from .._images._incomplete import disk_problem, mount_point
+        fd = _safe.create_file(dir_fd, tmp, source="records directory")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.rename(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    except OSError as exc:  # a full disk (blocks or inodes): one line naming it
+        from .._images._incomplete import disk_problem, mount_point
 
-            where = _paths.procs_dir()
-            raise TorporError(
-                f"cannot write the record of {rec.name!r} in {where}: {disk_problem(exc, where)}",
-                hint=f"free space on {mount_point(where)}",
-            ) from exc
-        raise
+        where = _paths.procs_dir()
+        raise TorporError(
+            f"cannot write the record of {rec.name!r} in {where}: {disk_problem(exc, where)}",
+            hint=f"free space on {mount_point(where)}",
+        ) from exc
 
 
 def update(name: str, target: ProcRef, **changes: Any) -> bool:
