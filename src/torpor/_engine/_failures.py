@@ -174,7 +174,10 @@ def _died(
         what = f"restore of image {image}"
         kept = None
     said = f"; its log says: {lines[0]}" if lines else ""
-    where = f"{kept}; log: {log_path}" if kept else f"log: {log_path}"
+    # Killed early, CRIU may have written no log (a path that does not exist helps no one).
+    logged = log_path.exists()
+    log = f"log: {log_path}" if logged else "CRIU wrote no log"
+    where = f"{kept}; {log}" if kept else log
     hint = _hint_for(lines)
     if hint is None and "SIGKILL" in died.how:
         hint = "something killed CRIU (`dmesg` shows whether it was the OOM killer): retry"
@@ -182,7 +185,7 @@ def _died(
         f"{what} failed: CRIU {died.how}{said} ({where})",
         pid=pid,
         image=image,
-        log_path=log_path,
+        log_path=log_path if logged else None,
         log_lines=lines,
         hint=hint,
     )

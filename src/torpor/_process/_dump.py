@@ -109,12 +109,19 @@ def check_dumpable(target: ProcRef) -> None:
     pid = target.pid
     me = host_pid()
     name = command_name(pid)
+    hint = "checkpoint an application's process (`torpor ps` lists the ones torpor started)"
     if pid == 1:
         why = f"is the system's init ({name})"
-    elif pid == me:
-        why = "is this torpor command itself"
-    elif pid in ancestors(me):
-        why = f"runs this torpor command (pid {me} is in its tree): a checkpoint would dump it"
+    elif pid == me or pid in ancestors(me):
+        why = (
+            "is this torpor command itself"
+            if pid == me
+            else "is an ancestor of this torpor command: a checkpoint would dump the command too"
+        )
+        hint = (
+            "run `torpor checkpoint` from outside the process's tree, or checkpoint from inside "
+            "with the torpor library's checkpoint()"
+        )
     elif is_kernel_thread(pid):
         why = f"is a kernel thread ({name}), not a user process"
     else:
@@ -123,10 +130,7 @@ def check_dumpable(target: ProcRef) -> None:
             return
         why = f"is {role}, not an application"
     raise DumpError(
-        f"pid {pid} {why}; torpor does not checkpoint it (nothing was done)",
-        pid=pid,
-        hint="checkpoint an application's process (`torpor ps` lists the ones torpor "
-        "started), from outside its process tree",
+        f"pid {pid} {why}; torpor does not checkpoint it (nothing was done)", pid=pid, hint=hint
     )
 
 
