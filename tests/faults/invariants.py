@@ -216,10 +216,12 @@ def _leftovers(lab: Lab, committed: Path | None) -> list[str]:
     return out
 
 
-def still_manageable(lab: Lab, app: App, story: str) -> None:
-    """A live app can be checkpointed again (by its name, leaving it running): a fault never
-    blocks the retry."""
-    out = lab.cli("checkpoint", app.name, "--leave-running", "--name", f"{app.name}-again")
+def still_manageable(lab: Lab, app: App, story: str, *where: str) -> None:
+    """A live app can be checkpointed again, by its name, leaving it running, into ``where``
+    (the options that name the image: the failed command's own, so its leftovers must not
+    block the retry; by default a fresh name)."""
+    where = where or ("--name", f"{app.name}-again")
+    out = lab.cli("checkpoint", app.name, "--leave-running", *where)
     check_output(lab, out)
     assert out.rc == 0, lab.fail(
         f"{story}: the app runs but cannot be checkpointed again: {out.stderr.strip()}"

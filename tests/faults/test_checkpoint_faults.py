@@ -19,7 +19,8 @@ VARIANTS = ("stop", "leave-running", "pool", "output")
 TRIGGERS = {
     "cli": ("start", "criu", "staging", "pages", "manifest", "image"),
     "criu": ("criu", "staging", "pages"),
-    "keeper": ("start", "criu", "pages", "manifest", "image"),
+    # A keeper whose app CRIU killed exits at once: hit it before (or with --leave-running).
+    "keeper": ("start", "criu", "staging", "pages"),
     # The checkpointer ends as soon as the image is in place.
     "checkpointer": ("start", "criu", "staging", "pages", "manifest"),
 }
@@ -72,7 +73,12 @@ def checkpoint_once(lab: Lab, i: int, variant: str, fault: Fault) -> bool:
         leave_running=variant == "leave-running",
     )
     if app.ref.alive():
-        still_manageable(lab, app, out.story)
+        # The retry goes where the faulted one went, unless that made its image there.
+        made = held in ("image", "both", "repaired", "listed")
+        where = (
+            ["--name", f"{img}-again"] if made else [a for a in args[2:] if a != "--leave-running"]
+        )
+        still_manageable(lab, app, out.story, *where)
     check_ps(lab, f"{out.story}, after the checks")
     lab.note(f"  held: {held}")
     return out.fired is not None

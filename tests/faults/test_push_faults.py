@@ -28,7 +28,8 @@ def test_push_survives_sigkill(make_lab: Callable[..., Lab]) -> None:
 
     def body(i: int, rng: random.Random) -> bool:
         trigger = rng.choice(("start", "start", "pool"))
-        delay = rng.uniform(0, 0.25) if trigger == "start" else rng.uniform(0, 0.08)
+        # A push of the counter's image takes 0.15-0.3 s, most of it Python starting.
+        delay = rng.uniform(0.05, 0.2) if trigger == "start" else rng.uniform(0, 0.05)
         fault = Fault(trigger, round(delay, 4), "cli")
         name = f"p{i}"
         out = lab.run(["image", "push", image, f"{name}@default"], fault)
