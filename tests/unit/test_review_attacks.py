@@ -5,11 +5,23 @@
   with the right id is not the image asked for unless its whole manifest is the record's: else
   an untrusted image pulled from a pool without a policy would be restored in place of a
   trusted image of a pool that requires signatures.
+- The coordination channel's reply socket (``@torpor-reply/...``) is visible to every user in
+  ``/proc/net/unix`` and anyone may connect to it: a result is believed only from the process
+  asked. And a listener is the target's only if it runs as root or one of the target's uids
+  (``SO_PEERCRED`` names the pid that listened, which may be gone and its number reused).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +29,8 @@ from typing import Any
 import pytest
 import zstandard
 
+from torpor._coord import _channel, request_checkpoint
+from torpor._errors import CoordinationError
 from torpor._identity import host_identity
 from torpor._images._image import Image
 from torpor._pools import Pool
@@ -97,3 +111,114 @@ def test_a_cached_image_of_another_pool_under_the_same_id_is_not_restored(
         # And the other way round: the loose pool's image is its own, not good's.
         again = loose.pull("evil")
         assert _digests(again) == _digests(evil)
+
+
+# -- the coordination channel -------------------------------------------------------------------
+
+SLOW_APP = textwrap.dedent(
+    """
+    import os, sys, time
+    from dataclasses import dataclass
+    from pathlib import Path
+    import torpor._coord as coord
+    from torpor._coord import _checkpoint
+
+    @dataclass(frozen=True)
+    class Outcome:
+        restored: bool
+        image: Path | None
+
+    def engine(dest, *, leave_running, tcp_established, name, labels):
+        time.sleep(1.0)  # the dump takes a while: time for a forger
+        return Outcome(False, dest)
+
+    _checkpoint._default = _checkpoint.Coordinator(engine)
+    coord.global_context()
+    Path(sys.argv[1]).write_text(str(os.getpid()))
+    while True:
+        time.sleep(1)
+    """
+)
+
+
+@pytest.fixture
+def slow_app(tmp_path: Path) -> Iterator[int]:
+    """A process listening for coordinated checkpoints whose (fake) dump takes a second."""
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_APP, str(ready)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the app did not start"
+            time.sleep(0.02)
+        yield proc.pid
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def _forge(requester: int, sent: list[str]) -> None:
+    """What any local user can do: find the requester's reply socket in /proc/net/unix and
+    send it a result."""
+    prefix = f"@torpor-reply/{requester}/"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open("/proc/net/unix") as fh:
+            names = [ln.split()[-1] for ln in fh if ln.split()[-1].startswith(prefix)]
+        for name in names:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.connect(b"\0" + name[1:].encode())
+                forged = {"ok": False, "kind": "PermissionDeniedError", "error": "forged"}
+                s.send(json.dumps(forged).encode())
+                sent.append(name)
+                time.sleep(0.2)  # connected and sent: the requester reads it before the app
+                return
+        time.sleep(0.005)
+
+
+def test_a_result_forged_on_the_reply_socket_is_ignored(slow_app: int, tmp_path: Path) -> None:
+    sent: list[str] = []
+    forger = threading.Thread(target=_forge, args=(os.getpid(), sent))
+    forger.start()
+    try:
+        out = request_checkpoint(
+            slow_app,
+            tmp_path / "img",
+            leave_running=True,
+            tcp_established=False,
+            name="n",
+            timeout=20,
+        )
+    finally:
+        forger.join()
+    assert len(sent) == 1  # the forgery was sent, and it changed nothing
+    assert (out.pid, out.image, out.exited, out.warnings) == (slow_app, tmp_path / "img", False, ())
+
+
+def test_a_listener_of_another_user_does_not_speak_for_the_target(
+    slow_app: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As when the squatter's listening process is gone and its pid reused by the target:
+    SO_PEERCRED then says the target's pid, but the squatter's uid."""
+    stranger = 4242 if os.geteuid() != 4242 else 4343
+    real = _channel._peercred
+    monkeypatch.setattr(_channel, "_peercred", lambda s: (real(s)[0], stranger, stranger))
+    with pytest.raises(CoordinationError) as info:
+        request_checkpoint(
+            slow_app,
+            tmp_path / "img",
+            leave_running=True,
+            tcp_established=False,
+            name="n",
+            timeout=20,
+        )
+    assert str(info.value) == (
+        f"the socket named for process {slow_app} belongs to process {slow_app} (uid"
+        f" {stranger}) — another process squats on torpor's address; refusing to talk to it"
+    )
+    assert not (tmp_path / "img").exists()

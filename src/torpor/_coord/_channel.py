@@ -13,7 +13,8 @@ outside process cannot be dumped) and bound again after restore, under the new h
 The protocol, one JSON object per packet:
 
 1. the client binds a *reply* socket ``@torpor-reply/<its pid>/<random>``, connects to the
-   listener and checks through ``SO_PEERCRED`` that the listener is the target pid;
+   listener and checks through ``SO_PEERCRED`` that the listener is the target pid, running as
+   root or one of the target's uids (a squatter whose pid was reused is not);
 2. the listener checks the client through ``SO_PEERCRED``: only root or the process's own uid
    may trigger (others get ``PermissionDeniedError`` back, with a reason);
 3. the client sends ``{"v": 1, "op": "checkpoint", "dest", "leave_running",
@@ -21,8 +22,9 @@ The protocol, one JSON object per packet:
    error) and both close that connection, before any hook runs;
 4. the process runs the coordinated checkpoint. When it can report (an error before the dump,
    or success in the original after ``leave_running``) it connects to the reply socket, checks
-   that its owner is the requester, and sends ``{"ok": ..., ...}``. A restored copy never
-   reports: its requester is long gone.
+   that its owner is the requester, and sends ``{"ok": ..., ...}``; the client believes only a
+   connection from the target pid (anyone can see the reply address and connect to it: others
+   are ignored). A restored copy never reports: its requester is long gone.
 5. Without ``leave_running`` CRIU kills the original after the dump, so the client instead
    waits for the process to exit (pidfd, else polling ``/proc/PID/stat``'s start time) and for
    ``dest/torpor.json`` to appear (the engine's helper finalises the image).
@@ -461,11 +463,27 @@ def request_checkpoint(
     token = f"torpor-reply/{os.getpid()}/{secrets.token_hex(8)}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as reply:
         reply.bind(b"\0" + token.encode())
-        reply.listen(1)
+        reply.listen(4)
         ack = _handshake(pid, dest, token, leave_running, tcp_established, name, deadline)
         if not ack.get("ok"):
             raise _remote_error(pid, dest, ack)
         return _await_outcome(pid, born, dest, reply, leave_running, started, deadline)
+
+
+def _may_be(pid: int, uid: int) -> bool:
+    """Whether a socket of a process running as ``uid`` may speak for process ``pid``: root,
+    or one of ``pid``'s own uids. ``SO_PEERCRED`` names the pid that called ``listen()`` (or
+    ``connect()``), which may be gone and its number reused by ``pid``: the uid says more."""
+    if uid == 0:
+        return True
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Uid:"):
+                    return str(uid) in line.split()[1:]
+    except OSError:
+        return False
+    return False
 
 
 def _handshake(
@@ -487,10 +505,11 @@ def _handshake(
                 pid=pid,
                 hint="it does not use torpor (or set TORPOR_CHANNEL=0): dump it uncoordinated",
             ) from exc
-        peer_pid = _peercred(conn)[0]
-        if peer_pid not in (0, pid):
+        peer_pid, peer_uid, _ = _peercred(conn)
+        if peer_pid not in (0, pid) or not _may_be(pid, peer_uid):
             raise CoordinationError(
-                f"the socket named for process {pid} belongs to process {peer_pid}",
+                f"the socket named for process {pid} belongs to process {peer_pid} (uid "
+                f"{peer_uid})",
                 hint="another process squats on torpor's address; refusing to talk to it",
             )
         try:
@@ -542,6 +561,8 @@ def _await_outcome(
             ready, _, _ = select.select(watch, [], [], min(left, 0.05 if pidfd is None else left))
             if reply in ready:
                 message = _read_reply(pid, reply)
+                if message is None:
+                    continue  # not from the process: ignored
                 if not message.get("ok"):
                     raise _remote_error(pid, dest, message)
                 warnings = tuple(_text_list(message.get("warnings")))
@@ -558,9 +579,22 @@ def _await_outcome(
             os.close(pidfd)
 
 
-def _read_reply(pid: int, reply: socket.socket) -> dict[str, Any]:
+def _read_reply(pid: int, reply: socket.socket) -> dict[str, Any] | None:
+    """The result on the next connection to the reply socket, None if that connection is not
+    from process ``pid``: the reply address is visible to every user (``/proc/net/unix``), and
+    anyone may connect to an abstract socket, so a result is believed only from the process
+    asked (``SO_PEERCRED``)."""
     conn, _ = reply.accept()
     with conn:
+        peer_pid, peer_uid, _ = _peercred(conn)
+        if peer_pid != pid or not _may_be(pid, peer_uid):
+            log.warning(
+                "torpor: a result for process %d came from process %d (uid %d); ignored",
+                pid,
+                peer_pid,
+                peer_uid,
+            )
+            return None
         conn.settimeout(_HANDSHAKE_TIMEOUT)
         try:
             return _recv(conn)
@@ -577,11 +611,14 @@ def _await_image(
     deadline: float,
 ) -> ExternalOutcome:
     """The process exited: an error it reported just before wins, else wait for the image."""
-    ready, _, _ = select.select([reply], [], [], 0)
-    if ready:
+    for _ in range(8):  # connections from others are ignored, but not forever
+        if not select.select([reply], [], [], 0)[0]:
+            break
         message = _read_reply(pid, reply)
-        if not message.get("ok"):
+        if message is not None and not message.get("ok"):
             raise _remote_error(pid, dest, message)
+        if message is not None:
+            break
     if leave_running:
         raise CoordinationError(
             f"process {pid} exited during a leave_running checkpoint",
