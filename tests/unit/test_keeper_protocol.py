@@ -26,14 +26,9 @@ from torpor._errors import (
     UnsafeImageError,
     UsageError,
 )
-from torpor._process._finalize import (
-    PENDING_NAME,
-    ImageFacts,
-    Pending,
-    finalize,
-    publish,
-    seal,
-)
+from torpor._images._image import publish, seal
+from torpor._images._incomplete import RECORD_NAME, RESERVE_NAME
+from torpor._process._finalize import ImageFacts, Pending, finalize
 from torpor._process._keeper_dump import (
     MAX_REQUEST,
     CollectRequest,
@@ -323,6 +318,7 @@ def test_criu_dying_is_a_dump_error_after_settling(tmp_path: Path) -> None:
 # -- sealing and publishing relative to dir fds -------------------------------------------------
 
 FACTS = ImageFacts(name="web", pid=7, cmdline=("app",), rss_bytes=10, criu_version="4.2.1")
+RECORD = FACTS.record("web", start_time=1, leave_running=False, held_by_process=False)
 
 
 def _staged(root: Path) -> Path:
@@ -339,8 +335,8 @@ def test_seal_hashes_the_files_0600_and_publish_renames_beside(tmp_path: Path) -
     parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     d = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        manifest = seal(d, FACTS, source=str(staging))
-        publish(parent, staging.name, "web", where=tmp_path)
+        manifest = seal(d, RECORD.manifest, source=str(staging)).manifest
+        publish(parent, staging.name, "web", where=tmp_path, dir_fd=d)
     finally:
         os.close(d)
         os.close(parent)
@@ -361,7 +357,7 @@ def test_seal_refuses_a_symlink_among_the_files(tmp_path: Path) -> None:
     d = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with pytest.raises(UnsafeImageError) as exc:
-            seal(d, FACTS, source=str(staging))
+            seal(d, RECORD.manifest, source=str(staging))
     finally:
         os.close(d)
     assert str(exc.value).startswith(
@@ -389,7 +385,9 @@ def test_publish_never_replaces_what_is_at_the_destination(tmp_path: Path) -> No
     assert staging.is_dir()
 
 
-def test_detached_finaliser_path_reads_a_checked_record(tmp_path: Path) -> None:
+def test_detached_finaliser_path_reads_a_checked_record(
+    tmp_path: Path, torpor_home: Path
+) -> None:
     staging = _staged(tmp_path)
     d = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -398,8 +396,9 @@ def test_detached_finaliser_path_reads_a_checked_record(tmp_path: Path) -> None:
             Pending(dest="web", facts=FACTS, leave_running=False).write(d)
     finally:
         os.close(d)
+    assert {RECORD_NAME, RESERVE_NAME} <= set(os.listdir(staging))
     assert finalize(staging) == tmp_path / "web"
-    assert not (tmp_path / "web" / PENDING_NAME).exists()
+    assert set(os.listdir(tmp_path / "web")) & {RECORD_NAME, RESERVE_NAME} == set()
     assert json.loads((tmp_path / "web" / "torpor.json").read_text())["name"] == "web"
 
 
@@ -411,9 +410,9 @@ def test_detached_finaliser_refuses_a_record_a_self_dump_did_not_write(
 ) -> None:
     staging = _staged(tmp_path)
     record = {**FACTS.__dict__, "cmdline": ["app"], "labels": {}, "dest": "web"}
-    record.update(leave_running=False, **change)
-    (staging / PENDING_NAME).write_text(json.dumps(record))
+    record.update(leave_running=False, start_time=1, shell_job=False, created="now", **change)
+    (staging / RECORD_NAME).write_text(json.dumps(record))
     with pytest.raises(ImageError) as exc:
         finalize(staging)
-    assert str(exc.value) == f"{staging}: {PENDING_NAME} is not a self-dump's record"
+    assert str(exc.value) == f"{staging}: {RECORD_NAME} is not a checkpoint's record"
     assert sorted(os.listdir(tmp_path)) == [staging.name]

@@ -24,7 +24,11 @@ import, copy):
 
 Staging writes the same way: relative to the staging directory's fd, new files ``O_EXCL`` under
 a temporary name then renamed, so a symlink planted in a staging directory (which a
-self-checkpointing app may be able to write to) is never written through.
+self-checkpointing app may be able to write to) is never written through. Every image torpor
+makes is finished by :func:`seal` (hash, manifest, signature, stamp, on the directory's fd) and
+:func:`publish` (the rename beside it, never replacing): :meth:`Staging.commit` for checkpoints
+from outside and repairs, a keeper or a detached finaliser for self-dumps, so how an image is
+hashed and signed lives in one place.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,7 +54,6 @@ from .._errors import (
     TorporError,
     UnsafeImageError,
 )
-from .._paths import fsync_dir
 from .._safe import (
     check_private,
     kind_problem,
@@ -76,6 +80,7 @@ from ._manifest import FileEntry, Manifest
 STAGING_MARK = ".partial-"
 _DISTRUST = "the image was made or changed by something other than torpor: do not use it"
 _NAMES_SHOWN = 5  # an error names at most this many files (then says how many more)
+_RENAME_NOREPLACE = 1
 
 
 class Image:
@@ -335,23 +340,167 @@ def write_stamp(dir_fd: int, manifest: Manifest, stats: Mapping[str, os.stat_res
         replace_file(dir_fd, VERIFIED_NAME, data, source="image", durable=False)
 
 
-def _rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst`` atomically, failing if ``dst`` exists (even as an empty dir)."""
+def rename_noreplace(parent_fd: int, name: str, new_name: str) -> None:
+    """Rename ``name`` to ``new_name`` within the directory ``parent_fd`` atomically, failing
+    (``FileExistsError``) if ``new_name`` exists, even as an empty directory or a symlink."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    at_fdcwd = -100
-    rename_noreplace = 1
+    src, dst = os.fsencode(name), os.fsencode(new_name)
     fn = getattr(libc, "renameat2", None)
     if fn is not None:
-        if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+        if fn(parent_fd, src, parent_fd, dst, _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
         if err not in (errno.ENOSYS, errno.EINVAL):
-            raise OSError(err, os.strerror(err), str(dst))
-    if dst.exists():
-        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
-    os.rename(src, dst)
+            raise OSError(err, os.strerror(err), new_name)
+    # A filesystem without RENAME_NOREPLACE: check, then rename (the window is ours alone in
+    # a private directory; elsewhere the check is the best there is).
+    try:
+        os.stat(new_name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(name, new_name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        return
+    raise FileExistsError(errno.EEXIST, "File exists", new_name)
+
+
+@contextmanager
+def published(where: Path, staging_name: str, dest_name: str) -> Iterator[None]:
+    """Around the rename of the sealed ``staging_name`` to ``dest_name`` in ``where``: a
+    destination that exists becomes :class:`AlreadyExistsError` (the image stays staged)."""
+    try:
+        yield
+    except FileExistsError as exc:
+        raise AlreadyExistsError(
+            f"image directory {where / dest_name} appeared while checkpointing",
+            path=str(where / dest_name),
+            hint=f"the new image is kept at {where / staging_name}",
+        ) from exc
+
+
+def publish(
+    parent_fd: int, staging_name: str, dest_name: str, *, where: Path, dir_fd: int | None = None
+) -> None:
+    """Rename the sealed staging directory ``staging_name`` of ``parent_fd`` to ``dest_name``
+    beside it, never replacing what is there (:class:`AlreadyExistsError`), durably. With
+    ``dir_fd`` (the staging directory as sealed) the name must still be that directory.
+    ``where`` (the parent's path) is for messages."""
+    if dir_fd is not None:
+        check_same(parent_fd, staging_name, dir_fd)
+    with published(where, staging_name, dest_name):
+        rename_noreplace(parent_fd, staging_name, dest_name)
+    os.fsync(parent_fd)
+
+
+def check_same(parent_fd: int, name: str, dir_fd: int) -> None:
+    """``FileNotFoundError`` unless ``name`` in ``parent_fd`` is the directory ``dir_fd``
+    (it was not moved or replaced since it was opened)."""
+    here = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    st = os.fstat(dir_fd)
+    if (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
+        raise FileNotFoundError(errno.ENOENT, "the staging directory was moved", name)
+
+
+# -- sealing: a staged directory becomes an image directory ------------------------------------
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """What :func:`seal` made: the manifest written, and the key id that signed it (None:
+    unsigned)."""
+
+    manifest: Manifest
+    signer: str | None
+
+
+def give(dir_fd: int, names: Iterable[str], owner: tuple[int, int] | None, *, source: str) -> None:
+    """Make the regular files ``names`` of ``dir_fd`` 0600 and, if ``owner`` is given, owned
+    by that ``(uid, gid)``; a symlink, FIFO or device among them is refused, never followed."""
+    for name in names:
+        fd = open_regular(dir_fd, name, source=source)
+        try:
+            if owner is not None:
+                os.fchown(fd, *owner)
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+
+def staged_files(dir_fd: int, *, source: str) -> dict[str, os.stat_result]:
+    """The files of the staged image ``dir_fd`` (every entry but torpor's bookkeeping), by
+    name, with their ``lstat``: each must be a regular file, else
+    :class:`~torpor.UnsafeImageError` (never followed)."""
+    entries = lstat_entries(dir_fd)
+    files = {n: st for n, st in sorted(entries.items()) if not is_bookkeeping(n)}
+    for name, st in files.items():
+        kind = kind_problem(st.st_mode)
+        if kind is not None:
+            raise UnsafeImageError(
+                f"staged image {source} holds {name}, {kind}, not a regular file; refused",
+                image=source,
+                file=name,
+                hint="something other than CRIU wrote into the staging directory",
+            )
+    return files
+
+
+def seal(
+    dir_fd: int,
+    make_manifest: Callable[[list[FileEntry]], Manifest],
+    hashed: Mapping[str, FileEntry] | None = None,
+    *,
+    source: str,
+    sign: bool = True,
+    owner: tuple[int, int] | None = None,
+) -> Sealed:
+    """Turn the staged directory ``dir_fd`` into a complete image directory, not yet renamed
+    into place (:func:`publish`, :meth:`Staging.commit`): the one place an image's files are
+    hashed, its manifest written and signed, and its verification stamp written.
+
+    Every entry but torpor's bookkeeping files is part of the image (see
+    :func:`staged_files`). Every regular file of the directory (CRIU's log and the files made
+    here too) is made 0600 (CRIU writes its files 0644: pages hold secrets) and, with
+    ``owner``, owned by that ``(uid, gid)``. Files are hashed but those in ``hashed`` (hashed
+    while they were written) whose size is unchanged. The manifest ``make_manifest`` returns
+    must list exactly the staged files as hashed. If ``sign``, it is signed by this host
+    (``torpor.sig``), best effort: if this host's key cannot be made or loaded the image is
+    sealed unsigned (its process may already be gone: losing the image would lose it).
+    Whatever ``torpor.sig`` the directory held goes.
+    """
+    files = staged_files(dir_fd, source=source)
+    names = list(files)
+    # Owner and mode first: changing them changes the files' ctime, which the stamp records.
+    # The image's files (refused if one is no longer a regular file), CRIU's log and torpor's
+    # other files (what is not a regular file is not part of the image: left alone).
+    everything = lstat_entries(dir_fd)
+    regular = [n for n, st in sorted(everything.items()) if stat.S_ISREG(st.st_mode)]
+    give(dir_fd, sorted({*names, *regular}), owner, source=source)
+    sizes = {n: os.stat(n, dir_fd=dir_fd, follow_symlinks=False).st_size for n in names}
+    # A file that changed after it was hashed is hashed again.
+    vouched = {n: e for n, e in (hashed or {}).items() if n in sizes and sizes[n] == e.size}
+    fresh = {
+        e.name: e for e in hash_files(dir_fd, [n for n in names if n not in vouched], source=source)
+    }
+    entries = [vouched[n] if n in vouched else fresh[n] for n in names]
+    manifest = make_manifest(entries)
+    if {e.name: e for e in manifest.files} != {e.name: e for e in entries}:
+        raise ImageCorruptedError(
+            f"the manifest made for {source} does not list the staged files as they were hashed",
+            image=source,
+            hint="checkpoint again",
+        )
+    raw = manifest.to_json().encode()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(SIGNATURE_NAME, dir_fd=dir_fd)  # not this manifest's
+    replace_file(dir_fd, MANIFEST_NAME, raw, source=source)
+    signer = _sign(dir_fd, raw, source=source) if sign else None
+    stats = {n: os.stat(n, dir_fd=dir_fd, follow_symlinks=False) for n in names}
+    write_stamp(dir_fd, manifest, stats)
+    if owner is not None:
+        made = [MANIFEST_NAME, SIGNATURE_NAME, VERIFIED_NAME]
+        present = lstat_entries(dir_fd)
+        give(dir_fd, [n for n in made if n in present], owner, source=source)
+    return Sealed(manifest, signer)
 
 
 class Staging:
@@ -379,81 +528,33 @@ class Staging:
         *,
         sign: bool = True,
     ) -> Image:
-        """Hash the staged files (but those in ``hashed``, hashed while they were written),
-        write the manifest and, if ``sign``, its signature by this host (``torpor.sig``),
-        rename into place; return the image.
-
-        Every entry but torpor's bookkeeping files is part of the image, so a staged symlink,
-        FIFO or directory is refused (:class:`~torpor.UnsafeImageError`), never followed.
-        Files are made 0600 (CRIU writes its files 0644: pages hold secrets). The manifest
-        ``make_manifest`` returns must list exactly the staged files as hashed.
-
-        Signing is best effort: if this host's key cannot be made or loaded the image is
-        committed unsigned (its process may already be gone: losing the image would lose it).
-        """
+        """:func:`seal` the staging directory (``hashed``, ``make_manifest`` and ``sign`` as
+        there), then :func:`publish` it as ``dest``; return the image."""
         source = str(self.path)
         try:
             dir_fd = open_dir(self.path)
         except FileNotFoundError as exc:
             raise ImageError(f"staging directory {self.path} is gone", image=self.path) from exc
         try:
-            entries = lstat_entries(dir_fd)
-            names = sorted(n for n in entries if not is_bookkeeping(n))
-            for name in names:
-                kind = kind_problem(entries[name].st_mode)
-                if kind is not None:
-                    raise UnsafeImageError(
-                        f"staged image {self.path} holds {name}, {kind}, not a regular file; "
-                        "refused",
-                        image=self.path,
-                        file=name,
-                        hint="something other than CRIU wrote into the staging directory",
-                    )
-            vouched = dict(hashed or {})
-            for name in names:
-                fd = open_regular(dir_fd, name, source=source)
-                try:
-                    os.fchmod(fd, 0o600)
-                    size = os.fstat(fd).st_size
-                finally:
-                    os.close(fd)
-                if name in vouched and vouched[name].size != size:
-                    del vouched[name]  # changed after it was hashed: hash it again
-            todo = [n for n in names if n not in vouched]
-            fresh = {e.name: e for e in hash_files(dir_fd, todo, source=source)}
-            files = [vouched[n] if n in vouched else fresh[n] for n in names]
-            manifest = make_manifest(files)
-            if {e.name: e for e in manifest.files} != {e.name: e for e in files}:
-                raise ImageCorruptedError(
-                    f"the manifest made for {self.dest} does not list the staged files as "
-                    "they were hashed",
-                    image=self.dest,
-                    hint="checkpoint again",
-                )
-            raw = manifest.to_json().encode()
-            # Whatever torpor.sig the staging directory holds is not this manifest's.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(SIGNATURE_NAME, dir_fd=dir_fd)
-            replace_file(dir_fd, MANIFEST_NAME, raw, source=source)
-            signer = _sign(dir_fd, raw, source=source) if sign else None
-            stats = {
-                e.name: os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
-                for e in manifest.files
-            }
+            sealed = seal(dir_fd, make_manifest, hashed, source=source, sign=sign)
+            # The parent as given (it may be reached through a symlink, as when it was made).
+            parent_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                _rename_noreplace(self.path, self.dest)
-            except FileExistsError as exc:
-                raise AlreadyExistsError(
-                    f"image directory {self.dest} appeared while checkpointing",
-                    path=str(self.dest),
-                    hint=f"the new image is kept at {self.path}",
-                ) from exc
-            fsync_dir(self.dest.parent)
-            write_stamp(dir_fd, manifest, stats)
+                publish(
+                    parent_fd,
+                    self.path.name,
+                    self.dest.name,
+                    where=self.dest.parent,
+                    dir_fd=dir_fd,
+                )
+            finally:
+                os.close(parent_fd)
             dst = os.fstat(dir_fd)
         finally:
             os.close(dir_fd)
-        return Image(self.dest, manifest, signer=signer, dir_id=(dst.st_dev, dst.st_ino))
+        return Image(
+            self.dest, sealed.manifest, signer=sealed.signer, dir_id=(dst.st_dev, dst.st_ino)
+        )
 
     def discard(self) -> None:
         """Remove the staging directory and everything in it."""

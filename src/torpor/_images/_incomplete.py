@@ -4,7 +4,8 @@ was left running), kept as *incomplete* images otherwise, and finished by
 
 A checkpoint from outside (``torpor._process._checkpointer``) stages its image in
 ``.NAME.partial-XXXX`` beside the destination (:class:`~torpor._images._image.Staging`) and
-keeps there, until the image is committed:
+keeps there, until the image is committed (a self-dump too, through its keeper or its detached
+finaliser, ``torpor._process._keeper_dump`` and ``_finalize``):
 
 - :data:`RECORD_NAME`: what the manifest needs besides the files (:class:`Record`), written
   before CRIU starts, so the image can be finished without the checkpointer;
@@ -12,7 +13,9 @@ keeps there, until the image is committed:
   manifest, signature and stamp, so a disk CRIU filled cannot stop the commit. Once CRIU has
   written the whole image and it is hashed, just before CRIU is let kill the process, it is
   renamed :data:`COMMITTING_NAME`: from then on the image must be kept, whatever happens;
-- an ``flock`` on the directory, held by the checkpointer for as long as it lives.
+- an ``flock`` on the directory, held by the checkpointer (or the keeper) for as long as it
+  lives; a self-dump through a detached finaliser is held by the dumped process instead
+  (:attr:`Record.held_by_process`): the directory is in use while it lives.
 
 Both files carry :data:`torpor._safe.TEMP_PREFIX`, so they are torpor's bookkeeping, never part
 of an image (``_layout``); the commit removes them.
@@ -21,7 +24,7 @@ A leftover whose checkpointer is gone (its lock is free) is :data:`INCOMPLETE` i
 have killed the process — the commit mark, or ``stats-dump``, which CRIU writes only after a
 successful dump — and :data:`STALE` otherwise (CRIU never finished, so it left the process
 running): stale ones are removed by the next command that looks (:func:`sweep`). Directories
-without a record (a self-dump's, or an older torpor's) are not ours and are left alone.
+without a record (an older torpor's) are not ours and are left alone.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .._errors import (
@@ -63,6 +66,10 @@ RESERVE_NAME = f"{TEMP_PREFIX}reserve"
 COMMITTING_NAME = f"{TEMP_PREFIX}committing"
 SUCCESS_MARK = "stats-dump"  # CRIU writes it only after a successful dump
 _MAX_RECORD = 1 << 20
+# Room for the manifest, signature and stamp (~250 bytes per file, ~12 files per process)
+# and the temporary files they are written through, in whole blocks of any filesystem.
+RESERVE_BASE = 64 << 10
+RESERVE_PER_PROCESS = 8 << 10
 
 IN_USE = "in use"
 INCOMPLETE = "incomplete"
@@ -90,11 +97,20 @@ class Record:
     shell_job: bool
     leave_running: bool
     created: str
+    #: A self-dump's (the app asked): its manifest says so and carries the app's labels.
+    coordinated: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict)
+    #: The directory is the dumped process's own while it lives (a self-dump through a
+    #: detached finaliser, which cannot hold the lock through the dump: the process is dumped
+    #: with its fds); otherwise its lock says whether it is in use.
+    held_by_process: bool = False
 
     def write(self, dir_fd: int) -> None:
         """Store in the staging directory ``dir_fd`` (a new file, never through a symlink),
         its data durably (the directory's entry is made durable with the commit mark)."""
-        data = json.dumps(dict(asdict(self), cmdline=list(self.cmdline))).encode()
+        data = json.dumps(
+            dict(asdict(self), cmdline=list(self.cmdline), labels=dict(self.labels))
+        ).encode()
         fd = create_file(dir_fd, RECORD_NAME, source="staging directory")
         try:
             view = memoryview(data)
@@ -113,17 +129,23 @@ class Record:
             d = json.loads(raw)
             ints = ("pid", "start_time", "rss_bytes")
             bools = ("tcp_established", "shell_job", "leave_running")
+            # Records of older torpors lack the optional fields.
+            optional = {"coordinated": False, "labels": {}, "held_by_process": False}
+            d = {**optional, **d} if isinstance(d, dict) else d
+            labels = d["labels"]
             ok = (
                 isinstance(d, dict)
                 and is_plain_name(d["dest"])
                 and all(isinstance(d[k], str) for k in ("name", "criu_version", "created"))
                 and all(type(d[k]) is int for k in ints)
-                and all(type(d[k]) is bool for k in bools)
+                and all(type(d[k]) is bool for k in (*bools, "coordinated", "held_by_process"))
                 and isinstance(d["cmdline"], list)
                 and all(isinstance(a, str) for a in d["cmdline"])
+                and isinstance(labels, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
             )
             if ok:
-                return cls(**dict(d, cmdline=tuple(d["cmdline"])))
+                return cls(**dict(d, cmdline=tuple(d["cmdline"]), labels=dict(labels)))
         except (ValueError, KeyError, TypeError, RecursionError):
             pass
         raise ImageError(f"{source}: {RECORD_NAME} is not a checkpoint's record", image=source)
@@ -139,7 +161,14 @@ class Record:
             rss_bytes=self.rss_bytes,
             tcp_established=self.tcp_established,
             shell_job=self.shell_job,
+            coordinated=self.coordinated,
+            labels=dict(self.labels),
         )
+
+    def holder_alive(self) -> bool:
+        """Whether the directory is held by its dumped process (:attr:`held_by_process`),
+        which still lives."""
+        return self.held_by_process and _alive(self.pid, self.start_time)
 
 
 @dataclass(frozen=True)
@@ -190,7 +219,8 @@ def is_staging_name(name: str) -> bool:
 
 
 def classify(dir_fd: int, *, source: str) -> tuple[Record, str, int] | None:
-    """The record, state (:data:`INCOMPLETE` or :data:`STALE`: the caller holds the lock) and
+    """The record, state (:data:`INCOMPLETE` or :data:`STALE`: the caller holds the lock;
+    :data:`IN_USE` while the process that holds it, :attr:`Record.held_by_process`, lives) and
     size of the staging directory ``dir_fd``; None if it is not one of ours (no record, or a
     directory someone else could have written in: its record and files are not to be
     trusted)."""
@@ -202,7 +232,21 @@ def classify(dir_fd: int, *, source: str) -> tuple[Record, str, int] | None:
     entries = lstat_entries(dir_fd)
     done = COMMITTING_NAME in entries or SUCCESS_MARK in entries
     size = sum(st.st_blocks * 512 for st in entries.values())
+    if record.holder_alive():
+        return record, IN_USE, size
     return record, INCOMPLETE if done else STALE, size
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    """Whether the process ``pid`` started at ``start_time`` (clock ticks since boot, as
+    ``/proc/PID/stat`` says) still runs."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            data = fh.read()
+    except OSError:
+        return False
+    fields = data[data.rindex(")") + 2 :].split()
+    return len(fields) > 19 and fields[19] == str(start_time) and fields[0] not in ("Z", "X")
 
 
 def scan(parent: Path) -> list[Leftover]:
@@ -304,13 +348,13 @@ def repair(left: Leftover, *, name: str | None = None) -> Image:
     dest = left.path.parent / (name or left.record.dest)
     path = left.path
     with _locked(path) as fd:
-        if fd is None:
+        got = classify(fd, source=str(path)) if fd is not None else None
+        if fd is None or (got is not None and got[1] == IN_USE):
             raise ImageError(
                 f"{path} is still being written by a checkpoint",
                 image=path,
                 hint="wait for it to end, then look at `torpor images`",
             )
-        got = classify(fd, source=str(path))
         if got is None:
             raise ImageNotFoundError(f"{path} is not a checkpoint's staging directory")
         record, state, _ = got
@@ -341,6 +385,17 @@ def repair(left: Leftover, *, name: str | None = None) -> Image:
             ) from exc
         drop_bookkeeping(fd)
     return image
+
+
+def reserve(dir_fd: int, processes: int) -> None:
+    """Allocate in :data:`RESERVE_NAME` of the staging directory ``dir_fd`` the space the
+    commit of an image of ``processes`` processes needs (``ENOSPC`` if the disk has not got
+    it): :func:`give_back` frees it for the commit."""
+    fd = create_file(dir_fd, RESERVE_NAME, source="staging directory")
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BASE + processes * RESERVE_PER_PROCESS)
+    finally:
+        os.close(fd)
 
 
 def give_back(dir_fd: int) -> None:

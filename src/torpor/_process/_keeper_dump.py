@@ -20,17 +20,25 @@ request only (:func:`parse_request`); the keeper never forwards anything of it t
 4. the app reads only the response (``_engine.receive_dump``): CRIU sees the app's end as
    its service socket, so a restored copy gets its own response (``restored=True``);
 5. once CRIU has exited the keeper seals the image in the directory while it is still its
-   own (``_finalize.seal``: files 0600, owned by the peer's uid), hands the directory back and
-   renames it to the image name with the peer's credentials. The original app, if it lives
-   on (``leave_running``, or a failed dump), asks to ``collect`` the outcome: the files are
-   its to read only then.
+   own (``_images._image.seal``, the one place images are hashed, their manifest written and
+   signed: files 0600, owned by the peer's uid), hands the directory back and renames it to
+   the image name with the peer's credentials. The original app, if it lives on
+   (``leave_running``, or a failed dump), asks to ``collect`` the outcome: the files are its
+   to read only then.
+
+A self-dump is as crash-safe as a checkpoint from outside (``_images._incomplete``): before
+CRIU starts the keeper locks the directory, writes the record of what the manifest needs and
+reserves the space the commit needs (``_finalize.before_dump``), and puts the image in the
+image index. If the image cannot be finished once CRIU has killed the app (a full disk, the
+keeper killed), the directory stays an *incomplete* image that ``torpor images`` lists and
+``torpor image repair`` finishes — for a root app; an unprivileged app's directory is handed
+back to it, and torpor, as root, does not trust what another user can change.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
-import errno
 import json
 import os
 import socket
@@ -45,9 +53,11 @@ from typing import Any
 
 from .. import _paths
 from .._engine import DUMP_LOG, DumpOptions, criu_version, dump_request, start_swrk
-from .._errors import PermissionDeniedError, TorporError, UsageError
+from .._errors import AlreadyExistsError, PermissionDeniedError, TorporError, UsageError
+from .._images._image import check_same, give, published, rename_noreplace
+from .._images._incomplete import Record, drop_bookkeeping, lock
 from .._safe import create_file, is_plain_name, lstat_entries, open_regular
-from ._finalize import ImageFacts, give, published, rename_noreplace, seal
+from ._finalize import ImageFacts, before_dump, not_finished, seal_reserved
 from ._peer import Peer, TreeGuard, run_as, tree_problem
 from ._proc import facts as process_facts
 from ._registry import ManagedProcess
@@ -212,7 +222,7 @@ class SelfDump:
         self.parent_fd = -1
         self.dir_fd = -1
         self._st: os.stat_result | None = None  # the directory as the peer handed it over
-        self.facts: ImageFacts | None = None
+        self.record: Record | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.outcome: dict[str, Any] | None = None
         self._done = threading.Event()
@@ -264,7 +274,7 @@ class SelfDump:
     def launch(self, conn: socket.socket, criu: str, guard: TreeGuard) -> None:
         """Hand the app its end of CRIU's socket and start CRIU on the other (step 3)."""
         cmdline, rss = process_facts(self.rec.pid)
-        self.facts = ImageFacts(
+        facts = ImageFacts(
             name=self.req.name,
             pid=self.rec.pid,
             cmdline=cmdline,
@@ -273,6 +283,15 @@ class SelfDump:
             tcp_established=self.req.tcp_established,
             labels=self.req.labels,
         )
+        record = facts.record(
+            self.req.dest,
+            start_time=self.rec.start_time,
+            leave_running=self.req.leave_running,
+            held_by_process=False,  # the keeper holds the lock until the image is made
+        )
+        lock(self.dir_fd, wait=False)  # nobody else can have it: the directory is ours
+        before_dump(self.dir_fd, record, staging=Path(self.req.staging))
+        self.record = record
         options = DumpOptions(
             leave_running=self.req.leave_running, tcp_established=self.req.tcp_established
         )
@@ -324,29 +343,31 @@ class SelfDump:
 
     def _finish(self) -> dict[str, Any]:
         owner = (self.peer.uid, self.peer.gid)
-        source = self.req.staging
+        staging = Path(self.req.staging)
         entries = lstat_entries(self.dir_fd)
         succeeded = "stats-dump" in entries and stat.S_ISREG(entries["stats-dump"].st_mode)
         if not succeeded:
             kept = self._keep_log()
-            give(self.dir_fd, sorted(entries), owner, source=source)
+            drop_bookkeeping(self.dir_fd)  # nothing to finish: the app runs on
+            give(self.dir_fd, sorted(lstat_entries(self.dir_fd)), owner, source=str(staging))
             return {"ok": True, "image": None, "log": str(kept) if kept else None}
-        assert self.facts is not None  # set by launch, before CRIU started
-        seal(self.dir_fd, self.facts, source=source, owner=owner)
+        assert self.record is not None  # set by launch, before CRIU started
+        seal_reserved(self.dir_fd, staging, self.record, owner=owner)
         self.hand_back()
         dest = self.req.dest
-        with published(self.parent, self.staging_name, dest):
-            run_as(self.peer, lambda: self._rename(dest))
+        try:
+            with published(self.parent, self.staging_name, dest):
+                run_as(self.peer, lambda: self._rename(dest))
+        except (OSError, AlreadyExistsError) as exc:
+            raise not_finished(self.record, staging, exc) from exc
         os.fsync(self.parent_fd)
+        drop_bookkeeping(self.dir_fd)
         return {"ok": True, "image": str(self.parent / dest)}
 
     def _rename(self, dest: str) -> list[int]:
         """(With the peer's credentials.) The staging directory, still where it was, to its
         image name."""
-        here = os.stat(self.staging_name, dir_fd=self.parent_fd, follow_symlinks=False)
-        st = os.fstat(self.dir_fd)
-        if (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
-            raise FileNotFoundError(errno.ENOENT, "the staging directory was moved")
+        check_same(self.parent_fd, self.staging_name, self.dir_fd)
         rename_noreplace(self.parent_fd, self.staging_name, dest)
         return []
 
@@ -391,7 +412,9 @@ class SelfDump:
         self.dir_fd = self.parent_fd = -1
 
     def abort(self) -> None:
-        """Undo :meth:`prepare` for a dump that never started."""
+        """Undo :meth:`prepare` (and :meth:`launch`'s record) for a dump that never started."""
+        if self.dir_fd >= 0 and self._st is not None:
+            drop_bookkeeping(self.dir_fd)
         self.hand_back()
         self.close()
         self.outcome = {"ok": True, "image": None, "log": None}
