@@ -103,8 +103,11 @@ def test_a_killed_holder_lets_go_and_its_file_is_swept(torpor_home: Path) -> Non
     with held_by_other("dump", TARGET.pid, TARGET.start_time) as other:
         other.send_signal(signal.SIGKILL)
         other.wait()
+    # A file with no record yet is a taker's between its create and its lock: never swept.
+    fresh = torpor_home / "locks" / "dump.1-2.lock"
+    fresh.touch(mode=0o600)
     with _locks.starting("web"):  # any lock taken sweeps what killed holders left
-        assert lock_files(torpor_home) == {_locks.name_file("web")}
+        assert lock_files(torpor_home) == {_locks.name_file("web"), fresh.name}
 
 
 def test_the_same_pid_with_another_start_time_is_another_process(torpor_home: Path) -> None:

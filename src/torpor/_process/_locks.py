@@ -227,9 +227,12 @@ def _take(file: str) -> Lock:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     holder = _holder(fd)
-                    if holder is None or holder.alive():
-                        raise _Busy(holder.pid if holder else None) from None
-                    # A dead holder's file, held for a moment by a sweep removing it.
+                    if holder is not None and holder.alive():
+                        raise _Busy(holder.pid) from None
+                    if holder is None and _same_file(dir_fd, file, os.fstat(fd)):
+                        raise _Busy(None) from None  # a holder that never said who it is
+                    # A dead holder's file, held for a moment by a sweep removing it (or
+                    # let go and unlinked meanwhile): try again.
                     os.close(fd)
                     time.sleep(0.005)
                     continue
@@ -331,6 +334,12 @@ def _parse_holder(raw: bytes) -> ProcRef | None:
 
 
 def _live_holder(dir_fd: int, file: str) -> int | None:
+    ref = _recorded_holder(dir_fd, file)
+    return ref.pid if ref is not None and ref.alive() else None
+
+
+def _recorded_holder(dir_fd: int, file: str) -> ProcRef | None:
+    """The holder recorded in ``file`` (None: no file, not ours, or no record yet)."""
     try:
         fd = os.open(file, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -339,20 +348,22 @@ def _live_holder(dir_fd: int, file: str) -> int | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or _safe.owner_problem(st) is not None:
             return None  # not one of ours: taking it will say so
-        ref = _parse_holder(os.pread(fd, _MAX_HOLDER + 1, 0))
+        return _parse_holder(os.pread(fd, _MAX_HOLDER + 1, 0))
     finally:
         os.close(fd)
-    return ref.pid if ref is not None and ref.alive() else None
 
 
 def _sweep(dir_fd: int, path: Path) -> None:
-    """Remove lock files whose holder is gone without letting go (killed). One is only
-    unlinked while locked by us, so a live holder's file is never removed."""
+    """Remove lock files whose recorded holder is gone without letting go (killed). One is
+    only unlinked while locked by us, so a live holder's file is never removed; nor is one
+    with no record yet (a taker creates the file, then locks it, then writes its record:
+    locking it first would make that taker fail)."""
     with os.scandir(dir_fd) as it:
         names = [e.name for e in it if e.name.startswith(_PREFIXES) and e.name.endswith(_SUFFIX)]
     for file in names:
         try:
-            if _live_holder(dir_fd, file) is not None:
+            holder = _recorded_holder(dir_fd, file)
+            if holder is None or holder.alive():
                 continue
             fd = _open(dir_fd, path, file, os.O_RDWR)
         except (OSError, TorporError):
