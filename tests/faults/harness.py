@@ -80,10 +80,10 @@ class Outcome:
     def story(self) -> str:
         """One line: the command, the fault, what happened."""
         what = f"`torpor {' '.join(self.args)}`"
-        if self.fault is None:
-            return f"{what} -> rc {self.rc}"
-        fired = self.fired or "never fired (the command ended first)"
         said = f" ({self.stderr.strip()})" if self.rc not in (0, None) and not self.killed else ""
+        if self.fault is None:
+            return f"{what} -> rc {self.rc}{said}"
+        fired = self.fired or "never fired (the command ended first)"
         return f"{what} with {self.fault}: {fired}; rc {self.rc}{said} after {self.elapsed:.3f}s"
 
 
@@ -108,6 +108,7 @@ class Lab:
     use_agent: bool = False  # commands go through the launcher to this home's agent
     agent: Ref | None = None
     log: list[str] = field(default_factory=list)
+    can_repair: bool | None = None  # whether this torpor has `torpor image repair`
 
     @property
     def env(self) -> dict[str, str]:

@@ -117,8 +117,10 @@ def restore(lab: Lab, image: str, name: str, floor: int, ceiling: int, story: st
 
 
 def image_repair_exists(lab: Lab) -> bool:
-    """Whether this torpor has ``torpor image repair``."""
-    return " repair " in lab.cli("image", "--help").stdout
+    """Whether this torpor has ``torpor image repair`` (asked once per lab)."""
+    if lab.can_repair is None:
+        lab.can_repair = " repair " in lab.cli("image", "--help").stdout
+    return lab.can_repair
 
 
 def survived(

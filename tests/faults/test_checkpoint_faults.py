@@ -79,7 +79,6 @@ def checkpoint_once(lab: Lab, i: int, variant: str, fault: Fault) -> bool:
             ["--name", f"{img}-again"] if made else [a for a in args[2:] if a != "--leave-running"]
         )
         still_manageable(lab, app, out.story, *where)
-    check_ps(lab, f"{out.story}, after the checks")
     lab.note(f"  held: {held}")
     return out.fired is not None
 
