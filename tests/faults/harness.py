@@ -140,10 +140,12 @@ class Lab:
         fault: Fault | None,
         *,
         keeper: Ref | None = None,
+        target: Ref | None = None,
         watch: Sequence[Path] = (),
         timeout: float = 90,
     ) -> Outcome:
-        """Run ``torpor ARGS``, injecting ``fault`` (see :class:`Injector`)."""
+        """Run ``torpor ARGS``, injecting ``fault`` (see :class:`Injector`); ``keeper`` and
+        ``target`` are the app's keeper and the app, if the command is about one."""
         before = {r.pid for r in self.tree.mine()}
         started = time.monotonic()
         argv = (*self.cli_prefix, *args)
@@ -152,6 +154,7 @@ class Lab:
         try:
             if fault is not None:
                 injector = Injector(self, proc.pid, argv, fault, before, keeper, watch, started)
+                injector.target = target
                 fired = injector.drive(proc.poll, timeout)
             out, err = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - started)))
         except BaseException:
@@ -308,6 +311,7 @@ class Injector:
         self.fault = fault
         self.before = before
         self.keeper = keeper
+        self.target: Ref | None = None
         self.watch = [*watch, lab.home / "images", lab.home / "cache"]
         self.started = started
         # Its argv as given, not as /proc shows it: just after a vfork+exec it may be empty.
@@ -498,6 +502,8 @@ def _same_program(pid: int, prefix: Sequence[str]) -> bool:
 
 TRIGGERS: dict[str, Callable[[Injector], bool]] = {
     "start": lambda i: True,
+    # The app ended: CRIU killed it once the image was written; the commit is still to come.
+    "app-gone": lambda i: i.target is not None and not i.target.alive(),
     "criu": lambda i: bool(i.victims_of("criu")),
     "staging": lambda i: bool(i.staging_dirs()),
     "pages": lambda i: i.staged(lambda n: n.startswith("pages-")),

@@ -24,7 +24,7 @@ VICTIMS = {
     "restore": ("worker", "cli", "criu"),
 }
 TRIGGERS = {
-    "checkpoint": ("start", "criu", "staging", "pages", "manifest", "image"),
+    "checkpoint": ("start", "criu", "staging", "pages", "manifest", "image", "app-gone"),
     "restore": ("start", "keeper", "criu", "restored", "record"),
 }
 

@@ -17,15 +17,15 @@ pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.timeout(TIMEOUT)]
 
 VARIANTS = ("stop", "leave-running", "pool", "output")
 TRIGGERS = {
-    "cli": ("start", "criu", "staging", "pages", "manifest", "image"),
+    "cli": ("start", "criu", "staging", "pages", "manifest", "image", "app-gone"),
     "criu": ("criu", "staging", "pages"),
     # A keeper whose app CRIU killed exits at once: hit it before (or with --leave-running).
     "keeper": ("start", "criu", "staging", "pages"),
     # The checkpointer ends as soon as the image is in place.
-    "checkpointer": ("start", "criu", "staging", "pages", "manifest"),
+    "checkpointer": ("start", "criu", "staging", "pages", "manifest", "app-gone"),
 }
 
-LATE = {("criu", "staging"): 0.015, ("criu", "pages"): 0.005}
+LATE = {("criu", "staging"): 0.015, ("criu", "pages"): 0.005, ("checkpointer", "app-gone"): 0.003}
 
 
 def pick_fault(rng: random.Random, victim: str) -> Fault:
@@ -59,7 +59,7 @@ def checkpoint_once(lab: Lab, i: int, variant: str, fault: Fault) -> bool:
         committed = out_dir / img
         args += ["-o", str(committed)]
         image, watch = str(committed), [out_dir]
-    out = lab.run(args, fault, keeper=app.keeper, watch=watch)
+    out = lab.run(args, fault, keeper=app.keeper, target=app.ref, watch=watch)
     check_output(lab, out)
     check_quiet(lab, out)
     check_ps(lab, out.story)
