@@ -66,13 +66,18 @@ def check_quiet(lab: Lab, out: Outcome) -> None:
 
 
 def check_ps(lab: Lab, story: str) -> list[dict[str, object]]:
-    """``torpor ps`` matches the processes; its rows."""
+    """``torpor ps`` matches the processes; its rows. Judged against the processes as they
+    were both before and after `torpor ps` looked (one that changed meanwhile is not judged),
+    so the check never races a process ending."""
+    apps_before = {r.pid for r in lab.apps()}
     rows = lab.ps()
     running: dict[int, str] = {}
     for row in rows:
         r = Ref(int(row["pid"]), int(row["start_time"]))
         alive = r.alive()
         says = row["state"] == "running"
+        if says and not alive and r.pid in apps_before:
+            continue  # it ended after `torpor ps` looked
         assert says == alive, lab.fail(
             f"{story}: `torpor ps` says {row['name']} (pid {r.pid}) is {row['state']!r}, "
             f"but it is {'alive' if alive else 'gone'}"
@@ -80,7 +85,7 @@ def check_ps(lab: Lab, story: str) -> list[dict[str, object]]:
         if says:
             running[r.pid] = str(row["name"])
     apps = {r.pid for r in lab.apps()}
-    hidden = apps - set(running)
+    hidden = (apps & apps_before) - set(running)
     assert not hidden, lab.fail(
         f"{story}: app processes run that `torpor ps` does not list as running: "
         f"{sorted(hidden)} (rows: {json.dumps(rows)})"
@@ -110,10 +115,11 @@ def restore(lab: Lab, image: str, name: str, floor: int, ceiling: int, story: st
     assert out.rc == 0, lab.fail(f"{story}: its image {image} does not restore: {out.stderr}")
     pids = [int(p["pid"]) for p in json.loads(out.stdout)]
     continues(lab, pids, floor, ceiling, f"{story}; restore of {image}")
-    for pid in pids:
-        r = procs.ref(pid)
-        if r is not None:
-            procs.signal_ref(r)
+    copies = [r for r in map(procs.ref, pids) if r is not None]
+    for r in copies:
+        procs.signal_ref(r)
+    gone = procs.wait_until(lambda: not any(r.alive() for r in copies), 10)
+    assert gone, lab.fail(f"{story}: restored copies {pids} outlived SIGKILL")
 
 
 def image_repair_exists(lab: Lab) -> bool:
