@@ -208,23 +208,63 @@ def _failure(
     read elsewhere than ``log_path`` (the path the message names). ``ourselves``: the dumped
     process is the caller (alive, and its host pid may not even exist in its PID namespace)."""
     lines = list(lines) if lines is not None else log_errors(log_path)
+    full = None if lines else disk_full(log_path.parent)
     if notify_error is not None:
         reason = f"a {what} callback failed: {notify_error}"
     elif lines:
         reason = lines[0]
+    elif full is not None:  # CRIU could not log why: its log's disk is full
+        reason = full[0]
     else:
         reason = resp.cr_errmsg or f"CRIU error {resp.cr_errno}"
     subject = f"pid {pid}" if pid is not None else f"image {image}"
     if pid is not None and not ourselves and not _pid_alive(pid) and what == "checkpoint":
         kept = "the process is gone"
     hint = _hint_for(lines) if notify_error is None else None
+    if hint is None and full is not None:
+        hint = f"free space on {full[1]}"
     if hint is None and resp.cr_errno == 1 and os.geteuid() != 0:
         hint = "CRIU needs root: run torpor as root"
-    msg = f"{what} of {subject} failed: {reason} ({kept}; log: {log_path})"
-    err = cls(msg, pid=pid, image=image, log_path=log_path, log_lines=lines, hint=hint)
+    logged = log_path.exists()
+    log = f"log: {log_path}" if logged else "CRIU wrote no log"
+    msg = f"{what} of {subject} failed: {reason} ({kept}; {log})"
+    err = cls(
+        msg,
+        pid=pid,
+        image=image,
+        log_path=log_path if logged else None,
+        log_lines=lines,
+        hint=hint,
+    )
     if notify_error is not None:
         err.__cause__ = notify_error
     return err
+
+
+# Less than this free where CRIU logs, and no error in its log: it ran out of space.
+_LOW_SPACE = 64 << 10
+
+
+def disk_full(where: Path) -> tuple[str, Path] | None:
+    """``(no space left on MOUNT (...), MOUNT)`` if the filesystem holding ``where`` (or its
+    nearest existing parent) is out of inodes or all but out of space, else None."""
+    p = where
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+        dev = os.stat(p).st_dev
+        while p != p.parent and os.stat(p.parent).st_dev == dev:
+            p = p.parent
+    except OSError:
+        return None
+    if st.f_files and st.f_favail == 0:
+        return f"no space left on {p} (no free inodes)", p
+    free = st.f_bavail * st.f_frsize
+    if free < _LOW_SPACE:
+        amount = f"{free} B" if free < 1024 else f"{free / 1024:.1f} KiB"
+        return f"no space left on {p} ({amount} free)", p
+    return None
 
 
 def _pid_alive(pid: int) -> bool:
