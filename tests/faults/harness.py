@@ -80,7 +80,9 @@ class Outcome:
     def story(self) -> str:
         """One line: the command, the fault, what happened."""
         what = f"`torpor {' '.join(self.args)}`"
-        said = f" ({self.stderr.strip()})" if self.rc not in (0, None) and not self.killed else ""
+        # On one line whatever the error was (a story is one line of the report).
+        error = " / ".join(self.stderr.strip().splitlines())
+        said = f" ({error})" if self.rc not in (0, None) and not self.killed else ""
         if self.fault is None:
             return f"{what} -> rc {self.rc}{said}"
         fired = self.fired or "never fired (the command ended first)"
