@@ -207,6 +207,8 @@ def _failure(
     """The error for a failed response; ``lines`` are the log's error lines when the log was
     read elsewhere than ``log_path`` (the path the message names). ``ourselves``: the dumped
     process is the caller (alive, and its host pid may not even exist in its PID namespace)."""
+    # Read elsewhere: the log at ``log_path`` is where someone else kept it (a keeper).
+    logged = lines is not None or log_path.exists()
     lines = list(lines) if lines is not None else log_errors(log_path)
     full = None if lines else disk_full(log_path.parent)
     if notify_error is not None:
@@ -225,7 +227,6 @@ def _failure(
         hint = f"free space on {full[1]}"
     if hint is None and resp.cr_errno == 1 and os.geteuid() != 0:
         hint = "CRIU needs root: run torpor as root"
-    logged = log_path.exists()
     log = f"log: {log_path}" if logged else "CRIU wrote no log"
     msg = f"{what} of {subject} failed: {reason} ({kept}; {log})"
     err = cls(
