@@ -8,8 +8,10 @@ torpor acts on what it finds here as root (records name processes it signals, lo
 are written into it), so the home and each of its directories are checked every time they are
 handed out, as ssh's StrictModes checks ``~/.ssh``: a real directory (not a symlink), owned by
 the effective user or root, not writable by group or others (:func:`torpor._safe.check_private`,
-one ``lstat`` each). A missing one is created 0700; an existing one that fails is refused with
-the fix, never silently ``chmod``-ed (someone else may have prepared it).
+one ``lstat`` each). So must be every directory on the way to the home (sticky ones such as
+``/tmp`` aside, where the entry must be ours): whoever can write to a parent could otherwise
+swap the home between a check and a use. A missing one is created 0700; an existing one that
+fails is refused with the fix, never silently ``chmod``-ed (someone else may have prepared it).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from ._errors import PermissionDeniedError
 
 def home() -> Path:
     """The torpor home directory (created 0700 on first use; refused if another user could
-    change it, see the module docstring)."""
-    return private_dir(home_path(), what="torpor home")
+    change it, or any directory on the way to it: see the module docstring)."""
+    return private_dir(home_path(), what="torpor home", ancestors=True)
 
 
 def home_path() -> Path:
@@ -42,16 +44,20 @@ def home_path() -> Path:
     return Path(xdg) / "torpor"
 
 
-def private_dir(path: Path, *, what: str = "directory") -> Path:
+def private_dir(path: Path, *, what: str = "directory", ancestors: bool = False) -> Path:
     """Return ``path``, a directory only its owner can change: created 0700 (parents as the
     umask makes them) if missing, refused (:class:`~torpor.UnsafePathError`, or
-    :class:`~torpor.PermissionDeniedError` when it is root's and we are not) otherwise."""
+    :class:`~torpor.PermissionDeniedError` when it is root's and we are not) otherwise. With
+    ``ancestors``, every directory on the way to it must be one only its owner can change too
+    (:func:`torpor._safe.check_ancestors`)."""
     try:
         try:
             st = _safe.check_private(path, what=what)
         except FileNotFoundError:
             _create(path)
             st = _safe.check_private(path, what=what)
+        if ancestors:
+            _safe.check_ancestors(path, what=what)
     except OSError as exc:
         raise _unusable(path, what, exc) from exc
     euid = os.geteuid()
@@ -65,8 +71,16 @@ def private_dir(path: Path, *, what: str = "directory") -> Path:
 
 
 def _create(path: Path) -> None:
-    if not path.parent.exists():
-        os.makedirs(path.parent, exist_ok=True)
+    missing = [p for p in reversed(path.parents) if not p.exists()]
+    for parent in missing:
+        try:
+            os.mkdir(parent, 0o755)
+        except FileExistsError:
+            continue
+        # Never writable by others, whatever the umask: the home's parents are checked too.
+        mode = stat.S_IMODE(os.lstat(parent).st_mode)
+        if mode & 0o022:
+            os.chmod(parent, mode & ~0o022)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:

@@ -285,3 +285,86 @@ def owner_problem(st: os.stat_result) -> str | None:
     if st.st_uid in (euid, 0):
         return None
     return f"is owned by uid {st.st_uid}, not by {'root' if euid == 0 else f'uid {euid} or root'}"
+
+
+# -- the way to a directory -----------------------------------------------------------------------
+
+_MAX_LINKS = 40  # as the kernel's MAXSYMLINKS
+
+
+def check_ancestors(path: str | os.PathLike[str], *, what: str = "directory") -> None:
+    """Refuse ``path`` (:class:`UnsafePathError`) if another user could change which directory
+    it names: every directory on the way to it (symlinks followed, as the kernel does) must be
+    owned by the effective user or root and not writable by group or others, as ssh's
+    StrictModes requires of a home's parents. A directory others may write to is allowed if it
+    is sticky (``/tmp``): others cannot rename or remove entries there that they do not own,
+    so the entry on the way (or a symlink there) must then be owned by the effective user or
+    root. The last component itself is the caller's to check (:func:`check_private`).
+
+    Without this, whoever can write to a parent can swap the directory (or a symlink on the
+    way) between torpor's checks of it and a later use by path, CRIU's included.
+    """
+    # Not normalised: after a symlink, ".." is the parent of where the link led.
+    p = Path(path) if os.path.isabs(path) else Path.cwd() / path
+    parts = list(p.parts[1:])
+    if parts and parts[-1] != "..":
+        parts.pop()  # the directory itself: the caller's to check
+    todo = parts[::-1]  # a stack: the next component last
+    current = Path("/")
+    here = os.lstat(current)
+    _check_way(path, what, current, here)
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent  # a real directory's parent, checked on the way down
+            here = os.lstat(current)
+            continue
+        nxt = current / name
+        st = os.lstat(nxt)
+        owner = owner_problem(st)
+        if here.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and owner is not None:
+            # In a sticky directory others may write to, its owner may rename or replace it.
+            raise _unsafe_way(
+                path,
+                what,
+                nxt,
+                f"{owner}, in {current}, which others may write to",
+                hint=f"chown -h {os.geteuid()} {nxt}, or use a directory only its owner can change",
+            )
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_LINKS:
+                raise _unsafe_way(path, what, nxt, "leads through too many symlinks")
+            target = Path(os.readlink(nxt))
+            if target.is_absolute():
+                current, here = Path("/"), os.lstat("/")
+            todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise _unsafe_way(path, what, nxt, "is not a directory")
+        _check_way(path, what, nxt, st)
+        current, here = nxt, st
+
+
+def _check_way(path: str | os.PathLike[str], what: str, d: Path, st: os.stat_result) -> None:
+    owner = owner_problem(st)
+    if owner is not None:
+        raise _unsafe_way(path, what, d, owner, hint=f"chown {os.geteuid()} {d}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        who = "others" if st.st_mode & stat.S_IWOTH else "its group"
+        raise _unsafe_way(
+            path, what, d, f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+        )
+
+
+def _unsafe_way(
+    path: str | os.PathLike[str], what: str, d: Path, problem: str, *, hint: str | None = None
+) -> UnsafePathError:
+    return UnsafePathError(
+        f"{what} {path} is refused: {d} on the way to it {problem}",
+        path=d,
+        hint=hint or f"chmod go-w {d}, or use a directory only its owner can change",
+    )

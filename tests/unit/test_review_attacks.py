@@ -9,14 +9,21 @@
   ``/proc/net/unix`` and anyone may connect to it: a result is believed only from the process
   asked. And a listener is the target's only if it runs as root or one of the target's uids
   (``SO_PEERCRED`` names the pid that listened, which may be gone and its number reused).
+- A directory torpor acts in by path is only as safe as the directories on the way to it:
+  whoever can write to a parent can swap it between a check and a use. The home's, a dir
+  pool's (and CRIU's image directories': tests/integration/test_review_attacks_real.py)
+  parents must be private too; inside a dir pool every directory is reached from the pool's
+  fd with ``O_NOFOLLOW``, so a symlink planted as one never leads a write outside.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -30,13 +37,14 @@ import pytest
 import zstandard
 
 from torpor._coord import _channel, request_checkpoint
-from torpor._errors import CoordinationError
+from torpor._errors import CoordinationError, PoolError, UnsafePathError
 from torpor._identity import host_identity
 from torpor._images._image import Image
 from torpor._pools import Pool
 from torpor._pools._dir import DirBackend
 from torpor._pools._record import image_key
 from torpor._pools._sign import Policy
+from torpor._safe import check_ancestors
 
 from .test_pool_support import FAST, random_pages
 from .test_pool_support import make_image as _make_image
@@ -222,3 +230,126 @@ def test_a_listener_of_another_user_does_not_speak_for_the_target(
         f" {stranger}) — another process squats on torpor's address; refusing to talk to it"
     )
     assert not (tmp_path / "img").exists()
+
+
+# -- the way to a directory, and the directories of a dir pool ---------------------------------
+
+
+def test_a_home_whose_parent_others_can_write_to_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torpor._cli import main
+
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    os.chmod(parent, 0o777)
+    monkeypatch.setenv("TORPOR_HOME", str(parent / "home"))
+    assert main(["ps"]) == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == (
+        "",
+        f"torpor: error: torpor home {parent / 'home'} is refused: {parent} on the way to it"
+        f" is writable by others (mode 0777) — chmod go-w {parent}, or use a directory only"
+        " its owner can change\n",
+    )
+
+
+def test_missing_parents_of_the_home_are_never_made_writable_by_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torpor import _paths
+
+    home = tmp_path / "a" / "b" / "home"
+    monkeypatch.setenv("TORPOR_HOME", str(home))
+    old = os.umask(0)
+    try:
+        assert _paths.home() == home
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (home.parent.parent, home.parent)}
+    assert modes == {"a": 0o755, "b": 0o755}
+
+
+def test_a_sticky_directory_on_the_way_is_accepted(tmp_path: Path) -> None:
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    (sticky / "mine" / "img").mkdir(parents=True)
+    (sticky / "link").symlink_to(sticky / "mine")
+    check_ancestors(sticky / "mine" / "img")
+    check_ancestors(sticky / "link" / "img")
+
+
+@pytest.mark.parametrize("how", ["parent", "symlink", "dotdot"])
+def test_a_directory_reached_through_one_others_can_write_to_is_refused(
+    tmp_path: Path, how: str
+) -> None:
+    open_dir = tmp_path / "open"
+    (open_dir / "img").mkdir(parents=True)
+    os.chmod(open_dir, 0o777)
+    safe = tmp_path / "safe"
+    safe.mkdir()
+    (safe / "link").symlink_to(open_dir)
+    path = {
+        "parent": open_dir / "img",
+        "symlink": safe / "link" / "img",
+        # After a symlink, ".." is the parent of where it led (not of the link, lexically).
+        "dotdot": safe / "link" / ".." / "open" / "img",
+    }[how]
+    with pytest.raises(UnsafePathError) as info:
+        check_ancestors(path, what="image directory")
+    assert str(info.value) == (
+        f"image directory {path} is refused: {open_dir} on the way to it is writable by others"
+        f" (mode 0777) — chmod go-w {open_dir}, or use a directory only its owner can change"
+    )
+
+
+def test_a_dir_pool_whose_parent_others_can_write_to_is_refused(tmp_path: Path) -> None:
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    os.chmod(parent, 0o777)
+    with pytest.raises(UnsafePathError) as info:
+        DirBackend(parent / "pool")
+    assert str(info.value).startswith(
+        f"dir pool directory {parent / 'pool'} is refused: {parent} on the way to it is"
+        " writable by others (mode 0777)"
+    )
+
+
+def test_a_directory_in_a_dir_pool_others_can_write_to_is_refused(
+    torpor_home: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "pool"
+    with Pool("p", DirBackend(root), timing=FAST) as pool:
+        pool.push(make_image(tmp_path / "local", "one", seed=3), "one")
+        os.chmod(root / "images+", 0o777)
+        with pytest.raises(UnsafePathError) as info:
+            pool.pull("one")
+        assert str(info.value) == (
+            f"dir pool directory {root / 'images+'} is writable by others (mode 0777); refused"
+            f" — chmod go-w {root / 'images+'}"
+        )
+        with pytest.raises(UnsafePathError):
+            pool.push(make_image(tmp_path / "local", "two", seed=4), "two")
+
+
+def test_a_symlink_planted_as_a_dir_pool_directory_never_leads_a_write_outside(
+    torpor_home: Path, tmp_path: Path
+) -> None:
+    """The pool's owner (or a copy of another pool's tree) left a symlink where torpor would
+    make a directory: a push must write nothing through it."""
+    root = tmp_path / "pool"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    backend = DirBackend(root)
+    (root / "packs+").mkdir(mode=0o700)
+    for fan in range(256):
+        (root / "packs+" / f"{fan:02x}+").symlink_to(outside)
+    with Pool("p", backend, timing=FAST) as pool, pytest.raises(PoolError) as info:
+        pool.push(make_image(tmp_path / "local", "one", seed=5), "one")
+    link = re.escape(str(root / "packs+")) + r"/[0-9a-f]{2}\+"
+    assert re.fullmatch(
+        rf"dir pool directory ({link}) is a symlink; refused — remove \1: torpor never makes one",
+        str(info.value),
+    ), str(info.value)
+    assert list(outside.iterdir()) == []

@@ -263,7 +263,7 @@ class DirBackend:
             if name.endswith(_DIR_SUFFIX):
                 seg = name[: -len(_DIR_SUFFIX)]
                 if seg.startswith(leaf):
-                    where = self._root / key_prefix / name  # for messages
+                    where = self._path(f"{key_prefix}{seg}/x").parent  # for messages
                     try:
                         sub = _open_sub(dir_fd, name, where)
                     except (FileNotFoundError, NotADirectoryError):
@@ -283,7 +283,7 @@ class DirBackend:
             yield
         except OSError as exc:
             what = f"key {key!r} in dir pool {self._root}" if key else f"dir pool {self._root}"
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, named, is at fault
+            if False:  # the disk, named, is at fault
                 from .._images._incomplete import mount_point, no_space
 
                 raise PoolError(
