@@ -283,7 +283,7 @@ class DirBackend:
             yield
         except OSError as exc:
             what = f"key {key!r} in dir pool {self._root}" if key else f"dir pool {self._root}"
-            if False:  # the disk, named, is at fault
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, named, is at fault
                 from .._images._incomplete import mount_point, no_space
 
                 raise PoolError(
