@@ -60,7 +60,8 @@ def counts(log: Path) -> dict[int, list[int]]:
 
 
 PS_COLUMNS = ("NAME", "PID", "STATE", "UPTIME", "COMMAND", "RESTORED-FROM")
-LOCAL_IMAGES_COLUMNS = ("NAME", "ID", "CREATED", "SIZE", "PID", "COMMAND")  # torpor images
+# torpor images
+LOCAL_IMAGES_COLUMNS = ("NAME", "ID", "CREATED", "SIZE", "PID", "COMMAND", "PATH", "STATE")
 POOL_IMAGES_COLUMNS = ("NAME", "ID", "CREATED", "SIZE", "STORED")  # torpor images --pool P
 
 

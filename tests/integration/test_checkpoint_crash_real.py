@@ -221,8 +221,8 @@ def test_a_checkpointer_killed_once_the_process_is_gone_leaves_a_repairable_imag
     )
     res = torpor("images")
     rows = parse_table(res.stdout, LOCAL_IMAGES_COLUMNS)
-    assert {k: (r["ID"], r["PID"]) for k, r in rows.items()} == {
-        "inc-img": ("incomplete", str(app.pid))
+    assert {k: (r["ID"], r["PID"], r["PATH"], r["STATE"]) for k, r in rows.items()} == {
+        "inc-img": ("", str(app.pid), str(images / staging), "incomplete")
     }
     assert res.stderr == (
         f"torpor: warning: image 'inc-img' is incomplete (kept at {images / staging}): "
@@ -233,7 +233,7 @@ def test_a_checkpointer_killed_once_the_process_is_gone_leaves_a_repairable_imag
     assert repaired.stdout == f"{images / 'inc-img'}\n"
     assert leftovers(images) == []
     rows = parse_table(torpor("images").stdout, LOCAL_IMAGES_COLUMNS)
-    assert rows["inc-img"]["ID"] != "incomplete"
+    assert (rows["inc-img"]["PATH"], rows["inc-img"]["STATE"]) == (str(images / "inc-img"), "ok")
     restores_and_continues(images / "inc-img", "inc-copy", app, log)
 
 

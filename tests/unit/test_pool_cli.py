@@ -78,7 +78,7 @@ def test_image_commands(
     code, _, err = run(capsys, "image", "delete", "web@other")
     assert code == 1 and "no image 'web'" in err
 
-    code, out, _ = run(capsys, "image", "prune", "--keep", "1", "--gc")
+    code, out, _ = run(capsys, "image", "prune", "--keep", "1", "--pool", "default", "--gc")
     assert out.count("deleted") == 2  # web, web2, back share a command line: back stays
     code, out, _ = run(capsys, "pool", "gc", "default", "--json")
     assert json.loads(out)["images"] == 1

@@ -1,7 +1,9 @@
-"""``torpor image``: copy, delete, prune, export, import, push and pull images in pools; repair
-an incomplete local image.
+"""``torpor image``: copy, export, import, push and pull images in pools; delete and prune
+local images or a pool's; repair an incomplete local image.
 
-Images in pools are written ``NAME@POOL``; a bare ``NAME`` means the ``default`` pool.
+Images in pools are written ``NAME@POOL``; a bare ``NAME`` means the ``default`` pool, but for
+``delete`` (a local image: a name in the store, or a path) and ``prune`` (local images unless
+``--pool`` is given).
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import contextlib
 import sys
 from typing import Any
 
-from .._errors import TorporError
+from .._errors import TorporError, UsageError
 from ._app import App, human_bytes
 
 
 def register(sub: Any) -> None:
     """Add ``torpor image`` and its subcommands."""
-    p = sub.add_parser("image", help="copy, delete, prune, export and import images in pools")
+    p = sub.add_parser(
+        "image", help="delete, prune and repair local images; copy, export, import, push, pull"
+    )
     isub = p.add_subparsers(dest="image_command", metavar="SUBCOMMAND", required=True)
 
     c = isub.add_parser(
@@ -27,17 +31,33 @@ def register(sub: Any) -> None:
     c.add_argument("dst", metavar="DST[@POOL]")
     c.set_defaults(handler=_copy)
 
-    d = isub.add_parser("delete", help="delete an image from a pool")
-    d.add_argument("image", metavar="NAME[@POOL]")
+    d = isub.add_parser(
+        "delete",
+        help="delete a local image (NAME or PATH) or an image in a pool (NAME@POOL)",
+        description="Delete a local image: NAME in the local store, or the image directory "
+        "PATH (`torpor images` lists both; an incomplete image by its name or path too), or "
+        "an image in a pool, NAME@POOL. Only directories that are torpor's images are "
+        "deleted. An image whose directory is gone with its disk is forgotten.",
+    )
+    d.add_argument("image", metavar="NAME|PATH|NAME@POOL")
     d.set_defaults(handler=_delete)
 
     pr = isub.add_parser(
-        "prune", help="keep the N newest images of each program, delete the others"
+        "prune",
+        help="keep the K newest images of each program, delete the others (local images, "
+        "or a pool's with --pool)",
+        description="Keep the K newest complete images of each program (same command line) "
+        "among those whose name starts with PREFIX, and delete the others: the local images "
+        "`torpor images` lists, or a pool's with --pool. Incomplete, broken and missing "
+        "images are left alone.",
     )
-    pr.add_argument("--keep", type=int, required=True, metavar="N")
-    pr.add_argument("--pool", default="default", help="the pool (default: default)")
-    pr.add_argument("--prefix", help="only images whose name starts with this")
-    pr.add_argument("--gc", action="store_true", help="garbage-collect the pool afterwards")
+    pr.add_argument("prefix_arg", nargs="?", metavar="PREFIX", help="only these images")
+    pr.add_argument("--keep", type=int, default=1, metavar="K", help="how many (default: 1)")
+    pr.add_argument("--pool", help="prune this pool instead of the local images")
+    pr.add_argument("--prefix", help="same as PREFIX")
+    pr.add_argument(
+        "--gc", action="store_true", help="garbage-collect the pool afterwards (with --pool)"
+    )
     pr.set_defaults(handler=_prune)
 
     e = isub.add_parser("export", help="write an image and its chunks into one file")
@@ -105,20 +125,36 @@ def _copy(app: App, args: argparse.Namespace) -> int:
 
 
 def _delete(app: App, args: argparse.Namespace) -> int:
-    from .._pools import open_pool
+    if "@" in args.image and "/" not in args.image:
+        from .._pools import open_pool
 
-    name, pool_name = _split(args.image)
-    with open_pool(pool_name) as pool:
-        pool.delete_image(name)
-    app.info(f"deleted {name}@{pool_name} (`torpor pool gc {pool_name}` frees its chunks)")
+        name, pool_name = _split(args.image)
+        with open_pool(pool_name) as pool:
+            pool.delete_image(name)
+        app.info(f"deleted {name}@{pool_name} (`torpor pool gc {pool_name}` frees its chunks)")
+        return 0
+    from .._images import _remove
+
+    path, removed = _remove.delete(args.image)
+    app.info(f"deleted {path}" if removed else f"forgot {path} (its directory is gone)")
     return 0
 
 
 def _prune(app: App, args: argparse.Namespace) -> int:
+    if args.prefix and args.prefix_arg and args.prefix != args.prefix_arg:
+        raise UsageError("give the prefix once (PREFIX or --prefix)")
+    prefix = args.prefix or args.prefix_arg
+    if args.pool is None:
+        if args.gc:
+            raise UsageError("--gc garbage-collects a pool: give --pool POOL")
+        from .._images import _remove
+
+        _remove.prune(args.keep, prefix=prefix, done=lambda row: app.out(f"deleted {row.path}"))
+        return 0
     from .._pools import open_pool
 
     with open_pool(args.pool) as pool:
-        deleted = pool.prune(args.keep, prefix=args.prefix)
+        deleted = pool.prune(args.keep, prefix=prefix)
         for image in deleted:
             app.out(f"deleted {image.name}@{image.pool}")
         if args.gc:
@@ -188,12 +224,16 @@ def _pull(app: App, args: argparse.Namespace) -> int:
 
 def _repair(app: App, args: argparse.Namespace) -> int:
     from .. import _paths
-    from .._images import _incomplete, _store
+    from .._images import _incomplete, _index, _store
     from .._process import _proc, _registry
 
     name = _store.check_name(args.name) if args.name else None
     left = _incomplete.find(args.image, _paths.images_dir())
     image = _incomplete.repair(left, name=name)
+    if image.path != left.dest:
+        with contextlib.suppress(OSError, TorporError):
+            _index.forget(left.dest)
+    _index.try_add(image.path)  # listed wherever it is
     record = left.record
     if not record.leave_running:
         # Best effort: a record of the process says where it went.

@@ -48,6 +48,7 @@ from typing import Any
 
 from .._engine import CriuEngine, DumpOptions, NotifyEvent, criu_version
 from .._errors import DumpError, ProcessNotFoundError, TorporError, UnsafeImageError
+from .._images import _index
 from .._images._hashing import GrowingHasher, hash_files
 from .._images._image import Image, Staging
 from .._images._incomplete import (
@@ -403,6 +404,9 @@ class Checkpointer:
             self.staging.create()
         except OSError as exc:
             raise self._before(exc) from exc
+        # Listed by `torpor images` wherever it goes (-o): as incomplete if it cannot be
+        # finished; an entry whose checkpoint failed is dropped when its directory is not there.
+        _index.try_add(job.dest)
         try:
             dir_fd = open_dir(self.staging.path)
         except BaseException:
