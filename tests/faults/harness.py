@@ -1,10 +1,12 @@
 """The fault-injection harness: runs the real torpor CLI on a counter app in a private home
-and SIGKILLs the CLI, the keeper, CRIU or an agent worker at chosen moments of a command.
+and SIGKILLs the CLI, the app's keeper, CRIU, the detached checkpointer or an agent worker at
+chosen moments of a command.
 
 A moment is a trigger (the command started, CRIU appeared, the staging directory appeared, it
-holds pages, it holds the manifest, the image is in place, a keeper or a restored process or
-a record appeared, the pool got a file) plus a seeded random delay. Victims are found as
-descendants of the processes the test started (see :mod:`.procs`), never by name.
+holds pages, it holds the manifest, CRIU killed the app, the image is in place, a keeper or a
+restored process or a record appeared, the pool got a file) plus a seeded random delay.
+Victims are found as descendants of the processes the test started (see :mod:`.procs`), never
+by name.
 
 Every run is described in one line (:attr:`Outcome.story`) that, with the scenario's seed,
 reproduces it.
@@ -155,8 +157,9 @@ class Lab:
         fired: str | None = None
         try:
             if fault is not None:
-                injector = Injector(self, proc.pid, argv, fault, before, keeper, watch, started)
-                injector.target = target
+                injector = Injector(
+                    self, proc.pid, argv, fault, before, (keeper, target), watch, started
+                )
                 fired = injector.drive(proc.poll, timeout)
             out, err = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - started)))
         except BaseException:
@@ -304,7 +307,7 @@ class Injector:
         argv: Sequence[str],
         fault: Fault,
         before: set[int],
-        keeper: Ref | None,
+        app: tuple[Ref | None, Ref | None],
         watch: Sequence[Path],
         started: float,
     ) -> None:
@@ -312,8 +315,7 @@ class Injector:
         self.cli = procs.ref(cli_pid)
         self.fault = fault
         self.before = before
-        self.keeper = keeper
-        self.target: Ref | None = None
+        self.keeper, self.target = app  # the app's keeper, and the app
         self.watch = [*watch, lab.home / "images", lab.home / "cache"]
         self.started = started
         # Its argv as given, not as /proc shows it: just after a vfork+exec it may be empty.
