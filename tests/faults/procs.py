@@ -9,7 +9,8 @@ Why a subreaper: torpor detaches its keepers and finalisers (double fork + ``set
 an agent's master, so they would be re-parented to init and be found by nothing but their
 names. With the test process a child subreaper (``PR_SET_CHILD_SUBREAPER``) they are
 re-parented to it instead: every process a test started, directly or not, is then one of its
-descendants, and the test signals only those (by pidfd, after checking the start time).
+descendants (and carries the tree's marker in its environment), and the test signals only
+those (by pidfd, after checking the start time).
 """
 
 from __future__ import annotations
@@ -109,6 +110,16 @@ def cmdline(pid: int) -> tuple[str, ...]:
     return tuple(os.fsdecode(a) for a in raw.split(b"\0")[:-1])
 
 
+def environ(pid: int) -> set[str]:
+    """``pid``'s environment as ``NAME=VALUE`` strings (empty if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return set()
+    return {os.fsdecode(e) for e in raw.split(b"\0") if e}
+
+
 def is_criu(pid: int) -> bool:
     """Whether ``pid`` runs the CRIU binary (judged by its executable, not a name we signal by:
     the pid itself was found as a descendant)."""
@@ -198,6 +209,9 @@ class Tree:
     def __init__(self) -> None:
         self.me = os.getpid()
         self._foreign = set(children(self.me))
+        # Every command spawned carries it in its environment, and so does all it starts: a
+        # child re-parented to us without it is not the test's, and is never signalled.
+        self.marker = f"TORPOR_FAULT_TREE={os.urandom(8).hex()}"
         self._lock = threading.Lock()
         self._waited: set[int] = set()
         self._stop = threading.Event()
@@ -225,7 +239,7 @@ class Tree:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-                env=dict(env),
+                env=dict(env, TORPOR_FAULT_TREE=self.marker.split("=", 1)[1]),
             )
             self._waited.add(proc.pid)
         return proc
@@ -252,8 +266,15 @@ class Tree:
             self._waited.discard(proc.pid)
 
     def roots(self) -> list[int]:
-        """Our children that the test started (or that were re-parented to us meanwhile)."""
-        return [k for k in children(self.me) if k not in self._foreign]
+        """Our children that the test started, or that were re-parented to us meanwhile and
+        carry the tree's marker."""
+        with self._lock:
+            waited = set(self._waited)
+        return [
+            k
+            for k in children(self.me)
+            if k not in self._foreign and (k in waited or self.marker in environ(k))
+        ]
 
     def mine(self) -> list[Ref]:
         """Every live process the test started, directly or not, parents first."""
