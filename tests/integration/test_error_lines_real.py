@@ -282,9 +282,7 @@ def test_a_full_home_is_one_line_naming_the_disk_and_nothing_is_lost(lab: Lab, c
     assert parse_ps(lab.cli("ps", "-a").stdout, "PID", "STATE") == {
         "c": (str(lab.app.pid), "running")
     }
-    assert [n for n in os.listdir(lab.disk) if n not in ("home",)] == (
-        ["out"] if case == "checkpoint-o" and (lab.disk / "out").exists() else []
-    )
+    assert os.listdir(lab.disk) == ["home"]  # nothing left beside the home (no -o dir)
 
 
 def test_export_onto_a_full_disk_names_it_and_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
@@ -328,7 +326,7 @@ def test_a_read_only_destination_is_refused(torpor_home: Path, tmp_path: Path, b
     finally:
         umount(ro)
     counting(app, log)
-    assert os.listdir(torpor_home / "images") == [] if (torpor_home / "images").exists() else True
+    assert not (torpor_home / "images").exists() or os.listdir(torpor_home / "images") == []
 
 
 # -- a non-root user on a root home ------------------------------------------------------------
@@ -474,20 +472,14 @@ def test_a_keeper_is_refused_and_its_app_counts_on(torpor_home: Path) -> None:
 # -- CRIU killed while it dumps ----------------------------------------------------------------
 
 
-def _criu_of(checkpointer: int) -> int | None:
-    with contextlib.suppress(OSError):
-        for kid in Path(f"/proc/{checkpointer}/task/{checkpointer}/children").read_text().split():
-            with contextlib.suppress(OSError):
-                if os.path.basename(os.readlink(f"/proc/{kid}/exe")) == "criu":
-                    return int(kid)
-    return None
-
-
-def _tracer(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+def _criu_dumping(app: ProcRef, checkpointer: int) -> int | None:
+    """The CRIU that has seized ``app`` (its tracer), if it is the checkpointer's child."""
+    for line in Path(f"/proc/{app.pid}/status").read_text().splitlines():
         if line.startswith("TracerPid:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no TracerPid for {pid}")
+            tracer = int(line.split()[1])
+            if tracer and parent_pid(tracer) == checkpointer:
+                return tracer
+    return None
 
 
 def test_criu_killed_while_it_dumps_says_so_and_the_process_runs_on(torpor_home: Path) -> None:
@@ -502,9 +494,10 @@ def test_criu_killed_while_it_dumps_says_so_and_the_process_runs_on(torpor_home:
             text=True,
         )
         checkpointer = checkpointer_of(proc, before)
-        criu = int(wait_for(lambda: _criu_of(checkpointer), what="CRIU"))  # type: ignore[arg-type]
-        # Once it has seized the process: the tree is frozen, its memory being dumped.
-        wait_for(lambda: _tracer(app.pid) == criu, timeout=30, what="CRIU seizing the process")
+        # Once CRIU has seized the process: the tree is frozen, its memory being dumped.
+        found = wait_for(lambda: _criu_dumping(app, checkpointer), timeout=30, what="CRIU")
+        criu = int(found)  # type: ignore[call-overload]
+        assert os.path.basename(os.readlink(f"/proc/{criu}/exe")) == "criu"
         os.kill(criu, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=60)
     kept = sorted((torpor_home / "logs").glob(f"dump-{app.pid}-*.log"))
@@ -529,15 +522,23 @@ def test_criu_killed_while_it_dumps_says_so_and_the_process_runs_on(torpor_home:
 # -- torpor run of a command that ends at once -------------------------------------------------
 
 
+ROUNDS = 20  # the race it lost was lost about one time in five
+
+
 def test_run_of_a_command_that_exits_at_once_starts_and_is_recorded_exited_0(
     torpor_home: Path,
 ) -> None:
-    out = cli("run", "--name", "t", "--", "true")
-    assert (out.returncode, out.stderr.splitlines()[0].startswith("started t (pid ")) == (0, True)
-    pid = out.stdout.split()[1]
-    assert out.stdout == f"t {pid}\n"
-    assert out.stderr == f"started t (pid {pid}); log: {torpor_home / 'logs' / 't.log'}\n"
+    started = {}
+    for i in range(ROUNDS):
+        name = f"t{i}"
+        out = cli("run", "--name", name, "--", "true")
+        assert out.returncode == 0, out.stderr
+        pid = out.stdout.split()[1]
+        assert out.stdout == f"{name} {pid}\n"
+        log = torpor_home / "logs" / f"{name}.log"
+        assert out.stderr == f"started {name} (pid {pid}); log: {log}\n"
+        started[name] = (pid, "exited 0")
     wait_for(
-        lambda: parse_ps(torpor("ps", "-a").stdout, "PID", "STATE") == {"t": (pid, "exited 0")},
-        what="the exit recorded",
+        lambda: parse_ps(torpor("ps", "-a").stdout, "PID", "STATE") == started,
+        what="every exit recorded",
     )
