@@ -158,9 +158,12 @@ def _ppid(pid: int) -> int:
     return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
-def _starve_the_seal(disk: Path, keeper: int, done: threading.Event, seen: list[str]) -> None:
+def _fill_before_the_seal(
+    disk: Path, keeper: int, spend_reserve: bool, done: threading.Event, seen: list[str]
+) -> None:
     """The moment CRIU has written ``stats-dump`` (the app is gone, the keeper seals next):
-    the keeper is held (SIGSTOP) while its reserve is spent and every free byte taken."""
+    the keeper is held (SIGSTOP) while every free byte is taken (and, if ``spend_reserve``,
+    the space reserved for the seal too)."""
     while not done.is_set():
         for name in leftovers(disk):
             staging = disk / name
@@ -168,7 +171,8 @@ def _starve_the_seal(disk: Path, keeper: int, done: threading.Event, seen: list[
                 os.kill(keeper, signal.SIGSTOP)
                 try:
                     seen.extend(sorted(os.listdir(staging)))
-                    os.truncate(staging / RESERVE_NAME, 0)
+                    if spend_reserve:
+                        os.truncate(staging / RESERVE_NAME, 0)
                     fill(disk)
                 finally:
                     os.kill(keeper, signal.SIGCONT)
@@ -177,10 +181,12 @@ def _starve_the_seal(disk: Path, keeper: int, done: threading.Event, seen: list[
         time.sleep(0.0001)
 
 
-def test_a_self_dump_whose_seal_meets_a_full_disk_is_listed_repaired_and_restores(
-    torpor_home: Path, tmp_path: Path, disk: Path
-) -> None:
-    app, log, trigger = _run_app(torpor_home, tmp_path, "sd")
+def _self_dump_on_a_disk_that_fills(
+    home: Path, tmp_path: Path, disk: Path, *, spend_reserve: bool
+) -> tuple[ProcRef, Path, int]:
+    """A managed app checkpoints itself to ``disk``, which fills the moment CRIU is done
+    (see :func:`_fill_before_the_seal`); the app, its log, its keeper."""
+    app, log, trigger = _run_app(home, tmp_path, "sd")
     keeper = _ppid(app.pid)
     # How much the image takes, to size the disk for it and its reserve.
     trigger.write_text(f"leave {disk / 'measure'}")
@@ -191,7 +197,9 @@ def test_a_self_dump_whose_seal_meets_a_full_disk_is_listed_repaired_and_restore
 
     done = threading.Event()
     seen: list[str] = []
-    watcher = threading.Thread(target=_starve_the_seal, args=(disk, keeper, done, seen))
+    watcher = threading.Thread(
+        target=_fill_before_the_seal, args=(disk, keeper, spend_reserve, done, seen)
+    )
     watcher.start()
     try:
         trigger.write_text(f"stop {disk / 'img'}")
@@ -201,6 +209,26 @@ def test_a_self_dump_whose_seal_meets_a_full_disk_is_listed_repaired_and_restore
         done.set()
         watcher.join()
     assert "torpor.json" not in seen, "the keeper had sealed before it was held"
+    return app, log, keeper
+
+
+def test_a_self_dump_seals_in_its_reserve_on_a_disk_that_filled(
+    torpor_home: Path, tmp_path: Path, disk: Path
+) -> None:
+    app, log, _ = _self_dump_on_a_disk_that_fills(torpor_home, tmp_path, disk, spend_reserve=False)
+    wait_for(lambda: (disk / "img").is_dir(), timeout=30, what="the keeper to seal")
+    assert _listed() == {"img": (str(disk / "img"), "ok")}
+    assert leftovers(disk) == []
+    (disk / "filler").unlink()
+    restores_and_continues(disk / "img", "sd-copy", app, log)
+
+
+def test_a_self_dump_whose_seal_meets_a_full_disk_is_listed_repaired_and_restores(
+    torpor_home: Path, tmp_path: Path, disk: Path
+) -> None:
+    app, log, keeper = _self_dump_on_a_disk_that_fills(
+        torpor_home, tmp_path, disk, spend_reserve=True
+    )
     (staging_name,) = leftovers(disk)
     staging = disk / staging_name
     wait_for(lambda: "incomplete" in torpor("images").stdout, timeout=30, what="the keeper")

@@ -398,7 +398,7 @@ def test_prune_keeps_the_newest_of_each_program(
 ) -> None:
     store = torpor_home / "images"
     made = [make_image(store, f"web-{i}", b"p" * 4096) for i in range(3)]
-    other = make_image(store, "db-0", b"p" * 4096, cmdline=("postgres",))
+    others = [make_image(store, f"db-{i}", b"p" * 4096, cmdline=("postgres",)) for i in range(3)]
     far = make_image(tmp_path, "web-far", b"p" * 4096)  # the newest web
     _index.add(far.path)
     inc = _leftover(store, "web-inc")
@@ -406,11 +406,15 @@ def test_prune_keeps_the_newest_of_each_program(
     (store / "web-broken" / "mm-1.img").unlink()
     code, out, err = run(capsys, "image", "prune", "--keep", "2", "web-")
     assert (code, out) == (0, f"deleted {made[1].path}\ndeleted {made[0].path}\n"), err
-    assert set(states(capsys)) == {"web-2", "web-far", "db-0", "web-inc", "web-broken"}
+    dbs = {"db-0", "db-1", "db-2"}
+    assert set(states(capsys)) == {"web-2", "web-far", "web-inc", "web-broken", *dbs}
     code, out, _ = run(capsys, "image", "prune")  # --keep 1, every program
-    assert (code, out) == (0, f"deleted {made[2].path}\n")
-    assert set(states(capsys)) == {"web-far", "db-0", "web-inc", "web-broken"}
-    assert inc.is_dir() and other.path.is_dir()
+    assert (code, out) == (
+        0,
+        f"deleted {made[2].path}\ndeleted {others[1].path}\ndeleted {others[0].path}\n",
+    )
+    assert set(states(capsys)) == {"web-far", "db-2", "web-inc", "web-broken"}
+    assert inc.is_dir() and others[2].path.is_dir()
     code, _, err = run(capsys, "image", "prune", "--gc")
     assert (code, err) == (
         1,
