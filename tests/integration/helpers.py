@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from torpor._process import _registry
+
 APPS = Path(__file__).parent / "apps"
 PYTHON = sys.executable
 
@@ -57,6 +59,14 @@ def counts(log: Path) -> dict[int, list[int]]:
         if len(parts) == 2 and parts[0].isdigit():
             out.setdefault(int(parts[0]), []).append(int(parts[1]))
     return out
+
+
+def copy_log(home: Path, name: str) -> Path:
+    """The log the restored copy ``name`` appends its stdout and stderr to: its record's
+    ``log_path``, which must be its own ``<home>/logs/NAME.log`` (never the original's)."""
+    path = _registry.load(name).log_path
+    assert path == str(home / "logs" / f"{name}.log"), path
+    return Path(path)
 
 
 PS_COLUMNS = ("NAME", "PID", "STATE", "UPTIME", "COMMAND", "RESTORED-FROM")

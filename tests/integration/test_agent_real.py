@@ -19,6 +19,7 @@ from .helpers import (
     APPS,
     POOL_IMAGES_COLUMNS,
     PYTHON,
+    copy_log,
     counts,
     parse_ps,
     parse_table,
@@ -86,18 +87,26 @@ def test_checkpoint_and_restore_through_the_agent(torpor_home: Path, agent: Proc
     assert Path(image, "torpor.json").exists()
     wait_for(lambda: not running(pid), what="the original to stop")
     last = counts(log)[pid][-1]
+    kept = log.read_bytes()
 
     restored = cli("restore", "cnt-img")
     name, new_pid = restored.stdout.split()
     assert _served_by_agent(int(new_pid), agent)
     assert "restored 1 copy" in restored.stderr
-    wait_for(lambda: len(counts(log).get(int(new_pid), [])) >= 3, what="the copy counting")
-    assert counts(log)[int(new_pid)][0] in (last + 1, last + 2)
+    own = copy_log(torpor_home, name)  # each copy writes to a log of its own
+    wait_for(lambda: len(counts(own).get(int(new_pid), [])) >= 3, what="the copy counting")
+    assert counts(own)[int(new_pid)][0] in (last + 1, last + 2)
+    assert list(counts(own)) == [int(new_pid)]
 
     copies = json.loads(cli("restore", "cnt-img", "--count", "2", "--json").stdout)
     assert len({c["pid"] for c in copies}) == 2
     for c in copies:
-        wait_for(lambda c=c: len(counts(log).get(c["pid"], [])) >= 2, what="copies counting")
+        own = copy_log(torpor_home, c["name"])
+        wait_for(
+            lambda c=c, own=own: len(counts(own).get(c["pid"], [])) >= 2, what="copies counting"
+        )
+        assert list(counts(own)) == [c["pid"]]
+    assert log.read_bytes() == kept  # none of them wrote to the original's log
     running_now = {name: (new_pid, "running")} | {
         c["name"]: (str(c["pid"]), "running") for c in copies
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,15 +15,16 @@ import pytest
 
 from torpor._images import _image
 from torpor._images._image import Image
+from torpor._process import _registry
 from torpor._process._proc import running
 
-from .helpers import APPS, PYTHON, counts, parse_ps, torpor, wait_for
+from .helpers import APPS, PYTHON, copy_log, counts, parse_ps, torpor, wait_for
 
 pytestmark = pytest.mark.criu
 
 
-def _run_counter(home: Path, name: str) -> tuple[int, Path]:
-    out = torpor("run", "--name", name, "--", PYTHON, str(APPS / "counter.py")).stdout.split()
+def _run_counter(home: Path, name: str, app: Path = APPS / "counter.py") -> tuple[int, Path]:
+    out = torpor("run", "--name", name, "--", PYTHON, str(app)).stdout.split()
     pid = int(out[1])
     log = home / "logs" / f"{name}.log"
     wait_for(lambda: log.exists() and len(counts(log).get(pid, [])) >= 5, what="counting")
@@ -35,18 +37,23 @@ def test_counter_continues_from_its_count(torpor_home: Path) -> None:
     assert Path(image, "torpor.json").exists()
     wait_for(lambda: not running(pid), what="the original to stop")
     last = counts(log)[pid][-1]
+    kept = log.read_bytes()
     assert parse_ps(torpor("ps", "-a").stdout, "PID", "STATE") == {
         "count": (str(pid), "checkpointed")
     }
 
     out = torpor("restore", "count-img").stdout.split()
+    assert out[0] == "count-img"
     new_pid = int(out[1])
     assert new_pid != pid
-    wait_for(lambda: len(counts(log).get(new_pid, [])) >= 3, what="the restored copy counting")
-    resumed = counts(log)[new_pid]
+    own = copy_log(torpor_home, "count-img")
+    wait_for(lambda: len(counts(own).get(new_pid, [])) >= 3, what="the restored copy counting")
+    resumed = counts(own)[new_pid]
     # It continues from its count: the first number after restore follows the last before.
     assert resumed[0] in (last + 1, last + 2), (last, resumed[:3])
     assert resumed == sorted(resumed)
+    assert list(counts(own)) == [new_pid]
+    assert log.read_bytes() == kept  # the copy writes to its own log, not the original's
     assert parse_ps(torpor("ps").stdout, "PID", "STATE", "RESTORED-FROM") == {
         "count-img": (str(new_pid), "running", image)
     }
@@ -60,8 +67,12 @@ def test_leave_running_keeps_the_original(torpor_home: Path) -> None:
     assert running(pid)
     # A copy restores while the original still runs (its own PID namespace).
     new_pid = int(torpor("restore", "lr-img").stdout.split()[1])
-    wait_for(lambda: len(counts(log).get(new_pid, [])) >= 2, what="the copy counting")
+    own = copy_log(torpor_home, "lr-img")
+    wait_for(lambda: len(counts(own).get(new_pid, [])) >= 2, what="the copy counting")
     assert running(pid)
+    # Each writes to its own log: the original's holds only its lines, the copy's only the copy's.
+    assert list(counts(log)) == [pid]
+    assert list(counts(own)) == [new_pid]
 
 
 def test_restore_name_at_pool_pulls_and_continues(torpor_home: Path) -> None:
@@ -70,23 +81,28 @@ def test_restore_name_at_pool_pulls_and_continues(torpor_home: Path) -> None:
     assert out.strip() == "pooled-img@default"
     wait_for(lambda: not running(pid), what="the original to stop")
     last = counts(log)[pid][-1]
+    kept = log.read_bytes()
     assert not (torpor_home / "images" / "pooled-img").exists()  # only the pool has it
 
     new_pid = int(torpor("restore", "pooled-img@default").stdout.split()[1])
-    wait_for(lambda: len(counts(log).get(new_pid, [])) >= 3, what="the restored copy counting")
-    resumed = counts(log)[new_pid]
+    own = copy_log(torpor_home, "pooled-img")
+    wait_for(lambda: len(counts(own).get(new_pid, [])) >= 3, what="the restored copy counting")
+    resumed = counts(own)[new_pid]
     assert resumed[0] in (last + 1, last + 2), (last, resumed[:3])
     assert resumed == list(range(resumed[0], resumed[0] + len(resumed)))
     assert parse_ps(torpor("ps").stdout, "PID", "STATE") == {
         "pooled-img": (str(new_pid), "running")
     }
+    assert list(counts(own)) == [new_pid]
+    assert log.read_bytes() == kept
 
 
 def test_full_verify_rehashes_what_the_stamp_trusts(
     torpor_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Bit rot: a file's bytes change while its inode, size and times stay as the verification
-    stamp recorded them. A plain restore trusts the stamp; only --full-verify re-hashes."""
+    stamp recorded them. A plain restore trusts the stamp; only --full-verify re-hashes (and,
+    finding the file bad, voids the stamp)."""
     pid, log = _run_counter(torpor_home, "rot")
     image = Path(torpor("checkpoint", "rot", "--name", "rot-img").stdout.strip())
     wait_for(lambda: not running(pid), what="the original to stop")
@@ -98,15 +114,26 @@ def test_full_verify_rehashes_what_the_stamp_trusts(
     rotten.write_bytes(bytes(data))
     _stamp_as_verified(image, monkeypatch)
 
-    res = torpor("restore", "--full-verify", "rot-img", check=False)
-    assert res.returncode == 1, res.stderr
-    assert "is corrupted: file stats-dump does not match its SHA-256" in res.stderr
-    assert res.stderr.count("\n") == 1
-    assert parse_ps(torpor("ps").stdout, "PID") == {}  # nothing from the image runs
-
     new_pid = int(torpor("restore", "rot-img").stdout.split()[1])
-    wait_for(lambda: len(counts(log).get(new_pid, [])) >= 2, what="the restored copy counting")
-    assert counts(log)[new_pid][0] in (last + 1, last + 2)
+    own = copy_log(torpor_home, "rot-img")
+    wait_for(lambda: len(counts(own).get(new_pid, [])) >= 2, what="the restored copy counting")
+    assert counts(own)[new_pid][0] in (last + 1, last + 2)
+    assert list(counts(log)) == [pid]  # the copy wrote to its own log only
+    torpor("kill", "rot-img")
+    wait_for(lambda: not running(new_pid), what="the copy to die")
+
+    refused = (
+        f"torpor: error: image 'rot-img' ({image}) is corrupted: file stats-dump does not match"
+        " its SHA-256 — restore refused; use another image or checkpoint again\n"
+    )
+    res = torpor("restore", "--full-verify", "rot-img", check=False)
+    assert (res.returncode, res.stderr) == (1, refused)
+    assert parse_ps(torpor("ps").stdout, "PID") == {}  # nothing from the image runs
+    # Having found a file bad, the full verify removed the stamp that vouched for it: a plain
+    # restore now re-hashes, and refuses too.
+    res = torpor("restore", "rot-img", check=False)
+    assert (res.returncode, res.stderr) == (1, refused)
+    assert parse_ps(torpor("ps").stdout, "PID") == {}
 
 
 def _stamp_as_verified(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,17 +156,22 @@ def test_count_four_gives_four_independent_copies(torpor_home: Path) -> None:
     procs = json.loads(out)
     pids = [p["pid"] for p in procs]
     assert len(set(pids)) == 4
-    wait_for(lambda: all(len(counts(log).get(p, [])) >= 5 for p in pids), what="4 copies counting")
+    assert [p["name"] for p in procs] == [f"four-img-{i}" for i in range(1, 5)]
+    own = {p["pid"]: copy_log(torpor_home, p["name"]) for p in procs}
+    wait_for(
+        lambda: all(len(counts(own[p]).get(p, [])) >= 5 for p in pids), what="4 copies counting"
+    )
     start = counts(log)[pid][-1]
     for p in pids:
-        seq = counts(log)[p]
-        # Each copy counts on its own from the image's count, by steps of one.
-        assert seq[0] in (start + 1, start + 2), log.read_text()
-        assert seq == list(range(seq[0], seq[0] + len(seq))), log.read_text()
+        seq = counts(own[p])[p]
+        # Each copy counts on its own from the image's count, by steps of one, in its own log.
+        assert seq[0] in (start + 1, start + 2), own[p].read_text()
+        assert seq == list(range(seq[0], seq[0] + len(seq))), own[p].read_text()
+        assert list(counts(own[p])) == [p]
+    assert list(counts(log)) == [pid]  # none of the copies wrote to the original's log
     os.kill(pids[0], signal.SIGKILL)
     wait_for(lambda: not running(pids[0]), what="one copy to die")
     assert all(running(p) for p in pids[1:])
-    assert [p["name"] for p in procs] == [f"four-img-{i}" for i in range(1, 5)]
     assert parse_ps(torpor("ps").stdout, "PID", "STATE") == {
         p["name"]: (str(p["pid"]), "running") for p in procs[1:]
     }
@@ -180,31 +212,46 @@ def test_tcp_connection_survives_checkpoint_and_restore(torpor_home: Path) -> No
         client.close()
 
 
-def test_corrupted_image_is_refused_naming_the_file(torpor_home: Path) -> None:
-    pid, _ = _run_counter(torpor_home, "corrupt")
+def _processes_with(marker: bytes) -> set[int]:
+    """The running processes whose command line holds ``marker``."""
+    found = set()
+    for p in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmd and running(p):
+            found.add(p)
+    return found
+
+
+def test_corrupted_image_is_refused_naming_the_file(torpor_home: Path, tmp_path: Path) -> None:
+    # A copy of the app at a path of this test's: other tests' counters are not taken for a
+    # process restored from this image.
+    app = tmp_path / "corrupt_counter.py"
+    shutil.copyfile(APPS / "counter.py", app)
+    pid, _ = _run_counter(torpor_home, "corrupt", app)
+    marker = str(app).encode()
+    # Seen while they run: the app and its keeper (a fork of torpor run, whose command holds it).
+    assert _processes_with(marker) == {pid, _registry.load("corrupt").keeper_pid}
     image = Path(torpor("checkpoint", "corrupt", "--name", "corrupt-img").stdout.strip())
+    wait_for(lambda: not _processes_with(marker), what="the original and its keeper to end")
     pages = max(image.glob("pages-*.img"), key=lambda p: p.stat().st_size)
     data = bytearray(pages.read_bytes())
     data[len(data) // 2] ^= 0x01
     pages.write_bytes(bytes(data))
-    before = {int(p) for p in os.listdir("/proc") if p.isdigit()}
     res = torpor("restore", "corrupt-img", check=False)
-    assert res.returncode != 0
-    assert pages.name in res.stderr
-    assert "corrupted" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+    assert (res.returncode, res.stderr) == (
+        1,
+        f"torpor: error: image 'corrupt-img' ({image}) is corrupted: file {pages.name} does"
+        " not match its SHA-256 — restore refused; use another image or checkpoint again\n",
+    )
     # Nothing from the image runs, nor is recorded.
     assert parse_ps(torpor("ps", "-a").stdout, "PID", "STATE") == {
         "corrupt": (str(pid), "checkpointed")
     }
     time.sleep(0.2)
-    after = {int(p) for p in os.listdir("/proc") if p.isdigit()}
-    for p in after - before:
-        try:
-            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
-        except OSError:
-            continue
-        assert b"counter.py" not in cmd
+    assert _processes_with(marker) == set()
 
 
 def test_truncated_image_is_refused(torpor_home: Path) -> None:

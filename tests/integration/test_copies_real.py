@@ -17,7 +17,7 @@ import pytest
 
 from torpor._process._proc import running
 
-from .helpers import APPS, PYTHON, torpor, wait_for
+from .helpers import APPS, PYTHON, copy_log, torpor, wait_for
 
 pytestmark = pytest.mark.criu
 
@@ -32,6 +32,11 @@ def _free_port() -> int:
 
 def _restore(*args: str) -> list[int]:
     return [p["pid"] for p in json.loads(torpor("restore", *args, "--json").stdout)]
+
+
+def _restore_named(*args: str) -> dict[str, int]:
+    """Restored copies' names -> their pids."""
+    return {p["name"]: p["pid"] for p in json.loads(torpor("restore", *args, "--json").stdout)}
 
 
 def _children(pid: int) -> list[int]:
@@ -95,8 +100,9 @@ def test_app_with_an_unlinked_file_restores_as_copies_each_with_its_own_file(
     wait_for(lambda: len(_unlinked_lines(log).get(pid, [])) >= 2, what="the app writing")
     torpor("checkpoint", "tmpf", "--name", "tmpf-img")
     wait_for(lambda: not running(pid), what="the original to stop")
+    kept = log.read_bytes()
 
-    copies = _restore("tmpf-img", "--count", "3")
+    copies = _restore_named("tmpf-img", "--count", "3")
     # Two more, by two commands at once: restores of one image by separate commands take
     # their turns too.
     both = [
@@ -111,18 +117,24 @@ def test_app_with_an_unlinked_file_restores_as_copies_each_with_its_own_file(
     for proc in both:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        copies += [p["pid"] for p in json.loads(out)]
-    assert len(set(copies)) == 5
+        copies |= {p["name"]: p["pid"] for p in json.loads(out)}
+    assert sorted(copies) == ["tmpf-img-1", "tmpf-img-2", "tmpf-img-3", "tmpf-x1", "tmpf-x2"]
+    assert len(set(copies.values())) == 5
 
+    # Each copy writes to a log of its own.
+    logs = {c: copy_log(torpor_home, name) for name, c in copies.items()}
     wait_for(
-        lambda: all(len(_unlinked_lines(log).get(c, [])) >= 3 for c in copies),
+        lambda: all(len(_unlinked_lines(logs[c]).get(c, [])) >= 3 for c in logs),
         what="every copy writing to its file",
     )
-    seen = _unlinked_lines(log)
-    for c in copies:
+    for c, own in logs.items():
+        seen = _unlinked_lines(own)
+        assert list(seen) == [c]  # only its own lines
         # What the image's file held (the original's lines) and this copy's own, nobody else's.
         assert seen[c][-1][1] == ",".join(sorted([str(pid), str(c), "before"])), seen[c][-1]
-    assert len({seen[c][-1][0] for c in copies}) == 5  # five files, not one shared
+    # five files, not one shared
+    assert len({_unlinked_lines(own)[c][-1][0] for c, own in logs.items()}) == 5
+    assert log.read_bytes() == kept  # and none wrote to the original's log
     assert sorted(p.name for p in Path("/tmp").glob("torpor-unlinked-*.ghost")) == []
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import PYTHON, torpor, wait_for
+from .helpers import PYTHON, copy_log, torpor, wait_for
 
 pytestmark = pytest.mark.criu
 
@@ -54,10 +54,14 @@ def test_unmanaged_self_dump_completes_and_restores(
             # Not in a PID namespace of its own: its copy needs its pid back.
             os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=20) == -signal.SIGKILL
+        kept = log.read_text()
+        assert kept == (f"{proc.pid} restored=False n=42\n" if mode == "leave" else "")
         new_pid = int(torpor("restore", str(dest), "--name", f"u-{mode}").stdout.split()[1])
-        wait_for(
-            lambda: f"{new_pid} restored=True n=42" in log.read_text(), what="the restored copy"
-        )
+        # The copy writes where the image's stdout went no more, but to a log of its own.
+        own = copy_log(torpor_home, f"u-{mode}")
+        wait_for(lambda: own.read_text().endswith("\n"), what="the restored copy")
+        assert own.read_text() == f"{new_pid} restored=True n=42\n"
+        assert log.read_text() == kept
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)

@@ -13,7 +13,7 @@ import pytest
 
 from torpor._process._proc import running
 
-from .helpers import APPS, PYTHON, counts, parse_ps, torpor, wait_for
+from .helpers import APPS, PYTHON, copy_log, counts, parse_ps, torpor, wait_for
 
 pytestmark = pytest.mark.criu
 
@@ -36,6 +36,7 @@ def test_require_signed_refuses_an_untrusted_host_then_restores_a_trusted_one(
         if running(pid):
             os.kill(pid, signal.SIGKILL)
     last = counts(log)[pid][-1]
+    kept = log.read_bytes()
     maker_key = torpor("identity", "show", **there).stdout.strip()
     my_key = torpor("identity", "show").stdout.strip()
     assert maker_key != my_key and len(maker_key) == 64
@@ -56,6 +57,10 @@ def test_require_signed_refuses_an_untrusted_host_then_restores_a_trusted_one(
 
     torpor("pool", "set", "shared", f"security.trusted_keys={maker_key}")
     new_pid = int(torpor("restore", "img@shared").stdout.split()[1])
-    wait_for(lambda: len(counts(log).get(new_pid, [])) >= 3, what="the restored copy counting")
-    resumed = counts(log)[new_pid]
+    # The copy writes to a log of its own in this home, not to the other host's.
+    own = copy_log(torpor_home, "img")
+    wait_for(lambda: len(counts(own).get(new_pid, [])) >= 3, what="the restored copy counting")
+    resumed = counts(own)[new_pid]
     assert resumed[0] in (last + 1, last + 2), (last, resumed[:3])
+    assert list(counts(own)) == [new_pid]
+    assert log.read_bytes() == kept

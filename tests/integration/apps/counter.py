@@ -1,7 +1,8 @@
 """Counts in memory; every 50 ms appends "<host pid> <count>" to stdout (the keeper's log).
 
-One os.write per line: several restored copies share the log (O_APPEND), and print() with
-PYTHONUNBUFFERED writes a line in pieces that other copies' pieces would interleave with.
+Each restored copy appends to a log of its own (``<home>/logs/NAME.log``, not the original's).
+One os.write per line all the same: print() with PYTHONUNBUFFERED writes a line in pieces, which
+another process's lines would interleave with were two ever to share a log.
 """
 
 import os
