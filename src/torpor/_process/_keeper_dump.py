@@ -289,7 +289,11 @@ class SelfDump:
             leave_running=self.req.leave_running,
             held_by_process=False,  # the keeper holds the lock until the image is made
         )
-        lock(self.dir_fd, wait=False)  # nobody else can have it: the directory is ours
+        # Held until the image is made: a sweep or repair meanwhile leaves the directory be.
+        if not lock(self.dir_fd, wait=False):
+            raise PermissionDeniedError(
+                f"staging directory {self.req.staging} is locked by another process; refused"
+            )
         before_dump(self.dir_fd, record, staging=Path(self.req.staging))
         self.record = record
         options = DumpOptions(
