@@ -508,7 +508,8 @@ TRIGGERS: dict[str, Callable[[Injector], bool]] = {
     "start": lambda i: True,
     # The app ended: CRIU killed it once the image was written; the commit is still to come.
     "app-gone": lambda i: i.target is not None and not i.target.alive(),
-    "criu": lambda i: bool(i.victims_of("criu")),
+    # CRIU at work (`criu swrk`), not a `criu --version` probe.
+    "criu": lambda i: any("swrk" in procs.cmdline(r.pid) for r in i.victims_of("criu")),
     "staging": lambda i: bool(i.staging_dirs()),
     "pages": lambda i: i.staged(lambda n: n.startswith("pages-")),
     "manifest": lambda i: i.staged(lambda n: n == "torpor.json"),

@@ -91,12 +91,13 @@ def test_faults_land_on_their_victims(make_lab: Callable[..., Lab]) -> None:
     app = lab.start_app("victim")
     out = lab.run(
         ["checkpoint", "victim", "--name", "v", "--leave-running"],
-        Fault("criu", 0.0, "criu"),
+        Fault("pages", 0.0, "criu"),
         keeper=app.keeper,
     )
     assert out.fired is not None and out.fired.startswith("killed criu (pid "), out.story
     check_output(lab, out)
-    assert out.rc == 1, out.story
+    assert out.rc == 1, out.story  # CRIU died mid-dump: the checkpoint failed
+    assert out.stderr.startswith("torpor: error: checkpoint of pid "), out.story
     out = lab.run(["checkpoint", "victim", "--name", "w"], Fault("start", 0.05, "cli"))
     assert out.fired is not None and out.fired.startswith("killed cli (pid "), out.story
     assert out.killed and out.rc == -signal.SIGKILL, out.story
