@@ -8,7 +8,8 @@
   time, and every live app of the test has a running row;
 - the app runs (and can be checkpointed again), or its image restores and continues its
   count; never neither;
-- a command that said it succeeded did: its image restores, its restored copies run.
+- a command that said it succeeded did: its image restores, its restored copies run;
+- no fault leaves an image `torpor images` calls broken (unfinished ones are `incomplete`).
 """
 
 from __future__ import annotations
@@ -145,6 +146,9 @@ def survived(
     story = out.story
     alive = app.ref.alive()
     ceiling = lab.last_count(app.ref.pid) + 2
+    # A fault may leave an image unfinished (incomplete, for repair), never damaged.
+    broken = [row for row in json.loads(lab.ok("images", "--json")) if row.get("state") == "broken"]
+    assert not broken, lab.fail(f"{story}: `torpor images` lists broken images: {broken}")
     restorable = _image_exists(lab, image, committed)
     if out.rc == 0:
         assert restorable, lab.fail(f"{story}: said it succeeded, but no image {image}")

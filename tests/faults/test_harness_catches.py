@@ -101,3 +101,20 @@ def test_faults_land_on_their_victims(make_lab: Callable[..., Lab]) -> None:
     out = lab.run(["checkpoint", "victim", "--name", "w"], Fault("start", 0.05, "cli"))
     assert out.fired is not None and out.fired.startswith("killed cli (pid "), out.story
     assert out.killed and out.rc == -signal.SIGKILL, out.story
+
+
+def test_a_damaged_image_is_caught(make_lab: Callable[..., Lab]) -> None:
+    lab = make_lab()
+    app = lab.start_app("damaged")
+    floor = lab.last_count(app.ref.pid)
+    path = lab.ok("checkpoint", "damaged", "--leave-running", "--name", "d").strip()
+    out = Outcome(("checkpoint", "damaged", "--name", "d", "--leave-running"), 0, path, "")
+    committed = lab.home / "images" / "d"
+    assert path == str(committed), path
+    (committed / "torpor.json").write_text("{")  # what a fault must never leave
+    _raises(
+        lambda: survived(
+            lab, app, out, image="d", committed=committed, floor=floor, leave_running=True
+        ),
+        "lists broken images",
+    )
