@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from torpor._images import _incomplete
 from torpor._images._image import Image
 from torpor._images._incomplete import RESERVE_NAME
 from torpor._process._proc import ProcRef, ref
@@ -257,3 +258,31 @@ def test_a_self_dump_whose_seal_meets_a_full_disk_is_listed_repaired_and_restore
     assert torpor("image", "repair", str(disk / "img")).stdout == f"{disk / 'img'}\n"
     assert _listed() == {"img": (str(disk / "img"), "ok")}
     restores_and_continues(disk / "img", "sd-copy", app, log)
+
+
+def test_a_process_in_a_time_namespace_records_its_start_time_as_the_host_sees_it() -> None:
+    """A self-dump through a detached finaliser says its staging directory is in use while
+    the dumped process lives, by its start time; a restored process runs in a time namespace
+    (CRIU's timens), whose boot-time offset changes what it reads for itself."""
+    probe = (
+        "import os, sys, time\n"
+        "from torpor._process._finalize import host_start_time\n"
+        "raw = open('/proc/self/stat').read().rsplit(')', 1)[1].split()[19]\n"
+        "print(os.getpid(), raw, host_start_time(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        ["unshare", "--time", "--boottime", "1000", "--fork", PYTHON, "-c", probe],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        pid, raw, reckoned = (int(v) for v in proc.stdout.readline().split())
+        host = ref(pid).start_time
+        assert int(raw) - host == 1000 * os.sysconf("SC_CLK_TCK")  # the namespace's view
+        assert abs(reckoned - host) <= 1
+        assert _incomplete._alive(pid, reckoned)
+    finally:
+        proc.kill()
+        proc.wait()

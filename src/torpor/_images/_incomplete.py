@@ -239,14 +239,20 @@ def classify(dir_fd: int, *, source: str) -> tuple[Record, str, int] | None:
 
 def _alive(pid: int, start_time: int) -> bool:
     """Whether the process ``pid`` started at ``start_time`` (clock ticks since boot, as
-    ``/proc/PID/stat`` says) still runs."""
+    ``/proc/PID/stat`` says; within a tick, as a process in a time namespace reckons its own,
+    ``_finalize.host_start_time``) still runs."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
             data = fh.read()
     except OSError:
         return False
     fields = data[data.rindex(")") + 2 :].split()
-    return len(fields) > 19 and fields[19] == str(start_time) and fields[0] not in ("Z", "X")
+    return (
+        len(fields) > 19
+        and fields[19].isdigit()
+        and abs(int(fields[19]) - start_time) <= 1
+        and fields[0] not in ("Z", "X")
+    )
 
 
 def scan(parent: Path) -> list[Leftover]:

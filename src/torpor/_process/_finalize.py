@@ -43,7 +43,7 @@ from .._images._incomplete import (
 )
 from .._images._manifest import now_iso
 from .._safe import open_dir
-from ._proc import descendants, stat_fields
+from ._proc import descendants
 
 
 @dataclass(frozen=True)
@@ -191,17 +191,35 @@ class Pending:
     def write(self, dir_fd: int) -> None:
         """Prepare the staging directory ``dir_fd`` for the dump (:func:`before_dump`), the
         calling process being the one dumped: the directory is its own while it lives."""
-        st = stat_fields(os.getpid())  # our own: /proc/<host pid> may be another namespace's
-        if st is None:
-            raise DumpError("cannot read /proc/self/stat", pid=self.facts.pid)
         record = self.facts.record(
             self.dest,
-            start_time=int(st[19]),
+            start_time=host_start_time(),
             leave_running=self.leave_running,
             held_by_process=True,
         )
         staging = Path(os.readlink(f"/proc/self/fd/{dir_fd}"))
         before_dump(dir_fd, record, staging=staging)
+
+
+def host_start_time() -> int:
+    """Our start time as the host's ``/proc/PID/stat`` shows it (clock ticks since boot), which
+    is what says whether we still live: read from ``/proc/self`` (``/proc/<pid>`` may be
+    another PID namespace's process), less the boot-time offset of the time namespace a
+    restore put us in (``stat`` shows the reader's boot time). Within one tick: the kernel
+    rounds each."""
+    with open("/proc/self/stat", encoding="ascii", errors="replace") as fh:
+        data = fh.read()
+    ticks = int(data[data.rindex(")") + 2 :].split()[19])
+    offset_ns = 0
+    try:
+        with open("/proc/self/timens_offsets", encoding="ascii") as fh:
+            for line in fh:
+                clock, secs, nsecs = line.split()
+                if clock == "boottime":
+                    offset_ns = int(secs) * 1_000_000_000 + int(nsecs)
+    except (OSError, ValueError):
+        pass  # no time namespaces: no offset
+    return ticks - round(offset_ns * os.sysconf("SC_CLK_TCK") / 1_000_000_000)
 
 
 def finalize(staging: Path) -> Path | None:
