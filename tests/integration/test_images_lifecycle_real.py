@@ -286,3 +286,31 @@ def test_a_process_in_a_time_namespace_records_its_start_time_as_the_host_sees_i
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_self_dump_of_a_process_torpor_did_not_start_is_listed(
+    torpor_home: Path, tmp_path: Path
+) -> None:
+    """Through the detached finaliser: its index entry is written before the dump, and its
+    record and reserve are gone from the finished image."""
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from torpor._process._selfdump import self_checkpoint\n"
+        "self_checkpoint(Path(sys.argv[1]), leave_running=True, name='loose')\n"
+        "time.sleep(60)\n"
+    )
+    dest = tmp_path / "out" / "img"
+    dest.parent.mkdir()
+    proc = subprocess.Popen(
+        [PYTHON, str(app), str(dest)], stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_for(lambda: (dest / "torpor.json").exists(), timeout=30, what="the image")
+        wait_for(lambda: leftovers(dest.parent) == [], what="the finaliser")
+        assert _listed() == {"loose": (str(dest), "ok")}
+        assert sorted(n for n in os.listdir(dest) if n.startswith(".torpor-tmp-")) == []
+    finally:
+        proc.kill()
+        proc.wait()
