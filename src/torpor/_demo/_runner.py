@@ -147,6 +147,10 @@ class DemoResult:
 # -- talking to the app ---------------------------------------------------------------------
 
 
+class AppClosedError(TorporError):
+    """The demo app closed a connection before it answered (it ended, most likely)."""
+
+
 class Client:
     """One connection to the demo app (line protocol, one JSON answer per request)."""
 
@@ -160,7 +164,7 @@ class Client:
         while b"\n" not in self._buf:
             data = self.sock.recv(65536)
             if not data:
-                raise TorporError(f"the demo app closed the connection during {request!r}")
+                raise AppClosedError(f"the demo app closed the connection during {request!r}")
             self._buf += data
         line, _, self._buf = self._buf.partition(b"\n")
         answer = json.loads(line)
@@ -209,7 +213,13 @@ def wait_ready(
     while True:
         try:
             client = connect(port)
-        except OSError:
+            try:
+                stats = client.stats()
+            finally:
+                client.close()
+        except (OSError, AppClosedError):
+            # Not listening yet, or it accepted and then ended (a reset or an EOF instead of
+            # an answer): look again, unless every one of ``pids`` has gone.
             if pids is not None and not any(running(p) for p in pids):
                 raise TorporError(
                     "the demo app exited before answering"
@@ -222,10 +232,6 @@ def wait_ready(
                 ) from None
             time.sleep(POLL_INTERVAL)
             continue
-        try:
-            stats = client.stats()
-        finally:
-            client.close()
         elapsed = time.perf_counter() - since
         if pids is not None and stats.pid not in pids:
             raise TorporError(
@@ -358,8 +364,10 @@ def run_demo(
         t0 = time.perf_counter()
         copies = _manage.restore(image, names=names)
         started.extend(copies)
+        # Each copy writes to a log of its own (not the original's); should they all end
+        # before answering, the first one's says why (they are copies of one image).
         restore_seconds, _ = wait_ready(
-            port, [c.pid for c in copies], since=t0, log_path=original.log_path
+            port, [c.pid for c in copies], since=t0, log_path=copies[0].log_path
         )
 
         results = _question_copies(port, copies, answers)
