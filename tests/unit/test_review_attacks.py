@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -353,3 +354,24 @@ def test_a_symlink_planted_as_a_dir_pool_directory_never_leads_a_write_outside(
         str(info.value),
     ), str(info.value)
     assert list(outside.iterdir()) == []
+
+
+# -- the agent's own files ------------------------------------------------------------------------
+
+
+def test_the_agent_never_opens_its_lock_through_a_planted_symlink(
+    torpor_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torpor._agent import _master
+
+    def never(*args: object) -> None:
+        raise AssertionError("the agent went on with a lock opened through a symlink")
+
+    monkeypatch.setattr(_master, "_Master", never)
+    target = tmp_path / "root-file"
+    target.write_text("root's\n")
+    (torpor_home / "agent.lock").symlink_to(target)
+    with pytest.raises(OSError) as info:
+        _master.serve()
+    assert info.value.errno == errno.ELOOP
+    assert target.read_text() == "root's\n"

@@ -172,9 +172,8 @@ class _Master:
             "started": now_iso(),
             "socket": str(socket_path(self.home)),
         }
-        tmp = pid_path(self.home).with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(pid_path(self.home))
+        # 0600 through an O_EXCL temporary file: never written through a planted symlink.
+        _paths.write_home_file(pid_path(self.home).name, json.dumps(record).encode())
         # Objects that exist now are never collected: a collection would touch (and so copy)
         # every page a worker shares with us.
         gc.freeze()
@@ -348,7 +347,9 @@ def serve(
     if lock_fd is not None:
         os.set_inheritable(lock_fd, False)
     else:
-        lock_fd = os.open(lock_path(home), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock_fd = os.open(
+            lock_path(home), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -360,7 +361,7 @@ def serve(
         ) from exc
     log_fd = os.open(
         _paths.logs_dir() / "agent.log",
-        os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+        os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
         0o600,
     )
     _Master(home, lock_fd, log_fd, install or _worker.launcher_dir()).run(ready_fd)
