@@ -4,13 +4,21 @@ user against root's real torpor (and real CRIU where it matters); each is refuse
 - The launchers hand a command, with their stdin/stdout/stderr and environment, to whatever
   listens on ``<home>/agent.sock``: before the home is checked. Another user who can create
   that socket (a home that is not private) must not get root's terminal.
+- An image directory is verified, then CRIU opens it: whoever can write to a directory on the
+  way to it could swap it in between, and root's CRIU would restore (or dump into) theirs.
+  The engine refuses such a path, and reads a directory it is given as an fd whatever the path
+  names by now.
+- The pull cache is keyed by image id, a pool-side field anyone who writes to a pool may set:
+  an untrusted host's image given the id of a trusted one must not be restored in its place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,8 +26,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
-from .helpers import PYTHON
+from torpor._engine import CriuEngine
+from torpor._errors import UnsafePathError
+from torpor._images._image import Image
+from torpor._process._proc import ProcRef, ref, running
+
+from .helpers import PYTHON, parse_ps, torpor, wait_for
 
 pytestmark = pytest.mark.criu
 
@@ -117,3 +131,187 @@ def test_a_launcher_never_hands_its_terminal_to_another_users_agent_socket(
             f"torpor: error: torpor home {home} is owned by uid {NOBODY}, not by root; "
             f"refused — chown 0 {home}\n"
         )
+
+
+# -- the way to an image directory ---------------------------------------------------------------
+
+MARKER_APP = """
+import os, sys, time
+n = 0
+while True:
+    n += 1
+    os.write(1, f"{os.readlink('/proc/self')} {sys.argv[1]} {n}\\n".encode())
+    time.sleep(0.05)
+"""
+
+
+def _image_of(home: Path, name: str, marker: str, *where: str) -> str:
+    """Checkpoint an app under ``torpor run`` that prints ``marker`` (``where``: checkpoint's
+    options saying where to); what the checkpoint printed."""
+    env = {"TORPOR_HOME": str(home)}
+    app = home / "marker_app.py"
+    if not app.exists():
+        app.write_text(MARKER_APP)
+    out = torpor("run", "--name", name, "--", PYTHON, str(app), marker, **env)
+    pid = int(out.stdout.split()[1])
+    log = home / "logs" / f"{name}.log"
+    wait_for(lambda: log.exists() and marker in log.read_text(), what=f"{name} running")
+    made = torpor("checkpoint", name, *where, **env).stdout.strip()
+    wait_for(lambda: not running(pid), what=f"{name} stopped")
+    return made
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Path]]:
+    """(home, good, evil): root's image of an app printing GOOD, and an image of one printing
+    EVIL that another user has (owned by nobody, as if crafted there)."""
+    home = tmp_path_factory.mktemp("review-home")
+    store = tmp_path_factory.mktemp("review-images")
+    good = Path(_image_of(home, "good", "GOOD", "-o", str(store / "good")))
+    evil = Path(_image_of(home, "evil", "EVIL", "-o", str(store / "evil")))
+    for path in (evil, *evil.iterdir()):
+        os.chown(path, NOBODY, NOBODY)
+    yield home, good, evil
+    for rec in (home / "procs").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            data = json.loads(rec.read_text())
+            proc = ProcRef(data["pid"], data["start_time"])
+            if proc.alive():
+                os.kill(proc.pid, signal.SIGKILL)
+
+
+def _their_dir(arena: Path) -> Path:
+    """A directory of nobody's, on the way to root's image directories."""
+    theirs = arena / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    return theirs
+
+
+def _swap(theirs: Path) -> None:
+    """What nobody does, once root has verified ``theirs/img``: put their image in its place."""
+    code = f"os.rename('{theirs}/img', '{theirs}/old'); os.rename('{theirs}/evil', '{theirs}/img')"
+    subprocess.run([PYTHON, "-c", as_nobody(code)], check=True, timeout=30)
+
+
+def test_criu_never_restores_an_image_swapped_in_after_verification(
+    images: tuple[Path, Path, Path], arena: Path
+) -> None:
+    _, good, evil = images
+    theirs = _their_dir(arena)
+    shutil.copytree(good, theirs / "img")
+    shutil.copytree(evil, theirs / "evil")
+    for path in (theirs / "evil", *(theirs / "evil").iterdir()):
+        os.chown(path, NOBODY, NOBODY)
+    image = Image.open(theirs / "img")
+    image.verify(full=True)  # root's own image, as it should be
+    _swap(theirs)  # the attacker wins the race
+    try:
+        res = CriuEngine(log_dir=arena).restore(theirs / "img")
+    except UnsafePathError as exc:
+        refusal = str(exc)
+    else:  # root's CRIU ran the attacker's image: stop it, and fail
+        _end(res.pid)
+        refusal = f"restored pid {res.pid} from {theirs / 'img'}"
+    assert refusal == (
+        f"image directory {theirs / 'img'} is refused: {theirs} on the way to it is owned by"
+        f" uid {NOBODY}, not by root — chown 0 {theirs}"
+    )
+
+
+def test_criu_restores_the_directory_it_is_given_whatever_the_path_names_by_now(
+    images: tuple[Path, Path, Path], arena: Path
+) -> None:
+    _, good, evil = images
+    own = arena / "own"  # root's, private: the swap here is root's own doing
+    own.mkdir(mode=0o700)
+    shutil.copytree(good, own / "img")
+    shutil.copytree(evil, own / "other")
+    for path in (own / "other", *(own / "other").iterdir()):
+        os.chown(path, 0, 0)
+    image = Image.open(own / "img")
+    with image.opened() as fd:
+        os.rename(own / "img", own / "old")
+        os.rename(own / "other", own / "img")
+        res = CriuEngine(log_dir=arena).restore(own / "img", images_dir_fd=fd)
+    try:
+        cmdline = Path(f"/proc/{res.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[-2:] == [b"GOOD", b""]
+    finally:
+        _end(res.pid)
+
+
+def _end(pid: int) -> None:
+    """Kill and reap a process the engine restored as our child."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def test_restore_and_checkpoint_refuse_a_directory_another_user_can_swap(
+    images: tuple[Path, Path, Path], arena: Path
+) -> None:
+    home, good, _ = images
+    theirs = _their_dir(arena)
+    shutil.copytree(good, theirs / "img")
+    env = {"TORPOR_HOME": str(home)}
+    res = torpor("restore", str(theirs / "img"), "--name", "victim", check=False, **env)
+    if res.returncode == 0:
+        torpor("kill", "victim", **env)
+    assert (res.returncode, res.stdout) == (1, "")
+    assert res.stderr == (
+        f"torpor: error: image directory {theirs / 'img'} is refused: {theirs} on the way to it"
+        f" is owned by uid {NOBODY}, not by root — chown 0 {theirs}\n"
+    )
+    assert "victim" not in parse_ps(torpor("ps", "-a", **env).stdout, "PID")
+
+    out = torpor("run", "--name", "live", "--", PYTHON, str(home / "marker_app.py"), "L", **env)
+    pid = int(out.stdout.split()[1])
+    try:
+        res = torpor("checkpoint", "live", "-o", str(theirs / "out"), check=False, **env)
+        assert (res.returncode, res.stdout) == (1, "")
+        [line] = res.stderr.splitlines()
+        assert line.startswith(f"torpor: error: image directory {theirs}/")
+        assert line.endswith(
+            f" is refused: {theirs} on the way to it is owned by uid {NOBODY}, not by root"
+            f" — chown 0 {theirs}"
+        )
+        assert sorted(p.name for p in theirs.iterdir()) == ["img"]  # nothing dumped there
+        assert running(pid) and ref(pid).alive()  # and the app runs on
+    finally:
+        torpor("kill", "live", **env)
+
+
+# -- the pull cache --------------------------------------------------------------------------------
+
+
+def _set_id(record: Path, new_id: str) -> None:
+    """What a writer of a pool can do: change the image id of a record (not signed)."""
+    doc = json.loads(zstandard.ZstdDecompressor().decompress(record.read_bytes(), 1 << 24))
+    doc["manifest"]["id"] = new_id
+    record.write_bytes(zstandard.ZstdCompressor().compress(json.dumps(doc).encode()))
+
+
+def test_a_signed_pool_never_restores_another_pools_image_from_the_cache(
+    tmp_path_factory: pytest.TempPathFactory, torpor_home: Path
+) -> None:
+    other = tmp_path_factory.mktemp("other-host")  # an untrusted host
+    pools = tmp_path_factory.mktemp("pools")
+    here, there = {"TORPOR_HOME": str(torpor_home)}, {"TORPOR_HOME": str(other)}
+    torpor("pool", "create", "strict", "dir", f"source={pools / 'strict'}", **here)
+    torpor("pool", "set", "strict", "security.require_signed=true", **here)
+    torpor("pool", "create", "loose", "dir", f"source={pools / 'loose'}", **there)
+    _image_of(torpor_home, "good", "GOOD", "--pool", "strict", "--name", "good")
+    _image_of(other, "evil", "EVIL", "--pool", "loose", "--name", "evil")
+    [good] = json.loads(torpor("images", "--pool", "strict", "--json", **here).stdout)
+    _set_id(pools / "loose" / "images+" / "evil", good["id"])
+    torpor("pool", "create", "loose", "dir", f"source={pools / 'loose'}", **here)  # adopts it
+    torpor("image", "pull", "evil@loose", **here)  # root pulls from the loose pool, once
+
+    pid = int(torpor("restore", "good@strict", "--name", "victim", **here).stdout.split()[1])
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[-2:] == [b"GOOD", b""]
+    finally:
+        torpor("kill", "victim", **here)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import _paths
+from .. import _paths, _safe
 from .._errors import (
     CriuError,
     CriuUnavailableError,
@@ -252,7 +253,12 @@ class CriuEngine:
         # whole. The log stays beside the image (not part of it); on failure it is moved to
         # the logs dir before the staging directory goes.
         log_path = images_dir / DUMP_LOG
-        dir_fd = _dir_fd(images_dir) if connection is None else contextlib.nullcontext(-1)
+        if connection is None:
+            dir_fd: contextlib.AbstractContextManager[int] = _image_dir(images_dir)
+        else:
+            # CRIU opens this one by path: nobody but us may be able to change the way to it.
+            _check_path(images_dir)
+            dir_fd = contextlib.nullcontext(-1)
         with dir_fd as dfd:
             opts = _opts(o, images_dir_fd=dfd, log_file=DUMP_LOG, notify=notify)
             opts.pid = pid
@@ -317,9 +323,18 @@ class CriuEngine:
         *,
         notify: NotifyHandler | None = None,
         connection: Connection | None = None,
+        images_dir_fd: int | None = None,
     ) -> RestoreResult:
         """Restore the image in ``images_dir``; the root is detached (and our child if
         ``rst_sibling``). On failure nothing restored is left running.
+
+        ``images_dir_fd`` is the directory as the caller verified it (``Image.opened()``; it
+        stays the caller's to close): CRIU then reads that very directory, whatever the path
+        names by now. Without it the path is opened here, and refused
+        (:class:`~torpor.UnsafePathError`) unless it and every directory on the way to it are
+        ones only their owner (us or root) can change: else another user could swap the
+        image between its verification and CRIU. Symlinks in the image (a derived image's)
+        must lead into such directories too.
 
         ``connection`` is an swrk child started ahead of time by this process (a warm one saves
         CRIU's start-up on the restore's critical path); the caller closes it. CRIU opens the
@@ -330,11 +345,17 @@ class CriuEngine:
         o = options
         if o.inherit_fds:
             connection = None
+        image_fd: contextlib.AbstractContextManager[int] = (
+            _image_dir(images_dir)
+            if images_dir_fd is None
+            else contextlib.nullcontext(images_dir_fd)
+        )
         with (
             self._logfile("restore") as (log_name, log_path),
-            _dir_fd(images_dir) as dfd,
+            image_fd as dfd,
             _dir_fd(self.log_dir) as wfd,
         ):
+            _check_image_dir(images_dir, dfd)
             opts = _opts(o, images_dir_fd=dfd, log_file=log_name, notify=notify)
             opts.work_dir_fd = wfd
             opts.rst_sibling = o.rst_sibling
@@ -534,10 +555,41 @@ def _type_name(t: int) -> str:
 @contextmanager
 def _dir_fd(path: Path) -> Iterator[int]:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = _safe.open_dir(path)
     except PermissionError as exc:
         raise PermissionDeniedError(f"cannot open {path}: permission denied") from exc
     try:
+        _safe.check_private(path, fd=fd)
         yield fd
     finally:
         os.close(fd)
+
+
+def _check_path(path: Path) -> None:
+    """Refuse a directory CRIU is to use by path unless only its owner (us or root) can change
+    it and every directory on the way to it (see :func:`torpor._safe.check_ancestors`)."""
+    _safe.check_ancestors(path, what="image directory")
+    _safe.check_private(path, what="image directory")
+
+
+@contextmanager
+def _image_dir(path: Path) -> Iterator[int]:
+    """An fd of the image directory ``path`` for CRIU (``O_NOFOLLOW``), once the way to it is
+    safe: nobody else can swap it between its checks and CRIU's reads or writes."""
+    _safe.check_ancestors(path, what="image directory")
+    with _dir_fd(path) as fd:
+        yield fd
+
+
+def _check_image_dir(path: Path, fd: int) -> None:
+    """The directory ``fd`` (of ``path``) must be private, and a symlink in it (CRIU follows
+    them: a derived image's lead to the image's files) lead into a safe directory."""
+    _safe.check_private(path, what="image directory", fd=fd)
+    seen: set[Path] = set()
+    for name, st in _safe.lstat_entries(fd).items():
+        if not stat.S_ISLNK(st.st_mode):
+            continue
+        target = path / os.readlink(name, dir_fd=fd)
+        if target.parent not in seen:
+            _safe.check_ancestors(target, what=f"image file {path / name} (a symlink to)")
+            seen.add(target.parent)
