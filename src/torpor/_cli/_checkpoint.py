@@ -79,6 +79,7 @@ def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
     check_free(dest)
 
     image: Image | None = None
+    stored: str | None = None
     started = time.perf_counter()
     if not args.no_coordinate:
         image = _coordinated(app, pid, dest, args, name)
@@ -88,21 +89,25 @@ def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
             tcp_established=args.tcp_established,
             shell_job=args.shell_job,
         )
-        outcome = _dump.checkpoint(pid, dest, options, name=name)
+        if args.pool:
+            outcome = _dump_to_pool(app, pid, dest, options, name, args.pool)
+        else:
+            outcome = _dump.checkpoint(pid, dest, options, name=name)
         image = outcome.image
+        stored = outcome.stored
         if outcome.interrupted:
             app.warn("interrupted once CRIU had written the image: the checkpoint completed")
         for warning in outcome.warnings:
             app.warn(warning)
+        if outcome.push_error is not None:
+            raise outcome.push_error  # the image is kept where it says
     elapsed = time.perf_counter() - started
     m = image.manifest
     if args.pool:
-        import shutil
-
-        stored = _push(app, image, name, args.pool, pid)
-        shutil.rmtree(image.path, ignore_errors=True)
+        if stored is None:  # a coordinated checkpoint: its keeper made the image, we push it
+            stored = _push(app, image, name, args.pool, pid)
         app.info(f"checkpointed pid {pid} in {elapsed:.3f}s into {name}@{args.pool}")
-        app.out(f"{stored.name}@{args.pool}")
+        app.out(f"{stored}@{args.pool}")
         return 0
     app.info(
         f"checkpointed pid {pid} in {elapsed:.3f}s: {human_bytes(m.total_bytes)} "
@@ -112,26 +117,48 @@ def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
     return 0
 
 
-def _push(app: App, image: Any, name: str, pool_name: str, pid: int) -> Any:
-    """Store the new local ``image`` in the pool; if that fails the image stays where it is
-    and the error says where (the process may be gone: it is all there is of it)."""
-    from .._errors import PoolError, TorporError
-    from .._pools import open_pool
+def _dump_to_pool(app: App, pid: int, dest: Path, options: Any, name: str, pool_name: str) -> Any:
+    """``_dump.checkpoint()`` of a ``--pool`` checkpoint: the checkpointer pushes the image
+    to the pool once it has committed it (the command's death cannot stop the push, see
+    ``_process._topool``); we draw the push's progress it reports."""
+    import os
+
+    from .._errors import DumpError, PermissionDeniedError
+    from .._process import _dump, _proc
+    from .._process._checkpointer import Job, run
+
+    # The checks _dump.checkpoint() makes before it starts a checkpointer (it takes no pool).
+    if os.geteuid() != 0:
+        raise PermissionDeniedError("checkpointing needs root (CRIU)", hint="run as root")
+    ttys = _dump.terminal_fds(pid)
+    if ttys and not options.shell_job:
+        raise DumpError(
+            f"pid {pid} holds a terminal ({ttys[0]}); a terminal cannot be restored elsewhere "
+            "(nothing was done)",
+            pid=pid,
+            hint="start it with `torpor run` (stdio to a log file), or pass --shell-job to "
+            "dump and restore it as a shell job",
+        )
+    with app.progress(f"push {name}@{pool_name}", None) as bar:
+
+        def told(done: int, total: int) -> None:
+            bar.total = total
+            bar.advance(done)
+
+        return run(Job(_proc.ref(pid), dest, options, name, pool_name), on_progress=told)
+
+
+def _push(app: App, image: Any, name: str, pool_name: str, pid: int) -> str:
+    """Store the new local ``image`` in the pool; if that fails the image is kept (in the
+    local store under ``name`` if it can be) and the error says where (the process may be
+    gone: it is all there is of it)."""
+    from .._process._topool import push, unpushed
 
     try:
-        with (
-            open_pool(pool_name) as pool,
-            app.progress(f"push {name}@{pool_name}", image.manifest.total_bytes) as bar,
-        ):
-            return pool.push(image, name, progress=bar.advance)
-    except (TorporError, KeyboardInterrupt) as exc:
-        why = exc.msg if isinstance(exc, TorporError) else "interrupted"
-        raise PoolError(
-            f"checkpoint of pid {pid}: the image was made but not stored in pool "
-            f"{pool_name!r} ({why}); it is kept at {image.path}",
-            pool=pool_name,
-            hint=f"`torpor image push {image.path} {name}@{pool_name}` stores it",
-        ) from exc
+        with app.progress(f"push {name}@{pool_name}", image.manifest.total_bytes) as bar:
+            return push(image, name, pool_name, pid, progress=bar.advance)
+    except KeyboardInterrupt as exc:
+        raise unpushed(image.path, name, pool_name, pid, exc) from exc
 
 
 def _coordinated(app: App, pid: int, dest: Path, args: argparse.Namespace, name: str) -> Any:

@@ -70,7 +70,7 @@ from .._images._incomplete import (
     sweep,
 )
 from .._images._layout import is_bookkeeping
-from .._images._manifest import FileEntry, now_iso
+from .._images._manifest import FileEntry, Manifest, now_iso
 from .._safe import create_file, kind_problem, lstat_entries, open_dir
 from . import _locks, _registry
 from ._proc import ProcRef, descendants, detached, facts, status_field
@@ -100,25 +100,35 @@ class Job:
     dest: Path
     options: DumpOptions
     name: str
+    pool: str | None = None  # once committed, the checkpointer pushes the image there
 
 
 @dataclass(frozen=True)
 class Outcome:
     """A committed checkpoint: ``interrupted`` if the command was interrupted once it was too
-    late to abort; ``warnings`` for the user (the image is fine)."""
+    late to abort; ``warnings`` for the user (the image is fine). With a pool: ``stored``, the
+    name it was stored under, or ``push_error`` (the image is kept at ``image.path``)."""
 
     image: Image
     interrupted: bool = False
     warnings: tuple[str, ...] = ()
+    stored: str | None = None
+    push_error: TorporError | None = None
 
 
 # -- the command's side --------------------------------------------------------------------------
 
 
-def run(job: Job, *, engine: CriuEngine | None = None) -> Outcome:
+def run(
+    job: Job,
+    *,
+    engine: CriuEngine | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Outcome:
     """Checkpoint ``job`` through a detached checkpointer and return how it ended, or raise
     its error. A ``KeyboardInterrupt`` while waiting asks it to abort (see the module
-    docstring); the wait goes on until it has answered."""
+    docstring); the wait goes on until it has answered. ``on_progress(bytes, total)`` is
+    told how the push to ``job.pool`` goes."""
     staging = Staging(job.dest)  # its path is chosen here: we look at it if the checkpointer dies
     report_r, report_w = os.pipe()
     ctl_r, ctl_w = os.pipe()
@@ -145,13 +155,20 @@ def run(job: Job, *, engine: CriuEngine | None = None) -> Outcome:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         raise
     try:
-        return _relay(job, staging, report_r, ctl_w, old_mask)
+        return _relay(job, staging, report_r, ctl_w, old_mask, on_progress)
     finally:
         for fd in ours:
             os.close(fd)
 
 
-def _relay(job: Job, staging: Staging, report_r: int, ctl_w: int, mask: set[int]) -> Outcome:
+def _relay(
+    job: Job,
+    staging: Staging,
+    report_r: int,
+    ctl_w: int,
+    mask: set[int],
+    on_progress: Callable[[int, int], None] | None,
+) -> Outcome:
     asked = False
     buf = b""
     restored = False
@@ -169,6 +186,8 @@ def _relay(job: Job, staging: Staging, report_r: int, ctl_w: int, mask: set[int]
                 msg = json.loads(line)
                 if "ok" in msg:
                     return _result(msg, interrupted=asked)
+                if "progress" in msg and on_progress is not None:
+                    on_progress(int(msg["progress"]), int(msg["total"]))
         except KeyboardInterrupt:
             if not asked:
                 asked = True
@@ -181,7 +200,19 @@ def _result(msg: Mapping[str, Any], *, interrupted: bool) -> Outcome:
     if not msg["ok"]:
         raise decode_error(msg["error"])
     warnings = tuple(str(w) for w in msg.get("warnings", ()))
-    return Outcome(Image.open(msg["image"]), interrupted=interrupted, warnings=warnings)
+    failed = msg.get("push_error")
+    if msg.get("stored") is not None:
+        # Pushed: the checkpointer deleted the local copy; its manifest came in the report.
+        image = Image(Path(msg["image"]), Manifest.from_json(msg["manifest"]))
+    else:
+        image = Image.open(msg["image"])
+    return Outcome(
+        image,
+        interrupted=interrupted,
+        warnings=warnings,
+        stored=msg.get("stored"),
+        push_error=decode_error(failed) if failed else None,
+    )
 
 
 def _orphaned(job: Job, staging: Staging) -> Outcome:
@@ -309,7 +340,40 @@ def _checkpointer(
         msg: dict[str, Any] = {"ok": True, "image": str(image.path), "warnings": warnings}
     except BaseException as exc:
         msg = {"ok": False, "error": encode_error(exc)}
+    if msg["ok"] and job.pool is not None:
+        # After the commit, and still whatever happens to the command (it only relays).
+        msg.update(_push(job, image, report_w))
     _send(report_w, msg)
+
+
+def _push(job: Job, image: Image, report_w: int) -> dict[str, Any]:  # pragma: no cover
+    """Push the committed ``image`` to ``job.pool`` (see ``_topool``), telling the command
+    how it goes; the report's fields: where the image is and ``stored`` or ``push_error``."""
+    from ._topool import UnpushedError, push
+
+    assert job.pool is not None
+    total = image.manifest.total_bytes
+    pending = [0, 0.0]  # bytes not yet told, when last told
+
+    def progress(n: int) -> None:
+        pending[0] += n
+        now = time.monotonic()
+        if now - pending[1] >= 0.1:
+            # Never blocks (a command that stopped reading must not stall the push); a
+            # report this small is written whole or not at all (PIPE_BUF).
+            with contextlib.suppress(OSError):
+                os.set_blocking(report_w, False)
+                told = {"progress": pending[0], "total": total}
+                os.write(report_w, json.dumps(told).encode() + b"\n")
+                pending[0], pending[1] = 0, now
+            with contextlib.suppress(OSError):
+                os.set_blocking(report_w, True)
+
+    try:
+        stored = push(image, job.name, job.pool, job.target.pid, progress=progress)
+    except UnpushedError as exc:
+        return {"image": exc.kept, "push_error": encode_error(exc)}
+    return {"stored": stored, "manifest": image.manifest.to_json()}
 
 
 def _send(fd: int, msg: Mapping[str, Any]) -> None:

@@ -1,0 +1,115 @@
+"""The push of a ``torpor checkpoint --pool`` image, done where the image was committed.
+
+A ``--pool`` checkpoint commits its image in ``<home>/cache/.push-NAME-PID`` and then stores it
+in the pool. The push runs in the detached checkpointer (``_checkpointer``), after the commit,
+so the command's death (SIGKILL, a closed terminal) cannot stop it; the command only relays
+its progress. Pushed, the cache copy is deleted. If the push fails (the pool is down, full,
+refuses the name), the image is all there is of a stopped process: it is moved into the local
+store under its name, so ``torpor restore NAME`` (the name ``torpor images`` shows) finds it,
+and the error names where it is and how to push it again. Where the store cannot take it (an
+image of that name is there, another disk), it stays in the cache, listed by ``torpor images``
+at its path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from .._errors import PoolError, TorporError
+from .._images import _index
+from .._images._image import Image
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+class UnpushedError(PoolError):
+    """A checkpoint's image was made but not stored in the pool; ``kept`` is where it is."""
+
+    def __init__(self, msg: str, *, pool: str, kept: str, hint: str | None = None) -> None:
+        super().__init__(msg, pool=pool, hint=hint)
+        self.kept = kept
+
+
+def push(
+    image: Image,
+    name: str,
+    pool_name: str,
+    pid: int,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> str:
+    """Store the committed ``image`` in ``pool_name`` as ``name`` and delete the local copy;
+    the name it was stored under. A failed push raises :func:`unpushed`'s error (the image is
+    kept, findable by ``name``)."""
+    from .._pools import open_pool
+
+    try:
+        with open_pool(pool_name) as pool:
+            stored = pool.push(image, name, progress=progress)
+    except Exception as exc:  # whatever failed, the image must stay findable
+        raise unpushed(image.path, name, pool_name, pid, exc) from exc
+    shutil.rmtree(image.path, ignore_errors=True)
+    with contextlib.suppress(OSError, TorporError):
+        _index.forget(image.path)
+    return str(stored.name)
+
+
+def unpushed(path: Path, name: str, pool_name: str, pid: int, exc: BaseException) -> UnpushedError:
+    """The one-line error of an image made at ``path`` but not stored in the pool, once it is
+    kept where ``torpor restore NAME`` finds it (the local store), if it can be."""
+    kept = keep(path, name)
+    if isinstance(exc, TorporError):
+        why = exc.msg
+    elif isinstance(exc, KeyboardInterrupt):
+        why = "interrupted"
+    elif isinstance(exc, OSError):
+        why = str(exc.strerror)
+    else:
+        why = repr(exc)
+    restore = f"`torpor restore {name}`" if kept != path else f"`torpor restore {kept}`"
+    return UnpushedError(
+        f"checkpoint of pid {pid}: the image was made but not stored in pool {pool_name!r} "
+        f"({why}); it is kept at {kept}",
+        pool=pool_name,
+        kept=str(kept),
+        hint=f"{restore} restores it; `torpor image push {kept} {name}@{pool_name}` stores it",
+    )
+
+
+def keep(path: Path, name: str) -> Path:
+    """Move the committed image at ``path`` into the local store as ``name`` (never over
+    anything there); where it is now (``path`` if it could not be moved)."""
+    from .._images import _store
+
+    try:
+        dest = _store.default_path(name)
+    except (OSError, TorporError):
+        return path
+    if path == dest:
+        return path
+    try:
+        _rename_noreplace(path, dest)
+    except OSError:
+        return path  # still listed by `torpor images`, at its path (the index has it)
+    with contextlib.suppress(OSError, TorporError):
+        _index.forget(path)
+    return dest
+
+
+def _rename_noreplace(old: Path, new: Path) -> None:
+    """``renameat2(old, new, RENAME_NOREPLACE)``: ``FileExistsError`` if ``new`` exists, even
+    as an empty directory; ``OSError`` where the call is missing (nothing is moved then)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), str(new))
+    if fn(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), _RENAME_NOREPLACE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(new))
