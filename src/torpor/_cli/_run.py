@@ -76,13 +76,22 @@ def _ps(app: App, args: argparse.Namespace) -> int:
     for problem in skipped:
         app.warn(f"skipped: {problem}")
     if args.json:
-        app.json([{**r.__dict__, "state": r.state} for r in recs])
+        app.json(
+            [
+                {**r.__dict__, "state": r.state, "keeper_alive": _registry.keeper_alive(r)}
+                for r in recs
+            ]
+        )
         return 0
     rows = []
     for r in recs:
-        uptime = human_duration(_proc.start_seconds_ago(r.ref)) if r.state == "running" else "-"
+        running = r.state == "running"
+        uptime = human_duration(_proc.start_seconds_ago(r.ref)) if running else "-"
+        # A running process whose keeper was killed: still torpor's (kill, checkpoint), but
+        # nobody will record how it ends.
+        state = "running, no keeper" if running and not _registry.keeper_alive(r) else r.state
         rows.append(
-            (r.name, r.pid, r.state, uptime, " ".join(r.command)[:60], r.restored_from or "-")
+            (r.name, r.pid, state, uptime, " ".join(r.command)[:60], r.restored_from or "-")
         )
     app.table(("NAME", "PID", "STATE", "UPTIME", "COMMAND", "RESTORED-FROM"), rows)
     return 0

@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import _errors, _paths
-from .._engine import Connection, CriuEngine, RestoreOptions
+from .._engine import Connection, CriuEngine, NotifyEvent, RestoreOptions
 from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
 from . import _keeper_dump, _locks, _peer, _registry
 from ._locks import Lock
 from ._logs import open_log
-from ._proc import CLONE_NEWPID, descendants, detached, setns, start_time, unshare
+from ._proc import CLONE_NEWPID, ProcRef, descendants, detached, setns, start_time, unshare
 from ._registry import ManagedProcess, Reservation
 
 
@@ -135,6 +135,7 @@ class Keeper:
             command=tuple(command),
             started=now_iso(),
             log_path=str(log_path) if log_path else None,
+            managed_as=name,  # _exec_app's TORPOR_MANAGED
         )
         self._adopt(rec)
         return rec
@@ -149,8 +150,18 @@ class Keeper:
         *,
         verify: bool | Literal["full"],
         reuseport: bool | None = None,
+        reservation: Reservation | None = None,
     ) -> list[ManagedProcess]:
         """Restore ``len(names)`` copies of ``image``, a bounded number at a time.
+
+        Records match what runs whatever happens to the keeper (F3): with ``reservation``
+        (holding ``names``), each copy's record is written, marked ``restoring``, in CRIU's
+        ``post-restore`` notification, before CRIU is answered and before anything restored
+        runs. A keeper killed before its answer makes CRIU abort and kill the copy (nothing
+        runs, no record); one killed later leaves the record, which the command that forked
+        the keeper finds (:func:`spawn`: ``_registry.kill_unfinished``) and kills the copy it
+        names (stopped or not): a restore is all or nothing. A failed restore deletes them;
+        :meth:`record` rewrites them without the mark once everything runs.
 
         The checksums are verified while CRIU restores (on the other core). CRIU ignores a
         failing ``pre-resume`` answer, so copies are restored stopped (``leave_stopped``) and
@@ -182,18 +193,39 @@ class Keeper:
             options = dataclasses.replace(options, leave_stopped=True)
         engine = CriuEngine()
         warm, self.warm = self.warm, None
+        early: dict[int, ManagedProcess] = {}  # copy -> its record written at post-restore
 
         def one(i: int, images_dir: Path) -> ManagedProcess:
             # Each copy writes its stdout/stderr to a log of its own, not the original's.
             log_path = _paths.logs_dir() / f"{names[i]}.log" if copies.stdio else None
             log_fd = open_log(log_path) if log_path else None
+
+            def noted(event: NotifyEvent) -> None:
+                if event.name != "post-restore" or reservation is None or not event.pid:
+                    return
+                early[i] = rec = ManagedProcess(
+                    name=names[i],
+                    pid=event.pid,
+                    start_time=_start_time(event.pid),
+                    keeper_pid=self.pid,
+                    command=image.manifest.cmdline,
+                    started=now_iso(),
+                    log_path=str(log_path) if log_path else None,
+                    restored_from=str(image.path),
+                    managed_as=_registry.managed_name(event.pid),
+                    restoring="restored, not yet continued",
+                )
+                reservation.commit(rec)  # raising makes CRIU abort (and kill the copy)
+
             try:
                 own = options
                 if log_fd is not None:  # a fresh CRIU (not the warm one) gets the fd
                     inherit = {key: log_fd for key in copies.stdio}
                     own = dataclasses.replace(options, inherit_fds=inherit)
                 with copies.criu_turn():
-                    res = engine.restore(images_dir, own, connection=warm if i == 0 else None)
+                    res = engine.restore(
+                        images_dir, own, notify=noted, connection=warm if i == 0 else None
+                    )
             finally:
                 if log_fd is not None:
                     os.close(log_fd)
@@ -206,6 +238,7 @@ class Keeper:
                 started=now_iso(),
                 log_path=str(log_path) if log_path else None,
                 restored_from=str(image.path),
+                managed_as=_registry.managed_name(res.pid),
             )
             self._adopt(rec)
             return rec
@@ -221,8 +254,11 @@ class Keeper:
         restored = [r for r in results if isinstance(r, ManagedProcess)]
         if bad is not None or failures:
             # All or nothing: a partial --count is not what was asked for. The copies were
-            # never recorded, and never will be.
+            # never recorded, and never will be (the records written at post-restore go).
             self.discard(restored)
+            for rec in early.values():
+                with contextlib.suppress(OSError, TorporError):
+                    _registry.delete_if(rec.name, rec.ref)
             raise bad or failures[0]
         if options.leave_stopped:
             for r in restored:
@@ -545,9 +581,20 @@ def spawn(work: Callable[[Keeper], list[ManagedProcess]]) -> list[ManagedProcess
     os.close(w)
     with os.fdopen(r, "rb") as fh:
         data = fh.read()
+    # The keeper's first line is its pid and start time (see _keeper_main), then its reply.
+    who, _, data = data.partition(b"\n")
     if not data:
+        left = ""
+        with contextlib.suppress(ValueError, OSError, TorporError):
+            pid, born = (int(x) for x in who.split())
+            # Copies it restored but never finished are killed (stopped until verified, or
+            # half of a --count): its records of them go too, so `torpor ps` stays true.
+            killed = _registry.kill_unfinished(ProcRef(pid, born))
+            if killed:
+                left = f" (killed what it had restored: {', '.join(killed)})"
         raise TorporError(
-            "the keeper died before reporting; see the logs in " + str(_paths.logs_dir())
+            f"the keeper died before reporting{left}; see the logs in {_paths.logs_dir()}",
+            hint="retry the command",
         )
     reply = json.loads(data)
     if not reply["ok"]:
@@ -562,6 +609,7 @@ def spawn(work: Callable[[Keeper], list[ManagedProcess]]) -> list[ManagedProcess
 def _keeper_main(work: Callable[[Keeper], list[ManagedProcess]], report_w: int) -> None:
     code = 0
     try:
+        os.write(report_w, b"%d %d\n" % (os.getpid(), _start_time(os.getpid())))
         # Detach from the terminal: a keeper outlives the CLI and must not hold its tty.
         log = os.open(
             _paths.logs_dir() / "keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600

@@ -67,7 +67,9 @@ def restore(
     writing its stdout/stderr to a log of its own (``<home>/logs/NAME.log``) when the image's
     went to a file.
 
-    All or nothing: if one copy fails, none is left running, and none is recorded. The
+    All or nothing: if one copy fails, none is left running, and none is recorded (each
+    copy's record is written, marked ``restoring``, before it first runs, and removed if the
+    restore fails: see ``Keeper.restore``). The
     image's checksums are verified before any restored task runs: ``True`` re-hashes only
     files changed since they were last hashed, ``"full"`` re-hashes everything, ``False``
     skips verification. ``names`` are reserved as :func:`run` reserves its name (a taken one
@@ -91,7 +93,9 @@ def restore(
 
     def work(k: _keeper.Keeper) -> list[ManagedProcess]:
         with _registry.reserve(names, rename_taken=rename_taken) as held:
-            restored = k.restore(image, held.names, options, verify=verify, reuseport=reuseport)
+            restored = k.restore(
+                image, held.names, options, verify=verify, reuseport=reuseport, reservation=held
+            )
             return k.record(restored, held)
 
     return _keeper.spawn(work)

@@ -14,7 +14,12 @@ NAME``), so nothing in one is believed as read:
   ``(pid, start time)``, a child of the recorded keeper (same pid and start time), and that
   keeper a torpor keeper (it holds the keeper socket of its own pid, which a process that only
   knows a pid cannot fake). A pidfd is taken first, so the process checked is the process
-  signalled even if the pid is reused meanwhile.
+  signalled even if the pid is reused meanwhile;
+- a process whose keeper is gone (killed: its pid is dead or names another process) is still
+  torpor's if it proves it itself: the same ``(pid, start time)``, pid 1 of its own PID
+  namespace (``NSpid``), and ``TORPOR_MANAGED=<managed_as>`` in its initial environment (set
+  by the keeper at exec, kept by restored copies). ``torpor ps`` says ``running (no
+  keeper)`` for it: its exit status will not be recorded (the record stays until then).
 
 Records match what runs (issue 12 item 4):
 
@@ -81,6 +86,14 @@ class ManagedProcess:
     # The keeper's start time: with ``keeper_pid``, the keeper's identity (pids are reused).
     # Filled in by :func:`save` in the keeper itself; records of older torpors lack it.
     keeper_start_time: int | None = None
+    # The name the process's tree was first started under (``TORPOR_MANAGED`` in its initial
+    # environment, which a restored copy keeps from the original): how it is still known to
+    # be torpor's once its keeper is gone (see check_live). None: not known (older records).
+    managed_as: str | None = None
+    # Set (to why) while the keeper restores the process: written as soon as CRIU names its
+    # pid, before the restore is known to succeed; cleared once it has. A process whose keeper
+    # died with this set is killed by the command that started it (see kill_unfinished).
+    restoring: str | None = None
 
     @property
     def ref(self) -> ProcRef:
@@ -91,7 +104,7 @@ class ManagedProcess:
     def state(self) -> str:
         """``running``, ``checkpointed`` (killed by a checkpoint), ``exited N`` or ``gone``."""
         if self.ended is None and self.ref.alive():
-            return "running"
+            return "running"  # (``torpor ps`` adds "no keeper" when its keeper is gone)
         if self.checkpointed_to and self.exit_status in (None, -9):
             return "checkpointed"
         if self.exit_status is None:
@@ -120,6 +133,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "ended": _OPT_STR,
     "checkpointed_to": _OPT_STR,
     "keeper_start_time": _OPT_INT,
+    "managed_as": _OPT_STR,
+    "restoring": _OPT_STR,
 }
 _REQUIRED = {f.name for f in fields(ManagedProcess) if f.default is MISSING}
 assert set(_TYPES) == {f.name for f in fields(ManagedProcess)}
@@ -467,6 +482,8 @@ def check_live(rec: ManagedProcess) -> None:
             hint=f"check it (`ps -o pid,ppid,args -p {rec.pid}`), then stop it with kill",
         )
     problem = _foreign(rec, rec.keeper_start_time)
+    if problem is not None and not keeper_alive(rec) and _proves_own(rec):
+        problem = None  # its keeper was killed; the process is still the one torpor started
     if problem is not None:
         raise PermissionDeniedError(
             f"record {rec.name!r} names pid {rec.pid}, which torpor did not start "
@@ -489,6 +506,80 @@ def _foreign(rec: ManagedProcess, keeper_start: int) -> str | None:
     if not _proc.holds_unix_socket(rec.keeper_pid, name):
         return f"its parent {parent} is not a torpor keeper"
     return None
+
+
+def keeper_alive(rec: ManagedProcess) -> bool:
+    """Whether the keeper ``rec`` names still runs (same pid and start time)."""
+    return rec.keeper_start_time is not None and (
+        ProcRef(rec.keeper_pid, rec.keeper_start_time).alive()
+    )
+
+
+def managed_name(pid: int) -> str | None:
+    """``TORPOR_MANAGED`` in the initial environment of ``pid`` (None if absent, or if the
+    process is not there)."""
+    try:
+        fd = os.open(f"/proc/{pid}/environ", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        env = b""
+        while len(env) < MAX_RECORD and (chunk := os.read(fd, 1 << 16)):
+            env += chunk  # /proc gives at most a page per read
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    for entry in env.split(b"\0"):
+        if entry.startswith(b"TORPOR_MANAGED="):
+            return entry[len(b"TORPOR_MANAGED=") :].decode(errors="replace")
+    return None
+
+
+def _proves_own(rec: ManagedProcess) -> bool:
+    """Whether the live process of ``rec`` (its keeper gone) is still the one torpor started:
+    the same ``(pid, start time)``, pid 1 of its own PID namespace and started with
+    ``TORPOR_MANAGED=<managed_as>`` (see the module docstring)."""
+    if rec.managed_as is None:
+        return False
+    try:
+        if not _proc.is_namespace_init(rec.pid):
+            return False
+    except (OSError, ValueError):
+        return False
+    # Checked after the reads: still the very process (a pid reused meanwhile proves nothing).
+    return managed_name(rec.pid) == rec.managed_as and rec.ref.alive()
+
+
+def kill_unfinished(keeper: ProcRef) -> list[str]:
+    """After the keeper ``keeper`` died before reporting: SIGKILL every live process its
+    records still mark as ``restoring`` (same pid and start time; restored, perhaps stopped
+    until verified, never continued by it) and forget those records. The names killed.
+
+    A restore is all or nothing: its copies are killed rather than left stopped for ever or
+    running as half of what was asked. Copies whose restore the keeper finished are left."""
+    import signal
+
+    killed = []
+    for rec in list_all():
+        if (rec.keeper_pid, rec.keeper_start_time) != (keeper.pid, keeper.start_time):
+            continue
+        if rec.restoring is None or rec.ended is not None:
+            continue
+        try:
+            pidfd = os.pidfd_open(rec.pid)
+        except OSError:
+            pidfd = None
+        if pidfd is not None:
+            try:
+                if rec.ref.alive():  # the very process, checked through the pidfd's pid
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    killed.append(rec.name)
+            finally:
+                os.close(pidfd)
+        delete_if(rec.name, rec.ref)
+    return killed
 
 
 def _ended(rec: ManagedProcess) -> ProcessNotFoundError:
