@@ -10,7 +10,9 @@ records, archives, the home): torpor runs as root, so every such byte is hostile
   ``O_EXCL`` with mode 0600.
 - :func:`check_private`: a directory torpor acts on as root (its home and subdirectories, an
   image directory, a dir pool's source) must be owned by the effective user or root and not
-  writable by group or others, as ssh's StrictModes requires of ``~/.ssh``.
+  writable by group or others, as ssh's StrictModes requires of ``~/.ssh``;
+  :func:`check_ancestors`: so must every directory on the way to it (sticky ones aside),
+  or whoever can write to a parent could swap it between a check and a use by path.
 - Whole small files: :func:`read_regular` reads one with a size bound (a planted huge file
   cannot exhaust memory); :func:`replace_file` writes one whole or not at all (an ``O_EXCL``
   temporary file renamed over the name: a symlink planted there is replaced, never followed).
