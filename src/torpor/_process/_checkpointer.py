@@ -342,38 +342,10 @@ def _checkpointer(
         msg = {"ok": False, "error": encode_error(exc)}
     if msg["ok"] and job.pool is not None:
         # After the commit, and still whatever happens to the command (it only relays).
-        msg.update(_push(job, image, report_w))
+        from ._topool import reported_push
+
+        msg.update(reported_push(image, job.name, job.pool, job.target.pid, report_w))
     _send(report_w, msg)
-
-
-def _push(job: Job, image: Image, report_w: int) -> dict[str, Any]:  # pragma: no cover
-    """Push the committed ``image`` to ``job.pool`` (see ``_topool``), telling the command
-    how it goes; the report's fields: where the image is and ``stored`` or ``push_error``."""
-    from ._topool import UnpushedError, push
-
-    assert job.pool is not None
-    total = image.manifest.total_bytes
-    pending = [0, 0.0]  # bytes not yet told, when last told
-
-    def progress(n: int) -> None:
-        pending[0] += n
-        now = time.monotonic()
-        if now - pending[1] >= 0.1:
-            # Never blocks (a command that stopped reading must not stall the push); a
-            # report this small is written whole or not at all (PIPE_BUF).
-            with contextlib.suppress(OSError):
-                os.set_blocking(report_w, False)
-                told = {"progress": pending[0], "total": total}
-                os.write(report_w, json.dumps(told).encode() + b"\n")
-                pending[0], pending[1] = 0, now
-            with contextlib.suppress(OSError):
-                os.set_blocking(report_w, True)
-
-    try:
-        stored = push(image, job.name, job.pool, job.target.pid, progress=progress)
-    except UnpushedError as exc:
-        return {"image": exc.kept, "push_error": encode_error(exc)}
-    return {"stored": stored, "manifest": image.manifest.to_json()}
 
 
 def _send(fd: int, msg: Mapping[str, Any]) -> None:

@@ -16,10 +16,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .._errors import PoolError, TorporError
 from .._images import _index
@@ -59,6 +62,38 @@ def push(
     with contextlib.suppress(OSError, TorporError):
         _index.forget(image.path)
     return str(stored.name)
+
+
+def reported_push(
+    image: Image, name: str, pool_name: str, pid: int, report_w: int
+) -> dict[str, Any]:
+    """:func:`push`, in the checkpointer: its progress told to the command over ``report_w``
+    (never blocking: a command that stopped reading must not stall the push); the report's
+    fields: where the image is and ``stored`` (and its manifest) or ``push_error``."""
+    from ._checkpointer import encode_error
+
+    total = image.manifest.total_bytes
+    pending = [0, 0.0]  # bytes not yet told, when last told
+
+    def progress(n: int) -> None:
+        pending[0] += n
+        now = time.monotonic()
+        if now - pending[1] < 0.1:
+            return
+        # A report this small is written whole or not at all (PIPE_BUF).
+        with contextlib.suppress(OSError):
+            os.set_blocking(report_w, False)
+            told = {"progress": pending[0], "total": total}
+            os.write(report_w, json.dumps(told).encode() + b"\n")
+            pending[0], pending[1] = 0, now
+        with contextlib.suppress(OSError):
+            os.set_blocking(report_w, True)
+
+    try:
+        stored = push(image, name, pool_name, pid, progress=progress)
+    except UnpushedError as exc:
+        return {"image": exc.kept, "push_error": encode_error(exc)}
+    return {"stored": stored, "manifest": image.manifest.to_json()}
 
 
 def unpushed(path: Path, name: str, pool_name: str, pid: int, exc: BaseException) -> UnpushedError:
