@@ -579,7 +579,7 @@ def kill_unfinished(keeper: ProcRef) -> list[str]:
             finally:
                 os.close(pidfd)
         delete_if(rec.name, rec.ref)
-    return killed
+    return sorted(killed)
 
 
 def _ended(rec: ManagedProcess) -> ProcessNotFoundError:
