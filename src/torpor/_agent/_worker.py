@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torpor._engine import Connection
+    from torpor._process._logs import SpareLog
 
 PROTOCOL = b"torpor-agent/2"
 MAX_REQUEST = 1 << 20
@@ -147,31 +148,48 @@ def work(
     """The life of a worker after the fork: wait for a command, run it, stay as a keeper if it
     started managed processes. Never returns (ends with ``_exit``)."""
     code = 0
+    spare = None
     try:
-        from torpor._engine import Connection
-
-        warm: Connection | None = None
-        if criu:
-            with contextlib.suppress(OSError):
-                warm = Connection.spawn(criu)
+        warm, spare = _start_criu(criu) if criu else (None, None)
         _warm_up()
         try:
             conn, _ = listener.accept()
         except OSError:  # the master shut the listener down (stopping, re-executing)
-            os._exit(0)
+            return
         set_parent_death_signal(0)  # from now on we outlive the master, as keepers must
         listener.close()
         _note(notes_fd, b"taken")
         with conn:
-            _serve(conn, notes_fd, warm, log_fd, ctx)
+            _serve(conn, notes_fd, warm, spare, log_fd, ctx)
     except BaseException:
         traceback.print_exc()
         code = 1
     finally:
+        if spare is not None:  # unused (a command that restored nothing): removed
+            with contextlib.suppress(OSError):
+                spare.close()
         with contextlib.suppress(OSError, ValueError):
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _start_criu(criu: str) -> tuple[Connection | None, SpareLog | None]:
+    """A ``criu swrk`` for the next command's first restore, and the spare log it holds: a
+    restored copy's log must be an fd of CRIU's own (``inherit_fd``), so the CRIU started now
+    is given an unnamed log now, which that restore names as the copy's log. Either may be
+    None (no CRIU could be started; no spare could be made: the restore then starts a CRIU
+    with the log it opens)."""
+    from torpor._engine import Connection
+    from torpor._process._logs import SpareLog
+
+    spare = SpareLog.make()
+    try:
+        return Connection.spawn(criu, (spare.fd,) if spare else ()), spare
+    except OSError:
+        if spare is not None:
+            spare.close()
+        return None, None
 
 
 def set_parent_death_signal(sig: int) -> None:
@@ -219,7 +237,12 @@ def _warm_up() -> None:
 
 
 def _serve(
-    conn: socket.socket, notes_fd: int, warm: Connection | None, log_fd: int, ctx: AgentContext
+    conn: socket.socket,
+    notes_fd: int,
+    warm: Connection | None,
+    spare: SpareLog | None,
+    log_fd: int,
+    ctx: AgentContext,
 ) -> None:
     from torpor._process import _keeper
 
@@ -242,7 +265,7 @@ def _serve(
             return _decline(conn, f"cannot take on the client's context: {exc}")
         _adopt_stdio(fds)
         fds = []  # now our fds 0, 1, 2
-        _keeper.host_here(warm)
+        _keeper.host_here(warm, spare)
         code = _run_cli(req.argv, conn)
         keeper = _keeper.hosted_keeper()
         _let_go_of_client(log_fd)

@@ -17,7 +17,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +323,7 @@ class CriuEngine:
         *,
         notify: NotifyHandler | None = None,
         connection: Connection | None = None,
+        connection_fds: Collection[int] = (),
         images_dir_fd: int | None = None,
     ) -> RestoreResult:
         """Restore the image in ``images_dir``; the root is detached (and our child if
@@ -339,11 +340,13 @@ class CriuEngine:
         ``connection`` is an swrk child started ahead of time by this process (a warm one saves
         CRIU's start-up on the restore's critical path); the caller closes it. CRIU opens the
         images and work dirs as ``/proc/<our pid>/fd/N``, so they need not be passed to a child
-        that is already running; inherited fds must be, so with ``inherit_fds`` a fresh child
-        is started instead.
+        that is already running; inherited fds must be in CRIU's own fd table. They are if the
+        child was given them when it started: ``connection_fds`` are the fds of ours it got
+        then (``pass_fds``: at the same numbers). Unless every one of ``inherit_fds`` is among
+        them, a fresh child is started instead.
         """
         o = options
-        if o.inherit_fds:
+        if not set(o.inherit_fds.values()) <= set(connection_fds):
             connection = None
         image_fd: contextlib.AbstractContextManager[int] = (
             _image_dir(images_dir)

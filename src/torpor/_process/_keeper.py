@@ -39,7 +39,7 @@ from .._images._image import Image
 from .._images._manifest import now_iso
 from . import _keeper_dump, _locks, _peer, _registry
 from ._locks import Lock
-from ._logs import open_log
+from ._logs import SpareLog, open_log
 from ._proc import CLONE_NEWPID, ProcRef, descendants, detached, setns, start_time, unshare
 from ._registry import ManagedProcess, Reservation
 
@@ -80,11 +80,13 @@ def decode_error(data: dict[str, Any]) -> TorporError:
 class Keeper:
     """State of one keeper process (lives in the forked child)."""
 
-    def __init__(self, warm: Connection | None = None) -> None:
+    def __init__(self, warm: Connection | None = None, spare_log: SpareLog | None = None) -> None:
         self.pid = os.getpid()
         # A ``criu swrk`` child started ahead of time (by an agent worker), used by the first
-        # restore: CRIU's start-up is then off the restore's critical path.
+        # restore: CRIU's start-up is then off the restore's critical path. ``spare_log`` was
+        # given to it at its start: the first copy's log, so that it can be inherited there.
         self.warm = warm
+        self.spare_log = spare_log
         self.lock = threading.Lock()
         self.children: dict[int, ManagedProcess] = {}
         # Children started but not yet recorded (pid -> exit code once reaped, else None):
@@ -193,12 +195,14 @@ class Keeper:
             options = dataclasses.replace(options, leave_stopped=True)
         engine = CriuEngine()
         warm, self.warm = self.warm, None
+        spare, self.spare_log = self.spare_log, None
         early: dict[int, ManagedProcess] = {}  # copy -> its record written at post-restore
 
         def one(i: int, images_dir: Path) -> ManagedProcess:
             # Each copy writes its stdout/stderr to a log of its own, not the original's.
             log_path = _paths.logs_dir() / f"{names[i]}.log" if copies.stdio else None
-            log_fd = open_log(log_path) if log_path else None
+            conn = warm if i == 0 else None
+            log_fd = opened = None
 
             def noted(event: NotifyEvent) -> None:
                 if event.name != "post-restore" or reservation is None or not event.pid:
@@ -217,18 +221,27 @@ class Keeper:
                 )
                 reservation.commit(rec)  # raising makes CRIU abort (and kill the copy)
 
+            if log_path is not None:
+                # The warm CRIU holds the spare log: named as this copy's log, it can be
+                # inherited there. Otherwise (a name with a log already, no spare) the log is
+                # opened here, and a fresh CRIU is started with it.
+                if conn is not None and spare is not None and spare.claim(log_path):
+                    log_fd = spare.fd
+                else:
+                    log_fd = opened = open_log(log_path)
             try:
                 own = options
-                if log_fd is not None:  # a fresh CRIU (not the warm one) gets the fd
+                if log_fd is not None:
                     inherit = {key: log_fd for key in copies.stdio}
                     own = dataclasses.replace(options, inherit_fds=inherit)
+                passed = (spare.fd,) if spare is not None and conn is not None else ()
                 with copies.criu_turn():
                     res = engine.restore(
-                        images_dir, own, notify=noted, connection=warm if i == 0 else None
+                        images_dir, own, notify=noted, connection=conn, connection_fds=passed
                     )
             finally:
-                if log_fd is not None:
-                    os.close(log_fd)
+                if opened is not None:
+                    os.close(opened)
             rec = ManagedProcess(
                 name=names[i],
                 pid=res.pid,
@@ -249,6 +262,8 @@ class Keeper:
         finally:
             if warm is not None:
                 warm.close()
+            if spare is not None:
+                spare.close()  # unclaimed, it is gone with the warm CRIU's fd of it
         bad = verdict.exception()
         failures = [r for r in results if isinstance(r, BaseException)]
         restored = [r for r in results if isinstance(r, ManagedProcess)]
@@ -508,20 +523,22 @@ class _Host:
     """This process offers itself as the next keeper (an agent worker does: it is already a
     detached session leader, so forking another keeper would only add latency)."""
 
-    def __init__(self, warm: Connection | None) -> None:
+    def __init__(self, warm: Connection | None, spare_log: SpareLog | None) -> None:
         self.warm = warm
+        self.spare_log = spare_log
         self.keeper: Keeper | None = None
 
 
 _host: _Host | None = None
 
 
-def host_here(warm: Connection | None) -> None:
+def host_here(warm: Connection | None, spare_log: SpareLog | None = None) -> None:
     """Make this process the keeper of whatever the next :func:`spawn` starts, using ``warm``
-    (a ``criu swrk`` child of this process) for its first restore. Once the command is done,
-    the caller stays alive as that keeper while :func:`hosted_keeper` returns one."""
+    (a ``criu swrk`` child of this process, started with ``spare_log``'s fd) for its first
+    restore. Once the command is done, the caller stays alive as that keeper while
+    :func:`hosted_keeper` returns one."""
     global _host
-    _host = _Host(warm)
+    _host = _Host(warm, spare_log)
 
 
 def hosted_keeper() -> Keeper | None:
@@ -532,16 +549,19 @@ def hosted_keeper() -> Keeper | None:
 def release_host() -> None:
     """Stop offering this process as a keeper; close the warm CRIU child if it was not used."""
     global _host
-    if _host is not None and _host.keeper is None and _host.warm is not None:
-        _host.warm.close()
+    if _host is not None and _host.keeper is None:
+        if _host.warm is not None:
+            _host.warm.close()
+        if _host.spare_log is not None:
+            _host.spare_log.close()
     _host = None
 
 
 def _run_hosted(
     host: _Host, work: Callable[[Keeper], list[ManagedProcess]]
 ) -> list[ManagedProcess]:
-    keeper = host.keeper = Keeper(host.warm)
-    host.warm = None
+    keeper = host.keeper = Keeper(host.warm, host.spare_log)
+    host.warm = host.spare_log = None
     keeper.serve()
     # As in a forked keeper, a Ctrl-C must not stop the work halfway (copies restored but
     # never continued, an app started but not recorded): the command finishes, then reports.
@@ -559,6 +579,9 @@ def _run_hosted(
         if keeper.warm is not None:  # not used (a ``run``): CRIU need not wait for us
             keeper.warm.close()
             keeper.warm = None
+        if keeper.spare_log is not None:
+            keeper.spare_log.close()
+            keeper.spare_log = None
 
 
 def spawn(work: Callable[[Keeper], list[ManagedProcess]]) -> list[ManagedProcess]:
