@@ -10,6 +10,10 @@ user against root's real torpor (and real CRIU where it matters); each is refuse
   names by now.
 - The pull cache is keyed by image id, a pool-side field anyone who writes to a pool may set:
   an untrusted host's image given the id of a trusted one must not be restored in its place.
+- Issue 11's acceptance on a real image, tried once more through the CLI: a pool record whose
+  file name climbs out of the cache (``restore NAME@POOL``), a device or a hard link to a
+  root-only file in place of an image file (``restore``): refused in one line naming the file,
+  in bounded time, nothing written outside, nothing restored.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -315,3 +320,93 @@ def test_a_signed_pool_never_restores_another_pools_image_from_the_cache(
         assert cmdline[-2:] == [b"GOOD", b""]
     finally:
         torpor("kill", "victim", **here)
+
+
+# -- issue 11's acceptance, once more on a real image -------------------------------------------
+
+
+def _refused(home: Path, *args: str, within: float = 20) -> str:
+    """Run ``torpor ARGS`` (a restore); assert it fails in one line within ``within`` seconds
+    and that nothing new runs. The line."""
+    env = {"TORPOR_HOME": str(home)}
+    before = parse_ps(torpor("ps", "-a", **env).stdout, "PID")
+    started = time.monotonic()
+    res = torpor(*args, check=False, timeout=within, **env)
+    assert time.monotonic() - started < within
+    after = parse_ps(torpor("ps", "-a", **env).stdout, "PID")
+    assert (res.returncode, res.stdout, after) == (1, "", before)
+    [line] = res.stderr.splitlines()
+    return line
+
+
+def test_a_pool_record_whose_file_name_climbs_out_is_refused_by_restore(
+    images: tuple[Path, Path, Path], arena: Path
+) -> None:
+    home, good, _ = images
+    env = {"TORPOR_HOME": str(home)}
+    pool = arena / "pool"
+    torpor("pool", "create", "climb", "dir", f"source={pool}", **env)
+    torpor("image", "push", str(good), "web@climb", **env)
+    record = pool / "images+" / "web"
+    doc = json.loads(zstandard.ZstdDecompressor().decompress(record.read_bytes(), 1 << 24))
+    escape = "../" * 12 + str(arena / "PWNED").lstrip("/")
+    old = doc["files"][0]["name"]
+    doc["files"][0]["name"] = escape
+    for f in doc["manifest"]["files"]:
+        if f["name"] == old:
+            f["name"] = escape
+    del doc["signature"]  # it no longer covers the manifest; the pool has no policy
+    record.write_bytes(zstandard.ZstdCompressor().compress(json.dumps(doc).encode()))
+    line = _refused(home, "restore", "web@climb", "--name", "climber")
+    assert line == (
+        f"torpor: error: image 'web' in pool 'climb': file name {escape!r} is a path, not a"
+        " plain name; refused — the image was made or changed by something other than torpor:"
+        " do not use it"
+    )
+    assert not (arena / "PWNED").exists()
+    # Nor does the hostile record keep the pool from being deleted.
+    assert torpor("pool", "delete", "climb", "--force", **env).returncode == 0
+
+
+def _copy_of(good: Path, arena: Path) -> tuple[Path, Path]:
+    """A private copy of the image and its biggest pages file."""
+    copy = arena / "copy"
+    os.chmod(arena, 0o700)  # root's own, as images must be reached
+    shutil.copytree(good, copy)
+    pages = max(copy.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    return copy, pages
+
+
+def test_a_device_in_place_of_an_image_file_is_refused_at_once(
+    images: tuple[Path, Path, Path], arena: Path
+) -> None:
+    home, good, _ = images
+    copy, pages = _copy_of(good, arena)
+    pages.unlink()
+    os.mknod(pages, 0o600 | 0o020000, os.makedev(1, 5))  # a character device: /dev/zero
+    line = _refused(home, "restore", str(copy), "--name", "dev", within=10)
+    name = Image.open(good).name
+    assert line == (
+        f"torpor: error: image {name!r} ({copy}): file {pages.name} is a device, not a regular"
+        " file; refused — the image was made or changed by something other than torpor: do not"
+        " use it"
+    )
+
+
+def test_a_hard_link_to_a_root_only_file_in_an_image_is_refused(
+    images: tuple[Path, Path, Path], arena: Path
+) -> None:
+    """Root-owned and 0600, so the layout check lets it by; its content is checked."""
+    home, good, _ = images
+    copy, pages = _copy_of(good, arena)
+    secret = arena / "secret"
+    secret.write_bytes(os.urandom(pages.stat().st_size))
+    os.chmod(secret, 0o600)
+    pages.unlink()
+    os.link(secret, pages)
+    line = _refused(home, "restore", str(copy), "--name", "linked")
+    name = Image.open(good).name
+    assert line == (
+        f"torpor: error: image {name!r} ({copy}) is corrupted: file {pages.name} does not match"
+        " its SHA-256 — restore refused; use another image or checkpoint again"
+    )

@@ -39,7 +39,9 @@ def set_pool(name: str, changes: Mapping[str, str]) -> PoolConfig:
 def delete_pool(name: str, *, force: bool = False) -> int:
     """Delete pool ``name`` and the objects torpor keeps in it; return how many went.
 
-    Refused while it holds images, unless ``force``. The ``default`` pool cannot be deleted.
+    Refused while it holds images, unless ``force`` (then its records are not even read: one
+    that is damaged or hostile must not keep a pool from being deleted). The ``default`` pool
+    cannot be deleted.
     """
     if name == DEFAULT_POOL:
         raise PoolError(
@@ -49,8 +51,8 @@ def delete_pool(name: str, *, force: bool = False) -> int:
         )
     cfg = _config.load(name)
     with open_pool(name) as pool:
-        images = pool.list_images()
-        if images and not force:
+        images = [] if force else pool.list_images()
+        if images:
             raise PoolError(
                 f"pool {name!r} holds {len(images)} image(s)",
                 pool=name,
