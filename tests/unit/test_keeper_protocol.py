@@ -385,9 +385,7 @@ def test_publish_never_replaces_what_is_at_the_destination(tmp_path: Path) -> No
     assert staging.is_dir()
 
 
-def test_detached_finaliser_path_reads_a_checked_record(
-    tmp_path: Path, torpor_home: Path
-) -> None:
+def test_detached_finaliser_path_reads_a_checked_record(tmp_path: Path, torpor_home: Path) -> None:
     staging = _staged(tmp_path)
     d = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
     try:

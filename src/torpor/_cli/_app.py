@@ -137,10 +137,21 @@ def human_duration(seconds: float) -> str:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """An aligned plain-text table."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    """An aligned plain-text table. Cells come from outside (command lines, names, paths), so
+    control characters are shown escaped: a terminal never receives an escape sequence from a
+    process's command line."""
+    cells = [[_printable(str(h)) for h in headers]] + [
+        ["" if c is None else _printable(str(c)) for c in r] for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     ]
     return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\u2028``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

@@ -419,6 +419,16 @@ def give(dir_fd: int, names: Iterable[str], owner: tuple[int, int] | None, *, so
     for name in names:
         fd = open_regular(dir_fd, name, source=source)
         try:
+            # A file with a link elsewhere (say a hard link to /etc/shadow planted in the
+            # directory) would be handed over too: CRIU's files have exactly one link.
+            if os.fstat(fd).st_nlink != 1:
+                raise UnsafeImageError(
+                    f"staged image {source} holds {name}, linked elsewhere too "
+                    f"({os.fstat(fd).st_nlink} links); refused",
+                    image=source,
+                    file=name,
+                    hint="something other than CRIU wrote into the staging directory",
+                )
             if owner is not None:
                 os.fchown(fd, *owner)
             os.fchmod(fd, 0o600)
