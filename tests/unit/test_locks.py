@@ -434,3 +434,16 @@ def test_a_copy_log_is_created_private_and_never_through_a_plant(
             == f"log {path} {problem}; refused — torpor did not make it: remove {path}"
         )
     assert victim.read_text() == "keep"
+
+
+def test_torpors_own_log_names_are_not_process_names(
+    torpor_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torpor._cli import main
+
+    for name in ("keeper", "agent"):
+        assert main(["run", "--name", name, "--", "true"]) == 1
+        assert capsys.readouterr().err == (
+            f"torpor: error: {name!r} is reserved (logs/{name}.log is torpor's own log)"
+            " — choose another --name\n"
+        )

@@ -55,6 +55,7 @@ from .._errors import (
     ProcessNotFoundError,
     TorporError,
     UnsafePathError,
+    UsageError,
 )
 from .._images._store import check_name
 from . import _locks, _proc
@@ -140,8 +141,18 @@ _REQUIRED = {f.name for f in fields(ManagedProcess) if f.default is MISSING}
 assert set(_TYPES) == {f.name for f in fields(ManagedProcess)}
 
 
+# A managed process's output goes to ``logs/NAME.log``: these names are torpor's own logs.
+RESERVED_NAMES = frozenset({"keeper", "agent"})
+
+
 def _file_name(name: str) -> str:
-    return f"{check_name(name, what='process name')}.json"
+    check_name(name, what="process name")
+    if name in RESERVED_NAMES:
+        raise UsageError(
+            f"{name!r} is reserved (logs/{name}.log is torpor's own log)",
+            hint="choose another --name",
+        )
+    return f"{name}.json"
 
 
 @contextlib.contextmanager
