@@ -115,3 +115,28 @@ def test_cli_help_works(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 0
+
+
+def test_a_connection_knows_when_its_criu_is_gone() -> None:
+    import socket as _socket
+    import subprocess as _subprocess
+
+    from torpor._engine._rpc import Connection
+
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    proc = _subprocess.Popen(["sleep", "30"])
+    conn = Connection(ours, proc)
+    try:
+        assert conn.alive() is True
+        proc.kill()
+        proc.wait()
+        assert conn.alive() is False  # the child has exited
+    finally:
+        theirs.close()
+        ours.close()
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    conn = Connection(ours)  # CRIU spawned elsewhere: only the socket tells
+    assert conn.alive() is True
+    theirs.close()
+    assert conn.alive() is False  # hung up
+    ours.close()

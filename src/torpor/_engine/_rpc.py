@@ -10,6 +10,7 @@ logs and stats 0644, and pages hold a process's secrets.
 
 from __future__ import annotations
 
+import select
 import socket
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -83,6 +84,16 @@ class Connection:
         finally:
             theirs.close()
         return cls(ours, proc)
+
+    def alive(self) -> bool:
+        """Whether the CRIU on the other end can still take a request: our child has not
+        exited and the socket has neither hung up nor anything unread (a connection made
+        ahead of time may have lost its CRIU since: a dead one must not fail the command)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            return False
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return not poller.poll(0)
 
     def send(self, req: pb.Req) -> None:
         """Send one request packet."""

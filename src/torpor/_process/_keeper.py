@@ -196,6 +196,11 @@ class Keeper:
         engine = CriuEngine()
         warm, self.warm = self.warm, None
         spare, self.spare_log = self.spare_log, None
+        if warm is not None and not warm.alive():
+            # CRIU started ahead of time died meanwhile (killed, OOM): restore with a fresh
+            # one rather than fail the command. Its spare log went with it.
+            warm.close()
+            warm = None
         early: dict[int, ManagedProcess] = {}  # copy -> its record written at post-restore
 
         def one(i: int, images_dir: Path) -> ManagedProcess:
