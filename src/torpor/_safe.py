@@ -251,12 +251,15 @@ def replace_file(dir_fd: int, name: str, data: bytes, *, source: str, durable: b
     followed). ``durable`` fsyncs the file and the directory."""
     check_name(name, source=source)
     tmp = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
-    fd = create_file(dir_fd, tmp, source=source)
+    fd = _claim_spare(dir_fd, tmp, len(data))
+    if fd is None:
+        fd = create_file(dir_fd, tmp, source=source)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            view, offset = memoryview(data), 0
+            while offset < len(data):
+                offset += os.pwrite(fd, view[offset:], offset)
+            os.ftruncate(fd, len(data))  # a spare's allocation beyond the data is given back
             if durable:
                 os.fsync(fd)
         finally:
@@ -268,6 +271,61 @@ def replace_file(dir_fd: int, name: str, data: bytes, *, source: str, durable: b
         raise
     if durable:
         os.fsync(dir_fd)
+
+
+# Space set aside in a directory before a step that may fill its disk (a checkpoint reserves it
+# before CRIU runs): replace_file writes into a spare's blocks, already allocated, so a disk
+# that filled meanwhile (or fills while we write) cannot refuse the write. Freeing the space
+# first and then writing would race any other writer for it.
+SPARE_PREFIX = TEMP_PREFIX + "spare-"
+
+
+def reserve_spares(dir_fd: int, sizes: list[int], *, source: str) -> None:
+    """Allocate one spare file (:data:`SPARE_PREFIX`) of each size in ``dir_fd`` (``ENOSPC``
+    if the disk has not got them)."""
+    for i, size in enumerate(sizes):
+        fd = create_file(dir_fd, f"{SPARE_PREFIX}{i}", source=source)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+
+
+def drop_spares(dir_fd: int) -> None:
+    """Remove the spares left in ``dir_fd`` (best effort)."""
+    with contextlib.suppress(OSError), os.scandir(dir_fd) as it:
+        names = [e.name for e in it if e.name.startswith(SPARE_PREFIX)]
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
+
+
+def _claim_spare(dir_fd: int, tmp: str, size: int) -> int | None:
+    """Rename the smallest spare of ``dir_fd`` that holds ``size`` bytes (else the largest) to
+    ``tmp`` and open it for writing; None if there is none. A spare is ours only if it is a
+    private regular file with one link."""
+    try:
+        spares = {n: st for n, st in lstat_entries(dir_fd).items() if n.startswith(SPARE_PREFIX)}
+    except OSError:
+        return None
+    fitting = sorted((st.st_blocks * 512, n) for n, st in spares.items())
+    if not fitting:
+        return None
+    big_enough = [(room, n) for room, n in fitting if room >= size]
+    _, name = big_enough[0] if big_enough else fitting[-1]
+    try:
+        os.rename(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or owner_problem(st) is not None:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        return None
+    os.fchmod(fd, 0o600)
+    return fd
 
 
 def _too_large(source: str, name: str, size: int, limit: int) -> UnsafeImageError:

@@ -17,6 +17,7 @@ import pytest
 
 from torpor._images._incomplete import COMMITTING_NAME
 from torpor._process._proc import ProcRef
+from torpor._safe import SPARE_PREFIX
 
 from .crashes import (
     checkpointer_of,
@@ -250,6 +251,10 @@ def test_repair_on_a_full_disk_says_so_and_works_once_there_is_space(
         mark = disk / staging / COMMITTING_NAME
         if mark.exists():
             os.truncate(mark, 0)
+        spares = sorted((disk / staging).glob(f"{SPARE_PREFIX}*"))
+        assert [p.name for p in spares] == [f"{SPARE_PREFIX}{i}" for i in range(3)]
+        for spare in spares:
+            spare.unlink()
         filler = fill(disk)
         res = torpor("image", "repair", str(disk / "img"), check=False)
         assert (res.returncode, res.stdout, res.stderr) == (

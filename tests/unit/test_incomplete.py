@@ -43,6 +43,7 @@ from torpor._process._checkpointer import (
     encode_error,
 )
 from torpor._process._proc import ref
+from torpor._safe import SPARE_PREFIX
 
 PAGES = os.urandom(3 << 20)
 BOOKKEEPING_OF_A_CHECKPOINT = {RECORD_NAME, RESERVE_NAME, COMMITTING_NAME}
@@ -109,9 +110,14 @@ class FakeEngine:
                 f"checkpoint of pid {pid} failed: {self.fail}", pid=pid, log_lines=[self.fail]
             )
         time.sleep(self.pause)
-        for name in (RESERVE_NAME, COMMITTING_NAME):
-            if (images_dir / name).exists():
-                self.reserve_at_post_dump = (images_dir / name).stat().st_size
+        # The reserve: the mark and the spares the commit writes into.
+        held = [
+            p
+            for p in images_dir.iterdir()
+            if p.name in (RESERVE_NAME, COMMITTING_NAME) or p.name.startswith(SPARE_PREFIX)
+        ]
+        if held:
+            self.reserve_at_post_dump = sum(p.stat().st_size for p in held)
         if not self._ask(notify, "post-dump", images_dir):
             raise DumpError(
                 f"checkpoint of pid {pid} failed: RPC client reported script error", pid=pid
@@ -169,7 +175,7 @@ def test_a_checkpoint_commits_an_image_without_its_bookkeeping(
     assert not BOOKKEEPING_OF_A_CHECKPOINT & set(os.listdir(image.path))
     Image.open(image.path).verify(full=True)
     # The reserve was still whole at post-dump (given back only for the commit).
-    assert engine.reserve_at_post_dump == 64 * 1024 + 8 * 1024
+    assert engine.reserve_at_post_dump == 4096 + 8192 + 64 * 1024 + 8 * 1024
 
 
 def test_the_reserve_is_given_back_only_for_the_commit(
@@ -185,7 +191,7 @@ def test_the_reserve_is_given_back_only_for_the_commit(
     monkeypatch.setattr(Staging, "commit", watched)
     engine = FakeEngine(victim)
     _perform(_job(victim, tmp_path / "img"), engine)
-    assert engine.reserve_at_post_dump == 72 * 1024
+    assert engine.reserve_at_post_dump == 4096 + 8192 + 72 * 1024
     assert sizes == [0]
 
 
@@ -468,6 +474,8 @@ def test_a_checkpointer_killed_once_the_process_is_gone_leaves_an_incomplete_ima
             "stats-dump",
             RECORD_NAME,
             COMMITTING_NAME,
+            # the spares the commit writes into: the repair uses them
+            *(f"{SPARE_PREFIX}{i}" for i in range(3)),
         ]
     )
     image = _incomplete.repair(_incomplete.find(str(tmp_path / "img"), tmp_path))

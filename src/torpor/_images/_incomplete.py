@@ -52,6 +52,7 @@ from .._safe import (
     TEMP_PREFIX,
     check_private,
     create_file,
+    drop_spares,
     is_plain_name,
     lstat_entries,
     open_dir,
@@ -422,6 +423,7 @@ def drop_bookkeeping(dir_fd: int) -> None:
     for name in (RESERVE_NAME, COMMITTING_NAME, RECORD_NAME):
         with contextlib.suppress(OSError):
             os.unlink(name, dir_fd=dir_fd)
+    drop_spares(dir_fd)
 
 
 # -- disks -------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ from .._images._incomplete import (
 )
 from .._images._layout import is_bookkeeping
 from .._images._manifest import FileEntry, Manifest, now_iso
-from .._safe import create_file, kind_problem, lstat_entries, open_dir
+from .._safe import create_file, kind_problem, lstat_entries, open_dir, reserve_spares
 from . import _locks, _registry
 from ._proc import ProcRef, descendants, detached, facts, status_field
 
@@ -640,13 +640,16 @@ def _inside(path: str, staging: Staging) -> bool:
 
 
 def _reserve(dir_fd: int, size: int) -> None:
-    """Allocate ``size`` bytes in :data:`RESERVE_NAME` (``ENOSPC`` if the disk has not got
-    them)."""
+    """Allocate about ``size`` bytes (``ENOSPC`` if the disk has not got them): the mark
+    :data:`RESERVE_NAME` and three spares the commit writes its manifest, signature and stamp
+    into (``_safe.replace_file``), so a disk filled meanwhile, even by another writer racing
+    for any space freed, cannot stop the commit."""
     fd = create_file(dir_fd, RESERVE_NAME, source="staging directory")
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.posix_fallocate(fd, 0, 4096)
     finally:
         os.close(fd)
+    reserve_spares(dir_fd, [size // 2, 8192, size // 2], source="staging directory")
 
 
 @contextmanager
