@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from .. import _errors, _paths
 from .._engine import Connection, CriuEngine, NotifyEvent, RestoreOptions
-from .._errors import TorporError
+from .._errors import RestoreError, TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
 from . import _keeper_dump, _locks, _peer, _registry
@@ -241,9 +241,16 @@ class Keeper:
                     own = dataclasses.replace(options, inherit_fds=inherit)
                 passed = (spare.fd,) if spare is not None and conn is not None else ()
                 with copies.criu_turn():
-                    res = engine.restore(
-                        images_dir, own, notify=noted, connection=conn, connection_fds=passed
-                    )
+                    try:
+                        res = engine.restore(
+                            images_dir, own, notify=noted, connection=conn, connection_fds=passed
+                        )
+                    except RestoreError as exc:
+                        # Our own post-restore step failed (its record could not be written):
+                        # CRIU aborted and killed the copy; that step's error says it all.
+                        if isinstance(exc.__cause__, TorporError):
+                            raise exc.__cause__ from None
+                        raise
             finally:
                 if opened is not None:
                     os.close(opened)
