@@ -64,9 +64,24 @@ def sigint_restored() -> Iterator[None]:
     signal.signal(signal.SIGINT, before)
 
 
-def test_the_clients_ctrl_c_interrupts_the_command(
-    monkeypatch: pytest.MonkeyPatch, sigint_restored: None
-) -> None:
+def test_the_clients_ctrl_c_interrupts_the_command() -> None:
+    """Run where a worker runs its command: in a fresh fork (a worker is forked for each
+    command), so no state an earlier test left in this process (signal handlers, threads)
+    decides the outcome."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            code = _ctrl_c_scenario()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _ctrl_c_scenario() -> int:
     import torpor._cli
 
     started = threading.Event()
@@ -76,18 +91,22 @@ def test_the_clients_ctrl_c_interrupts_the_command(
         time.sleep(30)
         return 0
 
-    monkeypatch.setattr(torpor._cli, "main", slow_main)
+    torpor._cli.main = slow_main  # type: ignore[assignment]  # the fork's own copy
     worker_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     threading.Thread(
         target=lambda: (started.wait(10), client_end.send(b"interrupt")), daemon=True
     ).start()
     t0 = time.monotonic()
-    assert _worker._run_cli(("checkpoint", "x"), worker_end) == 130
-    assert time.monotonic() - t0 < 10
+    if _worker._run_cli(("checkpoint", "x"), worker_end) != 130:
+        return 2
+    if time.monotonic() - t0 >= 10:
+        return 3
     # Once the command is over, the client's later Ctrl-C (or its exit) must not reach us.
-    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        return 4
     client_end.close()
     worker_end.close()
+    return 0
 
 
 def test_exit_codes_of_the_command(monkeypatch: pytest.MonkeyPatch, sigint_restored: None) -> None:
