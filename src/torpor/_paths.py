@@ -16,10 +16,8 @@ fails is refused with the fix, never silently ``chmod``-ed (someone else may hav
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -137,17 +135,8 @@ def write_home_file(name: str, data: bytes) -> None:
     (``O_EXCL``, ``O_NOFOLLOW``: a planted file or symlink is never written through) renamed
     over the old one."""
     home_fd = _safe.open_dir(home())
-    tmp = f".{name}.tmp{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        fd = _safe.create_file(home_fd, tmp, source="torpor home")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.rename(tmp, name, src_dir_fd=home_fd, dst_dir_fd=home_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=home_fd)
-            raise
+        _safe.replace_file(home_fd, name, data, source="torpor home", durable=False)
     finally:
         os.close(home_fd)
 

@@ -185,18 +185,9 @@ def _write(dir_fd: int, rec: ManagedProcess) -> None:
         own = _proc.start_time(os.getpid())
         rec = rec.evolve(keeper_start_time=own)
     final = _file_name(rec.name)
-    tmp = f".{rec.name}.tmp{os.getpid()}-{secrets.token_hex(4)}"
     data = json.dumps(asdict(rec), indent=2, sort_keys=True).encode()
     try:
-        fd = _safe.create_file(dir_fd, tmp, source="records directory")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.rename(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
+        _safe.replace_file(dir_fd, final, data, source="records directory", durable=False)
     except OSError as exc:  # a full disk (blocks or inodes): one line naming it
         from .._images._incomplete import disk_problem, mount_point
 
