@@ -58,7 +58,7 @@ def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
     from .._engine import DumpOptions
     from .._images import _store
     from .._images._image import Image, check_free
-    from .._process import _dump, _proc, _registry
+    from .._process import _dump, _locks, _proc, _registry
     from ._run import resolve_target
 
     pid = resolve_target(args.target)
@@ -81,26 +81,31 @@ def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
     image: Image | None = None
     stored: str | None = None
     started = time.perf_counter()
-    if not args.no_coordinate:
-        image = _coordinated(app, pid, dest, args, name)
-    if image is None:
-        options = DumpOptions(
-            leave_running=args.leave_running,
-            tcp_established=args.tcp_established,
-            shell_job=args.shell_job,
-        )
-        if args.pool:
-            outcome = _dump_to_pool(app, pid, dest, options, name, args.pool)
-        else:
-            outcome = _dump.checkpoint(pid, dest, options, name=name)
-        image = outcome.image
-        stored = outcome.stored
-        if outcome.interrupted:
-            app.warn("interrupted once CRIU had written the image: the checkpoint completed")
-        for warning in outcome.warnings:
-            app.warn(warning)
-        if outcome.push_error is not None:
-            raise outcome.push_error  # the image is kept where it says
+    # One checkpoint of a process at a time. The request lock is held from the first step (the
+    # coordinated request: the process runs its hooks before its keeper takes the dump lock)
+    # through a plain dump, whose checkpointer (forked by us) takes the dump lock: always in
+    # that order, so two commands at once never refuse each other both.
+    with _locks.requesting(_proc.ref(pid)):
+        if not args.no_coordinate:
+            image = _coordinated(app, pid, dest, args, name)
+        if image is None:
+            options = DumpOptions(
+                leave_running=args.leave_running,
+                tcp_established=args.tcp_established,
+                shell_job=args.shell_job,
+            )
+            if args.pool:
+                outcome = _dump_to_pool(app, pid, dest, options, name, args.pool)
+            else:
+                outcome = _dump.checkpoint(pid, dest, options, name=name)
+            image = outcome.image
+            stored = outcome.stored
+            if outcome.interrupted:
+                app.warn("interrupted once CRIU had written the image: the checkpoint completed")
+            for warning in outcome.warnings:
+                app.warn(warning)
+            if outcome.push_error is not None:
+                raise outcome.push_error  # the image is kept where it says
     elapsed = time.perf_counter() - started
     m = image.manifest
     if args.pool:
@@ -166,21 +171,17 @@ def _coordinated(app: App, pid: int, dest: Path, args: argparse.Namespace, name:
     torpor (then the caller does a plain dump)."""
     from .._coord import NotCoordinatedError, request_checkpoint
     from .._images._image import Image
-    from .._process import _locks, _proc
 
-    # One checkpoint of a process at a time: while it runs its hooks (before its keeper takes
-    # the dump lock) no other command may start a plain dump of it. Let go before a plain
-    # dump of our own, whose checkpointer refuses to start while another command holds it.
+    # The caller holds the request lock (see _checkpoint_now).
     try:
-        with _locks.requesting(_proc.ref(pid)):
-            request_checkpoint(
-                pid,
-                dest,
-                leave_running=args.leave_running,
-                tcp_established=args.tcp_established,
-                name=name,
-                timeout=args.timeout,
-            )
+        request_checkpoint(
+            pid,
+            dest,
+            leave_running=args.leave_running,
+            tcp_established=args.tcp_established,
+            name=name,
+            timeout=args.timeout,
+        )
     except NotCoordinatedError:
         return None
     app.debug("coordinated checkpoint: the process ran its hooks")

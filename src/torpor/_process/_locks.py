@@ -121,10 +121,15 @@ def dumping(target: ProcRef, *, unless_requested: bool = False) -> Lock:
         raise _busy(target, busy.holder) from None
     if unless_requested:
         holder = holder_of(_request_file(target))
-        if holder is not None and holder != os.getpid():
+        if holder is not None and holder != os.getpid() and holder not in _requesters:
             lock.release()
             raise _busy(target, holder)
     return lock
+
+
+# Pids of the commands that took a request lock in this process or in the one that forked it:
+# a checkpointer forked by the command holding the request lock dumps on its behalf.
+_requesters: set[int] = set()
 
 
 def requesting(target: ProcRef) -> Lock:
@@ -139,6 +144,7 @@ def requesting(target: ProcRef) -> Lock:
     if holder is not None and holder != os.getpid():
         lock.release()
         raise _busy(target, holder)
+    _requesters.add(os.getpid())
     return lock
 
 
