@@ -428,3 +428,17 @@ def _unsafe_way(
         path=d,
         hint=hint or f"chmod go-w {d}, or use a directory only its owner can change",
     )
+
+
+def private_file_problem(st: os.stat_result) -> str | None:
+    """None if ``st`` is a regular file torpor could have written (owned by the effective user
+    or root, not writable by group or others), else what is wrong, as a phrase."""
+    kind = kind_problem(st.st_mode)
+    if kind is not None:
+        return f"is {kind}, not a regular file"
+    owner = owner_problem(st)
+    if owner is not None:
+        return owner
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {st.st_mode & 0o777:04o})"
+    return None

@@ -276,14 +276,9 @@ def _open(dir_fd: int, path: Path, file: str, flags: int) -> int:
         raise
     try:
         st = os.fstat(fd)
-        kind = _safe.kind_problem(st.st_mode)
-        if kind is not None:
-            raise _unsafe(where, f"is {kind}, not a regular file")
-        owner = _safe.owner_problem(st)
-        if owner is not None:
-            raise _unsafe(where, owner)
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise _unsafe(where, f"is writable by group or others (mode {st.st_mode & 0o777:04o})")
+        problem = _safe.private_file_problem(st)
+        if problem is not None:
+            raise _unsafe(where, problem)
     except BaseException:
         os.close(fd)
         raise

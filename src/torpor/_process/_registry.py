@@ -42,7 +42,6 @@ import fcntl
 import json
 import os
 import secrets
-import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
@@ -331,14 +330,9 @@ def _read(dir_fd: int, dir_path: Path, file: str, name: str) -> ManagedProcess:
         raise RecordError(f"cannot read record {path}: {exc.strerror}") from exc
     try:
         st = os.fstat(fd)
-        kind = _safe.kind_problem(st.st_mode)
-        if kind is not None:
-            raise _unsafe(path, f"is {kind}, not a regular file")
-        owner = _safe.owner_problem(st)
-        if owner is not None:
-            raise _unsafe(path, owner)
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise _unsafe(path, f"is writable by group or others (mode {st.st_mode & 0o777:04o})")
+        problem = _safe.private_file_problem(st)
+        if problem is not None:
+            raise _unsafe(path, problem)
         raw = os.read(fd, MAX_RECORD + 1)
     finally:
         os.close(fd)
