@@ -20,6 +20,7 @@ from torpor._images import _incomplete
 from torpor._images._image import Image
 from torpor._images._incomplete import RESERVE_NAME
 from torpor._process._proc import ProcRef, ref
+from torpor._safe import SPARE_PREFIX
 
 from .crashes import fill, leftovers, mount_tmpfs, restores_and_continues, run_counter, used_bytes
 from .helpers import LOCAL_IMAGES_COLUMNS, PYTHON, counts, parse_table, torpor, wait_for
@@ -174,6 +175,8 @@ def _fill_before_the_seal(
                     seen.extend(sorted(os.listdir(staging)))
                     if spend_reserve:
                         os.truncate(staging / RESERVE_NAME, 0)
+                        for spare in staging.glob(f"{SPARE_PREFIX}*"):
+                            spare.unlink()
                     fill(disk)
                 finally:
                     os.kill(keeper, signal.SIGCONT)

@@ -33,6 +33,7 @@ from torpor._images._incomplete import (
 )
 from torpor._process._finalize import ImageFacts, Pending, finalize
 from torpor._process._proc import ref
+from torpor._safe import SPARE_PREFIX
 
 from .test_pool_support import make_image
 
@@ -453,7 +454,10 @@ def test_a_self_dump_records_reserves_and_indexes_before_criu(
         True,
         False,
     )
-    assert (staging / RESERVE_NAME).stat().st_blocks * 512 >= (64 + 8) << 10
+    assert (staging / RESERVE_NAME).is_file()
+    spares = sorted(staging.glob(f"{SPARE_PREFIX}*"))
+    assert [p.name for p in spares] == [f"{SPARE_PREFIX}{i}" for i in range(3)]
+    assert sum(p.stat().st_blocks * 512 for p in spares) >= (64 + 8) << 10
     assert _index.entries().paths == (tmp_path / "img",)
 
 

@@ -57,6 +57,7 @@ from .._safe import (
     lstat_entries,
     open_dir,
     read_regular,
+    reserve_spares,
 )
 from . import _manifest
 from ._image import STAGING_MARK, Image, Staging
@@ -395,14 +396,18 @@ def repair(left: Leftover, *, name: str | None = None) -> Image:
 
 
 def reserve(dir_fd: int, processes: int) -> None:
-    """Allocate in :data:`RESERVE_NAME` of the staging directory ``dir_fd`` the space the
-    commit of an image of ``processes`` processes needs (``ENOSPC`` if the disk has not got
-    it): :func:`give_back` frees it for the commit."""
+    """Allocate in the staging directory ``dir_fd`` the space the commit of an image of
+    ``processes`` processes needs (``ENOSPC`` if the disk has not got it): the mark
+    :data:`RESERVE_NAME` and three spares the commit writes its manifest, signature and stamp
+    into (``_safe.replace_file``), so a disk filled meanwhile, even by another writer racing
+    for any space :func:`give_back` frees, cannot stop the commit."""
+    size = RESERVE_BASE + processes * RESERVE_PER_PROCESS
     fd = create_file(dir_fd, RESERVE_NAME, source="staging directory")
     try:
-        os.posix_fallocate(fd, 0, RESERVE_BASE + processes * RESERVE_PER_PROCESS)
+        os.posix_fallocate(fd, 0, 4096)
     finally:
         os.close(fd)
+    reserve_spares(dir_fd, [size // 2, 8192, size // 2], source="staging directory")
 
 
 def give_back(dir_fd: int) -> None:

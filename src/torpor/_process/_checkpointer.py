@@ -66,19 +66,18 @@ from .._images._incomplete import (
     lock,
     mount_point,
     no_space,
+    reserve,
     scan,
     sweep,
 )
 from .._images._layout import is_bookkeeping
 from .._images._manifest import FileEntry, Manifest, now_iso
-from .._safe import create_file, kind_problem, lstat_entries, open_dir, reserve_spares
+from .._safe import kind_problem, lstat_entries, open_dir
 from . import _locks, _registry
 from ._proc import ProcRef, descendants, detached, facts, status_field
 
 # Room for the manifest, signature and stamp (~250 bytes per file, ~12 files per process)
 # and the temporary files they are written through, in whole blocks of any filesystem.
-_RESERVE_BASE = 64 << 10
-_RESERVE_PER_PROCESS = 8 << 10
 # A dump that fails with less than this free failed for want of space, whatever CRIU's log
 # says (its own log lines are lost on a full disk).
 _LOW_SPACE = 1 << 20
@@ -458,7 +457,7 @@ class Checkpointer:
         try:
             try:
                 record.write(dir_fd)
-                _reserve(dir_fd, _RESERVE_BASE + tree * _RESERVE_PER_PROCESS)
+                reserve(dir_fd, tree)
             except OSError as exc:
                 raise self._before(exc) from exc
             self._dump(dir_fd)
@@ -637,19 +636,6 @@ def _why(exc: BaseException, path: Path) -> str:
 
 def _inside(path: str, staging: Staging) -> bool:
     return Path(path).parent == staging.path
-
-
-def _reserve(dir_fd: int, size: int) -> None:
-    """Allocate about ``size`` bytes (``ENOSPC`` if the disk has not got them): the mark
-    :data:`RESERVE_NAME` and three spares the commit writes its manifest, signature and stamp
-    into (``_safe.replace_file``), so a disk filled meanwhile, even by another writer racing
-    for any space freed, cannot stop the commit."""
-    fd = create_file(dir_fd, RESERVE_NAME, source="staging directory")
-    try:
-        os.posix_fallocate(fd, 0, 4096)
-    finally:
-        os.close(fd)
-    reserve_spares(dir_fd, [size // 2, 8192, size // 2], source="staging directory")
 
 
 @contextmanager
