@@ -177,3 +177,13 @@ def pools_dir() -> Path:
 def cache_dir() -> Path:
     """Images materialised from pools for restore."""
     return _subdir("cache", "cache directory")
+
+
+def supervised_dir() -> Path:
+    """Supervision specs and state of supervised processes, and the supervisor's lock."""
+    return _subdir("supervised", "supervision directory")
+
+
+def events_dir() -> Path:
+    """Event logs of supervised processes (``torpor events``)."""
+    return _subdir("events", "events directory")
