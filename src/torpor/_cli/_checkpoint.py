@@ -36,6 +36,12 @@ def register(sub: Any) -> None:
         "--no-coordinate", action="store_true", help="never run the process's hooks; plain dump"
     )
     p.add_argument("--timeout", type=float, default=120.0, help="coordinated checkpoint timeout")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: image, pool, duration_s, frozen_ms, bytes, new_bytes, "
+        "staged (memory or disk)",
+    )
     p.set_defaults(handler=_checkpoint)
 
 
@@ -58,7 +64,9 @@ def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
     from .._engine import DumpOptions
     from .._images import _store
     from .._images._image import Image, check_free
+    from .._images._stats import read_dump_stats_at
     from .._process import _dump, _locks, _proc, _registry
+    from .._process._topool import memory_staging
     from ._run import resolve_target
 
     pid = resolve_target(args.target)
@@ -80,6 +88,9 @@ def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
 
     image: Image | None = None
     stored: str | None = None
+    frozen_ms: float | None = None
+    new_bytes: int | None = None
+    staged = "disk"
     started = time.perf_counter()
     # One checkpoint of a process at a time. The request lock is held from the first step (the
     # coordinated request: the process runs its hooks before its keeper takes the dump lock)
@@ -88,6 +99,15 @@ def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
     with _locks.requesting(_proc.ref(pid)):
         if not args.no_coordinate:
             image = _coordinated(app, pid, dest, args, name)
+        if image is None and args.pool and not args.output:
+            # A plain dump stages in memory when it fits (see _topool.memory_staging): the
+            # process is frozen only while CRIU writes there. A coordinated one stays on disk,
+            # where the app itself can make its staging directory.
+            shm = memory_staging(_proc.facts(pid)[1])
+            if shm is not None:
+                dest = shm / f".push-{name}-{pid}"
+                _dump.check_destination(dest)
+                staged = "memory"
         if image is None:
             options = DumpOptions(
                 leave_running=args.leave_running,
@@ -100,19 +120,34 @@ def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
                 outcome = _dump.checkpoint(pid, dest, options, name=name)
             image = outcome.image
             stored = outcome.stored
+            frozen_ms = outcome.frozen_ms
+            new_bytes = outcome.new_bytes
             if outcome.interrupted:
                 app.warn("interrupted once CRIU had written the image: the checkpoint completed")
             for warning in outcome.warnings:
                 app.warn(warning)
             if outcome.push_error is not None:
                 raise outcome.push_error  # the image is kept where it says
-    elapsed = time.perf_counter() - started
+        else:  # coordinated: the image is here, with CRIU's stats
+            stats = read_dump_stats_at(image.path)
+            frozen_ms = stats.frozen_ms if stats is not None else None
     m = image.manifest
     if args.pool:
         if stored is None:  # a coordinated checkpoint: its keeper made the image, we push it
-            stored = _push(app, image, name, args.pool, pid)
+            pushed = _push(app, image, name, args.pool, pid)
+            stored, new_bytes = pushed.name, pushed.stored_bytes
+        elapsed = time.perf_counter() - started
         app.info(f"checkpointed pid {pid} in {elapsed:.3f}s into {name}@{args.pool}")
-        app.out(f"{stored}@{args.pool}")
+        if args.json:
+            app.out(
+                _summary(stored, args.pool, elapsed, frozen_ms, m.total_bytes, new_bytes, staged)
+            )
+        else:
+            app.out(f"{stored}@{args.pool}")
+        return 0
+    elapsed = time.perf_counter() - started
+    if args.json:
+        app.out(_summary(str(image.path), None, elapsed, frozen_ms, m.total_bytes, None, staged))
         return 0
     app.info(
         f"checkpointed pid {pid} in {elapsed:.3f}s: {human_bytes(m.total_bytes)} "
@@ -120,6 +155,32 @@ def _checkpoint_now(app: App, args: argparse.Namespace) -> int:
     )
     app.out(str(image.path))
     return 0
+
+
+def _summary(
+    image: str,
+    pool: str | None,
+    elapsed: float,
+    frozen_ms: float | None,
+    total: int,
+    new_bytes: int | None,
+    staged: str = "disk",
+) -> str:
+    """The one JSON line of ``--json`` (what the supervisor records of each checkpoint)."""
+    import json
+
+    return json.dumps(
+        {
+            "image": image,
+            "pool": pool,
+            "duration_s": round(elapsed, 6),
+            "frozen_ms": frozen_ms,
+            "bytes": total,
+            "new_bytes": new_bytes,
+            "staged": staged,
+        },
+        sort_keys=True,
+    )
 
 
 def _dump_to_pool(app: App, pid: int, dest: Path, options: Any, name: str, pool_name: str) -> Any:
@@ -153,7 +214,7 @@ def _dump_to_pool(app: App, pid: int, dest: Path, options: Any, name: str, pool_
         return run(Job(_proc.ref(pid), dest, options, name, pool_name), on_progress=told)
 
 
-def _push(app: App, image: Any, name: str, pool_name: str, pid: int) -> str:
+def _push(app: App, image: Any, name: str, pool_name: str, pid: int) -> Any:
     """Store the new local ``image`` in the pool; if that fails the image is kept (in the
     local store under ``name`` if it can be) and the error says where (the process may be
     gone: it is all there is of it)."""

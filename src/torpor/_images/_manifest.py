@@ -52,6 +52,10 @@ class Manifest:
     shell_job: bool = False
     coordinated: bool = False
     labels: Mapping[str, str] = field(default_factory=dict)
+    # The supervision spec of the process (``_supervise._spec.Spec.to_json()``) when it was
+    # supervised: how another host resumes it. Checked here only for shape and size; its
+    # fields are checked by ``Spec.from_json`` where it is used. Absent from older manifests.
+    supervision: Mapping[str, Any] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -66,6 +70,10 @@ class Manifest:
         """Serialise to the on-disk JSON form (stable key order)."""
         data = asdict(self)
         data["labels"] = dict(self.labels)
+        if self.supervision is None:
+            del data["supervision"]  # a manifest of an unsupervised process reads as before
+        else:
+            data["supervision"] = dict(self.supervision)
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -87,8 +95,20 @@ _INT_FIELDS = ("pid", "rss_bytes")
 _BOOL_FIELDS = ("tcp_established", "shell_job", "coordinated")
 _LIST_FIELDS = ("cpu_flags", "cmdline")
 _KNOWN = frozenset(
-    (*_STR_FIELDS, *_INT_FIELDS, *_BOOL_FIELDS, *_LIST_FIELDS, "files", "labels", "format")
+    (
+        *_STR_FIELDS,
+        *_INT_FIELDS,
+        *_BOOL_FIELDS,
+        *_LIST_FIELDS,
+        "files",
+        "labels",
+        "format",
+        "supervision",
+    )
 )
+# A spec is a few hundred bytes of flat fields and one list (the command).
+MAX_SUPERVISION = 16 * 1024
+_MAX_SUPERVISION_DEPTH = 3
 _MAX_INT = (1 << 63) - 1
 _DISTRUST = "the image was made or changed by something other than torpor: do not use it"
 _MAX_PID = (1 << 31) - 1
@@ -136,6 +156,7 @@ def _parse(data: object, source: str) -> Manifest:
     labels = data.get("labels", {})
     if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
         raise _malformed(source, "labels is not an object of strings")
+    supervision = _parse_supervision(data.get("supervision"), source)
     return Manifest(
         id=data["id"],
         name=data["name"],
@@ -153,7 +174,33 @@ def _parse(data: object, source: str) -> Manifest:
         shell_job=data.get("shell_job", False),
         coordinated=data.get("coordinated", False),
         labels=dict(labels),
+        supervision=supervision,
     )
+
+
+def _parse_supervision(value: object, source: str) -> dict[str, Any] | None:
+    """The ``supervision`` field: absent (None), or a JSON object of bounded size and depth."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _malformed(source, "supervision is not an object")
+    if _too_deep(value, _MAX_SUPERVISION_DEPTH):
+        raise _malformed(source, "supervision is nested too deep")
+    if len(json.dumps(value)) > MAX_SUPERVISION:
+        raise _malformed(source, f"supervision is over {MAX_SUPERVISION} bytes")
+    return value
+
+
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether JSON containers nest in ``value`` more than ``limit`` deep (never recursing
+    further than ``limit``: hostile nesting cannot exhaust the stack)."""
+    if isinstance(value, dict):
+        items: list[object] = list(value.values())
+    elif isinstance(value, list):
+        items = list(value)
+    else:
+        return False
+    return limit <= 0 or any(_too_deep(v, limit - 1) for v in items)
 
 
 def _parse_files(value: object, source: str) -> tuple[FileEntry, ...]:

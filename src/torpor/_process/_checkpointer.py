@@ -72,8 +72,10 @@ from .._images._incomplete import (
 )
 from .._images._layout import is_bookkeeping
 from .._images._manifest import FileEntry, Manifest, now_iso
+from .._images._stats import read_dump_stats_at
 from .._safe import kind_problem, lstat_entries, open_dir
 from . import _locks, _registry
+from ._finalize import supervision_of, with_supervision
 from ._proc import ProcRef, descendants, detached, facts, status_field
 
 # Room for the manifest, signature and stamp (~250 bytes per file, ~12 files per process)
@@ -106,13 +108,17 @@ class Job:
 class Outcome:
     """A committed checkpoint: ``interrupted`` if the command was interrupted once it was too
     late to abort; ``warnings`` for the user (the image is fine). With a pool: ``stored``, the
-    name it was stored under, or ``push_error`` (the image is kept at ``image.path``)."""
+    name it was stored under, or ``push_error`` (the image is kept at ``image.path``), and
+    ``new_bytes``, what the pool grew by. ``frozen_ms``: how long CRIU kept the process frozen
+    (its ``stats-dump``; None if unknown)."""
 
     image: Image
     interrupted: bool = False
     warnings: tuple[str, ...] = ()
     stored: str | None = None
     push_error: TorporError | None = None
+    frozen_ms: float | None = None
+    new_bytes: int | None = None
 
 
 # -- the command's side --------------------------------------------------------------------------
@@ -200,6 +206,8 @@ def _result(msg: Mapping[str, Any], *, interrupted: bool) -> Outcome:
         raise decode_error(msg["error"])
     warnings = tuple(str(w) for w in msg.get("warnings", ()))
     failed = msg.get("push_error")
+    frozen = msg.get("frozen_ms")
+    new_bytes = msg.get("new_bytes")
     if msg.get("stored") is not None:
         # Pushed: the checkpointer deleted the local copy; its manifest came in the report.
         image = Image(Path(msg["image"]), Manifest.from_json(msg["manifest"]))
@@ -211,6 +219,8 @@ def _result(msg: Mapping[str, Any], *, interrupted: bool) -> Outcome:
         warnings=warnings,
         stored=msg.get("stored"),
         push_error=decode_error(failed) if failed else None,
+        frozen_ms=float(frozen) if isinstance(frozen, int | float) else None,
+        new_bytes=int(new_bytes) if isinstance(new_bytes, int) else None,
     )
 
 
@@ -337,6 +347,8 @@ def _checkpointer(
         with _locks.dumping(job.target, unless_requested=True):
             image, warnings = Checkpointer(job, engine or CriuEngine(), staging, control).perform()
         msg: dict[str, Any] = {"ok": True, "image": str(image.path), "warnings": warnings}
+        stats = read_dump_stats_at(image.path)  # before a push takes the local copy away
+        msg["frozen_ms"] = stats.frozen_ms if stats is not None else None
     except BaseException as exc:
         msg = {"ok": False, "error": encode_error(exc)}
     if msg["ok"] and job.pool is not None:
@@ -403,6 +415,7 @@ class Checkpointer:
         self.committing = False  # CRIU was let kill the process: the image must be kept
         self.refused: BaseException | None = None
         self.hashed: dict[str, FileEntry] = {}
+        self.supervision: dict[str, Any] | None = None
 
     @property
     def pid(self) -> int:
@@ -422,6 +435,11 @@ class Checkpointer:
             raise ProcessNotFoundError(f"no process with pid {self.pid}", pid=self.pid)
         cmdline, rss = facts(self.pid)
         tree = 1 + sum(1 for _ in descendants(self.pid))
+        # Read now, while the process runs: the manifest carries it from its first write.
+        with contextlib.suppress(OSError, TorporError):  # never a reason to fail
+            managed = _registry.find_by_pid(self.pid)
+            if managed is not None and managed.ref == job.target:
+                self.supervision = supervision_of(managed.name)
         record = Record(
             dest=job.dest.name,
             name=job.name,
@@ -591,7 +609,9 @@ class Checkpointer:
             if not self.committing:  # leave_running: the files are checked now
                 self.hashed = self._vouch(dir_fd, self.hashed)
             give_back(dir_fd)  # the reserve's space, for what follows
-            image = self.staging.commit(record.manifest, self.hashed)
+            image = self.staging.commit(
+                with_supervision(record.manifest, self.supervision), self.hashed
+            )
         except (OSError, TorporError) as exc:
             if self.committing:
                 raise

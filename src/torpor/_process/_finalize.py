@@ -23,9 +23,10 @@ A keeper's self-dumps (``_keeper_dump``) seal and publish with the same function
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .._errors import AlreadyExistsError, DumpError, TorporError
 from .._images import _index
@@ -41,7 +42,7 @@ from .._images._incomplete import (
     mount_point,
     reserve,
 )
-from .._images._manifest import now_iso
+from .._images._manifest import FileEntry, Manifest, now_iso
 from .._safe import open_dir
 from ._proc import descendants
 
@@ -112,15 +113,52 @@ def _refused(record: Record, staging: Path, exc: OSError) -> DumpError:
     )
 
 
+def supervision_of(name: str | None) -> dict[str, Any] | None:
+    """The supervision spec of managed process ``name`` as a manifest carries it (None when
+    it is not supervised). A spec that cannot be read leaves the checkpoint without one:
+    never a reason to fail the checkpoint itself."""
+    if name is None:
+        return None
+    # Imported here: supervision sits above processes (it runs checkpoints and restores).
+    from .._supervise import _spec
+
+    try:
+        spec = _spec.load(name)
+    except (OSError, TorporError):
+        return None
+    return None if spec is None else spec.to_json()
+
+
+def with_supervision(
+    make: Callable[[list[FileEntry]], Manifest], supervision: Mapping[str, Any] | None
+) -> Callable[[list[FileEntry]], Manifest]:
+    """``make`` (a record's manifest maker) adding ``supervision`` to the manifest: it must
+    be there when the manifest is first written, which is what its signature covers."""
+    if supervision is None:
+        return make
+    return lambda files: make(files).evolve(supervision=dict(supervision))
+
+
 def seal_reserved(
-    dir_fd: int, staging: Path, record: Record, *, owner: tuple[int, int] | None = None
+    dir_fd: int,
+    staging: Path,
+    record: Record,
+    *,
+    owner: tuple[int, int] | None = None,
+    supervision: Mapping[str, Any] | None = None,
 ) -> None:
     """Seal the successfully dumped staging directory ``dir_fd`` (at ``staging``) in the
     space it reserved, its files owned by ``owner`` if given (see
-    :func:`~torpor._images._image.seal`); a full disk is :func:`not_finished`."""
+    :func:`~torpor._images._image.seal`), its manifest carrying ``supervision``; a full disk
+    is :func:`not_finished`."""
     give_back(dir_fd)  # the reserve's space, for what follows
     try:
-        seal(dir_fd, record.manifest, source=str(staging), owner=owner)
+        seal(
+            dir_fd,
+            with_supervision(record.manifest, supervision),
+            source=str(staging),
+            owner=owner,
+        )
     except OSError as exc:
         raise not_finished(record, staging, exc) from exc
 

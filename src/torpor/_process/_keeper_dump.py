@@ -57,7 +57,7 @@ from .._errors import AlreadyExistsError, PermissionDeniedError, TorporError, Us
 from .._images._image import check_same, give, published, rename_noreplace
 from .._images._incomplete import Record, drop_bookkeeping, lock
 from .._safe import create_file, is_plain_name, lstat_entries, open_regular
-from ._finalize import ImageFacts, before_dump, not_finished, seal_reserved
+from ._finalize import ImageFacts, before_dump, not_finished, seal_reserved, supervision_of
 from ._peer import Peer, TreeGuard, run_as, tree_problem
 from ._proc import facts as process_facts
 from ._registry import ManagedProcess
@@ -356,7 +356,13 @@ class SelfDump:
             give(self.dir_fd, sorted(lstat_entries(self.dir_fd)), owner, source=str(staging))
             return {"ok": True, "image": None, "log": str(kept) if kept else None}
         assert self.record is not None  # set by launch, before CRIU started
-        seal_reserved(self.dir_fd, staging, self.record, owner=owner)
+        seal_reserved(
+            self.dir_fd,
+            staging,
+            self.record,
+            owner=owner,
+            supervision=supervision_of(self.rec.name),
+        )
         self.hand_back()
         dest = self.req.dest
         try:

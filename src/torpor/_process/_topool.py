@@ -22,11 +22,14 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import PoolError, TorporError
 from .._images import _index
 from .._images._image import Image
+
+if TYPE_CHECKING:
+    from .._pools._pool import PoolImage
 
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
@@ -47,10 +50,10 @@ def push(
     pid: int,
     *,
     progress: Callable[[int], None] | None = None,
-) -> str:
+) -> PoolImage:
     """Store the committed ``image`` in ``pool_name`` as ``name`` and delete the local copy;
-    the name it was stored under. A failed push raises :func:`unpushed`'s error (the image is
-    kept, findable by ``name``)."""
+    the image as stored (its ``stored_bytes``: what the pool did not have yet). A failed push
+    raises :func:`unpushed`'s error (the image is kept, findable by ``name``)."""
     from .._pools import open_pool
 
     try:
@@ -61,7 +64,7 @@ def push(
     shutil.rmtree(image.path, ignore_errors=True)
     with contextlib.suppress(OSError, TorporError):
         _index.forget(image.path)
-    return str(stored.name)
+    return stored
 
 
 def reported_push(
@@ -69,7 +72,8 @@ def reported_push(
 ) -> dict[str, Any]:
     """:func:`push`, in the checkpointer: its progress told to the command over ``report_w``
     (never blocking: a command that stopped reading must not stall the push); the report's
-    fields: where the image is and ``stored`` (and its manifest) or ``push_error``."""
+    fields: where the image is and ``stored`` (and its manifest, and ``new_bytes``: what the
+    pool grew by) or ``push_error``."""
     from ._checkpointer import encode_error
 
     total = image.manifest.total_bytes
@@ -93,7 +97,11 @@ def reported_push(
         stored = push(image, name, pool_name, pid, progress=progress)
     except UnpushedError as exc:
         return {"image": exc.kept, "push_error": encode_error(exc)}
-    return {"stored": stored, "manifest": image.manifest.to_json()}
+    return {
+        "stored": stored.name,
+        "manifest": image.manifest.to_json(),
+        "new_bytes": stored.stored_bytes,
+    }
 
 
 def unpushed(path: Path, name: str, pool_name: str, pid: int, exc: BaseException) -> UnpushedError:
@@ -131,11 +139,86 @@ def keep(path: Path, name: str) -> Path:
         return path
     try:
         _rename_noreplace(path, dest)
-    except OSError:
-        return path  # still listed by `torpor images`, at its path (the index has it)
+    except OSError as exc:
+        # Staged in memory (/dev/shm, see memory_staging) the image cannot be renamed onto
+        # the disk: it is copied there, or a reboot would lose all there is of the process.
+        if exc.errno != errno.EXDEV or not _copy_to(path, dest):
+            return path  # still listed by `torpor images`, at its path (the index has it)
     with contextlib.suppress(OSError, TorporError):
         _index.forget(path)
     return dest
+
+
+def _copy_to(path: Path, dest: Path) -> bool:
+    """Copy the image at ``path`` to ``dest`` on another filesystem (through a temporary
+    name beside it, never over anything), then remove ``path``; whether it was done."""
+    tmp = dest.parent / f".keep-{dest.name}-{os.getpid()}"
+    try:
+        shutil.copytree(path, tmp, symlinks=True)
+        _rename_noreplace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+# -- staging in memory ---------------------------------------------------------------------------
+
+# Room left beyond the process's RSS: CRIU's metadata files, and memory for everything else.
+_SHM_MARGIN = 64 << 20
+_SHM_ROOT = Path("/dev/shm")
+
+
+def memory_staging(rss_bytes: int, *, root: Path = _SHM_ROOT) -> Path | None:
+    """A private directory in memory-backed storage to stage a ``--pool`` checkpoint of a
+    process of ``rss_bytes`` in, or None where it does not fit or cannot be had safely (the
+    caller stages on disk then).
+
+    CRIU writes the pages while the process is frozen: into tmpfs that takes a fraction of
+    the time a disk takes (issue 8: 0.35 s instead of 2.1 s for 1 GiB), and the hashing,
+    compression and push come once the process runs again. The directory is
+    ``/dev/shm/torpor-<euid>-<hash of the torpor home>`` (one per home), made 0700 and used
+    only if it is a real directory owned by us and closed to everyone else: /dev/shm is
+    world-writable, so another user may have made that name first; being sticky, nobody but
+    us can rename or remove ours once it is checked. The image fits if both the filesystem's
+    free space and the memory available hold the RSS plus a quarter and a margin.
+    """
+    import hashlib
+
+    from .. import _paths
+
+    need = rss_bytes + rss_bytes // 4 + _SHM_MARGIN
+    try:
+        fs = os.statvfs(root)
+        if fs.f_bavail * fs.f_frsize < need or _mem_available() < need:
+            return None
+        tag = hashlib.sha256(os.fsencode(_paths.home())).hexdigest()[:12]
+        path = root / f"torpor-{os.geteuid()}-{tag}"
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+    except (OSError, TorporError):
+        return None
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        return None  # not ours, or open to others: never stage a process's pages there
+    return path
+
+
+def _mem_available() -> int:
+    """``MemAvailable`` of /proc/meminfo, in bytes (0 if unknown: then nothing fits)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _rename_noreplace(old: Path, new: Path) -> None:

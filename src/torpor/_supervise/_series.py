@@ -1,0 +1,145 @@
+"""The checkpoints of a supervised process in a pool: a series of images, and its spec.
+
+The checkpoints of process ``N`` in pool ``P`` are the pool images named ``N.s000001``,
+``N.s000002``, ... (:func:`series_name`): the sequence number orders them (newest = highest),
+whatever the clocks of the hosts that made them said. A member is recognised by its name
+alone and exactly (``N.s000007`` belongs to ``N``, ``N.s000001.s000002`` to ``N.s000001``),
+so two processes never share a series. The spec a series was made under is also stored in
+the pool, as the object ``supervision/N`` (:func:`publish_spec`), so another host can resume
+``N@P`` with it; what is read back from there is hostile (a shared pool) and checked by
+``Spec.from_json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING
+
+from .._errors import ImageNotFoundError, PoolError, TorporError, UsageError
+from .._images._store import check_name
+from .._pools._pool import Pool, PoolImage
+from .._pools._record import IMAGES_PREFIX
+
+if TYPE_CHECKING:
+    from ._spec import Spec
+
+SPEC_PREFIX = "supervision/"
+# A spec is a few hundred bytes; a command line may be long, but not this long.
+MAX_SPEC_BYTES = 64 * 1024
+
+# Six digits or more (f"{seq:06d}" grows past 999999); the canonical form only, so one
+# sequence number has exactly one name.
+_SERIES_RE = re.compile(r"(?P<name>.+)\.s(?P<seq>[0-9]{6,})")
+
+
+def series_name(name: str, seq: int) -> str:
+    """The image name of checkpoint ``seq`` (1, 2, ...) of process ``name``."""
+    if seq < 1:
+        raise UsageError(f"a series sequence number starts at 1, not {seq}")
+    return check_name(f"{name}.s{seq:06d}")
+
+
+def parse_series_name(image: str) -> tuple[str, int] | None:
+    """``(name, seq)`` of a series member's image name, None for any other name."""
+    m = _SERIES_RE.fullmatch(image)
+    if m is None:
+        return None
+    name, seq = m["name"], int(m["seq"])
+    if seq < 1 or f"{name}.s{seq:06d}" != image:
+        return None  # s000000, or leading zeros past six digits: not a name we make
+    return name, seq
+
+
+def _member_names(pool: Pool, name: str) -> list[tuple[int, str]]:
+    """``(seq, image name)`` of every member of ``name``'s series, newest first, from the
+    pool's keys alone (a member whose manifest is damaged is still one, and can be pruned)."""
+    out: list[tuple[int, str]] = []
+    for key in pool.backend.list(IMAGES_PREFIX):
+        image = key[len(IMAGES_PREFIX) :]
+        parsed = parse_series_name(image)
+        if parsed is not None and parsed[0] == name:
+            out.append((parsed[1], image))
+    out.sort(reverse=True)
+    return out
+
+
+def members(pool: Pool, name: str) -> list[PoolImage]:
+    """The checkpoints of ``name`` in ``pool``, newest (highest sequence number) first. A
+    member whose manifest cannot be read is left out (a restore could not use it)."""
+    out: list[PoolImage] = []
+    for _, image in _member_names(pool, name):
+        try:
+            out.append(pool.image(image))
+        except TorporError:
+            continue  # damaged or deleted meanwhile
+    return out
+
+
+def next_seq(pool: Pool, name: str) -> int:
+    """The sequence number of ``name``'s next checkpoint (1 for the first)."""
+    found = _member_names(pool, name)
+    return found[0][0] + 1 if found else 1
+
+
+def prune(pool: Pool, name: str, keep: int) -> list[str]:
+    """Delete all but the ``keep`` newest members of ``name``'s series, then collect the
+    pool's garbage (:meth:`Pool.gc`: safe next to running transfers, which it waits for);
+    the names deleted, oldest first. Nothing deleted, no collection."""
+    if keep < 1:
+        raise UsageError(f"a series keeps at least 1 checkpoint, not {keep}")
+    deleted: list[str] = []
+    for _, image in _member_names(pool, name)[keep:]:
+        try:
+            pool.delete_image(image)
+        except ImageNotFoundError:
+            continue  # another pruner was first
+        deleted.append(image)
+    if deleted:
+        pool.gc()
+    return sorted(deleted)
+
+
+def spec_key(name: str) -> str:
+    """The pool object holding the spec of ``name``'s series."""
+    return SPEC_PREFIX + check_name(name, what="process name")
+
+
+def publish_spec(pool: Pool, spec: Spec) -> None:
+    """Store ``spec`` in ``pool`` as ``supervision/NAME`` (replacing the one there)."""
+    data = json.dumps(spec.to_json(), sort_keys=True).encode()
+    pool.backend.put(spec_key(spec.name), data)
+
+
+def read_spec(pool: Pool, name: str) -> Spec | None:
+    """The spec stored for ``name`` in ``pool`` (None if there is none). The object comes
+    from a shared pool: one too big, not JSON, not a valid spec or the spec of another name
+    is refused with a one-line error."""
+    from ._spec import Spec
+
+    key = spec_key(name)
+    source = f"pool {pool.name!r} object {key}"
+    try:
+        if pool.backend.size(key) > MAX_SPEC_BYTES:
+            raise _bad_spec(pool, source, f"bigger than {MAX_SPEC_BYTES} bytes")
+        blob = pool.backend.get(key)
+    except KeyError:
+        return None
+    if len(blob) > MAX_SPEC_BYTES:  # it grew between size() and get()
+        raise _bad_spec(pool, source, f"bigger than {MAX_SPEC_BYTES} bytes")
+    try:
+        data = json.loads(blob)
+    except (ValueError, RecursionError) as exc:
+        raise _bad_spec(pool, source, "not JSON") from exc
+    spec = Spec.from_json(data, source=source)
+    if spec.name != name:
+        raise _bad_spec(pool, source, f"the spec of {spec.name!r}, not of {name!r}")
+    return spec
+
+
+def _bad_spec(pool: Pool, source: str, why: str) -> PoolError:
+    return PoolError(
+        f"{source} is not a supervision spec torpor wrote ({why}); refused",
+        pool=pool.name,
+        hint="supervise the process again to write a new one",
+    )
