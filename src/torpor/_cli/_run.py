@@ -9,12 +9,18 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from .._errors import TorporError, UsageError
+from .._errors import AlreadyExistsError, TorporError, UsageError
 from ._app import App, human_duration
 
 if TYPE_CHECKING:
     from .._process._proc import ProcRef
     from .._process._registry import ManagedProcess
+    from .._supervise._spec import Spec
+
+# `torpor run --resume`: a restore was attempted and failed (FastFreeze's 171 in spirit): an
+# outer supervisor retrying the command can tell a bad image from a failing app, and retry
+# with --no-restore.
+RESTORE_FAILED = 3
 
 
 def register(sub: Any) -> None:
@@ -29,6 +35,20 @@ def register(sub: Any) -> None:
     p.add_argument("--name", help="a name for the process (default: the command's name + pid)")
     p.add_argument("--log", help="append stdout/stderr here (default: <home>/logs/NAME.log)")
     p.add_argument("--no-log", action="store_true", help="stdout/stderr to /dev/null")
+    from ._supervise import add_options
+
+    add_options(p, interval_required=False)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="restore the newest checkpoint of --name from --pool if there is one, else start "
+        f"CMD; exit code {RESTORE_FAILED} when a restore was attempted and failed",
+    )
+    p.add_argument(
+        "--no-restore",
+        action="store_true",
+        help="with --resume: start CMD afresh even if checkpoints exist (after a failed restore)",
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     p.set_defaults(handler=_run)
 
@@ -52,37 +72,109 @@ def register(sub: Any) -> None:
 def _run(app: App, args: argparse.Namespace) -> int:
     from .._images._store import check_name
     from .._process import _manage
+    from ._supervise import any_option, spec_from, start_supervising
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("no command given", hint="torpor run [--name N] -- CMD [ARGS...]")
+    if (args.resume or args.no_restore) and not args.name:
+        raise UsageError(
+            "--resume needs --name (the process whose checkpoints to restore)",
+            hint="torpor run --resume --name N -- CMD",
+        )
+    if args.no_restore and not args.resume:
+        raise UsageError("--no-restore goes with --resume", hint="add --resume, or drop it")
+    flag = any_option(args)
+    if flag is not None and args.checkpoint_every is None and not args.resume:
+        raise UsageError(
+            f"{flag} is a supervision option: it needs --checkpoint-every",
+            hint="add --checkpoint-every D (0: checkpoints only when the app asks)",
+        )
     name = args.name or f"{os.path.basename(cmd[0])}-{int(time.time() * 1000) % 100000}"
     check_name(name, what="process name")
+    # Checked before anything starts: a bad option starts nothing.
+    spec = spec_from(args, name, tuple(cmd)) if args.checkpoint_every is not None else None
+    if args.resume:
+        resumed = _resume(app, args, name, spec or spec_from(args, name, tuple(cmd)))
+        if resumed is not None:
+            return resumed
     log: Any = False if args.no_log else (args.log or True)
     # A name given is the user's: refused if taken. An automatic one is replaced instead.
     rec = _manage.run(cmd, name=name, log=log, rename_taken=not args.name)
     app.info(f"started {rec.name} (pid {rec.pid}); log: {rec.log_path or '/dev/null'}")
+    if spec is not None:
+        from dataclasses import replace
+
+        start_supervising(app, replace(spec, name=rec.name))
     app.out(f"{rec.name} {rec.pid}")
     return 0
 
 
+def _resume(app: App, args: argparse.Namespace, name: str, spec: Spec) -> int | None:
+    """``run --resume``: restore the newest checkpoint of ``name`` (older ones when it fails
+    to restore); the exit code, or None when there is none to restore (then CMD starts)."""
+    from .._pools import open_pool
+    from .._process import _manage
+    from .._supervise import _series
+    from ._restore import open_image
+    from ._supervise import start_supervising
+
+    if args.no_restore:
+        return None
+    with open_pool(spec.pool) as pool:
+        images = [m.name for m in _series.members(pool, name)]
+    if not images:
+        app.info(f"no checkpoint of {name} in pool {spec.pool}: starting the command")
+        return None
+    problems = []
+    for image in images:
+        try:
+            rec = _manage.restore(open_image(app, f"{image}@{spec.pool}"), names=[name])[0]
+        except AlreadyExistsError:
+            raise  # the name runs: no older image would restore either
+        except TorporError as exc:
+            app.warn(f"{image}@{spec.pool} did not restore: {exc}")
+            problems.append(f"{image}: {exc}")
+            continue
+        app.info(f"restored {name} from {image}@{spec.pool}")
+        if args.checkpoint_every is not None:
+            start_supervising(app, spec, event="resume")
+        app.out(f"{rec.name} {rec.pid}")
+        return 0
+    app.err(
+        f"torpor: error: no checkpoint of {name} restored ({len(problems)} tried; the newest: "
+        f"{problems[0]}) (hint: `torpor run --resume --no-restore` starts the command afresh)"
+    )
+    return RESTORE_FAILED
+
+
 def _ps(app: App, args: argparse.Namespace) -> int:
     from .._process import _proc, _registry
+    from .._supervise import _state
 
     skipped: list[TorporError] = []
     recs = [r for r in _registry.list_all(skipped) if args.all or r.state == "running"]
+    supervised = {s.name: s for s in _state.list_all(skipped)}
     for problem in skipped:
         app.warn(f"skipped: {problem}")
     if args.json:
         app.json(
             [
-                {**r.__dict__, "state": r.state, "keeper_alive": _registry.keeper_alive(r)}
+                {
+                    **r.__dict__,
+                    "state": r.state,
+                    "keeper_alive": _registry.keeper_alive(r),
+                    "supervision": _supervision_json(supervised.get(r.name)),
+                }
                 for r in recs
             ]
         )
         return 0
+    # The supervision columns only when something listed is supervised: the table others
+    # parse stays as it was otherwise.
+    extra = any(r.name in supervised for r in recs)
     rows = []
     for r in recs:
         running = r.state == "running"
@@ -90,11 +182,66 @@ def _ps(app: App, args: argparse.Namespace) -> int:
         # A running process whose keeper was killed: still torpor's (kill, checkpoint), but
         # nobody will record how it ends.
         state = "running, no keeper" if running and not _registry.keeper_alive(r) else r.state
-        rows.append(
-            (r.name, r.pid, state, uptime, " ".join(r.command)[:60], r.restored_from or "-")
+        row: tuple[Any, ...] = (
+            r.name,
+            r.pid,
+            state,
+            uptime,
+            " ".join(r.command)[:60],
+            r.restored_from or "-",
         )
-    app.table(("NAME", "PID", "STATE", "UPTIME", "COMMAND", "RESTORED-FROM"), rows)
+        if extra:
+            row += _supervision_columns(supervised.get(r.name))
+        rows.append(row)
+    headers: tuple[str, ...] = ("NAME", "PID", "STATE", "UPTIME", "COMMAND", "RESTORED-FROM")
+    if extra:
+        headers += SUPERVISION_COLUMNS
+    app.table(headers, rows)
     return 0
+
+
+SUPERVISION_COLUMNS = ("SUPERVISED", "CHECKPOINT", "KEPT", "RESTORES", "LAST-CRASH")
+
+
+def _supervision_columns(state: Any) -> tuple[str, ...]:
+    """``torpor ps``'s supervision columns of a process (its state, or None)."""
+    if state is None:
+        return ("-", "-", "-", "-", "-")
+    last = state.last_checkpoint
+    age = "-" if last is None else human_duration(_age(last.time)) + " ago"
+    crash = state.last_crash
+    if crash is None:
+        crashed = "-"
+    else:
+        how = (
+            f"signal {crash.signal}"
+            if crash.signal is not None
+            else (f"exit {crash.exit_code}" if crash.exit_code is not None else "unknown")
+        )
+        crashed = f"{how}, {human_duration(_age(crash.time))} ago"
+    return (state.status, age, str(state.kept), str(state.restores), crashed)
+
+
+def _supervision_json(state: Any) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    out: dict[str, Any] = state.to_json()
+    last = state.last_checkpoint
+    out["last_checkpoint_age_s"] = None if last is None else round(_age(last.time), 3)
+    return out
+
+
+def _age(iso: str) -> float:
+    """Seconds since the ISO time ``iso`` (0 if it cannot be read)."""
+    from datetime import UTC, datetime
+
+    try:
+        then = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    return max(0.0, (datetime.now(UTC) - then).total_seconds())
 
 
 def resolve_target(target: str) -> int:

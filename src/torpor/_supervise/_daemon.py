@@ -1,0 +1,588 @@
+"""The supervisor: one daemon per torpor home watching every supervised process.
+
+For each name whose supervision record says it should run (status ``supervised``, or
+``shutdown`` from a supervisor stopped by SIGTERM), the loop in :class:`Supervisor`:
+
+- watches the app through a pidfd (taken with :func:`_registry.open_checked`: the very process
+  torpor started); a process that is gone when the daemon starts is restored at once;
+- checkpoints it every ``interval``: ``torpor checkpoint N --leave-running --pool P --name
+  N.sXXXXXX --json`` as a subprocess, never two at once for a name; a failed one is recorded
+  (event ``checkpoint-failed``, ``failed_checkpoints``) and retried the next period; then keeps
+  the newest ``keep`` (``python -m torpor._supervise._tasks prune``, a subprocess too);
+- when the app ends, reads its exit status from its registry record (the keeper writes it on
+  reap: waited for through inotify, at most :data:`EXIT_WAIT` seconds; its keeper gone too is
+  an unknown end), asks :func:`._policy.decide`, and restores with ``torpor restore
+  N.sXXXXXX@P --name N --json`` (a subprocess, so the new keeper, not the daemon, parents the
+  copy), trying older checkpoints when one fails to restore;
+- holds the lease on N in P (:mod:`._lease`) while it supervises N, renewed every third of
+  its duration.
+
+Nothing heavy runs in the daemon itself: it forks nothing but ``exec``-ed CLI commands, each
+the tested command. The crash path is a pidfd wake-up, one record read, one pool listing and
+the restore command: no sleep, no polling. It signals nothing itself but its own children
+(a checkpoint command it aborts at shutdown).
+
+SIGTERM: checkpoint every supervised process that runs (in parallel, within the shutdown
+timeout), mark them ``shutdown`` and exit, the apps left running. SIGHUP: re-read the records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._errors import ProcessNotFoundError, TorporError
+from . import _policy
+from ._policy import Exit, History
+from ._spec import Spec
+from ._state import Crash, LastCheckpoint, State
+from ._watch import Job
+
+EXIT_WAIT = 0.5  # seconds the keeper is given to record an exit status
+LEASE_DURATION = 15.0
+RUN_STATUSES = ("supervised", "shutdown")
+
+
+def log(message: str) -> None:
+    """A line in the daemon's log (its stdout)."""
+    from .._images._manifest import now_iso
+
+    print(f"{now_iso()} supervisor {os.getpid()}: {message}", flush=True)
+
+
+class Env:
+    """What the supervisor acts through: the real torpor (its records, the CLI, pools). Unit
+    tests pass a fake."""
+
+    def __init__(self) -> None:
+        from ._watch import cli_argv
+
+        self.cli = cli_argv()
+        self._pools: dict[str, Any] = {}
+        self.holder = f"{socket.gethostname()} {_home()} pid {os.getpid()}"
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def states(self) -> list[State]:
+        from . import _state
+
+        skipped: list[TorporError] = []
+        out = _state.list_all(skipped)
+        for problem in skipped:
+            log(f"skipped a supervision record: {problem}")
+        return out
+
+    def state(self, name: str) -> State | None:
+        from . import _state
+
+        return _state.read(name)
+
+    def update(self, name: str, fn: Callable[[State], State]) -> None:
+        from . import _state
+
+        _state.update(name, fn)
+
+    def event(self, name: str, kind: str, **fields: Any) -> None:
+        from . import _events
+
+        try:
+            _events.append(name, kind, **fields)
+        except (OSError, TorporError) as exc:
+            log(f"cannot record event {kind} of {name}: {exc}")
+
+    def record(self, name: str) -> Any:
+        from .._process import _registry
+
+        return _registry.load(name)
+
+    def open_checked(self, rec: Any) -> int:
+        from .._process import _registry
+
+        return _registry.open_checked(rec)
+
+    def keeper_alive(self, rec: Any) -> bool:
+        from .._process import _registry
+
+        return _registry.keeper_alive(rec)
+
+    def pool(self, name: str) -> Any:
+        pool = self._pools.get(name)
+        if pool is None:
+            from .._pools import open_pool
+
+            pool = self._pools[name] = open_pool(name)
+        return pool
+
+    def checkpoints(self, spec: Spec) -> list[str]:
+        from . import _series
+
+        return [m.name for m in _series.members(self.pool(spec.pool), spec.name)]
+
+    def next_image(self, spec: Spec) -> str:
+        from . import _series
+
+        return _series.series_name(spec.name, _series.next_seq(self.pool(spec.pool), spec.name))
+
+    def job(self, args: list[str], what: str) -> Job:
+        return Job([*self.cli, *args], what=what)
+
+    def task(self, args: list[str], what: str) -> Job:
+        import sys
+
+        return Job([sys.executable, "-P", "-m", "torpor._supervise._tasks", *args], what=what)
+
+    def lease(self, spec: Spec) -> Any:
+        try:
+            from . import _lease
+        except ImportError:  # pragma: no cover - until the lease module lands
+            return None
+        return _lease.acquire(
+            self.pool(spec.pool), spec.name, holder=self.holder, duration=LEASE_DURATION
+        )
+
+    def watch_dir(self) -> Any:
+        from .. import _paths
+        from ._watch import DirWatch
+
+        return DirWatch(_paths.procs_dir())
+
+
+def _home() -> str:
+    from .. import _paths
+
+    return str(_paths.home())
+
+
+@dataclass
+class Watch:
+    """One supervised name, as the loop sees it."""
+
+    spec: Spec
+    rec: Any = None  # the registry record of the copy that runs
+    pidfd: int | None = None
+    history: History = field(default_factory=History)
+    next_checkpoint: float = 0.0
+    checkpoint: Job | None = None
+    checkpoint_image: str | None = None
+    prune: Job | None = None
+    restore: Job | None = None
+    restore_image: str | None = None
+    candidates: list[str] = field(default_factory=list)
+    ended_at: float | None = None  # the app ended; its exit status not read yet
+    lease: Any = None
+    lease_renew: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Supervisor:
+    """The loop (see the module docstring). :meth:`run` returns after a SIGTERM's shutdown."""
+
+    def __init__(self, env: Env, *, shutdown_timeout: float = 30.0) -> None:
+        self.env = env
+        self.shutdown_timeout = shutdown_timeout
+        self.watches: dict[str, Watch] = {}
+        self.fds: dict[int, Callable[[], None]] = {}
+        self.poller = select.poll()
+        self.stopping = False
+        self.reload_wanted = True
+        self.dirwatch: Any = None
+
+    # -- fds --------------------------------------------------------------------------------
+
+    def _add(self, fd: int, fn: Callable[[], None]) -> None:
+        self.fds[fd] = fn
+        self.poller.register(fd, select.POLLIN)
+
+    def _drop(self, fd: int) -> None:
+        if self.fds.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, wake_fd: int | None = None) -> None:
+        """Serve until :attr:`stopping`; ``wake_fd`` is readable on a signal (set by the
+        signal handlers, see :func:`serve`)."""
+        if wake_fd is not None:
+            self._add(wake_fd, lambda: _drain(wake_fd))
+        self.dirwatch = self.env.watch_dir()
+        self._add(self.dirwatch.fd, self._records_changed)
+        while not self.stopping:
+            if self.reload_wanted:
+                self.reload_wanted = False
+                self.reload()
+            self.step(self._timeout())
+        self.shutdown()
+
+    def step(self, timeout: float | None) -> None:
+        """Wait (at most ``timeout`` seconds) and handle what is ready, then what is due."""
+        ms = None if timeout is None else max(0, int(timeout * 1000) + 1)
+        for fd, _ in self.poller.poll(ms):
+            fn = self.fds.get(fd)
+            if fn is not None:
+                fn()
+        self._due()
+
+    def _timeout(self) -> float | None:
+        now = self.env.now()
+        when: list[float] = []
+        for w in self.watches.values():
+            if w.ended_at is not None:
+                when.append(w.ended_at + EXIT_WAIT)
+            if self._checkpoint_wanted(w):
+                when.append(w.next_checkpoint)
+            if w.lease is not None:
+                when.append(w.lease_renew)
+        return None if not when else max(0.0, min(when) - now)
+
+    def _due(self) -> None:
+        now = self.env.now()
+        for w in list(self.watches.values()):
+            if w.ended_at is not None:
+                self._read_exit(w, timed_out=now >= w.ended_at + EXIT_WAIT)
+            if self._checkpoint_wanted(w) and now >= w.next_checkpoint:
+                self._start_checkpoint(w)
+            if w.lease is not None and now >= w.lease_renew:
+                self._renew(w)
+
+    # -- records ----------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Watch every name whose record says it should run; forget the others."""
+        wanted = {s.name: s for s in self.env.states() if s.status in RUN_STATUSES}
+        for name in list(self.watches):
+            if name not in wanted:
+                log(f"{name}: no longer supervised")
+                self._forget(self.watches[name])
+        for name, state in wanted.items():
+            w = self.watches.get(name)
+            if w is None:
+                self._adopt(state)
+            else:
+                w.spec = state.spec  # a changed interval or policy applies from now on
+
+    def _adopt(self, state: State) -> None:
+        spec = state.spec
+        w = self.watches[spec.name] = Watch(spec=spec)
+        try:
+            w.lease = self.env.lease(spec)
+        except TorporError as exc:
+            log(f"{spec.name}: not supervised here: {exc}")
+            self.env.event(spec.name, "lease", held=False, error=str(exc))
+            del self.watches[spec.name]
+            return
+        w.lease_renew = self.env.now() + LEASE_DURATION / 3
+        if state.status != "supervised":
+            self.env.update(spec.name, lambda s: s.evolve(status="supervised"))
+        w.next_checkpoint = self.env.now() + spec.interval
+        try:
+            rec = self.env.record(spec.name)
+        except TorporError:
+            rec = None
+        if rec is not None and self._watch_copy(w, rec):
+            log(f"{spec.name}: supervising pid {rec.pid}")
+            return
+        # Gone (its host or its keeper died, or it ended while nobody watched): as a crash.
+        log(f"{spec.name}: not running; restoring it")
+        end = Exit.from_status(rec.exit_status) if rec is not None else Exit()
+        self._on_end(w, end)
+
+    def _watch_copy(self, w: Watch, rec: Any) -> bool:
+        """Watch the running copy ``rec``; False if it is not running (or not torpor's)."""
+        try:
+            pidfd = self.env.open_checked(rec)
+        except ProcessNotFoundError:
+            return False
+        except TorporError as exc:
+            log(f"{w.name}: not watching pid {rec.pid}: {exc}")
+            return False
+        w.rec, w.pidfd = rec, pidfd
+        self._add(pidfd, lambda: self._app_ended(w))
+        return True
+
+    def _forget(self, w: Watch) -> None:
+        if w.pidfd is not None:
+            self._drop(w.pidfd)
+            os.close(w.pidfd)
+            w.pidfd = None
+        if w.lease is not None:
+            with contextlib.suppress(TorporError, OSError):
+                w.lease.release()
+            w.lease = None
+        self.watches.pop(w.name, None)
+
+    def _records_changed(self) -> None:
+        self.dirwatch.drain()
+        for w in list(self.watches.values()):
+            if w.ended_at is not None:
+                self._read_exit(w, timed_out=False)
+
+    # -- the app ends -----------------------------------------------------------------------
+
+    def _app_ended(self, w: Watch) -> None:
+        assert w.pidfd is not None
+        self._drop(w.pidfd)
+        os.close(w.pidfd)
+        w.pidfd = None
+        w.ended_at = self.env.now()
+        self._read_exit(w, timed_out=False)
+
+    def _read_exit(self, w: Watch, *, timed_out: bool) -> None:
+        try:
+            rec = self.env.record(w.name)
+        except TorporError:
+            rec = None
+        if rec is not None and w.rec is not None and rec.ref == w.rec.ref:
+            if rec.ended is not None or rec.exit_status is not None:
+                self._on_end(w, Exit.from_status(rec.exit_status))
+                return
+            if self.env.keeper_alive(rec) and not timed_out:
+                return  # its keeper is about to write it
+        self._on_end(w, Exit())
+
+    def _on_end(self, w: Watch, end: Exit) -> None:
+        now = self.env.now()
+        uptime = None if w.history.running_since is None else now - w.history.running_since
+        w.ended_at = None
+        state = self.env.state(w.name)
+        if state is None or state.status not in RUN_STATUSES:
+            log(f"{w.name}: {end.describe()}; no longer supervised (not restored)")
+            self._forget(w)
+            return
+        if _policy.is_failure(w.spec, end):
+            crash = Crash(_now_iso(), end.signal, end.code, uptime)
+            self.env.event(w.name, "crash", signal=end.signal, exit_code=end.code, uptime_s=uptime)
+            self.env.update(w.name, lambda s: s.evolve(last_crash=crash))
+        try:
+            checkpoints = self.env.checkpoints(w.spec)
+        except TorporError as exc:
+            self._give_up(w, f"{end.describe()}; cannot list its checkpoints: {exc}")
+            return
+        decision = _policy.decide(w.spec, end, checkpoints, w.history, now)
+        if isinstance(decision, _policy.Leave):
+            log(f"{w.name}: {decision.reason}; not restored")
+            self.env.event(w.name, "stop", reason=decision.reason)
+            self.env.update(w.name, lambda s: s.evolve(status="stopped"))
+            self._forget(w)
+        elif isinstance(decision, _policy.GiveUp):
+            self._give_up(w, decision.reason)
+        else:
+            log(f"{w.name}: {decision.reason}")
+            w.candidates = list(decision.candidates)
+            self._restore_next(w)
+
+    def _give_up(self, w: Watch, reason: str) -> None:
+        log(f"{w.name}: giving up: {reason}")
+        self.env.event(w.name, "give-up", reason=reason)
+        self.env.update(w.name, lambda s: s.evolve(status="given-up", given_up=reason))
+        self._forget(w)
+
+    # -- restoring --------------------------------------------------------------------------
+
+    def _restore_next(self, w: Watch) -> None:
+        image = w.candidates.pop(0)
+        args = ["restore", f"{image}@{w.spec.pool}", "--name", w.name, "--json"]
+        try:
+            job = self.env.job(args, f"restore {w.name}")
+        except OSError as exc:
+            self._give_up(w, f"cannot run `torpor restore`: {exc}")
+            return
+        w.restore, w.restore_image = job, image
+        self._add(job.fd, lambda: self._restored(w))
+
+    def _restored(self, w: Watch) -> None:
+        job, image = w.restore, w.restore_image
+        assert job is not None and image is not None
+        self._drop(job.fd)
+        code = job.finish()
+        w.restore = w.restore_image = None
+        took = round(self.env.now() - job.started, 3)
+        rec = None
+        with contextlib.suppress(TorporError):
+            rec = self.env.record(w.name)
+        if code == 0 and rec is not None and self._watch_copy(w, rec):
+            w.history = _policy.after_restore(w.history, image, self.env.now())
+            log(f"{w.name}: restored from {image} in {took}s (pid {rec.pid})")
+            self.env.event(w.name, "restore", image=image, pid=rec.pid, duration_s=took)
+            self.env.update(w.name, lambda s: s.evolve(restores=s.restores + 1, given_up=None))
+            return
+        if code == 0:
+            # Restored, but gone already (or not torpor's): the policy sees it end.
+            w.history = _policy.after_restore(w.history, image, self.env.now())
+            self._on_end(w, Exit.from_status(rec.exit_status if rec is not None else None))
+            return
+        error = job.error_line()
+        log(f"{w.name}: {image} did not restore: {error}")
+        self.env.event(w.name, "skipped", image=image, error=error)
+        w.history = _policy.after_failed_restore(w.history, image)
+        if w.candidates:
+            self._restore_next(w)
+        else:
+            self.env.event(w.name, "restore-failed", image=image, error=error)
+            self._give_up(w, f"no checkpoint of {w.name} restored (the last: {error})")
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _checkpoint_wanted(self, w: Watch) -> bool:
+        return (
+            w.spec.interval > 0 and w.pidfd is not None and w.checkpoint is None and w.prune is None
+        )
+
+    def _start_checkpoint(self, w: Watch, *, final: bool = False) -> None:
+        spec = w.spec
+        try:
+            image = self.env.next_image(spec)
+            args = ["checkpoint", w.name, "--leave-running", "--pool", spec.pool]
+            args += ["--name", image, "--json"]
+            if spec.tcp_established:
+                args.append("--tcp-established")
+            job = self.env.job(args, f"checkpoint {w.name}")
+        except (TorporError, OSError) as exc:
+            self._checkpoint_failed(w, str(exc))
+            w.next_checkpoint = self.env.now() + spec.interval
+            return
+        w.checkpoint, w.checkpoint_image = job, image
+        self._add(job.fd, lambda: self._checkpointed(w))
+
+    def _checkpointed(self, w: Watch) -> None:
+        job, image = w.checkpoint, w.checkpoint_image
+        assert job is not None and image is not None
+        self._drop(job.fd)
+        code = job.finish()
+        w.checkpoint = w.checkpoint_image = None
+        # The next period counts from this one's start: a slow checkpoint is followed at once.
+        w.next_checkpoint = job.started + w.spec.interval
+        if code != 0:
+            if w.pidfd is not None:  # not the app's own end, which the crash path handles
+                self._checkpoint_failed(w, job.error_line())
+            return
+        info = _parse_checkpoint(job.stdout, image, self.env.now() - job.started)
+        last = LastCheckpoint(
+            info["image"], _now_iso(), info["duration_s"], info["frozen_ms"], info["new_bytes"]
+        )
+        self.env.event(
+            w.name,
+            "checkpoint",
+            image=last.image,
+            duration_s=last.duration_s,
+            frozen_ms=last.frozen_ms,
+            new_bytes=last.new_bytes,
+        )
+        self.env.update(w.name, lambda s: s.evolve(last_checkpoint=last))
+        if self.stopping:
+            return
+        try:
+            w.prune = self.env.task(
+                ["prune", w.spec.pool, w.name, str(w.spec.keep)], f"prune {w.name}"
+            )
+        except OSError as exc:
+            log(f"{w.name}: cannot prune: {exc}")
+            return
+        self._add(w.prune.fd, lambda: self._pruned(w))
+
+    def _pruned(self, w: Watch) -> None:
+        job = w.prune
+        assert job is not None
+        self._drop(job.fd)
+        code = job.finish()
+        w.prune = None
+        if code != 0:
+            log(f"{w.name}: prune failed: {job.error_line()}")
+            return
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            kept = int(json.loads(job.stdout)["kept"])
+            self.env.update(w.name, lambda s: s.evolve(kept=kept))
+
+    def _checkpoint_failed(self, w: Watch, error: str) -> None:
+        log(f"{w.name}: checkpoint failed: {error}")
+        self.env.event(w.name, "checkpoint-failed", error=error)
+        self.env.update(w.name, lambda s: s.evolve(failed_checkpoints=s.failed_checkpoints + 1))
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def _renew(self, w: Watch) -> None:
+        w.lease_renew = self.env.now() + LEASE_DURATION / 3
+        try:
+            w.lease.renew()
+        except TorporError as exc:
+            # Taken over (another home resumed it with --force): it is not ours to restore.
+            log(f"{w.name}: lease lost, no longer supervised here: {exc}")
+            self.env.event(w.name, "lease", held=False, error=str(exc))
+            w.lease = None
+            self._forget(w)
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Checkpoint every running supervised app (within :attr:`shutdown_timeout`), mark
+        them ``shutdown`` and let go of them (they keep running)."""
+        deadline = self.env.now() + self.shutdown_timeout
+        for w in self.watches.values():
+            if w.pidfd is not None and w.checkpoint is None:
+                self._start_checkpoint(w)
+        while True:
+            pending = {w.checkpoint.fd: w for w in self.watches.values() if w.checkpoint}
+            left = deadline - self.env.now()
+            if not pending or left <= 0:
+                break
+            poller = select.poll()
+            for fd in pending:
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(int(left * 1000) + 1):
+                self._checkpointed(pending[fd])
+        for w in list(self.watches.values()):
+            for job in (w.checkpoint, w.prune, w.restore):
+                if job is not None:
+                    job.terminate()  # a checkpoint aborts; the app runs on
+                    self._drop(job.fd)
+                    job.finish()
+            self.env.event(w.name, "shutdown")
+            with contextlib.suppress(TorporError):
+                self.env.update(w.name, lambda s: s.evolve(status="shutdown"))
+            self._forget(w)
+
+
+def _parse_checkpoint(stdout: str, image: str, took: float) -> dict[str, Any]:
+    """What ``torpor checkpoint --json`` said (its last line); what we know otherwise."""
+    info: dict[str, Any] = {
+        "image": image,
+        "duration_s": round(took, 3),
+        "frozen_ms": None,
+        "new_bytes": None,
+    }
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    with contextlib.suppress(ValueError, IndexError):
+        data = json.loads(lines[-1])
+        if isinstance(data, dict):
+            for key, kinds in (
+                ("image", (str,)),
+                ("duration_s", (int, float)),
+                ("frozen_ms", (int, float, type(None))),
+                ("new_bytes", (int, type(None))),
+            ):
+                value = data.get(key, info[key])
+                if isinstance(value, kinds) and not isinstance(value, bool):
+                    info[key] = value
+    return info
+
+
+def _now_iso() -> str:
+    from .._images._manifest import now_iso
+
+    return now_iso()
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass
