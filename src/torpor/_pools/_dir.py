@@ -46,6 +46,7 @@ from typing import BinaryIO
 from .. import _safe
 from .._errors import PoolError
 from ._backend import check_key
+from ._leases import DirLeases
 
 _DIR_SUFFIX = "+"
 _TMP_PREFIX = "~"
@@ -169,6 +170,10 @@ class DirBackend:
     def close(self) -> None:
         """Mark the backend closed; later calls raise :class:`~torpor.PoolError`."""
         self._closed = True
+
+    def leases(self) -> DirLeases:
+        """The pool's leases: flocked files under ``leases+/`` (see :mod:`._leases`)."""
+        return DirLeases(self._parent, self._errors, f"dir pool {self._root}")
 
     # --- helpers -------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from .._errors import PoolError
 from ._backend import check_key
+from ._leases import MemoryLeases
 
 
 class MemoryBackend:
@@ -77,3 +78,11 @@ class MemoryBackend:
     def close(self) -> None:
         """Mark the backend closed; later calls raise :class:`~torpor.PoolError`."""
         self._closed = True
+
+    def leases(self) -> MemoryLeases:
+        """The backend's leases (one table per backend, kept in memory)."""
+        with self._lock:
+            store: MemoryLeases | None = getattr(self, "_lease_store", None)
+            if store is None:
+                store = self._lease_store = MemoryLeases()
+        return store

@@ -47,6 +47,7 @@ from typing import Any, BinaryIO
 
 from .._errors import PoolConfigError, PoolError
 from ._backend import check_key
+from ._leases import RadosLeases
 
 _MAGIC = b"\x00torpor-striped-v1\x00"
 _SIZE_XATTR = "torpor.size"
@@ -291,6 +292,11 @@ class RadosBackend:
         with self._errors("disconnect", None):
             self._ioctx.close()
             self._cluster.shutdown()
+
+    def leases(self) -> RadosLeases:
+        """The pool's leases: RADOS object locks with a duration (see :mod:`._leases`)."""
+        self._check_open()
+        return RadosLeases(self._ioctx, self._rados, self._errors)
 
     # --- helpers -------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 from .._errors import PoolConfigError, PoolError
 from ._backend import check_key
+from ._leases import S3Leases
 
 _MIB = 1 << 20
 _MIN_PART = 5 * _MIB  # S3's smallest part (but the last)
@@ -232,6 +233,13 @@ class S3Backend:
         self._closed = True
         with self._errors("disconnect from", None):
             self._client.close()
+
+    def leases(self) -> S3Leases:
+        """The pool's leases: objects written with conditional PUTs (see :mod:`._leases`)."""
+        self._check_open()
+        return S3Leases(
+            self._client, self._bucket, self._name, self._errors, self._boto.ClientError
+        )
 
     # --- helpers -------------------------------------------------------------------------
 
