@@ -37,7 +37,11 @@ def _start(app: App, args: argparse.Namespace) -> int:
         app.out(f"agent started (pid {st.pid}), serving {st.socket}")
     else:
         app.out(f"agent already running (pid {st.pid}), serving {st.socket}")
-    return 0
+    # Supervised processes that were running when torpor's processes died (a reboot) come
+    # back now (issue 8); nothing to do when none is supervised.
+    from ._supervise import resume_all
+
+    return resume_all(app)
 
 
 def _stop(app: App, args: argparse.Namespace) -> int:

@@ -312,8 +312,7 @@ def resume_all(app: App) -> int:
     for problem in skipped:
         app.warn(f"skipped: {problem}")
     if not names:
-        app.info("nothing to resume")
-        return 0
+        return 0  # silent: `torpor agent start` runs this every time
     return _resume_names(app, names)
 
 
