@@ -385,7 +385,9 @@ class _Log:
                     continue
                 if self._replaced():
                     # Drain what the old file got after our last read, then follow the new one.
-                    emit(self.read_new())
+                    rest = self.read_new()
+                    if rest:
+                        emit(rest)
                     self.open()
                     continue
             elif self.open():
