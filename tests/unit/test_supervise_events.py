@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -290,8 +291,17 @@ def test_follow_across_truncation_and_recreation(torpor_home: Path) -> None:
         except StopIteration:
             raise Done from None
 
-    emit(log.tail(None))
-    with pytest.raises(Done):
-        log.follow(emit)
-    log.close()
+    def hang(signum: int, frame: object) -> None:
+        raise AssertionError("logs -f did not follow the new log within 5 s")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(5)
+    try:
+        emit(log.tail(None))
+        with pytest.raises(Done):
+            log.follow(emit)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        log.close()
     assert b"".join(got) == b"one\ntwo\nthree\nfour\nfive\n"
