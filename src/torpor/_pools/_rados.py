@@ -47,7 +47,7 @@ from typing import Any, BinaryIO
 
 from .._errors import PoolConfigError, PoolError
 from ._backend import check_key
-from ._leases import RadosLeases
+from ._rados_lease import RadosLeases
 
 _MAGIC = b"\x00torpor-striped-v1\x00"
 _SIZE_XATTR = "torpor.size"
