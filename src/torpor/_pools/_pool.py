@@ -9,6 +9,8 @@ Layout of a pool in its backend (every key under the contract of :mod:`._backend
     index/<id>                 one index per pack
     sessions/<id>              running pushes, pulls and copies (:mod:`._session`)
     gc/condemned, gc/lock-*    garbage collection state (:mod:`._gc`)
+    supervision/<name>         the supervision spec of a process checkpointed here (failover)
+    leases/<name>              the lease fencing that process's one live copy (ceph, s3)
 
 A push cuts every file into chunks (:mod:`._cas`), stores the chunks the pool lacks in new
 packs, then the chunk lists, then the manifest. A pull fetches the packs it needs
@@ -50,7 +52,17 @@ from ._session import Condemned, NoHeartbeat
 from ._sign import Policy
 from ._write import PoolWriter
 
-_OWNED_PREFIXES = ("images/", "lists/", "packs/", "index/", "sessions/", "gc/", META_KEY)
+_OWNED_PREFIXES = (
+    "images/",
+    "lists/",
+    "packs/",
+    "index/",
+    "sessions/",
+    "gc/",
+    "supervision/",
+    "leases/",
+    META_KEY,
+)
 
 
 @dataclass(frozen=True)
