@@ -223,17 +223,26 @@ class Frozen:
     criu_ms: list[float] = field(default_factory=list)
     torpor_s: list[float] = field(default_factory=list)
     criu_s: list[float] = field(default_factory=list)
+    # Control: bare criu at torpor's log level (-v4), to tell the log's share of the freeze.
+    criu_v4_ms: list[float] = field(default_factory=list)
+    torpor_json: list[dict[str, Any]] = field(default_factory=list)
 
 
-def torpor_checkpoint(name: str, dest: Path, use_json: bool) -> tuple[float, float]:
+FROZEN_METHODS = ("torpor", "criu", "criu -v4")
+
+
+def torpor_checkpoint(
+    name: str, dest: Path, use_json: bool, outputs: list[dict[str, Any]]
+) -> tuple[float, float]:
     """Frozen ms and wall seconds of one ``torpor checkpoint --leave-running``: into the
-    default pool with ``--json`` when the CLI has it, else into a local image ``dest`` (whose
-    stats-dump is read)."""
+    default pool with ``--json`` when the CLI has it (its output appended to ``outputs``),
+    else into a local image ``dest`` (whose stats-dump is read)."""
     t0 = time.perf_counter()
     if use_json:
         out = torpor("checkpoint", name, "--leave-running", "--pool", "default", "--json")
         seconds = time.perf_counter() - t0
-        frozen = json.loads(out)["frozen_ms"]
+        outputs.append(json.loads(out))
+        frozen = outputs[-1]["frozen_ms"]
         if frozen is None:
             raise RuntimeError(f"torpor checkpoint --json gave no frozen_ms: {out.strip()}")
         return float(frozen), seconds
@@ -245,11 +254,12 @@ def torpor_checkpoint(name: str, dest: Path, use_json: bool) -> tuple[float, flo
         shutil.rmtree(dest, ignore_errors=True)
 
 
-def criu_checkpoint(pid: int, dest: Path) -> tuple[float, float]:
+def criu_checkpoint(pid: int, dest: Path, *, v4: bool = False) -> tuple[float, float]:
     """Frozen ms and wall seconds of one bare ``criu dump --leave-running`` into ``dest``."""
     dest.mkdir()
     # CRIU's defaults, like torpor's: the log (dump.log) and stats-dump go to the image dir.
     cmd = [criu_binary(), "dump", "--leave-running", "-t", str(pid), "-D", str(dest)]
+    cmd += ["-v4"] if v4 else []
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
@@ -277,22 +287,24 @@ def bench_frozen(
         time.sleep(0.5)
         quiesce(size + size // 4 + (64 << 20), work, page_cache=True)
         if method == "torpor":
-            return torpor_checkpoint(name, work / f"ck-{tag}-{seq}", use_json)
-        return criu_checkpoint(pid, shm / f"ck-{tag}-{seq}")
+            return torpor_checkpoint(name, work / f"ck-{tag}-{seq}", use_json, s.torpor_json)
+        return criu_checkpoint(pid, shm / f"ck-{tag}-{seq}", v4=method == "criu -v4")
 
-    one("torpor")  # warm-up, untimed: the first image in the pool, page cache settled
-    one("criu")
     s = Frozen()
+    for method in FROZEN_METHODS:  # warm-up, untimed: the first image in the pool
+        one(method)
+    s.torpor_json.clear()
     for r in range(rounds):
-        order = ("torpor", "criu") if r % 2 == 0 else ("criu", "torpor")
-        got = {m: one(m) for m in order}
+        k = r % len(FROZEN_METHODS)
+        got = {m: one(m) for m in FROZEN_METHODS[k:] + FROZEN_METHODS[:k]}
         s.torpor_ms.append(got["torpor"][0])
         s.torpor_s.append(got["torpor"][1])
         s.criu_ms.append(got["criu"][0])
         s.criu_s.append(got["criu"][1])
+        s.criu_v4_ms.append(got["criu -v4"][0])
         log(
-            f"(1) {tag} round {r + 1}/{rounds}: frozen torpor {got['torpor'][0]:.0f} ms "
-            f"({got['torpor'][1]:.2f} s), criu {got['criu'][0]:.0f} ms ({got['criu'][1]:.2f} s)"
+            f"(1) {tag} round {r + 1}/{rounds}: frozen "
+            + ", ".join(f"{m} {v[0]:.0f} ms ({v[1]:.2f} s)" for m, v in got.items())
         )
     janitor.stop(name)
     return s
@@ -498,8 +510,8 @@ def frozen_table(frozen: dict[int, Frozen], mode: str) -> str:
         "ratio = median of the per-round torpor/criu ratios [95 % bootstrap CI]:",
         "",
         "| RSS | rounds | torpor frozen ms | criu frozen ms | torpor / criu (target <= 1.1x) "
-        "| torpor command s | criu dump s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| torpor command s | criu dump s | control: criu -v4 frozen ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size, s in frozen.items():
         ratios = [t / c for t, c in zip(s.torpor_ms, s.criu_ms, strict=True)]
@@ -507,7 +519,7 @@ def frozen_table(frozen: dict[int, Frozen], mode: str) -> str:
             f"| {size >> 20} MiB | {len(ratios)} | {med(s.torpor_ms):.0f} "
             f"(min {min(s.torpor_ms):.0f}) | {med(s.criu_ms):.0f} (min {min(s.criu_ms):.0f}) "
             f"| {fmt_ci(ratios, unit='x', digits=2)} | {med(s.torpor_s):.2f} "
-            f"| {med(s.criu_s):.2f} |"
+            f"| {med(s.criu_s):.2f} | {med(s.criu_v4_ms):.0f} |"
         )
     return "\n".join(lines)
 
