@@ -2,7 +2,9 @@
 --leave-running --pool default --json`` reports CRIU's frozen time and what the pool grew by
 (small for a second checkpoint of a process that barely changed), stages the dump in a private
 directory in /dev/shm and leaves nothing there; the manifest of a supervised process's
-checkpoint carries its supervision spec (pool push and local image alike)."""
+checkpoint carries its supervision spec (pool push and local image alike), and a supervised
+app's own ``torpor.checkpoint(..., leave_running=True)`` joins its series (pushed by its keeper
+as the next member, recorded, pruned to keep)."""
 
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ import pytest
 from torpor._images._image import Image
 from torpor._pools import open_pool
 from torpor._process._topool import memory_staging
-from torpor._supervise import _state
+from torpor._supervise import _events, _state
+from torpor._supervise._series import members, series_name
 from torpor._supervise._spec import Spec
 
 from .crashes import run_counter, still_counting
-from .helpers import torpor
+from .helpers import APPS, PYTHON, counts, torpor, wait_for
 
 pytestmark = pytest.mark.criu
 
@@ -103,3 +106,44 @@ def test_a_supervised_process_s_checkpoints_carry_its_spec(torpor_home: Path) ->
     other = torpor_home / "sup-after"
     torpor("checkpoint", "sup", "--leave-running", "-o", str(other))
     assert Image.open(other).manifest.supervision is None
+
+
+def _last_image(name: str) -> str | None:
+    state = _state.read(name)
+    if state is None or state.last_checkpoint is None:
+        return None
+    return state.last_checkpoint.image
+
+
+def test_a_supervised_app_s_own_checkpoints_join_its_series(torpor_home: Path) -> None:
+    where = torpor_home / "selfck"
+    where.mkdir(mode=0o700)
+    app = [PYTHON, str(APPS / "self_checkpoint.py"), str(where)]
+    pid = int(torpor("run", "--name", "own", "--", *app).stdout.split()[1])
+    log = torpor_home / "logs" / "own.log"
+    wait_for(lambda: log.exists() and len(counts(log).get(pid, [])) >= 2, what="counting")
+    spec = Spec(name="own", command=tuple(app), interval=0.0, keep=2)
+    _state.save(_state.State(spec=spec, status="supervised"))
+    # One of the supervisor's periodic checkpoints first: the app's own ones come after it.
+    torpor("checkpoint", "own", "--leave-running", "--pool", "default", "--name", "own.s000001")
+    for n in (1, 2):
+        (where / "go").touch()
+        wait_for(lambda n=n: (where / f"done-{n}").exists(), timeout=30, what=f"checkpoint {n}")
+        assert (where / f"done-{n}").read_text() == "False"  # the original, running on
+        assert Image.open(where / f"img-{n}").manifest.supervision == spec.to_json()
+        wait_for(
+            lambda n=n: _last_image("own") == series_name("own", n + 1),
+            timeout=30,
+            what=f"member {n + 1} recorded",
+        )
+    with open_pool("default") as pool:
+        assert [i.name for i in members(pool, "own")] == ["own.s000003", "own.s000002"]
+        assert pool.pull("own.s000003").manifest.supervision == spec.to_json()
+    state = _state.read("own")
+    assert state is not None and state.kept == 2
+    last = state.last_checkpoint
+    assert last is not None and last.frozen_ms is not None and last.frozen_ms > 0
+    own = [e for e in _events.read("own") if e.kind == "checkpoint"]
+    assert [e.fields["image"] for e in own] == ["own.s000002", "own.s000003"]
+    assert {e.fields["by"] for e in own} == {"app"}
+    still_counting(log, pid)

@@ -30,7 +30,7 @@ from typing import Any
 
 from .._errors import AlreadyExistsError, DumpError, TorporError
 from .._images import _index
-from .._images._image import publish, seal
+from .._images._image import Sealed, publish, seal
 from .._images._incomplete import (
     SUCCESS_MARK,
     IncompleteImageError,
@@ -146,14 +146,14 @@ def seal_reserved(
     *,
     owner: tuple[int, int] | None = None,
     supervision: Mapping[str, Any] | None = None,
-) -> None:
+) -> Sealed:
     """Seal the successfully dumped staging directory ``dir_fd`` (at ``staging``) in the
     space it reserved, its files owned by ``owner`` if given (see
-    :func:`~torpor._images._image.seal`), its manifest carrying ``supervision``; a full disk
-    is :func:`not_finished`."""
+    :func:`~torpor._images._image.seal`), its manifest carrying ``supervision``; what was
+    sealed. A full disk is :func:`not_finished`."""
     give_back(dir_fd)  # the reserve's space, for what follows
     try:
-        seal(
+        return seal(
             dir_fd,
             with_supervision(record.manifest, supervision),
             source=str(staging),

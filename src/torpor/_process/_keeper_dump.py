@@ -54,7 +54,7 @@ from typing import Any
 from .. import _paths
 from .._engine import DUMP_LOG, DumpOptions, criu_version, dump_request, start_swrk
 from .._errors import AlreadyExistsError, PermissionDeniedError, TorporError, UsageError
-from .._images._image import check_same, give, published, rename_noreplace
+from .._images._image import Image, check_same, give, published, rename_noreplace
 from .._images._incomplete import Record, drop_bookkeeping, lock
 from .._safe import create_file, is_plain_name, lstat_entries, open_regular
 from ._finalize import ImageFacts, before_dump, not_finished, seal_reserved, supervision_of
@@ -225,6 +225,7 @@ class SelfDump:
         self.record: Record | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.outcome: dict[str, Any] | None = None
+        self.joins: Image | None = None  # a supervised app's image for its series
         self._done = threading.Event()
 
     # -- before CRIU --------------------------------------------------------------------
@@ -343,6 +344,17 @@ class SelfDump:
             self.close()
             self.outcome = outcome
             self._done.set()
+        if self.joins is not None:
+            # A supervised app's own checkpoint joins its series (issue 8): pushed, recorded
+            # and pruned on a thread of its own, the app's call answered already.
+            from .._supervise._series import join_series_quietly
+
+            threading.Thread(
+                target=join_series_quietly,
+                args=(self.rec.name, self.joins),
+                name="torpor-join-series",
+                daemon=True,
+            ).start()
         return outcome
 
     def _finish(self) -> dict[str, Any]:
@@ -356,12 +368,9 @@ class SelfDump:
             give(self.dir_fd, sorted(lstat_entries(self.dir_fd)), owner, source=str(staging))
             return {"ok": True, "image": None, "log": str(kept) if kept else None}
         assert self.record is not None  # set by launch, before CRIU started
-        seal_reserved(
-            self.dir_fd,
-            staging,
-            self.record,
-            owner=owner,
-            supervision=supervision_of(self.rec.name),
+        supervision = supervision_of(self.rec.name)
+        sealed = seal_reserved(
+            self.dir_fd, staging, self.record, owner=owner, supervision=supervision
         )
         self.hand_back()
         dest = self.req.dest
@@ -372,6 +381,10 @@ class SelfDump:
             raise not_finished(self.record, staging, exc) from exc
         os.fsync(self.parent_fd)
         drop_bookkeeping(self.dir_fd)
+        if supervision is not None and self.req.leave_running:
+            # Pushed by finish() once the app has its answer (the manifest is the one sealed
+            # here, which the push checks the app's directory against).
+            self.joins = Image(self.parent / dest, sealed.manifest, signer=sealed.signer)
         return {"ok": True, "image": str(self.parent / dest)}
 
     def _rename(self, dest: str) -> list[int]:

@@ -12,11 +12,15 @@ the pool, as the object ``supervision/N`` (:func:`publish_spec`), so another hos
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import time
 from typing import TYPE_CHECKING
 
-from .._errors import ImageNotFoundError, PoolError, TorporError, UsageError
+from .._errors import AlreadyExistsError, ImageNotFoundError, PoolError, TorporError, UsageError
+from .._images._image import Image
+from .._images._manifest import now_iso
 from .._images._store import check_name
 from .._pools._pool import Pool, PoolImage
 from .._pools._record import IMAGES_PREFIX
@@ -143,3 +147,80 @@ def _bad_spec(pool: Pool, source: str, why: str) -> PoolError:
         pool=pool.name,
         hint="supervise the process again to write a new one",
     )
+
+
+# -- app-driven checkpoints -------------------------------------------------------------------
+
+# Two writers may take the same next number at once (the supervisor's periodic checkpoint and
+# an app's own): the later push finds the name taken and takes the next one.
+_NAME_TRIES = 5
+
+
+def join_series(name: str, image: Image, *, started: float | None = None) -> str | None:
+    """Make ``image``, a checkpoint the supervised app ``name`` took of itself
+    (``torpor.checkpoint(..., leave_running=True)``), the next member of its series: push it
+    into the spec's pool, record it (an event ``checkpoint`` with ``by="app"``, the state's
+    last checkpoint and count kept), prune to the spec's ``keep``. The image pushed is
+    checked against ``image.manifest`` (what the keeper sealed; the directory is the app's,
+    see ``_pools._sign.local_origin``). The member's name, or None if ``name`` is not
+    supervised. A failure is recorded as ``checkpoint-failed`` and raised."""
+    from .._images._stats import read_dump_stats_at
+    from .._pools import open_pool
+    from . import _events, _spec, _state
+
+    spec = _spec.load(name)
+    if spec is None:
+        return None
+    begun = time.monotonic() if started is None else started
+    stats = read_dump_stats_at(image.path)
+    frozen = stats.frozen_ms if stats is not None else None
+    try:
+        with open_pool(spec.pool) as pool:
+            stored = _push_next(pool, name, image)
+            prune(pool, name, spec.keep)
+            kept = len(_member_names(pool, name))
+    except TorporError as exc:
+        with contextlib.suppress(TorporError, OSError):
+            _events.append(name, "checkpoint-failed", by="app", error=str(exc))
+        raise
+    duration = time.monotonic() - begun
+    done = _state.LastCheckpoint(
+        image=stored.name,
+        time=now_iso(),
+        duration_s=duration,
+        frozen_ms=frozen,
+        new_bytes=stored.stored_bytes,
+    )
+    _events.append(
+        name,
+        "checkpoint",
+        by="app",
+        image=stored.name,
+        pool=spec.pool,
+        duration_s=round(duration, 6),
+        frozen_ms=frozen,
+        bytes=image.manifest.total_bytes,
+        new_bytes=stored.stored_bytes,
+    )
+    _state.update(name, lambda s: s.evolve(last_checkpoint=done, kept=kept))
+    return stored.name
+
+
+def _push_next(pool: Pool, name: str, image: Image) -> PoolImage:
+    for _ in range(_NAME_TRIES):
+        try:
+            return pool.push(image, series_name(name, next_seq(pool, name)))
+        except AlreadyExistsError:
+            continue  # another writer took that number meanwhile
+    raise PoolError(
+        f"pool {pool.name!r}: no free series name for {name!r} after {_NAME_TRIES} tries",
+        pool=pool.name,
+        hint="another writer keeps adding checkpoints of it; try again",
+    )
+
+
+def join_series_quietly(name: str, image: Image) -> None:
+    """:func:`join_series` for a caller that cannot report an error (the keeper, once the
+    app has its answer): what failed is in the events of ``name``."""
+    with contextlib.suppress(TorporError, OSError):
+        join_series(name, image)
