@@ -24,6 +24,12 @@ run at once). The figures are medians over rounds with 95 % bootstrap intervals 
 samples to ``bench/runs/``.
 
 Run as root from the repo: ``.venv/bin/python bench/bench_supervise.py [--quick] [--publish]``.
+To measure the code as committed while others edit the checkout, run it from an export::
+
+    d=$(mktemp -d) && git archive HEAD src bench | tar -x -C $d
+    git rev-parse --short HEAD >$d/COMMIT
+    PYTHONPATH=$d/src .venv/bin/python $d/bench/bench_supervise.py --publish --publish-dir bench
+
 Everything lives in a temporary ``TORPOR_HOME`` (and a tmpfs directory for bare CRIU's images)
 removed at the end, also on Ctrl-C; every process started is stopped by pid (pidfd).
 """
@@ -655,6 +661,9 @@ def code_state() -> dict[str, str]:
             ["git", "-C", str(BENCH.parent), *args], capture_output=True, text=True, check=False
         ).stdout.rstrip()
 
+    exported = BENCH.parent / "COMMIT"
+    if exported.exists():  # a `git archive` of one commit (see --help): the code as committed
+        return {"commit": exported.read_text().strip(), "uncommitted": "none (git archive)"}
     dirty = git("status", "--porcelain", "--", "src", "bench/bench_supervise.py", str(APP))
     return {
         "commit": git("rev-parse", "--short=7", "HEAD"),
@@ -694,6 +703,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke mode, under a minute")
     parser.add_argument("--note", default="", help="a sentence for RESULTS-supervise.md")
     parser.add_argument("--publish", action="store_true", help="write RESULTS-supervise.md")
+    parser.add_argument(
+        "--publish-dir",
+        type=Path,
+        default=BENCH,
+        help="the bench/ directory to publish into (when this runs from an export of a commit)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.tp_rounds, args.sizes, args.serve_size = 1, 1, "100M", "50M"
@@ -783,10 +798,10 @@ def report(
     plot(frozen, crash, tp, png)
     log(f"wrote {OUT}/supervise-{stamp}.{{md,json,png}}")
     if args.publish:
-        runs = BENCH / "runs" / f"supervise-{stamp}.json"
+        runs = args.publish_dir / "runs" / f"supervise-{stamp}.json"
         shutil.copyfile(OUT / f"supervise-{stamp}.json", runs)
         if png.exists():
-            shutil.copyfile(png, BENCH / "supervise.png")
+            shutil.copyfile(png, args.publish_dir / "supervise.png")
         publish(args, info, text, runs.name)
     return 0
 
@@ -811,7 +826,7 @@ def publish(args: argparse.Namespace, info: dict[str, str], tables: str, raw: st
     ]
     if args.note:
         head += [args.note, ""]
-    (BENCH / "RESULTS-supervise.md").write_text("\n".join(head) + tables)
+    (args.publish_dir / "RESULTS-supervise.md").write_text("\n".join(head) + tables)
 
 
 if __name__ == "__main__":
