@@ -128,6 +128,16 @@ def _kill_managed(home: os.PathLike[str]) -> None:
             while agent.alive() and time.monotonic() < deadline:
                 time.sleep(0.02)
             refs.append(agent)
+    # The home's supervisor first (it would restore what is killed next): killed, not
+    # stopped, as a SIGTERM makes it checkpoint everything first.
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        data = json.loads(Path(home, "supervised", ".daemon.pid").read_text())
+        daemon = ProcRef(data["pid"], data["start_time"])
+        if daemon.alive():
+            os.kill(daemon.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while daemon.alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
     for rec_file in Path(home, "procs").glob("*.json"):
         try:
             rec = json.loads(rec_file.read_text())
@@ -141,3 +151,13 @@ def _kill_managed(home: os.PathLike[str]) -> None:
     deadline = time.monotonic() + 5
     while any(r.alive() for r in refs) and time.monotonic() < deadline:
         time.sleep(0.02)
+    _drop_memory_staging(home)
+
+
+def _drop_memory_staging(home: os.PathLike[str]) -> None:
+    """Remove the home's (empty) staging directory in /dev/shm (``_topool.memory_staging``)."""
+    import hashlib
+
+    tag = hashlib.sha256(os.fsencode(os.fspath(home))).hexdigest()[:12]
+    with contextlib.suppress(OSError):
+        os.rmdir(f"/dev/shm/torpor-{os.geteuid()}-{tag}")
