@@ -47,6 +47,7 @@ from ._watch import Job
 
 EXIT_WAIT = 0.5  # seconds the keeper is given to record an exit status
 LEASE_DURATION = 15.0
+GC_EVERY = 30.0  # seconds between the pool collections after prunes
 RUN_STATUSES = ("supervised", "shutdown")
 
 
@@ -179,6 +180,7 @@ class Watch:
     ended_at: float | None = None  # the app ended; its exit status not read yet
     lease: Any = None
     lease_renew: float = 0.0
+    next_gc: float = 0.0
 
     @property
     def name(self) -> str:
@@ -410,16 +412,15 @@ class Supervisor:
         rec = None
         with contextlib.suppress(TorporError):
             rec = self.env.record(w.name)
-        if code == 0 and rec is not None and self._watch_copy(w, rec):
-            w.history = _policy.after_restore(w.history, image, self.env.now())
-            log(f"{w.name}: restored from {image} in {took}s (pid {rec.pid})")
-            self.env.event(w.name, "restore", image=image, pid=rec.pid, duration_s=took)
-            self.env.update(w.name, lambda s: s.evolve(restores=s.restores + 1, given_up=None))
-            return
         if code == 0:
-            # Restored, but gone already (or not torpor's): the policy sees it end.
             w.history = _policy.after_restore(w.history, image, self.env.now())
-            self._on_end(w, Exit.from_status(rec.exit_status if rec is not None else None))
+            pid = rec.pid if rec is not None else None
+            log(f"{w.name}: restored from {image} in {took}s (pid {pid})")
+            self.env.event(w.name, "restore", image=image, pid=pid, duration_s=took)
+            self.env.update(w.name, lambda s: s.evolve(restores=s.restores + 1, given_up=None))
+            if rec is None or not self._watch_copy(w, rec):
+                # Restored, but ended already (or not torpor's): the policy sees it end.
+                self._on_end(w, Exit.from_status(rec.exit_status if rec is not None else None))
             return
         error = job.error_line()
         log(f"{w.name}: {image} did not restore: {error}")
@@ -481,10 +482,12 @@ class Supervisor:
         self.env.update(w.name, lambda s: s.evolve(last_checkpoint=last))
         if self.stopping:
             return
+        args = ["prune", w.spec.pool, w.name, str(w.spec.keep)]
+        if self.env.now() >= w.next_gc:
+            w.next_gc = self.env.now() + GC_EVERY
+            args.append("gc")
         try:
-            w.prune = self.env.task(
-                ["prune", w.spec.pool, w.name, str(w.spec.keep)], f"prune {w.name}"
-            )
+            w.prune = self.env.task(args, f"prune {w.name}")
         except OSError as exc:
             log(f"{w.name}: cannot prune: {exc}")
             return

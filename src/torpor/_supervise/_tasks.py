@@ -1,28 +1,41 @@
-"""``python -m torpor._supervise._tasks prune POOL NAME KEEP``: the supervisor's pool work, in a
-process of its own (a prune collects garbage, which can take a while: the daemon's loop must
-never wait for it). Prints one JSON line: ``{"deleted": [...], "kept": K}``; a one-line error
-and exit code 1 on failure."""
+"""``python -m torpor._supervise._tasks prune POOL NAME KEEP [gc]``: the supervisor's pool work,
+in a process of its own (the daemon's loop must never wait for it). Deletes all but the KEEP
+newest checkpoints of NAME; with ``gc``, then collects the pool's garbage (the daemon asks for
+that at most every :data:`._daemon.GC_EVERY` seconds: a collection reads every manifest and
+repacks, CPU a restore after a crash would otherwise compete with at every period). Prints one
+JSON line: ``{"deleted": [...], "kept": K}``; a one-line error and exit code 1 on failure."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
 
 def main(argv: list[str]) -> int:
     """Run the task ``argv`` names."""
-    from .._errors import TorporError
+    from .._errors import ImageNotFoundError, TorporError
 
-    if len(argv) != 4 or argv[0] != "prune" or not argv[3].isdigit():
-        print("usage: python -m torpor._supervise._tasks prune POOL NAME KEEP", file=sys.stderr)
+    if len(argv) not in (4, 5) or argv[0] != "prune" or not argv[3].isdigit():
+        print(
+            "usage: python -m torpor._supervise._tasks prune POOL NAME KEEP [gc]", file=sys.stderr
+        )
         return 2
-    _, pool_name, name, keep = argv
+    _, pool_name, name, keep = argv[:4]
+    collect = argv[4:] == ["gc"]
     try:
         from .._pools import open_pool
         from . import _series, _spec
 
         with open_pool(pool_name) as pool:
-            deleted = _series.prune(pool, name, int(keep))
+            if collect:
+                deleted = _series.prune(pool, name, int(keep))  # deletes, then collects
+            else:
+                deleted = []
+                for member in _series.members(pool, name)[int(keep) :]:
+                    with contextlib.suppress(ImageNotFoundError):  # another pruner was first
+                        pool.delete_image(member.name)
+                        deleted.append(member.name)
             kept = len(_series.members(pool, name))
             spec = _spec.load(name)
             if spec is not None:
