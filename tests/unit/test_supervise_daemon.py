@@ -1,0 +1,152 @@
+"""The supervisor's loop on fakes (no CRIU, no processes): a crash restores the newest
+checkpoint, one that fails to restore is skipped to the one before, a success exit is left,
+and a record marked stopped is not restored."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from torpor._process._proc import ProcRef
+from torpor._supervise._daemon import Supervisor
+from torpor._supervise._spec import Spec
+from torpor._supervise._state import State
+
+
+@dataclass
+class Rec:
+    name: str
+    pid: int
+    exit_status: int | None = None
+    ended: str | None = None
+
+    @property
+    def ref(self) -> ProcRef:
+        return ProcRef(self.pid, 1)
+
+
+class FakeJob:
+    def __init__(self, args: list[str], code: int) -> None:
+        self.args, self.code, self.started = args, code, 0.0
+        self.fd, self._w = os.pipe()
+        os.close(self._w)  # readable at once: the command has ended
+        self.stdout, self.stderr = "", "torpor: error: corrupted"
+
+    def finish(self) -> int:
+        os.close(self.fd)
+        return self.code
+
+    def error_line(self) -> str:
+        return "corrupted"
+
+    def terminate(self) -> None:
+        pass
+
+
+class FakeEnv:
+    def __init__(self, checkpoints: list[str], bad: set[str], status: int | None = -9) -> None:
+        self.spec = Spec(name="app", command=("app",), interval=0.0, min_uptime=0.0)
+        self.st = State(spec=self.spec, status="supervised")
+        self.checkpoints_ = checkpoints
+        self.bad = bad
+        self.exit_status = status
+        self.rec = Rec("app", 100)
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.jobs: list[list[str]] = []
+        self.app_r, self.app_w = os.pipe()
+
+    def now(self) -> float:
+        return 10.0
+
+    def states(self) -> list[State]:
+        return [self.st]
+
+    def state(self, name: str) -> State:
+        return self.st
+
+    def update(self, name: str, fn: Any) -> None:
+        self.st = fn(self.st)
+
+    def event(self, name: str, kind: str, **fields: Any) -> None:
+        self.events.append((kind, fields))
+
+    def record(self, name: str) -> Rec:
+        return self.rec
+
+    def open_checked(self, rec: Rec) -> int:
+        return os.dup(self.app_r)
+
+    def keeper_alive(self, rec: Rec) -> bool:
+        return True
+
+    def checkpoints(self, spec: Spec) -> list[str]:
+        return self.checkpoints_
+
+    def job(self, args: list[str], what: str) -> FakeJob:
+        self.jobs.append(args)
+        image = args[1].split("@")[0]
+        ok = image not in self.bad
+        if ok:
+            self.rec = Rec("app", 200 + len(self.jobs))
+        return FakeJob(args, 0 if ok else 1)
+
+    def lease(self, spec: Spec) -> None:
+        return None
+
+    def crash(self) -> None:
+        """The app ends: its keeper recorded the status; the pidfd becomes readable."""
+        self.rec = Rec("app", self.rec.pid, exit_status=self.exit_status, ended="now")
+        os.close(self.app_w)
+
+
+def run(env: FakeEnv, steps: int = 6) -> Supervisor:
+    sup = Supervisor(env)  # type: ignore[arg-type]
+    sup.reload()
+    env.crash()
+    for _ in range(steps):
+        sup.step(0.05)
+    return sup
+
+
+def test_crash_restores_the_newest() -> None:
+    env = FakeEnv(["app.s000003", "app.s000002"], bad=set())
+    sup = run(env)
+    assert env.jobs == [["restore", "app.s000003@default", "--name", "app", "--json"]]
+    assert [k for k, _ in env.events] == ["crash", "restore"]
+    assert env.st.restores == 1 and env.st.last_crash is not None
+    assert env.st.last_crash.signal == 9
+    assert sup.watches["app"].rec.pid == 201
+
+
+def test_bad_checkpoint_skipped_to_the_one_before() -> None:
+    env = FakeEnv(["app.s000003", "app.s000002"], bad={"app.s000003"})
+    run(env)
+    assert [a[1] for a in env.jobs] == ["app.s000003@default", "app.s000002@default"]
+    assert [k for k, _ in env.events] == ["crash", "skipped", "restore"]
+    assert env.events[1][1] == {"image": "app.s000003", "error": "corrupted"}
+
+
+def test_every_checkpoint_bad_gives_up() -> None:
+    env = FakeEnv(["app.s000002"], bad={"app.s000002"})
+    sup = run(env)
+    assert [k for k, _ in env.events] == ["crash", "skipped", "restore-failed", "give-up"]
+    assert env.st.status == "given-up" and "app" not in sup.watches
+
+
+def test_success_exit_not_restored() -> None:
+    env = FakeEnv(["app.s000002"], bad=set(), status=0)
+    run(env)
+    assert env.jobs == []
+    assert env.st.status == "stopped"
+
+
+def test_stopped_record_not_restored() -> None:
+    env = FakeEnv(["app.s000002"], bad=set())
+    sup = Supervisor(env)  # type: ignore[arg-type]
+    sup.reload()
+    env.st = env.st.evolve(status="stopped")  # `torpor stop` marked it first
+    env.crash()
+    for _ in range(3):
+        sup.step(0.05)
+    assert env.jobs == [] and "app" not in sup.watches
