@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,30 @@ def test_a_supervised_process_s_checkpoints_carry_its_spec(torpor_home: Path) ->
     assert Image.open(other).manifest.supervision is None
 
 
+def test_a_supervised_app_s_checkpoint_without_a_path_lands_in_its_series_only(
+    torpor_home: Path,
+) -> None:
+    where = torpor_home / "selfck"
+    where.mkdir(mode=0o700)
+    app = [PYTHON, str(APPS / "self_checkpoint.py"), str(where), "series"]
+    pid = int(torpor("run", "--name", "own", "--", *app).stdout.split()[1])
+    log = torpor_home / "logs" / "own.log"
+    wait_for(lambda: log.exists() and len(counts(log).get(pid, [])) >= 2, what="counting")
+    spec = Spec(name="own", command=tuple(app), interval=0.0, keep=2)
+    _state.save(_state.State(spec=spec, status="supervised"))
+    before = set(Path(tempfile.gettempdir()).glob("torpor-checkpoint-*"))
+    (where / "go").touch()
+    done = where / "done-1"
+    wait_for(lambda: done.exists() and done.read_text(), timeout=30, what="the checkpoint")
+    # Answered once in the pool: the member named, no local image, its directory gone.
+    assert (where / "done-1").read_text() == "False own.s000001@default None"
+    assert set(Path(tempfile.gettempdir()).glob("torpor-checkpoint-*")) == before
+    with open_pool("default") as pool:
+        assert [i.name for i in members(pool, "own")] == ["own.s000001"]
+        assert pool.pull("own.s000001").manifest.supervision == spec.to_json()
+    still_counting(log, pid)
+
+
 def _last_image(name: str) -> str | None:
     state = _state.read(name)
     if state is None or state.last_checkpoint is None:
@@ -128,7 +153,8 @@ def test_a_supervised_app_s_own_checkpoints_join_its_series(torpor_home: Path) -
     torpor("checkpoint", "own", "--leave-running", "--pool", "default", "--name", "own.s000001")
     for n in (1, 2):
         (where / "go").touch()
-        wait_for(lambda n=n: (where / f"done-{n}").exists(), timeout=30, what=f"checkpoint {n}")
+        done = where / f"done-{n}"
+        wait_for(lambda d=done: d.exists() and d.read_text(), timeout=30, what=f"checkpoint {n}")
         assert (where / f"done-{n}").read_text() == "False"  # the original, running on
         assert Image.open(where / f"img-{n}").manifest.supervision == spec.to_json()
         wait_for(

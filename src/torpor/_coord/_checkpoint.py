@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +46,10 @@ from ._failures import CheckpointError, RestoreHookError
 from ._runtime import enable, root_context
 from ._track import opened_at
 
+# The label a checkpoint without a path carries (``_process._keeper_dump`` reads it): wanted in
+# the process's series only.
+SERIES_ONLY_LABEL = "torpor.series-only"
+
 
 class DumpOutcome(Protocol):
     """What the engine returns: ``restored`` is True in a restored copy, False in the original
@@ -55,6 +62,11 @@ class DumpOutcome(Protocol):
     @property
     def image(self) -> Path | None:
         """The image directory."""
+
+    @property
+    def series(self) -> str | None:
+        """The series member the image became (a supervised process's checkpoint taken
+        without a path), if any."""
 
 
 class Engine(Protocol):
@@ -96,7 +108,9 @@ class CheckpointResult:
 
     ``restored`` tells which of the two this is; ``restore_count`` how many restores this
     process has lived through; ``restored_at`` the last one (UTC); ``checkpointed_at`` when this
-    checkpoint was taken.
+    checkpoint was taken. ``series``: in a supervised process, the checkpoint in its series
+    (``NAME.sNNNNNN@POOL``) a checkpoint taken without a path became; its ``image`` is None
+    then (the local copy was dropped once the pool had it).
     """
 
     restored: bool
@@ -104,6 +118,7 @@ class CheckpointResult:
     restore_count: int
     restored_at: datetime | None
     checkpointed_at: datetime
+    series: str | None = None
 
 
 @dataclass(frozen=True)
@@ -171,7 +186,7 @@ class Coordinator:
 
     def checkpoint(
         self,
-        to: str | os.PathLike[str],
+        to: str | os.PathLike[str] | None = None,
         *,
         leave_running: bool = False,
         tcp_established: bool = False,
@@ -180,6 +195,10 @@ class Coordinator:
         fd_rules: Iterable[_policy.FdRule] = (),
     ) -> CheckpointResult:
         """Checkpoint this process into the image directory ``to`` (see the module docstring).
+
+        Without ``to`` the image goes to a fresh temporary directory; in a supervised process
+        (``torpor run --checkpoint-every``) it joins the process's series of checkpoints in
+        its pool (``result.series``) and the local copy is removed once the pool has it.
 
         Returns in the restored copy (``restored=True``) and, with ``leave_running``, in the
         original (``restored=False``). Raises :class:`CheckpointError` (hooks),
@@ -192,11 +211,25 @@ class Coordinator:
                 "checkpoint requested from inside a checkpoint/restore hook",
                 hint="hooks must not checkpoint; request it from the application's own code",
             )
-        dest = Path(to).absolute()
-        with self._lock:
-            return self._run(
-                dest, leave_running, tcp_established, name, dict(labels or {}), tuple(fd_rules)
-            )
+        own = dict(labels or {})
+        scratch: Path | None = None
+        if to is None:
+            scratch = Path(tempfile.mkdtemp(prefix="torpor-checkpoint-"))
+            dest = scratch / "image"
+            own[SERIES_ONLY_LABEL] = "1"
+        else:
+            dest = Path(to).absolute()
+        try:
+            with self._lock:
+                result = self._run(dest, leave_running, tcp_established, name, own, tuple(fd_rules))
+        except BaseException:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        if scratch is not None and result.series is not None and not result.restored:
+            shutil.rmtree(scratch, ignore_errors=True)  # it is in the pool: nothing to keep
+            result = dataclasses.replace(result, image=None)
+        return result
 
     def _run(
         self,
@@ -277,6 +310,7 @@ class Coordinator:
                 restore_count=self._count,
                 restored_at=self._restored_at,
                 checkpointed_at=taken,
+                series=None if outcome.restored else getattr(outcome, "series", None),
             )
         failures = reopener.restore()
         try:
@@ -333,7 +367,7 @@ def default_coordinator() -> Coordinator:
 
 
 def checkpoint(
-    to: str | os.PathLike[str],
+    to: str | os.PathLike[str] | None = None,
     *,
     leave_running: bool = False,
     tcp_established: bool = False,
@@ -341,7 +375,8 @@ def checkpoint(
     labels: Mapping[str, str] | None = None,
     fd_rules: Iterable[_policy.FdRule] = (),
 ) -> CheckpointResult:
-    """Checkpoint this process into the image directory ``to``, coordinated.
+    """Checkpoint this process into the image directory ``to``, coordinated (without ``to``:
+    a temporary directory, or, in a supervised process, its series in its pool only).
 
     Runs the before-checkpoint hooks, checks the descriptors (``fd_rules`` first, then the
     process-wide rules), trims memory and dumps. Without ``leave_running`` the original ends

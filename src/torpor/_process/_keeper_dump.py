@@ -72,6 +72,10 @@ MAX_LABEL_VALUE = 1024
 HANDOVER_TIMEOUT = 10.0
 _FD_SPACE = socket.CMSG_SPACE(16 * 4)
 
+# The label ``torpor.checkpoint()`` without a path sets (``_coord._checkpoint``, which must not
+# be imported here): the image is wanted in the app's series only (the app removes its local
+# copy once the keeper says it is in the pool).
+SERIES_ONLY_LABEL = "torpor.series-only"
 _DUMP_KEYS = {"v", "op", "staging", "dest", "name", "labels", "leave_running", "tcp_established"}
 
 
@@ -332,6 +336,15 @@ class SelfDump:
             assert self.proc is not None  # launched
             self.proc.wait()
             outcome = self._finish()
+            if self.joins is not None and self.req.labels.get(SERIES_ONLY_LABEL) == "1":
+                # Asked for without a place to keep it (``torpor.checkpoint()`` with no
+                # path): pushed before the app is answered, so that it can drop its copy.
+                from .._supervise._series import join_series
+
+                joins, self.joins = self.joins, None
+                member = join_series(self.rec.name, joins)
+                if member is not None:
+                    outcome["series"] = member
         except TorporError as exc:
             outcome = {"ok": False, "error": str(exc)}
         except OSError as exc:

@@ -51,6 +51,9 @@ class SelfDumpOutcome:
 
     restored: bool
     image: Path | None
+    # The series member a supervised app's checkpoint became, ``NAME.sNNNNNN@POOL``, when the
+    # keeper pushed it before answering (a checkpoint asked for without a place to keep it).
+    series: str | None = None
 
 
 def self_checkpoint(
@@ -96,7 +99,7 @@ def self_checkpoint(
         raise
     if result.restored:
         return SelfDumpOutcome(restored=True, image=dest)
-    return SelfDumpOutcome(restored=False, image=collect.image or dest)
+    return SelfDumpOutcome(restored=False, image=collect.image or dest, series=collect.series)
 
 
 # -- through the keeper ----------------------------------------------------------------------
@@ -157,6 +160,7 @@ class _Collect:
     def __init__(self, keeper: int) -> None:
         self.keeper = keeper
         self.image: Path | None = None
+        self.series: str | None = None
 
     def __call__(self) -> Path | None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
@@ -171,6 +175,8 @@ class _Collect:
             raise DumpError(f"the keeper could not make the image: {error}")
         image, log = reply.get("image"), reply.get("log")
         self.image = Path(image) if isinstance(image, str) else None
+        series = reply.get("series")
+        self.series = series if isinstance(series, str) and len(series) < 512 else None
         return Path(log) if isinstance(log, str) else None
 
 

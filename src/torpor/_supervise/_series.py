@@ -163,7 +163,8 @@ def join_series(name: str, image: Image, *, started: float | None = None) -> str
     last checkpoint and count kept), prune to the spec's ``keep``. The image pushed is
     checked against ``image.manifest`` (what the keeper sealed; the directory is the app's,
     see ``_pools._sign.local_origin``). The member's name, or None if ``name`` is not
-    supervised. A failure is recorded as ``checkpoint-failed`` and raised."""
+    supervised (``NAME.sNNNNNN@POOL``), or None if ``name`` is not supervised. A failure is
+    recorded as ``checkpoint-failed`` and raised."""
     from .._images._stats import read_dump_stats_at
     from .._pools import open_pool
     from . import _events, _spec, _state
@@ -203,7 +204,7 @@ def join_series(name: str, image: Image, *, started: float | None = None) -> str
         new_bytes=stored.stored_bytes,
     )
     _state.update(name, lambda s: s.evolve(last_checkpoint=done, kept=kept))
-    return stored.name
+    return f"{stored.name}@{spec.pool}"
 
 
 def _push_next(pool: Pool, name: str, image: Image) -> PoolImage:

@@ -1,7 +1,9 @@
 """A counter (as counter.py) that checkpoints itself, coordinated and ``leave_running``, when
 told: a file ``go`` in the directory given as its argument (removed first) makes it call
 ``torpor.checkpoint(DIR/img-N, leave_running=True)`` and write ``DIR/done-N`` (its
-``restored`` flag) once the call returned."""
+``restored`` flag) once the call returned. With a second argument ``series`` it calls
+``torpor.checkpoint(leave_running=True)`` with no path instead, and ``done-N`` holds
+"<restored> <series> <image>"."""
 
 import os
 import sys
@@ -10,6 +12,7 @@ import time
 import torpor
 
 where = sys.argv[1]
+no_path = sys.argv[2:] == ["series"]
 count = 0
 taken = 0
 while True:
@@ -19,7 +22,12 @@ while True:
     if os.path.exists(go):
         os.unlink(go)
         taken += 1
-        result = torpor.checkpoint(os.path.join(where, f"img-{taken}"), leave_running=True)
+        if no_path:
+            result = torpor.checkpoint(leave_running=True)
+            said = f"{result.restored} {result.series} {result.image}"
+        else:
+            result = torpor.checkpoint(os.path.join(where, f"img-{taken}"), leave_running=True)
+            said = str(result.restored)
         with open(os.path.join(where, f"done-{taken}"), "w") as fh:
-            fh.write(str(result.restored))
+            fh.write(said)
     time.sleep(0.05)
