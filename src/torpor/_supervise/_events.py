@@ -123,7 +123,7 @@ def encode(kind: str, fields: Mapping[str, Value], *, time: str) -> bytes:
     return (json.dumps(obj, ensure_ascii=True) + "\n").encode()
 
 
-_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_APPEND = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def _append(dir_fd: int, dir_path: Path, file: str, old: str, line: bytes) -> None:
@@ -141,6 +141,8 @@ def _append(dir_fd: int, dir_path: Path, file: str, old: str, line: bytes) -> No
             if st.st_size + len(line) > MAX_FILE and st.st_size > 0:
                 os.rename(file, old, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                 continue  # the next file gets the line
+            if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
+                line = b"\n" + line  # a writer killed mid-line: its part stays a line of its own
             os.write(fd, line)  # one write: O_APPEND keeps concurrent lines whole
             return
         finally:

@@ -162,6 +162,8 @@ def _bad(source: str, problem: str) -> SupervisionRecordError:
 
 
 def _describe(value: object) -> str:
+    if isinstance(value, int) and value.bit_length() > 64:
+        return "a huge number"  # repr() of one of thousands of digits raises
     text = repr(value)
     return text if len(text) <= 40 else f"{type(value).__name__} {text[:30]}..."
 
@@ -245,7 +247,7 @@ def _problem(name: str, value: Any) -> str | None:
         low, high = (1, MAX_KEEP) if name == "keep" else (0, MAX_RESTARTS)
         if not isinstance(value, int) or isinstance(value, bool):
             return "not a whole number"
-        return None if low <= value <= high else f"{value} is not within {low}-{high}"
+        return None if low <= value <= high else f"{_describe(value)} is not within {low}-{high}"
     if name == "restart":
         ok = isinstance(value, str) and value in RESTART_POLICIES
         return None if ok else f"{value!r} is not one of {', '.join(RESTART_POLICIES)}"
@@ -256,7 +258,7 @@ def _problem(name: str, value: Any) -> str | None:
             return f"not a list of at most {MAX_EXIT_CODES} exit codes"
         bad = [c for c in value if isinstance(c, bool) or not isinstance(c, int)]
         bad += [c for c in value if isinstance(c, int) and not 0 <= c <= 255]
-        return None if not bad else f"{bad[0]!r} is not an exit code (0-255)"
+        return None if not bad else f"{_describe(bad[0])} is not an exit code (0-255)"
     return f"unknown setting {name!r}"
 
 

@@ -369,6 +369,8 @@ def _time(value: object, source: str, what: str) -> str:
 
 
 def _short(value: object) -> str:
+    if isinstance(value, int) and value.bit_length() > 64:
+        return "a huge number"  # repr() of one of thousands of digits raises
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
