@@ -22,11 +22,14 @@ from torpor._supervise._policy import (
 from torpor._supervise._spec import Spec
 
 CKPTS = ("app.s000005", "app.s000004", "app.s000003")
-KILLED = Exit(signal=signal.SIGKILL)
+# A failure of the process's own (its state may be at fault): the crash-loop rules apply in
+# full. Kills from outside are treated apart (test_a_late_kill_*).
+KILLED = Exit(signal=signal.SIGABRT)
+SIGKILLED = Exit(signal=signal.SIGKILL)
 
 
 def spec(**kw: object) -> Spec:
-    return Spec(name="app", command=("app",), **kw)  # type: ignore[arg-type]
+    return Spec(name="app", command=("app",), **{"min_uptime": 5.0, **kw})  # type: ignore[arg-type]
 
 
 def test_exit_from_status() -> None:
@@ -56,7 +59,7 @@ def test_failures() -> None:
 
 def test_crash_restores_newest() -> None:
     d = decide(spec(), KILLED, CKPTS, History(), now=100.0)
-    assert d == Restore(CKPTS, "killed by SIGKILL; restoring the newest checkpoint")
+    assert d == Restore(CKPTS, "killed by SIGABRT; restoring the newest checkpoint")
 
 
 @pytest.mark.parametrize(
@@ -86,7 +89,7 @@ def test_always_restores_success() -> None:
 def test_no_never_restores() -> None:
     s = spec(restart="no")
     assert decide(s, KILLED, CKPTS, History(), 1.0) == GiveUp(
-        "killed by SIGKILL; restart policy is 'no'"
+        "killed by SIGABRT; restart policy is 'no'"
     )
     assert decide(s, Exit(code=0), CKPTS, History(), 1.0) == Leave("exited 0 (a success exit code)")
 
@@ -96,7 +99,7 @@ def test_crash_within_min_uptime_falls_back() -> None:
     d = decide(spec(min_uptime=5.0), KILLED, CKPTS, h, now=102.0)
     assert d == Restore(
         ("app.s000004", "app.s000003"),
-        "killed by SIGKILL 2.0s after its restore from app.s000005 (within --min-uptime 5s); "
+        "killed by SIGABRT 2.0s after its restore from app.s000005 (within --min-uptime 5s); "
         "falling back to an older checkpoint",
     )
 
@@ -131,7 +134,7 @@ def test_crash_loop_runs_out_of_older_checkpoints() -> None:
     h = after_restore(History(), "app.s000003", now=100.0)
     d = decide(spec(), KILLED, CKPTS, h, now=101.0)
     assert d == GiveUp(
-        "killed by SIGKILL within --min-uptime of its restore from app.s000003, and no older "
+        "killed by SIGABRT within --min-uptime of its restore from app.s000003, and no older "
         "checkpoint is left to fall back to"
     )
 
@@ -160,13 +163,13 @@ def test_every_checkpoint_bad() -> None:
     for c in CKPTS:
         h = after_failed_restore(h, c)
     assert decide(spec(), KILLED, CKPTS, h, now=1.0) == GiveUp(
-        "killed by SIGKILL; every checkpoint of app failed to restore"
+        "killed by SIGABRT; every checkpoint of app failed to restore"
     )
 
 
 def test_no_checkpoint_gives_up_never_starts_fresh() -> None:
     assert decide(spec(), KILLED, (), History(), now=1.0) == GiveUp(
-        "killed by SIGKILL before its first checkpoint: nothing to restore (start it again "
+        "killed by SIGABRT before its first checkpoint: nothing to restore (start it again "
         "with `torpor run --resume --name app -- CMD`)"
     )
 
@@ -177,7 +180,7 @@ def test_max_restarts_within_window() -> None:
     for t in (10.0, 20.0, 30.0):
         h = after_restore(h, "app.s000005", t)
     assert decide(s, KILLED, CKPTS, h, now=40.0) == GiveUp(
-        "killed by SIGKILL; already restored 3 times within 1m (--max-restarts 3)"
+        "killed by SIGABRT; already restored 3 times within 1m (--max-restarts 3)"
     )
     # The first restore leaves the window at 70 s: one more is allowed then.
     assert isinstance(decide(s, KILLED, CKPTS, h, now=70.0), Restore)
@@ -198,3 +201,39 @@ def test_after_restore_and_prune() -> None:
     h = after_restore(after_restore(History(), "a.s000001", 1.0), "a.s000002", 50.0)
     assert h == History(restores=(1.0, 50.0), last_image="a.s000002", running_since=50.0)
     assert prune_restores(h, 30.0, 60.0).restores == (50.0,)
+
+
+def test_a_late_kill_from_outside_restores_the_newest_and_does_not_count() -> None:
+    s = spec(min_uptime=1.0, max_restarts=2)
+    h = History()
+    now = 100.0
+    for _ in range(20):  # killed 20 times, each copy after 1.5 s: back every time, newest
+        d = decide(s, SIGKILLED, CKPTS, h, now=now)
+        assert d == Restore(CKPTS, "killed by SIGKILL; restoring the newest checkpoint", False)
+        h = after_restore(h, CKPTS[0], now=now, counts=d.counts)
+        now += 1.5
+    assert h.restores == ()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_quick_kill_counts_and_falls_back(sig: int) -> None:
+    h = after_restore(History(), "app.s000005", now=100.0)
+    d = decide(spec(min_uptime=1.0), Exit(signal=sig), CKPTS, h, now=100.5)
+    assert isinstance(d, Restore)
+    assert (d.candidates, d.counts) == (("app.s000004", "app.s000003"), True)
+
+
+def test_quick_kills_give_up_at_max_restarts() -> None:
+    s = spec(min_uptime=1.0, max_restarts=2, restart_window=60.0)
+    h = History()
+    for t in (100.0, 100.5):
+        h = after_restore(h, "app.s000005", now=t)
+    d = decide(s, SIGKILLED, CKPTS, h, now=100.6)
+    assert d == GiveUp("killed by SIGKILL; already restored 2 times within 1m (--max-restarts 2)")
+
+
+@pytest.mark.parametrize("end", [Exit(signal=signal.SIGSEGV), Exit(code=1), Exit()])
+def test_a_late_failure_of_its_own_counts(end: Exit) -> None:
+    h = after_restore(History(), "app.s000005", now=100.0)
+    d = decide(spec(min_uptime=1.0), end, CKPTS, h, now=110.0)
+    assert isinstance(d, Restore) and (d.candidates, d.counts) == (CKPTS, True)

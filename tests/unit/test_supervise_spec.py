@@ -64,7 +64,7 @@ def test_spec_round_trips() -> None:
 def test_defaults_as_in_the_contract() -> None:
     spec = Spec.from_json({"name": "app", "command": ["sleep", "1"]}, source="here")
     assert spec == Spec("app", ("sleep", "1"), "default", 0.0, 3, "on-failure", False, (0,),
-                        5.0, 5, 300.0, 5.0)  # fmt: skip
+                        1.0, 5, 300.0, 5.0)  # fmt: skip
 
 
 def _bad(**changes: object) -> str:

@@ -31,7 +31,7 @@ _OPTIONS = (
     (
         "--min-uptime",
         "D",
-        "a restored copy failing sooner falls back to an older checkpoint (default 5s)",
+        "a restored copy failing sooner falls back to an older checkpoint (default 1s)",
     ),
     ("--max-restarts", "N", "give up after N restores within --restart-window (default 5)"),
     ("--restart-window", "D", "window of --max-restarts (default 5m)"),

@@ -176,6 +176,7 @@ class Watch:
     prune: Job | None = None
     restore: Job | None = None
     restore_image: str | None = None
+    restore_counts: bool = True  # the pending restore counts towards --max-restarts
     candidates: list[str] = field(default_factory=list)
     ended_at: float | None = None  # the app ended; its exit status not read yet
     lease: Any = None
@@ -381,6 +382,7 @@ class Supervisor:
         else:
             log(f"{w.name}: {decision.reason}")
             w.candidates = list(decision.candidates)
+            w.restore_counts = decision.counts
             self._restore_next(w)
 
     def _give_up(self, w: Watch, reason: str) -> None:
@@ -413,7 +415,9 @@ class Supervisor:
         with contextlib.suppress(TorporError):
             rec = self.env.record(w.name)
         if code == 0:
-            w.history = _policy.after_restore(w.history, image, self.env.now())
+            w.history = _policy.after_restore(
+                w.history, image, self.env.now(), counts=w.restore_counts
+            )
             pid = rec.pid if rec is not None else None
             log(f"{w.name}: restored from {image} in {took}s (pid {pid})")
             self.env.event(w.name, "restore", image=image, pid=pid, duration_s=took)

@@ -25,6 +25,12 @@ The crash-loop rules (issue 8, point 2):
   would silently throw its state away and start counting again from zero, which supervision
   promises never to do. The reason says how to start it again (``torpor run --resume``).
 
+- a copy *killed* from outside (SIGKILL, SIGTERM, SIGINT, SIGHUP: an operator, the OOM
+  killer, a test) after it ran at least ``min_uptime`` is restored from the newest checkpoint
+  and that restore does not count towards ``max_restarts``: nothing says its state is at fault,
+  and a process killed now and then must come back every time. Killed sooner it counts (an
+  out-of-memory loop right after each restore is a crash loop too) and falls back as above.
+
 Restores that fail do not count towards ``max_restarts`` (none ran), but each failed one
 removes a candidate, so the attempts after one crash are bounded by the checkpoints there are.
 Never a runaway loop.
@@ -95,6 +101,7 @@ class Restore:
 
     candidates: tuple[str, ...]
     reason: str
+    counts: bool = True  # towards ``max_restarts`` (see :func:`after_restore`)
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,10 @@ class Leave:
 
 
 Decision = Restore | GiveUp | Leave
+
+
+# Signals that come from outside the process (its own faults are SIGSEGV, SIGABRT, SIGBUS...).
+_KILLS = frozenset({_signal.SIGKILL, _signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP})
 
 
 def is_failure(spec: Spec, end: Exit) -> bool:
@@ -134,19 +145,17 @@ def decide(
         return GiveUp(f"{how}; restart policy is 'no'")
     if spec.restart == "on-failure" and not failed:
         return Leave(f"{how} (a success exit code; restart policy is 'on-failure')")
+    quick = history.running_since is not None and now - history.running_since < spec.min_uptime
+    counts = quick or end.signal not in _KILLS
     recent = [t for t in history.restores if now - t < spec.restart_window]
-    if len(recent) >= spec.max_restarts:
+    if counts and len(recent) >= spec.max_restarts:
         return GiveUp(
             f"{how}; already restored {len(recent)} times within "
             f"{_seconds(spec.restart_window)} (--max-restarts {spec.max_restarts})"
         )
     usable = [c for c in checkpoints if c not in history.bad]
     reason = f"{how}; restoring the newest checkpoint"
-    loop = (
-        history.last_image is not None
-        and history.running_since is not None
-        and now - history.running_since < spec.min_uptime
-    )
+    loop = history.last_image is not None and quick
     if loop:
         assert history.last_image is not None
         older = _older_than(checkpoints, history.last_image)
@@ -168,7 +177,7 @@ def decide(
             f"{how} before its first checkpoint: nothing to restore (start it again with "
             f"`torpor run --resume --name {spec.name} -- CMD`)"
         )
-    return Restore(tuple(usable), reason)
+    return Restore(tuple(usable), reason, counts)
 
 
 def _older_than(checkpoints: Sequence[str], image: str) -> list[str]:
@@ -179,9 +188,11 @@ def _older_than(checkpoints: Sequence[str], image: str) -> list[str]:
     return [c for c in checkpoints if (len(c), c) < (len(image), image)]
 
 
-def after_restore(history: History, image: str, now: float) -> History:
-    """``history`` once ``image`` was restored (and runs) at ``now``."""
-    return replace(history, restores=(*history.restores, now), last_image=image, running_since=now)
+def after_restore(history: History, image: str, now: float, *, counts: bool = True) -> History:
+    """``history`` once ``image`` was restored (and runs) at ``now``; the restore ``counts``
+    towards ``max_restarts`` or not (:attr:`Restore.counts`)."""
+    restores = (*history.restores, now) if counts else history.restores
+    return replace(history, restores=restores, last_image=image, running_since=now)
 
 
 def after_failed_restore(history: History, image: str) -> History:

@@ -110,7 +110,7 @@ class Spec:
     restart: str = "on-failure"
     tcp_established: bool = False
     success_exit_codes: tuple[int, ...] = (0,)
-    min_uptime: float = 5.0
+    min_uptime: float = 1.0
     max_restarts: int = 5
     restart_window: float = 300.0
     stop_timeout: float = 5.0
