@@ -96,35 +96,18 @@ def _seq(image: str) -> int:
 
 
 def _settled(name: str) -> None:
-    """Wait until the supervisor no longer checkpoints nor prunes ``name`` (it was stopped):
-    its pool is then only read."""
+    """Wait until ``name`` is stopped and the supervisor runs no job (checkpoint, prune) any
+    more: its pool is then only read."""
     wait_for(lambda: _state.read(name).status == "stopped", what=f"{name} stopped")  # type: ignore[union-attr]
-
-    def quiet() -> bool:
-        status = json.loads(torpor("supervisor", "status", "--json").stdout)
-        return all(s["name"] != name or s["status"] == "stopped" for s in status["supervised"])
-
-    wait_for(quiet, what="the supervisor to let go")
-    # A prune started by the last checkpoint runs on by itself: wait for the daemon's log to
-    # say nothing new for a while (prunes log only on failure, so: their subprocess is gone).
-    wait_for(lambda: not _children_named(_daemon_pid(), "torpor._supervise._tasks"), timeout=30)
+    wait_for(lambda: not _daemon_jobs(), timeout=30, what="the supervisor's jobs to end")
 
 
-def _daemon_pid() -> int:
+def _daemon_jobs() -> list[str]:
+    """The supervisor's children (the torpor commands it runs)."""
     ref = _daemon(Path(os.environ["TORPOR_HOME"]))
-    assert ref is not None
-    return ref.pid
-
-
-def _children_named(pid: int, word: str) -> list[int]:
-    found = []
-    with contextlib.suppress(OSError):
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-                if word.encode() in argv:
-                    found.append(int(child))
-    return found
+    assert ref is not None and ref.alive()
+    path = Path(f"/proc/{ref.pid}/task/{ref.pid}/children")
+    return path.read_text().split()
 
 
 def _free_port() -> int:
@@ -257,7 +240,8 @@ def test_a_corrupted_newest_checkpoint_is_skipped_for_the_one_before(home: Path)
     # The packs of checkpoint 2 are those the pool gained between checkpoints 1 and 2 (the
     # pool's garbage collection runs after the first prune, then 30 s later: not between).
     wait_for(lambda: len(_kinds("cor", "checkpoint")) == 1, timeout=20, what="checkpoint 1")
-    wait_for(lambda: not _children_named(_daemon_pid(), "torpor._supervise._tasks"), timeout=10)
+    wait_for(lambda: _state.read("cor").kept == 1, what="the prune of checkpoint 1")  # type: ignore[union-attr]
+    wait_for(lambda: not _daemon_jobs(), what="the supervisor's jobs to end")
     before = _packs()
     wait_for(lambda: len(_kinds("cor", "checkpoint")) == 2, timeout=20, what="checkpoint 2")
     new = sorted(_packs() - before)
