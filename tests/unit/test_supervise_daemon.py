@@ -5,11 +5,15 @@ and a record marked stopped is not restored."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from torpor._errors import PoolError
 from torpor._process._proc import ProcRef
 from torpor._supervise._daemon import Supervisor
+from torpor._supervise._lease import LeaseLostError
 from torpor._supervise._spec import Spec
 from torpor._supervise._state import State
 
@@ -150,3 +154,93 @@ def test_stopped_record_not_restored() -> None:
     for _ in range(3):
         sup.step(0.05)
     assert env.jobs == [] and "app" not in sup.watches
+
+
+class FakeLease:
+    def __init__(self, fail: Exception | None) -> None:
+        self.fail = fail
+        self.renewals = 0
+
+    def renew(self) -> None:
+        self.renewals += 1
+        if self.fail is not None:
+            raise self.fail
+
+    def release(self) -> None:
+        pass
+
+
+class LeasedEnv(FakeEnv):
+    """The app is a real process (a sleep this test started), watched through a real pidfd;
+    the lease's renewals fail as told; the clock is the test's."""
+
+    def __init__(self, fail: Exception | None) -> None:
+        super().__init__(["app.s000002"], bad=set())
+        self.app = subprocess.Popen(["sleep", "60"])
+        self.rec = Rec("app", self.app.pid)
+        self.clock = 10.0
+        self.held = FakeLease(fail)
+
+    def now(self) -> float:
+        return self.clock
+
+    def open_checked(self, rec: Rec) -> int:
+        return os.pidfd_open(self.app.pid)
+
+    def lease(self, spec: Spec) -> FakeLease:
+        return self.held
+
+
+def _leased(fail: Exception | None, after: float) -> tuple[LeasedEnv, Supervisor]:
+    env = LeasedEnv(fail)
+    sup = Supervisor(env)  # type: ignore[arg-type]
+    sup.reload()
+    assert "app" in sup.watches
+    env.clock += after
+    sup.step(0.01)
+    return env, sup
+
+
+def test_a_lost_lease_stops_the_copy_here() -> None:
+    lost = LeaseLostError("lease on app lapsed", pool="default", name="app")
+    env, sup = _leased(lost, after=6.0)
+    try:
+        assert env.app.wait(timeout=5) == -signal.SIGKILL  # fenced: one copy only
+        assert "app" not in sup.watches and env.jobs == []
+        assert env.st.status == "given-up"
+        assert env.st.given_up == (
+            "its lease was lost (lease on app lapsed): stopped here so that only one copy runs"
+        )
+        assert env.events == [("lease", {"held": False, "error": "its lease was lost "
+                                         "(lease on app lapsed)"})]  # fmt: skip
+    finally:
+        env.app.kill()
+        env.app.wait()
+
+
+def test_an_unreachable_pool_is_retried_then_fenced_before_the_lease_lapses() -> None:
+    down = PoolError("pool default: connection refused")
+    env, sup = _leased(down, after=6.0)  # 6 s of 15 without a renewal: retried
+    try:
+        assert env.app.poll() is None and "app" in sup.watches
+        assert env.events == [("lease", {"held": True, "error": str(down)})]
+        env.clock += 6.0  # 12 s: 80 % of the lease: stopped before another home may take it
+        sup.step(0.01)
+        assert env.app.wait(timeout=5) == -signal.SIGKILL
+        assert env.st.status == "given-up" and "app" not in sup.watches
+    finally:
+        env.app.kill()
+        env.app.wait()
+
+
+def test_a_renewed_lease_keeps_the_copy() -> None:
+    env, sup = _leased(None, after=6.0)
+    try:
+        env.clock += 6.0
+        sup.step(0.01)
+        env.clock += 6.0
+        sup.step(0.01)
+        assert env.held.renewals == 3 and env.app.poll() is None and "app" in sup.watches
+    finally:
+        env.app.kill()
+        env.app.wait()

@@ -20,7 +20,9 @@ For each name whose supervision record says it should run (status ``supervised``
 Nothing heavy runs in the daemon itself: it forks nothing but ``exec``-ed CLI commands, each
 the tested command. The crash path is a pidfd wake-up, one record read, one pool listing and
 the restore command: no sleep, no polling. It signals nothing itself but its own children
-(a checkpoint command it aborts at shutdown).
+(a checkpoint command it aborts at shutdown) and, when its lease on a process is lost or
+could not be renewed for most of its duration, that process (through its checked pidfd):
+another home may resume it then, and two live copies must never run (self-fencing).
 
 SIGTERM: checkpoint every supervised process that runs (in parallel, within the shutdown
 timeout), mark them ``shutdown`` and exit, the apps left running. SIGHUP: re-read the records.
@@ -32,6 +34,7 @@ import contextlib
 import json
 import os
 import select
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -47,6 +50,7 @@ from ._watch import Job
 
 EXIT_WAIT = 0.5  # seconds the keeper is given to record an exit status
 LEASE_DURATION = 15.0
+FENCE_AT = 0.8  # of LEASE_DURATION without a renewal: the copy here is stopped
 GC_EVERY = 30.0  # seconds between the pool collections after prunes
 RUN_STATUSES = ("supervised", "shutdown")
 
@@ -181,6 +185,7 @@ class Watch:
     ended_at: float | None = None  # the app ended; its exit status not read yet
     lease: Any = None
     lease_renew: float = 0.0
+    lease_ok: float = 0.0  # when the lease was last known held (taken or renewed)
     next_gc: float = 0.0
 
     @property
@@ -284,7 +289,8 @@ class Supervisor:
             self.env.event(spec.name, "lease", held=False, error=str(exc))
             del self.watches[spec.name]
             return
-        w.lease_renew = self.env.now() + LEASE_DURATION / 3
+        w.lease_ok = self.env.now()
+        w.lease_renew = w.lease_ok + LEASE_DURATION / 3
         if state.status != "supervised":
             self.env.update(spec.name, lambda s: s.evolve(status="supervised"))
         w.next_checkpoint = self.env.now() + spec.interval
@@ -518,15 +524,39 @@ class Supervisor:
     # -- leases -----------------------------------------------------------------------------
 
     def _renew(self, w: Watch) -> None:
-        w.lease_renew = self.env.now() + LEASE_DURATION / 3
+        from ._lease import LeaseLostError
+
+        now = self.env.now()
+        w.lease_renew = now + LEASE_DURATION / 3
         try:
             w.lease.renew()
+        except LeaseLostError as exc:
+            # Lapsed or taken over (another home resumes it): only one copy may run.
+            self._fence(w, f"its lease was lost ({exc})")
         except TorporError as exc:
-            # Taken over (another home resumed it with --force): it is not ours to restore.
-            log(f"{w.name}: lease lost, no longer supervised here: {exc}")
-            self.env.event(w.name, "lease", held=False, error=str(exc))
-            w.lease = None
-            self._forget(w)
+            # The pool unreachable: retried at the next renewal, unless the lease would lapse
+            # first (another home may then take it): the copy here is stopped before that.
+            if now - w.lease_ok >= LEASE_DURATION * FENCE_AT:
+                self._fence(w, f"its lease could not be renewed for {now - w.lease_ok:.0f}s "
+                            f"({exc})")  # fmt: skip
+            else:
+                log(f"{w.name}: lease not renewed (retrying): {exc}")
+                self.env.event(w.name, "lease", held=True, error=str(exc))
+        else:
+            w.lease_ok = now
+
+    def _fence(self, w: Watch, why: str) -> None:
+        """Stop the copy here (self-fencing): another home may resume the process once its
+        lease lapsed, and two live copies must never run."""
+        reason = f"{why}: stopped here so that only one copy runs"
+        log(f"{w.name}: {reason}")
+        if w.pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(w.pidfd, signal.SIGKILL)  # the checked process
+        self.env.event(w.name, "lease", held=False, error=why)
+        self.env.update(w.name, lambda s: s.evolve(status="given-up", given_up=reason))
+        w.lease = None
+        self._forget(w)
 
     # -- shutdown ---------------------------------------------------------------------------
 
