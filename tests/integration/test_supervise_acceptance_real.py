@@ -265,7 +265,7 @@ def test_a_corrupted_newest_checkpoint_is_skipped_for_the_one_before(home: Path)
     assert [e.fields["image"] for e in _kinds("cor", "restore")] == ["cor.s000001"]
     assert _kinds("cor", "restore-failed") == []
     # The restored copy continues from checkpoint 1: on, not from zero.
-    after = wait_for(lambda: counts(home / "logs" / "cor.log").get(back.pid), what="output")  # type: ignore[union-attr]
+    after = wait_for(lambda: counts(home / "logs" / "cor.log").get(back.pid), what="output")  # type: ignore[attr-defined]
     assert after[0] > 1  # type: ignore[index]
     kinds = [e["kind"] for e in _events_json("cor")]
     assert kinds[kinds.index("crash") :][:3] == ["crash", "skipped", "restore"]
