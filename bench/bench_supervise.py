@@ -362,6 +362,7 @@ class Crash:
     restore_s: list[float] = field(default_factory=list)
     restore_warm_s: list[float] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
     # Where the supervised time goes, from the supervisor's events: kill -> its crash event,
     # kill -> its restore event (the restore command done), and that command's own duration.
     to_crash_event_s: list[float] = field(default_factory=list)
@@ -426,6 +427,17 @@ def plain_restore(source: str, name: str, port: int, pids: set[int], janitor: Ja
     pids.add(managed_pid(name))
     janitor.stop(name)
     return seconds
+
+
+def last_events(r: int) -> str:
+    """The last supervision events of round ``r``'s server, for the report of a failure."""
+    from torpor._supervise import _events
+
+    try:
+        got = _events.read(f"bench-sup-{r}")[-6:]
+    except Exception as exc:
+        return f"(unreadable: {exc})"
+    return "; ".join(f"{e.kind} {dict(e.fields)}" for e in got)
 
 
 def event_wall(event: dict[str, Any]) -> float:
@@ -554,6 +566,12 @@ def crash_table(c: Crash, size: int) -> str:
             f"{med(c.to_crash_event_s) * 1000:.0f} ms; SIGKILL -> restore event (its "
             f"`torpor restore` done) {med(c.to_restore_event_s) * 1000:.0f} ms; that "
             f"command's own duration {med(c.restore_command_s) * 1000:.0f} ms.",
+            *(
+                ["", f"Failed rounds ({len(c.failures)}, not in the figures above):"]
+                + [f"- {f}" for f in c.failures]
+                if c.failures
+                else []
+            ),
         ]
     )
 
@@ -754,7 +772,12 @@ def main() -> int:
             if "2" in parts and supervised:
                 crash = Crash()
                 for r in range(args.rounds):
-                    crash_round(r, parse_size(args.serve_size), janitor, crash)
+                    try:
+                        crash_round(r, parse_size(args.serve_size), janitor, crash)
+                    except RuntimeError as exc:  # a round that failed is a result too
+                        crash.failures.append(f"round {r + 1}: {exc}; events: {last_events(r)}")
+                        log(f"(2) round {r + 1} FAILED: {crash.failures[-1]}")
+                        janitor.stop(f"bench-sup-{r}")
             if "3" in parts and supervised:
                 intervals = tuple(x.strip() for x in args.intervals.split(",") if x.strip())
                 tp = bench_throughput(
@@ -763,6 +786,12 @@ def main() -> int:
         except KeyboardInterrupt:
             log("interrupted: cleaning up")
             return 130
+        except Exception:  # report what was measured before it
+            import traceback
+
+            failed = traceback.format_exc()
+            log(f"the run failed, reporting what it measured:\n{failed}")
+            info["failed"] = failed.strip().splitlines()[-1]
         finally:
             janitor.cleanup()
     return report(args, stamp, info, frozen, crash, tp)
