@@ -35,135 +35,24 @@ import json
 import os
 import select
 import signal
-import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import ProcessNotFoundError, TorporError
 from . import _policy
+from ._env import LEASE_DURATION, Env, log
 from ._policy import Exit, History
 from ._spec import Spec
 from ._state import Crash, LastCheckpoint, State
 from ._watch import Job
 
+__all__ = ["Env", "Supervisor", "Watch", "log"]  # Env and log: for _control, which runs it
+
 EXIT_WAIT = 0.5  # seconds the keeper is given to record an exit status
-LEASE_DURATION = 15.0
 FENCE_AT = 0.8  # of LEASE_DURATION without a renewal: the copy here is stopped
 GC_EVERY = 30.0  # seconds between the pool collections after prunes
 RUN_STATUSES = ("supervised", "shutdown")
-
-
-def log(message: str) -> None:
-    """A line in the daemon's log (its stdout)."""
-    from .._images._manifest import now_iso
-
-    print(f"{now_iso()} supervisor {os.getpid()}: {message}", flush=True)
-
-
-class Env:
-    """What the supervisor acts through: the real torpor (its records, the CLI, pools). Unit
-    tests pass a fake."""
-
-    def __init__(self) -> None:
-        from ._watch import cli_argv
-
-        self.cli = cli_argv()
-        self._pools: dict[str, Any] = {}
-        self.holder = f"{socket.gethostname()} {_home()} pid {os.getpid()}"
-
-    def now(self) -> float:
-        return time.monotonic()
-
-    def states(self) -> list[State]:
-        from . import _state
-
-        skipped: list[TorporError] = []
-        out = _state.list_all(skipped)
-        for problem in skipped:
-            log(f"skipped a supervision record: {problem}")
-        return out
-
-    def state(self, name: str) -> State | None:
-        from . import _state
-
-        return _state.read(name)
-
-    def update(self, name: str, fn: Callable[[State], State]) -> None:
-        from . import _state
-
-        _state.update(name, fn)
-
-    def event(self, name: str, kind: str, **fields: Any) -> None:
-        from . import _events
-
-        try:
-            _events.append(name, kind, **fields)
-        except (OSError, TorporError) as exc:
-            log(f"cannot record event {kind} of {name}: {exc}")
-
-    def record(self, name: str) -> Any:
-        from .._process import _registry
-
-        return _registry.load(name)
-
-    def open_checked(self, rec: Any) -> int:
-        from .._process import _registry
-
-        return _registry.open_checked(rec)
-
-    def keeper_alive(self, rec: Any) -> bool:
-        from .._process import _registry
-
-        return _registry.keeper_alive(rec)
-
-    def pool(self, name: str) -> Any:
-        pool = self._pools.get(name)
-        if pool is None:
-            from .._pools import open_pool
-
-            pool = self._pools[name] = open_pool(name)
-        return pool
-
-    def checkpoints(self, spec: Spec) -> list[str]:
-        from . import _series
-
-        return [m.name for m in _series.members(self.pool(spec.pool), spec.name)]
-
-    def next_image(self, spec: Spec) -> str:
-        from . import _series
-
-        return _series.series_name(spec.name, _series.next_seq(self.pool(spec.pool), spec.name))
-
-    def job(self, args: list[str], what: str) -> Job:
-        return Job([*self.cli, *args], what=what)
-
-    def task(self, args: list[str], what: str) -> Job:
-        import sys
-
-        return Job([sys.executable, "-P", "-m", "torpor._supervise._tasks", *args], what=what)
-
-    def lease(self, spec: Spec) -> Any:
-        try:
-            from . import _lease
-        except ImportError:  # pragma: no cover - until the lease module lands
-            return None
-        return _lease.acquire(
-            self.pool(spec.pool), spec.name, holder=self.holder, duration=LEASE_DURATION
-        )
-
-    def watch_dir(self) -> Any:
-        from .. import _paths
-        from ._watch import DirWatch
-
-        return DirWatch(_paths.procs_dir())
-
-
-def _home() -> str:
-    from .. import _paths
-
-    return str(_paths.home())
 
 
 @dataclass
