@@ -128,24 +128,27 @@ def _resume(app: App, args: argparse.Namespace, name: str, spec: Spec) -> int | 
     if not images:
         app.info(f"no checkpoint of {name} in pool {spec.pool}: starting the command")
         return None
-    problems = []
-    for image in images:
+    newest: str | None = None  # the newest image's failure: the error line names it
+    for i, image in enumerate(images):
         try:
             rec = _manage.restore(open_image(app, f"{image}@{spec.pool}"), names=[name])[0]
         except AlreadyExistsError:
             raise  # the name runs: no older image would restore either
         except TorporError as exc:
-            app.warn(f"{image}@{spec.pool} did not restore: {exc}")
-            problems.append(f"{image}: {exc}")
+            if newest is None:
+                newest = f"{image}@{spec.pool}: {exc.msg}"
+            if i + 1 < len(images):
+                app.warn(f"{image}@{spec.pool} did not restore ({exc.msg}); trying the one before")
             continue
         app.info(f"restored {name} from {image}@{spec.pool}")
         if args.checkpoint_every is not None:
             start_supervising(app, spec, event="resume")
         app.out(f"{rec.name} {rec.pid}")
         return 0
+    # One line, as every error: the outer supervisor's log shows what to do.
     app.err(
-        f"torpor: error: no checkpoint of {name} restored ({len(problems)} tried; the newest: "
-        f"{problems[0]}) (hint: `torpor run --resume --no-restore` starts the command afresh)"
+        f"torpor: error: no checkpoint of {name} restored ({len(images)} tried; the newest, "
+        f"{newest}) — run it again with --no-restore to start the command afresh"
     )
     return RESTORE_FAILED
 

@@ -54,13 +54,28 @@ def add_options(p: argparse.ArgumentParser, *, interval_required: bool) -> None:
     )
 
 
+# Spec field -> the flag that sets it
+_FLAGS = {
+    "interval": "--checkpoint-every",
+    "pool": "--pool",
+    "keep": "--keep",
+    "restart": "--restart",
+    "success_exit_codes": "--success-exit-codes",
+    "min_uptime": "--min-uptime",
+    "restart_window": "--restart-window",
+    "max_restarts": "--max-restarts",
+}
+
+
 def spec_from(args: argparse.Namespace, name: str, command: tuple[str, ...]) -> Spec:
-    """The spec the options in ``args`` ask for (each bad one: a one-line UsageError)."""
-    from .._supervise._spec import Spec, parse_duration
+    """The spec the options in ``args`` ask for (each bad one: a one-line UsageError naming
+    its flag); its pool must exist (a typo would start an app nobody supervises)."""
+    from .._pools import open_pool
+    from .._supervise._spec import Spec
 
     values: dict[str, Any] = {"name": name, "command": command}
     if args.checkpoint_every is not None:
-        values["interval"] = parse_duration(args.checkpoint_every)
+        values["interval"] = _duration(args.checkpoint_every, "--checkpoint-every")
     if args.pool is not None:
         values["pool"] = args.pool
     if args.keep is not None:
@@ -72,11 +87,31 @@ def spec_from(args: argparse.Namespace, name: str, command: tuple[str, ...]) -> 
         values["success_exit_codes"] = tuple(_int(c, "--success-exit-codes") for c in codes)
     for attr, key in (("min_uptime", "min_uptime"), ("restart_window", "restart_window")):
         if getattr(args, attr) is not None:
-            values[key] = parse_duration(getattr(args, attr))
+            values[key] = _duration(getattr(args, attr), "--" + attr.replace("_", "-"))
     if args.max_restarts is not None:
         values["max_restarts"] = _int(args.max_restarts, "--max-restarts")
     values["tcp_established"] = bool(args.tcp_established)
-    return Spec(**values)
+    try:
+        spec = Spec(**values)
+    except UsageError as exc:
+        # The spec names its field ("bad supervision setting keep: ..."): the user typed a flag.
+        for field, flag in _FLAGS.items():
+            prefix = f"bad supervision setting {field}:"
+            if exc.msg.startswith(prefix):
+                raise UsageError(f"{flag}{exc.msg[len(prefix) :]}", hint=exc.hint) from None
+        raise
+    with open_pool(spec.pool):
+        pass  # NotFoundError naming the pool, before anything starts
+    return spec
+
+
+def _duration(text: str, flag: str) -> float:
+    from .._supervise._spec import parse_duration
+
+    try:
+        return parse_duration(text)
+    except UsageError as exc:
+        raise UsageError(f"{flag}: {exc.msg}", hint=exc.hint) from None
 
 
 def any_option(args: argparse.Namespace) -> str | None:
@@ -237,7 +272,13 @@ def _stop(app: App, args: argparse.Namespace) -> int:
             _state.update(args.name, lambda s: s.evolve(status="stopped"))
             _control.reload()
             if args.checkpoint:
-                image = final_checkpoint(app, state.spec)
+                try:
+                    image = final_checkpoint(app, state.spec)
+                except TorporError:
+                    # Not stopped after all: it runs on, supervised as before.
+                    _state.update(args.name, lambda s: s.evolve(status=state.status))
+                    _control.reload()
+                    raise
                 app.info(f"checkpointed {args.name} into {image}@{state.spec.pool}")
         timeout = args.timeout
         if timeout is None:
