@@ -288,7 +288,11 @@ def _crash_loop(name: str, where: Path, *options: str, checkpoints: int) -> list
     assert _running(name) is None
     crashes = [(e.fields["signal"], e.fields["exit_code"]) for e in _kinds(name, "crash")]
     restores = [e.fields["image"] for e in _kinds(name, "restore")]
-    assert crashes == [(11, None)] + [(None, 1)] * len(restores)
+    # A (None, None) here is a supervisor bug seen ~1 run in 4: a copy that exits 1 within
+    # ~20 ms of its restore is recorded as "ended (exit status unknown: its keeper is gone
+    # too)" although its keeper lives and records exit 1 (_daemon._restored hands _on_end the
+    # record it read before the copy ended, instead of waiting for the keeper's exit status).
+    assert crashes == [(11, None)] + [(None, 1)] * len(restores), "exit status lost"
     # Each restored copy failed within --min-uptime: below 5 s, as the crash events say.
     assert all(0 < e.fields["uptime_s"] < 5 for e in _kinds(name, "crash")[1:])
     return restores
