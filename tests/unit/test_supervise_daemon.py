@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from torpor._errors import PoolError
+from torpor._errors import PoolError, ProcessNotFoundError
 from torpor._process._proc import ProcRef
 from torpor._supervise._daemon import Supervisor
 from torpor._supervise._lease import LeaseLostError
@@ -244,3 +244,37 @@ def test_a_renewed_lease_keeps_the_copy() -> None:
     finally:
         env.app.kill()
         env.app.wait()
+
+
+class QuickEndEnv(FakeEnv):
+    """The restored copy exits 0 before the supervisor watches it; its keeper writes the exit
+    status a moment later."""
+
+    def __init__(self) -> None:
+        super().__init__(["app.s000002"], bad=set())
+        self.restored = False
+
+    def job(self, args: list[str], what: str) -> FakeJob:
+        job = super().job(args, what)
+        self.restored = True
+        return job
+
+    def open_checked(self, rec: Rec) -> int:
+        if self.restored:
+            raise ProcessNotFoundError("gone", pid=rec.pid)
+        return super().open_checked(rec)
+
+
+def test_a_copy_ending_before_it_is_watched_waits_for_its_exit_status() -> None:
+    env = QuickEndEnv()
+    sup = Supervisor(env)  # type: ignore[arg-type]
+    sup.reload()
+    env.crash()
+    for _ in range(3):
+        sup.step(0.05)
+    assert env.restored and env.st.restores == 1
+    assert [k for k, _ in env.events] == ["crash", "restore"]  # not yet judged: no status
+    env.rec = Rec("app", env.rec.pid, exit_status=0, ended="now")  # the keeper wrote it
+    sup.step(0.01)
+    assert [k for k, _ in env.events] == ["crash", "restore", "stop"]
+    assert env.st.status == "stopped" and "app" not in sup.watches

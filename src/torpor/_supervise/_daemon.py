@@ -317,9 +317,13 @@ class Supervisor:
             log(f"{w.name}: restored from {image} in {took}s (pid {pid})")
             self.env.event(w.name, "restore", image=image, pid=pid, duration_s=took)
             self.env.update(w.name, lambda s: s.evolve(restores=s.restores + 1, given_up=None))
-            if rec is None or not self._watch_copy(w, rec):
-                # Restored, but ended already (or not torpor's): the policy sees it end.
-                self._on_end(w, Exit.from_status(rec.exit_status if rec is not None else None))
+            if rec is None:
+                self._on_end(w, Exit())  # no record of it: nobody will say how it ended
+            elif not self._watch_copy(w, rec):
+                # Restored, but ended already (or not torpor's): the record read above may
+                # predate its end, so its keeper is waited for as for any end (EXIT_WAIT).
+                w.rec, w.ended_at = rec, self.env.now()
+                self._read_exit(w, timed_out=False)
             return
         error = job.error_line()
         log(f"{w.name}: {image} did not restore: {error}")
