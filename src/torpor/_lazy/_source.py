@@ -1,0 +1,418 @@
+"""Page sources: the verified bytes of an image's ``pages-*.img`` files, for the page server.
+
+:class:`PageSource` is the contract (``read`` verified bytes, ``prefetch`` in the background,
+``close``); two sources implement it:
+
+Local (:func:`local_source`)
+    An image directory on this host. Its manifest holds one SHA-256 per *file*, which cannot
+    verify a range of a file on its own, so the file is verified whole before any of it is
+    served: either the image is :meth:`~torpor._images._image.Image.trusted` (its stamp says
+    every file is exactly as when torpor last hashed it: same inode, size, mtime and ctime;
+    any write changes the ctime, which no user can set back), or each pages file is hashed in
+    full against the manifest when the source is made (the cost a full restore pays anyway).
+    The files are then held open, and each read checks, after reading, that the file's
+    inode, size, mtime and ctime are still the ones verified: a write to the file after the
+    check fails the read instead of serving what was written.
+
+Pool (:func:`pool_source`)
+    An image in a pool, nothing local. A pages file is cut into 4 KiB chunks, each named by its
+    SHA-256 and stored in packs of a few MiB (:mod:`torpor._pools._pack`). A read fetches the
+    packs of the chunks it covers (one backend ``get`` per pack, kept in a small cache since
+    neighbouring pages share packs), decodes only the frames it needs, and checks every chunk
+    against its SHA-256 before a byte of it is used; verified chunks are kept in a bounded
+    cache. A chunk that is in no pack, in a missing pack, in a frame that does not decode, or
+    that does not match its SHA-256 raises :class:`LazyPageError` naming the image, the file
+    and the chunk (index and hash). The source holds a pool session (like a pull) for as long
+    as it is open, so garbage collection never removes a pack it still needs.
+
+``prefetch(ranges)`` walks the given ``(file, offset, length)`` ranges in order in one
+background thread (the warm set first): for a pool it fills the chunk cache, locally it asks
+the kernel to read ahead. A prefetch error is kept to be raised by the read that needs the
+chunk, never raised from the background.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from .._errors import ImageCorruptedError, TorporError
+from .._images._image import Image
+from .._pools import _cas
+from .._pools._pack import PackDamagedError, PackIndex, iter_pack, pack_key
+from .._pools._pool import Pool
+from .._pools._reader import Catalog
+from .._pools._record import FileRecord, Record
+
+# Bounds on the pool source's memory: verified chunks, and raw packs (one backend object each,
+# at most ~4 MiB) kept because the next pages are usually in the same pack.
+CHUNK_CACHE_BYTES = 256 << 20
+PACK_CACHE_BYTES = 32 << 20
+_HASH_BLOCK = 4 << 20
+
+Range = tuple[str, int, int]
+"""``(file, offset, length)`` of an image file."""
+
+
+class LazyPageError(ImageCorruptedError):
+    """A page of a lazily restored image could not be served verified: ``image``, ``file`` and
+    ``chunk`` (``"<index> (sha256 <hash>)"`` for a pool chunk, None for a whole local file)
+    name what failed. The page server never sends a byte of it."""
+
+    def __init__(
+        self,
+        msg: str,
+        *,
+        image: str | Path | None = None,
+        file: str | None = None,
+        chunk: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(msg, image=image, file=file, hint=hint)
+        self.chunk = chunk
+
+
+_HINT = "the restored process must not run on it: stop it and restore from a good image"
+
+
+class PageSource(Protocol):
+    """Where the page server gets the bytes of an image's pages files."""
+
+    def read(self, file: str, offset: int, length: int) -> bytes:
+        """``length`` verified bytes of ``file`` from ``offset``; :class:`LazyPageError` if
+        they cannot be read or verified (or the range is not inside the file)."""
+        ...
+
+    def prefetch(self, ranges: Iterable[Range]) -> None:
+        """Start fetching ``ranges`` in the background, in order (best effort)."""
+        ...
+
+    def close(self) -> None:
+        """Stop prefetching and release files, caches and sessions."""
+        ...
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _Prefetcher:
+    """One background thread walking ranges in order; later calls queue behind earlier ones."""
+
+    def __init__(self, fetch: _FetchFn) -> None:
+        self._fetch = fetch
+        self._lock = threading.Lock()
+        self._queue: list[Range] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, ranges: Iterable[Range]) -> None:
+        with self._lock:
+            self._queue.extend(ranges)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="torpor-prefetch", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._queue:
+                    self._thread = None
+                    return
+                item = self._queue.pop(0)
+            try:
+                self._fetch(*item)
+            except TorporError:
+                continue  # the read that needs it raises it (the contract: best effort)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=30)
+
+
+class _FetchFn(Protocol):
+    def __call__(self, file: str, offset: int, length: int, /) -> None: ...
+
+
+class LocalSource:
+    """The pages files of a local image (see the module docstring for how they are verified)."""
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self._fds: dict[str, tuple[int, tuple[int, int, int, int, int]]] = {}
+        self._prefetcher = _Prefetcher(self._advise)
+        entries = {e.name: e for e in image.manifest.files if _is_pages(e.name)}
+        try:
+            for name in sorted(entries):
+                f = image.open_file(name)
+                fd = os.dup(f.fileno())
+                f.close()
+                self._fds[name] = (fd, _identity(os.fstat(fd)))
+            if not image.trusted() or not self._same_as_stamped():
+                for name, entry in sorted(entries.items()):
+                    self._hash_whole(name, entry.sha256, entry.size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _same_as_stamped(self) -> bool:
+        # trusted() judged the files by name; make sure the fds opened are those files.
+        with self.image.opened() as dir_fd:
+            for name, (_, ident) in self._fds.items():
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if _identity(st) != ident:
+                    return False
+        return True
+
+    def _hash_whole(self, name: str, sha256: str, size: int) -> None:
+        fd, ident = self._fds[name]
+        h = hashlib.sha256()
+        pos = 0
+        while True:
+            block = os.pread(fd, _HASH_BLOCK, pos)
+            if not block:
+                break
+            h.update(block)
+            pos += len(block)
+        if pos != size or h.hexdigest() != sha256 or _identity(os.fstat(fd)) != ident:
+            raise LazyPageError(
+                f"image {self.image.name!r} ({self.image.path}): file {name} does not match "
+                "its SHA-256; no page of it is served",
+                image=self.image.path,
+                file=name,
+                hint=_HINT,
+            )
+
+    def read(self, file: str, offset: int, length: int) -> bytes:
+        """See :meth:`PageSource.read`."""
+        held = self._fds.get(file)
+        if held is None:
+            raise self._bad(file, f"is not a pages file of the image ({file!r})")
+        fd, ident = held
+        if offset < 0 or length <= 0 or offset + length > ident[2]:
+            raise self._bad(file, f"has no bytes {offset}..{offset + length}")
+        try:
+            data = os.pread(fd, length, offset)
+            after = _identity(os.fstat(fd))
+        except OSError as exc:
+            raise self._bad(file, f"cannot be read ({exc.strerror})") from exc
+        if after != ident:
+            raise self._bad(file, "changed after it was verified")
+        if len(data) != length:
+            raise self._bad(file, f"is short: {len(data)} of {length} bytes at {offset}")
+        return data
+
+    def _bad(self, file: str, what: str) -> LazyPageError:
+        return LazyPageError(
+            f"image {self.image.name!r} ({self.image.path}): file {file} {what}",
+            image=self.image.path,
+            file=file,
+            hint=_HINT,
+        )
+
+    def _advise(self, file: str, offset: int, length: int) -> None:
+        held = self._fds.get(file)
+        if held is not None:
+            os.posix_fadvise(held[0], offset, length, os.POSIX_FADV_WILLNEED)
+
+    def prefetch(self, ranges: Iterable[Range]) -> None:
+        """See :meth:`PageSource.prefetch`: kernel read-ahead of the ranges."""
+        self._prefetcher.add(ranges)
+
+    def close(self) -> None:
+        """See :meth:`PageSource.close`."""
+        self._prefetcher.stop()
+        for fd, _ in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _is_pages(name: str) -> bool:
+    return name.startswith("pages-") and name.endswith(".img")
+
+
+def local_source(image: Image) -> LocalSource:
+    """A :class:`PageSource` over the local image ``image``; its pages files are verified
+    whole first unless the image is trusted by its stamp (:class:`LazyPageError` if not)."""
+    return LocalSource(image)
+
+
+class _LRU:
+    """A byte-bounded least-recently-used map (thread-safe)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._size = 0
+        self._items: OrderedDict[object, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: object) -> bytes | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: object, value: bytes) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._size -= len(old)
+            self._items[key] = value
+            self._size += len(value)
+            while self._size > self._limit and len(self._items) > 1:
+                _, dropped = self._items.popitem(last=False)
+                self._size -= len(dropped)
+
+
+class PoolSource:
+    """The pages files of an image in a pool, fetched chunk by chunk on demand (see the module
+    docstring)."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        name: str,
+        *,
+        chunk_cache: int = CHUNK_CACHE_BYTES,
+        pack_cache: int = PACK_CACHE_BYTES,
+    ) -> None:
+        self.pool = pool
+        self.name = name
+        self._session = pool._session("lazy")
+        self._session.__enter__()
+        try:
+            rec: Record = pool._record(name)
+            pool.policy.check(rec.name, pool.name, rec.origin)
+            lists = pool._resolve(rec)
+            self._catalog: Catalog = pool._catalog()
+        except BaseException:
+            self._session.__exit__(None, None, None)
+            raise
+        self.record = rec
+        self._files: dict[str, tuple[FileRecord, list[bytes]]] = {
+            f.name: (f, digests)
+            for f, digests in zip(rec.files, lists, strict=True)
+            if _is_pages(f.name)
+        }
+        # Which chunks of this image's pages files each pack holds: a frame decode keeps them.
+        self._needed: set[bytes] = {d for _, ds in self._files.values() for d in ds}
+        self._chunks = _LRU(chunk_cache)
+        self._packs = _LRU(pack_cache)
+        self._pack_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._locks_lock = threading.Lock()
+        self._failed: dict[bytes, str] = {}
+        self._prefetcher = _Prefetcher(self._warm)
+        self.fetches = 0  # backend gets of packs (for tests and timing)
+
+    def read(self, file: str, offset: int, length: int) -> bytes:
+        """See :meth:`PageSource.read`."""
+        held = self._files.get(file)
+        if held is None:
+            raise self._bad(file, None, None, f"is not a pages file of the image ({file!r})")
+        frec, digests = held
+        if offset < 0 or length <= 0 or offset + length > frec.size:
+            raise self._bad(file, None, None, f"has no bytes {offset}..{offset + length}")
+        cs = frec.chunk_size
+        first, last = offset // cs, (offset + length - 1) // cs
+        parts = [self._chunk(file, frec, digests, i) for i in range(first, last + 1)]
+        data = b"".join(parts)
+        start = offset - first * cs
+        return data[start : start + length]
+
+    def _chunk(self, file: str, frec: FileRecord, digests: list[bytes], i: int) -> bytes:
+        d = digests[i]
+        n = min(frec.chunk_size, frec.size - i * frec.chunk_size)
+        if d == _cas.ZERO_PAGE and n == _cas.PAGE_SIZE:
+            return _cas.ZERO_PAGE_BYTES
+        data = self._chunks.get(d)
+        if data is None:
+            self._load(d, file, i)
+            data = self._chunks.get(d)
+            if data is None:  # evicted at once by a concurrent prefetch: fetch it again
+                self._load(d, file, i)
+                data = self._chunks.get(d)
+        if data is None or len(data) != n:
+            raise self._bad(file, i, d, f"has {0 if data is None else len(data)} bytes, not {n}")
+        return data
+
+    def _load(self, d: bytes, file: str, i: int) -> None:
+        """Fetch, decode and verify the frame holding chunk ``d`` (and keep its neighbours)."""
+        loc = self._catalog.where.get(d)
+        if loc is None:
+            raise self._bad(file, i, d, "is in no pack of the pool")
+        pack_id, entry = loc
+        index = self._catalog.indexes[pack_id]
+        with self._locks_lock:
+            lock = self._pack_locks[pack_id]
+        with lock:
+            if self._chunks.get(d) is not None:
+                return  # fetched meanwhile by the other thread
+            if d in self._failed:
+                raise self._bad(file, i, d, self._failed[d])
+            data = self._packs.get(pack_id)
+            if data is None:
+                try:
+                    data = self.pool.backend.get(pack_key(pack_id))
+                except KeyError as exc:
+                    raise self._bad(file, i, d, f"is in pack {pack_id}, which is missing") from exc
+                self.fetches += 1
+                self._packs.put(pack_id, data)
+            self._decode_frame(data, index, entry.frame, d, file, i)
+
+    def _decode_frame(
+        self, data: bytes, index: PackIndex, frame: int, d: bytes, file: str, i: int
+    ) -> None:
+        wanted = {c.digest for c in index.chunks if c.frame == frame and c.digest in self._needed}
+        wanted.add(d)
+        try:
+            for digest, chunk in iter_pack(data, index, wanted):
+                if hashlib.sha256(chunk).digest() != digest:
+                    self._failed[digest] = f"in pack {index.pack_id} does not match its SHA-256"
+                    continue
+                self._chunks.put(digest, chunk)
+        except PackDamagedError as exc:
+            for digest in exc.digests:
+                self._failed[digest] = f"is in pack {index.pack_id}, which is damaged ({exc})"
+        if d in self._failed:
+            raise self._bad(file, i, d, self._failed[d])
+
+    def _bad(self, file: str, i: int | None, d: bytes | None, what: str) -> LazyPageError:
+        chunk = None if i is None or d is None else f"{i} (sha256 {d.hex()})"
+        where = f"file {file}" if chunk is None else f"file {file}, chunk {chunk}"
+        return LazyPageError(
+            f"image {self.name!r} in pool {self.pool.name!r}: {where} {what}",
+            image=self.name,
+            file=file,
+            chunk=chunk,
+            hint=_HINT,
+        )
+
+    def _warm(self, file: str, offset: int, length: int) -> None:
+        self.read(file, offset, length)
+
+    def prefetch(self, ranges: Iterable[Range]) -> None:
+        """See :meth:`PageSource.prefetch`: fills the chunk cache, in order."""
+        self._prefetcher.add(ranges)
+
+    def close(self) -> None:
+        """See :meth:`PageSource.close`; ends the pool session (not the pool)."""
+        self._prefetcher.stop()
+        self._session.__exit__(None, None, None)
+
+
+def pool_source(pool: Pool, name: str) -> PoolSource:
+    """A :class:`PageSource` over image ``name`` of ``pool``, fetching page chunks on demand;
+    refused like a pull (:class:`~torpor.SignatureError`, :class:`ImageCorruptedError`) before
+    anything is served."""
+    return PoolSource(pool, name)
