@@ -54,6 +54,18 @@ def register(sub: Any) -> None:
         help="re-hash every file (by default files unchanged since they were hashed are trusted)",
     )
     verify.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    p.add_argument(
+        "--lazy",
+        action="store_true",
+        help="post-copy memory: resume as soon as everything but the memory is restored, the "
+        "pages following as they are touched and in the background (the same verification "
+        "first); prints time-to-resume and time-to-fully-resident",
+    )
+    p.add_argument(
+        "--wait-resident",
+        action="store_true",
+        help="with --lazy: return only once every copy's memory is fully resident (or failed)",
+    )
     p.add_argument("--json", action="store_true", help="output JSON")
     p.set_defaults(handler=_restore)
 
@@ -80,6 +92,7 @@ def _restore(app: App, args: argparse.Namespace) -> int:
 
     check_count(args.count)  # before a pull: memory is judged once the image is here
     started = time.perf_counter()
+    wall = time.time()
     image = open_image(app, args.image)
     base = args.name or image.name
     check_name(base, what="process name")
@@ -94,8 +107,11 @@ def _restore(app: App, args: argparse.Namespace) -> int:
         # Names from --name are the user's: refused if taken. Automatic ones (the image's
         # name) are replaced by fresh ones instead, as the keeper reserves them.
         rename_taken=not args.name,
+        lazy=args.lazy,
     )
     elapsed = time.perf_counter() - started
+    if args.lazy:
+        return _report_lazy(app, args, procs, elapsed, wall)
     if args.json:
         app.json([{"name": p.name, "pid": p.pid} for p in procs])
     else:
@@ -103,3 +119,52 @@ def _restore(app: App, args: argparse.Namespace) -> int:
             app.out(f"{p.name} {p.pid}")
     app.info(f"restored {len(procs)} cop{'y' if len(procs) == 1 else 'ies'} in {elapsed:.3f}s")
     return 0
+
+
+def _report_lazy(
+    app: App, args: argparse.Namespace, procs: list[Any], resumed: float, began: float
+) -> int:
+    """Time-to-resume (the command's start to every copy running) and, per copy, time to
+    fully resident (from the keeper's record: known, or still filling) or why it failed."""
+    from .._lazy import _restore as lazy
+
+    names = [p.name for p in procs]
+    states = lazy.wait_states(names, timeout=None if args.wait_resident else 0.0)
+    rows = []
+    code = 0
+    for p in procs:
+        st = states.get(p.name)
+        resident = round(st.resident_at - began, 6) if st is not None and st.resident_at else None
+        state = st.state if st is not None else "unknown"
+        if state == lazy.FAILED:
+            code = 1
+        rows.append(
+            {
+                "name": p.name,
+                "pid": p.pid,
+                "resume_s": round(resumed, 6),
+                "resident_s": resident,
+                "memory": state,
+                "error": st.error if st is not None else None,
+            }
+        )
+    if args.json:
+        app.json(rows)
+    else:
+        for row in rows:
+            app.out(f"{row['name']} {row['pid']}")
+    app.info(
+        f"restored {len(procs)} cop{'y' if len(procs) == 1 else 'ies'} lazily: "
+        f"time-to-resume {resumed:.3f}s"
+    )
+    for row in rows:
+        if row["resident_s"] is not None:
+            app.info(f"{row['name']}: time-to-fully-resident {row['resident_s']:.3f}s")
+        elif row["memory"] == lazy.FAILED:
+            app.info(f"{row['name']}: {row['error']}")
+        else:
+            app.info(
+                f"{row['name']}: memory still filling (`torpor restore --wait-resident` "
+                "waits for it)"
+            )
+    return code

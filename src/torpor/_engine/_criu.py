@@ -95,6 +95,11 @@ class RestoreOptions:
     # Established TCP connections come back closed (CRIU's tcp_close): an image that held one
     # can then be restored again, and as copies, while the old connection lingers.
     tcp_close: bool = False
+    # Post-copy memory (CRIU's lazy_pages): private anonymous pages are not written before the
+    # tree resumes but handed in through userfaultfd by a ``criu lazy-pages`` daemon, which
+    # must already listen on ``lazy-pages.socket`` in the restore's work dir (the engine's
+    # ``log_dir``): see ``torpor._lazy._restore``.
+    lazy_pages: bool = False
     # CRIU's default. Errors and warnings are kept; -v4's per-mapping lines cost a 100 MiB
     # restore ~4 ms (measured), and a successful restore's log is deleted anyway.
     log_level: int = 2
@@ -364,6 +369,7 @@ class CriuEngine:
             opts.rst_sibling = o.rst_sibling
             opts.leave_stopped = o.leave_stopped
             opts.tcp_close = o.tcp_close
+            opts.lazy_pages = o.lazy_pages
             if o.root:
                 opts.root = o.root
             for key, fd in o.inherit_fds.items():

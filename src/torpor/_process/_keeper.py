@@ -37,6 +37,7 @@ from .._engine import Connection, CriuEngine, NotifyEvent, RestoreOptions
 from .._errors import RestoreError, TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
+from .._lazy import _restore as _lazy
 from . import _keeper_dump, _locks, _peer, _registry
 from ._locks import Lock
 from ._logs import SpareLog, open_log
@@ -194,6 +195,8 @@ class Keeper:
             threading.Thread(target=_verify_into, args=(image, verdict), daemon=True).start()
             options = dataclasses.replace(options, leave_stopped=True)
         engine = CriuEngine()
+        # Post-copy memory: each copy gets a lazy-pages daemon of its own, watched once it runs.
+        lazies = _lazy.LazyCopies(image, engine.binary) if options.lazy_pages else None
         warm, self.warm = self.warm, None
         spare, self.spare_log = self.spare_log, None
         if warm is not None and not warm.alive():
@@ -241,10 +244,13 @@ class Keeper:
                     own = dataclasses.replace(options, inherit_fds=inherit)
                 passed = (spare.fd,) if spare is not None and conn is not None else ()
                 with copies.criu_turn():
+                    lazy = lazies.start(names[i]) if lazies is not None else None
                     try:
-                        res = engine.restore(
+                        res = (lazy.engine(engine) if lazy is not None else engine).restore(
                             images_dir, own, notify=noted, connection=conn, connection_fds=passed
                         )
+                        if lazy is not None:
+                            lazy.restored(res.pid, tasks=_lazy.restored_tasks(res.pid))
                     except RestoreError as exc:
                         # Our own post-restore step failed (its record could not be written):
                         # CRIU aborted and killed the copy; that step's error says it all.
@@ -283,6 +289,8 @@ class Keeper:
             # All or nothing: a partial --count is not what was asked for. The copies were
             # never recorded, and never will be (the records written at post-restore go).
             self.discard(restored)
+            if lazies is not None:
+                lazies.abort()
             for rec in early.values():
                 with contextlib.suppress(OSError, TorporError):
                     _registry.delete_if(rec.name, rec.ref)
@@ -290,6 +298,8 @@ class Keeper:
         if options.leave_stopped:
             for r in restored:
                 _continue_tree(r.pid)
+        if lazies is not None:
+            lazies.watch()
         return restored
 
     # -- children ---------------------------------------------------------------------------

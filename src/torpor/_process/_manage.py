@@ -62,6 +62,7 @@ def restore(
     tcp_close: bool = False,
     reuseport: bool | None = None,
     rename_taken: bool = False,
+    lazy: bool = False,
 ) -> list[ManagedProcess]:
     """Restore ``len(names)`` concurrent copies of ``image``, each a running managed process
     writing its stdout/stderr to a log of its own (``<home>/logs/NAME.log``) when the image's
@@ -78,6 +79,9 @@ def restore(
     ``tcp_close`` restores established TCP connections closed (instead of resumed), so an
     image that held one restores again and as copies. Listening sockets of several copies
     share their port (``reuseport``: see :class:`torpor._process._copies.Copies`).
+
+    ``lazy`` restores memory post-copy: each copy resumes before its pages are in, a daemon of
+    its own bringing them (see :mod:`torpor._lazy._restore`; the same verification first).
     """
     _need_root("torpor restore")
     for n in names:
@@ -89,6 +93,7 @@ def restore(
         tcp_established=m.tcp_established if tcp_established is None else tcp_established,
         shell_job=m.shell_job,
         tcp_close=tcp_close,
+        lazy_pages=lazy,
     )
 
     def work(k: _keeper.Keeper) -> list[ManagedProcess]:

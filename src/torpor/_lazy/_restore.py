@@ -1,0 +1,402 @@
+"""A lazy (post-copy) restore of one copy: its work dir, its daemon, the restore, the watch.
+
+The keeper's restore (``Keeper.restore``) does what it does for any restore (records, the
+verdict on the image's checksums, ``--count``) and, for each copy restored ``--lazy``, uses a
+:class:`LazyCopy`:
+
+1. :meth:`LazyCopy.start`: a private work dir ``<home>/lazy/<copy>-<random>/`` (CRIU's
+   ``lazy-pages.socket``, the daemon's log and the restore's log live there: each copy has its
+   own daemon), then ``criu lazy-pages`` (``_daemon``) serving the image's pages, from the image
+   directory itself (CRIU's own reader) or through torpor's page server when there is one;
+2. :meth:`LazyCopy.engine`: the CRIU engine whose work dir is that directory, for the restore
+   with ``lazy_pages``;
+3. :meth:`LazyCopy.watch`: once CRIU named the restored root, a thread of the keeper (which
+   outlives the command) waits for the daemon. Exit 0: every page has moved
+   (time-to-fully-resident is recorded). Any other end (killed, crashed), or the page server
+   reporting a bad or missing chunk: the restored root is SIGKILLed through a pidfd taken while
+   it was still our unreaped child (so that very process, only it: it is pid 1 of its PID
+   namespace, whose other tasks die with it), and why is recorded.
+
+**Verification comes first.** A lazy restore must never run unverified memory: the keeper
+applies the same verdict as for any restore. An image whose checksums are trusted
+(``Image.trusted()``: unchanged since hashed) restores at once; one that is not is hashed in
+full while CRIU restores it *stopped* (``leave_stopped``), and the copy is continued only once
+the verdict is good (the daemon may meanwhile push pages into the stopped copy: nothing runs
+them unless they are the verified bytes). The pages the daemon serves later are read from the
+very directory verified (handed to it as an fd). From a pool, pages are checked chunk by chunk
+against their SHA-256 by the page source before a byte of them is served.
+
+**What is recorded** (:class:`LazyState`, ``<home>/lazy/<copy>.json``, 0600, written by the
+keeper): the copy's pid, the daemon's pid, ``filling`` → ``resident`` (with the wall-clock time
+it became so) or ``failed`` (with the one-line error naming image, file and chunk when known).
+The registry record ends as for any killed process (signal 9); for a supervised copy an event
+``restore-failed`` is appended too. ``torpor restore`` reads these to print
+time-to-fully-resident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from .. import _paths, _safe
+from .._engine import CriuEngine
+from .._errors import TorporError
+from .._images._image import Image
+from .._images._manifest import now_iso
+from ._daemon import Daemon
+
+LAZY_DIR = "lazy"
+_POLL = 0.05  # seconds between looks at the page server's error while the daemon runs
+_MAX_STATE = 1 << 16
+
+FILLING, RESIDENT, FAILED, ENDED = "filling", "resident", "failed", "ended"
+
+
+class Server(Protocol):
+    """What the orchestration needs of a page server (``_lazy._server.PageServer``)."""
+
+    port: int
+    error: BaseException | None
+    faults: list[tuple[int, int]]
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# Makes a page server for an image given the daemon's pid (once known); None: CRIU serves the
+# image directory itself.
+ServerFactory = Callable[[Image, Callable[[], int | None]], Server | None]
+
+
+@dataclass(frozen=True)
+class LazyState:
+    """What the keeper records of one lazy copy (``<home>/lazy/<name>.json``)."""
+
+    name: str
+    image: str
+    state: str  # filling, resident, failed, ended (the copy ended before its memory had)
+    pid: int | None = None
+    daemon_pid: int | None = None
+    started_at: float | None = None  # wall clock: the restore began
+    resumed_at: float | None = None  # the copy runs
+    resident_at: float | None = None  # every page has moved
+    error: str | None = None
+    updated: str | None = None
+
+
+def lazy_dir() -> Path:
+    """``<home>/lazy``: work dirs and states of lazy restores."""
+    return _paths.private_dir(_paths.home() / LAZY_DIR, what="lazy restore directory")
+
+
+def write_state(st: LazyState) -> None:
+    """Record ``st`` (atomically replacing the copy's previous state)."""
+    d = lazy_dir()
+    data = json.dumps(asdict(replace(st, updated=now_iso()))).encode()
+    with _safe.opened_dir(d) as fd:
+        _safe.replace_file(fd, _state_file(st.name), data, source=str(d), durable=False)
+
+
+def read_state(name: str) -> LazyState | None:
+    """The recorded state of the lazy copy ``name``, None if there is none (or it is not one
+    torpor wrote: it is only ever shown, never acted on)."""
+    d = lazy_dir()
+    try:
+        with _safe.opened_dir(d) as fd:
+            raw = _safe.read_regular(fd, _state_file(name), source=str(d), limit=_MAX_STATE)
+        data = json.loads(raw)
+        return _parse_state(data)
+    except (OSError, ValueError, TypeError, TorporError):
+        return None
+
+
+def _state_file(name: str) -> str:
+    return _safe.check_name(name, source="lazy state", what="process name") + ".json"
+
+
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "image": (str,),
+    "state": (str,),
+    "pid": (int, type(None)),
+    "daemon_pid": (int, type(None)),
+    "started_at": (float, int, type(None)),
+    "resumed_at": (float, int, type(None)),
+    "resident_at": (float, int, type(None)),
+    "error": (str, type(None)),
+    "updated": (str, type(None)),
+}
+
+
+def _parse_state(data: Any) -> LazyState | None:
+    if not isinstance(data, dict) or set(data) != set(_STATE_TYPES):
+        return None
+    for key, types in _STATE_TYPES.items():
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            return None
+    return LazyState(**data)
+
+
+class LazyCopy:
+    """One copy restored lazily (see the module docstring)."""
+
+    def __init__(
+        self,
+        image: Image,
+        name: str,
+        *,
+        binary: str,
+        server_factory: ServerFactory | None = None,
+        on_failure: Callable[[LazyState], None] | None = None,
+    ) -> None:
+        self.image = image
+        self.name = name
+        self.binary = binary
+        self._server_factory = server_factory
+        self._on_failure = on_failure
+        self.work_dir: Path | None = None
+        self.daemon: Daemon | None = None
+        self.server: Server | None = None
+        self._image_fd: int | None = None
+        self._pidfd: int | None = None
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self.state = LazyState(name=name, image=str(image.path), state=FILLING)
+
+    # -- before the restore -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Make the work dir and start the daemon (and page server); ready for the restore."""
+        self.state = replace(self.state, started_at=time.time())
+        self.work_dir = lazy_dir() / f"{self.name}-{secrets.token_hex(4)}"
+        os.mkdir(self.work_dir, 0o700)
+        try:
+            with self.image.opened() as fd:
+                self._image_fd = os.dup(fd)  # the daemon's -D: this very directory
+            if self._server_factory is not None:
+                self.server = self._server_factory(self.image, lambda: self.daemon_pid)
+            if self.server is not None:
+                self.server.start()
+            where = ("127.0.0.1", self.server.port) if self.server is not None else None
+            self.daemon = Daemon(
+                self.binary, self._image_fd, self.image.path, self.work_dir, page_server=where
+            )
+            self.daemon.start()
+        except BaseException:
+            self.abort()
+            raise
+        self.state = replace(self.state, daemon_pid=self.daemon.pid)
+
+    @property
+    def daemon_pid(self) -> int | None:
+        """The pid of the daemon this copy started (the only peer its page server serves)."""
+        return self.daemon.pid if self.daemon is not None else None
+
+    def engine(self, base: CriuEngine) -> CriuEngine:
+        """``base``'s CRIU with the copy's work dir: CRIU connects to the daemon's
+        ``lazy-pages.socket`` in its work dir, and writes the restore's log there."""
+        assert self.work_dir is not None, "start() first"
+        return CriuEngine(base.binary, log_dir=self.work_dir)
+
+    def abort(self) -> None:
+        """The restore failed (nothing restored runs): stop the daemon and server. The work
+        dir stays (the failure's message names the logs in it)."""
+        if self.daemon is not None:
+            self.daemon.stop()
+        self._close()
+
+    # -- after CRIU named the root --------------------------------------------------------
+
+    def restored(self, pid: int, *, tasks: int = 1) -> None:
+        """CRIU restored the copy as ``pid`` (our unreaped child: its pid cannot be reused
+        before we reap it): take its pidfd and hold the daemon's userfaultfds (``tasks``
+        processes were restored, one userfaultfd each)."""
+        self._pidfd = os.pidfd_open(pid)
+        assert self.daemon is not None
+        self.daemon.hold_uffds(tasks)
+        self.state = replace(self.state, pid=pid)
+
+    def watch(self) -> None:
+        """The copy runs: record it, and start the thread that waits for its daemon."""
+        self.state = replace(self.state, resumed_at=time.time())
+        self._write()
+        self._thread = threading.Thread(target=self._watch, name=f"lazy-{self.name}", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the watch ended (resident, failed or the copy ended); True if it did."""
+        return self._done.wait(timeout)
+
+    def _watch(self) -> None:
+        daemon = self.daemon
+        assert daemon is not None and daemon.proc is not None
+        try:
+            while True:
+                try:
+                    code = daemon.proc.wait(_POLL)
+                except subprocess.TimeoutExpired:  # still moving pages
+                    error = self.server.error if self.server is not None else None
+                    if error is not None:
+                        self._fail(f"{error}")
+                        daemon.stop()
+                        return
+                    continue
+                break
+            error = self.server.error if self.server is not None else None
+            if code == 0 and error is None:
+                daemon.release_uffds()  # no more faults to serve: none may wait forever
+                if self._alive():
+                    self.state = replace(self.state, state=RESIDENT, resident_at=time.time())
+                else:
+                    self.state = replace(self.state, state=ENDED)
+                self._write()
+                return
+            if error is not None:
+                self._fail(f"{error}")
+            else:
+                what = daemon.failure(f"CRIU's lazy-pages daemon {daemon.how_it_ended()}")
+                self._fail(str(what))
+        except BaseException as exc:  # never leave a copy whose memory nobody serves
+            self._fail(f"lazy restore of {self.image.path}: the watch failed: {exc!r}")
+        finally:
+            self._close()
+            self._cleanup()
+            self._done.set()
+
+    def _fail(self, why: str) -> None:
+        """Kill the copy (through its pidfd) and record why."""
+        killed = self._kill()
+        if self.daemon is not None:
+            self.daemon.release_uffds()  # after the kill: no fault could read zeros meanwhile
+        msg = f"{why}; copy {self.name} (pid {self.state.pid}) " + (
+            "was killed" if killed else "had already ended"
+        )
+        self.state = replace(self.state, state=FAILED, error=msg)
+        print(f"{now_iso()} lazy restore: {msg}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError, TorporError):
+            self._write()
+        if self._on_failure is not None:
+            with contextlib.suppress(Exception):
+                self._on_failure(self.state)
+
+    def _kill(self) -> bool:
+        if self._pidfd is None:
+            return False
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _alive(self) -> bool:
+        if self._pidfd is None:
+            return False
+        try:
+            signal.pidfd_send_signal(self._pidfd, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _write(self) -> None:
+        write_state(self.state)
+
+    def _close(self) -> None:
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self.server.close()
+        for attr in ("_image_fd", "_pidfd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, attr, None)
+
+    def _cleanup(self) -> None:
+        """A copy that became resident leaves nothing; a failed one keeps its logs."""
+        if self.work_dir is not None and self.state.state in (RESIDENT, ENDED):
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+class LazyCopies:
+    """The lazy copies of one ``Keeper.restore`` call (each its own daemon)."""
+
+    def __init__(self, image: Image, binary: str) -> None:
+        self.image = image
+        self.binary = binary
+        self.copies: list[LazyCopy] = []
+        self._lock = threading.Lock()
+
+    def start(self, name: str) -> LazyCopy:
+        """A started :class:`LazyCopy` for the copy ``name``."""
+        copy = LazyCopy(
+            self.image,
+            name,
+            binary=self.binary,
+            server_factory=default_server_factory(),
+            on_failure=_report_failure,
+        )
+        copy.start()
+        with self._lock:
+            self.copies.append(copy)
+        return copy
+
+    def abort(self) -> None:
+        """The restore failed as a whole (its copies are killed): stop every daemon."""
+        for copy in self.copies:
+            copy.abort()
+
+    def watch(self) -> None:
+        """Every copy runs: watch each."""
+        for copy in self.copies:
+            copy.watch()
+
+
+def restored_tasks(pid: int) -> int:
+    """How many processes the restored tree rooted at ``pid`` has (one userfaultfd each)."""
+    from .._process._proc import descendants
+
+    return 1 + sum(1 for _ in descendants(pid))
+
+
+def default_server_factory() -> ServerFactory | None:
+    """torpor's page server over the image directory, when it is there (``_lazy._server``);
+    None: CRIU's daemon reads the image directory itself."""
+    return None
+
+
+def _report_failure(state: LazyState) -> None:
+    """A supervised copy's failure goes to its event log (``torpor events``) too."""
+    from .._supervise import _events, _spec
+
+    if _spec.load(state.name) is None:
+        return
+    _events.append(state.name, "restore-failed", error=state.error, image=state.image, lazy=True)
+
+
+def wait_states(names: list[str], *, timeout: float | None) -> dict[str, LazyState]:
+    """The recorded states of the lazy copies ``names``, once each is no longer ``filling``
+    or ``timeout`` seconds have passed (None: however long it takes; the keeper's watch
+    always ends it: resident, failed, or the copy ended)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        states = {n: st for n in names if (st := read_state(n)) is not None}
+        if all(n in states and states[n].state != FILLING for n in names):
+            return states
+        if deadline is not None and time.monotonic() >= deadline:
+            return states
+        time.sleep(0.01)

@@ -1,0 +1,36 @@
+"""A big app for lazy restores: MiB of random memory, answers on triggers in a directory.
+
+``lazy_ballast.py DIR MIB``: fills MIB MiB with random bytes (never zeros: a page that never
+arrived would read as zeros), prints ``ready``, then polls DIR:
+
+- ``DIR/ask-N`` (N any tag): reads 4 MiB of the ballast, prints ``answer N <sha256 of them>``;
+- ``DIR/sum-N``: prints ``sum N <sha256 of all the ballast>`` (every page touched).
+
+Each trigger is answered once (removed first). stdout is line-buffered to the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+
+directory, mib = sys.argv[1], int(sys.argv[2])
+ballast = bytearray(os.urandom(mib << 20))
+print("ready", flush=True)
+while True:
+    for name in sorted(os.listdir(directory)):
+        kind, _, tag = name.partition("-")
+        if kind not in ("ask", "sum"):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            continue
+        if kind == "ask":
+            digest = hashlib.sha256(ballast[(mib // 2) << 20 : ((mib // 2) + 4) << 20]).hexdigest()
+        else:
+            digest = hashlib.sha256(ballast).hexdigest()
+        print(f"{kind if kind == 'sum' else 'answer'} {tag} {digest}", flush=True)
+    time.sleep(0.002)
