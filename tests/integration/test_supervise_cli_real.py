@@ -133,14 +133,14 @@ def test_supervisor_stopped_checkpoints_first_and_resume_all_continues(
     for rec in apps.values():
         _kill(rec.ref)  # type: ignore[union-attr]
     at_kill = {n: counts(home / "logs" / f"{n}.log")[r.pid][-1] for n, r in apps.items()}  # type: ignore[union-attr]
-    out = torpor("resume", "--all").stdout.split("\n")
-    pids = dict(line.split() for line in out if line)
+    lines = torpor("resume", "--all").stdout.splitlines()
+    pids = dict(line.split() for line in lines)
     assert sorted(pids) == ["a", "b"]
     for name in ("a", "b"):
         back = _running(name)
         assert back is not None and back.pid == int(pids[name])
-        restore = wait_for(lambda n=name: _kinds(n, "restore"), what="the restore event")
-        assert restore[0].fields["image"] == _members(name)[0]  # type: ignore[index]
+        wait_for(lambda: _kinds(name, "restore"), what="the restore event")  # noqa: B023
+        assert _kinds(name, "restore")[0].fields["image"] == _members(name)[0]
         # From the final checkpoint: past every count printed before the stop.
         assert before[name] < _first(home, name, back.pid) <= at_kill[name] + 1
 
