@@ -12,7 +12,6 @@ connection is closed (it never runs on the page), and the daemon exits non-zero.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -31,7 +30,6 @@ from torpor._lazy._server import PageServer
 from torpor._lazy._source import LazyPageError, PageSource, local_source, pool_source
 from torpor._pools import open_pool
 from torpor._pools._pack import PackIndex, index_key, pack_key
-from torpor._process._proc import facts
 
 pytestmark = [pytest.mark.criu]
 
@@ -173,6 +171,13 @@ class LazyRun:
         if self.restored is not None:
             _kill(self.restored)
 
+    def reap_restored(self) -> None:
+        """Wait for the killed restored process to be gone, so the next restore can reuse
+        its pid (PID 1 of this VM reaps orphans late)."""
+        pid = self.restored
+        if pid is not None:
+            _wait(lambda: not os.path.exists(f"/proc/{pid}"), 10, f"pid {pid} to be reaped")
+
     def log(self) -> str:
         return (self.work / "lazy.log").read_text()
 
@@ -180,6 +185,7 @@ class LazyRun:
         """Stop everything this run started; the daemon's exit code."""
         self.kill_restored()
         self.server.close()
+        self.reap_restored()
         code = None
         if self.daemon is not None:
             try:
@@ -199,7 +205,13 @@ def _ask(run: Path, timeout: float = 20) -> str:
 
 
 def _restore_and_check(
-    image: Image, run: Path, expected: str, source: PageSource, tmp: Path, *, pages_from_source: bool
+    image: Image,
+    run: Path,
+    expected: str,
+    source: PageSource,
+    tmp: Path,
+    *,
+    pages_from_source: bool,
 ) -> LazyRun:
     criu_dir = _criu_dir(image, tmp / "d", pages_from=source if pages_from_source else None)
     lazy = LazyRun(criu_dir, tmp / "w", source, kill_first=True)
@@ -285,6 +297,8 @@ def test_a_flipped_chunk_is_never_served(
     dumped: tuple[Image, Path, str, int], tmp_path: Path, torpor_home: Path
 ) -> None:
     image, run, _, _ = dumped
+    with contextlib.suppress(FileNotFoundError):
+        (run / "result").unlink()
     _dir_pool(image)
     bad = _flip_a_lazy_chunk(image)
     with open_pool("default") as pool:
@@ -307,5 +321,48 @@ def test_a_flipped_chunk_is_never_served(
             finally:
                 code = lazy.finish()
             assert code not in (None, 0)
+        finally:
+            source.close()
+
+
+def test_without_a_kill_first_the_app_would_run_on_zeros(
+    dumped: tuple[Image, Path, str, int], tmp_path: Path, torpor_home: Path
+) -> None:
+    """Why the server holds the connection after an error until the tree is killed: once the
+    daemon is gone, the kernel drops the userfaultfd registrations, the pages it never copied
+    read as zeros and the app runs on them (seen: ``segfault at 0 ... in libpython3.11``)."""
+    image, run, expected, _ = dumped
+    with contextlib.suppress(FileNotFoundError):
+        (run / "result").unlink()
+    _dir_pool(image)
+    _flip_a_lazy_chunk(image)
+    with open_pool("default") as pool:
+        source = pool_source(pool, "lazy-app")
+        try:
+            criu_dir = _criu_dir(image, tmp_path / "d", pages_from=source)
+            lazy = LazyRun(criu_dir, tmp_path / "w", source, kill_first=False)
+            try:
+                (run / "trigger").touch()
+                assert lazy.server.wait(30)
+                assert isinstance(lazy.server.error, LazyPageError)
+                time.sleep(0.5)
+                # Held: the app waits on its fault, and has not answered.
+                assert lazy.restored is not None and _alive(lazy.restored)
+                assert not (run / "result").exists()
+                lazy.server.close()  # the daemon fails, the app is NOT killed first
+                assert lazy.daemon is not None and lazy.daemon.wait(timeout=20) != 0
+                # The untouched pages now read as zeros: here the interpreter follows a
+                # zeroed pointer and dies of SIGSEGV (or, on data alone, answers wrong).
+                pid = lazy.restored
+
+                def ran_on_zeros() -> bool:
+                    done = (run / "result").exists()
+                    return (done and (run / "result").read_text() != expected) or (
+                        not done and not _alive(pid)
+                    )
+
+                _wait(ran_on_zeros, 20, "the app to run on zero pages")
+            finally:
+                lazy.finish()
         finally:
             source.close()
