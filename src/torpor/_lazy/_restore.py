@@ -57,6 +57,7 @@ from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
 from ._daemon import Daemon
+from ._source import LazyPageError, PageSource, Range
 
 LAZY_DIR = "lazy"
 _POLL = 0.05  # seconds between looks at the page server's error while the daemon runs
@@ -68,18 +69,73 @@ FILLING, RESIDENT, FAILED, ENDED = "filling", "resident", "failed", "ended"
 class Server(Protocol):
     """What the orchestration needs of a page server (``_lazy._server.PageServer``)."""
 
-    port: int
-    error: BaseException | None
-    faults: list[tuple[int, int]]
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def error(self) -> LazyPageError | None: ...
 
     def start(self) -> None: ...
 
     def close(self) -> None: ...
 
+    def warm_set(self, *, within: float | None = None) -> list[Range]: ...
 
-# Makes a page server for an image given the daemon's pid (once known); None: CRIU serves the
-# image directory itself.
-ServerFactory = Callable[[Image, Callable[[], int | None]], Server | None]
+
+# Makes the page server of a copy: (image, the daemon's pid once known, called on a serving
+# error before the daemon's connection is closed). None: CRIU serves the image dir itself.
+ServerFactory = Callable[[Image, Callable[[], int | None], Callable[[LazyPageError], None]], Server]
+
+
+def served_from(source: Callable[[Image], PageSource]) -> ServerFactory:
+    """A :data:`ServerFactory` of torpor's page server reading from ``source(image)``."""
+    from ._server import PageServer
+
+    def make(
+        image: Image,
+        daemon_pid: Callable[[], int | None],
+        on_error: Callable[[LazyPageError], None],
+    ) -> Server:
+        src = source(image)
+        try:
+            return _Served(
+                PageServer(image.path, src, allowed_pid=daemon_pid, on_error=on_error), src
+            )
+        except BaseException:
+            src.close()
+            raise
+
+    return make
+
+
+class _Served:
+    """A page server that closes its source with it."""
+
+    def __init__(self, server: Any, source: PageSource) -> None:
+        self._server = server
+        self._source = source
+
+    @property
+    def port(self) -> int:
+        return int(self._server.port)
+
+    @property
+    def error(self) -> LazyPageError | None:
+        err: LazyPageError | None = self._server.error
+        return err
+
+    def start(self) -> None:
+        self._server.start()
+
+    def close(self) -> None:
+        try:
+            self._server.close()
+        finally:
+            self._source.close()
+
+    def warm_set(self, *, within: float | None = None) -> list[Range]:
+        ranges: list[Range] = self._server.warm_set(within=within)
+        return ranges
 
 
 @dataclass(frozen=True)
@@ -163,12 +219,14 @@ class LazyCopy:
         binary: str,
         server_factory: ServerFactory | None = None,
         on_failure: Callable[[LazyState], None] | None = None,
+        hold: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         self.image = image
         self.name = name
         self.binary = binary
         self._server_factory = server_factory
         self._on_failure = on_failure
+        self._hold = hold
         self.work_dir: Path | None = None
         self.daemon: Daemon | None = None
         self.server: Server | None = None
@@ -176,6 +234,9 @@ class LazyCopy:
         self._pidfd: int | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+        # Set once CRIU named the root (or the restore failed): a serving error waits for it.
+        self._named = threading.Event()
+        self._fail_lock = threading.Lock()
         self.state = LazyState(name=name, image=str(image.path), state=FILLING)
 
     # -- before the restore -------------------------------------------------------------------
@@ -189,7 +250,9 @@ class LazyCopy:
             with self.image.opened() as fd:
                 self._image_fd = os.dup(fd)  # the daemon's -D: this very directory
             if self._server_factory is not None:
-                self.server = self._server_factory(self.image, lambda: self.daemon_pid)
+                self.server = self._server_factory(
+                    self.image, lambda: self.daemon_pid, self._server_failed
+                )
             if self.server is not None:
                 self.server.start()
             where = ("127.0.0.1", self.server.port) if self.server is not None else None
@@ -216,6 +279,7 @@ class LazyCopy:
     def abort(self) -> None:
         """The restore failed (nothing restored runs): stop the daemon and server. The work
         dir stays (the failure's message names the logs in it)."""
+        self._named.set()
         if self.daemon is not None:
             self.daemon.stop()
         self._close()
@@ -230,12 +294,30 @@ class LazyCopy:
         assert self.daemon is not None
         self.daemon.hold_uffds(tasks)
         self.state = replace(self.state, pid=pid)
+        self._named.set()
+
+    def _server_failed(self, error: LazyPageError) -> None:
+        """The page server cannot serve a page verified (called from its thread, before it
+        drops the daemon's connection: until then a fault waits). Kill the copy first."""
+        # An error while CRIU still restores: the root is named (or the restore fails) soon.
+        self._named.wait(60)
+        if self._pidfd is not None:  # else the restore failed, and its error says so
+            self._fail(str(error))
 
     def watch(self) -> None:
         """The copy runs: record it, and start the thread that waits for its daemon."""
         self.state = replace(self.state, resumed_at=time.time())
         self._write()
-        self._thread = threading.Thread(target=self._watch, name=f"lazy-{self.name}", daemon=True)
+        held = self._hold()
+        held.__enter__()  # left by the watch when it ends
+
+        def run() -> None:
+            try:
+                self._watch()
+            finally:
+                held.__exit__(None, None, None)
+
+        self._thread = threading.Thread(target=run, name=f"lazy-{self.name}", daemon=True)
         self._thread.start()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -279,7 +361,13 @@ class LazyCopy:
             self._done.set()
 
     def _fail(self, why: str) -> None:
-        """Kill the copy (through its pidfd) and record why."""
+        """Kill the copy (through its pidfd) and record why (once)."""
+        with self._fail_lock:
+            if self.state.state == FAILED:
+                return
+            self._fail_locked(why)
+
+    def _fail_locked(self, why: str) -> None:
         killed = self._kill()
         if self.daemon is not None:
             self.daemon.release_uffds()  # after the kill: no fault could read zeros meanwhile
@@ -319,12 +407,13 @@ class LazyCopy:
         if self.server is not None:
             with contextlib.suppress(Exception):
                 self.server.close()
-        for attr in ("_image_fd", "_pidfd"):
-            fd = getattr(self, attr)
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                setattr(self, attr, None)
+        with self._fail_lock:  # a serving error's kill may be using the pidfd
+            for attr in ("_image_fd", "_pidfd"):
+                fd = getattr(self, attr)
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    setattr(self, attr, None)
 
     def _cleanup(self) -> None:
         """A copy that became resident leaves nothing; a failed one keeps its logs."""
@@ -335,9 +424,22 @@ class LazyCopy:
 class LazyCopies:
     """The lazy copies of one ``Keeper.restore`` call (each its own daemon)."""
 
-    def __init__(self, image: Image, binary: str) -> None:
+    def __init__(
+        self,
+        image: Image,
+        binary: str,
+        *,
+        source: Callable[[Image], PageSource] | None = None,
+        serve: bool = True,
+        hold: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> None:
         self.image = image
         self.binary = binary
+        # Keeps the keeper alive while a watch runs (``Keeper.holding``).
+        self._hold = hold
+        # torpor's page server reading ``source`` (default: the image dir, verified); without
+        # ``serve``, CRIU's daemon reads the image dir itself (no warm set, no pool).
+        self._factory = served_from(source or _local) if serve else None
         self.copies: list[LazyCopy] = []
         self._lock = threading.Lock()
 
@@ -347,8 +449,9 @@ class LazyCopies:
             self.image,
             name,
             binary=self.binary,
-            server_factory=default_server_factory(),
+            server_factory=self._factory,
             on_failure=_report_failure,
+            hold=self._hold,
         )
         copy.start()
         with self._lock:
@@ -373,10 +476,10 @@ def restored_tasks(pid: int) -> int:
     return 1 + sum(1 for _ in descendants(pid))
 
 
-def default_server_factory() -> ServerFactory | None:
-    """torpor's page server over the image directory, when it is there (``_lazy._server``);
-    None: CRIU's daemon reads the image directory itself."""
-    return None
+def _local(image: Image) -> PageSource:
+    from ._source import local_source
+
+    return local_source(image)
 
 
 def _report_failure(state: LazyState) -> None:
@@ -395,8 +498,16 @@ def wait_states(names: list[str], *, timeout: float | None) -> dict[str, LazySta
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         states = {n: st for n in names if (st := read_state(n)) is not None}
-        if all(n in states and states[n].state != FILLING for n in names):
+        if all(n in states and not _still_filling(states[n]) for n in names):
             return states
         if deadline is not None and time.monotonic() >= deadline:
             return states
         time.sleep(0.01)
+
+
+def _still_filling(st: LazyState) -> bool:
+    """Whether ``st`` may still change: it says filling and its daemon is there (a keeper
+    killed mid-watch leaves ``filling`` behind; what it watched ends with it)."""
+    if st.state != FILLING:
+        return False
+    return st.daemon_pid is None or os.path.exists(f"/proc/{st.daemon_pid}")

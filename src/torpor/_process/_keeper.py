@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
@@ -196,7 +196,11 @@ class Keeper:
             options = dataclasses.replace(options, leave_stopped=True)
         engine = CriuEngine()
         # Post-copy memory: each copy gets a lazy-pages daemon of its own, watched once it runs.
-        lazies = _lazy.LazyCopies(image, engine.binary) if options.lazy_pages else None
+        lazies = (
+            _lazy.LazyCopies(image, engine.binary, hold=self.holding)
+            if options.lazy_pages
+            else None
+        )
         warm, self.warm = self.warm, None
         spare, self.spare_log = self.spare_log, None
         if warm is not None and not warm.alive():
@@ -470,6 +474,19 @@ class Keeper:
                 lock = self.dump_locks.get(rec.pid)
                 if lock is not None:
                     self._release_dump_lock(rec.pid, lock)
+                self.busy -= 1
+                self.idle.notify_all()
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Keep this keeper alive while the block runs (a lazy copy's watch: its record and
+        state must be written even if the copy it kills was the keeper's last child)."""
+        with self.lock:
+            self.busy += 1
+        try:
+            yield
+        finally:
+            with self.lock:
                 self.busy -= 1
                 self.idle.notify_all()
 

@@ -4,9 +4,10 @@
 arrived would read as zeros), prints ``ready``, then polls DIR:
 
 - ``DIR/ask-N`` (N any tag): reads 4 MiB of the ballast, prints ``answer N <sha256 of them>``;
-- ``DIR/sum-N``: prints ``sum N <sha256 of all the ballast>`` (every page touched).
+- ``DIR/sum-N``: prints ``sum N <sha256 of all the ballast>`` (every page touched);
+- ``DIR/each-N``: as ``sum-N``, but left in place: every copy polling DIR answers it once.
 
-Each trigger is answered once (removed first). stdout is line-buffered to the log.
+``ask`` and ``sum`` are answered once (removed first). stdout goes to the log, flushed.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ import time
 
 directory, mib = sys.argv[1], int(sys.argv[2])
 ballast = bytearray(os.urandom(mib << 20))
+answered: set[str] = set()
 print("ready", flush=True)
 while True:
     for name in sorted(os.listdir(directory)):
         kind, _, tag = name.partition("-")
+        if kind == "each" and name not in answered:
+            answered.add(name)
+            print(f"sum {tag} {hashlib.sha256(ballast).hexdigest()}", flush=True)
         if kind not in ("ask", "sum"):
             continue
         try:

@@ -1,0 +1,176 @@
+"""Issue 10 on real CRIU through the CLI: ``torpor restore IMAGE --lazy``.
+
+A 256 MiB app (``apps/lazy_ballast.py``: random bytes, never zeros) is checkpointed, then:
+
+- restored ``--lazy``: it answers (4 MiB touched) with the original's answer, then becomes
+  fully resident and the checksum of all its memory matches the original's;
+- restored ``--lazy`` and its lazy-pages daemon (the one torpor started: found through the
+  keeper's lazy state) SIGKILLed while memory is still filling: the copy is killed (its record
+  ends with signal 9) and the state says why, instead of a copy left hanging on a fault;
+- restored ``--lazy --count 2``: two copies, each with its own daemon, both right.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from torpor._lazy import _restore as lazy
+from torpor._process import _registry
+from torpor._process._proc import running
+
+from .helpers import APPS, PYTHON, copy_log, torpor, wait_for
+
+pytestmark = pytest.mark.criu
+
+MIB = 256
+
+
+@pytest.fixture(autouse=True)
+def _pipe_max_size() -> None:
+    """CRIU's lazy page transfer splices through pipes of up to 4 MiB (see CRIU notes)."""
+    path = Path("/proc/sys/fs/pipe-max-size")
+    if int(path.read_text()) < 4 << 20:
+        subprocess.run(["sysctl", "-q", "-w", "fs.pipe-max-size=4194304"], check=True)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[int]]:
+    """Lazy-pages daemon pids a test saw (killed at the end if still ours and running)."""
+    seen: list[int] = []
+    yield seen
+    for pid in seen:
+        with contextlib.suppress(OSError):
+            if b"lazy-pages" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+
+
+def _lines(log: Path, kind: str) -> dict[str, str]:
+    out = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == kind:
+            out[parts[1]] = parts[2]
+    return out
+
+
+def _ask(trig: Path, log: Path, kind: str, tag: str, timeout: float = 30) -> str:
+    (trig / f"{kind}-{tag}").touch()
+    word = "answer" if kind == "ask" else "sum"
+    got = wait_for(lambda: _lines(log, word).get(tag), timeout=timeout, what=f"{kind} {tag}")
+    assert isinstance(got, str)
+    return got
+
+
+def _image(home: Path, tmp_path: Path, name: str) -> tuple[Path, str, str]:
+    """Run the app, read its answer and checksum, checkpoint it: (trigger dir, answer, sum)."""
+    trig = tmp_path / f"trig-{name}"
+    trig.mkdir()
+    torpor("run", "--name", name, "--", PYTHON, str(APPS / "lazy_ballast.py"), str(trig), str(MIB))
+    log = home / "logs" / f"{name}.log"
+    wait_for(lambda: log.exists() and "ready" in log.read_text(), timeout=30, what="ready")
+    answer = _ask(trig, log, "ask", "orig")
+    total = _ask(trig, log, "sum", "orig")
+    torpor("checkpoint", name, "--name", f"{name}-img")
+    return trig, answer, total
+
+
+def _restore_lazy(*args: str) -> list[dict[str, object]]:
+    rows = json.loads(torpor("restore", *args, "--lazy", "--json").stdout)
+    assert isinstance(rows, list)
+    return rows
+
+
+def test_lazy_restore_answers_then_is_fully_resident_with_the_same_memory(
+    torpor_home: Path, tmp_path: Path, daemons: list[int]
+) -> None:
+    trig, answer, total = _image(torpor_home, tmp_path, "big")
+    started = time.monotonic()
+    (row,) = _restore_lazy("big-img")
+    assert set(row) == {"name", "pid", "resume_s", "resident_s", "memory", "error"}
+    assert row["name"] == "big-img" and row["error"] is None
+    assert isinstance(row["resume_s"], float) and 0 < row["resume_s"] < 10
+    assert row["memory"] in ("filling", "resident")
+    st = lazy.read_state("big-img")
+    assert st is not None and st.pid == row["pid"] and st.daemon_pid is not None
+    daemons.append(st.daemon_pid)
+    log = copy_log(torpor_home, "big-img")
+    assert _ask(trig, log, "ask", "lazy") == answer
+    first_answer = time.monotonic() - started
+    final = lazy.wait_states(["big-img"], timeout=60)["big-img"]
+    assert final.state == "resident", final
+    assert final.resident_at is not None and final.resumed_at is not None
+    assert final.resident_at >= final.resumed_at
+    assert not running(st.daemon_pid)  # the daemon exited 0: every page moved
+    assert _ask(trig, log, "sum", "lazy") == total
+    assert _registry.load("big-img").ended is None
+    print(f"lazy: resume {row['resume_s']:.3f}s, first answer {first_answer:.3f}s")
+
+
+def test_lazy_daemon_killed_mid_restore_kills_and_records_the_copy(
+    torpor_home: Path, tmp_path: Path, daemons: list[int]
+) -> None:
+    _image(torpor_home, tmp_path, "dies")
+    (row,) = _restore_lazy("dies-img")
+    st = lazy.read_state("dies-img")
+    assert st is not None and st.daemon_pid is not None and st.pid == row["pid"]
+    daemons.append(st.daemon_pid)
+    # The daemon torpor started for this copy: CRIU's lazy-pages, a child of the copy's keeper.
+    assert b"lazy-pages" in Path(f"/proc/{st.daemon_pid}/cmdline").read_bytes()
+    keeper = _registry.load("dies-img").keeper_pid
+    stat = Path(f"/proc/{st.daemon_pid}/stat").read_text()
+    assert int(stat.rsplit(")", 1)[1].split()[1]) == keeper
+    assert lazy.read_state("dies-img").state == "filling"  # type: ignore[union-attr]
+    os.kill(st.daemon_pid, signal.SIGKILL)
+    final = lazy.wait_states(["dies-img"], timeout=20)["dies-img"]
+    assert final.state == "failed"
+    assert final.error is not None
+    assert final.error.startswith(
+        f"lazy restore of {torpor_home / 'images' / 'dies-img'}: "
+        "CRIU's lazy-pages daemon was killed by SIGKILL"
+    ), final.error
+    assert final.error.endswith(f"copy dies-img (pid {row['pid']}) was killed"), final.error
+    rec = wait_for(
+        lambda: (r := _registry.load("dies-img")).ended is not None and r, what="the record ended"
+    )
+    assert isinstance(rec, _registry.ManagedProcess)
+    assert rec.exit_status == -9
+    assert not running(int(str(row["pid"])))
+
+
+def test_lazy_count_two_copies_each_with_its_daemon(
+    torpor_home: Path, tmp_path: Path, daemons: list[int]
+) -> None:
+    trig, answer, total = _image(torpor_home, tmp_path, "two")
+    rows = _restore_lazy("two-img", "--count", "2")
+    assert [r["name"] for r in rows] == ["two-img-1", "two-img-2"]
+    states = [lazy.read_state(str(r["name"])) for r in rows]
+    pids = [s.daemon_pid for s in states if s is not None]
+    assert len(pids) == 2 and len(set(pids)) == 2
+    daemons.extend(p for p in pids if p is not None)
+    final = lazy.wait_states(["two-img-1", "two-img-2"], timeout=60)
+    assert [final[n].state for n in ("two-img-1", "two-img-2")] == ["resident", "resident"]
+    # Both copies poll one trigger dir: each answers an ``each-`` trigger in its own log.
+    logs = [copy_log(torpor_home, n) for n in ("two-img-1", "two-img-2")]
+    (trig / "each-x").touch()
+    got = wait_for(
+        lambda: (
+            len(sums := [_lines(log, "sum").get("x") for log in logs]) == 2 and all(sums) and sums
+        ),
+        timeout=30,
+        what="both sums",
+    )
+    assert got == [total, total]
+    (trig / "ask-y").touch()
+    got = wait_for(
+        lambda: [d for log in logs if (d := _lines(log, "answer").get("y"))], what="an answer"
+    )
+    assert got == [answer]
