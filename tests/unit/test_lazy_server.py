@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -188,17 +189,15 @@ def test_no_daemon_yet_means_nobody_is_served(image_dir: Path) -> None:
 
 def test_a_bad_chunk_sends_nothing_and_kills_before_closing(image_dir: Path) -> None:
     source = FakeSource({"pages-1.img": pages_data()}, bad_offset=7 * PAGE)
-    seen: list[tuple[LazyPageError, bytes | None]] = []
+    seen: list[tuple[LazyPageError, bool]] = []
     conns: list[socket.socket] = []
 
     def on_error(err: LazyPageError) -> None:
-        # The connection is still open here (the orchestrator kills the tree first).
-        try:
-            conns[0].setblocking(False)
-            data: bytes | None = conns[0].recv(1)
-        except BlockingIOError:
-            data = None
-        seen.append((err, data))
+        # The connection is still open here, nothing sent (the orchestrator kills the tree
+        # first): not readable, neither data nor EOF.
+        time.sleep(0.1)
+        readable = bool(select.select([conns[0]], [], [], 0)[0])
+        seen.append((err, readable))
 
     server = PageServer(image_dir, source, allowed_pid=os.getpid, on_error=on_error)
     server.start()
@@ -209,12 +208,15 @@ def test_a_bad_chunk_sends_nothing_and_kills_before_closing(image_dir: Path) -> 
         assert recv_n(sk, 32 + PAGE) == psi(0x40006, 1, 0x20000, PID) + bytes([3]) * PAGE
         sk.sendall(psi(7, 3, 0x40000, PID))  # file pages 6..8: page 7 is bad
         assert server.wait(5)
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert recv_n(sk, 32 + PAGE) == b""  # not a byte of the bad request, then EOF
         sk.close()
     finally:
         server.close()
     assert server.error is not None and server.error.chunk == "7 (sha256 ab)"
-    assert [(e.file, d) for e, d in seen] == [("pages-1.img", None)]
+    assert [(e.file, readable) for e, readable in seen] == [("pages-1.img", False)]
     assert server.faults == [(0x20000, 1)] and not server.clean
 
 
