@@ -177,6 +177,10 @@ def test_supervise_running_and_restored_processes_then_unsupervise(home: Path) -
     assert out == "no longer supervising x (it keeps running; its checkpoints stay)\n"
     assert _state.read("x") is None
     wait_for(lambda: not _jobs_of(home, "x"), timeout=20, what="the supervisor's jobs on x")
+    # A checkpoint in flight at the unsupervise may still land (and be recorded, as it is in
+    # the pool): the daemon handles its end a moment after the job is gone (a zombie's
+    # cmdline is empty). None may start after it.
+    time.sleep(0.5)
     taken = len(_kinds("x", "checkpoint"))
     time.sleep(1.5)  # three periods
     assert len(_kinds("x", "checkpoint")) == taken
@@ -192,7 +196,8 @@ def test_supervise_running_and_restored_processes_then_unsupervise(home: Path) -
     )
     assert (rows["x"]["STATE"], rows["x"]["SUPERVISED"]) == ("killed (signal 9)", "-")
     assert rows["c"]["SUPERVISED"] == "supervised"
-    assert [e.kind for e in _kinds("x")][-1] == "unsupervise"
+    kinds = [e.kind for e in _kinds("x")]
+    assert kinds[kinds.index("unsupervise") + 1 :] in ([], ["checkpoint"])
 
 
 # -- 3. run --resume with a corrupted only checkpoint ------------------------------------------

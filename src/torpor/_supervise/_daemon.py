@@ -35,6 +35,7 @@ import json
 import os
 import select
 import signal
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,8 +128,18 @@ class Supervisor:
         for fd, _ in self.poller.poll(ms):
             fn = self.fds.get(fd)
             if fn is not None:
-                fn()
-        self._due()
+                self._guarded(fn)
+        self._guarded(self._due)
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        """Run one handler: a failure in one (a record that went, a pool that failed) is
+        logged and the loop goes on, supervising the others."""
+        try:
+            fn()
+        except (TorporError, OSError) as exc:
+            log(f"error (going on): {exc}")
+        except Exception:  # a bug: every other supervised process still needs the loop
+            log(f"internal error (going on):\n{traceback.format_exc()}")
 
     def _timeout(self) -> float | None:
         now = self.env.now()

@@ -54,9 +54,15 @@ class Env:
         return _state.read(name)
 
     def update(self, name: str, fn: Callable[[State], State]) -> None:
+        from .._errors import NotFoundError
         from . import _state
 
-        _state.update(name, fn)
+        try:
+            _state.update(name, fn)
+        except NotFoundError:
+            # Unsupervised meanwhile (its record removed) while a job of it ran: nothing to
+            # record; the next reload lets go of it.
+            log(f"{name}: no longer supervised (record removed)")
 
     def event(self, name: str, kind: str, **fields: Any) -> None:
         from . import _events
