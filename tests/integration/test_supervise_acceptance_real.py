@@ -316,6 +316,10 @@ def test_a_crash_loop_falls_back_then_gives_up_after_max_restarts(
         "exit_code": 1,
     }
     assert (_ps("loop")["state"], _ps("loop")["exit_status"]) == ("exited 1", 1)
+    # Plain `torpor ps` (no -a) shows what the supervisor gave up on, and why.
+    lines = torpor("ps").stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:-1]] == ["loop"]
+    assert lines[-1] == f"loop: given up: {reason}"
 
 
 def test_a_crash_loop_gives_up_when_no_older_checkpoint_is_left(home: Path, tmp_path: Path) -> None:

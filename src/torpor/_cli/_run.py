@@ -158,8 +158,13 @@ def _ps(app: App, args: argparse.Namespace) -> int:
     from .._supervise import _state
 
     skipped: list[TorporError] = []
-    recs = [r for r in _registry.list_all(skipped) if args.all or r.state == "running"]
     supervised = {s.name: s for s in _state.list_all(skipped)}
+    # Besides what runs, what the supervisor gave up on: a user must see that and why.
+    recs = [
+        r
+        for r in _registry.list_all(skipped)
+        if args.all or r.state == "running" or _given_up(supervised.get(r.name))
+    ]
     for problem in skipped:
         app.warn(f"skipped: {problem}")
     if args.json:
@@ -200,7 +205,15 @@ def _ps(app: App, args: argparse.Namespace) -> int:
     if extra:
         headers += SUPERVISION_COLUMNS
     app.table(headers, rows)
+    for r in recs:
+        st = supervised.get(r.name)
+        if st is not None and _given_up(st):
+            app.out(f"{r.name}: given up: {st.given_up}")
     return 0
+
+
+def _given_up(state: Any) -> bool:
+    return state is not None and state.status == "given-up" and bool(state.given_up)
 
 
 SUPERVISION_COLUMNS = ("SUPERVISED", "CHECKPOINT", "KEPT", "RESTORES", "LAST-CRASH")
