@@ -25,6 +25,7 @@ import pytest
 
 from torpor._images._image import Image
 from torpor._lazy import _restore as lazy
+from torpor._lazy import _warm
 from torpor._lazy._daemon import LazyDaemonError
 from torpor._lazy._source import LazyPageError, Range
 
@@ -100,6 +101,9 @@ class FakeServer:
 
     def warm_set(self, *, within: float | None = None) -> list[Range]:
         return []
+
+    def prefetch(self, ranges: list[Range]) -> None:
+        self.prefetched = ranges
 
     def fail(self) -> None:
         err = LazyPageError(
@@ -284,3 +288,20 @@ def test_only_one_failure_is_recorded(
     os.kill(c.daemon_pid, signal.SIGKILL)
     assert c.wait(10)
     assert len(failed) == 1
+
+
+def test_warm_sets_are_saved_per_image_and_checked_when_loaded(image: Image) -> None:
+    good = [("pages-1.img", 4096, 4096), ("pages-1.img", 0, 8192)]
+    _warm.save(image, good)
+    assert _warm.load(image) == good
+    ident = image.manifest.id
+    for bad in (
+        [["pages-1.img", 4096, 4096], ["core-1.img", 0, 4096]],  # not a pages file
+        [["pages-1.img", 3 * 4096, 2 * 4096]],  # beyond the file
+        [["pages-1.img", 100, 4096]],  # not page-aligned
+        [["pages-1.img", True, 4096]],
+    ):
+        assert _warm.check(image, {"image": ident, "ranges": bad}) == []
+    assert _warm.check(image, {"image": "other", "ranges": [list(good[0])]}) == []
+    assert _warm.check(image, {"image": ident, "ranges": [list(good[0])]}) == [good[0]]
+    assert _warm.clip([("p", 0, 4096)] * 3, limit=8192) == [("p", 0, 4096)] * 2

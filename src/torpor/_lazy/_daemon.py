@@ -113,6 +113,9 @@ class Daemon:
         finally:
             os.close(status_r)
         if got != b"\0":
+            if ready:  # the status pipe closed: the daemon is ending; let it, to say how
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(2)
             how = "did not get ready" if self.proc.poll() is None else self.how_it_ended()
             self.stop()
             raise self.failure(f"CRIU's lazy-pages daemon {how} before the restore")

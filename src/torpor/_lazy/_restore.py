@@ -56,6 +56,7 @@ from .._engine import CriuEngine
 from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
+from . import _warm
 from ._daemon import Daemon
 from ._source import LazyPageError, PageSource, Range
 
@@ -80,6 +81,8 @@ class Server(Protocol):
     def close(self) -> None: ...
 
     def warm_set(self, *, within: float | None = None) -> list[Range]: ...
+
+    def prefetch(self, ranges: list[Range]) -> None: ...
 
 
 # Makes the page server of a copy: (image, the daemon's pid once known, called on a serving
@@ -136,6 +139,9 @@ class _Served:
     def warm_set(self, *, within: float | None = None) -> list[Range]:
         ranges: list[Range] = self._server.warm_set(within=within)
         return ranges
+
+    def prefetch(self, ranges: list[Range]) -> None:
+        self._source.prefetch(ranges)
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,9 @@ class LazyCopy:
                     self.image, lambda: self.daemon_pid, self._server_failed
                 )
             if self.server is not None:
+                warm = _warm.load(self.image)
+                if warm:  # the pages earlier copies touched first: fetched before asked for
+                    self.server.prefetch(warm)
                 self.server.start()
             where = ("127.0.0.1", self.server.port) if self.server is not None else None
             self.daemon = Daemon(
@@ -344,6 +353,7 @@ class LazyCopy:
                 daemon.release_uffds()  # no more faults to serve: none may wait forever
                 if self._alive():
                     self.state = replace(self.state, state=RESIDENT, resident_at=time.time())
+                    self._save_warm()
                 else:
                     self.state = replace(self.state, state=ENDED)
                 self._write()
@@ -359,6 +369,14 @@ class LazyCopy:
             self._close()
             self._cleanup()
             self._done.set()
+
+    def _save_warm(self) -> None:
+        if self.server is None:
+            return
+        try:
+            _warm.save(self.image, self.server.warm_set(within=_warm.WINDOW))
+        except (OSError, TorporError) as exc:  # a hint lost, not a failure
+            print(f"{now_iso()} lazy restore: warm set not saved: {exc}", file=sys.stderr)
 
     def _fail(self, why: str) -> None:
         """Kill the copy (through its pidfd) and record why (once)."""
