@@ -65,6 +65,8 @@ INTS = st.one_of(
     st.sampled_from([PAGE_SIZE - 1, (1 << 47) - PAGE_SIZE, 1 << 57, (1 << 64) - PAGE_SIZE]),
     st.integers(0, (1 << 64) - 1),
 )
+# Addresses and sizes near each other, so entries touch, overlap and come out of order.
+NEAR = st.integers(0, 24).map(lambda n: n * PAGE_SIZE)
 FLAGS = st.one_of(st.none(), st.integers(0, 7), st.integers(0, (1 << 32) - 1))
 
 
@@ -99,10 +101,18 @@ def test_random_pagemap_bytes(data: bytes) -> None:
 
 @given(
     st.integers(0, (1 << 32) - 1),
-    st.lists(st.tuples(INTS, INTS, FLAGS), max_size=12),
+    st.lists(
+        st.one_of(
+            st.tuples(INTS, INTS, FLAGS), st.tuples(NEAR, st.integers(0, 6), st.integers(0, 7))
+        ),
+        max_size=12,
+    ),
     st.integers(0, 64 * PAGE_SIZE),
     st.integers(0, 40),
 )
+@example(1, [(0x4000, 2, LAZY), (0x5000, 1, LAZY)], 64 * PAGE_SIZE, 0)
+@example(1, [(0x4000, 2, LAZY), (0x1000, 1, LAZY)], 64 * PAGE_SIZE, 0)
+@example(1, [(0x4000, 60, LAZY), (0x100000, 5, LAZY)], 64 * PAGE_SIZE, 0)
 def test_hostile_pagemap_entries(
     pages_id: int, entries: list[tuple[int, int, int | None]], pages_size: int, cut: int
 ) -> None:
@@ -126,10 +136,14 @@ class CheckedSource:
             if e.present and e.lazy
         ]
         self.reads: list[Range] = []
+        # Kept, not raised: an assertion in the server's thread would not fail the test.
+        self.violations: list[Range] = []
 
     def read(self, file: str, offset: int, length: int) -> bytes:
-        assert file == "pages-1.img"
-        assert any(a <= offset and offset + length <= b for a, b in self.spans), (offset, length)
+        if file != "pages-1.img" or not any(
+            a <= offset and offset + length <= b for a, b in self.spans
+        ):
+            self.violations.append((file, offset, length))
         self.reads.append((file, offset, length))
         return self.data[offset : offset + length]
 
@@ -219,6 +233,7 @@ def test_hostile_client(messages: list[tuple[int, int, int, int]], tear: int) ->
         if server.clean:
             assert stream.endswith(b"\0\0\0\0")  # PS_IOV_CLOSE's status: fine
             stream = stream[:-4]
+        assert source.violations == []
         answered = _parse_answers(stream, data, pm)
         assert len(answered) == len(source.reads) == len(server.faults)
         for (c, n, v, t), got in zip(messages, answered, strict=False):
