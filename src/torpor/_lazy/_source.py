@@ -44,7 +44,7 @@ from typing import Protocol
 from .._errors import ImageCorruptedError, TorporError
 from .._images._image import Image
 from .._pools import _cas
-from .._pools._pack import PackDamagedError, PackIndex, iter_pack, pack_key
+from .._pools._pack import ChunkEntry, PackDamagedError, PackIndex, iter_pack, pack_key
 from .._pools._pool import Pool
 from .._pools._reader import Catalog
 from .._pools._record import FileRecord, Record
@@ -312,6 +312,7 @@ class PoolSource:
         self._pack_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_lock = threading.Lock()
         self._failed: dict[bytes, str] = {}
+        self._frames: dict[str, dict[int, PackIndex]] = {}
         self._prefetcher = _Prefetcher(self._warm)
         self.fetches = 0  # backend gets of packs (for tests and timing)
 
@@ -373,10 +374,11 @@ class PoolSource:
     def _decode_frame(
         self, data: bytes, index: PackIndex, frame: int, d: bytes, file: str, i: int
     ) -> None:
-        wanted = {c.digest for c in index.chunks if c.frame == frame and c.digest in self._needed}
+        sub = self._frame_index(index, frame)
+        wanted = {c.digest for c in sub.chunks if c.digest in self._needed}
         wanted.add(d)
         try:
-            for digest, chunk in iter_pack(data, index, wanted):
+            for digest, chunk in iter_pack(data, sub, wanted):
                 if hashlib.sha256(chunk).digest() != digest:
                     self._failed[digest] = f"in pack {index.pack_id} does not match its SHA-256"
                     continue
@@ -386,6 +388,23 @@ class PoolSource:
                 self._failed[digest] = f"is in pack {index.pack_id}, which is damaged ({exc})"
         if d in self._failed:
             raise self._bad(file, i, d, self._failed[d])
+
+    def _frame_index(self, index: PackIndex, frame: int) -> PackIndex:
+        """``index`` cut down to the chunks of one frame: decoding a frame then costs its ~32
+        chunks, not a walk of the pack's ~1000 (per frame, per fault)."""
+        by_frame = self._frames.get(index.pack_id)
+        if by_frame is None:
+            groups: dict[int, list[ChunkEntry]] = defaultdict(list)
+            for c in index.chunks:
+                groups[c.frame].append(c)
+            by_frame = {
+                f: PackIndex(index.pack_id, index.created, index.size, index.frames, tuple(cs))
+                for f, cs in groups.items()
+            }
+            self._frames[index.pack_id] = by_frame
+        return by_frame.get(frame) or PackIndex(
+            index.pack_id, index.created, index.size, index.frames, ()
+        )
 
     def _bad(self, file: str, i: int | None, d: bytes | None, what: str) -> LazyPageError:
         chunk = None if i is None or d is None else f"{i} (sha256 {d.hex()})"
