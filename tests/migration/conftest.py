@@ -87,8 +87,9 @@ class Lab:
         if host == "client":
             client: dict[str, Any] = self.info["client"]
             return client
-        (node,) = [h for h in self.info["hosts"] if h["name"] == host]
-        return node
+        nodes: list[dict[str, Any]] = [h for h in self.info["hosts"] if h["name"] == host]
+        assert len(nodes) == 1, f"lab {self.name} has no host {host!r}"
+        return nodes[0]
 
     def address(self, host: str) -> str:
         return str(self.node(host)["address"])
