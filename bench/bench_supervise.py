@@ -460,6 +460,10 @@ class Window:
     rate: float
     checkpoints: int
     frozen_ms: list[float]
+    # checkpoint-failed events in the window, and the first one's error (a failed checkpoint
+    # costs a freeze too, and says why fewer checkpoints landed than the interval asks).
+    failed: int = 0
+    failed_error: str = ""
 
 
 def tp_window(
@@ -475,13 +479,16 @@ def tp_window(
     u0, t0 = read_status(status)
     time.sleep(window)
     u1, t1 = read_status(status)
-    ckpts = []
-    if every:
-        lo, hi = iso_utc(t0), iso_utc(t1)
-        ckpts = [e for e in events(name, "checkpoint") if lo <= str(e["time"])[:23] <= hi]
+    lo, hi = iso_utc(t0), iso_utc(t1)
+
+    def in_window(kind: str) -> list[dict[str, Any]]:
+        return [e for e in events(name, kind) if lo <= str(e["time"])[:23] <= hi] if every else []
+
+    ckpts, failed = in_window("checkpoint"), in_window("checkpoint-failed")
     janitor.stop(name)
     frozen = [float(e["frozen_ms"]) for e in ckpts if e.get("frozen_ms") is not None]
-    return Window((u1 - u0) / (t1 - t0), len(ckpts), frozen)
+    error = str(failed[0].get("error", "")) if failed else ""
+    return Window((u1 - u0) / (t1 - t0), len(ckpts), frozen, len(failed), error)
 
 
 def iso_utc(monotonic: float) -> str:
@@ -503,7 +510,7 @@ def bench_throughput(
             got[label].append(w)
             log(
                 f"(3) round {r + 1}/{rounds} {label}: {w.rate:.0f} units/s, "
-                f"{w.checkpoints} checkpoints in the window"
+                f"{w.checkpoints} checkpoints in the window, {w.failed} failed {w.failed_error}"
             )
     return got
 
@@ -588,7 +595,7 @@ def throughput_table(tp: dict[str, list[Window]], size: int, window: float) -> s
         "[95 % bootstrap CI]:",
         "",
         "| interval | rounds | units/s (median) | loss (target <= 5 % at 10s) "
-        "| checkpoints in the window | frozen ms per checkpoint (median) |",
+        "| checkpoints in the window (+ failed), per round | frozen ms per checkpoint (median) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for label, ws in tp.items():
@@ -597,10 +604,11 @@ def throughput_table(tp: dict[str, list[Window]], size: int, window: float) -> s
             lines.append(f"| {label} | {len(ws)} | {rate:.0f} | — | — | — |")
             continue
         frozen = [f for w in ws for f in w.frozen_ms]
+        counts = ", ".join(f"{w.checkpoints}" + (f" (+{w.failed})" if w.failed else "") for w in ws)
         lines.append(
             f"| {label} | {len(ws)} | {rate:.0f} "
             f"| {fmt_ci(losses(tp, label), scale=100.0, unit=' %')} "
-            f"| {', '.join(str(w.checkpoints) for w in ws)} "
+            f"| {counts} "
             f"| {f'{med(frozen):.0f}' if frozen else '—'} |"
         )
     return "\n".join(lines)
