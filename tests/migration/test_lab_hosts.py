@@ -117,15 +117,16 @@ def test_nothing_routes_out_of_the_lab(lab: Lab) -> None:
 
 def test_a_host_cannot_see_another_hosts_home(lab: Lab) -> None:
     home = lab.node("b")["home"]
+    shm = f"/dev/shm/{lab.name}-test"
     assert lab.node("a")["home"] == home
     assert lab.exec("b", "sh", "-c", 'echo b-secret > "$TORPOR_HOME/secret"').returncode == 0
-    assert lab.exec("b", "sh", "-c", "echo b-shm > /dev/shm/torpor-lab-test").returncode == 0
+    assert lab.exec("b", "sh", "-c", f"echo b-shm > {shm}").returncode == 0
     assert lab.exec("b", "cat", f"{home}/secret").stdout == "b-secret\n"
-    assert lab.exec("b", "cat", "/dev/shm/torpor-lab-test").stdout == "b-shm\n"
+    assert lab.exec("b", "cat", shm).stdout == "b-shm\n"
     assert lab.exec("a", "test", "-e", f"{home}/secret").returncode == 1
-    assert lab.exec("a", "test", "-e", "/dev/shm/torpor-lab-test").returncode == 1
+    assert lab.exec("a", "test", "-e", shm).returncode == 1
     assert not Path(home, "secret").exists()
-    assert not Path("/dev/shm/torpor-lab-test").exists()
+    assert not Path(shm).exists()
     assert lab.exec("client", "test", "-e", f"{home}/secret").returncode == 1
     # Each host's home is a tmpfs of its own, closed to others.
     assert lab.exec("a", "stat", "-f", "-c", "%T", home).stdout == "tmpfs\n"
