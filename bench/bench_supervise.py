@@ -824,7 +824,7 @@ def report(
     print(text)
     raw = {
         "machine": info,
-        "args": vars(args),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "frozen": {str(k): v.__dict__ for k, v in frozen.items()},
         "crash": crash.__dict__ if crash else None,
         "throughput": {k: [w.__dict__ for w in ws] for k, ws in tp.items()},
