@@ -863,7 +863,7 @@ def publish(args: argparse.Namespace, info: dict[str, str], tables: str, raw: st
     ]
     if args.note:
         head += [args.note, ""]
-    (args.publish_dir / "RESULTS-supervise.md").write_text("\n".join(head) + tables)
+    (args.publish_dir / "RESULTS-supervise.md").write_text("\n".join(head) + "\n" + tables)
 
 
 if __name__ == "__main__":
