@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "lab-hosts"
-TOOLS = ("ip", "nsenter", "unshare", "mount")
+TOOLS = ("ip", "unshare", "mount")
 IN_CI = os.environ.get("CI") == "true"
 
 # A TCP server for a host: answers each connection with "<host> <peer address> <data>".

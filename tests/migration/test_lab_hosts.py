@@ -310,3 +310,25 @@ def test_a_failing_agent_fails_up_and_leaves_nothing(tmp_path: Path) -> None:
     assert (tmp_path / "log" / "agent-a.log").read_text() == "no agent here\n"
     assert root_links() == before
     assert netns_names() == ns_before
+
+
+def test_a_command_on_a_host_holds_no_namespace_descriptor(lab: Lab) -> None:
+    # CRIU refuses to dump a process that holds one ("Can't lookup mount ... /run/netns/...").
+    code = (
+        "import os; fds = [f'/proc/self/fd/{n}' for n in range(3, 1024)];"
+        " links = [os.readlink(f) for f in fds if os.path.lexists(f)];"
+        " print([l for l in links if l.startswith(('net:', 'mnt:', '/run/netns', '/proc/'))])"
+    )
+    assert lab.python("a", code) == "[]"
+
+
+@pytest.mark.criu
+def test_torpor_checkpoints_on_a_host_into_that_hosts_home_only(lab: Lab) -> None:
+    torpor = [sys.executable, "-m", "torpor"]
+    run = lab.exec("a", *torpor, "run", "--name", "lab-sleeper", "--", "sleep", "300")
+    assert run.returncode == 0, run.stderr
+    done = lab.exec("a", *torpor, "checkpoint", "lab-sleeper")
+    assert done.returncode == 0, done.stderr
+    images = "import os; print(sorted(os.listdir(os.environ['TORPOR_HOME'] + '/images')))"
+    assert lab.python("a", images).startswith("['lab-sleeper-")
+    assert lab.exec("b", "test", "-e", f"{lab.node('b')['home']}/images").returncode == 1
