@@ -87,6 +87,9 @@ class FakeEnv:
     def checkpoints(self, spec: Spec) -> list[str]:
         return self.checkpoints_
 
+    def local_copy(self, image: str) -> None:
+        return None  # the restores go to the pool (a local copy is a path, tested for real)
+
     def job(self, args: list[str], what: str) -> FakeJob:
         self.jobs.append(args)
         image = args[1].split("@")[0]

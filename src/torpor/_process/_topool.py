@@ -61,10 +61,48 @@ def push(
             stored = pool.push(image, name, progress=progress)
     except Exception as exc:  # whatever failed, the image must stay findable
         raise unpushed(image.path, name, pool_name, pid, exc) from exc
-    shutil.rmtree(image.path, ignore_errors=True)
+    if not _keep_for_restore(image, name):
+        shutil.rmtree(image.path, ignore_errors=True)
     with contextlib.suppress(OSError, TorporError):
         _index.forget(image.path)
     return stored
+
+
+def _keep_for_restore(image: Image, name: str) -> bool:
+    """Keep a supervised process's newest checkpoint (a series member) as a local image of the
+    same name in the store, verified and stamped: its restore after a crash then reads local
+    files instead of pulling back what was just pushed (issue 8: crash to answering within a
+    restore's time). Moved when on the store's disk, copied out of memory staging (after the
+    app runs again, in the checkpointer). Older members' copies go when the series is pruned
+    (``_supervise._series.prune``). False (the caller deletes the image) if it is not a series
+    member or cannot be kept."""
+    from .._images import _store
+    from .._supervise._series import parse_series_name
+
+    if parse_series_name(name) is None:
+        return False
+    try:
+        dest = _store.default_path(name)
+        if dest.exists():
+            return False
+        tmp = dest.with_name(f".{name}.keep-{os.getpid()}")
+        if os.stat(image.path).st_dev == os.stat(dest.parent).st_dev:
+            os.rename(image.path, tmp)  # the files, their stamp with them, unchanged
+        else:
+            shutil.copytree(image.path, tmp, symlinks=True)
+        try:
+            Image.open(tmp).verify(full=True)  # the bytes kept are the bytes hashed; stamped
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        with contextlib.suppress(OSError, TorporError):
+            _index.add(dest)
+    except (OSError, TorporError):
+        return False
+    if image.path.exists():
+        shutil.rmtree(image.path, ignore_errors=True)
+    return True
 
 
 def reported_push(

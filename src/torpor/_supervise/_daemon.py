@@ -301,7 +301,11 @@ class Supervisor:
 
     def _restore_next(self, w: Watch) -> None:
         image = w.candidates.pop(0)
-        args = ["restore", f"{image}@{w.spec.pool}", "--name", w.name, "--json"]
+        # The newest checkpoint's local copy when this home made it (_process._topool): no
+        # pull of what was just pushed. It is the same image, verified by its stamp.
+        local = self.env.local_copy(image)
+        source = str(local) if local is not None else f"{image}@{w.spec.pool}"
+        args = ["restore", source, "--name", w.name, "--json"]
         try:
             job = self.env.job(args, f"restore {w.name}")
         except OSError as exc:

@@ -95,6 +95,11 @@ class Env:
             pool = self._pools[name] = open_pool(name)
         return pool
 
+    def local_copy(self, image: str) -> Any:
+        from ._series import local_copy
+
+        return local_copy(image)
+
     def checkpoints(self, spec: Spec) -> list[str]:
         from . import _series
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import re
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._errors import AlreadyExistsError, ImageNotFoundError, PoolError, TorporError, UsageError
@@ -92,6 +93,7 @@ def prune(pool: Pool, name: str, keep: int) -> list[str]:
     the names deleted, oldest first. Nothing deleted, no collection."""
     if keep < 1:
         raise UsageError(f"a series keeps at least 1 checkpoint, not {keep}")
+    older = [m.name for m in members(pool, name)[1:]]
     deleted: list[str] = []
     for _, image in _member_names(pool, name)[keep:]:
         try:
@@ -101,7 +103,32 @@ def prune(pool: Pool, name: str, keep: int) -> list[str]:
         deleted.append(image)
     if deleted:
         pool.gc()
+    drop_local_copies(older)
     return sorted(deleted)
+
+
+def local_copy(image: str) -> Path | None:
+    """The local copy of series member ``image`` (kept by ``_process._topool`` for a fast
+    restore), if there is one."""
+    from .._images import _store
+
+    try:
+        path = _store.default_path(image)
+    except (TorporError, OSError):
+        return None
+    return path if path.is_dir() and not path.is_symlink() else None
+
+
+def drop_local_copies(names: list[str]) -> None:
+    """Remove the local copies of the series members ``names``: one image per supervised
+    process is kept for a fast restore (the newest), not every checkpoint."""
+    from .._images._remove import remove
+
+    for image in names:
+        path = local_copy(image)
+        if path is not None:
+            with contextlib.suppress(TorporError, OSError):
+                remove(path)
 
 
 def spec_key(name: str) -> str:

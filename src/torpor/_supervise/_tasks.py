@@ -31,11 +31,13 @@ def main(argv: list[str]) -> int:
             if collect:
                 deleted = _series.prune(pool, name, int(keep))  # deletes, then collects
             else:
+                older = [m.name for m in _series.members(pool, name)[1:]]
                 deleted = []
                 for member in _series.members(pool, name)[int(keep) :]:
                     with contextlib.suppress(ImageNotFoundError):  # another pruner was first
                         pool.delete_image(member.name)
                         deleted.append(member.name)
+                _series.drop_local_copies(older)
             kept = len(_series.members(pool, name))
             spec = _spec.load(name)
             if spec is not None:
