@@ -398,7 +398,9 @@ class Supervisor:
             new_bytes=last.new_bytes,
         )
         self.env.update(w.name, lambda s: s.evolve(last_checkpoint=last))
-        if self.stopping:
+        if self.stopping or w.restore is not None:
+            # Not while a restore runs: the prune drops the local copy it may be reading
+            # (the next checkpoint prunes).
             return
         args = ["prune", w.spec.pool, w.name, str(w.spec.keep)]
         if self.env.now() >= w.next_gc:
