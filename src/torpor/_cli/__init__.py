@@ -36,6 +36,7 @@ _COMMANDS = {
     "image": "_image",
     "pool": "_pool",
     "identity": "_identity",
+    "trust": "_trust",
     "doctor": "_doctor",
     "agent": "_agent",
     "demo": "_demo",
