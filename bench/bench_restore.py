@@ -17,6 +17,12 @@
     restore time and GB/s (image bytes / seconds), torpor's API and ``torpor restore`` (through
     the agent) against bare ``criu``.
 
+(c) ``--lazy``: lazy (post-copy) restore, ``torpor restore --lazy`` against a full ``torpor
+    restore``, bare ``criu restore`` and bare ``criu lazy-pages`` + ``criu restore --lazy-pages``:
+    time to first answer and to fully resident of the demo app, a torch app and a 1 GiB app whose
+    answer touches 20 MiB, optionally also from a real Ceph pool (``--ceph``); see
+    ``bench/lazy_rows.py``. Only (c): ``--lazy --no-demo --sizes ''``; ``--quick`` for few rounds.
+
 Repetitions are interleaved (every method once per round, in rotating order) after an untimed
 warm-up round; each figure is the median and the min of N rounds. In (b) every timed step starts
 from warm memory and a clean page cache (see :func:`quiesce`: this VM returns idle memory to its
@@ -735,6 +741,33 @@ def private_home() -> Iterator[Path]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def run_lazy(
+    args: argparse.Namespace, home: Path, work: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Part (c), with a real Ceph pool started for it (``--ceph``) and stopped after."""
+    import lazy_rows
+
+    def go(pool: str | None) -> dict[str, Any]:
+        return lazy_rows.bench_lazy(
+            [a.strip() for a in args.lazy_apps.split(",") if a.strip()],
+            args.lazy_reps,
+            args.rows,
+            parse_size(args.lazy_size),
+            parse_size(args.lazy_touch),
+            work,
+            log,
+            pool,
+        )
+
+    if not args.ceph:
+        return go(None)
+    if not lazy_rows.pool_lazy_supported():
+        log("--ceph: this tree has no lazy restore from a pool (NAME@POOL --lazy): local only")
+        return go(None)
+    with lazy_rows.ceph_pool(home / "ceph", log) as pool:
+        return go(pool)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=9, help="timed rounds for the demo app")
@@ -745,10 +778,26 @@ def main() -> int:
     parser.add_argument("--sizes", default="100M,500M,2G", help="memory sizes ('' for none)")
     parser.add_argument("--no-demo", action="store_true", help="skip part (a)")
     parser.add_argument("--publish", action="store_true", help="copy the plot to bench/")
+    parser.add_argument("--lazy", action="store_true", help="part (c): lazy restore rows")
+    parser.add_argument(
+        "--lazy-apps", default="demo,torch,1g", help="(c) apps: demo, torch, 1g (comma-separated)"
+    )
+    parser.add_argument("--lazy-reps", type=int, default=9, help="(c) timed rounds per app")
+    parser.add_argument("--lazy-size", default="1G", help="(c) memory of the big app")
+    parser.add_argument("--lazy-touch", default="20M", help="(c) what its answer touches")
+    parser.add_argument(
+        "--ceph", action="store_true", help="(c) also restore from a real Ceph pool"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="3 rounds everywhere, smaller demo (development)"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_restore: needs root (CRIU)", file=sys.stderr)
         return 2
+    if args.quick:
+        args.reps = args.mem_reps = args.lazy_reps = 3
+        args.rows = min(args.rows, 200_000)
 
     def log(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
@@ -768,6 +817,7 @@ def main() -> int:
         demo = None if args.no_demo else bench_demo(args.rows, args.reps, work, log)
         sizes = [parse_size(z) for z in args.sizes.split(",") if z.strip()]
         mem = {size: bench_memory(size, args.mem_reps, work, log) for size in sizes}
+        lazy = run_lazy(args, home, work, log) if args.lazy else None
         _agent.stop()
         reap_orphans()
 
@@ -776,6 +826,10 @@ def main() -> int:
         report += [demo_table(demo), ""]
     if mem:
         report += [memory_table(mem), ""]
+    if lazy is not None:
+        import lazy_rows
+
+        report += [lazy_rows.lazy_tables(lazy), ""]
     text = "\n".join(report)
     print(text)
     (OUT / f"results-{stamp}.md").write_text(text)
@@ -783,12 +837,26 @@ def main() -> int:
         "machine": info,
         "demo": demo,
         "memory": {str(k): v.__dict__ for k, v in mem.items()},
+        "lazy": lazy,
+        "args": {k: v for k, v in vars(args).items()},
     }
     (OUT / f"results-{stamp}.json").write_text(json.dumps(raw, indent=2))
     png = OUT / f"restore-{stamp}.png"
-    plot(demo, mem, png)
-    log(f"wrote {png} and {OUT}/results-{stamp}.{{md,json}}")
-    if args.publish:
+    if demo is not None or mem:
+        plot(demo, mem, png)
+        log(f"wrote {png} and {OUT}/results-{stamp}.{{md,json}}")
+    if lazy is not None:
+        import lazy_rows
+
+        lazy_png = OUT / f"lazy-{stamp}.png"
+        lazy_rows.lazy_plot(lazy, lazy_png)
+        log(f"wrote {lazy_png}")
+        if args.publish:
+            shutil.copyfile(lazy_png, BENCH / "lazy.png")
+            runs = BENCH / "runs"
+            runs.mkdir(exist_ok=True)
+            shutil.copyfile(OUT / f"results-{stamp}.json", runs / f"lazy-{stamp}.json")
+    if args.publish and (demo is not None or mem):
         shutil.copyfile(png, BENCH / "restore.png")
         log(f"copied the plot to {BENCH / 'restore.png'}")
     return 0
