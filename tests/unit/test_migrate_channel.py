@@ -212,15 +212,28 @@ def test_untrusted_home_connecting_gets_nothing(homes: tuple[Path, Path], tmp_pa
 
 def test_removed_trust_is_refused(homes: tuple[Path, Path]) -> None:
     a, b = homes
-    srv = Server(b, _echo)
-    connect("127.0.0.1", srv.port, home=a).close()
-    assert isinstance(srv.join(), Conn)
-    TrustStore(b).remove("a")
-    srv = Server(b, _echo)
-    with pytest.raises(PeerRefusedError):
-        connect("127.0.0.1", srv.port, home=a)
-    assert isinstance(srv.join(), PeerRefusedError)
-    assert srv.handled is None
+    results: list[Any] = []
+    with listen("127.0.0.1", 0, home=b) as listener:  # one listener: trust changes while it runs
+
+        def accept_twice() -> None:
+            for _ in range(2):
+                try:
+                    results.append(listener.accept(timeout=20))
+                except PeerRefusedError as exc:
+                    results.append(exc)
+
+        t = threading.Thread(target=accept_twice, daemon=True)
+        t.start()
+        port = listener.address[1]
+        connect("127.0.0.1", port, home=a).close()
+        TrustStore(b).remove("a")
+        with pytest.raises(PeerRefusedError):
+            connect("127.0.0.1", port, home=a)
+        t.join(30)
+    assert isinstance(results[0], Conn)
+    assert isinstance(results[1], PeerRefusedError)
+    # In the handshake: each connection's context is built from the store as it is then.
+    assert "refused in the TLS handshake" in str(results[1])
 
 
 def test_fingerprint_check_catches_what_openssl_lets_through(
@@ -304,7 +317,12 @@ def test_oversized_and_bad_frames_refused(homes: tuple[Path, Path]) -> None:
 def _criu_side(sock: socket.socket, payload: bytes) -> bytes:
     """Play CRIU on a plain socket: send ``payload``, half-close, read all it is sent."""
     got = bytearray()
-    t = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+
+    def send() -> None:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=send)
     t.start()
     while chunk := sock.recv(1 << 16):
         got += chunk
@@ -318,7 +336,7 @@ def test_relay_carries_plain_bytes_both_ways(homes: tuple[Path, Path]) -> None:
     down = b"pages" * 300_000
 
     def serve(conn: Conn) -> Any:
-        handle = start_relay(conn, idle_timeout=20)
+        handle = start_relay(conn, idle_timeout=5)
         got = _criu_side(handle.criu_sock, down)
         stats = handle.wait(30)
         conn.send({"after": "relay"})  # the channel carries messages again
@@ -330,7 +348,7 @@ def test_relay_carries_plain_bytes_both_ways(homes: tuple[Path, Path]) -> None:
         result: dict[str, Any] = {}
         t = threading.Thread(target=lambda: result.update(got=_criu_side(criu, up)))
         t.start()
-        stats = relay(conn, ours, idle_timeout=20)
+        stats = relay(conn, ours, idle_timeout=5)
         t.join(30)
         assert conn.recv() == {"after": "relay"}
     srv.join()
@@ -353,7 +371,7 @@ def test_relay_reports_a_broken_link(homes: tuple[Path, Path]) -> None:
         ours, criu = socket.socketpair()
         criu.shutdown(socket.SHUT_WR)
         with pytest.raises(ChannelError) as info:
-            relay(conn, ours, idle_timeout=20)
+            relay(conn, ours, idle_timeout=5)
         # An unclean close (no TLS close_notify) or a clean one: either way a broken relay.
         assert info.value.msg in (
             "peer 'b' closed the channel mid-relay",
@@ -368,7 +386,7 @@ def test_relay_refuses_a_message_mid_relay(homes: tuple[Path, Path]) -> None:
     with connect("127.0.0.1", srv.port, home=a) as conn:
         ours, criu = socket.socketpair()
         with pytest.raises(ChannelError) as info:
-            relay(conn, ours, idle_timeout=20)
+            relay(conn, ours, idle_timeout=5)
         assert info.value.msg == "peer 'b' sent a bad relay frame (b'M', 14 bytes)"
         criu.close()
     srv.join()
