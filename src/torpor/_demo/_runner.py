@@ -2,7 +2,9 @@
 app carries on with the state it had (the logic behind ``torpor demo``, usable from tests).
 
 Steps: start ``app.py`` with :func:`torpor._process._manage.run` and time launch → first answer;
-send it a few LOOKUPs so it has state; checkpoint it (the process stops); restore ``count`` copies
+send it a few LOOKUPs so it has state; checkpoint it (the process stops); unless ``lazy=False``,
+restore one copy lazily (post-copy memory) and time restore → first answer and → fully
+resident, check it answers with the original's state, stop it; restore ``count`` copies
 with :func:`torpor._process._manage.restore` and time restore → first answer; then ask every copy
 for ``STATS``: the same warm-up token and index digest, the LOOKUP counter where the original left
 it, the same answers to the same LOOKUPs, and each copy's counter moving on its own.
@@ -43,6 +45,8 @@ READY_TIMEOUT = 120.0
 # Between connection attempts while waiting for the app: short against a ~0.1 s restore, long
 # enough not to steal the CPU the app (or CRIU) needs on a 2-core machine.
 POLL_INTERVAL = 0.005
+# How long the demo waits for its lazy copy's memory to be fully resident (it takes ~1 s).
+LAZY_RESIDENT_TIMEOUT = 30.0
 
 Progress = Callable[[str], None]
 
@@ -123,6 +127,12 @@ class DemoResult:
     copies: tuple[CopyResult, ...]
     image_path: str | None  # kept image, None when removed
     kept: tuple[str, ...]  # names of copies left running (``keep``)
+    # The lazy row (None when not run): restore -> first answer, restore -> memory fully
+    # resident (None if it did not get there in time), and whether that copy answered with
+    # the original's state.
+    lazy_seconds: float | None = None
+    lazy_resident_seconds: float | None = None
+    lazy_carries_on: bool | None = None
 
     @property
     def speedup(self) -> float:
@@ -132,12 +142,18 @@ class DemoResult:
     @property
     def state_continued(self) -> bool:
         """Whether every copy answered with the original's state and counted on from it."""
-        return bool(self.copies) and all(c.continues(self.before) for c in self.copies)
+        return (
+            bool(self.copies)
+            and all(c.continues(self.before) for c in self.copies)
+            and self.lazy_carries_on is not False
+        )
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form (with the derived figures)."""
         data = asdict(self)
         data["speedup"] = round(self.speedup, 2)
+        if self.lazy_seconds is not None:
+            data["lazy_speedup"] = round(self.cold_seconds / self.lazy_seconds, 2)
         data["state_continued"] = self.state_continued
         for c, d in zip(self.copies, data["copies"], strict=True):
             d["continues"] = c.continues(self.before)
@@ -319,6 +335,7 @@ def run_demo(
     rows: int = DEFAULT_ROWS,
     keep: bool = False,
     progress: Progress | None = None,
+    lazy: bool = True,
 ) -> DemoResult:
     """Run the demo end to end (see the module docstring); needs root and CRIU.
 
@@ -359,6 +376,11 @@ def run_demo(
         checkpoint_seconds = time.perf_counter() - t0
         _wait_gone(original)
 
+        lazy_row: tuple[float | None, float | None, bool | None] = (None, None, None)
+        if lazy:
+            note(f"lazy restore: 1 copy of {image.path.name}, memory following as it is touched")
+            lazy_row = _lazy_row(image, f"{name}-lazy", port, before, started)
+
         names = [f"{name}-r{i}" for i in range(1, count + 1)]
         note(f"restore: {count} cop{'y' if count == 1 else 'ies'} of {image.path.name}")
         t0 = time.perf_counter()
@@ -383,10 +405,46 @@ def run_demo(
             copies=results,
             image_path=str(image.path) if keep else None,
             kept=tuple(names) if keep else (),
+            lazy_seconds=lazy_row[0],
+            lazy_resident_seconds=lazy_row[1],
+            lazy_carries_on=lazy_row[2],
         )
     finally:
         if not (keep and succeeded):
             _cleanup(started, image_dir, remove_log=succeeded)
+
+
+def _lazy_row(
+    image: Any, name: str, port: int, before: AppStats, started: list[ManagedProcess]
+) -> tuple[float, float | None, bool]:
+    """Restore one copy lazily: seconds to its first answer, to its memory fully resident
+    (None if not within ``LAZY_RESIDENT_TIMEOUT``), and whether it answered with the
+    original's state. The copy is stopped after (it holds the port the full restore needs)."""
+    from .._lazy import _restore as lazy
+
+    wall = time.time()
+    t0 = time.perf_counter()
+    [copy] = _manage.restore(image, names=[name], lazy=True)
+    started.append(copy)
+    seconds, stats = wait_ready(port, [copy.pid], since=t0, log_path=copy.log_path)
+    carries_on = stats.same_warmup(before) and stats.served == before.served
+    # wait_states settles on a copy whose daemon has gone: the keeper reaps the daemon a
+    # moment before it records "resident", so look again until the record says.
+    deadline = time.monotonic() + LAZY_RESIDENT_TIMEOUT
+    st = None
+    while time.monotonic() < deadline:
+        left = max(deadline - time.monotonic(), 0.0)
+        st = lazy.wait_states([name], timeout=left).get(name)
+        if st is not None and st.state != lazy.FILLING:
+            break
+        time.sleep(0.01)
+    resident = None
+    if st is not None and st.state == lazy.RESIDENT and st.resident_at is not None:
+        resident = st.resident_at - wall
+    _stop([copy])
+    with contextlib.suppress(OSError, TorporError):
+        os.unlink(lazy.lazy_dir() / f"{name}.json")
+    return seconds, resident, carries_on
 
 
 def _question_copies(
