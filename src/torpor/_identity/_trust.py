@@ -173,7 +173,7 @@ def parse_token(text: object) -> Token:
     if not isinstance(doc, dict) or set(doc) != {"v", "fp", "addr", "secret", "exp", "name"}:
         raise bad
     fp, addr, secret, exp, name = (doc[k] for k in ("fp", "addr", "secret", "exp", "name"))
-    if doc["v"] != 1 or not is_fingerprint(fp):
+    if type(doc["v"]) is not int or doc["v"] != 1 or not is_fingerprint(fp):
         raise bad
     if addr is not None and not (isinstance(addr, str) and _ADDRESS.fullmatch(addr)):
         raise bad
