@@ -85,19 +85,54 @@ def open_image(app: App, arg: str) -> Any:
     return Image.open(_store.resolve(arg))
 
 
+def open_lazy_pool_image(app: App, arg: str) -> Any:
+    """For ``NAME@POOL --lazy``: only the image's local part (every file but the lazy pages,
+    each chunk verified; see :mod:`torpor._lazy._poolimage`), or None for a local image."""
+    if "@" not in arg or "/" in arg:
+        return None
+    name, pool_name = arg.rsplit("@", 1)
+    from .._lazy import _poolimage
+    from .._pools import open_pool
+
+    # Closed once fetched: the keeper opens the pool again for the lazy pages.
+    with open_pool(pool_name) as pool, app.progress(f"fetch {arg} (lazy)", None):
+        return _poolimage.materialise(pool, name)
+
+
 def _restore(app: App, args: argparse.Namespace) -> int:
     from .._images._store import check_name
-    from .._process import _manage
     from .._process._copies import check_count
 
     check_count(args.count)  # before a pull: memory is judged once the image is here
     started = time.perf_counter()
     wall = time.time()
-    image = open_image(app, args.image)
-    base = args.name or image.name
-    check_name(base, what="process name")
-    names = [base] if args.count == 1 else [f"{base}-{i}" for i in range(1, args.count + 1)]
-    procs = _manage.restore(
+    partial = open_lazy_pool_image(app, args.image) if args.lazy else None
+    image = partial if partial is not None else open_image(app, args.image)
+    try:
+        base = args.name or image.name
+        check_name(base, what="process name")
+        names = [base] if args.count == 1 else [f"{base}-{i}" for i in range(1, args.count + 1)]
+        procs = _restore_copies(args, image, names)
+    except BaseException:
+        if partial is not None:  # else the keeper removes it once its copies ended
+            partial.discard()
+        raise
+    elapsed = time.perf_counter() - started
+    if args.lazy:
+        return _report_lazy(app, args, procs, elapsed, wall, partial)
+    if args.json:
+        app.json([{"name": p.name, "pid": p.pid} for p in procs])
+    else:
+        for p in procs:
+            app.out(f"{p.name} {p.pid}")
+    app.info(f"restored {len(procs)} cop{'y' if len(procs) == 1 else 'ies'} in {elapsed:.3f}s")
+    return 0
+
+
+def _restore_copies(args: argparse.Namespace, image: Any, names: list[str]) -> list[Any]:
+    from .._process import _manage
+
+    return _manage.restore(
         image,
         names=names,
         tcp_established=args.tcp_established,
@@ -109,26 +144,24 @@ def _restore(app: App, args: argparse.Namespace) -> int:
         rename_taken=not args.name,
         lazy=args.lazy,
     )
-    elapsed = time.perf_counter() - started
-    if args.lazy:
-        return _report_lazy(app, args, procs, elapsed, wall)
-    if args.json:
-        app.json([{"name": p.name, "pid": p.pid} for p in procs])
-    else:
-        for p in procs:
-            app.out(f"{p.name} {p.pid}")
-    app.info(f"restored {len(procs)} cop{'y' if len(procs) == 1 else 'ies'} in {elapsed:.3f}s")
-    return 0
 
 
 def _report_lazy(
-    app: App, args: argparse.Namespace, procs: list[Any], resumed: float, began: float
+    app: App,
+    args: argparse.Namespace,
+    procs: list[Any],
+    resumed: float,
+    began: float,
+    partial: Any = None,
 ) -> int:
     """Time-to-resume (the command's start to every copy running) and, per copy, time to
-    fully resident (from the keeper's record: known, or still filling) or why it failed."""
+    fully resident (from the keeper's record: known, or still filling) or why it failed. From
+    a pool (``partial``): how much of the image was local when the copies resumed."""
     from .._lazy import _restore as lazy
 
     names = [p.name for p in procs]
+    # Measured now: nothing but the lazy pages is ever written there, and it goes once resident.
+    local = _local_bytes(partial) if partial is not None else None
     states = lazy.wait_states(names, timeout=None if args.wait_resident else 0.0)
     rows = []
     code = 0
@@ -148,6 +181,9 @@ def _report_lazy(
                 "error": st.error if st is not None else None,
             }
         )
+        if partial is not None:
+            rows[-1]["local_bytes"] = local
+            rows[-1]["image_bytes"] = partial.record.size
     if args.json:
         app.json(rows)
     else:
@@ -157,6 +193,9 @@ def _report_lazy(
         f"restored {len(procs)} cop{'y' if len(procs) == 1 else 'ies'} lazily: "
         f"time-to-resume {resumed:.3f}s"
     )
+    if partial is not None:
+        where = f"{local / (1 << 20):.1f} MiB" if local is not None else "(gone: resident)"
+        app.info(f"local at resume: {where} of {partial.record.size / (1 << 20):.1f} MiB")
     for row in rows:
         if row["resident_s"] is not None:
             app.info(f"{row['name']}: time-to-fully-resident {row['resident_s']:.3f}s")
@@ -168,3 +207,12 @@ def _report_lazy(
                 "waits for it)"
             )
     return code
+
+
+def _local_bytes(partial: Any) -> int | None:
+    from .._errors import TorporError
+
+    try:
+        return int(partial.local_bytes)
+    except (OSError, TorporError):
+        return None  # already removed: every copy resident (or ended) by now

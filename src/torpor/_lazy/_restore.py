@@ -227,10 +227,12 @@ class LazyCopy:
         server_factory: ServerFactory | None = None,
         on_failure: Callable[[LazyState], None] | None = None,
         hold: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+        on_end: Callable[[], None] | None = None,
     ) -> None:
         self.image = image
         self.name = name
         self.binary = binary
+        self._on_end = on_end  # once the watch ended (after the copy's cleanup)
         self._server_factory = server_factory
         self._on_failure = on_failure
         self._hold = hold
@@ -261,7 +263,7 @@ class LazyCopy:
                     self.image, lambda: self.daemon_pid, self._server_failed
                 )
             if self.server is not None:
-                warm = _warm.load(self.image)
+                warm = _warm_of(self.image)
                 if warm:  # the pages earlier copies touched first: fetched before asked for
                     self.server.prefetch(warm)
                 self.server.start()
@@ -352,12 +354,14 @@ class LazyCopy:
             error = self.server.error if self.server is not None else None
             if code == 0 and error is None:
                 daemon.release_uffds()  # no more faults to serve: none may wait forever
-                if self._alive():
+                resident = self._alive()
+                if resident:
                     self.state = replace(self.state, state=RESIDENT, resident_at=time.time())
-                    self._save_warm()
                 else:
                     self.state = replace(self.state, state=ENDED)
                 self._write()
+                if resident:  # after the record: storing it in a pool takes a while
+                    self._save_warm()
                 return
             if error is not None:
                 self._fail(f"{error}")
@@ -369,13 +373,21 @@ class LazyCopy:
         finally:
             self._close()
             self._cleanup()
+            if self._on_end is not None:
+                with contextlib.suppress(Exception):
+                    self._on_end()
             self._done.set()
 
     def _save_warm(self) -> None:
         if self.server is None:
             return
+        ranges = self.server.warm_set(within=_warm.WINDOW)
         try:
-            _warm.save(self.image, self.server.warm_set(within=_warm.WINDOW))
+            _warm.save(self.image, ranges)
+            from ._poolimage import PoolLazyImage
+
+            if isinstance(self.image, PoolLazyImage):  # beside the image: in its pool
+                self.image.save_warm(ranges)
         except (OSError, TorporError) as exc:  # a hint lost, not a failure
             print(f"{now_iso()} lazy restore: warm set not saved: {exc}", file=sys.stderr)
 
@@ -451,6 +463,7 @@ class LazyCopies:
         source: Callable[[Image], PageSource] | None = None,
         serve: bool = False,
         hold: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+        cleanup: Callable[[], None] | None = None,
     ) -> None:
         self.image = image
         self.binary = binary
@@ -464,6 +477,35 @@ class LazyCopies:
         self._factory = served_from(source or _local) if serve else None
         self.copies: list[LazyCopy] = []
         self._lock = threading.Lock()
+        self._cleanup = cleanup  # once every copy's watch ended, or the restore failed
+        self._running = 0
+
+    @classmethod
+    def for_image(
+        cls,
+        image: Image,
+        binary: str,
+        *,
+        hold: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> LazyCopies:
+        """The lazy copies of ``image``: a pool image's local part
+        (``_poolimage.PoolLazyImage``) is served by torpor's page server from its pool (and
+        removed once its copies ended); a local image as the defaults say."""
+        from ._poolimage import PoolLazyImage
+
+        if isinstance(image, PoolLazyImage):
+            return cls(
+                image, binary, source=image.page_source, serve=True, hold=hold,
+                cleanup=image.discard,
+            )  # fmt: skip
+        return cls(image, binary, hold=hold)
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        if last and self._cleanup is not None:
+            self._cleanup()
 
     def start(self, name: str) -> LazyCopy:
         """A started :class:`LazyCopy` for the copy ``name``."""
@@ -474,6 +516,7 @@ class LazyCopies:
             server_factory=self._factory,
             on_failure=_report_failure,
             hold=self._hold,
+            on_end=self._ended,
         )
         copy.start()
         with self._lock:
@@ -484,9 +527,14 @@ class LazyCopies:
         """The restore failed as a whole (its copies are killed): stop every daemon."""
         for copy in self.copies:
             copy.abort()
+        if self._cleanup is not None:
+            with contextlib.suppress(Exception):
+                self._cleanup()
 
     def watch(self) -> None:
         """Every copy runs: watch each."""
+        with self._lock:
+            self._running = len(self.copies)
         for copy in self.copies:
             copy.watch()
 
@@ -496,6 +544,15 @@ def restored_tasks(pid: int) -> int:
     from .._process._proc import descendants
 
     return 1 + sum(1 for _ in descendants(pid))
+
+
+def _warm_of(image: Image) -> list[Range]:
+    """The warm set to prefetch: a pool image's from its pool, else the local one."""
+    from ._poolimage import PoolLazyImage
+
+    if isinstance(image, PoolLazyImage) and image.warm:
+        return image.warm
+    return _warm.load(image)
 
 
 def _local(image: Image) -> PageSource:

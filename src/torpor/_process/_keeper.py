@@ -197,7 +197,7 @@ class Keeper:
         engine = CriuEngine()
         # Post-copy memory: each copy gets a lazy-pages daemon of its own, watched once it runs.
         lazies = (
-            _lazy.LazyCopies(image, engine.binary, hold=self.holding)
+            _lazy.LazyCopies.for_image(image, engine.binary, hold=self.holding)
             if options.lazy_pages
             else None
         )
