@@ -483,7 +483,7 @@ def _criu_dumping(app: ProcRef, checkpointer: int) -> int | None:
 
 
 def test_criu_killed_while_it_dumps_says_so_and_the_process_runs_on(torpor_home: Path) -> None:
-    app, log = run_counter(torpor_home, "big", ballast_mib=128)
+    app, log = run_counter(torpor_home, "big", ballast_mib=384)
     images = torpor_home / "images"
     with subreaper():
         before = children()

@@ -76,7 +76,10 @@ class DumpOptions:
     file_locks: bool = False
     link_remap: bool = False
     external: tuple[str, ...] = ()
-    log_level: int = 4
+    # CRIU's default (errors and warnings, which every failure this engine explains is): -v4's
+    # per-VMA and per-page lines are written while the process is frozen, and cost a 100 MiB
+    # leave-running dump ~25 ms of freeze (bench/RESULTS-supervise.md, control row).
+    log_level: int = 2
 
 
 @dataclass(frozen=True)
