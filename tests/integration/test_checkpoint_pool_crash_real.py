@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from torpor._process._topool import memory_staging
+
 from .crashes import children, reap_new, restores_and_continues, run_counter, subreaper
 from .helpers import PYTHON, torpor, wait_for
 
@@ -31,9 +33,18 @@ def _checkpoint_cli(*args: str) -> subprocess.Popen[str]:
     )
 
 
+def _staging_dirs(home: Path) -> list[Path]:
+    """Where ``--pool`` checkpoints stage: the cache, or memory (``_topool.memory_staging``,
+    where a process that fits is dumped)."""
+    shm = memory_staging(0)
+    return [home / "cache", *([shm] if shm is not None else [])]
+
+
 def _pushes(home: Path) -> list[str]:
-    """What ``--pool`` checkpoints left in the cache."""
-    return sorted(n for n in os.listdir(home / "cache") if n.startswith((".push-", "..push-")))
+    """What ``--pool`` checkpoints left where they stage."""
+    return sorted(
+        n for d in _staging_dirs(home) for n in os.listdir(d) if n.startswith((".push-", "..push-"))
+    )
 
 
 def _pool_down(home: Path) -> str:
@@ -54,11 +65,15 @@ def _pool_names(pool: str) -> list[str]:
 def _killed_after_the_commit(home: Path, app_name: str, pid: int, image: str, pool: str) -> None:
     """Start ``checkpoint APP --name IMAGE --pool POOL`` of the app ``pid``, SIGKILL it once
     its image is committed in the cache, wait for everything it detached to end."""
-    committed = home / "cache" / f".push-{image}-{pid}" / "torpor.json"
+    committed = [d / f".push-{image}-{pid}" / "torpor.json" for d in _staging_dirs(home)]
     before = children()
     with subreaper():
         cli = _checkpoint_cli(app_name, "--name", image, "--pool", pool)
-        wait_for(lambda: committed.exists() or cli.poll() is not None, timeout=60, what="commit")
+        wait_for(
+            lambda: any(c.exists() for c in committed) or cli.poll() is not None,
+            timeout=60,
+            what="commit",
+        )
         assert cli.poll() is None, cli.communicate()  # killed before it ended on its own
         cli.kill()
         cli.communicate()

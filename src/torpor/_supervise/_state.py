@@ -107,7 +107,11 @@ def _dir(*, create: bool) -> Iterator[tuple[int, Path] | None]:
     if create:
         path = _paths.supervised_dir()
     else:
-        if not _paths.home_path().exists():
+        try:
+            present = _paths.home_path().exists()
+        except OSError:  # not ours to look into: home() says so in one line
+            present = True
+        if not present:
             yield None
             return
         path = _paths.home() / "supervised"
