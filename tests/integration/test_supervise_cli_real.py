@@ -162,7 +162,15 @@ def test_supervise_running_and_restored_processes_then_unsupervise(home: Path) -
     c2 = wait_for(lambda: _running("c", other_than=c.pid), timeout=10, what="c restored")
     assert _first(home, "c", c2.pid) > 1  # type: ignore[attr-defined]
     # A process restored by hand from an image, under another name.
-    torpor("checkpoint", "c", "--name", "c-img", "--leave-running")
+    # c is supervised: its periodic checkpoint may hold it at this moment (refused, one line).
+    wait_for(
+        lambda: (
+            torpor("checkpoint", "c", "--name", "c-img", "--leave-running", check=False).returncode
+            == 0
+        ),
+        timeout=20,
+        what="a checkpoint of c between its periodic ones",
+    )
     torpor("restore", "c-img", "--name", "x")
     x = _running("x")
     assert x is not None

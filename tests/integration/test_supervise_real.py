@@ -198,7 +198,8 @@ def test_resume_all_after_everything_was_killed(home: Path) -> None:
     back = _running("r")
     assert back is not None and back.pid == int(out[1])
     restore = wait_for(lambda: _kinds("r", "restore"), what="the restore event")
-    assert restore[0].fields["image"] == last  # type: ignore[index]
+    # The last recorded, or one a checkpoint in flight when the supervisor died pushed after.
+    assert restore[0].fields["image"] >= last  # type: ignore[index, operator]
     after = wait_for(lambda: counts(home / "logs" / "r.log").get(back.pid), what="output")
     assert 1 < after[0] <= before[-1] + 1  # type: ignore[index]
     assert _daemon(home) != daemon
