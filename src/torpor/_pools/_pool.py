@@ -11,6 +11,7 @@ Layout of a pool in its backend (every key under the contract of :mod:`._backend
     gc/condemned, gc/lock-*    garbage collection state (:mod:`._gc`)
     supervision/<name>         the supervision spec of a process checkpointed here (failover)
     leases/<name>              the lease fencing that process's one live copy (ceph, s3)
+    warm/<name>                the pages a lazy restore of image <name> touched first
 
 A push cuts every file into chunks (:mod:`._cas`), stores the chunks the pool lacks in new
 packs, then the chunk lists, then the manifest. A pull fetches the packs it needs
@@ -61,6 +62,7 @@ _OWNED_PREFIXES = (
     "gc/",
     "supervision/",
     "leases/",
+    "warm/",
     META_KEY,
 )
 
@@ -121,6 +123,7 @@ class Pool(PoolWriter, PoolPuller):
                 hint=f"`torpor images --pool {self.name}` lists them",
             )
         self.backend.delete(image_key(name))
+        self.backend.delete(f"warm/{name}")  # its warm set (lazy restores), if it had one
 
     def copy_image(
         self,
