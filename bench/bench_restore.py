@@ -675,7 +675,7 @@ def plot(demo: dict[str, Any] | None, mem: dict[int, MemSamples], path: Path) ->
     if mem:
         ax = axes[0][col]
         sizes = list(mem)
-        series = [
+        series: list[tuple[str, Callable[[MemSamples], list[float]], str]] = [
             ("dump torpor", lambda s: s.dump_torpor, "#1f77b4"),
             ("dump criu", lambda s: s.dump_bare, "#d62728"),
             ("restore torpor", lambda s: s.restore_torpor, "#4c9be0"),
@@ -739,6 +739,20 @@ def private_home() -> Iterator[Path]:
         yield home
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def stop_agent(pid: int | None, log: Callable[[str], None]) -> None:
+    """``torpor agent stop``; if it refuses (it found the agent not holding its socket), the
+    agent this script started is killed by its pid."""
+    from torpor import _agent
+    from torpor._errors import TorporError
+
+    try:
+        _agent.stop()
+    except TorporError as exc:
+        log(f"agent stop: {exc}; killing the agent (pid {pid}) we started")
+        if pid is not None:
+            kill(pid)
 
 
 def run_lazy(
@@ -812,14 +826,16 @@ def main() -> int:
         work.mkdir()
         info = machine()
         agent, _ = _agent.start()
-        log(f"agent {agent.pid} serving {agent.socket}")
-        log(f"machine: {info}")
-        demo = None if args.no_demo else bench_demo(args.rows, args.reps, work, log)
-        sizes = [parse_size(z) for z in args.sizes.split(",") if z.strip()]
-        mem = {size: bench_memory(size, args.mem_reps, work, log) for size in sizes}
-        lazy = run_lazy(args, home, work, log) if args.lazy else None
-        _agent.stop()
-        reap_orphans()
+        try:  # the agent is stopped also on a failure or Ctrl-C
+            log(f"agent {agent.pid} serving {agent.socket}")
+            log(f"machine: {info}")
+            demo = None if args.no_demo else bench_demo(args.rows, args.reps, work, log)
+            sizes = [parse_size(z) for z in args.sizes.split(",") if z.strip()]
+            mem = {size: bench_memory(size, args.mem_reps, work, log) for size in sizes}
+            lazy = run_lazy(args, home, work, log) if args.lazy else None
+        finally:
+            stop_agent(agent.pid, log)
+            reap_orphans()
 
     report = ["Machine: " + "; ".join(f"{k}: {v}" for k, v in info.items()), ""]
     if demo is not None:

@@ -106,7 +106,12 @@ class App:
     warm_bytes: int = 512 << 20
     check: bool = False  # check each copy's memory once resident (the warm-up round)
 
-    def wait_answer(self, since: float, timeout: float = READY_TIMEOUT) -> tuple[float, int | None]:
+    def wait_answer(
+        self,
+        since: float,
+        timeout: float = READY_TIMEOUT,
+        proc: subprocess.Popen[bytes] | None = None,
+    ) -> tuple[float, int | None]:
         """Seconds from ``since`` (perf_counter) to the first answer; the answering host pid
         (the demo app's; a lazy_app knows only its pid in its own PID namespace, 1)."""
         if self.demo:
@@ -121,6 +126,9 @@ class App:
             try:
                 reply = ask(self.port)
             except (OSError, ValueError):
+                if proc is not None and proc.poll() not in (None, 0):
+                    err = proc.stderr.read().decode().strip() if proc.stderr else ""
+                    raise RuntimeError(f"{self.label}: {proc.args!r} failed: {err}") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.label}: no answer within {timeout:.0f}s") from None
                 time.sleep(POLL)
@@ -204,8 +212,13 @@ def cli(app: App, name: str, *, lazy: bool, source: str | None = None) -> Step:
         stderr=subprocess.PIPE,
         env=dict(os.environ, TORPOR_AGENT="on"),
     )
-    seconds, pid = app.wait_answer(t0)
-    out, err = proc.communicate(timeout=READY_TIMEOUT)
+    try:
+        seconds, pid = app.wait_answer(t0, proc=proc)
+        out, err = proc.communicate(timeout=READY_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            kill(proc.pid)
+            proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {err.decode().strip()}")
     step = Step(seconds)
@@ -299,6 +312,8 @@ def bare(app: App, work: Path, seq: int, *, lazy: bool) -> Step:
         reap(root)  # we are the subreaper its criu parent left it to
         return step
     finally:
+        with contextlib.suppress(OSError, ValueError):
+            kill(int(pidfile.read_text()))  # a restored root left by a failed step
         if daemon is not None and daemon.poll() is None:
             kill(daemon.pid)
             daemon.wait()
@@ -311,9 +326,10 @@ def bare(app: App, work: Path, seq: int, *, lazy: bool) -> Step:
 def pool_lazy_supported() -> bool:
     """Whether this tree's ``torpor restore NAME@POOL --lazy`` restores lazily from the pool
     (LAZYPOOL's work) rather than pulling first."""
-    src = Path(__import__("torpor").__file__).parent / "_cli" / "_restore.py"
-    text = src.read_text()
-    return "lazy" in text and ("pool_source" in text or "lazy_pool" in text or "from_pool" in text)
+    from torpor._cli import _restore
+
+    # Before it (9b4408a), a NAME@POOL was pulled whole whatever --lazy said.
+    return hasattr(_restore, "open_lazy_pool_image")
 
 
 @dataclass
@@ -324,7 +340,7 @@ class Pool:
     pushed: dict[str, str] = field(default_factory=dict)  # app key -> NAME@POOL
 
     def empty_cache(self) -> None:
-        from torpor._pools._cache import cache_dir
+        from torpor._paths import cache_dir
 
         shutil.rmtree(cache_dir(), ignore_errors=True)
 
@@ -467,8 +483,20 @@ def bench_lazy(
         try:
             results[key] = run_app(app, reps, work, log, pool)
         finally:
+            stop_all_managed()
             shutil.rmtree(app.image.path, ignore_errors=True)
     return results
+
+
+def stop_all_managed() -> None:
+    """SIGKILL every process recorded in this (private) home: what a failed or interrupted
+    step left running (each by its pid; the keepers then record and exit)."""
+    from torpor._process import _registry
+    from torpor._process._proc import ProcRef
+
+    for rec in _registry.list_all():
+        if ProcRef(rec.pid, rec.start_time).alive():
+            kill(rec.pid)
 
 
 # -- report -----------------------------------------------------------------------------------
