@@ -39,6 +39,7 @@ _COMMANDS = {
     "trust": "_trust",
     "doctor": "_doctor",
     "agent": "_agent",
+    "migrate": "_migrate",
     "demo": "_demo",
 }
 

@@ -19,6 +19,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("agent", help="start/stop the resident agent", description=_DESCRIPTION)
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
     start = verbs.add_parser("start", help="start the agent in the background")
+    _listen_option(start)
     start.set_defaults(handler=_start)
     stop = verbs.add_parser("stop", help="stop the agent (managed processes go on)")
     stop.set_defaults(handler=_stop)
@@ -26,10 +27,23 @@ def register(sub: Any) -> None:
     status.add_argument("--json", action="store_true", help="output JSON")
     status.set_defaults(handler=_status)
     run = verbs.add_parser("run", help="run the agent in the foreground (for a supervisor)")
+    _listen_option(run)
     run.set_defaults(handler=_run)
 
 
+def _listen_option(p: Any) -> None:
+    p.add_argument("--listen", metavar="ADDR:PORT",
+                   help="serve migrations from trusted hosts on ADDR:PORT (mutual TLS; "
+                   "see docs/migration.md)")  # fmt: skip
+
+
 def _start(app: App, args: argparse.Namespace) -> int:
+    if args.listen:
+        from .._migrate._serve import start_detached
+
+        pid, where = start_detached(args.listen)
+        app.out(f"migration server started (pid {pid}), listening on {where}")
+        return 0
     from .. import _agent
 
     st, started = _agent.start()
@@ -74,6 +88,10 @@ def _status(app: App, args: argparse.Namespace) -> int:
 
 
 def _run(app: App, args: argparse.Namespace) -> int:
+    if args.listen:
+        from .._migrate._serve import main
+
+        return main(args.listen)
     from .. import _agent
 
     _agent.serve()

@@ -1,0 +1,72 @@
+"""``torpor migrate NAME --to HOST:PORT [--mode copy]``: move a running process to another host."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .._errors import UsageError
+from ._app import App
+
+_DESCRIPTION = """\
+Moves the managed process NAME to the torpor serving migrations at HOST:PORT (`torpor agent
+start --listen ADDR:PORT` there). Both hosts must trust each other (`torpor trust add`). The
+target checks it can take the process before anything is frozen; the image goes over the
+authenticated channel while CRIU holds the process frozen, and the original is let go only
+once the target reports the copy running. Any failure before that resumes the original,
+unchanged. Only --mode copy exists so far."""
+
+
+def register(sub: Any) -> None:
+    """Add the command."""
+    p = sub.add_parser("migrate", help="move a running process to another host",
+                       description=_DESCRIPTION)  # fmt: skip
+    p.add_argument("name", metavar="NAME", help="the managed process (torpor ps)")
+    p.add_argument("--to", required=True, metavar="HOST:PORT", help="the target's agent")
+    p.add_argument("--mode", choices=("copy",), default="copy", help="how memory moves")
+    p.add_argument(
+        "--tcp-established",
+        action="store_true",
+        help="dump established TCP connections (their address must exist on the target)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds the target may take to answer (default 120)",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=_migrate)
+
+
+def _split(to: str) -> tuple[str, int]:
+    host, _, port = to.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--to {to!r} is not HOST:PORT", hint="e.g. --to 10.0.0.3:7070")
+    return host.strip("[]"), int(port)
+
+
+def _migrate(app: App, args: argparse.Namespace) -> int:
+    from .._migrate._copy import migrate_copy
+
+    host, port = _split(args.to)
+    summary = migrate_copy(
+        args.name,
+        host,
+        port,
+        timeout=args.timeout,
+        tcp_established=args.tcp_established,
+        say=app.info,
+    )
+    if args.json:
+        app.json(summary.to_json())
+        return 0
+    frozen = f", CRIU frozen {summary.frozen_ms:.0f} ms" if summary.frozen_ms is not None else ""
+    app.out(
+        f"migrated {summary.name} to {summary.target}: pid {summary.source_pid} -> "
+        f"{summary.target_pid} there; downtime {summary.downtime_ms:.0f} ms{frozen} "
+        f"(transfer {summary.transfer_ms:.0f} ms, restore {summary.restore_ms:.0f} ms); "
+        f"{summary.bytes} bytes in {summary.files} files; total {summary.total_ms:.0f} ms"
+    )
+    return 0

@@ -1,0 +1,320 @@
+"""``torpor migrate NAME --to HOST:PORT --mode copy``: the source's side, and the image's wire
+format that both sides share.
+
+The order, and why the process is never lost:
+
+1. Connect over the channel (:mod:`._channel`: both hosts must trust each other) and send the
+   pre-flight facts (:mod:`._preflight`). A refusal, or a channel that cannot be opened, ends
+   the migration here: nothing was frozen.
+2. Dump the process with CRIU, answering its notifications (``notify_scripts``). At
+   ``post-dump`` CRIU holds the tree frozen and waits for our answer; while it waits, the
+   image's files go to the target whole (``image`` message, then each file's bytes as ``D``
+   frames, then their SHA-256 in a ``hashes`` message, hashed on both sides as they pass), and
+   the target verifies them and restores the process under the same name.
+3. Only when the target reports ``running`` do we answer ``true``: CRIU then kills the
+   original. Anything else before that (a refusal, a failed restore, the link cut, the target
+   dead, no answer within the timeout) is answered ``false``: CRIU thaws the tree and the
+   original runs on, unchanged. The target is then told ``abort`` (it kills a copy it may have
+   restored); after a commit it is told ``done``.
+
+The window that is left: between the target's ``running`` and CRIU's kill both copies exist,
+for the time one message takes; a source that dies exactly there may leave CRIU to thaw the
+original (two copies). Fencing that (the target restoring stopped until the source's kill is
+confirmed) is later work, as are lazy and pool modes and moving addresses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import _paths
+from .._engine import DUMP_LOG, CriuEngine, DumpOptions, NotifyEvent, criu_version
+from .._errors import DumpError, TorporError
+from .._images._stats import read_dump_stats_at
+from .._process import _locks, _registry
+from .._process._proc import ProcRef, facts
+from .._safe import kind_problem, lstat_entries, open_dir, open_regular
+from . import _preflight
+from ._channel import _DATA, _HEADER, MAX_DATA, ChannelError, Conn, connect
+
+DEFAULT_TIMEOUT = 120.0  # seconds the target may take to answer (receive, verify, restore)
+MAX_FILES = 4096  # files in one image; CRIU writes a dozen or so per process
+
+
+class MigrationError(TorporError):
+    """A migration failed; the message says where the process runs."""
+
+
+class MigrationRefusedError(MigrationError):
+    """The target refused the migration in pre-flight: nothing was frozen."""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A finished migration. ``downtime_ms``: from the freeze to the target's report that the
+    process runs (what the app saw, at most); ``frozen_ms``: CRIU's own figure for the freeze
+    (its ``stats-dump``, None if unknown); ``restore_ms``: the target's restore."""
+
+    name: str
+    mode: str
+    source_pid: int
+    target: str
+    target_pid: int
+    downtime_ms: float
+    frozen_ms: float | None
+    transfer_ms: float
+    restore_ms: float
+    bytes: int
+    files: int
+    total_ms: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as ``--json`` prints it."""
+        return asdict(self)
+
+
+# -- the wire: whole files as D frames ------------------------------------------------------------
+
+
+def send_bytes(conn: Conn, data: bytes) -> None:
+    """Send ``data`` (at most :data:`MAX_DATA` bytes) as one ``D`` frame."""
+    # The channel's framing, used as its relay does; no message may come between the frames
+    # of one file (the receiver reads exactly the announced size).
+    conn._sendall(_HEADER.pack(_DATA, len(data)) + data)
+
+
+def recv_bytes(conn: Conn) -> bytes:
+    """The body of the next frame, which must be a ``D`` frame."""
+    kind, body = conn._frame()
+    if kind != _DATA:
+        raise ChannelError(f"{conn._who()} sent a {kind!r} frame where file data was due")
+    return body
+
+
+def send_file(conn: Conn, fd: int, size: int) -> str:
+    """Send ``size`` bytes of ``fd`` from its start; their SHA-256 (hex)."""
+    h = hashlib.sha256()
+    left = size
+    while left:
+        chunk = os.read(fd, min(left, MAX_DATA))
+        if not chunk:
+            raise MigrationError(f"an image file shrank while it was sent ({left} bytes short)")
+        h.update(chunk)
+        send_bytes(conn, chunk)
+        left -= len(chunk)
+    return h.hexdigest()
+
+
+def receive_file(conn: Conn, fd: int, size: int) -> str:
+    """Write the next ``size`` bytes of file data from ``conn`` to ``fd``; their SHA-256."""
+    h = hashlib.sha256()
+    left = size
+    while left:
+        chunk = recv_bytes(conn)
+        if len(chunk) > left:
+            raise ChannelError(f"{conn._who()} sent more file data than announced")
+        h.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+        left -= len(chunk)
+    return h.hexdigest()
+
+
+# -- the source ----------------------------------------------------------------------------------
+
+
+def migrate_copy(
+    name: str,
+    host: str,
+    port: int,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    tcp_established: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> Summary:
+    """Move the managed process ``name`` to the torpor at ``host:port`` in copy mode (see the
+    module docstring); its :class:`Summary`. :class:`MigrationRefusedError` if pre-flight
+    failed, :class:`MigrationError` (or the channel's errors, before anything was frozen) if
+    anything else did: the process then runs here, unchanged."""
+    started = time.monotonic()
+    rec = _registry.load(name)
+    _registry.check_live(rec)
+    ref = rec.ref
+    where = f"{host}:{port}"
+    _, rss = facts(ref.pid)
+    conn = connect(host, port)  # refused or unreachable: nothing touched
+    with conn:
+        conn.settimeout(timeout)
+        conn.send(_preflight.facts(name, rss))
+        reply = conn.recv()
+        if reply.get("type") == "refused":
+            found = [str(p) for p in reply.get("problems", [])] or ["no reason given"]
+            raise MigrationRefusedError(
+                f"migration of {name} to {where} refused in pre-flight: {'; '.join(found)} "
+                f"(nothing was frozen; the process runs here, pid {ref.pid})",
+                hint="fix what the target reports, then migrate again",
+            )
+        if reply.get("type") != "ready":
+            raise MigrationError(f"{where} answered pre-flight with {reply.get('type')!r}")
+        if say is not None:
+            say(f"pre-flight passed on {where}; dumping {name} (pid {ref.pid})")
+        with _locks.dumping(ref, unless_requested=True):
+            move = _Move(conn, name, where, ref, tcp_established=tcp_established, say=say)
+            summary = move.run(timeout)
+    _record(name, ref, where)
+    total = (time.monotonic() - started) * 1000
+    return Summary(**{**summary.to_json(), "total_ms": round(total, 1)})
+
+
+def _record(name: str, ref: ProcRef, where: str) -> None:
+    # The record stays, ended by CRIU's kill, saying where the process went; an event too.
+    with contextlib.suppress(OSError, TorporError):
+        _registry.update(name, ref, checkpointed_to=f"migrated to {where}")
+    with contextlib.suppress(OSError, TorporError, ValueError):
+        from .._supervise import _events
+
+        _events.append(name, "checkpoint", migrated_to=where, mode="copy")
+
+
+class _Move:
+    """One dump whose post-dump notification carries the transfer and the target's restore."""
+
+    def __init__(
+        self,
+        conn: Conn,
+        name: str,
+        where: str,
+        ref: ProcRef,
+        *,
+        tcp_established: bool,
+        say: Callable[[str], None] | None,
+    ) -> None:
+        self.conn, self.name, self.where, self.ref = conn, name, where, ref
+        self.pid = ref.pid
+        self.options = DumpOptions(tcp_established=tcp_established)
+        self.say = say
+        self.failure: BaseException | None = None
+        self.frozen_at = self.sent_at = self.running_at = 0.0
+        self.reply: dict[str, Any] = {}
+        self.bytes = self.files = 0
+        self.frozen_ms: float | None = None
+        self.staging = Path()  # made by run(); the notifications do not carry it
+
+    def run(self, timeout: float) -> Summary:
+        out = _paths.private_dir(_paths.home() / "migrate", what="migration directory")
+        staging = self.staging = Path(tempfile.mkdtemp(prefix=f"{self.name}.", dir=out))
+        try:
+            try:
+                CriuEngine().dump(self.pid, staging, self.options, notify=self._notify)
+            except DumpError as exc:
+                raise self._failed(exc) from self.failure or exc
+            stats = read_dump_stats_at(staging)
+            self.frozen_ms = stats.frozen_ms if stats is not None else None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(TorporError):
+            self.conn.send({"type": "done"})  # the original is gone: the copy is the process
+        return Summary(
+            name=self.name,
+            mode="copy",
+            source_pid=self.pid,
+            target=self.where,
+            target_pid=int(self.reply.get("pid", 0)),
+            downtime_ms=round((self.running_at - self.frozen_at) * 1000, 1),
+            frozen_ms=self.frozen_ms,
+            transfer_ms=round((self.sent_at - self.frozen_at) * 1000, 1),
+            restore_ms=float(self.reply.get("restore_ms", 0.0)),
+            bytes=self.bytes,
+            files=self.files,
+            total_ms=0.0,
+        )
+
+    def _failed(self, exc: DumpError) -> MigrationError:
+        with contextlib.suppress(TorporError):
+            self.conn.send({"type": "abort"})  # a copy it restored must not run on
+        alive = self.ref.alive()
+        fate = (
+            f"the process runs here, unchanged (pid {self.pid})"
+            if alive
+            else "the process is gone here"
+        )
+        why = self.failure
+        reason = why.msg if isinstance(why, TorporError) else repr(why) if why else exc.msg
+        return MigrationError(
+            f"migration of {self.name} to {self.where} failed: {reason} ({fate})",
+            hint=None if why is None else getattr(why, "hint", None),
+        )
+
+    def _notify(self, event: NotifyEvent) -> bool:
+        if event.name == "pre-dump":
+            self.frozen_at = time.monotonic()  # CRIU freezes the tree right after this answer
+            return True
+        if event.name != "post-dump":
+            return True
+        try:
+            self._transfer()
+        except BaseException as exc:  # answered false: CRIU thaws the original
+            self.failure = exc
+            return False
+        return True
+
+    def _transfer(self) -> None:
+        conn = self.conn
+        staging = self.staging
+        dir_fd = open_dir(staging)
+        try:
+            entries = lstat_entries(dir_fd)
+            names = sorted(n for n in entries if n != DUMP_LOG)
+            for n in names:
+                kind = kind_problem(entries[n].st_mode)
+                if kind is not None:
+                    raise MigrationError(f"the dump holds {n}, {kind}, not a regular file")
+            if len(names) > MAX_FILES:
+                raise MigrationError(f"the dump has {len(names)} files, over {MAX_FILES}")
+            cmdline, rss = facts(self.pid)
+            conn.send(
+                {
+                    "type": "image",
+                    "facts": {
+                        "pid": self.pid,
+                        "cmdline": list(cmdline),
+                        "rss_bytes": rss,
+                        "criu_version": criu_version(),
+                        "tcp_established": self.options.tcp_established,
+                        "shell_job": self.options.shell_job,
+                    },
+                    "files": [{"name": n, "size": entries[n].st_size} for n in names],
+                }
+            )
+            hashes: dict[str, str] = {}
+            for n in names:
+                fd = open_regular(dir_fd, n, source=str(staging))
+                try:
+                    hashes[n] = send_file(conn, fd, entries[n].st_size)
+                finally:
+                    os.close(fd)
+                self.bytes += entries[n].st_size
+            self.files = len(names)
+            conn.send({"type": "hashes", "files": hashes})
+        finally:
+            os.close(dir_fd)
+        self.sent_at = time.monotonic()
+        if self.say is not None:
+            self.say(f"sent {self.bytes} bytes in {self.files} files; {self.where} restores")
+        reply = conn.recv()
+        if reply.get("type") == "failed":
+            raise MigrationError(f"{self.where} could not take it: {reply.get('error')}")
+        if reply.get("type") != "running" or not isinstance(reply.get("pid"), int):
+            raise MigrationError(f"{self.where} answered {reply.get('type')!r}, not running")
+        self.running_at = time.monotonic()
+        self.reply = reply

@@ -1,0 +1,265 @@
+"""The networked side of migration: ``torpor agent run|start --listen ADDR:PORT``.
+
+It accepts trusted peers only (:mod:`._channel`: an untrusted one fails in the TLS handshake
+and gets nothing), one migration at a time, and for each:
+
+1. ``preflight``: the checks of :mod:`._preflight`, answered ``ready`` or ``refused`` with
+   the problems.
+2. ``image``: the files announced (plain names, sizes), each received into a new staging
+   directory of this home's images directory (created ``O_EXCL``, 0600) and hashed as it
+   arrives; ``hashes``: every file's SHA-256 must match the source's, else ``failed``.
+3. The image is sealed here (manifest built from the source's facts and the files verified,
+   signed with this host's key) and restored under the same name, by a keeper of this host
+   (:func:`torpor._process._manage.restore`); ``running`` with the new pid, or ``failed``.
+4. The source then says ``done`` (it let CRIU kill the original) or ``abort`` (it resumed the
+   original; the copy here is killed). The image directory is removed either way: it was only
+   in transit.
+
+``TORPOR_TEST_MIGRATE_HOLD`` (tests only): a path created once the image has arrived, after
+which the server waits, so a test can kill it mid-migration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .. import _paths
+from .._errors import ProcessNotFoundError, TorporError
+from .._images import _manifest
+from .._images._image import Image, Staging
+from .._images._manifest import FileEntry
+from .._process import _manage, _registry
+from .._safe import create_file, is_plain_name, open_dir
+from . import _preflight
+from ._channel import ChannelError, Conn, PeerRefusedError, listen
+from ._copy import MAX_FILES, receive_file
+
+ANSWER_TIMEOUT = 120.0  # seconds a source may take between its messages
+_HOLD_ENV = "TORPOR_TEST_MIGRATE_HOLD"
+
+
+def serve(
+    addr: str, port: int, *, ready: Callable[[str], None], log: Callable[[str], None]
+) -> None:
+    """Serve migrations on ``addr:port`` until killed; ``ready(address)`` once listening."""
+    with listen(addr, port) as lst:
+        host, bound = lst.address
+        where = f"{host}:{bound}"
+        ready(where)
+        while True:
+            try:
+                conn = lst.accept()
+            except PeerRefusedError as exc:
+                log(f"refused: {exc}")
+                continue
+            except (OSError, ChannelError) as exc:
+                log(f"accept failed: {exc}")
+                continue
+            with conn:
+                conn.settimeout(ANSWER_TIMEOUT)
+                try:
+                    _Incoming(conn, where, log).handle()
+                except TorporError as exc:
+                    log(f"migration from {conn.peer.name} failed: {exc}")
+
+
+class _Incoming:
+    """One migration offered by a trusted peer."""
+
+    def __init__(self, conn: Conn, where: str, log: Callable[[str], None]) -> None:
+        self.conn, self.where, self.log = conn, where, log
+        self.peer = conn.peer.name
+
+    def handle(self) -> None:
+        conn = self.conn
+        first = conn.recv()
+        if first.get("type") != "preflight":
+            raise ChannelError(f"{self.peer} began with {first.get('type')!r}, not preflight")
+        found = _preflight.problems(first, where=self.where)
+        if found:
+            conn.send({"type": "refused", "problems": found})
+            self.log(f"refused {first.get('name')!r} from {self.peer}: {'; '.join(found)}")
+            return
+        name = str(first["name"])
+        conn.send({"type": "ready"})
+        msg = conn.recv()
+        if msg.get("type") != "image":
+            raise ChannelError(f"{self.peer} sent {msg.get('type')!r}, not the image")
+        staging = Staging(_paths.images_dir() / f"{name}.migrated-{os.urandom(4).hex()}")
+        image: Image | None = None
+        try:
+            try:
+                image = self._receive(staging, name, msg)
+            except TorporError as exc:
+                with contextlib.suppress(TorporError):
+                    conn.send({"type": "failed", "error": exc.msg})
+                raise
+            hold = os.environ.get(_HOLD_ENV)
+            if hold:
+                with open(hold, "x"):
+                    pass
+                time.sleep(3600)
+            self._restore(image, name)
+        finally:
+            staging.discard()
+            if image is not None:
+                shutil.rmtree(image.path, ignore_errors=True)
+
+    def _receive(self, staging: Staging, name: str, msg: Mapping[str, Any]) -> Image:
+        files = msg.get("files")
+        facts = msg.get("facts")
+        if not isinstance(files, list) or not isinstance(facts, dict) or len(files) > MAX_FILES:
+            raise ChannelError(f"{self.peer} sent a malformed image message")
+        sizes: dict[str, int] = {}
+        for f in files:
+            n, size = (f.get("name"), f.get("size")) if isinstance(f, dict) else (None, None)
+            if not is_plain_name(n) or not isinstance(size, int) or isinstance(size, bool):
+                raise ChannelError(f"{self.peer} announced a bad image file {f!r}")
+            if size < 0 or n in sizes:
+                raise ChannelError(f"{self.peer} announced a bad image file {f!r}")
+            sizes[str(n)] = size
+        cmdline, rss, pid = facts.get("cmdline"), facts.get("rss_bytes"), facts.get("pid")
+        if not (
+            isinstance(cmdline, list)
+            and all(isinstance(a, str) for a in cmdline)
+            and isinstance(rss, int)
+            and isinstance(pid, int)
+        ):
+            raise ChannelError(f"{self.peer} sent malformed process facts")
+        staging.create()
+        source = str(staging.path)
+        dir_fd = open_dir(staging.path)
+        got: dict[str, str] = {}
+        try:
+            for n, size in sizes.items():
+                fd = create_file(dir_fd, n, source=source)
+                try:
+                    got[n] = receive_file(self.conn, fd, size)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(dir_fd)
+        sums = self.conn.recv()
+        theirs = sums.get("files")
+        if sums.get("type") != "hashes" or not isinstance(theirs, dict):
+            raise ChannelError(f"{self.peer} sent no hashes after the image")
+        bad = sorted(n for n in sizes if theirs.get(n) != got[n])
+        if bad or set(theirs) != set(sizes):
+            raise TorporError(
+                f"image from {self.peer} arrived damaged: {', '.join(bad) or 'its file list'} "
+                "did not match the source's SHA-256"
+            )
+        hashed = {n: FileEntry(n, sizes[n], got[n]) for n in sizes}
+
+        def manifest(entries: list[FileEntry]) -> _manifest.Manifest:
+            return _manifest.build(
+                name=name,
+                pid=int(pid),
+                files=entries,
+                criu_version=str(facts.get("criu_version", "")),
+                cmdline=cmdline,
+                rss_bytes=int(rss),
+                tcp_established=facts.get("tcp_established") is True,
+                shell_job=facts.get("shell_job") is True,
+            )
+
+        image = staging.commit(manifest, hashed)
+        self.log(f"received {name!r} from {self.peer}: {sum(sizes.values())} bytes, verified")
+        return image
+
+    def _restore(self, image: Image, name: str) -> None:
+        conn = self.conn
+        started = time.monotonic()
+        try:
+            recs = _manage.restore(image, names=[name])
+        except TorporError as exc:
+            with contextlib.suppress(TorporError):
+                conn.send({"type": "failed", "error": exc.msg})
+            raise
+        rec = recs[0]
+        took = round((time.monotonic() - started) * 1000, 1)
+        origin = f"migrated from {self.peer}"
+        with contextlib.suppress(OSError, TorporError):
+            _registry.update(name, rec.ref, restored_from=origin)
+        try:
+            conn.send({"type": "running", "pid": rec.pid, "restore_ms": took})
+            verdict = conn.recv().get("type")
+        except ChannelError as exc:
+            # The source may have let CRIU kill the original after our "running": the copy
+            # here may be all there is of the process, so it is left running (and said so).
+            self.log(f"{name!r} (pid {rec.pid}) runs here; the source went silent: {exc}")
+            return
+        if verdict == "abort":
+            self._kill(rec)
+            self.log(f"{name!r} from {self.peer}: the source resumed its original; copy killed")
+            return
+        self.log(f"{name!r} migrated from {self.peer}: pid {rec.pid}, restored in {took} ms")
+        with contextlib.suppress(OSError, TorporError, ValueError):
+            from .._supervise import _events
+
+            _events.append(name, "restore", migrated_from=self.peer, mode="copy")
+
+    def _kill(self, rec: _registry.ManagedProcess) -> None:
+        with contextlib.suppress(ProcessNotFoundError, OSError):
+            if rec.ref.alive():
+                os.kill(rec.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, TorporError):
+            _registry.update(rec.name, rec.ref, restored_from=f"aborted migration ({self.peer})")
+
+
+def start_detached(listen_at: str, *, timeout: float = 15.0) -> tuple[int, str]:
+    """``torpor agent start --listen ADDR:PORT``: start :func:`main` in a session of its own
+    (stderr appended to ``<home>/logs/migrate-server.log``); its pid and address once it
+    listens."""
+    import select
+    import subprocess
+
+    log_path = _paths.logs_dir() / "migrate-server.log"
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torpor", "agent", "run", "--listen", listen_at],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd,
+            start_new_session=True, close_fds=True,
+        )  # fmt: skip
+    finally:
+        os.close(log_fd)
+    assert proc.stdout is not None
+    with proc.stdout:
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline().decode(errors="replace") if ready else ""
+    if not line.startswith("listening on "):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+        raise TorporError(
+            f"the migration server did not start listening on {listen_at}",
+            hint=f"see {log_path}",
+        )
+    return proc.pid, line.removeprefix("listening on ").strip()
+
+
+def main(listen_at: str) -> int:
+    """``torpor agent run --listen ADDR:PORT``: serve in the foreground; "listening on ..."
+    on stdout once ready, one line per event on stderr."""
+    addr, _, port = listen_at.rpartition(":")
+    if not addr or not port.isdigit():
+        raise TorporError(
+            f"--listen {listen_at!r} is not ADDR:PORT", hint="e.g. --listen 10.0.0.2:7070"
+        )
+
+    def ready(where: str) -> None:
+        print(f"listening on {where}", flush=True)
+
+    def log(line: str) -> None:
+        print(f"torpor-migrate: {line}", file=sys.stderr, flush=True)
+
+    serve(addr.strip("[]"), int(port), ready=ready, log=log)
+    return 0
