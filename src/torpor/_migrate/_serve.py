@@ -22,7 +22,10 @@ which the server waits, so a test can kill it mid-migration.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
+import select
 import shutil
 import signal
 import sys
@@ -43,12 +46,14 @@ from ._copy import MAX_FILES, receive_file
 
 ANSWER_TIMEOUT = 120.0  # seconds a source may take between its messages
 _HOLD_ENV = "TORPOR_TEST_MIGRATE_HOLD"
+_IN_TRANSIT = ".migrating-"  # in the names of image directories being received
 
 
 def serve(
     addr: str, port: int, *, ready: Callable[[str], None], log: Callable[[str], None]
 ) -> None:
     """Serve migrations on ``addr:port`` until killed; ``ready(address)`` once listening."""
+    _sweep(log)
     with listen(addr, port) as lst:
         host, bound = lst.address
         where = f"{host}:{bound}"
@@ -70,12 +75,22 @@ def serve(
                     log(f"migration from {conn.peer.name} failed: {exc}")
 
 
+def _sweep(log: Callable[[str], None]) -> None:
+    """Remove images a killed server left half-received (one server per home at a time)."""
+    images = _paths.images_dir()
+    for entry in os.listdir(images):
+        if _IN_TRANSIT in entry:
+            shutil.rmtree(images / entry, ignore_errors=True)
+            log(f"removed {images / entry}, left by a migration that did not finish")
+
+
 class _Incoming:
     """One migration offered by a trusted peer."""
 
     def __init__(self, conn: Conn, where: str, log: Callable[[str], None]) -> None:
         self.conn, self.where, self.log = conn, where, log
         self.peer = conn.peer.name
+        self.outcome: str | None = None
 
     def handle(self) -> None:
         conn = self.conn
@@ -92,7 +107,7 @@ class _Incoming:
         msg = conn.recv()
         if msg.get("type") != "image":
             raise ChannelError(f"{self.peer} sent {msg.get('type')!r}, not the image")
-        staging = Staging(_paths.images_dir() / f"{name}.migrated-{os.urandom(4).hex()}")
+        staging = Staging(_paths.images_dir() / f"{name}{_IN_TRANSIT}{os.urandom(4).hex()}")
         image: Image | None = None
         try:
             try:
@@ -111,6 +126,8 @@ class _Incoming:
             staging.discard()
             if image is not None:
                 shutil.rmtree(image.path, ignore_errors=True)
+        if self.outcome is not None:
+            self.log(self.outcome)  # last: everything it says is done, the image removed
 
     def _receive(self, staging: Staging, name: str, msg: Mapping[str, Any]) -> Image:
         files = msg.get("files")
@@ -178,12 +195,11 @@ class _Incoming:
         conn = self.conn
         started = time.monotonic()
         try:
-            recs = _manage.restore(image, names=[name])
+            rec = _restore_apart(image, name)
         except TorporError as exc:
             with contextlib.suppress(TorporError):
                 conn.send({"type": "failed", "error": exc.msg})
             raise
-        rec = recs[0]
         took = round((time.monotonic() - started) * 1000, 1)
         origin = f"migrated from {self.peer}"
         with contextlib.suppress(OSError, TorporError):
@@ -200,11 +216,11 @@ class _Incoming:
             self._kill(rec)
             self.log(f"{name!r} from {self.peer}: the source resumed its original; copy killed")
             return
-        self.log(f"{name!r} migrated from {self.peer}: pid {rec.pid}, restored in {took} ms")
         with contextlib.suppress(OSError, TorporError, ValueError):
             from .._supervise import _events
 
             _events.append(name, "restore", migrated_from=self.peer, mode="copy")
+        self.outcome = f"{name!r} migrated from {self.peer}: pid {rec.pid}, restored in {took} ms"
 
     def _kill(self, rec: _registry.ManagedProcess) -> None:
         with contextlib.suppress(ProcessNotFoundError, OSError):
@@ -214,11 +230,65 @@ class _Incoming:
             _registry.update(rec.name, rec.ref, restored_from=f"aborted migration ({self.peer})")
 
 
+def _restore_apart(image: Image, name: str) -> _registry.ManagedProcess:
+    """:func:`_manage.restore` in a forked child holding no descriptor of ours: the keeper it
+    forks stays behind as the process's parent and would otherwise keep the listening socket
+    and the channel open for as long as the process lives."""
+    from .._process import _keeper
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; the migration tests drive it
+        code = 0
+        try:
+            for entry in os.listdir("/proc/self/fd"):
+                if int(entry) > 2 and int(entry) != w:
+                    with contextlib.suppress(OSError):
+                        os.close(int(entry))
+            try:
+                rec = _manage.restore(image, names=[name])[0]
+                reply: dict[str, Any] = {"ok": True, "rec": dataclasses.asdict(rec)}
+            except BaseException as exc:
+                reply = {"ok": False, "error": _keeper.encode_error(exc)}
+                code = 1
+            os.write(w, json.dumps(reply).encode() + b"\n")
+        finally:
+            os._exit(code)
+    os.close(w)
+    # The keeper inherits the pipe's write end too (it is forked from the child): the reply
+    # ends with a newline, and the child's end, not the pipe's, says no more will come.
+    data = b""
+    exited = False
+    try:
+        while not data.endswith(b"\n"):
+            ready, _, _ = select.select([r], [], [], 0.1)
+            if ready:
+                chunk = os.read(r, 1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+            elif exited:
+                break
+            else:
+                exited = os.waitpid(pid, os.WNOHANG)[0] == pid  # one more look, then done
+    finally:
+        os.close(r)
+        if not exited:
+            os.waitpid(pid, 0)
+    if not data:
+        raise TorporError(f"the restore of {name} died before it reported")
+    reply = json.loads(data)
+    if not reply["ok"]:
+        raise _keeper.decode_error(reply["error"])
+    fields = reply["rec"]
+    fields["command"] = tuple(fields["command"])
+    return _registry.ManagedProcess(**fields)
+
+
 def start_detached(listen_at: str, *, timeout: float = 15.0) -> tuple[int, str]:
     """``torpor agent start --listen ADDR:PORT``: start :func:`main` in a session of its own
     (stderr appended to ``<home>/logs/migrate-server.log``); its pid and address once it
     listens."""
-    import select
     import subprocess
 
     log_path = _paths.logs_dir() / "migrate-server.log"
