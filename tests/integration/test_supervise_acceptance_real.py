@@ -13,80 +13,33 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
 import re
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from torpor._pools import open_pool
-from torpor._process import _registry
-from torpor._process._proc import ProcRef
-from torpor._supervise import _events, _series, _state
+from torpor._supervise import _series, _state
 
 from .helpers import APPS, PYTHON, counts, torpor, wait_for
 from .load import KeepAliveLoad
+from .supervision import daemon as _daemon
+from .supervision import kinds as _kinds
+from .supervision import members as _members
+from .supervision import running as _running
+from .supervision import supervised_home
 
 pytestmark = pytest.mark.criu
+home = supervised_home
 
 COUNTER = [PYTHON, str(APPS / "counter.py")]
 CRASHER = [PYTHON, str(APPS / "crash_when_restored.py")]
-
-
-def _daemon(home: Path) -> ProcRef | None:
-    try:
-        data = json.loads((home / "supervised" / ".daemon.pid").read_text())
-    except (OSError, ValueError):
-        return None
-    return ProcRef(data["pid"], data["start_time"])
-
-
-def _kill(ref: ProcRef | None) -> None:
-    """SIGKILL a process this test started (by pid and start time) and wait for its end."""
-    if ref is None or not ref.alive():
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(ref.pid, signal.SIGKILL)
-    wait_for(lambda: not ref.alive(), what=f"pid {ref.pid} to die")
-
-
-@pytest.fixture
-def home(torpor_home: Path) -> Iterator[Path]:
-    """A torpor home whose supervisor is killed at the end, before the apps are (it would
-    restore them); its log and the event logs are printed (seen on failure)."""
-    yield torpor_home
-    _kill(_daemon(torpor_home))
-    log = torpor_home / "supervised" / ".daemon.log"
-    if log.exists():
-        print(log.read_text())
-    for events in sorted((torpor_home / "events").glob("*.jsonl")):
-        print(events.read_text())
-
-
-def _kinds(name: str, kind: str) -> list[_events.Event]:
-    return [e for e in _events.read(name, limit=None) if e.kind == kind]
-
-
-def _running(name: str, other_than: int | None = None) -> _registry.ManagedProcess | None:
-    try:
-        rec = _registry.load(name)
-    except Exception:
-        return None
-    if rec.state != "running" or rec.pid == other_than:
-        return None
-    return rec
-
-
-def _members(name: str) -> list[str]:
-    with open_pool("default") as pool:
-        return [m.name for m in _series.members(pool, name)]
 
 
 def _seq(image: str) -> int:

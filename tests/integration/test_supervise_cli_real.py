@@ -7,12 +7,10 @@ checkpoint (exit 3, one line) and ``--no-restore``; ``stop`` of a supervised pro
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,60 +18,22 @@ import pytest
 from torpor._cli._run import SUPERVISION_COLUMNS
 from torpor._pools import open_pool
 from torpor._process import _registry
-from torpor._process._proc import ProcRef
-from torpor._supervise import _events, _series, _state
+from torpor._supervise import _state
 
 from .helpers import APPS, PS_COLUMNS, PYTHON, counts, parse_table, torpor, wait_for
+from .supervision import daemon as _daemon
+from .supervision import kill as _kill
+from .supervision import kinds as _kinds
+from .supervision import members as _members
+from .supervision import running as _running
+from .supervision import supervised_home
 
 pytestmark = pytest.mark.criu
+home = supervised_home
 
 COUNTER = [PYTHON, str(APPS / "counter.py")]
 NO_HANDLER = "SIGKILL: it has no SIGTERM handler, and pid 1 of a PID namespace ignores SIGTERM "
 NO_HANDLER += "without one"
-
-
-def _daemon(home: Path) -> ProcRef | None:
-    try:
-        data = json.loads((home / "supervised" / ".daemon.pid").read_text())
-    except (OSError, ValueError):
-        return None
-    return ProcRef(data["pid"], data["start_time"])
-
-
-def _kill(ref: ProcRef | None) -> None:
-    """SIGKILL a process this test started, and wait for it to end."""
-    if ref is None or not ref.alive():
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(ref.pid, signal.SIGKILL)
-    wait_for(lambda: not ref.alive(), what=f"pid {ref.pid} to die")
-
-
-@pytest.fixture
-def home(torpor_home: Path) -> Iterator[Path]:
-    """A home whose supervisor is killed first at the end (it would restore the apps)."""
-    yield torpor_home
-    _kill(_daemon(torpor_home))
-    log = torpor_home / "supervised" / ".daemon.log"
-    if log.exists():
-        print(log.read_text())
-
-
-def _running(name: str, other_than: int | None = None) -> _registry.ManagedProcess | None:
-    with contextlib.suppress(Exception):
-        rec = _registry.load(name)
-        if rec.state == "running" and rec.pid != other_than:
-            return rec
-    return None
-
-
-def _kinds(name: str, kind: str | None = None) -> list[_events.Event]:
-    return [e for e in _events.read(name) if kind is None or e.kind == kind]
-
-
-def _members(name: str) -> list[str]:
-    with open_pool("default") as pool:
-        return [m.name for m in _series.members(pool, name)]
 
 
 def _jobs_of(home: Path, name: str) -> list[list[str]]:

@@ -5,80 +5,32 @@ and the app were all SIGKILLed."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import os
 import random
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from torpor._process import _registry
 from torpor._process._proc import ProcRef
-from torpor._supervise import _events, _state
+from torpor._supervise import _state
 
 from .helpers import APPS, PYTHON, counts, torpor, wait_for
+from .supervision import daemon as _daemon
+from .supervision import kill as _kill
+from .supervision import kinds as _kinds
+from .supervision import members as _pool_members
+from .supervision import running as _running
+from .supervision import supervised_home
 
 pytestmark = pytest.mark.criu
+home = supervised_home
 
 COUNTER = [PYTHON, str(APPS / "counter.py")]
 KILLS = int(os.environ.get("TORPOR_SUPERVISE_KILLS", "20"))  # issue 8's acceptance: 20
-
-
-def _daemon(home: Path) -> ProcRef | None:
-    try:
-        data = json.loads((home / "supervised" / ".daemon.pid").read_text())
-    except (OSError, ValueError):
-        return None
-    return ProcRef(data["pid"], data["start_time"])
-
-
-def _kill(ref: ProcRef | None) -> None:
-    """SIGKILL a process this test started (by its pid and start time), and wait for it."""
-    if ref is None or not ref.alive():
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(ref.pid, signal.SIGKILL)
-    wait_for(lambda: not ref.alive(), what=f"pid {ref.pid} to die")
-
-
-@pytest.fixture
-def home(torpor_home: Path) -> Iterator[Path]:
-    """A torpor home whose supervisor (if the test started one) is killed at the end, before
-    the apps are (it would restore them)."""
-    yield torpor_home
-    _kill(_daemon(torpor_home))
-    log = torpor_home / "supervised" / ".daemon.log"
-    if log.exists():
-        print(log.read_text())
-    for events in sorted((torpor_home / "events").glob("*.jsonl")):
-        print(events.read_text())
-
-
-def _running(name: str, other_than: int | None = None) -> _registry.ManagedProcess | None:
-    try:
-        rec = _registry.load(name)
-    except Exception:
-        return None
-    if rec.state != "running" or rec.pid == other_than:
-        return None
-    return rec
-
-
-def _kinds(name: str, kind: str) -> list[_events.Event]:
-    return [e for e in _events.read(name) if e.kind == kind]
-
-
-def _pool_members(name: str) -> list[str]:
-    from torpor._pools import open_pool
-    from torpor._supervise import _series
-
-    with open_pool("default") as pool:
-        return [m.name for m in _series.members(pool, name)]
 
 
 def test_periodic_checkpoints_are_pruned_to_keep(home: Path) -> None:

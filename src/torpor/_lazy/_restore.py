@@ -570,18 +570,36 @@ def _report_failure(state: LazyState) -> None:
     _events.append(state.name, "restore-failed", error=state.error, image=state.image, lazy=True)
 
 
+_OUTCOME_GRACE = 2.0  # seconds a keeper is given to record how a copy's filling ended
+
+
 def wait_states(names: list[str], *, timeout: float | None) -> dict[str, LazyState]:
     """The recorded states of the lazy copies ``names``, once each is no longer ``filling``
     or ``timeout`` seconds have passed (None: however long it takes; the keeper's watch
     always ends it: resident, failed, or the copy ended)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    gone: dict[str, float] = {}  # when each copy's daemon was first seen gone
     while True:
         states = {n: st for n in names if (st := read_state(n)) is not None}
-        if all(n in states and not _still_filling(states[n]) for n in names):
+        now = time.monotonic()
+        for n, st in states.items():
+            if st.state == FILLING and not _still_filling(st):
+                gone.setdefault(n, now)
+        if all(_settled(states.get(n), gone.get(n, now), now) for n in names):
             return states
         if deadline is not None and time.monotonic() >= deadline:
             return states
         time.sleep(0.01)
+
+
+def _settled(st: LazyState | None, gone_since: float, now: float) -> bool:
+    """Whether ``st`` is final. Its daemon gone while the record still says filling: the
+    keeper reaps the daemon just before it writes the outcome, and is given that moment
+    (:data:`_OUTCOME_GRACE` from ``gone_since``); a keeper killed mid-watch leaves ``filling``
+    for good."""
+    if st is None or _still_filling(st):
+        return False
+    return st.state != FILLING or now - gone_since >= _OUTCOME_GRACE
 
 
 def _still_filling(st: LazyState) -> bool:
