@@ -113,18 +113,22 @@ def test_a_record_doctored_to_name_another_process_kills_nothing(
     # The real keeper, alive and torpor's, but the pid is of a process it did not start.
     doctored = {**rec, "pid": sleeper.pid, "start_time": ref(sleeper.pid).start_time}
     path = _write(torpor_home, "app", doctored)
-    for argv in (("kill", "app"), ("kill", str(sleeper.pid)), ("checkpoint", "app")):
-        out = torpor(*argv, check=False)
-        assert (out.returncode, out.stdout, out.stderr) == (
-            1,
-            "",
-            f"torpor: error: record 'app' names pid {sleeper.pid}, which torpor did not start "
-            f"(its parent is pid {os.getpid()}, not the recorded keeper {rec['keeper_pid']}); "
-            f"nothing signalled — the record is stale or planted: remove {path}\n",
-        )
-    assert sleeper.poll() is None and running(sleeper.pid)
-    assert running(app)
-    assert list(torpor_home.glob("images/*")) == []  # nothing was dumped
+    try:
+        for argv in (("kill", "app"), ("kill", str(sleeper.pid)), ("checkpoint", "app")):
+            out = torpor(*argv, check=False)
+            assert (out.returncode, out.stdout, out.stderr) == (
+                1,
+                "",
+                f"torpor: error: record 'app' names pid {sleeper.pid}, which torpor did not "
+                f"start (its parent is pid {os.getpid()}, not the recorded keeper "
+                f"{rec['keeper_pid']}); nothing signalled — the record is stale or planted: "
+                f"remove {path}\n",
+            )
+        assert sleeper.poll() is None and running(sleeper.pid)
+        assert running(app)
+        assert list(torpor_home.glob("images/*")) == []  # nothing was dumped
+    finally:
+        _write(torpor_home, "app", rec)  # the true record: the home's teardown stops the app
 
 
 def test_a_record_planted_in_the_home_for_an_unrelated_process_kills_nothing(
