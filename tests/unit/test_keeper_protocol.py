@@ -225,7 +225,7 @@ def test_tree_of_other_credentials_is_refused_and_own_tree_accepted() -> None:
 
 def test_the_keepers_dump_request_names_the_childs_tree_and_the_keepers_dir_fd() -> None:
     req = pb.Req()
-    req.ParseFromString(dump_request(4321, 9, DumpOptions(leave_running=True)))
+    req.ParseFromString(dump_request(4321, 9, DumpOptions(leave_running=True, log_level=4)))
     assert (req.type, req.keep_open) == (pb.DUMP, False)
     o = req.opts
     assert (o.pid, o.images_dir_fd, o.HasField("images_dir")) == (4321, 9, False)

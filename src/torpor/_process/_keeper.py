@@ -295,7 +295,12 @@ class Keeper:
             self.discard(restored)
             if lazies is not None:
                 lazies.abort()
+            ran = {r.pid for r in restored}
             for rec in early.values():
+                if rec.pid not in ran:
+                    # CRIU died after it named the copy (killed at post-restore): the copy may
+                    # run on, our unreaped child (rst_sibling), unknown to anyone else.
+                    _kill_unadopted(rec.pid)
                 with contextlib.suppress(OSError, TorporError):
                     _registry.delete_if(rec.name, rec.ref)
             raise bad or failures[0]
@@ -519,6 +524,21 @@ def _continue_tree(root: int) -> None:
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def _kill_unadopted(pid: int) -> None:
+    """SIGKILL and reap ``pid`` if it is a child of ours nobody reaps (a copy CRIU restored
+    but did not finish): as our unreaped child its pid cannot have been reused."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return
+    if ppid != os.getpid():
+        return
+    _kill(pid)
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, 0)
 
 
 def _start_time(pid: int) -> int:

@@ -301,8 +301,12 @@ class SelfDump:
             )
         before_dump(self.dir_fd, record, staging=Path(self.req.staging))
         self.record = record
+        # -v4: the log of a request the keeper built names the tree CRIU dumped ("Dumping
+        # processes (pid: N)"), the evidence that only the child's own tree ever is.
         options = DumpOptions(
-            leave_running=self.req.leave_running, tcp_established=self.req.tcp_established
+            leave_running=self.req.leave_running,
+            tcp_established=self.req.tcp_established,
+            log_level=4,
         )
         app_end, criu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with criu_end:
