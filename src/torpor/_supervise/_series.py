@@ -87,9 +87,9 @@ def next_seq(pool: Pool, name: str) -> int:
     return found[0][0] + 1 if found else 1
 
 
-def prune(pool: Pool, name: str, keep: int) -> list[str]:
-    """Delete all but the ``keep`` newest members of ``name``'s series, then collect the
-    pool's garbage (:meth:`Pool.gc`: safe next to running transfers, which it waits for);
+def prune(pool: Pool, name: str, keep: int, *, collect: bool = True) -> list[str]:
+    """Delete all but the ``keep`` newest members of ``name``'s series, then (``collect``)
+    the pool's garbage (:meth:`Pool.gc`: safe next to running transfers, which it waits for);
     the names deleted, oldest first. Nothing deleted, no collection."""
     if keep < 1:
         raise UsageError(f"a series keeps at least 1 checkpoint, not {keep}")
@@ -101,7 +101,7 @@ def prune(pool: Pool, name: str, keep: int) -> list[str]:
         except ImageNotFoundError:
             continue  # another pruner was first
         deleted.append(image)
-    if deleted:
+    if deleted and collect:
         pool.gc()
     drop_local_copies(older)
     return sorted(deleted)

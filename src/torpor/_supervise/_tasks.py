@@ -7,14 +7,13 @@ JSON line: ``{"deleted": [...], "kept": K}``; a one-line error and exit code 1 o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 
 
 def main(argv: list[str]) -> int:
     """Run the task ``argv`` names."""
-    from .._errors import ImageNotFoundError, TorporError
+    from .._errors import TorporError
 
     if len(argv) not in (4, 5) or argv[0] != "prune" or not argv[3].isdigit():
         print(
@@ -28,16 +27,8 @@ def main(argv: list[str]) -> int:
         from . import _series, _spec
 
         with open_pool(pool_name) as pool:
-            if collect:
-                deleted = _series.prune(pool, name, int(keep))  # deletes, then collects
-            else:
-                older = [m.name for m in _series.members(pool, name)[1:]]
-                deleted = []
-                for member in _series.members(pool, name)[int(keep) :]:
-                    with contextlib.suppress(ImageNotFoundError):  # another pruner was first
-                        pool.delete_image(member.name)
-                        deleted.append(member.name)
-                _series.drop_local_copies(older)
+            # Deletes (and drops older members' local copies), then collects if asked.
+            deleted = _series.prune(pool, name, int(keep), collect=collect)
             kept = len(_series.members(pool, name))
             spec = _spec.load(name)
             if spec is not None:
