@@ -14,7 +14,7 @@ start --listen ADDR:PORT` there). Both hosts must trust each other (`torpor trus
 target checks it can take the process before anything is frozen; the image goes over the
 authenticated channel while CRIU holds the process frozen, and the original is let go only
 once the target reports the copy running. Any failure before that resumes the original,
-unchanged. Only --mode copy exists so far."""
+unchanged."""
 
 
 def register(sub: Any) -> None:
@@ -23,7 +23,13 @@ def register(sub: Any) -> None:
                        description=_DESCRIPTION)  # fmt: skip
     p.add_argument("name", metavar="NAME", help="the managed process (torpor ps)")
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="the target's agent")
-    p.add_argument("--mode", choices=("copy",), default="copy", help="how memory moves")
+    p.add_argument(
+        "--mode",
+        choices=("copy", "lazy", "pool"),
+        default="copy",
+        help="how memory moves: copy (stop and copy), lazy (post-copy), pool (through --pool)",
+    )
+    p.add_argument("--pool", metavar="P", help="the shared pool of --mode pool")
     p.add_argument(
         "--tcp-established",
         action="store_true",
@@ -48,17 +54,29 @@ def _split(to: str) -> tuple[str, int]:
 
 
 def _migrate(app: App, args: argparse.Namespace) -> int:
-    from .._migrate._copy import migrate_copy
-
     host, port = _split(args.to)
-    summary = migrate_copy(
-        args.name,
-        host,
-        port,
-        timeout=args.timeout,
-        tcp_established=args.tcp_established,
-        say=app.info,
-    )
+    if (args.mode == "pool") != (args.pool is not None):
+        raise UsageError(
+            "--pool P goes with --mode pool, and only with it",
+            hint="e.g. torpor migrate NAME --to HOST:PORT --mode pool --pool P",
+        )
+    common: dict[str, Any] = {
+        "timeout": args.timeout,
+        "tcp_established": args.tcp_established,
+        "say": app.info,
+    }
+    if args.mode == "lazy":
+        from .._migrate._lazy import migrate_lazy
+
+        summary = migrate_lazy(args.name, host, port, **common)
+    elif args.mode == "pool":
+        from .._migrate._viapool import migrate_pool
+
+        summary = migrate_pool(args.name, host, port, pool=args.pool, **common)
+    else:
+        from .._migrate._copy import migrate_copy
+
+        summary = migrate_copy(args.name, host, port, **common)
     if args.json:
         app.json(summary.to_json())
         return 0

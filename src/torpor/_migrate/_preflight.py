@@ -30,11 +30,14 @@ _ROOM_FACTOR = 1.1
 _ROOM_EXTRA = 16 << 20
 
 
-def facts(name: str, rss_bytes: int) -> dict[str, Any]:
+MODES = ("copy", "lazy", "pool")  # how memory moves: torpor migrate --mode
+
+
+def facts(name: str, rss_bytes: int, *, mode: str = "copy") -> dict[str, Any]:
     """What the source tells the target in its ``preflight`` message."""
     return {
         "type": "preflight",
-        "mode": "copy",
+        "mode": mode,
         "name": name,
         "criu": criu_version(),
         "kernel": platform.release(),
@@ -54,8 +57,8 @@ def problems(msg: Mapping[str, Any], *, where: str) -> list[str]:
     out: list[str] = []
     name, mode = msg.get("name"), msg.get("mode")
     src_criu, src_kernel, rss = msg.get("criu"), msg.get("kernel"), msg.get("rss_bytes")
-    if mode != "copy":
-        out.append(f"mode {mode!r} is not served on {where} (only copy)")
+    if mode not in MODES:
+        out.append(f"mode {mode!r} is not served on {where} (only {', '.join(MODES)})")
     if not isinstance(src_criu, str) or not isinstance(src_kernel, str):
         return [*out, "the pre-flight message lacks the source's CRIU and kernel versions"]
     if not isinstance(rss, int) or isinstance(rss, bool) or rss < 0:

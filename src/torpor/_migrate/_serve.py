@@ -104,6 +104,17 @@ class _Incoming:
             return
         name = str(first["name"])
         conn.send({"type": "ready"})
+        mode = first["mode"]
+        if mode == "lazy":
+            from ._lazy import serve_lazy
+
+            serve_lazy(self, name, first)
+            return
+        if mode == "pool":
+            from ._viapool import serve_pool
+
+            serve_pool(self, name, first)
+            return
         msg = conn.recv()
         if msg.get("type") != "image":
             raise ChannelError(f"{self.peer} sent {msg.get('type')!r}, not the image")
