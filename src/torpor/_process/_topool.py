@@ -18,7 +18,9 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
+# The temporaries of _keep_for_restore (".NAME.keep-PID") and _copy_to (".keep-NAME-PID").
+_KEEP_TEMP = re.compile(r"\.(?:.+\.keep|keep-.+)-(\d{1,10})")
 
 
 class UnpushedError(PoolError):
@@ -85,6 +89,7 @@ def _keep_for_restore(image: Image, name: str) -> bool:
         dest = _store.default_path(name)
         if dest.exists():
             return False
+        sweep_keep_temps(dest.parent)
         tmp = dest.with_name(f".{name}.keep-{os.getpid()}")
         if os.stat(image.path).st_dev == os.stat(dest.parent).st_dev:
             os.rename(image.path, tmp)  # the files, their stamp with them, unchanged
@@ -190,6 +195,7 @@ def keep(path: Path, name: str) -> Path:
 def _copy_to(path: Path, dest: Path) -> bool:
     """Copy the image at ``path`` to ``dest`` on another filesystem (through a temporary
     name beside it, never over anything), then remove ``path``; whether it was done."""
+    sweep_keep_temps(dest.parent)
     tmp = dest.parent / f".keep-{dest.name}-{os.getpid()}"
     try:
         shutil.copytree(path, tmp, symlinks=True)
@@ -199,6 +205,38 @@ def _copy_to(path: Path, dest: Path) -> bool:
         return False
     shutil.rmtree(path, ignore_errors=True)
     return True
+
+
+def sweep_keep_temps(store: Path) -> list[str]:
+    """Remove the temporary directories that a keep or copy into ``store`` left when its
+    process was killed midway (``.NAME.keep-PID``, ``.keep-NAME-PID``); the names removed.
+    Only real directories (never followed links) whose PID no longer runs are touched: one of
+    a live process is still being written. A reused PID only delays the sweep."""
+    gone: list[str] = []
+    try:
+        entries = os.listdir(store)
+    except OSError:
+        return gone
+    for entry in entries:
+        m = _KEEP_TEMP.fullmatch(entry)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # alive (or not ours to signal): still in use
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        try:
+            st = os.lstat(store / entry)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        shutil.rmtree(store / entry, ignore_errors=True)
+        gone.append(entry)
+    return gone
 
 
 # -- staging in memory ---------------------------------------------------------------------------
