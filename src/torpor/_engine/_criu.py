@@ -17,9 +17,8 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import _paths, _safe
@@ -33,97 +32,22 @@ from .._errors import (
 from .._proto import criu_rpc_pb2 as pb
 from ._failures import _CriuDied, _died, _failure, _hint_for, _how_it_ended
 from ._failures import log_errors as log_errors
+from ._options import CriuVersion as CriuVersion
+from ._options import DumpOptions as DumpOptions
+from ._options import DumpResult as DumpResult
+from ._options import Features as Features
+from ._options import RestoreOptions as RestoreOptions
+from ._options import RestoreResult as RestoreResult
+from ._options import rpc_opts
 from ._rpc import Connection, NotifyHandler, TransportError
 
 MIN_VERSION = (4, 2)
 _CANDIDATES = ("/usr/local/sbin/criu", "/usr/sbin/criu")
 DUMP_LOG = "criu-dump.log"
+# The options of a call that names none (frozen values, shared safely).
+_DUMP_DEFAULTS = DumpOptions()
+_RESTORE_DEFAULTS = RestoreOptions()
 _INSTALL_HINT = "run scripts/install-criu.sh (builds CRIU 4.2.1 from Debian's source) as root"
-
-
-@dataclass(frozen=True)
-class CriuVersion:
-    """CRIU's version as reported over RPC."""
-
-    major: int
-    minor: int
-    sublevel: int = 0
-    gitid: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.major}.{self.minor}.{self.sublevel}" + (
-            f" ({self.gitid})" if self.gitid else ""
-        )
-
-
-@dataclass(frozen=True)
-class Features:
-    """Optional CRIU/kernel features (FEATURE_CHECK)."""
-
-    mem_track: bool
-    lazy_pages: bool
-    pidfd_store: bool
-
-
-@dataclass(frozen=True)
-class DumpOptions:
-    """How to dump. Defaults suit a process started with ``torpor run``."""
-
-    leave_running: bool = False
-    tcp_established: bool = False
-    shell_job: bool = False
-    ext_unix_sk: bool = False
-    file_locks: bool = False
-    link_remap: bool = False
-    external: tuple[str, ...] = ()
-    # CRIU's default (errors and warnings, which every failure this engine explains is): -v4's
-    # per-VMA and per-page lines are written while the process is frozen, and cost a 100 MiB
-    # leave-running dump ~25 ms of freeze (bench/RESULTS-supervise.md, control row).
-    log_level: int = 2
-
-
-@dataclass(frozen=True)
-class RestoreOptions:
-    """How to restore. ``rst_sibling`` makes the restored root a child of the caller."""
-
-    tcp_established: bool = False
-    shell_job: bool = False
-    ext_unix_sk: bool = False
-    file_locks: bool = False
-    rst_sibling: bool = True
-    inherit_fds: Mapping[str, int] = field(default_factory=dict)
-    external: tuple[str, ...] = ()
-    root: str | None = None
-    leave_stopped: bool = False
-    # Established TCP connections come back closed (CRIU's tcp_close): an image that held one
-    # can then be restored again, and as copies, while the old connection lingers.
-    tcp_close: bool = False
-    # Post-copy memory (CRIU's lazy_pages): private anonymous pages are not written before the
-    # tree resumes but handed in through userfaultfd by a ``criu lazy-pages`` daemon, which
-    # must already listen on ``lazy-pages.socket`` in the restore's work dir (the engine's
-    # ``log_dir``): see ``torpor._lazy._restore``.
-    lazy_pages: bool = False
-    # CRIU's default. Errors and warnings are kept; -v4's per-mapping lines cost a 100 MiB
-    # restore ~4 ms (measured), and a successful restore's log is deleted anyway.
-    log_level: int = 2
-
-
-@dataclass(frozen=True)
-class DumpResult:
-    """A finished dump: ``restored`` is true in a self-dumped process that was restored."""
-
-    restored: bool
-    log_path: Path
-    seconds: float
-
-
-@dataclass(frozen=True)
-class RestoreResult:
-    """A finished restore: the host pid of the restored root."""
-
-    pid: int
-    log_path: Path
-    seconds: float
 
 
 @functools.cache
@@ -244,7 +168,7 @@ class CriuEngine:
         self,
         pid: int,
         images_dir: Path,
-        options: DumpOptions = DumpOptions(),
+        options: DumpOptions = _DUMP_DEFAULTS,
         *,
         notify: NotifyHandler | None = None,
         connection: Connection | None = None,
@@ -268,7 +192,7 @@ class CriuEngine:
             _check_path(images_dir)
             dir_fd = contextlib.nullcontext(-1)
         with dir_fd as dfd:
-            opts = _opts(o, images_dir_fd=dfd, log_file=DUMP_LOG, notify=notify)
+            opts = rpc_opts(o, images_dir_fd=dfd, log_file=DUMP_LOG, notify=notify)
             opts.pid = pid
             opts.leave_running = o.leave_running
             opts.link_remap = o.link_remap
@@ -327,7 +251,7 @@ class CriuEngine:
     def restore(
         self,
         images_dir: Path,
-        options: RestoreOptions = RestoreOptions(),
+        options: RestoreOptions = _RESTORE_DEFAULTS,
         *,
         notify: NotifyHandler | None = None,
         connection: Connection | None = None,
@@ -367,7 +291,7 @@ class CriuEngine:
             _dir_fd(self.log_dir) as wfd,
         ):
             _check_image_dir(images_dir, dfd)
-            opts = _opts(o, images_dir_fd=dfd, log_file=log_name, notify=notify)
+            opts = rpc_opts(o, images_dir_fd=dfd, log_file=log_name, notify=notify)
             opts.work_dir_fd = wfd
             opts.rst_sibling = o.rst_sibling
             opts.leave_stopped = o.leave_stopped
@@ -474,7 +398,7 @@ def dump_request(pid: int, images_dir_fd: int, options: DumpOptions) -> bytes:
     For a keeper that dumps a child on the child's request: the keeper builds the request, so
     nothing of it comes from the child.
     """
-    opts = _opts(options, images_dir_fd=images_dir_fd, log_file=DUMP_LOG, notify=None)
+    opts = rpc_opts(options, images_dir_fd=images_dir_fd, log_file=DUMP_LOG, notify=None)
     opts.pid = pid
     opts.leave_running = options.leave_running
     opts.link_remap = options.link_remap
@@ -531,33 +455,6 @@ def receive_dump(
             ourselves=True,
         )
     return DumpResult(False, log_path, time.perf_counter() - started)
-
-
-def _opts(
-    o: DumpOptions | RestoreOptions,
-    *,
-    images_dir_fd: int,
-    log_file: str,
-    notify: NotifyHandler | None,
-) -> pb.Opts:
-    """The options dump and restore share; established TCP needs the network locked (with
-    nftables: this machine kind has no iptables) on both sides."""
-    opts = pb.Opts(
-        images_dir_fd=images_dir_fd,
-        tcp_established=o.tcp_established,
-        shell_job=o.shell_job,
-        ext_unix_sk=o.ext_unix_sk,
-        file_locks=o.file_locks,
-        log_file=log_file,
-        log_level=o.log_level,
-        notify_scripts=notify is not None,
-    )
-    opts.external.extend(o.external)
-    # With tcp_close too: the restore then removes the lock table the dump left for the
-    # connections (CRIU names it after the dump), which nothing else would.
-    if o.tcp_established or (isinstance(o, RestoreOptions) and o.tcp_close):
-        opts.network_lock = pb.NFTABLES
-    return opts
 
 
 def _type_name(t: int) -> str:
