@@ -34,12 +34,10 @@ process keeps running.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import select
 import signal
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,16 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from .._engine import CriuEngine, DumpOptions, NotifyEvent, criu_version
-from .._errors import DumpError, ProcessNotFoundError, TorporError, UnsafeImageError
+from .._errors import DumpError, ProcessNotFoundError, TorporError
 from .._images import _index
 from .._images._hashing import GrowingHasher, hash_files
-from .._images._image import Image, Staging
+from .._images._image import Image, Staging, staged_files
 from .._images._incomplete import (
     COMMITTING_NAME,
-    IN_USE,
-    INCOMPLETE,
     RESERVE_NAME,
-    STALE,
     IncompleteImageError,
     Record,
     disk_problem,
@@ -67,16 +62,18 @@ from .._images._incomplete import (
     mount_point,
     no_space,
     reserve,
-    scan,
     sweep,
 )
-from .._images._layout import is_bookkeeping
-from .._images._manifest import FileEntry, Manifest, now_iso
+from .._images._manifest import FileEntry, now_iso
 from .._images._stats import read_dump_stats_at
-from .._safe import kind_problem, lstat_entries, open_dir
+from .._safe import open_dir
 from . import _locks, _registry
 from ._finalize import supervision_of, with_supervision
-from ._proc import ProcRef, descendants, detached, facts, status_field
+from ._proc import ProcRef, descendants, detached, facts
+from ._report import Outcome as Outcome
+from ._report import decode_error as decode_error
+from ._report import encode_error as encode_error
+from ._report import orphaned, outcome_of
 
 # Room for the manifest, signature and stamp (~250 bytes per file, ~12 files per process)
 # and the temporary files they are written through, in whole blocks of any filesystem.
@@ -85,7 +82,6 @@ from ._proc import ProcRef, descendants, detached, facts, status_field
 _LOW_SPACE = 1 << 20
 _NO_SPACE_TEXT = "No space left on device"
 _ABORT = b"a"
-_EXIT_GRACE = 5.0  # seconds
 
 
 class CheckpointAbortedError(DumpError):
@@ -102,23 +98,6 @@ class Job:
     options: DumpOptions
     name: str
     pool: str | None = None  # once committed, the checkpointer pushes the image there
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """A committed checkpoint: ``interrupted`` if the command was interrupted once it was too
-    late to abort; ``warnings`` for the user (the image is fine). With a pool: ``stored``, the
-    name it was stored under, or ``push_error`` (the image is kept at ``image.path``), and
-    ``new_bytes``, what the pool grew by. ``frozen_ms``: how long CRIU kept the process frozen
-    (its ``stats-dump``; None if unknown)."""
-
-    image: Image
-    interrupted: bool = False
-    warnings: tuple[str, ...] = ()
-    stored: str | None = None
-    push_error: TorporError | None = None
-    frozen_ms: float | None = None
-    new_bytes: int | None = None
 
 
 # -- the command's side --------------------------------------------------------------------------
@@ -190,7 +169,7 @@ def _relay(
                 line, buf = buf.split(b"\n", 1)
                 msg = json.loads(line)
                 if "ok" in msg:
-                    return _result(msg, interrupted=asked)
+                    return outcome_of(msg, interrupted=asked)
                 if "progress" in msg and on_progress is not None:
                     on_progress(int(msg["progress"]), int(msg["total"]))
         except KeyboardInterrupt:
@@ -198,126 +177,7 @@ def _relay(
                 asked = True
                 with contextlib.suppress(OSError):
                     os.write(ctl_w, _ABORT)
-    return _orphaned(job, staging)
-
-
-def _result(msg: Mapping[str, Any], *, interrupted: bool) -> Outcome:
-    if not msg["ok"]:
-        raise decode_error(msg["error"])
-    warnings = tuple(str(w) for w in msg.get("warnings", ()))
-    failed = msg.get("push_error")
-    frozen = msg.get("frozen_ms")
-    new_bytes = msg.get("new_bytes")
-    if msg.get("stored") is not None:
-        # Pushed: the checkpointer deleted the local copy; its manifest came in the report.
-        image = Image(Path(msg["image"]), Manifest.from_json(msg["manifest"]))
-    else:
-        image = Image.open(msg["image"])
-    return Outcome(
-        image,
-        interrupted=interrupted,
-        warnings=warnings,
-        stored=msg.get("stored"),
-        push_error=decode_error(failed) if failed else None,
-        frozen_ms=float(frozen) if isinstance(frozen, int | float) else None,
-        new_bytes=int(new_bytes) if isinstance(new_bytes, int) else None,
-    )
-
-
-def _orphaned(job: Job, staging: Staging) -> Outcome:
-    """The checkpointer ended without a report (killed): say what it left."""
-    pid = job.target.pid
-    # Its end of the pipe may close before its lock goes, and its CRIU, unanswered, may still
-    # be thawing the process: give both a moment before looking.
-    deadline = time.monotonic() + _EXIT_GRACE
-    while job.target.alive() and _traced(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    while True:
-        lefts = [left for left in scan(staging.path.parent) if left.path == staging.path]
-        if not lefts or lefts[0].state != IN_USE or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    kept = "the process keeps running" if job.target.alive() else "the process is gone"
-    for left in lefts:
-        if left.state == IN_USE:
-            raise DumpError(
-                f"checkpoint of pid {pid}: the checkpointer ended without a report and "
-                f"{left.path} is still in use ({kept})",
-                pid=pid,
-                hint="`torpor images` shows what became of it",
-            )
-        if left.state == INCOMPLETE:
-            raise IncompleteImageError(
-                f"checkpoint of pid {pid}: the checkpointer ended before its image was "
-                f"finished ({kept}); it is kept at {left.path}",
-                image=left.path,
-                hint=f"`torpor image repair {left.path}` finishes it",
-            )
-        if left.state == STALE:
-            sweep(staging.path.parent)
-    if not staging.path.exists() and job.dest.is_dir():
-        with contextlib.suppress(TorporError):
-            image = Image.open(job.dest)
-            if image.manifest.pid == pid:  # committed; the report was all that was lost
-                return Outcome(image)
-    raise DumpError(
-        f"checkpoint of pid {pid} failed: the checkpointer ended before CRIU had written the "
-        f"image ({kept}; nothing was kept)",
-        pid=pid,
-        hint="checkpoint it again",
-    )
-
-
-def _traced(pid: int) -> bool:
-    try:
-        return status_field("TracerPid", pid) not in ([], ["0"])
-    except OSError:
-        return False
-
-
-# -- errors across the pipe ----------------------------------------------------------------------
-
-
-def encode_error(exc: BaseException) -> dict[str, Any]:
-    """A torpor error as JSON data for :func:`decode_error`; any other exception becomes a
-    :class:`DumpError` saying the checkpointer failed."""
-    if not isinstance(exc, TorporError):
-        return {"class": None, "msg": f"the checkpointer failed: {exc!r}", "hint": None}
-    fields = {
-        k: list(v) if isinstance(v, tuple) else v
-        for k, v in vars(exc).items()
-        if k not in ("msg", "hint") and _plain(v)
-    }
-    cls = type(exc)
-    return {
-        "class": f"{cls.__module__}:{cls.__qualname__}",
-        "msg": exc.msg,
-        "hint": exc.hint,
-        "fields": fields,
-    }
-
-
-def _plain(value: object) -> bool:
-    if value is None or isinstance(value, str | int | float | bool):
-        return True
-    return isinstance(value, tuple | list) and all(isinstance(v, str) for v in value)
-
-
-def decode_error(data: Mapping[str, Any]) -> TorporError:
-    """The error :func:`encode_error` encoded (a torpor error class, else :class:`DumpError`)."""
-    cls: type[TorporError] = DumpError
-    where = data.get("class")
-    if isinstance(where, str) and where.startswith("torpor.") and ":" in where:
-        module, _, qualname = where.partition(":")
-        with contextlib.suppress(ImportError, AttributeError):
-            found = getattr(importlib.import_module(module), qualname)
-            if isinstance(found, type) and issubclass(found, TorporError):
-                cls = found
-    exc = cls.__new__(cls)
-    TorporError.__init__(exc, str(data.get("msg")), hint=data.get("hint"))
-    for key, value in dict(data.get("fields") or {}).items():
-        setattr(exc, key, tuple(value) if isinstance(value, list) else value)
-    return exc
+    return orphaned(job.target, job.dest, staging)
 
 
 # -- the checkpointer's side -----------------------------------------------------------------
@@ -543,19 +403,9 @@ class Checkpointer:
         """Every staged file, each a regular file, hashed (but those ``vouched`` for, hashed
         while CRIU wrote them, if their size is still the same)."""
         source = str(self.staging.path)
-        entries = lstat_entries(dir_fd)
-        names = sorted(n for n in entries if not is_bookkeeping(n))
-        for name in names:
-            kind = kind_problem(entries[name].st_mode)
-            if kind is not None:
-                raise UnsafeImageError(
-                    f"staged image {source} holds {name}, {kind}, not a regular file; refused",
-                    image=source,
-                    file=name,
-                    hint="something other than CRIU wrote into the staging directory",
-                )
+        entries = staged_files(dir_fd, source=source)
         known = {n: e for n, e in vouched.items() if n in entries and entries[n].st_size == e.size}
-        fresh = hash_files(dir_fd, [n for n in names if n not in known], source=source)
+        fresh = hash_files(dir_fd, [n for n in entries if n not in known], source=source)
         return {**known, **{e.name: e for e in fresh}}
 
     def _dump_failure(self, exc: DumpError) -> DumpError:
