@@ -1,7 +1,8 @@
 """The external trigger channel: ``torpor checkpoint PID`` asks a process that uses torpor to
 checkpoint itself, coordinated (as ``jcmd PID JDK.checkpoint`` does for a JVM).
 
-Both ends live here.
+The client end lives here, with the start and stop of this process's one listener; the
+listener itself is :mod:`._listener`, and what both ends share, :mod:`._wire`.
 
 In the process, a daemon thread listens on the abstract unix socket ``@torpor/<host pid>``
 (``SOCK_SEQPACKET``; the host pid comes from ``readlink /proc/self``, right even inside a PID
@@ -35,307 +36,43 @@ A second request that arrives while a checkpoint runs finds no listener and gets
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import secrets
 import select
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import _safe
 from .._errors import (
     AlreadyExistsError,
     CheckpointInProgressError,
     CheckpointRefusedError,
     CoordinationError,
-    CriuError,
     DumpError,
     PermissionDeniedError,
     ProcessNotFoundError,
     TorporError,
     UsageError,
 )
-from .._process._proc import host_pid, start_time
-from ._context import Context
+from .._process._proc import start_time
 from ._failures import NotCoordinatedError as NotCoordinatedError
-from ._failures import RemoteCheckpointError, RestoreHookError
+from ._failures import RemoteCheckpointError
+from ._listener import Listener as Listener
+from ._listener import Request as _Request  # noqa: F401 (the name tests/fuzz checks it by)
+from ._listener import parse_request as _parse_request  # noqa: F401 (tests/fuzz drives it)
 from ._runtime import channel_wanted, system_context
+from ._wire import HANDSHAKE_TIMEOUT as _HANDSHAKE_TIMEOUT
+from ._wire import PROTOCOL as PROTOCOL
+from ._wire import listener_address as listener_address
+from ._wire import peercred as _peercred
+from ._wire import recv as _recv
+from ._wire import send as _send
 
 log = logging.getLogger("torpor.coord")
-
-PROTOCOL = 1
-_MAX_PACKET = 1 << 16
-_CRED = struct.Struct("3i")
-_HANDSHAKE_TIMEOUT = 5.0
-
-
-def listener_address(pid: int) -> bytes:
-    """The abstract socket address the process with host pid ``pid`` listens on."""
-    return f"\0torpor/{pid}".encode()
-
-
-def _peercred(sock: socket.socket) -> tuple[int, int, int]:
-    pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-    return pid, uid, gid
-
-
-def _send(sock: socket.socket, message: dict[str, Any]) -> None:
-    sock.sendall(json.dumps(message).encode())
-
-
-def _recv(sock: socket.socket) -> dict[str, Any]:
-    data = sock.recv(_MAX_PACKET)
-    if not data:
-        raise ConnectionResetError("the other end closed the connection")
-    try:
-        message = json.loads(data)
-    except RecursionError as exc:  # nesting deeper than the parser goes: malformed like the rest
-        raise ValueError("nested too deeply") from exc
-    if not isinstance(message, dict):
-        raise ValueError("not a JSON object")
-    return message
-
-
-# ----------------------------------------------------------------------------- in the process
-
-
-@dataclass(frozen=True)
-class _Request:
-    dest: Path
-    leave_running: bool
-    tcp_established: bool
-    name: str | None
-    reply: bytes
-    requester: tuple[int, int]
-
-
-def _parse_request(message: dict[str, Any], requester: tuple[int, int]) -> _Request:
-    if message.get("v") != PROTOCOL or message.get("op") != "checkpoint":
-        raise UsageError(
-            f"unsupported request (protocol {message.get('v')!r}, op {message.get('op')!r})"
-        )
-    dest, reply, name = message.get("dest"), message.get("reply"), message.get("name")
-    flags = (message.get("leave_running"), message.get("tcp_established"))
-    if not isinstance(dest, str) or not os.path.isabs(dest):
-        raise UsageError("the request's dest must be an absolute path")
-    if (
-        not isinstance(reply, str)
-        or not reply.startswith("torpor-reply/")
-        or not reply.isascii()
-        or not reply.isprintable()
-        or len(reply) > 100
-    ):
-        raise UsageError("the request's reply address is malformed")
-    if not all(isinstance(f, bool) for f in flags):
-        raise UsageError("leave_running and tcp_established must be booleans")
-    if name is not None and not _safe.is_plain_name(name):
-        raise UsageError("the request's name must be a plain name")
-    return _Request(
-        Path(dest), bool(flags[0]), bool(flags[1]), name, b"\0" + reply.encode(), requester
-    )
-
-
-def _error_message(exc: BaseException) -> dict[str, Any]:
-    details: list[str] = []
-    if isinstance(exc, CheckpointRefusedError):
-        details = list(exc.offenders)
-    elif isinstance(exc, CriuError):
-        details = list(exc.log_lines)
-    elif isinstance(exc, BaseExceptionGroup):
-        details = [_one_line(e) for e in exc.exceptions]
-    return {"ok": False, "kind": type(exc).__name__, "error": str(exc), "details": details}
-
-
-def _one_line(exc: BaseException) -> str:
-    notes = getattr(exc, "__notes__", None)
-    where = f" ({'; '.join(notes)})" if notes else ""
-    return f"{type(exc).__name__}: {exc}{where}"
-
-
-class Listener:
-    """The in-process end: a daemon thread accepting trigger requests; a torpor resource."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._sock: socket.socket | None = None
-        self._accepting = False
-        self._state = "new"
-        self._thread: threading.Thread | None = None
-        self.address: bytes | None = None
-
-    def start(self) -> None:
-        """Bind and start the accepting thread."""
-        with self._cond:
-            self._bind()
-            self._state = "open"
-        self._thread = threading.Thread(target=self._loop, name="torpor-channel", daemon=True)
-        self._thread.start()
-
-    def _bind(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        address = listener_address(host_pid())
-        try:
-            sock.bind(address)
-            sock.listen(4)
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
-        self.address = address
-
-    def stop(self) -> None:
-        """Close the listener and end the thread."""
-        with self._cond:
-            self._state = "stopped"
-            self._release()
-            self._cond.notify_all()
-
-    def _release(self) -> None:
-        """Close the listening socket (caller holds the condition)."""
-        sock = self._sock
-        if sock is None:
-            return
-        if self._accepting and threading.current_thread() is not self._thread:
-            # The loop thread is (about to be) in accept(): shutdown wakes it with EINVAL and
-            # it closes the socket itself, so the fd is never closed under its feet.
-            sock.shutdown(socket.SHUT_RDWR)
-            while self._sock is sock:
-                self._cond.wait()
-        else:
-            sock.close()
-            self._sock = None
-
-    def before_checkpoint(self, context: Context) -> None:
-        """Close the listener: restored copies must not collide on its name."""
-        with self._cond:
-            if self._state == "open":
-                self._state = "suspended"
-                self._release()
-
-    def after_restore(self, context: Context) -> None:
-        """Listen again, under the (possibly new) host pid."""
-        with self._cond:
-            if self._state != "suspended":
-                return
-            try:
-                self._bind()
-            except OSError:
-                self._state = "stopped"
-                raise
-            finally:
-                self._cond.notify_all()
-            self._state = "open"
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while self._state == "suspended":
-                    self._cond.wait()
-                if self._state != "open" or self._sock is None:
-                    return
-                sock = self._sock
-                self._accepting = True
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                with self._cond:
-                    self._accepting = False
-                    if self._sock is sock:
-                        sock.close()
-                        self._sock = None
-                    self._cond.notify_all()
-                continue
-            with self._cond:
-                self._accepting = False
-            try:
-                self._serve(conn)
-            except Exception:
-                log.exception("torpor: checkpoint request failed")
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(_HANDSHAKE_TIMEOUT)
-            pid, uid, _ = _peercred(conn)
-            try:
-                # Read the request before answering, so the client never writes to a closed
-                # connection, even when it is refused.
-                message, bad = _recv(conn), None
-            except (ValueError, OSError) as exc:
-                message, bad = {}, f"malformed request: {exc}"
-            if uid not in (0, os.geteuid()):
-                _send(
-                    conn,
-                    {
-                        "ok": False,
-                        "kind": "PermissionDeniedError",
-                        "error": f"uid {uid} may not checkpoint process {host_pid()} "
-                        f"(owned by uid {os.geteuid()}): only root or the owner may",
-                        "details": [],
-                    },
-                )
-                return
-            try:
-                if bad is not None:
-                    raise UsageError(bad)
-                request = _parse_request(message, (pid, uid))
-            except UsageError as exc:
-                with contextlib.suppress(OSError):
-                    _send(
-                        conn, {"ok": False, "kind": "UsageError", "error": str(exc), "details": []}
-                    )
-                return
-            _send(conn, {"ok": True, "pid": host_pid()})
-        self._run(request)
-
-    def _run(self, request: _Request) -> None:
-        from ._checkpoint import checkpoint
-
-        message: dict[str, Any]
-        try:
-            result = checkpoint(
-                request.dest,
-                leave_running=request.leave_running,
-                tcp_established=request.tcp_established,
-                name=request.name,
-            )
-        except RestoreHookError as exc:
-            result_obj = exc.result
-            if getattr(result_obj, "restored", True):
-                raise
-            message = {
-                "ok": True,
-                "image": str(request.dest),
-                "warnings": _error_message(exc)["details"],
-            }
-        except Exception as exc:
-            message = _error_message(exc)
-        else:
-            if result.restored:
-                return
-            message = {"ok": True, "image": str(result.image or request.dest), "warnings": []}
-        _report(request, message)
-
-
-def _report(request: _Request, message: dict[str, Any]) -> None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
-        s.settimeout(_HANDSHAKE_TIMEOUT)
-        try:
-            s.connect(request.reply)
-            pid, uid, _ = _peercred(s)
-            if (pid, uid) != request.requester:
-                log.warning("torpor: reply socket is not the requester's; result not sent")
-                return
-            _send(s, message)
-        except OSError as exc:
-            log.warning("torpor: could not report the checkpoint result: %s", exc)
-
 
 _listener: Listener | None = None
 _lock = threading.Lock()
