@@ -170,7 +170,7 @@ def test_copy_moves_the_process_with_its_count(paired: Lab) -> None:
     # On b, under the same name, by b's own keeper, counting on from where a stopped.
     there = ps(lab, "b", "ctr")
     assert (there["state"], there["pid"]) == ("running", summary["target_pid"])
-    assert there["restored_from"] == "migrated from a"
+    assert (there["migrated_from"], there["migrating"]) == ("a", None)
     before = counts(lab, "a", "ctr")
     wait_for(lambda: len(counts(lab, "b", "ctr")) >= 10)
     after = counts(lab, "b", "ctr")
@@ -179,7 +179,8 @@ def test_copy_moves_the_process_with_its_count(paired: Lab) -> None:
     # Nothing of it left running on a; its record says where it went.
     assert not alive(pid)
     here = ps(lab, "a", "ctr")
-    assert (here["state"], here["checkpointed_to"]) == ("checkpointed", f"migrated to {srv.where}")
+    assert (here["state"], here["migrated_to"]) == (f"migrated-to {srv.where}", srv.where)
+    assert here["migrating"] is None
     assert counts(lab, "a", "ctr") == before
     assert done.startswith(f"torpor-migrate: 'ctr' migrated from a: pid {there['pid']}, ")
     # The image was only in transit: b's images directory keeps nothing of it.

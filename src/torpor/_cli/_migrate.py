@@ -33,7 +33,15 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--tcp-established",
         action="store_true",
-        help="dump established TCP connections (their address must exist on the target)",
+        help="dump established TCP connections (implied when the process holds any)",
+    )
+    p.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="ADDR/PREFIX",
+        help="a service address that moves with the process, besides those it was started "
+        "with (torpor run --service-address); repeatable",
     )
     p.add_argument(
         "--timeout",
@@ -65,6 +73,11 @@ def _migrate(app: App, args: argparse.Namespace) -> int:
         "tcp_established": args.tcp_established,
         "say": app.info,
     }
+    if args.address and args.mode != "copy":
+        raise UsageError(
+            f"--address is not supported with --mode {args.mode} yet",
+            hint="use --mode copy to move service addresses",
+        )
     if args.mode == "lazy":
         from .._migrate._lazy import migrate_lazy
 
@@ -76,7 +89,7 @@ def _migrate(app: App, args: argparse.Namespace) -> int:
     else:
         from .._migrate._copy import migrate_copy
 
-        summary = migrate_copy(args.name, host, port, **common)
+        summary = migrate_copy(args.name, host, port, addresses=args.address, **common)
     if args.json:
         app.json(summary.to_json())
         return 0
@@ -86,5 +99,7 @@ def _migrate(app: App, args: argparse.Namespace) -> int:
         f"{summary.target_pid} there; downtime {summary.downtime_ms:.0f} ms{frozen} "
         f"(transfer {summary.transfer_ms:.0f} ms, restore {summary.restore_ms:.0f} ms); "
         f"{summary.bytes} bytes in {summary.files} files; total {summary.total_ms:.0f} ms"
+        + (f"; {summary.tcp_connections} TCP connection(s) kept" if summary.tcp_connections else "")
+        + (f"; moved {', '.join(summary.addresses)}" if summary.addresses else "")
     )
     return 0

@@ -49,6 +49,14 @@ def register(sub: Any) -> None:
         action="store_true",
         help="with --resume: start CMD afresh even if checkpoints exist (after a failed restore)",
     )
+    p.add_argument(
+        "--service-address",
+        action="append",
+        default=[],
+        metavar="ADDR/PREFIX",
+        help="an address of the hosts' shared subnet that belongs to this process: brought up "
+        "here (if it is not) before CMD starts, and moved with it by torpor migrate (repeatable)",
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     p.set_defaults(handler=_run)
 
@@ -101,15 +109,55 @@ def _run(app: App, args: argparse.Namespace) -> int:
         if resumed is not None:
             return resumed
     log: Any = False if args.no_log else (args.log or True)
+    service = _service_addresses(app, args.service_address)
     # A name given is the user's: refused if taken. An automatic one is replaced instead.
-    rec = _manage.run(cmd, name=name, log=log, rename_taken=not args.name)
+    try:
+        rec = _manage.run(cmd, name=name, log=log, rename_taken=not args.name)
+    except BaseException:
+        _take_down(service)
+        raise
     app.info(f"started {rec.name} (pid {rec.pid}); log: {rec.log_path or '/dev/null'}")
+    if service:
+        from .._process import _registry
+
+        texts = tuple(str(a) for a, _ in service)
+        _registry.update(rec.name, rec.ref, service_addresses=texts)
     if spec is not None:
         from dataclasses import replace
 
         start_supervising(app, replace(spec, name=rec.name))
     app.out(f"{rec.name} {rec.pid}")
     return 0
+
+
+def _service_addresses(app: App, given: list[str]) -> list[tuple[Any, bool]]:
+    """``--service-address``es parsed and brought up here: each with whether it was brought
+    up by us (an address the host has already is used as it is)."""
+    from .._migrate import _address
+
+    done: list[tuple[Any, bool]] = []
+    try:
+        for addr in _address.parse_all(given):
+            if _address.held(addr) is not None:
+                done.append((addr, False))
+                continue
+            dev = _address.bring_up(addr)
+            done.append((addr, True))
+            _address.announce(addr)
+            app.info(f"service address {addr} brought up on {dev}")
+    except BaseException:
+        _take_down(done)
+        raise
+    return done
+
+
+def _take_down(service: list[tuple[Any, bool]]) -> None:
+    from .._migrate import _address
+
+    for addr, ours in service:
+        if ours:
+            with contextlib.suppress(TorporError):
+                _address.take_down(addr)
 
 
 def _resume(app: App, args: argparse.Namespace, name: str, spec: Spec) -> int | None:
@@ -172,7 +220,9 @@ def _ps(app: App, args: argparse.Namespace) -> int:
             [
                 {
                     **r.__dict__,
-                    "state": r.state,
+                    "state": f"migrating {r.migrating}"
+                    if r.migrating and r.state == "running"
+                    else r.state,
                     "keeper_alive": _registry.keeper_alive(r),
                     "supervision": _supervision_json(supervised.get(r.name)),
                 }
@@ -190,13 +240,16 @@ def _ps(app: App, args: argparse.Namespace) -> int:
         # A running process whose keeper was killed: still torpor's (kill, checkpoint), but
         # nobody will record how it ends.
         state = "running, no keeper" if running and not _registry.keeper_alive(r) else r.state
+        if running and r.migrating:
+            state = f"migrating {r.migrating}"
+        origin = f"migrated-from {r.migrated_from}" if r.migrated_from else r.restored_from
         row: tuple[Any, ...] = (
             r.name,
             r.pid,
             state,
             uptime,
             " ".join(r.command)[:60],
-            r.restored_from or "-",
+            origin or "-",
         )
         if extra:
             row += _supervision_columns(supervised.get(r.name))

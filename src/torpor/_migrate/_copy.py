@@ -26,12 +26,13 @@ confirmed) is later work, as are lazy and pool modes and moving addresses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from .._images._stats import read_dump_stats_at
 from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
 from .._safe import kind_problem, lstat_entries, open_dir, open_regular
-from . import _preflight
+from . import _address, _netlock, _preflight
 from ._channel import _DATA, _HEADER, MAX_DATA, ChannelError, Conn, connect
 
 DEFAULT_TIMEOUT = 120.0  # seconds the target may take to answer (receive, verify, restore)
@@ -76,6 +77,10 @@ class Summary:
     bytes: int
     files: int
     total_ms: float
+    # Filled in by copy mode (defaults for the other modes until they fill them).
+    addresses: tuple[str, ...] = ()  # service addresses moved with it
+    tcp_connections: int = 0  # established TCP connections it held (kept)
+    fenced: bool = False  # the copy ran only once the source confirmed the original's kill
 
     def to_json(self) -> dict[str, Any]:
         """The summary as ``--json`` prints it."""
@@ -100,8 +105,11 @@ def recv_bytes(conn: Conn) -> bytes:
     return body
 
 
-def send_file(conn: Conn, fd: int, size: int) -> str:
-    """Send ``size`` bytes of ``fd`` from its start; their SHA-256 (hex)."""
+def send_file(
+    conn: Conn, fd: int, size: int, *, progress: Callable[[int], None] | None = None
+) -> str:
+    """Send ``size`` bytes of ``fd`` from its start; their SHA-256 (hex). ``progress(n)`` is
+    called after each ``n`` bytes sent."""
     h = hashlib.sha256()
     left = size
     while left:
@@ -111,7 +119,30 @@ def send_file(conn: Conn, fd: int, size: int) -> str:
         h.update(chunk)
         send_bytes(conn, chunk)
         left -= len(chunk)
+        if progress is not None:
+            progress(len(chunk))
     return h.hexdigest()
+
+
+class Progress:
+    """``say``s how much of ``total`` bytes has moved, every tenth (and at the end)."""
+
+    def __init__(self, say: Callable[[str], None] | None, total: int, where: str) -> None:
+        self.say, self.total, self.where = say, total, where
+        self.done = 0
+        self.next = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.say is None or self.done < self.next:
+            return
+        self.next = self.done + max(1, self.total // 10)
+        pct = 100 * self.done // max(1, self.total)
+        self.say(f"sent {_mib(self.done)} of {_mib(self.total)} to {self.where} ({pct}%)")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def receive_file(conn: Conn, fd: int, size: int) -> str:
@@ -141,6 +172,7 @@ def migrate_copy(
     timeout: float = DEFAULT_TIMEOUT,
     tcp_established: bool = False,
     say: Callable[[str], None] | None = None,
+    addresses: Sequence[str] = (),
 ) -> Summary:
     """Move the managed process ``name`` to the torpor at ``host:port`` in copy mode (see the
     module docstring); its :class:`Summary`. :class:`MigrationRefusedError` if pre-flight
@@ -151,11 +183,23 @@ def migrate_copy(
     _registry.check_live(rec)
     ref = rec.ref
     where = f"{host}:{port}"
+    moving = _address.parse_all([*rec.service_addresses, *addresses])
+    conns = _address.connections(ref.pid)
+    stuck = _address.unmoved(conns, moving)
+    if stuck:
+        raise MigrationError(
+            f"{name} holds TCP connections on addresses that stay here ({stuck[0]}"
+            f"{f' and {len(stuck) - 1} more' if len(stuck) > 1 else ''}): they cannot survive "
+            f"the move (nothing was frozen; the process runs here, pid {ref.pid})",
+            hint="serve them on a service address (torpor run --service-address, or "
+            "torpor migrate --address ADDR/PREFIX), or close them first",
+        )
+    tcp_established = tcp_established or bool(conns)
     _, rss = facts(ref.pid)
     conn = connect(host, port)  # refused or unreachable: nothing touched
     with conn:
         conn.settimeout(timeout)
-        conn.send(_preflight.facts(name, rss))
+        conn.send({**_preflight.facts(name, rss), "addresses": [str(a) for a in moving]})
         reply = conn.recv()
         if reply.get("type") == "refused":
             found = [str(p) for p in reply.get("problems", [])] or ["no reason given"]
@@ -167,19 +211,26 @@ def migrate_copy(
         if reply.get("type") != "ready":
             raise MigrationError(f"{where} answered pre-flight with {reply.get('type')!r}")
         if say is not None:
-            say(f"pre-flight passed on {where}; dumping {name} (pid {ref.pid})")
+            kept = f", keeping {len(conns)} TCP connection(s)" if conns else ""
+            say(f"pre-flight passed on {where}; dumping {name} (pid {ref.pid}){kept}")
         with _locks.dumping(ref, unless_requested=True):
-            move = _Move(conn, name, where, ref, tcp_established=tcp_established, say=say)
-            summary = move.run(timeout)
+            _registry.update(name, ref, migrating=f"to {where}")
+            try:
+                move = _Move(conn, name, where, ref, tcp_established=tcp_established, say=say)
+                move.addresses = moving
+                summary = move.run(timeout)
+            finally:
+                with contextlib.suppress(OSError, TorporError):
+                    _registry.update(name, ref, migrating=None)
     _record(name, ref, where)
     total = (time.monotonic() - started) * 1000
-    return Summary(**{**summary.to_json(), "total_ms": round(total, 1)})
+    return dataclasses.replace(summary, total_ms=round(total, 1), tcp_connections=len(conns))
 
 
 def _record(name: str, ref: ProcRef, where: str) -> None:
     # The record stays, ended by CRIU's kill, saying where the process went; an event too.
     with contextlib.suppress(OSError, TorporError):
-        _registry.update(name, ref, checkpointed_to=f"migrated to {where}")
+        _registry.update(name, ref, migrated_to=where)
     with contextlib.suppress(OSError, TorporError, ValueError):
         from .._supervise import _events
 
@@ -209,14 +260,22 @@ class _Move:
         self.bytes = self.files = 0
         self.frozen_ms: float | None = None
         self.staging = Path()  # made by run(); the notifications do not carry it
+        self.addresses: tuple[_address.IPAddr, ...] = ()
+        self.warnings: list[str] = []
 
     def run(self, timeout: float) -> Summary:
         out = _paths.private_dir(_paths.home() / "migrate", what="migration directory")
+        locking = self.options.tcp_established
+        before = _netlock.tables() if locking else set()
         staging = self.staging = Path(tempfile.mkdtemp(prefix=f"{self.name}.", dir=out))
         try:
             try:
                 CriuEngine().dump(self.pid, staging, self.options, notify=self._notify)
             except DumpError as exc:
+                self._unlock(before)  # CRIU removed its lock; anything it left goes too
+                for addr in self.addresses:  # the peers' caches back to this host
+                    with contextlib.suppress(OSError, TorporError):
+                        _address.announce(addr)
                 raise self._failed(exc) from self.failure or exc
             stats = read_dump_stats_at(staging)
             self.frozen_ms = stats.frozen_ms if stats is not None else None
@@ -224,6 +283,12 @@ class _Move:
             shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(TorporError):
             self.conn.send({"type": "done"})  # the original is gone: the copy is the process
+        if locking:
+            # CRIU leaves its lock after a dump that killed the tree; the address has gone.
+            self._unlock(before)
+        for line in self.warnings:
+            if self.say is not None:
+                self.say(line)
         return Summary(
             name=self.name,
             mode="copy",
@@ -237,7 +302,15 @@ class _Move:
             bytes=self.bytes,
             files=self.files,
             total_ms=0.0,
+            addresses=tuple(str(a) for a in self.addresses),
         )
+
+    def _unlock(self, before: set[tuple[str, str]]) -> None:
+        try:
+            for table in sorted(_netlock.new_criu_tables(before)):
+                _netlock.drop(table)
+        except TorporError as exc:
+            self.warnings.append(f"warning: CRIU's network lock is left here: {exc.msg}")
 
     def _failed(self, exc: DumpError) -> MigrationError:
         with contextlib.suppress(TorporError):
@@ -297,10 +370,11 @@ class _Move:
                 }
             )
             hashes: dict[str, str] = {}
+            progress = Progress(self.say, sum(entries[n].st_size for n in names), self.where)
             for n in names:
                 fd = open_regular(dir_fd, n, source=str(staging))
                 try:
-                    hashes[n] = send_file(conn, fd, entries[n].st_size)
+                    hashes[n] = send_file(conn, fd, entries[n].st_size, progress=progress)
                 finally:
                     os.close(fd)
                 self.bytes += entries[n].st_size
@@ -318,3 +392,11 @@ class _Move:
             raise MigrationError(f"{self.where} answered {reply.get('type')!r}, not running")
         self.running_at = time.monotonic()
         self.reply = reply
+        # The copy runs there, with the addresses: from here on the move is committed (its
+        # connections have gone on there). The addresses leave this host before CRIU kills
+        # the original, so nothing here answers for them.
+        for addr in self.addresses:
+            try:
+                _address.take_down(addr)
+            except TorporError as exc:
+                self.warnings.append(f"warning: {addr} could not be removed here: {exc.msg}")

@@ -30,7 +30,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .. import _paths
@@ -40,13 +40,14 @@ from .._images._image import Image, Staging
 from .._images._manifest import FileEntry
 from .._process import _manage, _registry
 from .._safe import create_file, is_plain_name, open_dir
-from . import _preflight
+from . import _address, _netlock, _preflight
 from ._channel import ChannelError, Conn, PeerRefusedError, listen
 from ._copy import MAX_FILES, receive_file
 
 ANSWER_TIMEOUT = 120.0  # seconds a source may take between its messages
 _HOLD_ENV = "TORPOR_TEST_MIGRATE_HOLD"
 _IN_TRANSIT = ".migrating-"  # in the names of image directories being received
+_JOURNAL = "migrate-inflight.json"  # service addresses brought up for a restore under way
 
 
 def serve(
@@ -76,12 +77,37 @@ def serve(
 
 
 def _sweep(log: Callable[[str], None]) -> None:
-    """Remove images a killed server left half-received (one server per home at a time)."""
+    """Remove what a killed server left (one server per home at a time): half-received
+    images, the service addresses it brought up for a copy that never ran, its network
+    locks."""
     images = _paths.images_dir()
     for entry in os.listdir(images):
         if _IN_TRANSIT in entry:
             shutil.rmtree(images / entry, ignore_errors=True)
             log(f"removed {images / entry}, left by a migration that did not finish")
+    left = _paths.read_home_file(_JOURNAL)
+    if left is not None:
+        try:
+            addrs = _address.parse_all(json.loads(left).get("addresses", []))
+        except (ValueError, AttributeError, TorporError):
+            addrs = ()
+        used = {
+            a for r in _registry.list_all() if r.state == "running" for a in r.service_addresses
+        }
+        for addr in addrs:
+            if str(addr) not in used:
+                with contextlib.suppress(TorporError):
+                    if _address.take_down(addr):
+                        log(f"removed {addr}, brought up by a migration that did not finish")
+        _clear_journal()
+    with contextlib.suppress(TorporError):
+        for table in _netlock.sweep():
+            log(f"removed the network lock {table}, left by a migration that did not finish")
+
+
+def _clear_journal() -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(_paths.home() / _JOURNAL)
 
 
 class _Incoming:
@@ -91,6 +117,7 @@ class _Incoming:
         self.conn, self.where, self.log = conn, where, log
         self.peer = conn.peer.name
         self.outcome: str | None = None
+        self.addresses: tuple[_address.IPAddr, ...] = ()  # checked in pre-flight
 
     def handle(self) -> None:
         conn = self.conn
@@ -102,6 +129,13 @@ class _Incoming:
             conn.send({"type": "refused", "problems": found})
             self.log(f"refused {first.get('name')!r} from {self.peer}: {'; '.join(found)}")
             return
+        asked = first.get("addresses", [])
+        found = _address.problems(asked if isinstance(asked, list) else [None], where=self.where)
+        if found:
+            conn.send({"type": "refused", "problems": found})
+            self.log(f"refused {first.get('name')!r} from {self.peer}: {'; '.join(found)}")
+            return
+        self.addresses = _address.parse_all(asked)
         name = str(first["name"])
         conn.send({"type": "ready"})
         mode = first["mode"]
@@ -206,15 +240,17 @@ class _Incoming:
         conn = self.conn
         started = time.monotonic()
         try:
-            rec = _restore_apart(image, name)
+            rec = self._restore_with_addresses(image, name)
         except TorporError as exc:
             with contextlib.suppress(TorporError):
                 conn.send({"type": "failed", "error": exc.msg})
             raise
         took = round((time.monotonic() - started) * 1000, 1)
-        origin = f"migrated from {self.peer}"
         with contextlib.suppress(OSError, TorporError):
-            _registry.update(name, rec.ref, restored_from=origin)
+            _registry.update(
+                name, rec.ref, restored_from=None, migrating=f"from {self.peer}",
+                service_addresses=tuple(str(a) for a in self.addresses),
+            )  # fmt: skip
         try:
             conn.send({"type": "running", "pid": rec.pid, "restore_ms": took})
             verdict = conn.recv().get("type")
@@ -225,20 +261,74 @@ class _Incoming:
             return
         if verdict == "abort":
             self._kill(rec)
+            self._take_down(self.addresses)
             self.log(f"{name!r} from {self.peer}: the source resumed its original; copy killed")
             return
+        with contextlib.suppress(OSError, TorporError):
+            _registry.update(name, rec.ref, migrating=None, migrated_from=self.peer)
+        for addr in self.addresses:  # again: the source has let them go by now
+            with contextlib.suppress(OSError, TorporError):
+                _address.announce(addr)
         with contextlib.suppress(OSError, TorporError, ValueError):
             from .._supervise import _events
 
             _events.append(name, "restore", migrated_from=self.peer, mode="copy")
         self.outcome = f"{name!r} migrated from {self.peer}: pid {rec.pid}, restored in {took} ms"
 
+    def _restore_with_addresses(self, image: Image, name: str) -> _registry.ManagedProcess:
+        """The restore, with the service addresses brought up here first, behind a lock that
+        drops their traffic until CRIU has the connections back (a peer's retransmission
+        would otherwise meet no socket and get an RST); everything undone if it fails."""
+        if not self.addresses:
+            return _restore_apart(image, name)
+        tag = os.urandom(4).hex()
+        # Written first: a server killed from here on leaves them to the next one's sweep.
+        _paths.write_home_file(
+            _JOURNAL, json.dumps({"addresses": [str(a) for a in self.addresses]}).encode()
+        )
+        brought: list[_address.IPAddr] = []
+        table: tuple[str, str] | None = None
+        try:
+            table = _netlock.block(tag, self.addresses)
+            for addr in self.addresses:
+                _address.bring_up(addr)
+                brought.append(addr)
+            rec = _restore_apart(image, name)
+        except BaseException:
+            self._take_down(brought)
+            if table is not None:
+                with contextlib.suppress(TorporError):
+                    _netlock.drop(table)
+            _clear_journal()
+            raise
+        # The copy runs (its connections restored): let its traffic through, and tell the
+        # subnet where its addresses are now.
+        try:
+            _netlock.drop(table)
+        except TorporError as exc:
+            self.log(f"the network lock {table[1]} could not be removed: {exc.msg}")
+        for addr in self.addresses:
+            with contextlib.suppress(OSError, TorporError):
+                _address.announce(addr)
+        _clear_journal()  # the addresses are the running copy's now
+        return rec
+
+    def _take_down(self, addrs: Sequence[_address.IPAddr]) -> None:
+        for addr in addrs:
+            try:
+                _address.take_down(addr)
+            except TorporError as exc:
+                self.log(f"{addr} could not be removed: {exc.msg}")
+
     def _kill(self, rec: _registry.ManagedProcess) -> None:
         with contextlib.suppress(ProcessNotFoundError, OSError):
             if rec.ref.alive():
                 os.kill(rec.pid, signal.SIGKILL)
         with contextlib.suppress(OSError, TorporError):
-            _registry.update(rec.name, rec.ref, restored_from=f"aborted migration ({self.peer})")
+            _registry.update(
+                rec.name, rec.ref, migrating=None,
+                restored_from=f"aborted migration ({self.peer})",
+            )  # fmt: skip
 
 
 def _restore_apart(image: Image, name: str) -> _registry.ManagedProcess:
@@ -293,6 +383,7 @@ def _restore_apart(image: Image, name: str) -> _registry.ManagedProcess:
         raise _keeper.decode_error(reply["error"])
     fields = reply["rec"]
     fields["command"] = tuple(fields["command"])
+    fields["service_addresses"] = tuple(fields.get("service_addresses", ()))
     return _registry.ManagedProcess(**fields)
 
 

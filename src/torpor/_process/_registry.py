@@ -94,6 +94,12 @@ class ManagedProcess:
     # pid, before the restore is known to succeed; cleared once it has. A process whose keeper
     # died with this set is killed by the command that started it (see kill_unfinished).
     restoring: str | None = None
+    # torpor migrate (docs/migration.md): ``migrating`` while under way, then ``migrated_to``
+    # (source) / ``migrated_from`` (target); ``service_addresses`` (ADDR/PREFIX) move with it.
+    migrating: str | None = None
+    migrated_to: str | None = None
+    migrated_from: str | None = None
+    service_addresses: tuple[str, ...] = ()
 
     @property
     def ref(self) -> ProcRef:
@@ -105,6 +111,8 @@ class ManagedProcess:
         """``running``, ``checkpointed`` (killed by a checkpoint), ``exited N`` or ``gone``."""
         if self.ended is None and self.ref.alive():
             return "running"  # (``torpor ps`` adds "no keeper" when its keeper is gone)
+        if self.migrated_to and self.exit_status in (None, -9):
+            return f"migrated-to {self.migrated_to}"
         if self.checkpointed_to and self.exit_status in (None, -9):
             return "checkpointed"
         if self.exit_status is None:
@@ -135,6 +143,10 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "keeper_start_time": _OPT_INT,
     "managed_as": _OPT_STR,
     "restoring": _OPT_STR,
+    "migrating": _OPT_STR,
+    "migrated_to": _OPT_STR,
+    "migrated_from": _OPT_STR,
+    "service_addresses": (list,),
 }
 _REQUIRED = {f.name for f in fields(ManagedProcess) if f.default is MISSING}
 assert set(_TYPES) == {f.name for f in fields(ManagedProcess)}
@@ -359,9 +371,11 @@ def _parse(raw: bytes, path: Path, name: str) -> ManagedProcess:
         if isinstance(value, bool) or not isinstance(value, types):
             raise _malformed(path, f"has a bad {key} ({type(value).__name__})")
         values[key] = value
-    if not all(isinstance(a, str) for a in values["command"]):
-        raise _malformed(path, "has a bad command (not a list of strings)")
-    values["command"] = tuple(values["command"])
+    for key in ("command", "service_addresses"):
+        if not all(isinstance(a, str) for a in values.get(key, ())):
+            raise _malformed(path, f"has a bad {key} (not a list of strings)")
+        if key in values:
+            values[key] = tuple(values[key])
     if values["name"] != name:
         raise _malformed(path, f"names another process ({values['name']!r})")
     for key in ("pid", "keeper_pid"):

@@ -1,0 +1,136 @@
+"""nftables network locking around a migration that keeps TCP connections (issue 9, point 4).
+
+What CRIU 4.2 does itself (``criu/net.c``, ``criu/netfilter.c``, ``criu/cr-dump.c``), for a
+tree in the host's network namespace dumped with ``network_lock=NFTABLES``:
+
+- the dump creates the table ``inet CRIU-<run id>`` (``nftables_init_connection_lock``: input
+  and output chains dropping the tree's connections, listed in the sets ``conns4``/``conns6``,
+  except CRIU's own packets marked ``0xC114``) and adds each established connection to it;
+- when the dump fails, or its ``post-dump`` is answered ``false`` (the tree resumes), CRIU
+  deletes that table (``network_unlock``);
+- when the dump succeeds and the tree is killed, **the table stays**: the connections stay
+  dropped on the source, so that its kernel, whose sockets are gone, answers the peers'
+  packets with nothing rather than an RST. Removing it is the caller's job, once the address
+  has left the source (:func:`new_criu_tables` finds it; :func:`drop` deletes it);
+- a restore in the host's namespace locks nothing: it only deletes a table of the dump's run
+  id if one exists (so a restore on the dump's host unlocks it).
+
+So the target needs a lock of its own: from the moment the service address is up there
+(another host may now answer ARP for it) until CRIU has the connections back, a peer's
+retransmission would meet no socket and be answered with an RST, which kills the connection.
+:func:`block` makes a torpor table ``inet torpor-mig-<tag>`` dropping everything to and from
+the service addresses (but CRIU's marked packets); :func:`drop` removes it once the restore
+is done, or on any failure; :func:`sweep` removes what a killed server left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import subprocess
+from collections.abc import Iterable
+
+from .._errors import TorporError
+from ._address import IPAddr
+
+TABLE_PREFIX = "torpor-mig-"
+_CRIU_PREFIX = "CRIU-"
+_SOCCR_MARK = 0xC114  # CRIU's own TCP-repair packets (soccr/soccr.h): let through
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,60}\Z")
+_NFT_TIMEOUT = 10.0
+
+
+class NetlockError(TorporError):
+    """nft failed."""
+
+
+def _nft(*args: str, stdin: str | None = None) -> str:
+    try:
+        res = subprocess.run(
+            ["nft", *args], input=stdin, capture_output=True, text=True,
+            timeout=_NFT_TIMEOUT, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NetlockError(
+            f"nft could not run: {exc}", hint="install nftables (scripts/install-criu.sh)"
+        ) from exc
+    if res.returncode != 0:
+        raise NetlockError(f"nft {' '.join(args)} failed: {res.stderr.strip()}")
+    return res.stdout
+
+
+def tables() -> set[tuple[str, str]]:
+    """Every nftables table of this host (network namespace): ``(family, name)``."""
+    try:
+        data = json.loads(_nft("-j", "list", "tables"))
+    except ValueError as exc:
+        raise NetlockError("nft -j list tables printed no JSON") from exc
+    out = set()
+    for item in data.get("nftables", []) if isinstance(data, dict) else []:
+        table = item.get("table") if isinstance(item, dict) else None
+        if isinstance(table, dict):
+            out.add((str(table.get("family")), str(table.get("name"))))
+    return out
+
+
+def new_criu_tables(before: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """CRIU's lock tables that exist now and did not in ``before``."""
+    return {t for t in tables() - before if t[1].startswith(_CRIU_PREFIX)}
+
+
+def block(tag: str, addresses: Iterable[IPAddr]) -> tuple[str, str]:
+    """Drop all traffic to and from ``addresses`` here (CRIU's repair packets excepted), in a
+    table of its own named by ``tag``; the table, for :func:`drop`."""
+    if not _NAME.match(tag):
+        raise NetlockError(f"bad lock name {tag!r}")
+    name = f"{TABLE_PREFIX}{tag}"
+    rules_in, rules_out = [], []
+    for a in addresses:
+        fam = "ip" if a.version == 4 else "ip6"
+        rules_in.append(f"    {fam} daddr {a.ip} drop")
+        rules_out.append(f"    {fam} saddr {a.ip} drop")
+    if not rules_in:
+        raise NetlockError("no address to lock")
+    mark = f"    meta mark {_SOCCR_MARK:#x} accept"
+    script = "\n".join(
+        [
+            f"table inet {name} {{",
+            "  chain input {",
+            "    type filter hook input priority -10; policy accept;",
+            mark,
+            *rules_in,
+            "  }",
+            "  chain output {",
+            "    type filter hook output priority -10; policy accept;",
+            mark,
+            *rules_out,
+            "  }",
+            "}",
+            "",
+        ]
+    )
+    _nft("-f", "-", stdin=script)
+    return ("inet", name)
+
+
+def drop(table: tuple[str, str]) -> bool:
+    """Delete ``table`` if it exists; whether it did."""
+    family, name = table
+    if family not in ("inet", "ip", "ip6") or not _NAME.match(name):
+        raise NetlockError(f"bad table {family} {name!r}")
+    if table not in tables():
+        return False
+    _nft("delete", "table", family, name)
+    return True
+
+
+def sweep() -> list[str]:
+    """Delete every torpor migration lock left here (by a killed server); their names."""
+    gone = []
+    for table in sorted(tables()):
+        if table[1].startswith(TABLE_PREFIX):
+            with contextlib.suppress(NetlockError):
+                drop(table)
+                gone.append(f"{table[0]} {table[1]}")
+    return gone
