@@ -16,6 +16,7 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,111 +58,138 @@ def host_identity() -> HostIdentity:
     key file that is a symlink, not a regular file, owned by another user, or readable or
     writable by group or others.
     """
-    home = _paths.home()
+    pem, path = load_or_make(_paths.home(), _KEY_FILE, _new_key_pem)
+    return _load(pem, path)
+
+
+def _new_key_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+# -- private files of the identity directory ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrivateFile:
+    """A file of the identity directory only its owner may read (a key): its ``name``, what
+    messages call it (``what``), the most bytes it may hold (``limit``) and what removing it
+    does (``remade``, for hints)."""
+
+    name: str
+    what: str
+    limit: int
+    remade: str
+
+
+_KEY_FILE = PrivateFile(KEY_NAME, "host key", _MAX_KEY_FILE, "a new key is made on next use")
+
+
+def load_or_make(home: Path, spec: PrivateFile, make: Callable[[], bytes]) -> tuple[bytes, Path]:
+    """The bytes of ``spec``'s file in ``home``'s identity directory (made 0700 on first use,
+    refused if another user could change it) and its path; a file not there yet is first
+    made, race-free, from ``make()``: written whole to an ``O_EXCL`` temporary file, then
+    ``link``\\ ed to its name, so that of two processes making one at once both use the
+    winner's."""
     home_fd = _safe.open_dir(home)
     try:
         with contextlib.suppress(FileExistsError):
             os.mkdir(DIR_NAME, 0o700, dir_fd=home_fd)
-        dir_path = home / DIR_NAME
         dir_fd = _safe.open_dir(DIR_NAME, dir_fd=home_fd)
     finally:
         os.close(home_fd)
+    dir_path = home / DIR_NAME
     try:
         _safe.check_private(dir_path, what="identity directory", fd=dir_fd)
-        pem = _read_key(dir_fd, dir_path)
-        if pem is None:
-            _make_key(dir_fd, dir_path)
-            pem = _read_key(dir_fd, dir_path)
-        if pem is None:  # made, then removed under us: say so rather than loop
+        data = _read_private(dir_fd, dir_path, spec)
+        if data is None:
+            _make_private(dir_fd, dir_path, spec, make())
+            data = _read_private(dir_fd, dir_path, spec)
+        if data is None:  # made, then removed under us: say so rather than loop
             raise IdentityError(
-                f"host key {dir_path / KEY_NAME} vanished just after it was made",
+                f"{spec.what} {dir_path / spec.name} vanished just after it was made",
                 hint="run the command again",
             )
     finally:
         os.close(dir_fd)
-    return _load(pem, dir_path / KEY_NAME)
+    return data, dir_path / spec.name
 
 
-def _read_key(dir_fd: int, dir_path: Path) -> bytes | None:
-    """The key file's bytes, None if there is none yet; refuses an unsafe key file."""
-    path = dir_path / KEY_NAME
+def _read_private(dir_fd: int, dir_path: Path, spec: PrivateFile) -> bytes | None:
+    """The file's bytes, None if there is none yet; refuses an unsafe file."""
+    path = dir_path / spec.name
+    remove = f"remove {path} ({spec.remade})"
     try:
         fd = os.open(
-            KEY_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+            spec.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
         )
     except FileNotFoundError:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsafePathError(
-                f"host key {path} is a symlink; refused",
-                path=path,
-                hint=f"remove {path} (a new key is made on next use)",
+                f"{spec.what} {path} is a symlink; refused", path=path, hint=remove
             ) from exc
-        raise IdentityError(f"cannot open host key {path}: {exc.strerror}") from exc
+        raise IdentityError(f"cannot open {spec.what} {path}: {exc.strerror}") from exc
     try:
-        st = os.fstat(fd)
-        _check_key_stat(st, path)
-        data = os.read(fd, _MAX_KEY_FILE + 1)
+        _check_private_stat(os.fstat(fd), path, spec.what, remove)
+        data = os.read(fd, spec.limit + 1)
     finally:
         os.close(fd)
-    if len(data) > _MAX_KEY_FILE:
-        raise IdentityError(f"host key {path} is larger than {_MAX_KEY_FILE} bytes; refused")
+    if len(data) > spec.limit:
+        raise IdentityError(
+            f"{spec.what} {path} is larger than {spec.limit} bytes; refused", hint=remove
+        )
     return data
 
 
-def _check_key_stat(st: os.stat_result, path: Path) -> None:
+def _check_private_stat(st: os.stat_result, path: Path, what: str, remove: str) -> None:
     kind = _safe.kind_problem(st.st_mode)
     if kind is not None:
         raise UnsafePathError(
-            f"host key {path} is {kind}, not a regular file; refused",
-            path=path,
-            hint=f"remove {path} (a new key is made on next use)",
+            f"{what} {path} is {kind}, not a regular file; refused", path=path, hint=remove
         )
     owner = _safe.owner_problem(st)
     if owner is not None:
         raise UnsafePathError(
-            f"host key {path} {owner}; refused", path=path, hint=f"chown {os.geteuid()} {path}"
+            f"{what} {path} {owner}; refused", path=path, hint=f"chown {os.geteuid()} {path}"
         )
     if st.st_mode & 0o077:
         raise UnsafePathError(
-            f"host key {path} is accessible by group or others"
+            f"{what} {path} is accessible by group or others"
             f" (mode {stat.S_IMODE(st.st_mode):04o}); refused",
             path=path,
             hint=f"chmod 600 {path}",
         )
 
 
-def _make_key(dir_fd: int, dir_path: Path) -> None:
-    """Write a new key under a temporary name, then link it to ``host.key`` unless another
-    process got there first (then its key is the one)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    pem = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    tmp = f".{KEY_NAME}.{os.getpid()}.{secrets.token_hex(4)}"
-    source = str(dir_path)
+def _make_private(dir_fd: int, dir_path: Path, spec: PrivateFile, data: bytes) -> None:
+    """Write ``data`` under a temporary name, then link it to ``spec.name`` unless another
+    process got there first (then its file is the one)."""
+    tmp = f".{spec.name}.{os.getpid()}.{secrets.token_hex(4)}"
     try:
-        fd = _safe.create_file(dir_fd, tmp, source=source)
+        fd = _safe.create_file(dir_fd, tmp, source=str(dir_path))
         try:
-            os.write(fd, pem)
+            os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         try:
-            os.link(tmp, KEY_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            os.link(tmp, spec.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         except FileExistsError:
-            pass  # another process made the key at the same time: use its key
+            pass  # another process made it at the same time: use its file
         finally:
             os.unlink(tmp, dir_fd=dir_fd)
         os.fsync(dir_fd)
     except OSError as exc:
         raise IdentityError(
-            f"cannot make host key {dir_path / KEY_NAME}: {exc.strerror}",
+            f"cannot make {spec.what} {dir_path / spec.name}: {exc.strerror}",
             hint=f"check that {dir_path} is writable by uid {os.geteuid()}",
         ) from exc
 

@@ -22,22 +22,17 @@ keys by path only, and a path could be swapped between our check and its open).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import errno
 import hashlib
 import os
 import re
-import secrets
 import socket
 import ssl
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import _paths, _safe
-from .._errors import UnsafePathError
-from ._key import DIR_NAME, IdentityError
+from .. import _paths
+from ._key import IdentityError, PrivateFile, load_or_make
 
 TLS_NAME = "tls.pem"
 FINGERPRINT_PREFIX = "sha256:"
@@ -45,6 +40,9 @@ _MAX_FILE = 64 * 1024  # an Ed25519 key and certificate are ~1 KiB; refuse a hug
 _VALID_DAYS = 100 * 365  # trust is the pinned fingerprint, not the dates: a new cert = a new host
 _CLOCK_SKEW = datetime.timedelta(days=1)  # a peer whose clock is behind still accepts the cert
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_TLS_FILE = PrivateFile(
+    TLS_NAME, "TLS identity", _MAX_FILE, "a new identity is made on next use; peers must trust it"
+)
 
 
 @dataclass(frozen=True)
@@ -109,79 +107,8 @@ def tls_identity(home: Path | None = None) -> TlsIdentity:
     certificate.
     """
     home = _paths.home() if home is None else _paths.private_dir(home, what="torpor home")
-    home_fd = _safe.open_dir(home)
-    try:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(DIR_NAME, 0o700, dir_fd=home_fd)
-        dir_fd = _safe.open_dir(DIR_NAME, dir_fd=home_fd)
-    finally:
-        os.close(home_fd)
-    dir_path = home / DIR_NAME
-    try:
-        _safe.check_private(dir_path, what="identity directory", fd=dir_fd)
-        pem = _read(dir_fd, dir_path)
-        if pem is None:
-            _make(dir_fd, dir_path)
-            pem = _read(dir_fd, dir_path)
-        if pem is None:
-            raise IdentityError(
-                f"TLS identity {dir_path / TLS_NAME} vanished just after it was made",
-                hint="run the command again",
-            )
-    finally:
-        os.close(dir_fd)
-    return _load(pem, dir_path / TLS_NAME)
-
-
-def _read(dir_fd: int, dir_path: Path) -> bytes | None:
-    path = dir_path / TLS_NAME
-    try:
-        fd = os.open(
-            TLS_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
-        )
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafePathError(
-                f"TLS identity {path} is a symlink; refused",
-                path=path,
-                hint=f"remove {path} (a new identity is made on next use; peers must trust it)",
-            ) from exc
-        raise IdentityError(f"cannot open TLS identity {path}: {exc.strerror}") from exc
-    try:
-        _check_stat(os.fstat(fd), path)
-        data = os.read(fd, _MAX_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(data) > _MAX_FILE:
-        raise IdentityError(
-            f"TLS identity {path} is larger than {_MAX_FILE} bytes; refused",
-            hint=f"remove {path} (a new identity is made on next use; peers must trust it)",
-        )
-    return data
-
-
-def _check_stat(st: os.stat_result, path: Path) -> None:
-    kind = _safe.kind_problem(st.st_mode)
-    if kind is not None:
-        raise UnsafePathError(
-            f"TLS identity {path} is {kind}, not a regular file; refused",
-            path=path,
-            hint=f"remove {path} (a new identity is made on next use; peers must trust it)",
-        )
-    owner = _safe.owner_problem(st)
-    if owner is not None:
-        raise UnsafePathError(
-            f"TLS identity {path} {owner}; refused", path=path, hint=f"chown {os.geteuid()} {path}"
-        )
-    if st.st_mode & 0o077:
-        raise UnsafePathError(
-            f"TLS identity {path} is accessible by group or others"
-            f" (mode {stat.S_IMODE(st.st_mode):04o}); refused",
-            path=path,
-            hint=f"chmod 600 {path}",
-        )
+    pem, path = load_or_make(home, _TLS_FILE, new_identity_pem)
+    return _load(pem, path)
 
 
 def _host_name() -> str:
@@ -227,30 +154,6 @@ def new_identity_pem(name: str | None = None) -> bytes:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return key_pem + cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _make(dir_fd: int, dir_path: Path) -> None:
-    pem = new_identity_pem()
-    tmp = f".{TLS_NAME}.{os.getpid()}.{secrets.token_hex(4)}"
-    try:
-        fd = _safe.create_file(dir_fd, tmp, source=str(dir_path))
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, TLS_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-        except FileExistsError:
-            pass  # another process made one at the same time: use its identity
-        finally:
-            os.unlink(tmp, dir_fd=dir_fd)
-        os.fsync(dir_fd)
-    except OSError as exc:
-        raise IdentityError(
-            f"cannot make TLS identity {dir_path / TLS_NAME}: {exc.strerror}",
-            hint=f"check that {dir_path} is writable by uid {os.geteuid()}",
-        ) from exc
 
 
 def _load(pem: bytes, path: Path) -> TlsIdentity:
