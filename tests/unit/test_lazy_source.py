@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from torpor._images._layout import VERIFIED_NAME
-from torpor._lazy._source import LazyPageError, local_source, pool_source
+from torpor._lazy._source import LazyPageError, Prepared, local_source, pool_source
 from torpor._pools import _cas
 from torpor._pools._pack import PackIndex, pack_key
 from torpor._pools._pool import Pool
+from torpor._pools._reader import Catalog
+from torpor._pools._session import Condemned
 
 from .test_pool_support import PAGE, make_image, new_mem_pool, random_pages
 
@@ -181,3 +184,88 @@ def test_zero_pages_need_no_fetch(tmp_path: Path, torpor_home: Path) -> None:
     finally:
         source.close()
     assert _cas.ZERO_PAGE  # the all-zero page is never stored
+
+
+def _prepared(pool: Pool, name: str = "app") -> Prepared:
+    rec = pool._record(name)
+    return Prepared(rec, pool._resolve(rec), pool._catalog())
+
+
+def _catalogs_read(pool: Pool) -> list[int]:
+    """Start counting the pool catalogs read (every pack index decoded)."""
+    seen: list[int] = []
+    read = pool._catalog
+
+    def counted() -> Catalog:
+        catalog = read()
+        seen.append(len(catalog.indexes))
+        return catalog
+
+    pool._catalog = counted  # type: ignore[method-assign]
+    return seen
+
+
+def test_pool_source_uses_what_was_prepared_for_the_same_record(
+    tmp_path: Path, torpor_home: Path
+) -> None:
+    pages = bytes(random_pages(1500))
+    pool = _pool_with(tmp_path, pages)
+    prepared = _prepared(pool)
+    reads = _catalogs_read(pool)
+    source = pool_source(pool, "app", prepared=prepared)
+    try:
+        assert source.read("pages-1.img", 1200 * PAGE, PAGE) == pages[1200 * PAGE : 1201 * PAGE]
+    finally:
+        source.close()
+    assert reads == []  # no catalog read again
+    # The image replaced in the pool since: what was prepared is not used.
+    other = bytes(random_pages(1500))
+    pool.delete_image("app")
+    pool.push(make_image(tmp_path / "other", "app", other), "app")
+    source = pool_source(pool, "app", prepared=prepared)
+    try:
+        assert source.record != prepared.record
+        assert source.read("pages-1.img", 7 * PAGE, PAGE) == other[7 * PAGE : 8 * PAGE]
+    finally:
+        source.close()
+    assert reads  # read afresh
+
+
+def _move_pack(pool: Pool, digest: bytes) -> str:
+    """Store the pack holding ``digest`` under a new id and delete the old one (what a
+    collection's repack and sweep do between two sessions); the old id."""
+    for key in list(pool.backend.list("index/")):
+        old = key.split("/", 1)[1]
+        index = PackIndex.decode(old, pool.backend.get(key))
+        if any(c.digest == digest for c in index.chunks):
+            new = uuid.uuid4().hex
+            pool.backend.put(pack_key(new), pool.backend.get(pack_key(old)))
+            pool.backend.put(f"index/{new}", pool.backend.get(key))
+            pool.backend.delete(key)
+            pool.backend.delete(pack_key(old))
+            return old
+    raise AssertionError("chunk not found")
+
+
+def test_pool_source_prepared_before_a_sweep_looks_again(tmp_path: Path, torpor_home: Path) -> None:
+    pages = bytes(random_pages(64))
+    pool = _pool_with(tmp_path, pages)
+    prepared = _prepared(pool)
+    digest = prepared.lists[[f.name for f in prepared.record.files].index("pages-1.img")][5]
+    _move_pack(pool, digest)
+    source = pool_source(pool, "app", prepared=prepared)
+    try:
+        assert source.read("pages-1.img", 5 * PAGE, PAGE) == pages[5 * PAGE : 6 * PAGE]
+    finally:
+        source.close()
+
+
+def test_pool_source_prepared_with_a_condemned_pack_reads_a_fresh_catalog(
+    tmp_path: Path, torpor_home: Path
+) -> None:
+    pool = _pool_with(tmp_path, bytes(random_pages(64)))
+    prepared = _prepared(pool)
+    Condemned(frozenset(prepared.catalog.indexes), frozenset()).store(pool.backend)
+    reads = _catalogs_read(pool)
+    pool_source(pool, "app", prepared=prepared).close()
+    assert reads == [len(prepared.catalog.indexes)]
