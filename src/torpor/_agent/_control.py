@@ -5,16 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _paths
 from .._errors import PermissionDeniedError, TorporError
-from .._process._proc import ProcRef, detached, holds_unix_socket
+from .._process._daemonize import last_line, start_daemon
+from .._process._proc import ProcRef, holds_unix_socket
 from ._master import agent_argv, pid_path, socket_path
 from ._worker import launcher_dir
 
@@ -67,44 +66,14 @@ def start() -> tuple[AgentStatus, bool]:
     if current.running:
         return current, False
     home = _paths.home()
-    ready_r, ready_w = os.pipe()
-    log_fd = os.open(
-        current.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-    )
-    argv = [*agent_argv(launcher_dir()), "--ready-fd", str(ready_w)]
     env = {**os.environ, "TORPOR_HOME": str(home)}
-
-    def agent() -> None:  # pragma: no cover - the agent's side
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        # Nothing else the caller holds (a test runner's pipe, say) may stay open in a daemon.
-        os.closerange(3, ready_w)
-        os.closerange(ready_w + 1, 1 << 16)
-        os.set_inheritable(ready_w, True)
-        # What the agent creates in the home (agent.pid, its socket) is its owner's only.
-        os.umask(0o077)
-        os.execve(sys.executable, argv, env)
-
-    try:
-        # Detached (not our child, its own session): it outlives us and never becomes a
-        # zombie of a long-lived caller.
-        detached(agent)
-    finally:
-        os.close(ready_w)
-        os.close(log_fd)
-    try:
-        readable, _, _ = select.select([ready_r], [], [], START_TIMEOUT)
-        ready = os.read(ready_r, 64) if readable else b""
-    finally:
-        os.close(ready_r)
-    if ready != b"ready\n":
+    ready = start_daemon(agent_argv(launcher_dir()), env, current.log, timeout=START_TIMEOUT)
+    if not ready:
         now = status()
         if now.running:  # another `agent start` won the race: that agent serves
             return now, False
         raise TorporError(
-            "the agent did not start: " + _last_line(current.log),
+            "the agent did not start: " + last_line(current.log),
             hint=f"see {current.log}",
         )
     return status(), True
@@ -148,11 +117,3 @@ def stop() -> AgentStatus | None:
             )
         time.sleep(0.01)
     return current
-
-
-def _last_line(log: Path) -> str:
-    try:
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        lines = []
-    return lines[-1] if lines else "no detail"

@@ -15,7 +15,6 @@ import errno
 import fcntl
 import json
 import os
-import select
 import signal
 import socket
 import sys
@@ -25,7 +24,8 @@ from pathlib import Path
 
 from .. import _paths
 from .._errors import AlreadyExistsError, PermissionDeniedError, TorporError
-from .._process._proc import ProcRef, detached, holds_unix_socket
+from .._process._daemonize import last_line, start_daemon
+from .._process._proc import ProcRef, holds_unix_socket
 from .._process._proc import start_time as _start_time
 
 LOCK = ".daemon.lock"
@@ -119,45 +119,20 @@ def start(shutdown_timeout: float | None = None) -> tuple[DaemonStatus, bool]:
     of its own) and return once it serves, or the one that already does."""
     d = _dir()
     log_path = d / LOG
-    ready_r, ready_w = os.pipe()
-    log_fd = os.open(
-        log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-    )
-    argv = [sys.executable, "-P", "-m", "torpor", "supervisor", "run", "--ready-fd", str(ready_w)]
+    argv = [sys.executable, "-P", "-m", "torpor", "supervisor", "run"]
     if shutdown_timeout is not None:
         argv += ["--shutdown-timeout", f"{shutdown_timeout}s"]
     env = {**os.environ, "TORPOR_HOME": str(_paths.home())}
     env.pop("TORPOR_AGENT_TRIED", None)
-
-    def daemon() -> None:  # pragma: no cover - the daemon's side
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.closerange(3, ready_w)
-        os.closerange(ready_w + 1, 1 << 16)
-        os.set_inheritable(ready_w, True)
-        os.umask(0o077)
-        os.execve(sys.executable, argv, env)
-
-    try:
-        detached(daemon)
-    finally:
-        os.close(ready_w)
-        os.close(log_fd)
-    try:
-        readable, _, _ = select.select([ready_r], [], [], START_TIMEOUT)
-        ready = os.read(ready_r, 64) if readable else b""
-    finally:
-        os.close(ready_r)
+    ready = start_daemon(argv, env, log_path, timeout=START_TIMEOUT)
     now = status()
-    if ready == b"ready\n" or now.running:
+    if ready or now.running:
         # Another start may have won the race (this one then exited at once): that one serves.
-        if ready != b"ready\n":
+        if not ready:
             _signal(now, signal.SIGHUP)
-        return now, ready == b"ready\n"
+        return now, ready
     raise TorporError(
-        f"the supervisor did not start: {_last_line(log_path)}", hint=f"see {log_path}"
+        f"the supervisor did not start: {last_line(log_path)}", hint=f"see {log_path}"
     )
 
 
@@ -178,14 +153,6 @@ def stop(timeout: float = 120.0) -> DaemonStatus | None:
             )
         time.sleep(0.02)
     return current
-
-
-def _last_line(log: Path) -> str:
-    try:
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        lines = []
-    return lines[-1] if lines else "no detail"
 
 
 def serve(ready_fd: int | None = None, shutdown_timeout: float = 30.0) -> None:
