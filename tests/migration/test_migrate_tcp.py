@@ -1,0 +1,277 @@
+"""Issue 9's acceptance for ``torpor migrate --mode copy`` with a live TCP connection, on a
+real lab and real CRIU: a web app with in-memory state, listening on a service address of host
+a, serves a client in the lab's ``client`` node over ONE keep-alive connection at ~50
+requests/s. Moved to b, the client sees no failed request, the same connection throughout and
+the count going on; the address and the process are on b and gone from a, and no nftables rule
+is left on either host. When the target's agent is killed, or its link cut, in the middle of
+the move, the process runs on a unchanged, its address is still (only) there, and its client
+goes on on the same connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import SCRIPT, Lab
+from .test_migrate_copy import TORPOR, alive, paired, ps, server, torpor, wait_for
+
+pytestmark = pytest.mark.criu
+__all__ = ["paired"]  # the module's fixture, shared with test_migrate_copy
+
+APP_PORT = 8080
+# A web app with in-memory state: each GET answers the count so far and the peer port it sees.
+WEB_APP = """
+import http.server, json, sys
+count = 0
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        global count
+        count += 1
+        body = json.dumps({"count": count, "peer_port": self.client_address[1]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
+"""
+# Its client: one keep-alive connection, a GET every 20 ms until STOP exists; one JSON line per
+# request (or the error that ended it). Nothing is retried: a failure is what the client saw.
+CLIENT = """
+import http.client, json, os, sys, time
+host, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+deadline = time.monotonic() + 20
+while True:
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.connect()
+        break
+    except OSError:
+        assert time.monotonic() < deadline, "the app never listened"
+        time.sleep(0.1)
+print(json.dumps({"local_port": conn.sock.getsockname()[1]}), flush=True)
+while not os.path.exists(stop):
+    t0 = time.monotonic()
+    try:
+        conn.request("GET", "/")
+        body = json.loads(conn.getresponse().read())
+    except Exception as exc:
+        print(json.dumps({"error": repr(exc)}), flush=True)
+        break
+    print(json.dumps({"ms": (time.monotonic() - t0) * 1000, **body}), flush=True)
+    time.sleep(max(0.0, 0.02 - (time.monotonic() - t0)))
+print(json.dumps({"local_port": conn.sock.getsockname()[1]}), flush=True)
+"""
+
+
+def service_address(lab: Lab, n: int) -> str:
+    """The lab's n-th floating address (kept free for services), as ADDR/PREFIX."""
+    net = ipaddress.ip_network(lab.info["subnet"])
+    return f"{net.network_address + 100 + n}/{net.prefixlen}"
+
+
+def addresses(lab: Lab, host: str) -> list[str]:
+    """Every address of ``host`` (``ip -j addr``), as ADDR/PREFIX."""
+    res = lab.exec(host, "ip", "-j", "addr", "show")
+    assert res.returncode == 0, res.stderr
+    links = json.loads(res.stdout)
+    return sorted(f"{a['local']}/{a['prefixlen']}" for link in links for a in link["addr_info"])
+
+
+def ruleset(lab: Lab, host: str) -> str:
+    res = lab.exec(host, "nft", "list", "ruleset")
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+class Client:
+    """:data:`CLIENT` in the lab's client node, started by the test (stopped by a file)."""
+
+    def __init__(self, lab: Lab, address: str, tmp: Path) -> None:
+        self.stop_file = tmp / "stop-client"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "client", "--",
+             sys.executable, "-c", CLIENT, address, str(APP_PORT), str(self.stop_file)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.lines: list[dict[str, Any]] = []
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Stop it; every line it printed."""
+        self.stop_file.touch()
+        out, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err
+        self.lines += [json.loads(line) for line in out.splitlines()]
+        return self.lines
+
+
+@contextlib.contextmanager
+def client(lab: Lab, address: str, tmp: Path) -> Iterator[Client]:
+    c = Client(lab, address, tmp)
+    try:
+        yield c
+    finally:
+        if c.proc.poll() is None:
+            c.stop_file.touch()
+            try:
+                c.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+
+
+def start_web(lab: Lab, name: str, service: str) -> int:
+    """The web app on a as ``name``, on ``service``; its pid."""
+    ip = service.split("/")[0]
+    res = torpor(
+        lab, "a", "run", "--name", name, "--service-address", service, "--",
+        sys.executable, "-c", WEB_APP, ip, str(APP_PORT),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return int(ps(lab, "a", name)["pid"])
+
+
+def answered(c: Client, n: int) -> None:
+    """Wait until the client has had ``n`` more answers (read from its stdout as they come)."""
+    assert c.proc.stdout is not None
+    got = 0
+    while got < n:
+        line = c.proc.stdout.readline()
+        assert line, "the client ended"
+        c.lines.append(json.loads(line))
+        assert "error" not in c.lines[-1], c.lines[-1]
+        got += "count" in c.lines[-1]
+
+
+def check_one_connection(lines: list[dict[str, Any]]) -> list[int]:
+    """What the client saw was one connection, no failure, the count going on by one each
+    time; the counts."""
+    assert [x for x in lines if "error" in x] == []
+    ports = {x["local_port"] for x in lines if "local_port" in x}
+    answers = [x for x in lines if "count" in x]
+    assert len(ports) == 1
+    assert {x["peer_port"] for x in answers} == ports  # the server saw that connection too
+    counts = [x["count"] for x in answers]
+    assert counts == list(range(counts[0], counts[0] + len(counts)))
+    return counts
+
+
+def test_copy_keeps_the_connection_state_and_address(paired: Lab, tmp_path: Path) -> None:
+    lab = paired
+    service = service_address(lab, 1)
+    pid = start_web(lab, "web", service)
+    assert service in addresses(lab, "a")
+    with client(lab, service.split("/")[0], tmp_path) as c, server(lab, "b") as srv:
+        answered(c, 40)  # under load before the move
+        res = torpor(lab, "a", "migrate", "web", "--to", srv.where, "--json")
+        assert res.returncode == 0, res.stderr
+        summary = json.loads(res.stdout)
+        srv.wait_log("torpor-migrate: 'web' migrated from a: ")
+        answered(c, 40)  # and after it
+        lines = c.finish()
+    counts = check_one_connection(lines)
+    assert counts[0] == 1 and len(counts) >= 80  # every answer, from the first one on
+    worst = max(x["ms"] for x in lines if "ms" in x)
+    print(f"client's longest wait {worst:.0f} ms; summary downtime {summary['downtime_ms']} ms")
+    assert (summary["tcp_connections"], summary["addresses"]) == (1, [service])
+    # On b: the process, its address; nothing left on a; no lock left anywhere.
+    there = ps(lab, "b", "web")
+    assert (there["state"], there["pid"], there["migrated_from"]) == (
+        "running",
+        summary["target_pid"],
+        "a",
+    )
+    assert there["service_addresses"] == [service]
+    assert not alive(pid)
+    here = ps(lab, "a", "web")
+    assert (here["state"], here["migrated_to"]) == (f"migrated-to {srv.where}", srv.where)
+    assert service in addresses(lab, "b")
+    assert service not in addresses(lab, "a")
+    assert ruleset(lab, "a") == ""
+    assert ruleset(lab, "b") == ""
+    killed = torpor(lab, "b", "kill", "web")
+    assert killed.returncode == 0, killed.stderr
+
+
+def check_stayed_on_a(lab: Lab, name: str, pid: int, service: str) -> None:
+    assert (ps(lab, "a", name)["state"], ps(lab, "a", name)["pid"]) == ("running", pid)
+    assert ps(lab, "a", name)["migrating"] is None
+    assert ps(lab, "b", name) == {}
+    assert service in addresses(lab, "a")
+    assert service not in addresses(lab, "b")
+    assert ruleset(lab, "a") == ""
+    assert ruleset(lab, "b") == ""
+
+
+def test_target_killed_mid_copy_leaves_it_serving_on_a(paired: Lab, tmp_path: Path) -> None:
+    lab = paired
+    service = service_address(lab, 2)
+    pid = start_web(lab, "held", service)
+    hold = tmp_path / "image-arrived"
+    with (
+        client(lab, service.split("/")[0], tmp_path) as c,
+        server(lab, "b", {"TORPOR_TEST_MIGRATE_HOLD": str(hold)}) as srv,
+    ):
+        answered(c, 20)
+        migrate = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "a", "--",
+             *TORPOR, "migrate", "held", "--to", srv.where],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_for(hold.exists)  # the image is on b; the app is frozen at post-dump
+        assert ps(lab, "a", "held")["state"] == f"migrating to {srv.where}"
+        srv.stop()  # SIGKILL, by the pid this test started
+        _, err = migrate.communicate(timeout=30)
+        assert migrate.returncode == 1, err
+        answered(c, 40)  # the same client, served by a again
+        lines = c.finish()
+    assert err.strip().splitlines()[-1].endswith(f"(the process runs here, unchanged (pid {pid}))")
+    check_one_connection(lines)
+    check_stayed_on_a(lab, "held", pid, service)
+    killed = torpor(lab, "a", "kill", "held")
+    assert killed.returncode == 0, killed.stderr
+
+
+def test_link_cut_mid_copy_leaves_it_serving_on_a(paired: Lab, tmp_path: Path) -> None:
+    lab = paired
+    service = service_address(lab, 3)
+    pid = start_web(lab, "cut", service)
+    hold = tmp_path / "image-arrived"
+    veth = lab.node("b")["veth"]
+    with (
+        client(lab, service.split("/")[0], tmp_path) as c,
+        server(lab, "b", {"TORPOR_TEST_MIGRATE_HOLD": str(hold)}) as srv,
+    ):
+        answered(c, 20)
+        migrate = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "a", "--",
+             *TORPOR, "migrate", "cut", "--to", srv.where, "--timeout", "3"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_for(hold.exists)
+        # b's cable pulled, from the root namespace: a hears nothing more from it.
+        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+        try:
+            _, err = migrate.communicate(timeout=30)
+            assert migrate.returncode == 1, err
+            answered(c, 40)
+            lines = c.finish()
+        finally:
+            subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+        srv.stop()
+    assert err.strip().splitlines()[-1].endswith(f"(the process runs here, unchanged (pid {pid}))")
+    check_one_connection(lines)
+    check_stayed_on_a(lab, "cut", pid, service)
+    killed = torpor(lab, "a", "kill", "cut")
+    assert killed.returncode == 0, killed.stderr
