@@ -1,0 +1,529 @@
+#!/usr/bin/env python3
+"""Migration benchmark (issue 9): ``torpor migrate`` copy / lazy / pool next to bare CRIU doing
+the same steps, side by side in one run, for apps of ``--sizes`` (100 MiB and 1 GiB).
+
+The bench makes its own lab (``scripts/lab-hosts up --hosts 2`` in a temporary directory, taken
+down at the end, always), makes hosts a and b trust each other by certificate (as the migration
+tests do), and starts ``torpor agent run --listen B:7070`` on b. Each migration moves a fresh
+app (``bench/migrate_app.py app``: SIZE bytes of touched incompressible memory, started with
+``torpor run`` on a) from a to b. The variants:
+
+- ``torpor copy``  ``torpor migrate NAME --to B:7070 --mode copy --json`` on a
+- ``torpor lazy``  the same, ``--mode lazy`` (post-copy)
+- ``torpor pool``  the same, ``--mode pool --pool P`` (``--pool``)
+- ``criu copy``    bare CRIU: ``criu dump -t PID -D DIR`` on a, DIR sent to b as a tar stream
+                   over one plain TCP connection, ``criu restore -D DIR -d`` on b
+- ``criu lazy``    ``criu dump --lazy-pages --port P`` on a, the other files sent the same way,
+                   ``criu lazy-pages --page-server --address A --port P`` and ``criu restore
+                   --lazy-pages -d`` on b
+
+A torpor row whose command answers "not built" (or "not served") is reported as such. Bare CRIU
+dumps the very process torpor would (started by ``torpor run``: pid 1 of its own PID
+namespace, session leader, stdio on its log), as ``bench_restore.py``'s bare rows do; its
+receiver on b (``migrate_app.py bare-receive``) is started before the clock starts, as b's
+agent is.
+
+What is measured, by the lab's client node (``migrate_app.py client``):
+
+- **downtime**: the longest gap the client saw between two successive signs of life of the app
+  across the move. ``--client heartbeat`` (default): UDP heartbeats the app sends every ~1 ms
+  (arrival times on the client's clock). ``--client tcp``: answers to a request made every
+  ~5 ms over a new TCP connection, to a's address and then b's (the app's address does not move:
+  lab hosts have addresses of their own and this measures the app's own gap, not a kept
+  connection).
+- **total**: from the start of the first command (``torpor migrate``, or bare ``criu dump``) to
+  the first sign of life from b; **command**: to the end of the last command (for lazy rows:
+  until every page has moved, i.e. the source is free).
+- every copy's memory checksum (``SUM``) equals the original's, and nothing answers from a
+  once b has answered.
+
+Rounds: each size runs ``--rounds`` (default 5 at 100 MiB, 3 at 1 GiB) with the variants in an
+order that rotates each round, after an untimed warm-up of each variant at the smallest size.
+Before each migration the memory it will need is freshly touched (``bench_restore.quiesce``).
+Tables give the median and min-max over the rounds, and torpor copy's per-round ratio to bare
+``criu copy``. Raw samples (JSON), tables and a plot go to ``bench/out/``; ``--publish`` copies
+the plot to ``bench/migrate.png`` and the raw samples to ``bench/runs/``.
+
+Run as root, from the repo or (the code as committed) from an export::
+
+    d=$(mktemp -d) && git archive HEAD src bench scripts | tar -x -C $d
+    git rev-parse --short HEAD >$d/COMMIT
+    PYTHONPATH=$d/src .venv/bin/python $d/bench/bench_migrate.py [--quick] [--publish-dir bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench_restore import alive, criu_binary, kill, machine, parse_size, quiesce
+from migrate_report import VARIANTS, Sample, plot, seen, table, targets
+
+BENCH = Path(__file__).resolve().parent
+OUT = BENCH / "out"
+APP = BENCH / "migrate_app.py"
+LAB_HOSTS = BENCH.parent / "scripts" / "lab-hosts"
+TORPOR = (sys.executable, "-m", "torpor")
+AGENT_PORT, APP_PORT, HB_PORT, RECV_PORT, LAZY_PORT = 7070, 8080, 9090, 7171, 7272
+STEP_TIMEOUT = 600.0
+BASELINE = 0.5  # seconds of heartbeats recorded before and after each move
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# -- the lab ----------------------------------------------------------------------------------
+
+
+class Lab:
+    """A lab of hosts a and b and a client, made by ``scripts/lab-hosts up`` and always taken
+    down (``down`` signals every process in its namespaces, by pid)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        res = self.tool("up", "--dir", str(directory), "--hosts", "2")
+        if res.returncode != 0:
+            self.tool("down", "--dir", str(directory))
+            raise RuntimeError(f"lab-hosts up failed: {res.stderr.strip()}")
+        self.info = json.loads(res.stdout)
+        self.procs: list[subprocess.Popen[str]] = []
+
+    @staticmethod
+    def tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, str(LAB_HOSTS), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+    def address(self, host: str) -> str:
+        if host == "client":
+            return str(self.info["client"]["address"])
+        return str(next(h["address"] for h in self.info["hosts"] if h["name"] == host))
+
+    @property
+    def home(self) -> str:
+        return str(self.info["hosts"][0]["home"])
+
+    def argv(self, host: str, *cmd: str) -> list[str]:
+        return [sys.executable, str(LAB_HOSTS), "exec", "--dir", str(self.dir), host, "--", *cmd]
+
+    def run(self, host: str, *cmd: str, timeout: float = STEP_TIMEOUT) -> str:
+        """``cmd`` on ``host``; its stdout (it must exit 0)."""
+        res = subprocess.run(
+            self.argv(host, *cmd), capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} on {host} failed: {res.stderr.strip()}")
+        return res.stdout
+
+    def start(self, host: str, *cmd: str) -> subprocess.Popen[str]:
+        """``cmd`` on ``host`` in the background, stdio piped (lab-hosts execs it: the pid is
+        the command's)."""
+        proc = subprocess.Popen(
+            self.argv(host, *cmd),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def down(self) -> None:
+        res = self.tool("down", "--dir", str(self.dir))
+        for proc in self.procs:
+            if proc.poll() is None:
+                kill(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=10)
+        if res.returncode != 0:
+            log(f"lab-hosts down: {res.stderr.strip()}")
+
+
+def torpor(lab: Lab, host: str, *args: str) -> str:
+    return lab.run(host, *TORPOR, *args)
+
+
+def trust_each_other(lab: Lab, tmp: Path) -> None:
+    """a and b trust each other's certificate, given out of band (as an admin would)."""
+    for who, of in (("a", "b"), ("b", "a")):
+        pem = tmp / f"{of}.pem"
+        pem.write_text(torpor(lab, of, "identity", "show", "--cert"))
+        torpor(lab, who, "trust", "add", "--cert", str(pem), "--name", of)
+
+
+def start_agent(lab: Lab) -> str:
+    where = f"{lab.address('b')}:{AGENT_PORT}"
+    proc = lab.start("b", *TORPOR, "agent", "run", "--listen", where)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line != f"listening on {where}\n":
+        raise RuntimeError(f"torpor agent run --listen {where}: {line!r}")
+    return where
+
+
+class Client:
+    """``migrate_app.py client`` on the lab's client node, driven over its stdin."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.proc = lab.start(
+            "client", sys.executable, str(APP), "client", lab.address("client"), str(HB_PORT)
+        )
+        if not self.call("")["ready"]:
+            raise RuntimeError("the client did not start")
+
+    def call(self, line: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if line:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        if not reply:
+            raise RuntimeError("the client ended")
+        answer: dict[str, Any] = json.loads(reply)
+        return answer
+
+    def ask(self, address: str, request: str) -> dict[str, Any]:
+        return self.call(f"ask {address} {APP_PORT} {request}")
+
+
+# -- one migration ----------------------------------------------------------------------------
+
+
+def last_line(text: str) -> str:
+    return (text.strip().splitlines() or ["(no output)"])[-1]
+
+
+class NotBuilt(Exception):
+    """The torpor command says this mode is not built (yet)."""
+
+
+class Bench:
+    def __init__(self, lab: Lab, client: Client, agent: str, args: argparse.Namespace) -> None:
+        self.lab, self.client, self.agent, self.args = lab, client, agent, args
+        self.seq = 0
+        self.a, self.b = lab.address("a"), lab.address("b")
+        self.not_built: dict[str, str] = {}
+        self.failures: list[str] = []
+
+    def ps(self, host: str, name: str) -> dict[str, Any]:
+        found = [p for p in json.loads(torpor(self.lab, host, "ps", "--json")) if p["name"] == name]
+        return found[0] if found else {}
+
+    def launch(self, size: int, variant: str) -> tuple[str, str, int]:
+        """A fresh app on a (``torpor run``): its name, token and pid, once it answers."""
+        self.seq += 1
+        name = f"mig-{size >> 20}m-{variant.replace(' ', '-')}-{self.seq}"
+        token = os.urandom(6).hex()
+        client = self.lab.address("client")
+        app = [sys.executable, str(APP), "app", str(size), token, client, str(HB_PORT)]
+        torpor(self.lab, "a", "run", "--name", name, "--", *app, str(APP_PORT))
+        pid = int(self.ps("a", name)["pid"])
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while self.client.ask(self.a, "ASK").get("token") != token:
+            if not alive(pid) or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not come up on a")
+            time.sleep(0.1)
+        return name, token, pid
+
+    def one(self, variant: str, size: int, round_no: int = 0) -> Sample:
+        name, token, pid = self.launch(size, variant)
+        target_pid: int | None = None
+        try:
+            reference = self.client.ask(self.a, "SUM")["answer"]
+            quiesce(2 * size + size // 4 + (64 << 20), Path(tempfile.gettempdir()))
+            if self.args.client == "tcp":
+                self.client.call(f"poll {token} {APP_PORT} {self.a} {self.b}")
+            else:
+                self.client.call(f"watch {token}")
+            time.sleep(BASELINE)
+            t0 = time.monotonic()
+            summary: dict[str, Any] = {}
+            steps: dict[str, float] = {}
+            try:
+                if variant.startswith("torpor"):
+                    summary, done = self.torpor_move(name, variant), time.monotonic()
+                else:
+                    steps, done = self.bare_move(pid, name, variant)
+            finally:
+                time.sleep(BASELINE)
+                arrivals = [(float(t), str(s)) for t, s in self.client.call("stop")["arrivals"]]
+            saw = seen(arrivals, t0, self.a, self.b)
+            target_pid = int(summary.get("target_pid") or steps.get("pid") or 0) or None
+            got = self.client.ask(self.b, "SUM")
+            if (got.get("token"), got.get("answer")) != (token, reference):
+                raise RuntimeError(f"{variant}: the copy on b answered {got}, not {reference}")
+            if alive(pid) or saw.from_source_after:
+                raise RuntimeError(f"{variant}: the original on a lives on (pid {pid})")
+            return Sample(
+                variant,
+                size,
+                round_no,
+                saw.downtime,
+                saw.total,
+                done - t0,
+                saw.baseline_gap,
+                saw.gap_at,
+                summary,
+                steps,
+            )
+        finally:
+            for p in (pid, target_pid):
+                if p is not None and alive(p):
+                    kill(p)
+            if variant.startswith("torpor") and target_pid is None:
+                with contextlib.suppress(RuntimeError, KeyError, ValueError):
+                    there = int(self.ps("b", name)["pid"])
+                    kill(there)
+
+    def torpor_move(self, name: str, variant: str) -> dict[str, Any]:
+        mode = variant.split()[1]
+        cmd = [*TORPOR, "migrate", name, "--to", self.agent, "--mode", mode, "--json"]
+        if mode == "pool":
+            if not self.args.pool:
+                raise NotBuilt("no pool given (--pool P)")
+            cmd += ["--pool", self.args.pool]
+        res = subprocess.run(
+            self.lab.argv("a", *cmd),
+            capture_output=True,
+            text=True,
+            timeout=STEP_TIMEOUT,
+            check=False,
+        )
+        if res.returncode != 0:
+            last = last_line(res.stderr)
+            if "not built" in last or "not served" in last:
+                raise NotBuilt(last)
+            raise RuntimeError(f"torpor migrate --mode {mode}: {last}")
+        summary: dict[str, Any] = json.loads(res.stdout)
+        return summary
+
+    def bare_move(self, pid: int, name: str, variant: str) -> tuple[dict[str, float], float]:
+        """Bare CRIU's steps; their monotonic times, and when the last one ended."""
+        lazy = variant == "criu lazy"
+        images = f"{self.lab.home}/bare-{self.seq}"
+        log_file = f"{self.lab.home}/logs/{name}.log"
+        extra = [self.a, str(LAZY_PORT)] if lazy else []
+        recv = self.lab.start(
+            "b",
+            sys.executable,
+            str(APP),
+            "bare-receive",
+            self.b,
+            str(RECV_PORT),
+            images,
+            log_file,
+            *extra,
+        )
+        assert recv.stdout is not None and recv.stderr is not None
+        if recv.stdout.readline() != "listening\n":
+            raise RuntimeError(f"bare-receive: {recv.communicate()[1].strip()}")
+        extra = [str(LAZY_PORT)] if lazy else []
+        send = self.lab.start(
+            "a",
+            sys.executable,
+            str(APP),
+            "bare-send",
+            str(pid),
+            images,
+            self.b,
+            str(RECV_PORT),
+            *extra,
+        )
+        try:
+            out_s, err_s = send.communicate(timeout=STEP_TIMEOUT)
+            if send.returncode != 0:
+                kill(recv.pid)  # it would wait for the stream for ever
+            out_r, err_r = recv.communicate(timeout=STEP_TIMEOUT)
+            done = time.monotonic()
+            if send.returncode != 0 or recv.returncode != 0:
+                raise RuntimeError(f"{variant}: {last_line(err_s)} / {last_line(err_r)}")
+        except BaseException:
+            for proc in (send, recv):
+                if proc.poll() is None:
+                    kill(proc.pid)
+            for host in ("a", "b"):  # what the drivers left in the hosts' tmpfs homes
+                with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                    self.lab.run(host, "rm", "-rf", images, timeout=60)
+            raise
+        steps: dict[str, float] = {}
+        for line in out_s.splitlines() + out_r.splitlines():
+            steps.update(json.loads(line))
+        return steps, done
+
+    def rounds(self, size: int, reps: int, variants: list[str]) -> list[Sample]:
+        samples: list[Sample] = []
+        for r in range(reps):
+            k = r % len(variants)
+            order = variants[k:] + variants[:k]
+            line = []
+            for v in order:
+                if v in self.not_built:
+                    continue
+                try:
+                    s = self.one(v, size, r)
+                except NotBuilt as exc:
+                    self.not_built[v] = str(exc)
+                    log(f"{v}: not built ({exc})")
+                    continue
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    # A failed migration is a result too: recorded, and the round goes on.
+                    self.failures.append(f"{size >> 20} MiB, round {r + 1}, {v}: {exc}")
+                    log(f"FAILED: {self.failures[-1]}")
+                    continue
+                samples.append(s)
+                line.append(f"{v} {s.downtime * 1000:.0f} ms / {s.total:.2f} s")
+            log(f"{size >> 20} MiB round {r + 1}/{reps}: " + ", ".join(line))
+        return samples
+
+
+def code_state() -> dict[str, str]:
+    exported = BENCH.parent / "COMMIT"
+    if exported.exists():  # a `git archive` of one commit: the code as committed
+        return {"commit": exported.read_text().strip(), "uncommitted": "none (git archive)"}
+    git = ["git", "-C", str(BENCH.parent)]
+    head = subprocess.run(
+        [*git, "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", "src", "bench"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return {"commit": head, "uncommitted": ", ".join(x[3:] for x in dirty.splitlines()) or "none"}
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def interrupts_as_keyboard() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run like Ctrl-C, so the lab is taken down."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="100M,1G", help="app memory sizes (default 100M,1G)")
+    p.add_argument("--rounds", default="5,3", help="rounds per size, one or one per size")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    p.add_argument(
+        "--client",
+        choices=("heartbeat", "tcp"),
+        default="heartbeat",
+        help="how the client sees the app: UDP heartbeats or TCP answers",
+    )
+    p.add_argument("--pool", help="the shared pool for torpor pool (configured on both hosts)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 round of 64 MiB")
+    p.add_argument("--publish-dir", type=Path, help="copy the plot and raw samples there")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.rounds, args.no_warmup = "64M", "1", True
+    args.size_list = [parse_size(z) for z in args.sizes.split(",") if z.strip()]
+    reps = [int(r) for r in str(args.rounds).split(",") if r.strip()]
+    if len(reps) not in (1, len(args.size_list)):
+        p.error("--rounds: one number, or one per size")
+    args.reps = reps * len(args.size_list) if len(reps) == 1 else reps
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(args.variant_list) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    if os.geteuid() != 0:
+        print("bench_migrate: needs root (CRIU, namespaces)", file=sys.stderr)
+        return 2
+    os.environ["CRIU"] = criu_binary()
+    OUT.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    info = machine() | code_state() | {"client": args.client}
+    log(f"machine: {info}")
+    samples: list[Sample] = []
+    bench = None
+    tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-migrate-"))
+    with interrupts_as_keyboard():
+        lab = Lab(tmp / "lab")
+        try:
+            trust_each_other(lab, tmp)
+            bench = Bench(lab, Client(lab), start_agent(lab), args)
+            if not args.no_warmup:
+                for v in args.variant_list:
+                    with contextlib.suppress(NotBuilt):
+                        bench.one(v, min(args.size_list))
+                log("warm-up done")
+            for size, reps in zip(args.size_list, args.reps, strict=True):
+                samples += bench.rounds(size, reps, args.variant_list)
+        except KeyboardInterrupt:
+            log("interrupted: taking the lab down")
+            return 130
+        except Exception:  # report what was measured before it
+            import traceback
+
+            info["failed"] = traceback.format_exc().strip().splitlines()[-1]
+            log(f"the run failed, reporting what it measured:\n{traceback.format_exc()}")
+        finally:
+            lab.down()
+            shutil.rmtree(tmp, ignore_errors=True)
+    not_built = bench.not_built if bench else {}
+    sizes = [z for z in args.size_list if any(s.size == z for s in samples)]
+    failures = bench.failures if bench else []
+    text = "\n\n".join(
+        ["Machine: " + "; ".join(f"{k}: {v}" for k, v in info.items())]
+        + [table(z, samples, not_built) for z in sizes]
+        + ([targets(samples, sizes)] if sizes else [])
+        + (
+            ["Failed migrations (not in the figures):\n\n" + "\n".join(f"- {f}" for f in failures)]
+            if failures
+            else []
+        )
+    )
+    print(text)
+    raw = {
+        "machine": info,
+        "args": sys.argv[1:],
+        "not_built": not_built,
+        "failures": failures,
+        "samples": [s.__dict__ for s in samples],
+    }
+    (OUT / f"migrate-{stamp}.md").write_text(text + "\n")
+    (OUT / f"migrate-{stamp}.json").write_text(json.dumps(raw, indent=2))
+    png = OUT / f"migrate-{stamp}.png"
+    if sizes:
+        plot(samples, sizes, png)
+    log(f"wrote {OUT}/migrate-{stamp}.{{md,json,png}}")
+    if args.publish_dir:
+        (args.publish_dir / "runs").mkdir(exist_ok=True)
+        shutil.copyfile(
+            OUT / f"migrate-{stamp}.json", args.publish_dir / "runs" / f"migrate-{stamp}.json"
+        )
+        if png.exists():
+            shutil.copyfile(png, args.publish_dir / "migrate.png")
+    return 1 if "failed" in info else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""The pure parts of ``bench_migrate.py``: what the client saw, the samples, the tables, the
+targets and the plot (unit-tested in ``tests/unit/test_bench_migrate.py``)."""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("torpor copy", "torpor lazy", "torpor pool", "criu copy", "criu lazy")
+BARE = "criu copy"
+LAZY_TARGET = 0.150  # seconds of downtime at the biggest size (issue 9)
+COPY_TARGET = 1.1  # torpor copy over bare CRIU copy
+
+# -- what the client saw (pure: unit-tested) --------------------------------------------------
+
+
+@dataclass
+class Seen:
+    """What one migration looked like from the client."""
+
+    downtime: float  # longest gap between successive signs of life, from t0 - BASELINE on
+    gap_at: float  # seconds after t0 where that gap began
+    total: float  # t0 to the first sign of life from the target
+    baseline_gap: float  # longest gap before t0 (the machine's own noise)
+    from_source_after: int  # signs of life from the source after the target's first
+    count: int
+
+
+def seen(arrivals: list[tuple[float, str]], t0: float, source: str, target: str) -> Seen:
+    """Summarise ``arrivals`` ((time, sender), in order) around a move that began at ``t0``."""
+    times = [t for t, _ in arrivals]
+    before = [t for t in times if t < t0]
+    firsts = [t for t, s in arrivals if s == target and t >= t0]
+    if len(before) < 2 or not firsts:
+        raise RuntimeError(
+            f"the client saw {len(before)} signs of life before the move and "
+            f"{len(firsts)} from {target} after it"
+        )
+    first = firsts[0]
+    gaps = [(b - a, a) for a, b in itertools.pairwise(times) if b >= t0]
+    worst, at = max(gaps) if gaps else (0.0, t0)
+    base = max(b - a for a, b in itertools.pairwise(before))
+    late = sum(1 for t, s in arrivals if s == source and t > first)
+    return Seen(worst, at - t0, first - t0, base, late, len(arrivals))
+
+
+@dataclass
+class Sample:
+    """One migration: what the client saw, the commands' times, and torpor's own summary."""
+
+    variant: str
+    size: int
+    round: int
+    downtime: float
+    total: float
+    command: float
+    baseline_gap: float
+    gap_at: float
+    summary: dict[str, Any] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def spread(xs: list[float], scale: float = 1.0, digits: int = 0) -> str:
+    return (
+        f"{statistics.median(xs) * scale:.{digits}f} "
+        f"[{min(xs) * scale:.{digits}f}, {max(xs) * scale:.{digits}f}]"
+    )
+
+
+def ratios(samples: list[Sample], variant: str, attr: str) -> list[float]:
+    """Per-round ratios ``variant / criu copy`` of ``attr``: only rounds (of one size) where
+    both ran, each paired with its own round's bare run (slow spells of the machine hit both)."""
+    bare = {(s.size, s.round): getattr(s, attr) for s in samples if s.variant == BARE}
+    return [
+        getattr(s, attr) / bare[s.size, s.round]
+        for s in samples
+        if s.variant == variant and bare.get((s.size, s.round), 0) > 0
+    ]
+
+
+def table(size: int, samples: list[Sample], not_built: dict[str, str]) -> str:
+    rows = [
+        f"**{size >> 20} MiB app** — median [min, max] over the rounds:",
+        "",
+        "| variant | runs | downtime ms (client) | total s (to b answering) | command s "
+        "| torpor's downtime_ms | torpor's total_ms | image MB | vs criu copy: downtime, total |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v in VARIANTS:
+        ss = [s for s in samples if s.variant == v and s.size == size]
+        if not ss:
+            why = f"not built: `{not_built[v]}`" if v in not_built else "not run"
+            rows.append(f"| {v} | 0 | {why} | | | | | | |")
+            continue
+        own = [float(s.summary["downtime_ms"]) for s in ss if "downtime_ms" in s.summary]
+        tot = [float(s.summary["total_ms"]) for s in ss if "total_ms" in s.summary]
+        mb = [float(s.summary.get("bytes") or s.steps.get("bytes") or 0) / 1e6 for s in ss]
+        vs = "—"
+        if v != BARE:
+            rd, rt = ratios(samples, v, "downtime"), ratios(samples, v, "total")
+            if rd and rt:
+                vs = f"{statistics.median(rd):.2f}x, {statistics.median(rt):.2f}x"
+        rows.append(
+            f"| {v} | {len(ss)} | {spread([s.downtime for s in ss], 1000)} "
+            f"| {spread([s.total for s in ss], digits=2)} "
+            f"| {spread([s.command for s in ss], digits=2)} "
+            f"| {spread(own) if own else '—'} | {spread(tot) if tot else '—'} "
+            f"| {statistics.median(mb):.0f} | {vs} |"
+        )
+    base = [s.baseline_gap for s in samples if s.size == size]
+    rows += [
+        "",
+        f"Longest gap before the moves (the machine's own noise): {spread(base, 1000)} ms.",
+    ]
+    return "\n".join(rows)
+
+
+def targets(samples: list[Sample], sizes: list[int]) -> str:
+    lines = []
+    big = max(sizes)
+    lazy = [s.downtime for s in samples if s.variant == "torpor lazy" and s.size == big]
+    if lazy:
+        m = statistics.median(lazy)
+        ok = "met" if m <= LAZY_TARGET else "NOT met"
+        lines.append(f"- lazy downtime ≤ 150 ms at {big >> 20} MiB: {m * 1000:.0f} ms — **{ok}**")
+    else:
+        lines.append(f"- lazy downtime ≤ 150 ms at {big >> 20} MiB: no `torpor lazy` runs")
+    for z in sizes:
+        sub = [s for s in samples if s.size == z]
+        for attr in ("downtime", "total"):
+            r = ratios(sub, "torpor copy", attr)
+            if r:
+                m = statistics.median(r)
+                ok = "met" if m <= COPY_TARGET else "NOT met"
+                lines.append(
+                    f"- copy ≤ 1.1x bare CRIU, {attr}, {z >> 20} MiB: {m:.2f}x (per-round "
+                    f"ratios {min(r):.2f}-{max(r):.2f}, {len(r)} rounds) — **{ok}**"
+                )
+    return "Targets:\n\n" + "\n".join(lines)
+
+
+def plot(samples: list[Sample], sizes: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [v for v in VARIANTS if any(s.variant == v for s in samples)]
+    colors = dict(
+        zip(VARIANTS, ("#1f77b4", "#2ca02c", "#9467bd", "#d62728", "#ff9896"), strict=True)
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    width = 0.8 / max(len(present), 1)
+    panels = (
+        (axes[0], "downtime", "downtime, ms (client's longest gap)"),
+        (axes[1], "total", "total, s (command start → b answering)"),
+    )
+    for ax, attr, label in panels:
+        scale = 1000 if attr == "downtime" else 1
+        for j, v in enumerate(present):
+            for i, z in enumerate(sizes):
+                xs = [getattr(s, attr) * scale for s in samples if s.variant == v and s.size == z]
+                if not xs:
+                    continue
+                x = i + (j - (len(present) - 1) / 2) * width
+                ax.bar(
+                    x, statistics.median(xs), width, color=colors[v], label=v if i == 0 else None
+                )
+                ax.plot([x] * len(xs), xs, "k.", ms=3, alpha=0.6)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(sizes)), [f"{z >> 20} MiB" for z in sizes])
+        ax.set_ylabel(label + " (log)")
+        ax.legend(fontsize=8)
+    if any(s.variant == "torpor lazy" for s in samples):
+        axes[0].axhline(150, color="#2ca02c", ls="--", lw=1)
+    fig.suptitle("torpor migrate vs bare CRIU (bars: medians, dots: rounds)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
