@@ -134,7 +134,7 @@ class Progress:
 
     def __call__(self, n: int) -> None:
         self.done += n
-        if self.say is None or self.done < self.next:
+        if self.say is None or self.done < min(self.next, self.total):
             return
         self.next = self.done + max(1, self.total // 10)
         pct = 100 * self.done // max(1, self.total)
