@@ -422,6 +422,6 @@ def _read_warm(pool: Pool, image: PoolLazyImage) -> list[Range]:
         return []
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json recurses
         return []
     return _warm.check(image, data)

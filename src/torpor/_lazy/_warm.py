@@ -77,7 +77,7 @@ def load(image: Image) -> list[Range]:
         with _safe.opened_dir(d) as fd:
             raw = _safe.read_regular(fd, name, source=str(d), limit=_MAX_FILE)
         data = json.loads(raw)
-    except (OSError, ValueError, TorporError):
+    except (OSError, ValueError, RecursionError, TorporError):
         return []
     return check(image, data)
 
