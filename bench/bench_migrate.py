@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -64,6 +65,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -208,11 +210,25 @@ class NotBuilt(Exception):
     """The torpor command says this mode is not built (yet)."""
 
 
+@dataclass
+class Run:
+    """One app on a, about to move."""
+
+    name: str
+    token: str
+    pid: int
+    service: str | None  # its service address (ADDR/PREFIX), or None (heartbeat mode)
+    at: str  # where it answers: the service address, or a's
+
+
 class Bench:
     def __init__(self, lab: Lab, client: Client, agent: str, args: argparse.Namespace) -> None:
         self.lab, self.client, self.agent, self.args = lab, client, agent, args
         self.seq = 0
         self.a, self.b = lab.address("a"), lab.address("b")
+        self.by_ip = {self.a: "a", self.b: "b"}
+        self.by_net = {int(lab.run(h, "stat", "-L", "-c", "%i", "/proc/self/ns/net")): h
+                       for h in ("a", "b")}  # fmt: skip
         self.not_built: dict[str, str] = {}
         self.failures: list[str] = []
 
@@ -220,71 +236,79 @@ class Bench:
         found = [p for p in json.loads(torpor(self.lab, host, "ps", "--json")) if p["name"] == name]
         return found[0] if found else {}
 
-    def launch(self, size: int, variant: str) -> tuple[str, str, int]:
-        """A fresh app on a (``torpor run``): its name, token and pid, once it answers."""
+    def launch(self, size: int, variant: str) -> Run:
+        """A fresh app on a (``torpor run``, on a service address of its own in service
+        mode), once it answers."""
         self.seq += 1
         name = f"mig-{size >> 20}m-{variant.replace(' ', '-')}-{self.seq}"
         token = os.urandom(6).hex()
+        service, bind, extra = None, "0.0.0.0", []
+        if self.args.client == "service":
+            net = ipaddress.ip_network(self.lab.info["subnet"])
+            service = f"{net.network_address + 100 + self.seq % 100}/{net.prefixlen}"
+            bind, extra = service.split("/")[0], ["--service-address", service]
         client = self.lab.address("client")
-        app = [sys.executable, str(APP), "app", str(size), token, client, str(HB_PORT)]
-        torpor(self.lab, "a", "run", "--name", name, "--", *app, str(APP_PORT))
-        pid = int(self.ps("a", name)["pid"])
+        app = [sys.executable, str(APP), "app", str(size), token, client, str(HB_PORT), bind]
+        torpor(self.lab, "a", "run", "--name", name, *extra, "--", *app, str(APP_PORT))
+        run = Run(name, token, int(self.ps("a", name)["pid"]), service, bind)
+        if service is None:
+            run.at = self.a
         deadline = time.monotonic() + STEP_TIMEOUT
-        while self.client.ask(self.a, "ASK").get("token") != token:
-            if not alive(pid) or time.monotonic() > deadline:
+        while self.client.ask(run.at, "ASK").get("token") != token:
+            if not alive(run.pid) or time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not come up on a")
             time.sleep(0.1)
-        return name, token, pid
+        return run
 
     def one(self, variant: str, size: int, round_no: int = 0) -> Sample:
-        name, token, pid = self.launch(size, variant)
+        run = self.launch(size, variant)
         target_pid: int | None = None
         try:
-            reference = self.client.ask(self.a, "SUM")["answer"]
+            reference = self.client.ask(run.at, "SUM")["answer"]
             quiesce(2 * size + size // 4 + (64 << 20), Path(tempfile.gettempdir()))
-            if self.args.client == "tcp":
-                self.client.call(f"poll {token} {APP_PORT} {self.a} {self.b}")
-            else:
-                self.client.call(f"watch {token}")
+            self.client.call(f"watch {run.token}")
+            if run.service:
+                self.client.call(f"keep {run.token} {run.at} {APP_PORT}")
             time.sleep(BASELINE)
             t0 = time.monotonic()
             summary: dict[str, Any] = {}
             steps: dict[str, float] = {}
             try:
                 if variant.startswith("torpor"):
-                    summary, done = self.torpor_move(name, variant), time.monotonic()
+                    summary, done = self.torpor_move(run.name, variant), time.monotonic()
                 else:
-                    steps, done = self.bare_move(pid, name, variant)
+                    steps, done = self.bare_move(run, variant)
             finally:
                 time.sleep(BASELINE)
-                arrivals = [(float(t), str(s)) for t, s in self.client.call("stop")["arrivals"]]
-            saw = seen(arrivals, t0, self.a, self.b)
+                got = self.client.call("stop")
             target_pid = int(summary.get("target_pid") or steps.get("pid") or 0) or None
-            got = self.client.ask(self.b, "SUM")
-            if (got.get("token"), got.get("answer")) != (token, reference):
-                raise RuntimeError(f"{variant}: the copy on b answered {got}, not {reference}")
-            if alive(pid) or saw.from_source_after:
-                raise RuntimeError(f"{variant}: the original on a lives on (pid {pid})")
+            beats = [(float(t), self.by_ip.get(str(ip), str(ip))) for t, ip in got["beats"]]
+            hb = seen(beats, t0, "a", "b")
+            saw = hb
+            if run.service:
+                answers = [(float(t), self.by_net.get(int(n), str(n))) for t, n in got["answers"]]
+                saw = seen(answers, t0, "a", "b")
+            check = self.client.ask(run.at if run.service else self.b, "SUM")
+            if (check.get("token"), check.get("answer")) != (run.token, reference):
+                raise RuntimeError(f"{variant}: the copy on b answered {check}, not {reference}")
+            if alive(run.pid) or saw.from_source_after or hb.from_source_after:
+                raise RuntimeError(f"{variant}: the original on a lives on (pid {run.pid})")
             return Sample(
-                variant,
-                size,
-                round_no,
-                saw.downtime,
-                saw.total,
-                done - t0,
-                saw.baseline_gap,
-                saw.gap_at,
-                summary,
-                steps,
-            )
+                variant, size, round_no, saw.downtime, saw.total, done - t0, saw.baseline_gap,
+                saw.gap_at, summary, steps, heartbeat_gap=hb.downtime,
+                connections=int(got["connections"]), errors=list(got["errors"]),
+            )  # fmt: skip
         finally:
-            for p in (pid, target_pid):
+            for p in (run.pid, target_pid):
                 if p is not None and alive(p):
                     kill(p)
             if variant.startswith("torpor") and target_pid is None:
                 with contextlib.suppress(RuntimeError, KeyError, ValueError):
-                    there = int(self.ps("b", name)["pid"])
-                    kill(there)
+                    kill(int(self.ps("b", run.name)["pid"]))
+            if run.service:
+                for host in ("a", "b"):  # the address and CRIU's lock tables, wherever they are
+                    with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                        self.lab.run(host, sys.executable, str(APP), "cleanup", run.service)
 
     def torpor_move(self, name: str, variant: str) -> dict[str, Any]:
         mode = variant.split()[1]
@@ -294,52 +318,32 @@ class Bench:
                 raise NotBuilt("no pool given (--pool P)")
             cmd += ["--pool", self.args.pool]
         res = subprocess.run(
-            self.lab.argv("a", *cmd),
-            capture_output=True,
-            text=True,
-            timeout=STEP_TIMEOUT,
+            self.lab.argv("a", *cmd), capture_output=True, text=True, timeout=STEP_TIMEOUT,
             check=False,
-        )
+        )  # fmt: skip
         if res.returncode != 0:
             last = last_line(res.stderr)
-            if "not built" in last or "not served" in last:
+            if any(w in last for w in ("not built", "not served", "does not move yet")):
                 raise NotBuilt(last)
             raise RuntimeError(f"torpor migrate --mode {mode}: {last}")
         summary: dict[str, Any] = json.loads(res.stdout)
         return summary
 
-    def bare_move(self, pid: int, name: str, variant: str) -> tuple[dict[str, float], float]:
+    def bare_move(self, run: Run, variant: str) -> tuple[dict[str, float], float]:
         """Bare CRIU's steps; their monotonic times, and when the last one ended."""
         lazy = variant == "criu lazy"
         images = f"{self.lab.home}/bare-{self.seq}"
-        log_file = f"{self.lab.home}/logs/{name}.log"
-        extra = [self.a, str(LAZY_PORT)] if lazy else []
-        recv = self.lab.start(
-            "b",
-            sys.executable,
-            str(APP),
-            "bare-receive",
-            self.b,
-            str(RECV_PORT),
-            images,
-            log_file,
-            *extra,
-        )
+        log_file = f"{self.lab.home}/logs/{run.name}.log"
+        service = ["--service", run.service] if run.service else []
+        extra = [*service, *(["--lazy-from", f"{self.a}:{LAZY_PORT}"] if lazy else [])]
+        recv = self.lab.start("b", sys.executable, str(APP), "bare-receive", self.b,
+                              str(RECV_PORT), images, log_file, *extra)  # fmt: skip
         assert recv.stdout is not None and recv.stderr is not None
         if recv.stdout.readline() != "listening\n":
             raise RuntimeError(f"bare-receive: {recv.communicate()[1].strip()}")
-        extra = [str(LAZY_PORT)] if lazy else []
-        send = self.lab.start(
-            "a",
-            sys.executable,
-            str(APP),
-            "bare-send",
-            str(pid),
-            images,
-            self.b,
-            str(RECV_PORT),
-            *extra,
-        )
+        extra = [*service, *(["--lazy-port", str(LAZY_PORT)] if lazy else [])]
+        send = self.lab.start("a", sys.executable, str(APP), "bare-send", str(run.pid), images,
+                              self.b, str(RECV_PORT), *extra)  # fmt: skip
         try:
             out_s, err_s = send.communicate(timeout=STEP_TIMEOUT)
             if send.returncode != 0:
@@ -429,9 +433,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     p.add_argument(
         "--client",
-        choices=("heartbeat", "tcp"),
-        default="heartbeat",
-        help="how the client sees the app: UDP heartbeats or TCP answers",
+        choices=("service", "heartbeat"),
+        default="service",
+        help="how the client sees the app: answers on one kept TCP connection to a service "
+        "address that moves with it (default), or its UDP heartbeats only",
     )
     p.add_argument("--pool", help="the shared pool for torpor pool (configured on both hosts)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")

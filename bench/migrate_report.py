@@ -61,6 +61,9 @@ class Sample:
     gap_at: float
     summary: dict[str, Any] = field(default_factory=dict)
     steps: dict[str, float] = field(default_factory=dict)
+    heartbeat_gap: float | None = None  # the longest gap between the app's UDP heartbeats
+    connections: int = 0  # TCP connections the client made (1: its connection was kept)
+    errors: list[str] = field(default_factory=list)  # what broke the client's connection
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -85,35 +88,41 @@ def ratios(samples: list[Sample], variant: str, attr: str) -> list[float]:
 
 
 def table(size: int, samples: list[Sample], not_built: dict[str, str]) -> str:
+    """One size's rows, every variant (those that did not run say why)."""
+    mine = [s for s in samples if s.size == size]
     rows = [
         f"**{size >> 20} MiB app** — median [min, max] over the rounds:",
         "",
-        "| variant | runs | downtime ms (client) | total s (to b answering) | command s "
-        "| torpor's downtime_ms | torpor's total_ms | image MB | vs criu copy: downtime, total |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | runs | downtime ms (client) | app heartbeat gap ms | total s (to b answering) "
+        "| command s | torpor's downtime_ms | torpor's total_ms | MB sent | connection kept "
+        "| vs criu copy (paired): downtime, total |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v in VARIANTS:
-        ss = [s for s in samples if s.variant == v and s.size == size]
+        ss = [s for s in mine if s.variant == v]
         if not ss:
             why = f"not built: `{not_built[v]}`" if v in not_built else "not run"
-            rows.append(f"| {v} | 0 | {why} | | | | | | |")
+            rows.append(f"| {v} | 0 | {why} | | | | | | | | |")
             continue
         own = [float(s.summary["downtime_ms"]) for s in ss if "downtime_ms" in s.summary]
         tot = [float(s.summary["total_ms"]) for s in ss if "total_ms" in s.summary]
         mb = [float(s.summary.get("bytes") or s.steps.get("bytes") or 0) / 1e6 for s in ss]
+        hb = [s.heartbeat_gap for s in ss if s.heartbeat_gap is not None]
+        kept = sum(1 for s in ss if s.connections == 1 and not s.errors)
         vs = "—"
         if v != BARE:
-            rd, rt = ratios(samples, v, "downtime"), ratios(samples, v, "total")
+            rd, rt = ratios(mine, v, "downtime"), ratios(mine, v, "total")
             if rd and rt:
                 vs = f"{statistics.median(rd):.2f}x, {statistics.median(rt):.2f}x"
         rows.append(
             f"| {v} | {len(ss)} | {spread([s.downtime for s in ss], 1000)} "
+            f"| {spread(hb, 1000) if hb else '—'} "
             f"| {spread([s.total for s in ss], digits=2)} "
             f"| {spread([s.command for s in ss], digits=2)} "
             f"| {spread(own) if own else '—'} | {spread(tot) if tot else '—'} "
-            f"| {statistics.median(mb):.0f} | {vs} |"
+            f"| {statistics.median(mb):.0f} | {kept}/{len(ss)} | {vs} |"
         )
-    base = [s.baseline_gap for s in samples if s.size == size]
+    base = [s.baseline_gap for s in mine]
     rows += [
         "",
         f"Longest gap before the moves (the machine's own noise): {spread(base, 1000)} ms.",

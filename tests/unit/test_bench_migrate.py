@@ -86,7 +86,9 @@ def test_a_variant_that_is_not_built_gets_a_row_saying_so() -> None:
         "| torpor lazy | 0 | not built: `torpor: error: --mode lazy is not built`"
     )
     assert rows["| torpor pool"].startswith("| torpor pool | 0 | not run")
-    assert rows["| criu copy"].startswith("| criu copy | 1 | 1000 [1000, 1000] | 2.00 [2.00, 2.00]")
+    assert rows["| criu copy"].startswith(
+        "| criu copy | 1 | 1000 [1000, 1000] | — | 2.00 [2.00, 2.00]"
+    )
 
 
 def test_rounds_per_size_and_quick_mode() -> None:
