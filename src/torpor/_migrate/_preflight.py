@@ -20,7 +20,11 @@ Checked on the target:
   appending, as logs are); their working directories exist as directories. The files torpor
   itself replaces at restore (the root's stdout/stderr log, given anew through CRIU's
   ``inherit_fd``) are left out. Deleted files are left out too: CRIU carries them in the image;
-- (later) its addresses can be brought up there: see :func:`_address_problems`.
+- mode ``pool``: a pool configured here is the source's pool, and can be read
+  (:func:`torpor._migrate._viapool.local_pool`).
+
+The service addresses that move with the process are checked by the server right after these
+(``_address.problems``, in :mod:`._serve`): they can be brought up there, none is in use.
 
 Test-only hooks on the source (documented in docs/migration.md's pre-flight section):
 ``TORPOR_TEST_MIGRATE_CPUINFO=PATH`` sends the ``cpuinfo.img`` at PATH instead of this CPU's (a
@@ -247,7 +251,10 @@ def problems(msg: Mapping[str, Any], *, where: str) -> list[str]:
     out += _room_problems(rss, where)
     out += _cpu_problems(msg.get("cpuinfo"), where)
     out += _file_problems(msg.get("files"), where)
-    out += _address_problems(msg, where)
+    if mode == "pool":
+        from ._viapool import pool_problems  # here: _viapool builds on this module
+
+        out += pool_problems(msg.get("pool"), where=where)
     return out
 
 
@@ -355,14 +362,3 @@ def _file_problem(
             "(CRIU refuses a file whose size changed)"
         )
     return None
-
-
-def _address_problems(msg: Mapping[str, Any], where: str) -> list[str]:
-    """Whether the process's addresses can be brought up here.
-
-    TODO(issue 9, H1's ``_migrate/_address.py``): call the check the "Address API" section of
-    notes/migrate-contract.md publishes, with the addresses the source sends, once it exists.
-    Until then nothing is checked and ``msg`` carries no addresses.
-    """
-    del msg, where
-    return []

@@ -1,15 +1,124 @@
-"""``torpor migrate --mode pool``: migration through a shared pool (issue 9). Not built yet."""
+"""``torpor migrate NAME --to HOST:PORT --mode pool --pool P``: migration through a shared pool.
+
+The image does not go over the channel: the source pushes it into a pool both hosts reach (a
+Ceph cluster, an S3 bucket, a directory both mount), the target restores it from there. The
+channel carries the pre-flight, the name of the record and the image's file hashes, and the
+verdict. The order, and why the process is never lost (as in copy mode, :mod:`._copy`):
+
+1. Pre-flight (:mod:`._preflight`) with the pool's *identity*: its driver and the SHA-256 of
+   its ``torpor-pool.json`` (written once, when the pool was first opened: its format and the
+   time to the microsecond). The target looks among the pools configured there for one whose
+   marker is the same bytes (:func:`local_pool`); it must be able to open and read it. No such
+   pool, or one it cannot reach, is a refusal: nothing was frozen.
+2. Dump, the tree held frozen at CRIU's ``post-dump``. While CRIU waits, the dump is sealed as
+   an image (manifest, signed with this host's key) and pushed into the pool under a record
+   name of its own (``NAME.migrate-<random>``): only the chunks the pool lacks are stored, so
+   the memory a previous checkpoint of the same program left there is not sent again.
+3. The target is told the record and every file's SHA-256; it pulls the image (every chunk
+   and file verified, as any pull) and restores only if the files are the ones the source
+   sealed (a pool others can write to cannot slip in another image), under the same name.
+4. Only when the target reports ``running`` does CRIU kill the original; anything else (the
+   push fails, the pull or restore fails, the link is cut, no answer in time) and CRIU thaws
+   it. The record is deleted from the pool either way (its chunks go at the next
+   ``torpor pool gc``), and the target's pulled copy with it: it was only in transit.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import os
+import re
+import shutil
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .._engine import DUMP_LOG, criu_version
 from .._errors import TorporError
+from .._images import _manifest
+from .._images._image import Image, seal
+from .._process import _locks, _registry
+from .._process._proc import facts
+from .._safe import open_dir
+from . import _address, _preflight
+from ._channel import ChannelError, connect
+from ._copy import (
+    DEFAULT_TIMEOUT,
+    MAX_FILES,
+    MigrationError,
+    MigrationRefusedError,
+    Progress,
+    _Move,
+)
 
 if TYPE_CHECKING:
+    from .._pools import Pool
     from ._copy import Summary
     from ._serve import _Incoming
+
+MAX_POOLS = 16  # configured pools a target opens to find the source's
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+# -- the pool's identity -------------------------------------------------------------------------
+
+
+def identity(pool: Pool, driver: str) -> dict[str, str]:
+    """What names ``pool`` on every host that reaches it: its driver and the SHA-256 of its
+    format marker (the bytes torpor wrote there once, when the pool was first opened)."""
+    from .._pools._reader import META_KEY
+
+    return {
+        "name": pool.name,
+        "driver": driver,
+        "marker": hashlib.sha256(pool.backend.get(META_KEY)).hexdigest(),
+    }
+
+
+def local_pool(ident: object, *, where: str) -> tuple[str | None, list[str]]:
+    """The pool configured here that is the source's pool ``ident`` (as the peer sent it),
+    and the problems met: (name, []) when found, (None, [why]) when not."""
+    from .._pools import list_configs, open_pool
+
+    if not isinstance(ident, dict) or set(ident) != {"name", "driver", "marker"}:
+        return None, ["the pre-flight message does not say which pool the image goes through"]
+    name, driver, marker = ident["name"], ident["driver"], ident["marker"]
+    if not (isinstance(name, str) and isinstance(driver, str) and isinstance(marker, str)):
+        return None, ["the pre-flight message names its pool badly"]
+    if not _HEX64.fullmatch(marker) or len(name) > 64 or len(driver) > 16:
+        return None, ["the pre-flight message names its pool badly"]
+    shown = f"{name!r} ({driver})"
+    try:
+        configs = [c for c in list_configs() if c.driver == driver]
+    except (OSError, TorporError) as exc:
+        return None, [f"the pools of {where} cannot be listed: {_why(exc)}"]
+    # The one of the same name first: usually the hosts call the shared pool alike.
+    configs.sort(key=lambda c: c.name != name)
+    unreachable: list[str] = []
+    for cfg in configs[:MAX_POOLS]:
+        try:
+            with open_pool(cfg.name) as pool:
+                if identity(pool, driver)["marker"] == marker:
+                    return cfg.name, []
+        except (OSError, TorporError, KeyError) as exc:
+            unreachable.append(f"pool {cfg.name!r} there cannot be read: {_why(exc)}")
+    found = f"no pool configured on {where} is the source's pool {shown}"
+    if unreachable:
+        found += f" ({'; '.join(unreachable)})"
+    return None, [f"{found}: configure it there (torpor pool create) where it can be read"]
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TorporError):
+        return exc.msg
+    if isinstance(exc, OSError):
+        return str(exc.strerror or exc)
+    return repr(exc)
+
+
+# -- the source ----------------------------------------------------------------------------------
 
 
 def migrate_pool(
@@ -17,15 +126,200 @@ def migrate_pool(
     host: str,
     port: int,
     *,
-    timeout: float,
-    tcp_established: bool,
+    timeout: float = DEFAULT_TIMEOUT,
+    tcp_established: bool = False,
     pool: str,
     say: Callable[[str], None] | None = None,
 ) -> Summary:
-    """The source's side of a pool migration."""
-    raise TorporError("--mode pool is not built yet", hint="use --mode copy")
+    """Move the managed process ``name`` to the torpor at ``host:port`` through ``pool`` (see
+    the module docstring); its :class:`~._copy.Summary` (``bytes``: the image's size;
+    ``transfer_ms``: from the freeze until the image was in the pool).
+    :class:`~._copy.MigrationRefusedError` if pre-flight failed, :class:`~._copy.MigrationError`
+    if anything else did: the process then runs here, unchanged."""
+    from .._pools import load_config, open_pool
+
+    started = time.monotonic()
+    rec = _registry.load(name)
+    _registry.check_live(rec)
+    ref = rec.ref
+    where = f"{host}:{port}"
+    moving = _address.parse_all(rec.service_addresses)
+    conns = _address.connections(ref.pid)
+    stuck = _address.unmoved(conns, moving)
+    if stuck:
+        raise MigrationError(
+            f"{name} holds TCP connections on addresses that stay here ({stuck[0]}): they "
+            f"cannot survive the move (nothing was frozen; the process runs here, pid {ref.pid})",
+            hint="serve them on a service address (torpor run --service-address), or close them",
+        )
+    cfg = load_config(pool)
+    with open_pool(pool) as opened:  # unreachable here: nothing touched
+        ident = identity(opened, cfg.driver)
+    facts_msg = _preflight.facts_for(name, ref.pid, mode="pool")
+    conn = connect(host, port)
+    with conn:
+        conn.settimeout(timeout)
+        conn.send({**facts_msg, "pool": ident, "addresses": [str(a) for a in moving]})
+        reply = conn.recv()
+        if reply.get("type") == "refused":
+            found = [str(p) for p in reply.get("problems", [])] or ["no reason given"]
+            raise MigrationRefusedError(
+                f"migration of {name} to {where} refused in pre-flight: {'; '.join(found)} "
+                f"(nothing was frozen; the process runs here, pid {ref.pid})",
+                hint="fix what the target reports, then migrate again",
+            )
+        if reply.get("type") != "ready":
+            raise MigrationError(f"{where} answered pre-flight with {reply.get('type')!r}")
+        if say is not None:
+            say(f"pre-flight passed on {where}; dumping {name} (pid {ref.pid}) into pool {pool}")
+        with _locks.dumping(ref, unless_requested=True):
+            _registry.update(name, ref, migrating=f"to {where}")
+            move = _PoolMove(
+                conn, name, where, ref, tcp_established=tcp_established or bool(conns), say=say
+            )
+            move.pool, move.addresses = pool, moving
+            try:
+                summary = move.run(timeout)
+            finally:
+                move.forget()
+                with contextlib.suppress(OSError, TorporError):
+                    _registry.update(name, ref, migrating=None)
+    with contextlib.suppress(OSError, TorporError):
+        _registry.update(name, ref, migrated_to=where)
+    with contextlib.suppress(OSError, TorporError, ValueError):
+        from .._supervise import _events
+
+        _events.append(name, "checkpoint", migrated_to=where, mode="pool", pool=pool)
+    total = round((time.monotonic() - started) * 1000, 1)
+    return dataclasses.replace(summary, mode="pool", total_ms=total, tcp_connections=len(conns))
+
+
+class _PoolMove(_Move):
+    """Copy mode's dump and verdict (:class:`~._copy._Move`); at ``post-dump`` the image is
+    sealed and pushed into the pool instead of sent, and the target told where it is."""
+
+    pool = ""
+    record = ""
+
+    def _transfer(self) -> None:
+        image = self._seal()
+        from .._pools import open_pool
+
+        self.record = f"{self.name}.migrate-{os.urandom(4).hex()}"
+        progress = Progress(self.say, image.manifest.total_bytes, f"pool {self.pool}")
+        with open_pool(self.pool) as pool:
+            stored = pool.push(image, self.record, progress=progress)
+        self.bytes, self.files = image.manifest.total_bytes, len(image.manifest.files)
+        self.sent_at = time.monotonic()
+        if self.say is not None:
+            self.say(
+                f"pushed {self.bytes} bytes into pool {self.pool} as {self.record} "
+                f"({stored.stored_bytes} new); {self.where} restores it"
+            )
+        self.conn.send(
+            {
+                "type": "restore",
+                "record": self.record,
+                "files": {f.name: f.sha256 for f in image.manifest.files},
+            }
+        )
+        reply = self.conn.recv()
+        if reply.get("type") == "failed":
+            raise MigrationError(f"{self.where} could not take it: {reply.get('error')}")
+        if reply.get("type") != "running" or not isinstance(reply.get("pid"), int):
+            raise MigrationError(f"{self.where} answered {reply.get('type')!r}, not running")
+        self.running_at = time.monotonic()
+        self.reply = reply
+        for addr in self.addresses:  # as copy mode: they leave before CRIU kills the original
+            try:
+                _address.take_down(addr)
+            except TorporError as exc:
+                self.warnings.append(f"warning: {addr} could not be removed here: {exc.msg}")
+
+    def _seal(self) -> Image:
+        """The dump in the staging directory, sealed in place as an image (signed)."""
+        cmdline, rss = facts(self.pid)
+        source = str(self.staging)
+        dir_fd = open_dir(self.staging)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(DUMP_LOG, dir_fd=dir_fd)  # CRIU's log is no part of the image
+
+            def manifest(entries: list[_manifest.FileEntry]) -> _manifest.Manifest:
+                if len(entries) > MAX_FILES:
+                    raise MigrationError(f"the dump has {len(entries)} files, over {MAX_FILES}")
+                return _manifest.build(
+                    name=self.name,
+                    pid=self.pid,
+                    files=entries,
+                    criu_version=criu_version(),
+                    cmdline=list(cmdline),
+                    rss_bytes=rss,
+                    tcp_established=self.options.tcp_established,
+                    shell_job=self.options.shell_job,
+                )
+
+            seal(dir_fd, manifest, source=source)
+        finally:
+            os.close(dir_fd)
+        return Image.open(self.staging)
+
+    def forget(self) -> None:
+        """Delete the record from the pool (done or not, it was only in transit)."""
+        if not self.record:
+            return
+        from .._pools import open_pool
+
+        with contextlib.suppress(OSError, TorporError), open_pool(self.pool) as pool:
+            pool.delete_image(self.record)
+
+
+# -- the target ----------------------------------------------------------------------------------
 
 
 def serve_pool(incoming: _Incoming, name: str, first: Mapping[str, Any]) -> None:
-    """The target's side, after pre-flight passed and ``ready`` was sent."""
-    raise TorporError("--mode pool is not served here yet")
+    """The target's side, after pre-flight passed (the pool was found) and ``ready`` was
+    sent: pull the record the source names, check its files are the ones the source sealed,
+    restore it as ``name`` (:meth:`~._serve._Incoming._restore`: ``running``, then the
+    source's ``done`` or ``abort``)."""
+    from .._pools import open_pool
+
+    conn = incoming.conn
+    local, found = local_pool(first.get("pool"), where=incoming.where)
+    msg = conn.recv()
+    record, files = msg.get("record"), msg.get("files")
+    if msg.get("type") != "restore" or not isinstance(record, str) or not isinstance(files, dict):
+        raise ChannelError(f"{incoming.peer} sent {msg.get('type')!r}, not the record to restore")
+    image: Image | None = None
+    try:
+        try:
+            if local is None:
+                raise TorporError("; ".join(found))
+            if not record.startswith(f"{name}.migrate-") or len(files) > MAX_FILES:
+                raise TorporError(f"{incoming.peer} named a record {record!r} not of {name!r}")
+            with open_pool(local) as pool:
+                image = pool.pull(record)
+            have = {f.name: f.sha256 for f in image.manifest.files}
+            if have != files:
+                raise TorporError(
+                    f"{record}@{local} is not the image {incoming.peer} pushed: its files differ"
+                )
+            incoming.log(
+                f"pulled {record!r} from pool {local!r} for {incoming.peer}: "
+                f"{image.manifest.total_bytes} bytes, verified"
+            )
+        except TorporError as exc:
+            with contextlib.suppress(TorporError):
+                conn.send({"type": "failed", "error": exc.msg})
+            raise
+        incoming._restore(image, name)
+    finally:
+        if image is not None:
+            shutil.rmtree(image.path, ignore_errors=True)
+    if incoming.outcome is not None:
+        incoming.log(incoming.outcome)
+
+
+def pool_problems(ident: object, *, where: str) -> list[str]:
+    """Pre-flight's pool check (mode pool): empty if a pool here is the source's."""
+    return local_pool(ident, where=where)[1]

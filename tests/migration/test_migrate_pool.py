@@ -1,0 +1,189 @@
+"""``torpor migrate --mode pool`` on a real lab and CRIU: the process moves with its state
+through a pool both hosts reach, and a target that cannot reach the source's pool refuses in
+pre-flight with nothing frozen.
+
+The Ceph cluster runs on a host of the lab of its own (``c``): ``scripts/ceph-cluster start
+--address`` binds its mon and RGW to c's address, so a and b reach it over the lab's network
+(a Ceph on the root namespace's loopback is unreachable from the lab's namespaces). Its conf and
+keyring are files both hosts read, as an admin would hand them out. The dir pool test uses a
+directory of the filesystem the hosts share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import SCRIPT, Lab
+
+pytestmark = pytest.mark.criu
+
+ROOT = Path(__file__).resolve().parents[2]
+CEPH = ROOT / "scripts" / "ceph-cluster"
+TORPOR = (sys.executable, "-m", "torpor")
+PORT = 7072
+COUNTER = (
+    "import time\ni = 0\nwhile True:\n    print(i, flush=True)\n    i += 1\n    time.sleep(0.02)"
+)
+
+
+def torpor(lab: Lab, host: str, *args: str) -> Any:
+    return lab.exec(host, *TORPOR, *args)
+
+
+def ok(res: Any) -> str:
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    return str(res.stdout)
+
+
+def pair(lab: Lab, tmp: Path, hosts: tuple[str, str] = ("a", "b")) -> None:
+    """Make the two hosts trust each other by certificate."""
+    for who, of in (hosts, hosts[::-1]):
+        pem = tmp / f"{of}.pem"
+        pem.write_text(ok(torpor(lab, of, "identity", "show", "--cert")))
+        ok(torpor(lab, who, "trust", "add", "--cert", str(pem), "--name", of))
+
+
+@contextlib.contextmanager
+def server(lab: Lab, host: str) -> Iterator[str]:
+    """``torpor agent run --listen`` on ``host`` (killed by its pid); yields its address."""
+    where = f"{lab.address(host)}:{PORT}"
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), host, "--",
+         *TORPOR, "agent", "run", "--listen", where],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == f"listening on {where}\n"
+        yield where
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+
+
+def home(lab: Lab, host: str) -> str:
+    return str(lab.node(host)["home"])
+
+
+def counts(lab: Lab, host: str, name: str) -> list[int]:
+    log = f"{home(lab, host)}/logs/{name}.log"
+    text = lab.python(host, "import sys; print(open(sys.argv[1]).read())", log)
+    return [int(line) for line in text.splitlines() if line.strip()]
+
+
+def ps(lab: Lab, host: str, name: str) -> dict[str, Any]:
+    found = [
+        p for p in json.loads(ok(torpor(lab, host, "ps", "--all", "--json"))) if p["name"] == name
+    ]
+    return found[0] if found else {}
+
+
+def wait_for(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def start_counter(lab: Lab, host: str, name: str) -> int:
+    ok(torpor(lab, host, "run", "--name", name, "--", sys.executable, "-c", COUNTER))
+    wait_for(lambda: len(counts(lab, host, name)) >= 5)
+    return int(ps(lab, host, name)["pid"])
+
+
+def pool_images(lab: Lab, host: str, pool: str) -> list[str]:
+    return [
+        i["name"] for i in json.loads(ok(torpor(lab, host, "images", "--pool", pool, "--json")))
+    ]
+
+
+def moves_through(lab: Lab, pool: str, name: str) -> None:
+    """A counter on a migrates to b through ``pool`` and counts on there; nothing of it is
+    left on a, nor in the pool."""
+    pid = start_counter(lab, "a", name)
+    with server(lab, "b") as where:
+        res = torpor(
+            lab, "a", "migrate", name, "--to", where, "--mode", "pool", "--pool", pool, "--json"
+        )
+        summary = json.loads(ok(res))
+    assert (summary["name"], summary["mode"], summary["source_pid"]) == (name, "pool", pid)
+    assert summary["bytes"] > 0 and summary["files"] > 0
+    assert 0 < summary["downtime_ms"] <= summary["total_ms"]
+    there = ps(lab, "b", name)
+    assert (there["state"], there["pid"]) == ("running", summary["target_pid"])
+    before = counts(lab, "a", name)
+    wait_for(lambda: len(counts(lab, "b", name)) >= 10)
+    after = counts(lab, "b", name)
+    assert after[0] == before[-1] + 1  # its memory came through the pool
+    assert after == list(range(after[0], after[0] + len(after)))
+    assert not alive(pid)
+    assert ps(lab, "a", name)["state"] == f"migrated-to {summary['target']}"
+    assert pool_images(lab, "a", pool) == []  # the record was only in transit
+    ok(torpor(lab, "b", "kill", name))
+
+
+def refused_for_pool(lab: Lab, pool: str, name: str, problem: str) -> None:
+    """A migration through ``pool`` is refused in pre-flight with ``problem``, the process
+    untouched on a."""
+    pid = start_counter(lab, "a", name)
+    with server(lab, "b") as where:
+        res = torpor(lab, "a", "migrate", name, "--to", where, "--mode", "pool", "--pool", pool)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"torpor: error: migration of {name} to {where} refused in pre-flight: "
+        f"{problem.format(where=where)} (nothing was frozen; the process runs here, pid {pid})"
+        " — fix what the target reports, then migrate again"
+    )
+    assert (ps(lab, "a", name)["state"], ps(lab, "a", name)["pid"]) == ("running", pid)
+    before = counts(lab, "a", name)
+    wait_for(lambda: len(counts(lab, "a", name)) >= len(before) + 5)
+    numbers = counts(lab, "a", name)
+    assert numbers == list(range(len(numbers)))
+    assert ps(lab, "b", name) == {}
+    ok(torpor(lab, "a", "kill", name))
+
+
+@pytest.fixture(scope="module")
+def paired(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    pair(lab, tmp_path_factory.mktemp("certs"))
+    return lab
+
+
+def test_a_counter_moves_through_a_shared_dir_pool(paired: Lab, tmp_path: Path) -> None:
+    shared = tmp_path / "pool"
+    shared.mkdir(mode=0o700)
+    for host in ("a", "b"):
+        ok(torpor(paired, host, "pool", "create", "shared", "dir", f"source={shared}"))
+    moves_through(paired, "shared", "dirctr")
+
+
+def test_a_pool_the_target_cannot_see_is_refused_in_preflight(paired: Lab) -> None:
+    # The same path on both, in each host's own home: two pools that only look alike.
+    path = f"{home(paired, 'a')}/private-pool"
+    for host in ("a", "b"):
+        ok(torpor(paired, host, "pool", "create", "private", "dir", f"source={path}"))
+    refused_for_pool(
+        paired, "private", "lonely",
+        "no pool configured on {where} is the source's pool 'private' (dir): configure it "
+        "there (torpor pool create) where it can be read",
+    )  # fmt: skip
