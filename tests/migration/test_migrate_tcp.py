@@ -101,18 +101,22 @@ class Client:
 
     def __init__(self, lab: Lab, address: str, tmp: Path) -> None:
         self.stop_file = tmp / "stop-client"
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "client", "--",
-             sys.executable, "-c", CLIENT, address, str(APP_PORT), str(self.stop_file)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        self.err = tmp / "client-stderr"
+        with self.err.open("w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "client", "--",
+                 sys.executable, "-c", CLIENT, address, str(APP_PORT), str(self.stop_file)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+            )  # fmt: skip
         self.lines: list[dict[str, Any]] = []
 
     def finish(self) -> list[dict[str, Any]]:
-        """Stop it; every line it printed."""
+        """Stop it; every line it printed (read through the same buffer as :func:`answered`:
+        ``communicate`` would skip what that buffer holds)."""
         self.stop_file.touch()
-        out, err = self.proc.communicate(timeout=60)
-        assert self.proc.returncode == 0, err
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        assert self.proc.wait(timeout=60) == 0, self.err.read_text()
         self.lines += [json.loads(line) for line in out.splitlines()]
         return self.lines
 
@@ -183,7 +187,7 @@ def test_copy_keeps_the_connection_state_and_address(paired: Lab, tmp_path: Path
         mib = f"{summary['bytes'] / (1 << 20):.1f} MiB"
         assert len(sent) >= 2
         assert sent[-1] == f"sent {mib} of {mib} to {srv.where} (100%)"
-        srv.wait_log("torpor-migrate: 'web' migrated from a: ")
+        print(srv.wait_log("torpor-migrate: 'web' migrated from a: "))
         answered(c, 40)  # and after it
         lines = c.finish()
     counts = check_one_connection(lines)

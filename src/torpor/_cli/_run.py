@@ -141,10 +141,10 @@ def _service_addresses(app: App, given: list[str]) -> list[tuple[Any, bool]]:
             if _address.held(addr) is not None:
                 done.append((addr, False))
                 continue
-            dev = _address.bring_up(addr)
+            link = _address.bring_up(addr)
             done.append((addr, True))
-            _address.announce(addr)
-            app.info(f"service address {addr} brought up on {dev}")
+            _address.announce(addr, link)
+            app.info(f"service address {addr} brought up on {link.name}")
     except BaseException:
         _take_down(done)
         raise

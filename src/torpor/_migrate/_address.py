@@ -183,15 +183,15 @@ def problems(addresses: Iterable[object], *, where: str) -> list[str]:
     return out
 
 
-def bring_up(addr: IPAddr) -> str:
+def bring_up(addr: IPAddr) -> Link:
     """Add ``addr`` to the interface on its subnet (IPv6 without duplicate address detection,
-    which would hold it tentative); the interface's name."""
+    which would hold it tentative); that interface."""
     link = link_for(addr)
     if link is None:
         raise AddressError(f"no interface here is on {addr.network} for {addr}")
     extra = ("nodad",) if addr.version == 6 else ()
     _ip("addr", "add", str(addr), "dev", link.name, *extra)
-    return link.name
+    return link
 
 
 def take_down(addr: IPAddr) -> bool:
@@ -203,15 +203,16 @@ def take_down(addr: IPAddr) -> bool:
     return True
 
 
-def announce(addr: IPAddr) -> bool:
+def announce(addr: IPAddr, link: Link | None = None) -> bool:
     """Tell the subnet that ``addr`` is here now: for IPv4, gratuitous ARP (a request and a
-    reply, broadcast) from the interface that has it; whether any was sent. IPv6 peers find
-    the address again by neighbour discovery (no unsolicited advertisement is sent)."""
+    reply, broadcast) from ``link``, or the interface that has it; whether any was sent. IPv6
+    peers find the address again by neighbour discovery (no unsolicited advertisement)."""
     if addr.version != 4:
         return False
-    found = links()
-    owner = held(addr, found)
-    link = next((lk for lk in found if lk.name == owner), None)
+    if link is None:
+        found = links()
+        owner = held(addr, found)
+        link = next((lk for lk in found if lk.name == owner), None)
     if link is None or link.mac is None:
         return False
     ip = addr.ip.packed
@@ -230,7 +231,7 @@ def garp_frame(mac: bytes, ip: bytes, op: int) -> bytes:
     ``ip`` at ``mac`` (sender and target address both ``ip``)."""
     broadcast = b"\xff" * 6
     header = broadcast + mac + struct.pack("!H", 0x0806)
-    target_mac = b"\x00" * 6 if op == 1 else broadcast
+    target_mac = b"\x00" * 6 if op == 1 else mac  # a reply is gratuitous only so (Linux)
     arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, op) + mac + ip + target_mac + ip
     return header + arp
 

@@ -114,12 +114,12 @@ def block(tag: str, addresses: Iterable[IPAddr]) -> tuple[str, str]:
     return ("inet", name)
 
 
-def drop(table: tuple[str, str]) -> bool:
-    """Delete ``table`` if it exists; whether it did."""
+def drop(table: tuple[str, str], *, known: bool = False) -> bool:
+    """Delete ``table`` if it exists (``known``: it does, no need to look); whether it did."""
     family, name = table
     if family not in ("inet", "ip", "ip6") or not _NAME.match(name):
         raise NetlockError(f"bad table {family} {name!r}")
-    if table not in tables():
+    if not known and table not in tables():
         return False
     _nft("delete", "table", family, name)
     return True

@@ -118,6 +118,7 @@ class _Incoming:
         self.peer = conn.peer.name
         self.outcome: str | None = None
         self.addresses: tuple[_address.IPAddr, ...] = ()  # checked in pre-flight
+        self.address_ms = 0.0  # spent on them (and the lock) in the restore
 
     def handle(self) -> None:
         conn = self.conn
@@ -256,8 +257,12 @@ class _Incoming:
             verdict = conn.recv().get("type")
         except ChannelError as exc:
             # The source may have let CRIU kill the original after our "running": the copy
-            # here may be all there is of the process, so it is left running (and said so).
-            self.log(f"{name!r} (pid {rec.pid}) runs here; the source went silent: {exc}")
+            # here may be all there is of the process, so it is left running, and its record
+            # says the migration is in doubt (docs/migration.md: how to resolve it).
+            doubt = "in doubt: the source went silent after the copy ran"
+            with contextlib.suppress(OSError, TorporError):
+                _registry.update(name, rec.ref, migrating=f"from {self.peer} ({doubt})")
+            self.log(f"{name!r} (pid {rec.pid}) runs here, migration {doubt}: {exc}")
             return
         if verdict == "abort":
             self._kill(rec)
@@ -273,7 +278,10 @@ class _Incoming:
             from .._supervise import _events
 
             _events.append(name, "restore", migrated_from=self.peer, mode="copy")
-        self.outcome = f"{name!r} migrated from {self.peer}: pid {rec.pid}, restored in {took} ms"
+        moved = f" (of which addresses and lock {self.address_ms} ms)" if self.addresses else ""
+        self.outcome = (
+            f"{name!r} migrated from {self.peer}: pid {rec.pid}, restored in {took} ms{moved}"
+        )
 
     def _restore_with_addresses(self, image: Image, name: str) -> _registry.ManagedProcess:
         """The restore, with the service addresses brought up here first, behind a lock that
@@ -286,16 +294,18 @@ class _Incoming:
         _paths.write_home_file(
             _JOURNAL, json.dumps({"addresses": [str(a) for a in self.addresses]}).encode()
         )
-        brought: list[_address.IPAddr] = []
+        brought: list[tuple[_address.IPAddr, _address.Link]] = []
         table: tuple[str, str] | None = None
         try:
+            started = time.monotonic()
             table = _netlock.block(tag, self.addresses)
             for addr in self.addresses:
-                _address.bring_up(addr)
-                brought.append(addr)
+                brought.append((addr, _address.bring_up(addr)))
+            restoring = time.monotonic()
             rec = _restore_apart(image, name)
+            restored = time.monotonic()
         except BaseException:
-            self._take_down(brought)
+            self._take_down([addr for addr, _ in brought])
             if table is not None:
                 with contextlib.suppress(TorporError):
                     _netlock.drop(table)
@@ -304,13 +314,14 @@ class _Incoming:
         # The copy runs (its connections restored): let its traffic through, and tell the
         # subnet where its addresses are now.
         try:
-            _netlock.drop(table)
+            _netlock.drop(table, known=True)
         except TorporError as exc:
             self.log(f"the network lock {table[1]} could not be removed: {exc.msg}")
-        for addr in self.addresses:
+        for addr, link in brought:
             with contextlib.suppress(OSError, TorporError):
-                _address.announce(addr)
+                _address.announce(addr, link)
         _clear_journal()  # the addresses are the running copy's now
+        self.address_ms = round((restoring - started + time.monotonic() - restored) * 1000, 1)
         return rec
 
     def _take_down(self, addrs: Sequence[_address.IPAddr]) -> None:
