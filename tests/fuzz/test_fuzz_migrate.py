@@ -1,0 +1,456 @@
+"""Fuzzing the migration server (``torpor._migrate._serve``): what a trusted but hostile peer
+sends it, message by message and frame by frame.
+
+The peer's side is a byte script read through a real :class:`~torpor._migrate._channel.Conn`
+(its framing and JSON checks are the real ones; only the TLS socket under it is replaced), so
+``D`` frames larger than announced, a message where file data is due, a bad frame header or a
+stream cut short reach the server as they would over the network. The restore at the end is
+replaced at the test boundary (:meth:`_Incoming._restore`): it records the image it was given.
+
+Properties of ``_Incoming.handle()``, whatever the peer sends:
+
+- it returns or raises a :class:`~torpor.TorporError` (a :class:`ChannelError` is one), never
+  anything else: the server's loop survives only those;
+- nothing is written outside the home, nothing is left in its images directory (no staging
+  directory, no half-received image: the image was only in transit);
+- a file is created only from a plain name, and none at all when any announced name is bad;
+- the restore is reached only with an image that verifies and holds exactly the files
+  announced, with the bytes the peer sent;
+- every answer is one of the protocol's (``ready``, ``refused``, ``failed``), well formed.
+
+And :func:`torpor._migrate._preflight.problems`, given any JSON-like dict, returns a list of
+one-line strings and never raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from torpor import TorporError
+from torpor._identity._trust import Peer
+from torpor._images._image import Image
+from torpor._migrate import _preflight, _serve
+from torpor._migrate._channel import _HEADER, MAX_DATA, Conn
+from torpor._safe import is_plain_name
+
+from .support import (
+    HOSTILE_INTS,
+    HOSTILE_NAMES,
+    JSON_VALUES,
+    Jail,
+    bounded,
+    mutated_json,
+    scaled,
+    verdict,
+)
+
+PEER = Peer(name="peer-a", fingerprint="sha256:" + "0" * 64, cert_der=None, added=0, via="test")
+WHERE = "target:7070"
+ANSWER_TYPES = {"ready", "refused", "failed"}  # "running" only comes from the restore, replaced
+
+# -- the peer's side: a byte script ---------------------------------------------------------------
+
+
+class ScriptSocket:
+    """Stands for the TLS socket under a :class:`Conn`: ``recv`` reads the peer's bytes (then
+    end of stream), ``sendall`` keeps what the server answered."""
+
+    def __init__(self, script: bytes) -> None:
+        self.script = script
+        self.pos = 0
+        self.sent = bytearray()
+
+    def recv(self, n: int) -> bytes:
+        chunk = self.script[self.pos : self.pos + n]
+        self.pos += len(chunk)
+        return chunk
+
+    def sendall(self, data: bytes) -> None:
+        self.sent += data
+
+    def settimeout(self, seconds: float | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def frame(kind: bytes, body: bytes) -> bytes:
+    """One frame as the channel writes it (the length as given, however wrong)."""
+    return _HEADER.pack(kind, len(body)) + body
+
+
+def message(obj: Any) -> bytes:
+    """A JSON ``M`` frame (NaN allowed, lone surrogates escaped, as a hostile peer may send)."""
+    return frame(b"M", json.dumps(obj).encode())
+
+
+def answers(sent: bytes) -> list[dict[str, Any]]:
+    """The server's answers, each checked to be an ``M`` frame holding a JSON object."""
+    out = []
+    pos = 0
+    while pos < len(sent):
+        kind, length = _HEADER.unpack_from(sent, pos)
+        assert kind == b"M", f"the server sent a {kind!r} frame"
+        body = sent[pos + _HEADER.size : pos + _HEADER.size + length]
+        assert len(body) == length, "the server sent a truncated frame"
+        msg = json.loads(body)
+        assert isinstance(msg, dict)
+        out.append(msg)
+        pos += _HEADER.size + length
+    return out
+
+
+def check_answers(got: list[dict[str, Any]]) -> None:
+    """Only the protocol's answers, well formed; nothing after a refusal or a failure."""
+    types = [a.get("type") for a in got]
+    assert set(types) <= ANSWER_TYPES, f"answers outside the protocol: {types}"
+    assert types.count("ready") <= 1
+    assert "failed" not in types or types[0] == "ready", f"a failure before ready: {types}"
+    for i, a in enumerate(got):
+        if a["type"] == "refused":
+            assert i == 0 and len(got) == 1
+            problems = a.get("problems")
+            assert isinstance(problems, list) and problems
+            assert all(isinstance(p, str) and p and "\n" not in p for p in problems)
+        elif a["type"] == "failed":
+            assert i == len(got) - 1, "the server went on after saying it failed"
+            assert isinstance(a.get("error"), str) and "\n" not in a["error"]
+        else:
+            assert i == 0 and set(a) == {"type"}
+
+
+# -- running one migration against a script --------------------------------------------------------
+
+
+class Run:
+    """What one ``handle()`` did: its verdict, its answers, the files it created (name, and
+    whether the creation succeeded) and the images it handed to the restore."""
+
+    def __init__(self) -> None:
+        self.outcome: object = None
+        self.answers: list[dict[str, Any]] = []
+        self.created: list[tuple[str, bool]] = []
+        self.restored: list[tuple[str, dict[str, bytes], bool]] = []
+
+
+@contextmanager
+def server(*, preflight: bool) -> Iterator[Run]:
+    """Patches at the test boundary for the examples run inside: the restore records the image
+    (its name, each file's bytes, whether it verifies); ``preflight`` False accepts any
+    pre-flight (the image phase is what is fuzzed then); file creation is watched, not
+    changed."""
+    run = Run()
+    real_create = _serve.create_file
+
+    def create_file(dir_fd: int, name: str, *, source: str, mode: int = 0o600) -> int:
+        try:
+            fd = real_create(dir_fd, name, source=source, mode=mode)
+        except BaseException:
+            run.created.append((name, False))
+            raise
+        run.created.append((name, True))
+        return fd
+
+    def restore(self: _serve._Incoming, image: Image, name: str) -> None:
+        try:
+            Image.open(image.path).verify(full=True)
+            verified = True
+        except TorporError:
+            verified = False
+        files = {f.name: (image.path / f.name).read_bytes() for f in image.manifest.files}
+        run.restored.append((name, files, verified))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_serve, "create_file", create_file)
+        mp.setattr(_serve._Incoming, "_restore", restore)
+        if not preflight:
+            mp.setattr(_preflight, "problems", lambda msg, *, where: [])
+            mp.setattr(_serve._address, "problems", lambda addrs, *, where: [])
+        yield run
+
+
+def drive(script: bytes, *, preflight: bool) -> Run:
+    """``_Incoming.handle()`` against ``script`` in a fresh jail, with every property that
+    does not depend on the script checked."""
+    with Jail() as jail, server(preflight=preflight) as run:
+        images = jail.home / "images"
+        sock = ScriptSocket(script)
+        conn = Conn(sock, PEER)  # type: ignore[arg-type]
+        logged: list[str] = []
+        with bounded(5):
+            run.outcome = verdict(lambda: _serve._Incoming(conn, WHERE, logged.append).handle())
+        run.answers = answers(bytes(sock.sent))
+        check_answers(run.answers)
+        left = sorted(os.listdir(images)) if images.exists() else []
+        assert left == [], f"left in the images directory: {left}"
+        for name, made in run.created:
+            assert not made or is_plain_name(name), f"a file was created from {name!r}"
+        assert all("\n" not in line for line in logged)
+    return run
+
+
+# -- the image phase -----------------------------------------------------------------------------
+
+# Every CRIU image has an inventory and a process tree (an image without is refused at use).
+FILES = st.fixed_dictionaries(
+    {"inventory.img": st.binary(max_size=64), "pstree.img": st.binary(max_size=64)},
+    optional={n: st.binary(max_size=3000) for n in ["pages-1.img", "core-1.img", "mm-1.img", "x"]},
+)
+FACTS = {
+    "cmdline": ["python3", "app.py"],
+    "rss_bytes": 4096,
+    "pid": 4242,
+    "criu_version": "4.2.1",
+    "tcp_established": False,
+    "shell_job": False,
+}
+PREFLIGHT_OK = {"type": "preflight", "mode": "copy", "name": "web", "addresses": []}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def data_frames(data: bytes, cut: int) -> bytes:
+    """A file's bytes as ``D`` frames of at most ``cut`` bytes (one empty file: no frame)."""
+    return b"".join(frame(b"D", data[i : i + cut]) for i in range(0, len(data), cut))
+
+
+@st.composite
+def image_scripts(draw: st.DrawFn) -> tuple[bytes, dict[str, bytes], bool]:
+    """A pre-flight accepted, then an image: honest, or with its message mutated (names,
+    sizes, duplicates, facts) or its stream tampered with. The script, the files the peer
+    meant to send, and what the server must do: ``taken`` (honest), ``refused`` (a tamper
+    that always makes the image wrong) or ``either`` (a mutation that may change nothing)."""
+    files = draw(FILES)
+    announced: list[Any] = [{"name": n, "size": len(d)} for n, d in files.items()]
+    image_msg: Any = {"type": "image", "files": announced, "facts": FACTS}
+    sums: Any = {"type": "hashes", "files": {n: sha(d) for n, d in files.items()}}
+    cut = draw(st.sampled_from([1, 100, 4096, MAX_DATA]))
+    stream = {n: data_frames(d, cut) for n, d in files.items()}
+    tamper = draw(
+        st.sampled_from(
+            [
+                "none",
+                "message",
+                "message",
+                "name",
+                "size",
+                "duplicate",
+                "facts",
+                "longer",
+                "shorter",
+                "frame-kind",
+                "frame-length",
+                "hash",
+                "hash-missing",
+                "hash-extra",
+                "hashes",
+                "cut",
+                "garbage",
+            ]
+        )
+    )
+    victim = draw(st.sampled_from(sorted(files)))
+    if tamper == "message":
+        image_msg = draw(mutated_json(image_msg))
+    elif tamper == "name":
+        announced[0] = {**announced[0], "name": draw(HOSTILE_NAMES)}
+    elif tamper == "size":
+        announced[0] = {**announced[0], "size": draw(HOSTILE_INTS | JSON_VALUES)}
+    elif tamper == "duplicate":
+        announced.append(dict(announced[0]))
+    elif tamper == "facts":
+        image_msg = {**image_msg, "facts": draw(mutated_json(FACTS))}
+    elif tamper == "longer":  # a D frame larger than the file announced
+        stream[victim] += frame(b"D", draw(st.binary(min_size=1, max_size=64)))
+    elif tamper == "shorter":
+        stream[victim] = data_frames(files[victim][: len(files[victim]) // 2], cut)
+    elif tamper == "frame-kind":  # a message, or an unknown frame, where file data is due
+        kind = draw(st.sampled_from([b"M", b"E", b"X", b"\0"]))
+        stream[victim] = frame(kind, b'{"type":"hashes","files":{}}') + stream[victim]
+    elif tamper == "frame-length":  # a header announcing more than a frame may hold
+        stream[victim] = _HEADER.pack(b"D", draw(st.integers(MAX_DATA + 1, 2**32 - 1)))
+    elif tamper == "hash":
+        sums["files"][victim] = draw(st.sampled_from([sha(b"other"), "", None, 5, "0" * 64]))
+    elif tamper == "hash-missing":
+        del sums["files"][victim]
+    elif tamper == "hash-extra":
+        sums["files"][draw(HOSTILE_NAMES)] = sha(b"")
+    elif tamper == "hashes":
+        sums = draw(mutated_json(sums))
+    wrong = {
+        "duplicate": True,
+        "longer": True,
+        "shorter": len(files[victim]) > 0,
+        "frame-kind": True,
+        "frame-length": True,
+        "hash": sums["files"].get(victim) != sha(files[victim]),
+        "hash-missing": True,
+        "hash-extra": set(sums["files"]) != set(files),
+        "cut": True,
+    }
+    expect = "taken" if tamper == "none" else "refused" if wrong.get(tamper) else "either"
+    body = message(image_msg) + b"".join(stream.values()) + message(sums)
+    script = message(PREFLIGHT_OK) + body
+    if tamper == "cut":
+        script = script[: draw(st.integers(0, len(script) - 1))]
+    elif tamper == "garbage":
+        at = draw(st.integers(0, len(script)))
+        script = script[:at] + draw(st.binary(min_size=1, max_size=32)) + script[at:]
+    return script, files, expect
+
+
+@scaled(0.5)
+@given(image_scripts())
+@example((message(PREFLIGHT_OK) + message({"type": "image"}), {}, "refused"))
+@example((message(PREFLIGHT_OK) + message({"type": "hashes"}), {}, "refused"))
+@example((message(PREFLIGHT_OK) + frame(b"D", b"x"), {}, "refused"))
+def test_the_server_against_a_hostile_image(case: tuple[bytes, dict[str, bytes], str]) -> None:
+    script, files, expect = case
+    run = drive(script, preflight=False)
+    names = [n for n, _ in run.created]
+    if any(not is_plain_name(n) for n in names):
+        pytest.fail(f"a bad name reached file creation: {names}")
+    if expect == "refused":
+        assert isinstance(run.outcome, TorporError) and run.restored == []
+    if expect == "taken":
+        assert run.outcome is None, f"an honest image was not taken: {run.outcome}"
+        assert [a["type"] for a in run.answers] == ["ready"]
+        assert run.restored == [("web", files, True)]
+    for name, got, verified in run.restored:
+        # Reached only with what an honest peer sends: verified, and the very bytes sent.
+        assert name == "web" and verified
+        assert got == files, "the restore was given files other than those the peer sent"
+
+
+def test_an_honest_image_reaches_the_restore_verified() -> None:
+    """The harness itself: an honest script is taken (so the properties above can fail)."""
+    files = {"inventory.img": b"inv", "pstree.img": b"", "pages-1.img": os.urandom(MAX_DATA + 10)}
+    announced = [{"name": n, "size": len(d)} for n, d in files.items()]
+    script = (
+        message(PREFLIGHT_OK)
+        + message({"type": "image", "files": announced, "facts": FACTS})
+        + b"".join(data_frames(d, MAX_DATA) for d in files.values())
+        + message({"type": "hashes", "files": {n: sha(d) for n, d in files.items()}})
+    )
+    run = drive(script, preflight=False)
+    assert run.outcome is None
+    assert run.restored == [("web", files, True)]
+    assert run.created == [(n, True) for n in files]
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ({"name": "../torpor-fuzz-evil", "size": 1}, "a path"),
+        ({"name": "", "size": 1}, "empty"),
+        ({"name": "x" * 256, "size": 1}, "too long"),
+        ({"name": "x\0y", "size": 1}, "NUL"),
+        ({"name": "pages-1.img", "size": -1}, "negative size"),
+        ({"name": "pages-1.img", "size": True}, "a boolean size"),
+        ({"name": "core-1.img", "size": 4}, "a duplicate"),
+    ],
+)
+def test_a_bad_file_announcement_creates_nothing(bad: dict[str, Any], why: str) -> None:
+    announced = [{"name": "core-1.img", "size": 4}, bad]
+    script = (
+        message(PREFLIGHT_OK)
+        + message({"type": "image", "files": announced, "facts": FACTS})
+        + frame(b"D", b"core")
+        + frame(b"D", b"x")
+        + message({"type": "hashes", "files": {}})
+    )
+    run = drive(script, preflight=False)
+    assert isinstance(run.outcome, TorporError), why
+    assert str(run.outcome) == f"{PEER.name} announced a bad image file {bad!r}"
+    assert run.created == [] and run.restored == []
+    assert [a["type"] for a in run.answers] == ["ready", "failed"]
+
+
+def test_a_data_frame_larger_than_announced_is_refused() -> None:
+    script = (
+        message(PREFLIGHT_OK)
+        + message({"type": "image", "files": [{"name": "x", "size": 2}], "facts": FACTS})
+        + frame(b"D", b"abc")
+        + message({"type": "hashes", "files": {"x": sha(b"ab")}})
+    )
+    run = drive(script, preflight=False)
+    assert isinstance(run.outcome, TorporError)
+    assert str(run.outcome) == f"peer {PEER.name!r} sent more file data than announced"
+    assert run.restored == []
+    assert run.answers[-1] == {"type": "failed", "error": str(run.outcome)}
+
+
+# -- the pre-flight ------------------------------------------------------------------------------
+
+PREFLIGHT = {
+    "type": "preflight",
+    "mode": "copy",
+    "name": "web",
+    "criu": "4.2.1",
+    "kernel": "6.1.0",
+    "rss_bytes": 4096,
+    "cpuinfo": "anVuaw==",  # base64, but not a cpuinfo image: refused, without asking CRIU
+    "files": [
+        {"path": "/", "kind": "dir", "mode": 0o40755, "size": 0, "sized": False},
+        {"path": "/bin/sh", "kind": "file", "mode": 0o100755, "size": 1, "sized": True},
+        {"path": "/@OUT@/x", "kind": "file", "mode": 0o100644, "size": 0, "sized": False},
+    ],
+    "addresses": [],
+}
+
+PREFLIGHTS = st.one_of(
+    # A message is a JSON object (Conn.recv refuses anything else): a mutation of the whole
+    # document into another value is not one.
+    mutated_json(PREFLIGHT, max_mutations=4).filter(lambda m: isinstance(m, dict)),
+    st.dictionaries(st.sampled_from(sorted(PREFLIGHT)), JSON_VALUES, max_size=9),
+    st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=6),
+)
+
+
+@given(PREFLIGHTS)
+@example({})
+@example({**PREFLIGHT, "rss_bytes": 2**200})
+@example({**PREFLIGHT, "files": [{**PREFLIGHT["files"][1], "path": "/x/../../etc/shadow"}]})
+@example({**PREFLIGHT, "files": [PREFLIGHT["files"][1]] * (_preflight.MAX_FILES + 1)})
+@example({**PREFLIGHT, "cpuinfo": "x" * 100_000})
+def test_preflight_problems_are_lines_never_an_exception(msg: dict[str, Any]) -> None:
+    with Jail() as jail:
+        msg = jail.fill(msg)
+        with bounded(5):
+            found = _preflight.problems(msg, where=WHERE)
+        assert isinstance(found, list)
+        assert all(isinstance(p, str) and p and "\n" not in p for p in found)
+
+
+@scaled(0.5)
+@given(PREFLIGHTS | st.builds(lambda v: {"type": "preflight", **v}, PREFLIGHTS))
+@example({"type": "image"})
+@example({"type": "preflight", "mode": "lazy"})
+def test_the_server_against_a_hostile_preflight(msg: dict[str, Any]) -> None:
+    # Whatever follows the first message is a well-formed image: a pre-flight let through
+    # wrongly would be seen reaching the restore.
+    files = {"x": b"data"}
+    image = message({"type": "image", "files": [{"name": "x", "size": 4}], "facts": FACTS}) + frame(
+        b"D", b"data"
+    )
+    script = message(msg) + image + message({"type": "hashes", "files": {"x": sha(b"data")}})
+    run = drive(script, preflight=True)
+    types = [a["type"] for a in run.answers]
+    if msg.get("type") != "preflight":
+        assert types == [] and isinstance(run.outcome, TorporError)
+    if "ready" in types:  # every check passed: then the image is what was sent
+        assert run.restored in ([], [(msg["name"], files, True)])
+    else:
+        assert run.restored == [] and run.created == []
