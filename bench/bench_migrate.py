@@ -10,7 +10,8 @@ app (``bench/migrate_app.py app``: SIZE bytes of touched incompressible memory, 
 
 - ``torpor copy``  ``torpor migrate NAME --to B:7070 --mode copy --json`` on a
 - ``torpor lazy``  the same, ``--mode lazy`` (post-copy)
-- ``torpor pool``  the same, ``--mode pool --pool P`` (``--pool``)
+- ``torpor pool``  the same, ``--mode pool --pool shared``: a dir pool in a directory of the
+                   filesystem the lab's hosts share, made on both (``torpor pool create``)
 - ``criu copy``    bare CRIU: ``criu dump -t PID -D DIR`` on a, DIR sent to b as a tar stream
                    over one plain TCP connection, ``criu restore -D DIR -d`` on b
 - ``criu lazy``    ``criu dump --lazy-pages --port P`` on a, the other files sent the same way,
@@ -79,6 +80,8 @@ LAB_HOSTS = BENCH.parent / "scripts" / "lab-hosts"
 TORPOR = (sys.executable, "-m", "torpor")
 AGENT_PORT, APP_PORT, HB_PORT, RECV_PORT, LAZY_PORT = 7070, 8080, 9090, 7171, 7272
 STEP_TIMEOUT = 600.0
+POOL = "shared"
+TCP_PATIENCE = 60.0  # seconds the client may take to hear from b once the move is done
 BASELINE = 0.5  # seconds of heartbeats recorded before and after each move
 
 
@@ -162,6 +165,25 @@ def trust_each_other(lab: Lab, tmp: Path) -> None:
         pem = tmp / f"{of}.pem"
         pem.write_text(torpor(lab, of, "identity", "show", "--cert"))
         torpor(lab, who, "trust", "add", "--cert", str(pem), "--name", of)
+
+
+def make_pool(lab: Lab, tmp: Path) -> None:
+    """The dir pool ``shared`` on both hosts: one directory both see (/tmp is shared)."""
+    shared = tmp / "pool"
+    shared.mkdir(mode=0o700)
+    for host in ("a", "b"):
+        torpor(lab, host, "pool", "create", POOL, "dir", f"source={shared}")
+
+
+def set_rto_min(lab: Lab, ms: int) -> None:
+    """Every node's route to the lab's subnet gets ``rto_min`` (Linux's default is 200 ms):
+    how soon a TCP peer retransmits what the move dropped, which decides the client's gap."""
+    subnet = str(lab.info["subnet"])
+    for host in ("a", "b", "client"):
+        route = next(r for r in json.loads(lab.run(host, "ip", "-j", "route", "show"))
+                 if r.get("dst") == subnet)  # fmt: skip
+        lab.run(host, "ip", "route", "change", subnet, "dev", route["dev"], "proto", "kernel",
+                "scope", "link", "src", route["prefsrc"], "rto_min", f"{ms}ms")  # fmt: skip
 
 
 def start_agent(lab: Lab) -> str:
@@ -279,6 +301,7 @@ class Bench:
                 else:
                     steps, done = self.bare_move(run, variant)
             finally:
+                self.wait_target(run, deadline=time.monotonic() + TCP_PATIENCE)
                 time.sleep(BASELINE)
                 got = self.client.call("stop")
             target_pid = int(summary.get("target_pid") or steps.get("pid") or 0) or None
@@ -310,13 +333,23 @@ class Bench:
                     with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
                         self.lab.run(host, sys.executable, str(APP), "cleanup", run.service)
 
+    def wait_target(self, run: Run, deadline: float) -> None:
+        """Until the client has heard from b (TCP retransmissions back off: 0.2 s, doubling,
+        so its first answer from b can come seconds after the copy runs) or ``deadline``."""
+        key, on_b = ("answer", self.by_net) if run.service else ("beat", self.by_ip)
+        while time.monotonic() < deadline:
+            last = self.client.call("peek")[key]
+            if last is not None and on_b.get(last[1]) == "b":
+                return
+            time.sleep(0.05)
+
     def torpor_move(self, name: str, variant: str) -> dict[str, Any]:
         mode = variant.split()[1]
         cmd = [*TORPOR, "migrate", name, "--to", self.agent, "--mode", mode, "--json"]
         if mode == "pool":
-            if not self.args.pool:
-                raise NotBuilt("no pool given (--pool P)")
-            cmd += ["--pool", self.args.pool]
+            if self.args.pool == "none":
+                raise NotBuilt("no pool (--pool none)")
+            cmd += ["--pool", POOL]
         res = subprocess.run(
             self.lab.argv("a", *cmd), capture_output=True, text=True, timeout=STEP_TIMEOUT,
             check=False,
@@ -438,7 +471,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how the client sees the app: answers on one kept TCP connection to a service "
         "address that moves with it (default), or its UDP heartbeats only",
     )
-    p.add_argument("--pool", help="the shared pool for torpor pool (configured on both hosts)")
+    p.add_argument(
+        "--pool",
+        choices=("dir", "none"),
+        default="dir",
+        help="torpor pool's pool: a dir pool in a directory both hosts share (default), or none",
+    )
+    p.add_argument(
+        "--rto-min",
+        type=int,
+        metavar="MS",
+        help="TCP's minimum retransmission timeout on the lab's routes (Linux: 200 ms)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round of 64 MiB")
     p.add_argument("--publish-dir", type=Path, help="copy the plot and raw samples there")
@@ -465,7 +509,7 @@ def main() -> int:
     os.environ["CRIU"] = criu_binary()
     OUT.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    info = machine() | code_state() | {"client": args.client}
+    info = machine() | code_state() | {"client": args.client, "rto_min": args.rto_min or 200}
     log(f"machine: {info}")
     samples: list[Sample] = []
     bench = None
@@ -474,6 +518,10 @@ def main() -> int:
         lab = Lab(tmp / "lab")
         try:
             trust_each_other(lab, tmp)
+            if args.pool == "dir":
+                make_pool(lab, tmp)
+            if args.rto_min is not None:
+                set_rto_min(lab, args.rto_min)
             bench = Bench(lab, Client(lab), start_agent(lab), args)
             if not args.no_warmup:
                 for v in args.variant_list:

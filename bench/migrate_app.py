@@ -16,9 +16,10 @@
     clock every node of the lab shares) and sender of each heartbeat of TOKEN. ``keep TOKEN
     ADDR PORT``: also keep ONE TCP connection to ADDR:PORT, asking ``ASK`` on it every ~5 ms,
     and record each answer's time and ``net`` (a broken connection is recorded and made
-    again). ``stop``: end the recording; answers ``{"beats": [[t, sender]], "answers": [[t,
-    net]], "errors": [...], "connections": N}``. ``ask ADDR PORT REQUEST``: one request on a
-    connection of its own; its answer (or ``{"error"}``).
+    again). ``peek``: the latest answer and heartbeat so far. ``stop``: end the recording;
+    answers ``{"beats": [[t, sender]], "answers": [[t, net]], "errors": [...], "connections":
+    N}``. ``ask ADDR PORT REQUEST``: one request on a connection of its own; its answer (or
+    ``{"error"}``).
 ``bare-send PID DIR RECEIVER_ADDR RECEIVER_PORT [--lazy-port P] [--service ADDR/PREFIX]``
     (on the source) Bare CRIU: ``criu dump -t PID -D DIR`` (with ``--lazy-pages --port P``
     the dump keeps serving the pages; its ``--status-fd`` says when the other files are
@@ -196,6 +197,11 @@ class Client:
                 }
                 self.token, self.beats, self.answers, self.errors = None, [], [], []
             return out
+        if words[0] == "peek":  # the latest answer and beat: [t, net] and [t, sender]
+            with self.lock:
+                last = self.answers[-1] if self.answers else None
+                beat = self.beats[-1] if self.beats else None
+            return {"answer": last, "beat": beat}
         if words[0] == "ask":
             try:
                 return ask(words[1], int(words[2]), words[3], 120.0)
