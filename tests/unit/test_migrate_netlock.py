@@ -98,6 +98,6 @@ def test_sweep_removes_torpor_locks_only(nft: FakeNft) -> None:
 
 def test_a_failing_nft_is_one_error_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(NetlockError, match="^nft could not run: ") as err:
+    with pytest.raises(NetlockError, match=r"^nft could not run: ") as err:
         _netlock.tables()
     assert err.value.hint == "install nftables (scripts/install-criu.sh)"
