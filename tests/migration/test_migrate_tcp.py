@@ -377,3 +377,44 @@ def test_target_refuses_service_addresses_it_must_not_bring_up(paired: Lab) -> N
     assert lab.connect("client", lab.address("b"), 7) == f"b {lab.address('client')} hello"
     assert echo.poll() is None
     assert ruleset(lab, "b") == ""
+
+
+HOLDS_A_CONNECTION = """
+import socket, sys, time
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+print("connected from", conn.getsockname()[1], flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_connection_on_the_hosts_own_address_is_refused_before_any_freeze(paired: Lab) -> None:
+    """A connection whose address stays on a cannot survive: said before anything is frozen,
+    with nothing sent to b."""
+    lab = paired
+    lab.echo_server("client", 7)
+    res = torpor(lab, "a", "run", "--name", "pinned", "--",
+                 sys.executable, "-c", HOLDS_A_CONNECTION, lab.address("client"), "7")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    pid = int(ps(lab, "a", "pinned")["pid"])
+    log = Path(ps(lab, "a", "pinned")["log_path"])
+
+    def port() -> str:
+        text = lab.python("a", f"print(open({str(log)!r}).read())")
+        return text.removeprefix("connected from ").strip() if text else ""
+
+    wait_for(lambda: port() != "")
+    with server(lab, "b") as srv:
+        res = torpor(lab, "a", "migrate", "pinned", "--to", srv.where)
+        seen = srv.stop()
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"torpor: error: pinned holds TCP connections on addresses that stay here "
+        f"({lab.address('a')}:{port()} -> {lab.address('client')}:7): they cannot survive the "
+        f"move (nothing was frozen; the process runs here, pid {pid}) — serve them on a service "
+        "address (torpor run --service-address, or torpor migrate --address ADDR/PREFIX), or "
+        "close them first"
+    )
+    assert seen == ""  # b was never even asked
+    assert (ps(lab, "a", "pinned")["state"], ps(lab, "a", "pinned")["pid"]) == ("running", pid)
+    killed = torpor(lab, "a", "kill", "pinned")
+    assert killed.returncode == 0, killed.stderr
