@@ -1,15 +1,75 @@
-"""``torpor migrate --mode lazy``: post-copy migration (issue 9). Not built yet."""
+"""``torpor migrate NAME --to HOST:PORT --mode lazy``: post-copy migration (issue 9).
+
+The order, on both hosts (see docs/migration-lazy.md):
+
+1. **Pre-flight**, as in copy mode: nothing is frozen before the target said ``ready``.
+2. **Lazy dump** on the source (:mod:`._lazy_dump`): CRIU writes everything but the private
+   anonymous pages and stops at ``post-dump`` with the tree frozen. Its page server will
+   speak over one end of a local socketpair, never a port: nobody can connect to it.
+3. The **non-memory files** go over the channel exactly as in copy mode (``image``, ``D``
+   frames, ``hashes``: :func:`._copy.send_file`), the target seals them
+   (``_serve._Incoming._receive``) and restores the copy lazily in a keeper of its own
+   (:mod:`._lazy_target`): ``criu lazy-pages`` waits for its pages, the copy runs at once.
+   The target answers ``running``.
+4. Only then is ``post-dump`` answered true. Both sides turn the channel into a **relay**
+   (:func:`._channel.relay`): the target's daemon asks for the pages it faults on and pushes
+   for the rest; the source's CRIU answers. The source's record says ``migrating to ...,
+   pages in flight``, the target's ``migrating from ..., pages in flight``.
+5. When the last page has moved, the daemon closes, the source's CRIU kills the original and
+   its dump returns; the target's copy is resident. ``done`` and ``settled`` end the channel.
+
+Failures:
+
+- *Before the target runs the copy* (a refusal, a failed restore, the link cut, no answer in
+  time): ``post-dump`` is answered false and CRIU's page server is sent a command it does not
+  know (:data:`._lazy_dump.FAIL_COMMAND`): CRIU thaws the original, unchanged. The target is
+  told ``abort``.
+- *After* (the relay breaks: the link cut, the target's server killed): the target kills its
+  half-moved copy (its pages cannot arrive: never run on missing memory) and records why;
+  the source waits :data:`FENCE` seconds, longer than the target takes to notice a silent
+  link (:data:`IDLE`), so that the copy is dead, then makes CRIU thaw the original. It
+  resumes from its state at the freeze: what the copy did meanwhile is lost, said so.
+- *The source killed* (the ``torpor migrate`` command): CRIU's page server sees its socket
+  close, takes it for the end of the transfer and kills the original; the target's relay
+  breaks and it kills its copy. The process is lost: the source must stay up until the last
+  page has moved, which the command says.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._errors import TorporError
+from .. import _paths
+from .._engine import DUMP_LOG, criu_version
+from .._errors import DumpError, TorporError
+from .._process import _locks, _registry
+from .._process._proc import ProcRef, facts
+from .._safe import kind_problem, lstat_entries, open_dir, open_regular
+from . import _address, _preflight
+from ._channel import ChannelError, Conn, connect, relay, start_relay
+from ._copy import MAX_FILES, MigrationError, MigrationRefusedError, Progress, Summary, send_file
+from ._lazy_dump import CLOSE_COMMANDS, FAIL_COMMAND, PSI_SIZE, lazy_dump
 
 if TYPE_CHECKING:
-    from ._copy import Summary
     from ._serve import _Incoming
+
+DEFAULT_TIMEOUT = 120.0
+IDLE = 8.0  # seconds without a byte on the relay after which the target gives up the copy
+FENCE = IDLE + 2.0  # seconds the source waits after a break before the original resumes
+SETTLE = 15.0  # seconds the target waits for the keeper to record how the copy's filling ended
+_STALL_ENV = "TORPOR_TEST_LAZY_STALL"  # tests: a path made once pages flow, then they stop
+
+
+# -- the source ----------------------------------------------------------------------------------
 
 
 def migrate_lazy(
@@ -17,14 +77,453 @@ def migrate_lazy(
     host: str,
     port: int,
     *,
-    timeout: float,
-    tcp_established: bool,
+    timeout: float = DEFAULT_TIMEOUT,
+    tcp_established: bool = False,
     say: Callable[[str], None] | None = None,
 ) -> Summary:
-    """The source's side of a lazy migration."""
-    raise TorporError("--mode lazy is not built yet", hint="use --mode copy")
+    """Move the managed process ``name`` to the torpor at ``host:port`` post-copy (see the
+    module docstring); its :class:`Summary` once the last page has moved.
+    :class:`MigrationRefusedError` if pre-flight failed, :class:`MigrationError` if anything
+    else did (the message says where the process runs)."""
+    started = time.monotonic()
+    rec = _registry.load(name)
+    _registry.check_live(rec)
+    ref = rec.ref
+    where = f"{host}:{port}"
+    if rec.service_addresses or tcp_established or _address.connections(ref.pid):
+        raise MigrationError(
+            f"{name} holds TCP connections or service addresses, which --mode lazy does not "
+            f"move yet (nothing was frozen; the process runs here, pid {ref.pid})",
+            hint="use --mode copy, which keeps them",
+        )
+    first = _preflight.facts_for(name, ref.pid, mode="lazy")
+    conn = connect(host, port)  # refused or unreachable: nothing touched
+    with conn:
+        conn.settimeout(timeout)
+        conn.send(first)
+        reply = conn.recv()
+        if reply.get("type") == "refused":
+            found = [str(p) for p in reply.get("problems", [])] or ["no reason given"]
+            raise MigrationRefusedError(
+                f"migration of {name} to {where} refused in pre-flight: {'; '.join(found)} "
+                f"(nothing was frozen; the process runs here, pid {ref.pid})",
+                hint="fix what the target reports, then migrate again",
+            )
+        if reply.get("type") != "ready":
+            raise MigrationError(f"{where} answered pre-flight with {reply.get('type')!r}")
+        if say is not None:
+            say(f"pre-flight passed on {where}; dumping {name} (pid {ref.pid}) lazily")
+        with _locks.dumping(ref, unless_requested=True):
+            _registry.update(name, ref, migrating=f"to {where}")
+            try:
+                summary = _LazyMove(conn, name, where, ref, say=say, timeout=timeout).run()
+            finally:
+                with contextlib.suppress(OSError, TorporError):
+                    _registry.update(name, ref, migrating=None)
+    with contextlib.suppress(OSError, TorporError):
+        _registry.update(name, ref, migrated_to=where)
+    with contextlib.suppress(OSError, TorporError, ValueError):
+        from .._supervise import _events
+
+        _events.append(name, "checkpoint", migrated_to=where, mode="lazy")
+    total = (time.monotonic() - started) * 1000
+    return Summary(**{**summary.to_json(), "total_ms": round(total, 1)})
+
+
+class _LazyMove:
+    """One lazy dump: its ``post-dump`` carries the files; then its page server's socket is
+    relayed over the channel, through a :class:`_Guard`, until the last page has moved."""
+
+    def __init__(
+        self,
+        conn: Conn,
+        name: str,
+        where: str,
+        ref: ProcRef,
+        *,
+        say: Callable[[str], None] | None,
+        timeout: float,
+    ) -> None:
+        self.conn, self.name, self.where, self.ref = conn, name, where, ref
+        self.pid = ref.pid
+        self.say = say
+        self.timeout = timeout
+        self.staging = Path()
+        self.failure: BaseException | None = None
+        self.frozen_at = self.sent_at = self.relaying_at = 0.0
+        self.settled: dict[str, Any] = {}
+        self.bytes = self.files = 0
+        self.rss = 0
+        # CRIU's page server speaks on ``criu_sock``; the guard holds the other end.
+        self.criu_sock, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.guard = _Guard(ours, stall=os.environ.get(_STALL_ENV))
+        self.relay_thread: threading.Thread | None = None
+
+    def run(self) -> Summary:
+        out = _paths.private_dir(_paths.home() / "migrate", what="migration directory")
+        self.staging = Path(tempfile.mkdtemp(prefix=f"{self.name}.", dir=out))
+        try:
+            try:
+                lazy_dump(self.pid, self.staging, self.criu_sock.fileno(), notify=self._notify)
+            except DumpError as exc:
+                raise self._failed(exc) from self.failure or exc
+            finally:
+                self.criu_sock.close()
+                if self.relay_thread is not None:
+                    self.relay_thread.join()
+                self.guard.close()
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        with contextlib.suppress(TorporError):
+            self.conn.send({"type": "done"})  # the original is gone: the copy is the process
+        got = self.settled
+        if got.get("state") != "resident" and self.say is not None:
+            self.say(f"warning: {self.where} did not report the copy resident ({got})")
+        resume_ms = _number(got.get("resume_ms"))
+        return Summary(
+            name=self.name,
+            mode="lazy",
+            source_pid=self.pid,
+            target=self.where,
+            target_pid=int(got["pid"]) if isinstance(got.get("pid"), int) else 0,
+            # Frozen here until the files were sent and checked, then until the copy ran there.
+            downtime_ms=round((self.relaying_at - self.frozen_at) * 1000 + resume_ms, 1),
+            frozen_ms=None,
+            transfer_ms=round((self.sent_at - self.frozen_at) * 1000, 1),
+            restore_ms=_number(got.get("restore_ms")),
+            bytes=self.bytes + self.guard.pages,
+            files=self.files,
+            total_ms=0.0,
+        )
+
+    # -- CRIU's notifications ------------------------------------------------------------------
+
+    def _notify(self, event: Any) -> bool:
+        if event.name == "pre-dump":
+            self.frozen_at = time.monotonic()
+            return True
+        if event.name != "post-dump":
+            return True
+        try:
+            self._transfer()
+        except BaseException as exc:  # answered false: CRIU thaws the original
+            self.failure = exc
+            self.guard.fail_criu()
+            return False
+        self._start_relay()
+        return True
+
+    def _start_relay(self) -> None:
+        self.relaying_at = time.monotonic()
+        with contextlib.suppress(OSError, TorporError):
+            _registry.update(self.name, self.ref, migrating=f"to {self.where}, pages in flight")
+        if self.say is not None:
+            self.say(
+                f"{self.name} resumes on {self.where}; its memory follows: this host must stay "
+                f"up until about {self.rss / (1 << 20):.0f} MiB have moved"
+            )
+        self.guard.start()
+        self.relay_thread = threading.Thread(
+            target=self._relay, name="torpor-lazy-relay", daemon=True
+        )
+        self.relay_thread.start()
+
+    def _relay(self) -> None:
+        """Relay until both ends ended, then learn how the copy fared; make CRIU thaw the
+        original unless the target's daemon closed the transfer with every page in."""
+        try:
+            relay(self.conn, self.guard.relay_sock, idle_timeout=IDLE)
+            self.conn.settimeout(SETTLE + 5)
+            self.settled = self.conn.recv()
+        except TorporError as exc:
+            if self.guard.closed_by_target:
+                return  # every page is there: CRIU ends the transfer well
+            # The link broke: the copy there is killed once it notices (at once, or after IDLE
+            # seconds of silence); only then may the original run on, here.
+            self.failure = exc
+            time.sleep(FENCE)
+            self.guard.fail_criu()
+            return
+        if not self.guard.closed_by_target:
+            why = self.settled.get("error") if self.settled.get("type") == "settled" else None
+            self.failure = MigrationError(
+                f"{self.where} ended the transfer: {why or 'no reason given'}"
+            )
+            self.guard.fail_criu()
+
+    def _transfer(self) -> None:
+        conn = self.conn
+        staging = self.staging
+        dir_fd = open_dir(staging)
+        try:
+            entries = lstat_entries(dir_fd)
+            names = sorted(n for n in entries if n != DUMP_LOG)
+            for n in names:
+                kind = kind_problem(entries[n].st_mode)
+                if kind is not None:
+                    raise MigrationError(f"the dump holds {n}, {kind}, not a regular file")
+            if len(names) > MAX_FILES:
+                raise MigrationError(f"the dump has {len(names)} files, over {MAX_FILES}")
+            cmdline, rss = facts(self.pid)
+            self.rss = rss
+            conn.send(
+                {
+                    "type": "image",
+                    "facts": {
+                        "pid": self.pid,
+                        "cmdline": list(cmdline),
+                        "rss_bytes": rss,
+                        "criu_version": criu_version(),
+                        "tcp_established": False,
+                        "shell_job": False,
+                        "lazy": True,
+                    },
+                    "files": [{"name": n, "size": entries[n].st_size} for n in names],
+                }
+            )
+            hashes: dict[str, str] = {}
+            progress = Progress(self.say, sum(entries[n].st_size for n in names), self.where)
+            for n in names:
+                fd = open_regular(dir_fd, n, source=str(staging))
+                try:
+                    hashes[n] = send_file(conn, fd, entries[n].st_size, progress=progress)
+                finally:
+                    os.close(fd)
+                self.bytes += entries[n].st_size
+            self.files = len(names)
+            conn.send({"type": "hashes", "files": hashes})
+        finally:
+            os.close(dir_fd)
+        self.sent_at = time.monotonic()
+        reply = conn.recv()
+        if reply.get("type") == "failed":
+            raise MigrationError(f"{self.where} could not take it: {reply.get('error')}")
+        if reply.get("type") != "verified":
+            raise MigrationError(f"{self.where} answered {reply.get('type')!r}, not verified")
+
+    def _failed(self, exc: DumpError) -> MigrationError:
+        ran = self.settled.get("resumed") is not False and self.relaying_at > 0
+        if self.relaying_at == 0:
+            with contextlib.suppress(TorporError):
+                self.conn.send({"type": "abort"})  # nothing runs there: say so anyway
+        alive = self.ref.alive()
+        if not alive:
+            fate = "the process is gone here"
+        elif ran:
+            fate = (
+                f"the copy there is killed; the original resumed here from its state at the "
+                f"freeze, pid {self.pid}: what the copy did meanwhile is lost"
+            )
+        else:
+            fate = f"the process runs here, unchanged (pid {self.pid})"
+        why = self.failure
+        reason = why.msg if isinstance(why, TorporError) else repr(why) if why else exc.msg
+        if ran:
+            reason = f"the transfer of its memory broke: {reason}"
+        with contextlib.suppress(OSError, TorporError, ValueError):
+            from .._supervise import _events
+
+            _events.append(
+                self.name, "checkpoint-failed", error=reason, migrated_to=self.where,
+                mode="lazy", resumed_here=alive,
+            )  # fmt: skip
+        return MigrationError(
+            f"migration of {self.name} to {self.where} failed: {reason} ({fate})",
+            hint=None if why is None else getattr(why, "hint", None),
+        )
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+class _Guard:
+    """Between CRIU's page server socket (``criu``) and the relay (:attr:`relay_sock`): it
+    passes the target daemon's 32-byte requests to CRIU only whole, notes its
+    ``PS_IOV_CLOSE`` (every page is in: :attr:`closed_by_target`), and never lets the end of
+    the relay reach CRIU otherwise. CRIU takes an EOF at a request boundary for the end of a
+    good transfer and kills the original; an end without the daemon's close is instead
+    answered by :meth:`fail_criu`, when the caller decides, and CRIU thaws the original."""
+
+    def __init__(self, criu: socket.socket, *, stall: str | None = None) -> None:
+        self.criu = criu
+        self.relay_sock, self._ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.closed_by_target = False
+        self.pages = 0  # bytes CRIU sent towards the target
+        self._stall = Path(stall) if stall else None
+        self._lock = threading.Lock()
+        self._failed = False
+
+    def start(self) -> None:
+        for fn in (self._up, self._down):
+            threading.Thread(target=fn, name="torpor-lazy-guard", daemon=True).start()
+
+    def fail_criu(self) -> None:
+        """Make CRIU's transfer fail (once): the tree is thawed, not killed."""
+        with self._lock:
+            if self._failed or self.closed_by_target:
+                return
+            self._failed = True
+            with contextlib.suppress(OSError):
+                self.criu.sendall(FAIL_COMMAND)
+
+    def close(self) -> None:
+        for s in (self.criu, self.relay_sock, self._ours):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def _up(self) -> None:
+        """The daemon's requests, towards CRIU."""
+        pending = b""
+        try:
+            while data := self._ours.recv(1 << 16):
+                pending += data
+                whole = len(pending) - len(pending) % PSI_SIZE
+                units, pending = pending[:whole], pending[whole:]
+                with self._lock:
+                    if self._failed:
+                        continue
+                    for at in range(0, len(units), PSI_SIZE):
+                        cmd = int.from_bytes(units[at : at + 4], "little") & 0xFFFF
+                        if cmd in CLOSE_COMMANDS:
+                            self.closed_by_target = True
+                    self.criu.sendall(units)
+        except OSError:
+            pass
+        # The relay's end: towards CRIU only if the daemon closed (then CRIU has ended anyway).
+        with contextlib.suppress(OSError):
+            self._ours.shutdown(socket.SHUT_WR)
+
+    def _down(self) -> None:
+        """CRIU's answers (pages), towards the target."""
+        stalled = False
+        with contextlib.suppress(OSError):
+            while data := self.criu.recv(1 << 16):
+                if stalled:
+                    continue
+                self._ours.sendall(data)
+                self.pages += len(data)
+                if self._stall is not None and self.pages >= 1 << 20:
+                    self._stall.touch()  # tests: pages stop flowing here
+                    stalled = True
+        with contextlib.suppress(OSError):
+            self._ours.shutdown(socket.SHUT_WR)
+
+
+# -- the target ----------------------------------------------------------------------------------
 
 
 def serve_lazy(incoming: _Incoming, name: str, first: Mapping[str, Any]) -> None:
-    """The target's side, after pre-flight passed and ``ready`` was sent."""
-    raise TorporError("--mode lazy is not served here yet")
+    """The target's side, after pre-flight passed and ``ready`` was sent: receive and seal
+    the files, relay the pages while the copy is restored and runs, report how it settled."""
+    from .._images._image import Image, Staging
+    from ._serve import _IN_TRANSIT
+
+    conn = incoming.conn
+    msg = conn.recv()
+    if msg.get("type") != "image":
+        raise ChannelError(f"{incoming.peer} sent {msg.get('type')!r}, not the image")
+    staging = Staging(_paths.images_dir() / f"{name}{_IN_TRANSIT}{os.urandom(4).hex()}")
+    image: Image | None = None
+    try:
+        try:
+            image = incoming._receive(staging, name, msg)
+        except TorporError as exc:
+            with contextlib.suppress(TorporError):
+                conn.send({"type": "failed", "error": exc.msg})
+            raise
+        _Filling(incoming, name, image).run()
+    finally:
+        staging.discard()
+        if image is not None:
+            shutil.rmtree(image.path, ignore_errors=True)
+
+
+class _Filling:
+    """The copy is restored and runs while its pages come through the relay."""
+
+    def __init__(self, incoming: _Incoming, name: str, image: Any) -> None:
+        self.incoming, self.name, self.image = incoming, name, image
+        self.peer = incoming.peer
+        self.rec: _registry.ManagedProcess | None = None
+
+    def run(self) -> None:
+        from ._lazy_target import restore_apart
+
+        conn = self.incoming.conn
+        conn.send({"type": "verified"})
+        handle = start_relay(conn, idle_timeout=IDLE)  # the source's CRIU serves from now on
+        started = time.monotonic()
+        report: dict[str, Any] = {"type": "settled", "resumed": False}
+        try:
+            try:
+                self.rec = restore_apart(
+                    self.image, self.name, handle.criu_sock.fileno(), source=self.peer
+                )
+            finally:
+                handle.criu_sock.close()  # the keeper holds it now (or the restore failed)
+        except TorporError as exc:
+            self._end_relay(handle)
+            report["error"] = f"the restore failed: {exc.msg}"
+            with contextlib.suppress(TorporError):
+                conn.send({**report, "state": "failed"})
+            raise
+        took = round((time.monotonic() - started) * 1000, 1)
+        report.update(resumed=True, pid=self.rec.pid, restore_ms=took, resume_ms=took)
+        self.incoming.log(
+            f"{self.name!r} from {self.peer} runs (pid {self.rec.pid}) after {took} ms; "
+            "pages in flight"
+        )
+        try:
+            stats = handle.wait()
+        except ChannelError as exc:
+            self._lost(f"the transfer from {self.peer} broke: {exc.msg}")
+            return
+        state = self._settled()
+        report.update(state=state.state if state else None, error=state.error if state else None)
+        with contextlib.suppress(TorporError):
+            conn.send(report)
+        if state is None or state.state != "resident":
+            self._lost(f"its filling ended {state.state if state else 'unrecorded'}")
+            return
+        with contextlib.suppress(TorporError):
+            conn.settimeout(SETTLE)
+            done = conn.recv()
+            if done.get("type") != "done":
+                self.incoming.log(f"{self.peer} ended with {done.get('type')!r}, not done")
+        with contextlib.suppress(OSError, TorporError):
+            _registry.update(self.name, self.rec.ref, migrating=None, migrated_from=self.peer)
+        with contextlib.suppress(OSError, TorporError, ValueError):
+            from .._supervise import _events
+
+            _events.append(self.name, "restore", migrated_from=self.peer, mode="lazy")
+        self.incoming.log(
+            f"{self.name!r} migrated from {self.peer}: pid {self.rec.pid}, running after "
+            f"{took} ms, {stats.received} bytes of pages moved"
+        )
+
+    @staticmethod
+    def _end_relay(handle: Any) -> None:
+        with contextlib.suppress(TorporError):
+            handle.wait(IDLE + 5)
+
+    def _settled(self) -> Any:
+        from .._lazy._restore import wait_states
+
+        return wait_states([self.name], timeout=SETTLE).get(self.name)
+
+    def _lost(self, why: str) -> None:
+        """The copy is (being) killed by its keeper's watch; make sure, and record it."""
+        rec = self.rec
+        assert rec is not None
+        state = self._settled()
+        if rec.ref.alive():  # the watch did not (yet): never run on missing memory
+            with contextlib.suppress(OSError):
+                os.kill(rec.pid, 9)
+        error = state.error if state is not None and state.error else why
+        with contextlib.suppress(OSError, TorporError):
+            _registry.update(
+                self.name, rec.ref, migrating=None,
+                restored_from=f"aborted lazy migration from {self.peer}: {why}",
+            )  # fmt: skip
+        self.incoming.log(f"{self.name!r} from {self.peer}: copy killed: {why} ({error})")

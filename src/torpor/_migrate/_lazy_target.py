@@ -1,0 +1,307 @@
+"""The target's restore of a lazy migration, in a keeper of this host.
+
+The copy is restored by a keeper (:func:`torpor._process._keeper.spawn`), as every managed
+process is, with :class:`torpor._lazy._restore.LazyCopy` doing what it does for a local lazy
+restore: its own ``criu lazy-pages`` daemon (a child of the keeper), the userfaultfds held
+by the keeper, and the watch that kills the copy (through a pidfd) and records why when its
+pages cannot arrive (``<home>/lazy/NAME.json``, an event).
+
+Only the page server differs: the pages come from the source's CRIU, over the migration's
+channel. LazyCopy points its daemon at ``127.0.0.1:PORT`` of a :class:`RelayedPages`: a
+listener that accepts one connection, and only the daemon's (its peer socket is looked up in
+``/proc/net/tcp`` and must be held by the daemon's pid, as torpor's own page server checks;
+anyone else is closed with nothing sent), then pumps bytes between it and ``ps_fd``, the
+local end of the relay the migration server runs over the TLS channel
+(:func:`torpor._migrate._channel.relay`). The daemon's side is a stream of 32-byte
+``page_server_iov`` requests; once it has sent ``PS_IOV_CLOSE`` (every page is in) the
+source's end may close. If it ends before that, or either side breaks, :attr:`error` is set
+and ``on_error`` called: the copy is killed while the daemon's connection is still open (a
+fault then waits rather than reading zeros), and the record says the migration broke.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .._engine import CriuEngine, RestoreOptions
+from .._errors import TorporError
+from .._images._image import Image
+from .._lazy import _restore as _lazy
+from .._lazy._server import _peer_inode, holds_socket
+from .._lazy._source import LazyPageError, Range
+from .._process import _keeper, _registry
+from .._process._registry import ManagedProcess
+
+_PSI = struct.Struct("<I4xQQQ")
+_PS_IOV_CLOSE = (0x1023, 0x1024)  # CLOSE, FORCE_CLOSE
+_CMD_MASK = 0xFFFF
+_CHUNK = 1 << 20
+ACCEPT_TIMEOUT = 30.0  # seconds for the daemon to connect once started
+
+
+class RelayedPages:
+    """A page server for LazyCopy whose pages come through ``ps_fd`` (module docstring)."""
+
+    def __init__(
+        self,
+        image: Image,
+        daemon_pid: Callable[[], int | None],
+        on_error: Callable[[LazyPageError], None],
+        ps_fd: int,
+        source: str,
+    ) -> None:
+        self._image = image
+        self._daemon_pid = daemon_pid
+        self._on_error = on_error
+        self._source = source
+        self._ps = socket.socket(fileno=os.dup(ps_fd))
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=4)
+        self._daemon: socket.socket | None = None
+        self._error: LazyPageError | None = None
+        self._closing = False  # the daemon asked to close: every page is in
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.moved = 0  # page bytes passed to the daemon
+
+    @property
+    def port(self) -> int:
+        return int(self._listener.getsockname()[1])
+
+    @property
+    def error(self) -> LazyPageError | None:
+        return self._error
+
+    def start(self) -> None:
+        t = threading.Thread(target=self._run, name="torpor-lazy-relay", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def close(self) -> None:
+        for s in (self._listener, self._daemon, self._ps):
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def warm_set(self, *, within: float | None = None) -> list[Range]:
+        return []  # pages are asked for in the order the source's CRIU is asked: no warm set
+
+    def prefetch(self, ranges: list[Range]) -> None:
+        return None
+
+    # -- the pumps -----------------------------------------------------------------------------
+
+    def _fail(self, what: str) -> None:
+        with self._lock:
+            if self._error is not None:
+                return
+            self._error = LazyPageError(
+                f"lazy migration from {self._source}: {what}; the pages not yet here cannot arrive",
+                image=str(self._image.path),
+                hint="the copy was killed; see the source for where the process runs",
+            )
+        self._on_error(self._error)
+
+    def _run(self) -> None:
+        try:
+            conn = self._accept()
+        except OSError as exc:
+            self._fail(f"the lazy-pages daemon did not connect ({exc})")
+            return
+        self._daemon = conn
+        up = threading.Thread(target=self._requests, args=(conn,), daemon=True)
+        up.start()
+        self._pages(conn)
+        up.join()
+
+    def _accept(self) -> socket.socket:
+        self._listener.settimeout(ACCEPT_TIMEOUT)
+        while True:
+            conn, peer = self._listener.accept()
+            pid = self._daemon_pid()
+            inode = _peer_inode(conn.getsockname()[:2], peer[:2])
+            if pid is not None and inode is not None and holds_socket(pid, inode):
+                self._listener.close()
+                conn.settimeout(None)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return conn
+            with contextlib.suppress(OSError):  # not the daemon: a reset, nothing sent
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+    def _requests(self, conn: socket.socket) -> None:
+        """The daemon's requests to the source (32-byte ``page_server_iov``s)."""
+        pending = b""
+        try:
+            while True:
+                data = conn.recv(_CHUNK)
+                if not data:
+                    with contextlib.suppress(OSError):
+                        self._ps.shutdown(socket.SHUT_WR)
+                    return
+                pending += data
+                while len(pending) >= _PSI.size:
+                    cmd = _PSI.unpack_from(pending)[0] & _CMD_MASK
+                    if cmd in _PS_IOV_CLOSE:
+                        self._closing = True
+                    pending = pending[_PSI.size :]
+                self._ps.sendall(data)
+        except OSError as exc:
+            if not self._closing:
+                self._fail(f"the relay to the source broke ({exc.strerror or exc})")
+
+    def _pages(self, conn: socket.socket) -> None:
+        """The source's answers (pages) to the daemon."""
+        try:
+            while True:
+                data = self._ps.recv(_CHUNK)
+                if not data:
+                    if not self._closing:
+                        self._fail("the source ended the transfer before the last page")
+                        return
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_WR)
+                    return
+                self.moved += len(data)
+                conn.sendall(data)
+        except OSError as exc:
+            if not self._closing:
+                self._fail(f"the relay from the source broke ({exc.strerror or exc})")
+
+
+def restore_apart(image: Image, name: str, ps_fd: int, *, source: str) -> ManagedProcess:
+    """Restore ``image`` as ``name`` lazily, its pages through ``ps_fd``, by a keeper forked
+    from a child holding no descriptor of ours but ``ps_fd`` (the keeper stays behind as the
+    process's parent and would otherwise keep the server's sockets open); the record."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; the migration tests drive it
+        code = 0
+        try:
+            for entry in os.listdir("/proc/self/fd"):
+                if int(entry) > 2 and int(entry) not in (w, ps_fd):
+                    with contextlib.suppress(OSError):
+                        os.close(int(entry))
+            try:
+                rec = _keeper.spawn(_work(image, name, ps_fd, source))[0]
+                reply: dict[str, Any] = {"ok": True, "rec": dataclasses.asdict(rec)}
+            except BaseException as exc:
+                reply = {"ok": False, "error": _keeper.encode_error(exc)}
+                code = 1
+            os.write(w, json.dumps(reply).encode() + b"\n")
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    try:
+        while not data.endswith(b"\n"):
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    if not data:
+        raise TorporError(f"the lazy restore of {name} died before it reported")
+    reply = json.loads(data)
+    if not reply["ok"]:
+        raise _keeper.decode_error(reply["error"])
+    fields = reply["rec"]
+    fields["command"] = tuple(fields["command"])
+    fields["service_addresses"] = tuple(fields.get("service_addresses", ()))
+    return ManagedProcess(**fields)
+
+
+def _work(
+    image: Image, name: str, ps_fd: int, source: str
+) -> Callable[[_keeper.Keeper], list[ManagedProcess]]:
+    """What the keeper does: the lazy restore of one copy (as ``Keeper.restore`` does for a
+    local lazy copy, with :class:`RelayedPages` as its page server)."""
+
+    def factory(
+        img: Image,
+        daemon_pid: Callable[[], int | None],
+        on_error: Callable[[LazyPageError], None],
+    ) -> _lazy.Server:
+        return RelayedPages(img, daemon_pid, on_error, ps_fd, source)
+
+    def work(k: _keeper.Keeper) -> list[ManagedProcess]:
+        from .._images._manifest import now_iso
+        from .._process import _copies
+        from .._process._logs import open_log
+
+        engine = CriuEngine()
+        copies = _copies.Copies(image, 1)
+        with _registry.reserve([name]) as held:
+            copy = _lazy.LazyCopy(
+                image, name, binary=engine.binary, server_factory=factory,
+                on_failure=_failed(source), hold=k.holding,
+            )  # fmt: skip
+            log_path = None
+            log_fd = None
+            try:
+                try:
+                    copy.start()
+                finally:
+                    os.close(ps_fd)  # the page server holds its own duplicate
+                if not image.trusted():
+                    image.verify(full=True)
+                options = RestoreOptions(
+                    tcp_established=image.manifest.tcp_established,
+                    shell_job=image.manifest.shell_job,
+                    lazy_pages=True,
+                )
+                if copies.stdio:
+                    from .. import _paths
+
+                    log_path = _paths.logs_dir() / f"{name}.log"
+                    log_fd = open_log(log_path)
+                    options = dataclasses.replace(
+                        options, inherit_fds={key: log_fd for key in copies.stdio}
+                    )
+                res = copy.engine(engine).restore(image.path, options)
+                copy.restored(res.pid, tasks=_lazy.restored_tasks(res.pid))
+            except BaseException:
+                copy.abort()
+                raise
+            finally:
+                if log_fd is not None:
+                    os.close(log_fd)
+            rec = ManagedProcess(
+                name=name,
+                pid=res.pid,
+                start_time=_keeper._start_time(res.pid),
+                keeper_pid=k.pid,
+                command=image.manifest.cmdline,
+                started=now_iso(),
+                log_path=str(log_path) if log_path else None,
+                managed_as=_registry.managed_name(res.pid),
+                migrating=f"from {source}, pages in flight",
+            )
+            k._adopt(rec)
+            recs = k.record([rec], held)
+            copy.watch()
+            return recs
+
+    return work
+
+
+def _failed(source: str) -> Callable[[_lazy.LazyState], None]:
+    def report(state: _lazy.LazyState) -> None:
+        with contextlib.suppress(OSError, TorporError, ValueError):
+            from .._supervise import _events
+
+            _events.append(
+                state.name, "restore-failed", error=state.error, migrated_from=source,
+                mode="lazy",
+            )  # fmt: skip
+
+    return report
