@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,12 +25,13 @@ from typing import Any
 
 import pytest
 
-from .conftest import SCRIPT, Lab
+from .conftest import SCRIPT, Lab, lab_problem, make, unavailable
 
 pytestmark = pytest.mark.criu
 
 ROOT = Path(__file__).resolve().parents[2]
 CEPH = ROOT / "scripts" / "ceph-cluster"
+CEPH_BINARIES = ("ceph-mon", "ceph-mgr", "ceph-osd", "radosgw", "radosgw-admin", "osdmaptool")
 TORPOR = (sys.executable, "-m", "torpor")
 PORT = 7072
 COUNTER = (
@@ -167,6 +169,77 @@ def refused_for_pool(lab: Lab, pool: str, name: str, problem: str) -> None:
 def paired(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Lab:
     pair(lab, tmp_path_factory.mktemp("certs"))
     return lab
+
+
+@pytest.fixture(scope="module")
+def ceph_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, dict[str, Any]]]:
+    """A lab of three hosts, a and b trusting each other, and a real Ceph cluster running on
+    c (its mon and RGW on c's address); the cluster's JSON. Stopped and taken down after."""
+    problem = lab_problem() or next(
+        (f"Ceph is not installed (no {b})" for b in CEPH_BINARIES if shutil.which(b) is None), None
+    )
+    if problem:
+        unavailable(problem)
+    lab = make(tmp_path_factory.mktemp("lab"), "--hosts", "3")
+    cluster = tmp_path_factory.mktemp("ceph")
+    try:
+        pair(lab, tmp_path_factory.mktemp("certs"))
+        started = lab.exec(
+            "c", sys.executable, str(CEPH), "start", "--address", lab.address("c"), str(cluster),
+            timeout=180,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        info = json.loads(started.stdout)
+        for host in ("a", "b"):
+            ok(torpor(lab, host, "pool", "create", "shared", "ceph", f"ceph.conf={info['conf']}",
+                      f"ceph.user.name={info['rados_user']}", "ceph.osd.pool_name=torpor-migrate",
+                      "ceph.osd.pg_num=8"))  # fmt: skip
+        yield lab, info
+    finally:
+        if (cluster / "daemons.json").exists():
+            lab.exec("c", sys.executable, str(CEPH), "stop", str(cluster), timeout=120)
+        lab.down()
+
+
+def test_a_counter_moves_through_ceph_with_its_state(ceph_lab: tuple[Lab, dict[str, Any]]) -> None:
+    lab, info = ceph_lab
+    assert info["mon_addr"].startswith(f"v2:{lab.address('c')}:")  # on the lab's network
+    moves_through(lab, "shared", "cephctr")
+
+
+def test_a_ceph_pool_the_target_cannot_reach_is_refused_in_preflight(
+    ceph_lab: tuple[Lab, dict[str, Any]],
+) -> None:
+    lab, _ = ceph_lab
+    # b loses its way to c (the cluster), a keeps it: a partition, as on a real network.
+    route = ("ip", "route", "add", "prohibit", f"{lab.address('c')}/32")
+    ok(lab.exec("b", *route))
+    try:
+        pid = start_counter(lab, "a", "cut")
+        with server(lab, "b") as where:
+            res = torpor(
+                lab, "a", "migrate", "cut", "--to", where, "--mode", "pool", "--pool", "shared"
+            )
+    finally:
+        ok(lab.exec("b", "ip", "route", "del", "prohibit", f"{lab.address('c')}/32"))
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    line = res.stderr.strip().splitlines()[-1]
+    head = (
+        f"torpor: error: migration of cut to {where} refused in pre-flight: no pool configured on "
+        f"{where} is the source's pool 'shared' (ceph) (pool 'shared' there cannot be read: "
+    )
+    tail = (
+        "): configure it there (torpor pool create) where it can be read (nothing was frozen; "
+        f"the process runs here, pid {pid}) — fix what the target reports, then migrate again"
+    )
+    assert line.startswith(head) and line.endswith(tail), line
+    assert (ps(lab, "a", "cut")["state"], ps(lab, "a", "cut")["pid"]) == ("running", pid)
+    before = counts(lab, "a", "cut")
+    wait_for(lambda: len(counts(lab, "a", "cut")) >= len(before) + 5)
+    numbers = counts(lab, "a", "cut")
+    assert numbers == list(range(len(numbers)))
+    assert ps(lab, "b", "cut") == {}
+    ok(torpor(lab, "a", "kill", "cut"))
 
 
 def test_a_counter_moves_through_a_shared_dir_pool(paired: Lab, tmp_path: Path) -> None:
