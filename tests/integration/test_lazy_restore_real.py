@@ -174,3 +174,36 @@ def test_lazy_count_two_copies_each_with_its_daemon(
         lambda: [d for log in logs if (d := _lines(log, "answer").get("y"))], what="an answer"
     )
     assert got == [answer]
+
+
+def test_a_local_warm_set_is_recorded_then_restored_before_the_resume(
+    torpor_home: Path, tmp_path: Path, daemons: list[int]
+) -> None:
+    """Issue 10 point 3, locally: the first lazy restore records the pages the copy faulted
+    (from its daemon's log); the next restores them before the resume, from a warm image, and
+    the copy is right (answer, then all its memory once resident)."""
+    from torpor._images._image import Image
+    from torpor._lazy import _warm
+
+    trig, answer, total = _image(torpor_home, tmp_path, "warm")
+    image = Image.open(torpor_home / "images" / "warm-img")
+    assert _warm.load(image) == []
+    (row,) = _restore_lazy("warm-img", "--name", "w1")
+    log = copy_log(torpor_home, "w1")
+    assert _ask(trig, log, "ask", "w1") == answer  # touches 4 MiB
+    assert lazy.wait_states(["w1"], timeout=60)["w1"].state == "resident"
+    warm = _warm.load(image)
+    # What it faulted before the background push got there (its first moments, at least the
+    # interpreter's own pages), every page a lazy one.
+    assert warm and sum(r[2] for r in warm) <= _warm.MAX_BYTES
+    torpor("stop", "w1")
+    (row,) = _restore_lazy("warm-img", "--name", "w2")
+    st = lazy.read_state("w2")
+    assert st is not None and st.daemon_pid is not None
+    daemons.append(st.daemon_pid)
+    assert st.warm_bytes == sum(r[2] for r in warm), st  # all of them restored eagerly
+    log = copy_log(torpor_home, "w2")
+    assert _ask(trig, log, "ask", "w2") == answer
+    assert lazy.wait_states(["w2"], timeout=60)["w2"].state == "resident"
+    assert _ask(trig, log, "sum", "w2") == total
+    assert image.trusted()  # the image's files untouched by the warm image's links

@@ -25,7 +25,7 @@ import pytest
 
 from torpor._images._image import Image
 from torpor._lazy import _restore as lazy
-from torpor._lazy import _warm
+from torpor._lazy import _state, _warm
 from torpor._lazy._daemon import LazyDaemonError
 from torpor._lazy._source import LazyPageError, Range
 
@@ -269,7 +269,7 @@ def test_wait_states_returns_when_the_daemon_is_gone(torpor_home: Path) -> None:
     started = time.monotonic()
     got = lazy.wait_states(["z"], timeout=None)
     assert got["z"].state == "filling"  # a keeper killed mid-watch: filling for good
-    assert lazy._OUTCOME_GRACE <= time.monotonic() - started < lazy._OUTCOME_GRACE + 2
+    assert _state._OUTCOME_GRACE <= time.monotonic() - started < _state._OUTCOME_GRACE + 2
 
 
 def test_wait_states_sees_the_outcome_written_just_after_the_daemon_ended(

@@ -55,8 +55,10 @@ class Daemon:
         work_dir: Path,
         *,
         page_server: tuple[str, int] | None = None,
+        verbose: bool = False,
     ) -> None:
         self.binary = binary
+        self._verbose = verbose  # log level 4: each fault is logged (``_eager.faults``)
         self.image = image
         self.work_dir = work_dir
         self.log_path = work_dir / DAEMON_LOG
@@ -85,6 +87,8 @@ class Daemon:
             "--status-fd",
             str(status_w),
         ]
+        if self._verbose:
+            argv.append("-v4")
         if self._page_server is not None:
             host, port = self._page_server
             argv += ["--page-server", "--address", host, "--port", str(port)]

@@ -38,7 +38,6 @@ time-to-fully-resident.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -48,24 +47,31 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import _paths, _safe
+from .. import _safe
 from .._engine import CriuEngine
 from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
-from . import _warm
+from . import _eager, _warm
 from ._daemon import Daemon
+from ._pagemap import load_pagemaps
 from ._source import LazyPageError, PageSource, Range
+from ._state import ENDED as ENDED
+from ._state import FAILED as FAILED
+from ._state import FILLING as FILLING
+from ._state import LAZY_DIR as LAZY_DIR
+from ._state import RESIDENT as RESIDENT
+from ._state import LazyState as LazyState
+from ._state import lazy_dir as lazy_dir
+from ._state import read_state as read_state
+from ._state import wait_states as wait_states
+from ._state import write_state as write_state
 
-LAZY_DIR = "lazy"
 _POLL = 0.05  # seconds between looks at the page server's error while the daemon runs
-_MAX_STATE = 1 << 16
-
-FILLING, RESIDENT, FAILED, ENDED = "filling", "resident", "failed", "ended"
 
 
 class Server(Protocol):
@@ -145,76 +151,6 @@ class _Served:
         self._source.prefetch(ranges)
 
 
-@dataclass(frozen=True)
-class LazyState:
-    """What the keeper records of one lazy copy (``<home>/lazy/<name>.json``)."""
-
-    name: str
-    image: str
-    state: str  # filling, resident, failed, ended (the copy ended before its memory had)
-    pid: int | None = None
-    daemon_pid: int | None = None
-    started_at: float | None = None  # wall clock: the restore began
-    resumed_at: float | None = None  # the copy runs
-    resident_at: float | None = None  # every page has moved
-    error: str | None = None
-    updated: str | None = None
-
-
-def lazy_dir() -> Path:
-    """``<home>/lazy``: work dirs and states of lazy restores."""
-    return _paths.private_dir(_paths.home() / LAZY_DIR, what="lazy restore directory")
-
-
-def write_state(st: LazyState) -> None:
-    """Record ``st`` (atomically replacing the copy's previous state)."""
-    d = lazy_dir()
-    data = json.dumps(asdict(replace(st, updated=now_iso()))).encode()
-    with _safe.opened_dir(d) as fd:
-        _safe.replace_file(fd, _state_file(st.name), data, source=str(d), durable=False)
-
-
-def read_state(name: str) -> LazyState | None:
-    """The recorded state of the lazy copy ``name``, None if there is none (or it is not one
-    torpor wrote: it is only ever shown, never acted on)."""
-    d = lazy_dir()
-    try:
-        with _safe.opened_dir(d) as fd:
-            raw = _safe.read_regular(fd, _state_file(name), source=str(d), limit=_MAX_STATE)
-        data = json.loads(raw)
-        return _parse_state(data)
-    except (OSError, ValueError, TypeError, TorporError):
-        return None
-
-
-def _state_file(name: str) -> str:
-    return _safe.check_name(name, source="lazy state", what="process name") + ".json"
-
-
-_STATE_TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,),
-    "image": (str,),
-    "state": (str,),
-    "pid": (int, type(None)),
-    "daemon_pid": (int, type(None)),
-    "started_at": (float, int, type(None)),
-    "resumed_at": (float, int, type(None)),
-    "resident_at": (float, int, type(None)),
-    "error": (str, type(None)),
-    "updated": (str, type(None)),
-}
-
-
-def _parse_state(data: Any) -> LazyState | None:
-    if not isinstance(data, dict) or set(data) != set(_STATE_TYPES):
-        return None
-    for key, types in _STATE_TYPES.items():
-        value = data[key]
-        if isinstance(value, bool) or not isinstance(value, types):
-            return None
-    return LazyState(**data)
-
-
 class LazyCopy:
     """One copy restored lazily (see the module docstring)."""
 
@@ -240,6 +176,10 @@ class LazyCopy:
         self.daemon: Daemon | None = None
         self.server: Server | None = None
         self._image_fd: int | None = None
+        # A local copy: the warm image it restores from (``_eager``), or whether the daemon
+        # logs its faults to record a warm set (none yet).
+        self._warm_dir: Path | None = None
+        self._recording = False
         self._pidfd: int | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
@@ -256,8 +196,13 @@ class LazyCopy:
         self.work_dir = lazy_dir() / f"{self.name}-{secrets.token_hex(4)}"
         os.mkdir(self.work_dir, 0o700)
         try:
-            with self.image.opened() as fd:
-                self._image_fd = os.dup(fd)  # the daemon's -D: this very directory
+            if self._server_factory is None:
+                self._warm_dir, self._recording = self._local_warm()
+            if self._warm_dir is not None:
+                self._image_fd = _safe.open_dir(self._warm_dir)
+            else:
+                with self.image.opened() as fd:
+                    self._image_fd = os.dup(fd)  # the daemon's -D: this very directory
             if self._server_factory is not None:
                 self.server = self._server_factory(
                     self.image, lambda: self.daemon_pid, self._server_failed
@@ -269,12 +214,52 @@ class LazyCopy:
                 self.server.start()
             where = ("127.0.0.1", self.server.port) if self.server is not None else None
             self.daemon = Daemon(
-                self.binary, self._image_fd, self.image.path, self.work_dir, page_server=where
+                self.binary,
+                self._image_fd,
+                self.image.path,
+                self.work_dir,
+                page_server=where,
+                verbose=self._recording,
             )
             self.daemon.start()
         except BaseException:
             self.abort()
             raise
+        self.state = replace(self.state, daemon_pid=self.daemon.pid)
+
+    def _local_warm(self) -> tuple[Path | None, bool]:
+        """The warm image to restore from (``_eager``: only for a trusted image, checked
+        again once made), and whether to record a warm set (there is none yet)."""
+        warm = _warm.load(self.image)
+        if not warm:
+            return None, True
+        assert self.work_dir is not None
+        try:
+            made = self.image.trusted() and _eager.warm_image(
+                self.image, warm, self.work_dir / "image"
+            )
+        except (OSError, TorporError) as exc:  # a hint lost, not a failure
+            print(f"{now_iso()} lazy restore: warm set not used: {exc}", file=sys.stderr)
+            return None, False
+        if not made or not self.image.trusted():
+            return None, False
+        self.state = replace(self.state, warm_bytes=made[1])
+        return made[0], False
+
+    def _plain(self) -> None:
+        """Restore from another directory than the image's (a derived one, see ``_copies``):
+        the daemon must read the same pagemaps as the restore, so it is started again on the
+        image itself, without the warm image."""
+        assert self.daemon is not None and self.work_dir is not None
+        self.daemon.stop()
+        self._warm_dir = None
+        self.state = replace(self.state, warm_bytes=None)
+        if self._image_fd is not None:
+            os.close(self._image_fd)
+        with self.image.opened() as fd:
+            self._image_fd = os.dup(fd)
+        self.daemon = Daemon(self.binary, self._image_fd, self.image.path, self.work_dir)
+        self.daemon.start()
         self.state = replace(self.state, daemon_pid=self.daemon.pid)
 
     @property
@@ -286,6 +271,11 @@ class LazyCopy:
         """``base``'s CRIU with the copy's work dir: CRIU connects to the daemon's
         ``lazy-pages.socket`` in its work dir, and writes the restore's log there."""
         assert self.work_dir is not None, "start() first"
+        if self._warm_dir is not None:
+            return _eager.WarmEngine(
+                base.binary, self.work_dir, image=self.image.path, warm=self._warm_dir,
+                other_dir=self._plain,
+            )  # fmt: skip
         return CriuEngine(base.binary, log_dir=self.work_dir)
 
     def abort(self) -> None:
@@ -357,10 +347,12 @@ class LazyCopy:
                 resident = self._alive()
                 if resident:
                     self.state = replace(self.state, state=RESIDENT, resident_at=time.time())
+                    if self.server is None:  # read from the daemon's log: before the record,
+                        self._save_warm()  # so that a restore right after finds it
                 else:
                     self.state = replace(self.state, state=ENDED)
                 self._write()
-                if resident:  # after the record: storing it in a pool takes a while
+                if resident and self.server is not None:  # storing it in a pool takes a while
                     self._save_warm()
                 return
             if error is not None:
@@ -379,10 +371,19 @@ class LazyCopy:
             self._done.set()
 
     def _save_warm(self) -> None:
-        if self.server is None:
-            return
-        ranges = self.server.warm_set(within=_warm.WINDOW)
         try:
+            if self.server is None:
+                if not self._recording or self.daemon is None:
+                    return
+                ranges = _eager.faults(
+                    self.daemon.log_path,
+                    load_pagemaps(self.image.path),
+                    window=_warm.WINDOW,
+                    limit=_warm.MAX_BYTES,
+                )
+                _warm.save(self.image, ranges)
+                return
+            ranges = self.server.warm_set(within=_warm.WINDOW)
             _warm.save(self.image, ranges)
             from ._poolimage import PoolLazyImage
 
@@ -568,43 +569,3 @@ def _report_failure(state: LazyState) -> None:
     if _spec.load(state.name) is None:
         return
     _events.append(state.name, "restore-failed", error=state.error, image=state.image, lazy=True)
-
-
-_OUTCOME_GRACE = 2.0  # seconds a keeper is given to record how a copy's filling ended
-
-
-def wait_states(names: list[str], *, timeout: float | None) -> dict[str, LazyState]:
-    """The recorded states of the lazy copies ``names``, once each is no longer ``filling``
-    or ``timeout`` seconds have passed (None: however long it takes; the keeper's watch
-    always ends it: resident, failed, or the copy ended)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    gone: dict[str, float] = {}  # when each copy's daemon was first seen gone
-    while True:
-        states = {n: st for n in names if (st := read_state(n)) is not None}
-        now = time.monotonic()
-        for n, st in states.items():
-            if st.state == FILLING and not _still_filling(st):
-                gone.setdefault(n, now)
-        if all(_settled(states.get(n), gone.get(n, now), now) for n in names):
-            return states
-        if deadline is not None and time.monotonic() >= deadline:
-            return states
-        time.sleep(0.01)
-
-
-def _settled(st: LazyState | None, gone_since: float, now: float) -> bool:
-    """Whether ``st`` is final. Its daemon gone while the record still says filling: the
-    keeper reaps the daemon just before it writes the outcome, and is given that moment
-    (:data:`_OUTCOME_GRACE` from ``gone_since``); a keeper killed mid-watch leaves ``filling``
-    for good."""
-    if st is None or _still_filling(st):
-        return False
-    return st.state != FILLING or now - gone_since >= _OUTCOME_GRACE
-
-
-def _still_filling(st: LazyState) -> bool:
-    """Whether ``st`` may still change: it says filling and its daemon is there (a keeper
-    killed mid-watch leaves ``filling`` behind; what it watched ends with it)."""
-    if st.state != FILLING:
-        return False
-    return st.daemon_pid is None or os.path.exists(f"/proc/{st.daemon_pid}")
