@@ -188,7 +188,7 @@ def test_a_local_warm_set_is_recorded_then_restored_before_the_resume(
     trig, answer, total = _image(torpor_home, tmp_path, "warm")
     image = Image.open(torpor_home / "images" / "warm-img")
     assert _warm.load(image) == []
-    (row,) = _restore_lazy("warm-img", "--name", "w1")
+    assert len(_restore_lazy("warm-img", "--name", "w1")) == 1
     log = copy_log(torpor_home, "w1")
     assert _ask(trig, log, "ask", "w1") == answer  # touches 4 MiB
     assert lazy.wait_states(["w1"], timeout=60)["w1"].state == "resident"
@@ -197,7 +197,7 @@ def test_a_local_warm_set_is_recorded_then_restored_before_the_resume(
     # interpreter's own pages), every page a lazy one.
     assert warm and sum(r[2] for r in warm) <= _warm.MAX_BYTES
     torpor("stop", "w1")
-    (row,) = _restore_lazy("warm-img", "--name", "w2")
+    assert len(_restore_lazy("warm-img", "--name", "w2")) == 1
     st = lazy.read_state("w2")
     assert st is not None and st.daemon_pid is not None
     daemons.append(st.daemon_pid)
