@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_restore import alive, criu_binary, kill, machine, parse_size, quiesce
-from migrate_report import VARIANTS, Sample, plot, seen, table, targets
+from migrate_report import VARIANTS, Sample, breakdown, plot, seen, table, targets
 
 BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "out"
@@ -304,7 +304,7 @@ class Bench:
                 self.wait_target(run, deadline=time.monotonic() + TCP_PATIENCE)
                 time.sleep(BASELINE)
                 got = self.client.call("stop")
-            target_pid = int(summary.get("target_pid") or steps.get("pid") or 0) or None
+            target_pid = int(summary.get("target_pid") or steps.get("recv_pid") or 0) or None
             beats = [(float(t), self.by_ip.get(str(ip), str(ip))) for t, ip in got["beats"]]
             hb = seen(beats, t0, "a", "b")
             saw = hb
@@ -394,8 +394,9 @@ class Bench:
                     self.lab.run(host, "rm", "-rf", images, timeout=60)
             raise
         steps: dict[str, float] = {}
-        for line in out_s.splitlines() + out_r.splitlines():
-            steps.update(json.loads(line))
+        for side, out in (("send", out_s), ("recv", out_r)):
+            for line in out.splitlines():
+                steps.update({f"{side}_{k}": v for k, v in json.loads(line).items()})
         return steps, done
 
     def rounds(self, size: int, reps: int, variants: list[str]) -> list[Sample]:
@@ -546,7 +547,7 @@ def main() -> int:
     failures = bench.failures if bench else []
     text = "\n\n".join(
         ["Machine: " + "; ".join(f"{k}: {v}" for k, v in info.items())]
-        + [table(z, samples, not_built) for z in sizes]
+        + [part for z in sizes for part in (table(z, samples, not_built), breakdown(z, samples))]
         + ([targets(samples, sizes)] if sizes else [])
         + (
             ["Failed migrations (not in the figures):\n\n" + "\n".join(f"- {f}" for f in failures)]

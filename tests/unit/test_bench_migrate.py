@@ -72,7 +72,9 @@ def test_targets_say_met_or_not_met() -> None:
     ]
     text = mr.targets(samples, [1 << 30])
     lines = text.splitlines()
-    assert "- lazy downtime ≤ 150 ms at 1024 MiB: 200 ms — **NOT met**" in lines
+    assert "- lazy downtime ≤ 150 ms at 1024 MiB, client's gap: 200 ms (1 runs) — **NOT met**" in (
+        lines
+    )
     assert any(x.startswith("- copy ≤ 1.1x bare CRIU, downtime, 1024 MiB: 1.05x") for x in lines)
     assert any(x.endswith("— **met**") and ", downtime," in x for x in lines)
     assert any(x.endswith("— **NOT met**") and ", total," in x for x in lines)
@@ -99,3 +101,18 @@ def test_rounds_per_size_and_quick_mode() -> None:
     assert (quick.size_list, quick.reps, quick.no_warmup) == ([64 << 20], [1], True)
     with pytest.raises(SystemExit):
         bm.parse_args(["--variants", "torpor copy,criu teleport"])
+
+
+def test_where_the_time_went_uses_each_sides_own_steps() -> None:
+    bare = sample("criu lazy", 0, 0.3, 0.5)
+    bare.steps = {"send_start": 10.0, "send_dumped": 10.2, "recv_received": 10.25,
+                  "recv_restored": 10.4, "recv_resident": 13.0}  # fmt: skip
+    mine = sample("torpor copy", 0, 2.0, 3.0)
+    mine.summary = {"transfer_ms": 1500.0, "restore_ms": 400.0}
+    rows = {
+        line.split(" | ")[0]: line
+        for line in mr.breakdown(1 << 30, [bare, mine]).splitlines()
+        if line.startswith("| ")
+    }
+    assert rows["| criu lazy"] == "| criu lazy | 0.200 | 0.250 | 0.150 | 3.000 |"
+    assert rows["| torpor copy"] == "| torpor copy | — | 1.500 | 0.400 | — |"
