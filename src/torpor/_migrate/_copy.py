@@ -283,8 +283,15 @@ class _Move:
             shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(TorporError):
             self.conn.send({"type": "done"})  # the original is gone: the copy is the process
+        # The copy runs there with the addresses (the target announced them): they leave
+        # this host now. Until they have, CRIU's lock (kept after a dump that killed the
+        # tree) drops what still comes here for the connections, so nothing answers an RST.
+        for addr in self.addresses:
+            try:
+                _address.take_down(addr)
+            except TorporError as exc:
+                self.warnings.append(f"warning: {addr} could not be removed here: {exc.msg}")
         if locking:
-            # CRIU leaves its lock after a dump that killed the tree; the address has gone.
             self._unlock(before)
         for line in self.warnings:
             if self.say is not None:
@@ -392,11 +399,3 @@ class _Move:
             raise MigrationError(f"{self.where} answered {reply.get('type')!r}, not running")
         self.running_at = time.monotonic()
         self.reply = reply
-        # The copy runs there, with the addresses: from here on the move is committed (its
-        # connections have gone on there). The addresses leave this host before CRIU kills
-        # the original, so nothing here answers for them.
-        for addr in self.addresses:
-            try:
-                _address.take_down(addr)
-            except TorporError as exc:
-                self.warnings.append(f"warning: {addr} could not be removed here: {exc.msg}")

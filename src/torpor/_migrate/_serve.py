@@ -254,7 +254,10 @@ class _Incoming:
             )  # fmt: skip
         try:
             conn.send({"type": "running", "pid": rec.pid, "restore_ms": took})
+            asked = time.monotonic()
             verdict = conn.recv().get("type")
+            # What fencing the copy (run it only once the kill is confirmed) would add.
+            confirm_ms = round((time.monotonic() - asked) * 1000, 1)
         except ChannelError as exc:
             # The source may have let CRIU kill the original after our "running": the copy
             # here may be all there is of the process, so it is left running, and its record
@@ -280,7 +283,8 @@ class _Incoming:
             _events.append(name, "restore", migrated_from=self.peer, mode="copy")
         moved = f" (of which addresses and lock {self.address_ms} ms)" if self.addresses else ""
         self.outcome = (
-            f"{name!r} migrated from {self.peer}: pid {rec.pid}, restored in {took} ms{moved}"
+            f"{name!r} migrated from {self.peer}: pid {rec.pid}, restored in {took} ms{moved}; "
+            f"the source confirmed the original's end {confirm_ms} ms after"
         )
 
     def _restore_with_addresses(self, image: Image, name: str) -> _registry.ManagedProcess:
