@@ -312,3 +312,45 @@ def test_open_files_describes_what_criu_will_look_for(tmp_path: Path) -> None:
     assert (found[exe]["kind"], found[exe]["size"]) == ("file", os.stat(exe).st_size)
     # What this host has is what the process has: no problem here.
     assert _preflight._file_problems(list(found.values()), WHERE) == []
+
+
+# -- mode pool: the source's pool found here by its marker -----------------------------------------
+
+
+NO_POOL = "the pre-flight message does not say which pool the image goes through"
+BAD_POOL = "the pre-flight message names its pool badly"
+MARKER = "0" * 64
+
+
+@pytest.mark.parametrize(
+    ("ident", "problem"),
+    [
+        (None, NO_POOL),
+        ({"name": "p", "driver": "dir"}, NO_POOL),
+        ({"name": "p", "driver": "dir", "marker": MARKER, "x": 1}, NO_POOL),
+        ({"name": 1, "driver": "dir", "marker": MARKER}, BAD_POOL),
+        ({"name": "p", "driver": "dir", "marker": MARKER[1:]}, BAD_POOL),
+        ({"name": "p", "driver": "dir", "marker": "G" * 64}, BAD_POOL),
+        ({"name": "p" * 65, "driver": "dir", "marker": MARKER}, BAD_POOL),
+        ({"name": "p", "driver": "d" * 17, "marker": MARKER}, BAD_POOL),
+    ],
+)
+def test_a_malformed_pool_identity_is_refused(
+    target: list[bytes], ident: object, problem: str
+) -> None:
+    assert _preflight.problems(message(mode="pool", pool=ident), where=WHERE) == [problem]
+
+
+def test_the_source_pool_is_found_by_its_marker_and_another_is_not(target: list[bytes]) -> None:
+    from torpor._migrate import _viapool
+    from torpor._pools import open_pool
+
+    with open_pool("default") as pool:  # this home's: its marker is written on first open
+        ident = _viapool.identity(pool, "dir")
+    assert _preflight.problems(message(mode="pool", pool=ident), where=WHERE) == []
+    assert _viapool.local_pool(ident, where=WHERE) == ("default", [])
+    other = {**ident, "name": "shared", "marker": "0" * 64}
+    assert _preflight.problems(message(mode="pool", pool=other), where=WHERE) == [
+        f"no pool configured on {WHERE} is the source's pool 'shared' (dir): configure it "
+        "there (torpor pool create) where it can be read"
+    ]
