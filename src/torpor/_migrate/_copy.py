@@ -17,10 +17,17 @@ The order, and why the process is never lost:
    original runs on, unchanged. The target is then told ``abort`` (it kills a copy it may have
    restored); after a commit it is told ``done``.
 
+Connections and addresses (docs/migration.md): the tree's TCP connections imply
+``tcp_established`` (CRIU then locks them with nftables); one on an address that does not move
+is refused before the freeze. The service addresses (the record's, and ``--address``) go in
+the pre-flight message; the target brings them up behind a lock of its own before it restores
+(:mod:`._netlock`). After the commit the source takes them down and deletes the lock CRIU
+leaves after a dump that killed the tree; after a rollback it announces them again.
+
 The window that is left: between the target's ``running`` and CRIU's kill both copies exist,
 for the time one message takes; a source that dies exactly there may leave CRIU to thaw the
 original (two copies). Fencing that (the target restoring stopped until the source's kill is
-confirmed) is later work, as are lazy and pool modes and moving addresses.
+confirmed) needs the keeper to leave a copy stopped, which it cannot yet.
 """
 
 from __future__ import annotations
@@ -175,7 +182,8 @@ def migrate_copy(
     addresses: Sequence[str] = (),
 ) -> Summary:
     """Move the managed process ``name`` to the torpor at ``host:port`` in copy mode (see the
-    module docstring); its :class:`Summary`. :class:`MigrationRefusedError` if pre-flight
+    module docstring), with its service addresses and ``addresses`` (``ADDR/PREFIX``); its
+    :class:`Summary`. :class:`MigrationRefusedError` if pre-flight
     failed, :class:`MigrationError` (or the channel's errors, before anything was frozen) if
     anything else did: the process then runs here, unchanged."""
     started = time.monotonic()

@@ -10,10 +10,13 @@ and gets nothing), one migration at a time, and for each:
    arrives; ``hashes``: every file's SHA-256 must match the source's, else ``failed``.
 3. The image is sealed here (manifest built from the source's facts and the files verified,
    signed with this host's key) and restored under the same name, by a keeper of this host
-   (:func:`torpor._process._manage.restore`); ``running`` with the new pid, or ``failed``.
+   (:func:`torpor._process._manage.restore`), the service addresses (checked in pre-flight)
+   brought up first behind a network lock lifted once the restore is done; ``running`` with
+   the new pid, or ``failed``.
 4. The source then says ``done`` (it let CRIU kill the original) or ``abort`` (it resumed the
-   original; the copy here is killed). The image directory is removed either way: it was only
-   in transit.
+   original; the copy here is killed, its addresses taken down). Silence there leaves the copy
+   running, recorded as in doubt. The image directory is removed either way: it was only in
+   transit.
 
 ``TORPOR_TEST_MIGRATE_HOLD`` (tests only): a path created once the image has arrived, after
 which the server waits, so a test can kill it mid-migration.
