@@ -146,9 +146,9 @@ class Run:
 @contextmanager
 def server(*, preflight: bool) -> Iterator[Run]:
     """Patches at the test boundary for the examples run inside: the restore records the image
-    (its name, each file's bytes, whether it verifies); ``preflight`` False accepts any
-    pre-flight (the image phase is what is fuzzed then); file creation is watched, not
-    changed."""
+    (its name, each file's bytes, whether it verifies); ``preflight`` False accepts
+    :data:`PREFLIGHT_OK` without checking this host (the image phase is what is fuzzed then);
+    file creation is watched, not changed."""
     run = Run()
     real_create = _serve.create_file
 
@@ -174,7 +174,13 @@ def server(*, preflight: bool) -> Iterator[Run]:
         mp.setattr(_serve, "create_file", create_file)
         mp.setattr(_serve._Incoming, "_restore", restore)
         if not preflight:
-            mp.setattr(_preflight, "problems", lambda msg, *, where: [])
+            # The real checks need a CPU description CRIU accepts; this one takes only the
+            # pre-flight every image script starts with (a garbled one is still refused).
+            mp.setattr(
+                _preflight,
+                "problems",
+                lambda msg, *, where: [] if msg == PREFLIGHT_OK else ["not the fuzzed pre-flight"],
+            )
             mp.setattr(_serve._address, "problems", lambda addrs, *, where: [])
         yield run
 
@@ -214,6 +220,8 @@ FACTS = {
     "tcp_established": False,
     "shell_job": False,
 }
+# Tampers after which no image can be right (the others may happen to change nothing).
+ALWAYS_WRONG = {"duplicate", "longer", "frame-kind", "frame-length", "hash-missing", "cut"}
 PREFLIGHT_OK = {"type": "preflight", "mode": "copy", "name": "web", "addresses": []}
 
 
@@ -289,18 +297,15 @@ def image_scripts(draw: st.DrawFn) -> tuple[bytes, dict[str, bytes], bool]:
         sums["files"][draw(HOSTILE_NAMES)] = sha(b"")
     elif tamper == "hashes":
         sums = draw(mutated_json(sums))
-    wrong = {
-        "duplicate": True,
-        "longer": True,
-        "shorter": len(files[victim]) > 0,
-        "frame-kind": True,
-        "frame-length": True,
-        "hash": sums["files"].get(victim) != sha(files[victim]),
-        "hash-missing": True,
-        "hash-extra": set(sums["files"]) != set(files),
-        "cut": True,
-    }
-    expect = "taken" if tamper == "none" else "refused" if wrong.get(tamper) else "either"
+    if tamper == "shorter":
+        wrong = len(files[victim]) > 0
+    elif tamper == "hash":
+        wrong = sums["files"][victim] != sha(files[victim])
+    elif tamper == "hash-extra":
+        wrong = set(sums["files"]) != set(files)
+    else:  # "message", "name", "size", "facts", "hashes", "garbage" may change nothing
+        wrong = tamper in ALWAYS_WRONG
+    expect = "taken" if tamper == "none" else "refused" if wrong else "either"
     body = message(image_msg) + b"".join(stream.values()) + message(sums)
     script = message(PREFLIGHT_OK) + body
     if tamper == "cut":
@@ -454,3 +459,20 @@ def test_the_server_against_a_hostile_preflight(msg: dict[str, Any]) -> None:
         assert run.restored in ([], [(msg["name"], files, True)])
     else:
         assert run.restored == [] and run.created == []
+
+
+def test_hashes_of_files_not_sent_are_refused() -> None:
+    files = {"inventory.img": b"inv", "pstree.img": b"tree"}
+    announced = [{"name": n, "size": len(d)} for n, d in files.items()]
+    sums = {n: sha(d) for n, d in files.items()} | {"pages-1.img": sha(b"")}
+    script = (
+        message(PREFLIGHT_OK)
+        + message({"type": "image", "files": announced, "facts": FACTS})
+        + b"".join(frame(b"D", d) for d in files.values())
+        + message({"type": "hashes", "files": sums})
+    )
+    run = drive(script, preflight=False)
+    assert isinstance(run.outcome, TorporError) and run.restored == []
+    assert run.outcome.msg == (
+        f"image from {PEER.name} arrived damaged: its file list did not match the source's SHA-256"
+    )
