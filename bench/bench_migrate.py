@@ -295,14 +295,17 @@ class Bench:
             t0 = time.monotonic()
             summary: dict[str, Any] = {}
             steps: dict[str, float] = {}
+            moved = False
             try:
                 if variant.startswith("torpor"):
                     summary, done = self.torpor_move(run.name, variant), time.monotonic()
                 else:
                     steps, done = self.bare_move(run, variant)
+                moved = True
             finally:
-                self.wait_target(run, deadline=time.monotonic() + TCP_PATIENCE)
-                time.sleep(BASELINE)
+                if moved:
+                    self.wait_target(run, deadline=time.monotonic() + TCP_PATIENCE)
+                    time.sleep(BASELINE)
                 got = self.client.call("stop")
             target_pid = int(summary.get("target_pid") or steps.get("recv_pid") or 0) or None
             beats = [(float(t), self.by_ip.get(str(ip), str(ip))) for t, ip in got["beats"]]
