@@ -90,6 +90,19 @@ def addresses(lab: Lab, host: str) -> list[str]:
     return sorted(f"{a['local']}/{a['prefixlen']}" for link in links for a in link["addr_info"])
 
 
+def ps_row(lab: Lab, host: str, name: str) -> dict[str, str]:
+    """``name``'s row of the ``torpor ps -a`` table on ``host``, by column."""
+    res = torpor(lab, host, "ps", "-a")
+    assert res.returncode == 0, res.stderr
+    header, *rows = res.stdout.splitlines()
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    cols = [header[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+    found = [r for r in rows if r.split()[0] == name]
+    assert len(found) == 1, res.stdout
+    cells = [found[0][a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+    return dict(zip(cols, cells, strict=True))
+
+
 def ruleset(lab: Lab, host: str) -> str:
     res = lab.exec(host, "nft", "list", "ruleset")
     assert res.returncode == 0, res.stderr
@@ -210,6 +223,12 @@ def test_copy_keeps_the_connection_state_and_address(paired: Lab, tmp_path: Path
     assert service not in addresses(lab, "a")
     assert ruleset(lab, "a") == ""
     assert ruleset(lab, "b") == ""
+    # What users see in torpor ps on both hosts.
+    assert ps_row(lab, "a", "web")["STATE"] == f"migrated-to {srv.where}"
+    assert (ps_row(lab, "b", "web")["STATE"], ps_row(lab, "b", "web")["RESTORED-FROM"]) == (
+        "running",
+        "migrated-from a",
+    )
     killed = torpor(lab, "b", "kill", "web")
     assert killed.returncode == 0, killed.stderr
 

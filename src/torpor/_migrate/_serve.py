@@ -244,7 +244,7 @@ class _Incoming:
         conn = self.conn
         started = time.monotonic()
         try:
-            rec = self._restore_with_addresses(image, name)
+            rec = self.with_addresses(lambda: _restore_apart(image, name))
         except TorporError as exc:
             with contextlib.suppress(TorporError):
                 conn.send({"type": "failed", "error": exc.msg})
@@ -271,8 +271,7 @@ class _Incoming:
             self.log(f"{name!r} (pid {rec.pid}) runs here, migration {doubt}: {exc}")
             return
         if verdict == "abort":
-            self._kill(rec)
-            self._take_down(self.addresses)
+            self.abandon(rec)
             self.log(f"{name!r} from {self.peer}: the source resumed its original; copy killed")
             return
         with contextlib.suppress(OSError, TorporError):
@@ -290,12 +289,16 @@ class _Incoming:
             f"the source confirmed the original's end {confirm_ms} ms after"
         )
 
-    def _restore_with_addresses(self, image: Image, name: str) -> _registry.ManagedProcess:
-        """The restore, with the service addresses brought up here first, behind a lock that
-        drops their traffic until CRIU has the connections back (a peer's retransmission
-        would otherwise meet no socket and get an RST); everything undone if it fails."""
+    def with_addresses(
+        self, restore: Callable[[], _registry.ManagedProcess]
+    ) -> _registry.ManagedProcess:
+        """``restore()`` (any mode's), with the service addresses brought up here first,
+        behind a lock that drops their traffic until CRIU has the connections back (a peer's
+        retransmission would otherwise meet no socket and get an RST), then the lock lifted
+        and the addresses announced; everything undone if it raises. Kill a copy the source
+        then aborts with :meth:`abandon`."""
         if not self.addresses:
-            return _restore_apart(image, name)
+            return restore()
         tag = os.urandom(4).hex()
         # Written first: a server killed from here on leaves them to the next one's sweep.
         _paths.write_home_file(
@@ -309,7 +312,7 @@ class _Incoming:
             for addr in self.addresses:
                 brought.append((addr, _address.bring_up(addr)))
             restoring = time.monotonic()
-            rec = _restore_apart(image, name)
+            rec = restore()
             restored = time.monotonic()
         except BaseException:
             self._take_down([addr for addr, _ in brought])
@@ -337,6 +340,12 @@ class _Incoming:
                 _address.take_down(addr)
             except TorporError as exc:
                 self.log(f"{addr} could not be removed: {exc.msg}")
+
+    def abandon(self, rec: _registry.ManagedProcess) -> None:
+        """Kill the copy ``rec`` (the source resumed its original), record that, and take
+        the service addresses down."""
+        self._kill(rec)
+        self._take_down(self.addresses)
 
     def _kill(self, rec: _registry.ManagedProcess) -> None:
         with contextlib.suppress(ProcessNotFoundError, OSError):
