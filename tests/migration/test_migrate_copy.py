@@ -258,3 +258,39 @@ def test_preflight_refuses_a_taken_name_before_anything_is_frozen(paired: Lab) -
     assert (ps(lab, "a", "twin")["state"], ps(lab, "a", "twin")["pid"]) == ("running", pid)
     assert consecutive(numbers)
     assert int(ps(lab, "b", "twin")["pid"]) == other
+
+
+def test_source_killed_in_the_two_copy_window_leaves_the_copy_in_doubt(
+    paired: Lab, tmp_path: Path
+) -> None:
+    """The window this order leaves (docs/migration.md): the source dies after the target's
+    'running' and before its verdict. CRIU, its notification unanswered, thaws the original;
+    the target cannot know, keeps its copy and says the migration is in doubt."""
+    lab = paired
+    pid = start_counter(lab, "a", "doubt")
+    hold = tmp_path / "copy-running"
+    with server(lab, "b") as srv:
+        migrate = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "a", "--",
+             "env", f"TORPOR_TEST_MIGRATE_SOURCE_HOLD={hold}",
+             *TORPOR, "migrate", "doubt", "--to", srv.where],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_for(hold.exists)  # b runs its copy; a's original is frozen at post-dump
+        assert ps(lab, "a", "doubt")["state"] == f"migrating to {srv.where}"
+        migrate.kill()  # the migrate command, by the pid this test started
+        migrate.communicate(timeout=30)
+        line = srv.wait_log("torpor-migrate: 'doubt' (pid ")
+    copy = ps(lab, "b", "doubt")
+    doubt = "in doubt: the source went silent after the copy ran"
+    assert line.startswith(
+        f"torpor-migrate: 'doubt' (pid {copy['pid']}) runs here, migration {doubt}: "
+    )
+    assert (copy["state"], copy["migrated_from"]) == (f"migrating from a ({doubt})", None)
+    # Both run: the user resolves it as the docs say (here: the original stays).
+    wait_for(lambda: ps(lab, "a", "doubt").get("state") == "running")
+    assert int(ps(lab, "a", "doubt")["pid"]) == pid
+    assert alive(pid) and alive(int(copy["pid"]))
+    killed = torpor(lab, "b", "kill", "doubt")
+    assert killed.returncode == 0, killed.stderr
+    assert not alive(int(copy["pid"]))

@@ -221,7 +221,7 @@ def _ps(app: App, args: argparse.Namespace) -> int:
                 {
                     **r.__dict__,
                     "state": f"migrating {r.migrating}"
-                    if r.migrating and r.state == "running"
+                    if _migrating(r) and r.state == "running"
                     else r.state,
                     "keeper_alive": _registry.keeper_alive(r),
                     "supervision": _supervision_json(supervised.get(r.name)),
@@ -240,7 +240,7 @@ def _ps(app: App, args: argparse.Namespace) -> int:
         # A running process whose keeper was killed: still torpor's (kill, checkpoint), but
         # nobody will record how it ends.
         state = "running, no keeper" if running and not _registry.keeper_alive(r) else r.state
-        if running and r.migrating:
+        if running and _migrating(r):
             state = f"migrating {r.migrating}"
         origin = f"migrated-from {r.migrated_from}" if r.migrated_from else r.restored_from
         row: tuple[Any, ...] = (
@@ -263,6 +263,20 @@ def _ps(app: App, args: argparse.Namespace) -> int:
         if st is not None and _given_up(st):
             app.out(f"{r.name}: given up: {st.given_up}")
     return 0
+
+
+def _migrating(rec: ManagedProcess) -> bool:
+    """Whether ``rec`` is marked as migrating, and (on the source) the migrate command that
+    marked it still holds the process's dump lock: a ``torpor migrate`` that was killed
+    leaves its mark, which is then not shown. A target's mark ("from PEER ...") stays until
+    the source's verdict, or for good when the migration is in doubt."""
+    from .._process import _locks
+
+    if not rec.migrating:
+        return False
+    if not rec.migrating.startswith("to "):
+        return True
+    return _locks.holder_of(_locks._dump_file(rec.ref)) is not None
 
 
 def _given_up(state: Any) -> bool:

@@ -56,6 +56,9 @@ from ._channel import _DATA, _HEADER, MAX_DATA, ChannelError, Conn, connect
 
 DEFAULT_TIMEOUT = 120.0  # seconds the target may take to answer (receive, verify, restore)
 MAX_FILES = 4096  # files in one image; CRIU writes a dozen or so per process
+# Tests only: a path created once the target reports the copy running, after which the source
+# waits (before answering CRIU), so a test can kill it in the window of two copies.
+_SOURCE_HOLD_ENV = "TORPOR_TEST_MIGRATE_SOURCE_HOLD"
 
 
 class MigrationError(TorporError):
@@ -407,3 +410,8 @@ class _Move:
             raise MigrationError(f"{self.where} answered {reply.get('type')!r}, not running")
         self.running_at = time.monotonic()
         self.reply = reply
+        hold = os.environ.get(_SOURCE_HOLD_ENV)
+        if hold:  # tests only: the two-copy window, held open
+            with open(hold, "x"):
+                pass
+            time.sleep(3600)
