@@ -64,6 +64,8 @@ if TYPE_CHECKING:
 MAX_POOLS = 16  # configured pools a target opens to find the source's
 LOOKUP_TIMEOUT = 20.0  # seconds pre-flight may spend opening them
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# The pool pre-flight found for the message it checked (one migration at a time per server).
+_found: dict[str, str] = {}
 
 
 # -- the pool's identity -------------------------------------------------------------------------
@@ -327,7 +329,9 @@ def serve_pool(incoming: _Incoming, name: str, first: Mapping[str, Any]) -> None
     from .._pools import open_pool
 
     conn = incoming.conn
-    local, found = local_pool(first.get("pool"), where=incoming.where)
+    ident = first.get("pool")
+    known = _found.pop(json.dumps(ident, sort_keys=True), None)
+    local, found = (known, []) if known else local_pool(ident, where=incoming.where)
     msg = conn.recv()
     record, files = msg.get("record"), msg.get("files")
     if msg.get("type") != "restore" or not isinstance(record, str) or not isinstance(files, dict):
@@ -363,5 +367,12 @@ def serve_pool(incoming: _Incoming, name: str, first: Mapping[str, Any]) -> None
 
 
 def pool_problems(ident: object, *, where: str) -> list[str]:
-    """Pre-flight's pool check (mode pool): empty if a pool here is the source's."""
-    return local_pool(ident, where=where)[1]
+    """Pre-flight's pool check (mode pool): empty if a pool here is the source's. What it
+    found is kept for :func:`serve_pool`, which this server runs next for the same message
+    (looking again would cost the restore a child process per pool, while the source waits
+    frozen)."""
+    found, problems = local_pool(ident, where=where)
+    _found.clear()
+    if found is not None:
+        _found[json.dumps(ident, sort_keys=True)] = found
+    return problems
