@@ -117,7 +117,7 @@ def reported_push(
     (never blocking: a command that stopped reading must not stall the push); the report's
     fields: where the image is and ``stored`` (and its manifest, and ``new_bytes``: what the
     pool grew by) or ``push_error``."""
-    from ._checkpointer import encode_error
+    from ._report import encode_error
 
     total = image.manifest.total_bytes
     pending = [0, 0.0]  # bytes not yet told, when last told
