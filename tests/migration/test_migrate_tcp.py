@@ -437,3 +437,47 @@ def test_a_connection_on_the_hosts_own_address_is_refused_before_any_freeze(pair
     assert (ps(lab, "a", "pinned")["state"], ps(lab, "a", "pinned")["pid"]) == ("running", pid)
     killed = torpor(lab, "a", "kill", "pinned")
     assert killed.returncode == 0, killed.stderr
+
+
+BLOCKER = """
+import socket, time
+srv = socket.create_server(("0.0.0.0", int(__import__("sys").argv[1])))
+print("listening", flush=True)
+time.sleep(600)
+"""
+
+
+def test_restore_failing_on_b_after_its_address_came_up_undoes_everything(
+    paired: Lab, tmp_path: Path
+) -> None:
+    """b takes its lock and the address, then its restore fails (its port is taken there by
+    a wildcard listener): the lock and the address go, the process runs on a, unchanged, and
+    its client goes on."""
+    lab = paired
+    service = service_address(lab, 6)
+    pid = start_web(lab, "blocked", service)
+    blocker = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "b", "--",
+         sys.executable, "-c", BLOCKER, str(APP_PORT)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert blocker.stdout is not None and blocker.stdout.readline() == "listening\n"
+        with client(lab, service.split("/")[0], tmp_path) as c, server(lab, "b") as srv:
+            answered(c, 20)
+            res = torpor(lab, "a", "migrate", "blocked", "--to", srv.where)
+            line = srv.wait_log("torpor-migrate: migration from a failed: ")
+            answered(c, 40)
+            lines = c.finish()
+    finally:
+        blocker.kill()
+        blocker.wait()
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"torpor: error: migration of blocked to {srv.where} failed: ")
+    assert last.endswith(f"(the process runs here, unchanged (pid {pid}))")
+    assert line.startswith("torpor-migrate: migration from a failed: ")
+    check_one_connection(lines)
+    check_stayed_on_a(lab, "blocked", pid, service)
+    killed = torpor(lab, "a", "kill", "blocked")
+    assert killed.returncode == 0, killed.stderr
