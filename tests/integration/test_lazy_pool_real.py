@@ -183,3 +183,43 @@ def test_a_flipped_lazy_chunk_in_the_pool_kills_the_copy_and_names_it(
     assert rec.exit_status == -9
     assert not running(pid)
     assert "bad" not in _lines(log, "sum")
+
+
+def test_the_pools_warm_set_is_restored_before_the_resume(
+    torpor_home: Path, tmp_path: Path
+) -> None:
+    """The warm set the first lazy restore stored in the pool: the next one (nothing local
+    again) fetches its chunks, verified, with the local part and restores them eagerly from
+    a warm image; the copy is right."""
+    trig, answer, total = _pooled(torpor_home, tmp_path, "pw")
+    rows = json.loads(
+        torpor("restore", "pw-img@default", "--lazy", "--json", "--name", "pw1").stdout
+    )
+    assert rows[0]["name"] == "pw1"
+    log = copy_log(torpor_home, "pw1")
+    assert _ask(trig, log, "ask", "pw1") == answer
+    assert lazy.wait_states(["pw1"], timeout=120)["pw1"].state == "resident"
+
+    def stored() -> list[list[object]] | None:  # written just after the resident state
+        with open_pool("default") as pool:
+            try:
+                ranges: list[list[object]] = json.loads(
+                    pool.backend.get(_poolimage.warm_key("pw-img"))
+                )["ranges"]
+            except KeyError:
+                return None
+            return ranges
+
+    warm = wait_for(stored, what="the warm set in the pool")
+    assert isinstance(warm, list)
+    torpor("stop", "pw1")
+    shutil.rmtree(torpor_home / "cache", ignore_errors=True)
+    rows = json.loads(
+        torpor("restore", "pw-img@default", "--lazy", "--json", "--name", "pw2").stdout
+    )
+    st = lazy.read_state("pw2")
+    assert st is not None and st.warm_bytes == sum(r[2] for r in warm) > 0, (st, len(warm))
+    log = copy_log(torpor_home, "pw2")
+    assert _ask(trig, log, "ask", "pw2") == answer
+    assert lazy.wait_states(["pw2"], timeout=120)["pw2"].state == "resident"
+    assert _ask(trig, log, "sum", "pw2") == total

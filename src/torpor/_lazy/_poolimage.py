@@ -34,7 +34,10 @@ Warm set
     Stored in the pool as ``warm/<image name>`` (JSON ``{"image": <manifest id>, "ranges":
     [...]}``) when a copy becomes resident, read at the next :func:`materialise` as hostile:
     at most 4 MiB, exact shape, the manifest id must be this record's, every range page-aligned
-    and inside a pages file of the record (``_warm.check``); anything wrong is ignored.
+    and inside a pages file of the record (``_warm.check_manifest``); anything wrong is
+    ignored. Its chunks are fetched (each verified) into the local part with the non-lazy
+    ones, and the copies restore those pages before they resume, from a warm image
+    (``_eager``), instead of faulting them in through the page server after.
 """
 
 from __future__ import annotations
@@ -153,6 +156,23 @@ class PoolLazyImage(Image):
             image=self.path,
             hint="restore it again",
         )
+
+    def holds(self, ranges: Iterable[Range]) -> bool:
+        """Whether every page of ``ranges`` is in the local part: written (verified) or a
+        zero chunk left as a hole. What a warm image restores eagerly must be (a hole of a
+        lazy page would be restored as zeros)."""
+        assert self._prepared is not None
+        lists = dict(zip((f.name for f in self.record.files), self._prepared.lists, strict=True))
+        sizes = {f.name: f.chunk_size for f in self.record.files}
+        local = {
+            name: {offset for offset, _, _ in chunks} for name, chunks in self._written.items()
+        }
+        for file, offset, length in ranges:
+            cs = sizes[file]
+            for i in range(offset // cs, (offset + length - 1) // cs + 1):
+                if i * cs not in local.get(file, ()) and lists[file][i] != _cas.ZERO_PAGE:
+                    return False
+        return True
 
     # -- the keeper's side ------------------------------------------------------------------
 
@@ -283,7 +303,9 @@ def _fill(
                     file=f.name,
                     hint=REFUSED_HINT,
                 )
-        written = _write(pool, catalog, bad, fds, files, wanted)
+        # The warm set's pages too: a warm image (``_eager``) restores them before the resume.
+        warm = _read_warm(pool, rec)
+        written = _write(pool, catalog, bad, fds, files, _with_warm(rec, wanted, warm))
         idents = {name: _identity(os.fstat(fd)) for name, fd in fds.items()}
     finally:
         for fd in fds.values():
@@ -297,12 +319,28 @@ def _fill(
         dir_id=(st.st_dev, st.st_ino),
         idents=idents,
         written=written,
-        warm=[],
+        warm=warm,
         prepared=Prepared(rec, lists, catalog),
     )
     image.check()
-    image.warm = _read_warm(pool, image)
     return image
+
+
+def _with_warm(
+    rec: Record, wanted: dict[str, Iterable[int]], warm: list[Range]
+) -> dict[str, Iterable[int]]:
+    """``wanted`` and the chunks of the (checked) warm ranges."""
+    if not warm:
+        return wanted
+    sizes = {f.name: f.chunk_size for f in rec.files}
+    extra: dict[str, set[int]] = defaultdict(set)
+    for file, offset, length in warm:
+        cs = sizes[file]
+        extra[file].update(range(offset // cs, (offset + length - 1) // cs + 1))
+    return {
+        name: sorted(set(indices) | extra[name]) if name in extra else indices
+        for name, indices in wanted.items()
+    }
 
 
 def _write(
@@ -411,10 +449,10 @@ def _local_chunks(rec: Record, fds: dict[str, int]) -> dict[str, Iterable[int]]:
     return out
 
 
-def _read_warm(pool: Pool, image: PoolLazyImage) -> list[Range]:
-    """The pool's warm set of ``image``, checked (hostile: see the module docstring)."""
+def _read_warm(pool: Pool, rec: Record) -> list[Range]:
+    """The pool's warm set of ``rec``, checked (hostile: see the module docstring)."""
     try:
-        with pool.backend.get_stream(warm_key(image.record.name)) as stream:
+        with pool.backend.get_stream(warm_key(rec.name)) as stream:
             raw = stream.read(_MAX_WARM + 1)
     except (KeyError, OSError, TorporError):
         return []
@@ -424,4 +462,4 @@ def _read_warm(pool: Pool, image: PoolLazyImage) -> list[Range]:
         data = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json recurses
         return []
-    return _warm.check(image, data)
+    return _warm.check_manifest(rec.manifest, data)

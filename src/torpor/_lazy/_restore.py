@@ -196,8 +196,7 @@ class LazyCopy:
         self.work_dir = lazy_dir() / f"{self.name}-{secrets.token_hex(4)}"
         os.mkdir(self.work_dir, 0o700)
         try:
-            if self._server_factory is None:
-                self._warm_dir, self._recording = self._local_warm()
+            self._warm_dir, self._recording = self._local_warm()
             if self._warm_dir is not None:
                 self._image_fd = _safe.open_dir(self._warm_dir)
             else:
@@ -209,7 +208,7 @@ class LazyCopy:
                 )
             if self.server is not None:
                 warm = _warm_of(self.image)
-                if warm:  # the pages earlier copies touched first: fetched before asked for
+                if warm and self._warm_dir is None:  # fetched before they are asked for
                     self.server.prefetch(warm)
                 self.server.start()
             where = ("127.0.0.1", self.server.port) if self.server is not None else None
@@ -229,10 +228,25 @@ class LazyCopy:
 
     def _local_warm(self) -> tuple[Path | None, bool]:
         """The warm image to restore from (``_eager``: only for a trusted image, checked
-        again once made), and whether to record a warm set (there is none yet)."""
-        warm = _warm.load(self.image)
+        again once made; a pool image's warm pages are in its local part), and whether to
+        record a warm set from the daemon's log (a local image without one yet).
+
+        Only where the warm pages are known to be in the image directory: a local image
+        whose daemon reads it itself, or a pool image's local part (its warm chunks were
+        fetched into it). Not for other served images (a migration target's holds no
+        pages): CRIU would restore holes as the process's memory."""
+        from ._poolimage import PoolLazyImage
+
+        if isinstance(self.image, PoolLazyImage):
+            warm = self.image.warm if self.image.holds(self.image.warm) else []
+        elif self._server_factory is None:
+            warm = _warm.load(self.image)
+            if not warm:
+                return None, True
+        else:
+            return None, False
         if not warm:
-            return None, True
+            return None, False
         assert self.work_dir is not None
         try:
             made = self.image.trusted() and _eager.warm_image(
@@ -384,6 +398,8 @@ class LazyCopy:
                 _warm.save(self.image, ranges)
                 return
             ranges = self.server.warm_set(within=_warm.WINDOW)
+            if self._warm_dir is not None:  # those restored eagerly were never asked for
+                ranges = list(dict.fromkeys([*_warm_of(self.image), *ranges]))
             _warm.save(self.image, ranges)
             from ._poolimage import PoolLazyImage
 

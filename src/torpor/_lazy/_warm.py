@@ -24,6 +24,7 @@ from pathlib import Path
 from .. import _paths, _safe
 from .._errors import TorporError
 from .._images._image import Image
+from .._images._manifest import Manifest
 from ._pagemap import PAGE_SIZE
 from ._source import Range
 
@@ -84,13 +85,19 @@ def load(image: Image) -> list[Range]:
 
 def check(image: Image, data: object) -> list[Range]:
     """The ranges of a decoded warm set if every one is sound for ``image``, else []."""
+    return check_manifest(image.manifest, data)
+
+
+def check_manifest(manifest: Manifest, data: object) -> list[Range]:
+    """The ranges of a decoded warm set if every one is sound for the image of ``manifest``
+    (the boundary every warm set passes, local or from a pool), else []."""
     if not isinstance(data, dict) or set(data) != {"image", "ranges"}:
         return []
-    if data["image"] != image.manifest.id or not isinstance(data["ranges"], list):
+    if data["image"] != manifest.id or not isinstance(data["ranges"], list):
         return []
     sizes = {
         e.name: e.size
-        for e in image.manifest.files
+        for e in manifest.files
         if e.name.startswith("pages-") and e.name.endswith(".img")
     }
     out: list[Range] = []
