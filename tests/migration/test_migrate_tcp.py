@@ -481,3 +481,51 @@ def test_restore_failing_on_b_after_its_address_came_up_undoes_everything(
     check_stayed_on_a(lab, "blocked", pid, service)
     killed = torpor(lab, "a", "kill", "blocked")
     assert killed.returncode == 0, killed.stderr
+
+
+# What a server killed between bringing the addresses up and the restore's end leaves.
+LEFT_BEHIND = """
+import json, os, sys
+from torpor import _paths
+from torpor._migrate import _address, _netlock
+addrs = [_address.parse(a) for a in sys.argv[1:]]
+_netlock.block("killed", addrs)
+for a in addrs:
+    _address.bring_up(a)
+_paths.write_home_file(
+    "migrate-inflight.json", json.dumps({"addresses": [*sys.argv[1:], "0.0.0.0/0"]}).encode()
+)
+"""
+
+
+ADD_TO_JOURNAL = """
+import json, sys
+from torpor import _paths
+j = json.loads(_paths.read_home_file("migrate-inflight.json"))
+j["addresses"].append(sys.argv[1])
+_paths.write_home_file("migrate-inflight.json", json.dumps(j).encode())
+"""
+READ_JOURNAL = "from torpor import _paths; print(_paths.read_home_file('migrate-inflight.json'))"
+
+
+def test_a_restarted_server_removes_what_a_killed_one_left(paired: Lab) -> None:
+    lab = paired
+    left, kept = service_address(lab, 7), service_address(lab, 8)
+    pid = start_web(lab, "keeper-of-8", kept)  # a running process's address is never taken
+    assert lab.python("a", LEFT_BEHIND, left) == ""
+    assert lab.python("a", ADD_TO_JOURNAL, kept) == ""
+    assert left in addresses(lab, "a") and kept in addresses(lab, "a")
+    with server(lab, "a") as srv:  # a as a target now: it sweeps when it starts
+        log = srv.stop()
+    assert log.splitlines() == [
+        f"torpor-migrate: removed {left}, brought up by a migration that did not finish",
+        "torpor-migrate: removed the network lock inet torpor-mig-killed, left by a migration "
+        "that did not finish",
+    ]
+    assert left not in addresses(lab, "a")
+    assert kept in addresses(lab, "a")
+    assert ruleset(lab, "a") == ""
+    assert lab.python("a", READ_JOURNAL) == "None"
+    assert ps(lab, "a", "keeper-of-8")["pid"] == pid
+    killed = torpor(lab, "a", "kill", "keeper-of-8")
+    assert killed.returncode == 0, killed.stderr

@@ -183,10 +183,11 @@ def problems(addresses: Iterable[object], *, where: str) -> list[str]:
     return out
 
 
-def bring_up(addr: IPAddr) -> Link:
-    """Add ``addr`` to the interface on its subnet (IPv6 without duplicate address detection,
-    which would hold it tentative); that interface."""
-    link = link_for(addr)
+def bring_up(addr: IPAddr, found: Sequence[Link] | None = None) -> Link:
+    """Add ``addr`` to the interface on its subnet (among ``found``, else as they are now;
+    IPv6 without duplicate address detection, which would hold it tentative); that
+    interface."""
+    link = link_for(addr, found)
     if link is None:
         raise AddressError(f"no interface here is on {addr.network} for {addr}")
     extra = ("nodad",) if addr.version == 6 else ()

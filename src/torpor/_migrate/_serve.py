@@ -91,9 +91,13 @@ def _sweep(log: Callable[[str], None]) -> None:
     left = _paths.read_home_file(_JOURNAL)
     if left is not None:
         try:
-            addrs = _address.parse_all(json.loads(left).get("addresses", []))
-        except (ValueError, AttributeError, TorporError):
-            addrs = ()
+            listed = json.loads(left).get("addresses", [])
+        except (ValueError, AttributeError):
+            listed = []
+        addrs = []
+        for item in listed if isinstance(listed, list) else []:
+            with contextlib.suppress(TorporError):  # each on its own: one bad entry skips one
+                addrs.append(_address.parse(item))
         used = {
             a for r in _registry.list_all() if r.state == "running" for a in r.service_addresses
         }
@@ -122,6 +126,7 @@ class _Incoming:
         self.outcome: str | None = None
         self.addresses: tuple[_address.IPAddr, ...] = ()  # checked in pre-flight
         self.address_ms = 0.0  # spent on them (and the lock) in the restore
+        self.links: list[_address.Link] = []
 
     def handle(self) -> None:
         conn = self.conn
@@ -140,6 +145,8 @@ class _Incoming:
             self.log(f"refused {first.get('name')!r} from {self.peer}: {'; '.join(found)}")
             return
         self.addresses = _address.parse_all(asked)
+        # Read now, not in the downtime: the interfaces the addresses will go on.
+        self.links = _address.links() if self.addresses else []
         name = str(first["name"])
         conn.send({"type": "ready"})
         mode = first["mode"]
@@ -310,7 +317,7 @@ class _Incoming:
             started = time.monotonic()
             table = _netlock.block(tag, self.addresses)
             for addr in self.addresses:
-                brought.append((addr, _address.bring_up(addr)))
+                brought.append((addr, _address.bring_up(addr, self.links or None)))
             restoring = time.monotonic()
             rec = restore()
             restored = time.monotonic()
