@@ -354,3 +354,118 @@ def test_the_source_pool_is_found_by_its_marker_and_another_is_not(target: list[
         f"no pool configured on {WHERE} is the source's pool 'shared' (dir): configure it "
         "there (torpor pool create) where it can be read"
     ]
+
+
+# -- mode pool: what the target restores ---------------------------------------------------
+
+
+class FakeConn:
+    """The channel as serve_pool uses it: messages to receive, messages sent."""
+
+    def __init__(self, *msgs: dict[str, Any]) -> None:
+        self.msgs, self.sent = list(msgs), []  # type: list[dict[str, Any]], list[dict[str, Any]]
+
+    def recv(self) -> dict[str, Any]:
+        return self.msgs.pop(0)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sent.append(msg)
+
+
+class FakeIncoming:
+    """The server's side of one migration (``_serve._Incoming``), its restore recorded."""
+
+    def __init__(self, conn: FakeConn) -> None:
+        self.conn, self.where, self.peer = conn, WHERE, "a"
+        self.outcome: str | None = None
+        self.lines: list[str] = []
+        self.restored: list[tuple[Path, str, bool]] = []
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+    def _restore(self, image: Any, name: str) -> None:
+        self.restored.append((image.path, name, image.path.is_dir()))
+        self.outcome = f"{name!r} restored"
+
+
+@pytest.fixture
+def pushed(target: list[bytes], tmp_path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """An image pushed into this home's default pool as ``ctr.migrate-1``: the pool's
+    identity and the image's files' SHA-256."""
+    from torpor._migrate import _viapool
+    from torpor._pools import open_pool
+
+    from .test_pool_support import make_image, random_pages
+
+    image = make_image(tmp_path / "made", "ctr", bytes(random_pages(8)))
+    with open_pool("default") as pool:
+        pool.push(image, "ctr.migrate-1")
+        ident = _viapool.identity(pool, "dir")
+    return ident, {f.name: f.sha256 for f in image.manifest.files}
+
+
+def test_the_target_restores_the_pushed_image_and_drops_its_pulled_copy(
+    pushed: tuple[dict[str, str], dict[str, str]],
+) -> None:
+    from torpor._migrate import _viapool
+
+    ident, files = pushed
+    incoming = FakeIncoming(
+        FakeConn({"type": "restore", "record": "ctr.migrate-1", "files": files})
+    )
+    _viapool.serve_pool(incoming, "ctr", {"pool": ident})  # type: ignore[arg-type]
+    [(path, name, there)] = incoming.restored
+    assert (name, there) == ("ctr", True)
+    assert not path.exists()  # only in transit
+    assert incoming.lines[-1] == "'ctr' restored"
+
+
+DIFFER = "ctr.migrate-1@default is not the image a pushed: its files differ"
+
+
+@pytest.mark.parametrize(
+    ("record", "change", "error"),
+    [
+        ("ctr.migrate-1", "core-1.img", DIFFER),
+        ("ctr.migrate-1", "extra.img", DIFFER),
+        ("other.migrate-1", None, "a named a record 'other.migrate-1' not of 'ctr'"),
+        ("ctr", None, "a named a record 'ctr' not of 'ctr'"),
+    ],
+)  # fmt: skip
+def test_the_target_refuses_another_image_than_the_one_pushed(
+    pushed: tuple[dict[str, str], dict[str, str]], record: str, change: str | None, error: str
+) -> None:
+    from torpor._errors import TorporError
+    from torpor._migrate import _viapool
+
+    ident, files = pushed
+    if change is not None:
+        files = {**files, change: "0" * 64}
+    conn = FakeConn({"type": "restore", "record": record, "files": files})
+    incoming = FakeIncoming(conn)
+    with pytest.raises(TorporError) as caught:
+        _viapool.serve_pool(incoming, "ctr", {"pool": ident})  # type: ignore[arg-type]
+    assert caught.value.msg == error
+    assert conn.sent == [{"type": "failed", "error": error}]
+    assert incoming.restored == []
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"type": "image"},
+        {"type": "restore", "record": 1, "files": {}},
+        {"type": "restore", "record": "ctr.migrate-1", "files": []},
+    ],
+)
+def test_the_target_refuses_a_malformed_restore_message(
+    pushed: tuple[dict[str, str], dict[str, str]], msg: dict[str, Any]
+) -> None:
+    from torpor._migrate import _viapool
+    from torpor._migrate._channel import ChannelError
+
+    incoming = FakeIncoming(FakeConn(msg))
+    with pytest.raises(ChannelError):
+        _viapool.serve_pool(incoming, "ctr", {"pool": pushed[0]})  # type: ignore[arg-type]
+    assert incoming.restored == []
