@@ -45,6 +45,7 @@ _PS_IOV_CLOSE = (0x1023, 0x1024)  # CLOSE, FORCE_CLOSE
 _CMD_MASK = 0xFFFF
 _CHUNK = 1 << 20
 ACCEPT_TIMEOUT = 30.0  # seconds for the daemon to connect once started
+UNBLOCK = 2.0  # seconds a broken transfer leaves a restore waiting on a page before it ends
 
 
 class RelayedPages:
@@ -102,12 +103,29 @@ class RelayedPages:
         with self._lock:
             if self._error is not None:
                 return
-            self._error = LazyPageError(
+            self._error = error = LazyPageError(
                 f"lazy migration from {self._source}: {what}; the pages not yet here cannot arrive",
                 image=str(self._image.path),
-                hint="the copy was killed; see the source for where the process runs",
             )
-        self._on_error(self._error)
+        # on_error kills the copy once CRIU has named it; while CRIU still restores (its
+        # restore may wait on a page) it waits. The daemon's connection is closed once the
+        # copy is dead, or after UNBLOCK seconds: the daemon then ends, the restore goes on
+        # (a page it waited for reads as zeros) and the copy, restored stopped, is killed
+        # before it ever runs (see _work).
+        killed = threading.Event()
+
+        def report() -> None:
+            try:
+                self._on_error(error)
+            finally:
+                killed.set()
+
+        threading.Thread(target=report, name="torpor-lazy-fail", daemon=True).start()
+        killed.wait(UNBLOCK)
+        daemon = self._daemon
+        if daemon is not None:
+            with contextlib.suppress(OSError):
+                daemon.shutdown(socket.SHUT_RDWR)
 
     def _run(self) -> None:
         try:
@@ -258,6 +276,9 @@ def _work(
                     tcp_established=image.manifest.tcp_established,
                     shell_job=image.manifest.shell_job,
                     lazy_pages=True,
+                    # Continued below only if its pages still flow: a transfer that broke
+                    # while CRIU restored may have left it a page of zeros.
+                    leave_stopped=True,
                 )
                 if copies.stdio:
                     from .. import _paths
@@ -288,7 +309,9 @@ def _work(
             )
             k._adopt(rec)
             recs = k.record([rec], held)
-            copy.watch()
+            if copy.server is not None and copy.server.error is None:
+                _keeper._continue_tree(res.pid)
+            copy.watch()  # a copy left stopped is killed by the watch: its server failed
             return recs
 
     return work
