@@ -26,6 +26,15 @@ from typing import Any
 import pytest
 
 from .conftest import SCRIPT, Lab, lab_problem, make, unavailable
+from .test_migrate_tcp import (
+    addresses,
+    answered,
+    check_one_connection,
+    client,
+    ruleset,
+    service_address,
+    start_web,
+)
 
 pytestmark = pytest.mark.criu
 
@@ -260,3 +269,38 @@ def test_a_pool_the_target_cannot_see_is_refused_in_preflight(paired: Lab) -> No
         "no pool configured on {where} is the source's pool 'private' (dir): configure it "
         "there (torpor pool create) where it can be read",
     )  # fmt: skip
+
+
+def test_pool_mode_keeps_the_connection_state_and_address(paired: Lab, tmp_path: Path) -> None:
+    """Issue 9's web app (in-memory count, one keep-alive client at ~50 requests/s from the
+    lab's client node, on a service address) moved through a dir pool: no failed request, one
+    connection throughout, the count going on; the address only on b; no nftables rule left."""
+    lab = paired
+    shared = tmp_path / "pool"
+    shared.mkdir(mode=0o700)
+    for host in ("a", "b"):
+        ok(torpor(lab, host, "pool", "create", "tcp", "dir", f"source={shared}"))
+    service = service_address(lab, 2)
+    pid = start_web(lab, "pweb", service)
+    with client(lab, service.split("/")[0], tmp_path) as c, server(lab, "b") as where:
+        answered(c, 40)
+        res = torpor(
+            lab, "a", "migrate", "pweb", "--to", where, "--mode", "pool", "--pool", "tcp", "--json"
+        )
+        summary = json.loads(ok(res))
+        answered(c, 40)
+        lines = c.finish()
+    counts = check_one_connection(lines)
+    assert counts[0] == 1 and len(counts) >= 80
+    worst = max(x["ms"] for x in lines if "ms" in x)
+    print(f"client's longest wait {worst:.0f} ms; summary {summary}")
+    assert (summary["mode"], summary["tcp_connections"]) == ("pool", 1)
+    assert (ps(lab, "b", "pweb")["state"], ps(lab, "b", "pweb")["pid"]) == (
+        "running",
+        summary["target_pid"],
+    )
+    assert not alive(pid)
+    assert service in addresses(lab, "b") and service not in addresses(lab, "a")
+    assert (ruleset(lab, "a"), ruleset(lab, "b")) == ("", "")
+    assert pool_images(lab, "a", "tcp") == []
+    ok(torpor(lab, "b", "kill", "pweb"))
