@@ -56,10 +56,13 @@ def register(sub: Any) -> None:
     verify.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     p.add_argument(
         "--lazy",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="post-copy memory: resume as soon as everything but the memory is restored, the "
         "pages following as they are touched and in the background (the same verification "
-        "first); prints time-to-resume and time-to-fully-resident",
+        "first); prints time-to-resume and time-to-fully-resident. Default: lazy when the "
+        "image's memory reaches the pool's restore.lazy_above, or for a local image the size "
+        "in <home>/lazy-above; else not",
     )
     p.add_argument(
         "--wait-resident",
@@ -106,6 +109,10 @@ def _restore(app: App, args: argparse.Namespace) -> int:
     check_count(args.count)  # before a pull: memory is judged once the image is here
     started = time.perf_counter()
     wall = time.time()
+    if args.lazy is None:
+        from .._lazy import _policy
+
+        args.lazy = _policy.lazy_by_default(args.image)
     partial = open_lazy_pool_image(app, args.image) if args.lazy else None
     image = partial if partial is not None else open_image(app, args.image)
     try:

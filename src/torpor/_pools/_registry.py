@@ -156,6 +156,12 @@ _COMMON: dict[str, KeySpec] = {
         "comma-separated key ids trusted besides this host's own (`torpor identity show`)",
         _key_ids,
     ),
+    # Read by ``torpor restore`` (``_lazy._policy``); unset: never lazy unless --lazy.
+    "restore.lazy_above": KeySpec(
+        "restore NAME@POOL lazily by default when its memory is at least this size "
+        "(0, 512MiB, 1G; --lazy/--no-lazy decide)",
+        _pattern(r"[0-9]{1,15}\s*(?:[KMGTkmgt](?:i?[Bb])?|[Bb])?", "a size: 0, 512MiB, 1G"),
+    ),
 }
 
 
