@@ -91,7 +91,7 @@ def facts(
         "name": name,
         "criu": criu_version(),
         "kernel": platform.release(),
-        "rss_bytes": int(claimed) if claimed else rss_bytes,
+        "rss_bytes": int(claimed) if claimed and claimed.isdigit() else rss_bytes,
         "cpuinfo": base64.b64encode(_source_cpuinfo()).decode("ascii"),
         "files": open_files(pid) if pid is not None else [],
     }
