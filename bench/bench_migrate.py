@@ -570,7 +570,7 @@ def main() -> int:
     (OUT / f"migrate-{stamp}.json").write_text(json.dumps(raw, indent=2))
     png = OUT / f"migrate-{stamp}.png"
     if sizes:
-        plot(samples, sizes, png)
+        plot(samples, sizes, png, args.client)
     log(f"wrote {OUT}/migrate-{stamp}.{{md,json,png}}")
     if args.publish_dir:
         (args.publish_dir / "runs").mkdir(exist_ok=True)

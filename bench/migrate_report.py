@@ -181,8 +181,9 @@ def targets(samples: list[Sample], sizes: list[int]) -> str:
                 f"({len(lazy)} runs){ref} — **{ok}**"
             )
         else:
-            lines.append(f"- lazy downtime ≤ 150 ms at {big >> 20} MiB, {what}: no `torpor lazy` "
-                         f"runs{ref}")  # fmt: skip
+            lines.append(
+                f"- lazy downtime ≤ 150 ms at {big >> 20} MiB, {what}: no `torpor lazy` runs{ref}"
+            )
     for z in sizes:
         sub = [s for s in samples if s.size == z]
         for attr in ("downtime", "heartbeat_gap", "total"):
@@ -197,7 +198,7 @@ def targets(samples: list[Sample], sizes: list[int]) -> str:
     return "Targets:\n\n" + "\n".join(lines)
 
 
-def plot(samples: list[Sample], sizes: list[int], path: Path) -> None:
+def plot(samples: list[Sample], sizes: list[int], path: Path, client: str = "service") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,13 +226,29 @@ def plot(samples: list[Sample], sizes: list[int], path: Path) -> None:
                     x, statistics.median(xs), width, color=colors[v], label=v if i == 0 else None
                 )
                 ax.plot([x] * len(xs), xs, "k.", ms=3, alpha=0.6)
+                hb = [
+                    s.heartbeat_gap * scale
+                    for s in samples
+                    if s.variant == v and s.size == z and s.heartbeat_gap is not None
+                ]
+                if attr == "downtime" and hb:
+                    ax.plot(
+                        [x],
+                        [statistics.median(hb)],
+                        "k_",
+                        ms=14,
+                        mew=2,
+                        label="app's heartbeat gap (median)" if i == j == 0 else None,
+                    )
         ax.set_yscale("log")
         ax.set_xticks(range(len(sizes)), [f"{z >> 20} MiB" for z in sizes])
         ax.set_ylabel(label + " (log)")
         ax.legend(fontsize=8)
-    if any(s.variant == "torpor lazy" for s in samples):
-        axes[0].axhline(150, color="#2ca02c", ls="--", lw=1)
-    fig.suptitle("torpor migrate vs bare CRIU (bars: medians, dots: rounds)", fontsize=11)
+    axes[0].axhline(150, color="#2ca02c", ls="--", lw=1, label="lazy target, 150 ms")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"torpor migrate vs bare CRIU, client: {client} (bars: medians, dots: rounds)", fontsize=11
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
