@@ -430,6 +430,10 @@ PREFLIGHTS = st.one_of(
 @example({**PREFLIGHT, "files": [{**PREFLIGHT["files"][1], "path": "/x/../../etc/shadow"}]})
 @example({**PREFLIGHT, "files": [PREFLIGHT["files"][1]] * (_preflight.MAX_FILES + 1)})
 @example({**PREFLIGHT, "cpuinfo": "x" * 100_000})
+@example({**PREFLIGHT, "criu": "9" * 5000})  # past Python's int-parsing limit
+@example({**PREFLIGHT, "kernel": "1" * 4301})
+@example({**PREFLIGHT, "rss_bytes": 10**400})  # overflows a float
+@example({**PREFLIGHT, "files": [{**PREFLIGHT["files"][1], "path": "/\ud800"}]})
 def test_preflight_problems_are_lines_never_an_exception(msg: dict[str, Any]) -> None:
     with Jail() as jail:
         msg = jail.fill(msg)

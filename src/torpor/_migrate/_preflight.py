@@ -207,6 +207,14 @@ def version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in m.group(0).split(".")) if m else ()
 
 
+_MAX_VERSION = 64  # characters of a CRIU version or kernel release the peer may send
+_MAX_RSS = 1 << 62  # bytes: far beyond any machine, short of float and int-parsing limits
+
+
+def _is_version(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= _MAX_VERSION and value.isprintable()
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -219,9 +227,9 @@ def problems(msg: Mapping[str, Any], *, where: str) -> list[str]:
     src_criu, src_kernel, rss = msg.get("criu"), msg.get("kernel"), msg.get("rss_bytes")
     if mode not in MODES:
         out.append(f"mode {mode!r} is not served on {where} (only {', '.join(MODES)})")
-    if not isinstance(src_criu, str) or not isinstance(src_kernel, str):
+    if not _is_version(src_criu) or not _is_version(src_kernel):
         return [*out, "the pre-flight message lacks the source's CRIU and kernel versions"]
-    if not isinstance(rss, int) or not _is_int(rss):
+    if not isinstance(rss, int) or not _is_int(rss) or rss > _MAX_RSS:
         return [*out, "the pre-flight message gives no process size"]
     try:
         mine = criu_version()
@@ -332,7 +340,11 @@ def _file_fact(entry: object) -> tuple[str, str, int, int, bool] | None:
     path, kind, mode, size, sized = (entry[k] for k in ("path", "kind", "mode", "size", "sized"))
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
         return None
-    if len(path.encode(errors="surrogateescape")) > MAX_PATH or "/../" in f"{path}/":
+    try:
+        encoded = path.encode(errors="surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no file name can hold
+        return None
+    if len(encoded) > MAX_PATH or "/../" in f"{path}/":
         return None
     if kind not in ("file", "dir") or not _is_int(mode) or not _is_int(size):
         return None
