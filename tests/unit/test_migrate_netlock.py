@@ -101,3 +101,16 @@ def test_a_failing_nft_is_one_error_line(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(NetlockError, match=r"^nft could not run: ") as err:
         _netlock.tables()
     assert err.value.hint == "install nftables (scripts/install-criu.sh)"
+
+
+def test_a_lock_named_after_the_dump_s_criu_table(nft: FakeNft) -> None:
+    addr = ipaddress.ip_interface("10.0.0.100/24")
+    name = "CRIU-59b7beb0-a3e8-4f9d-98"  # as CRIU cuts it (its 32-byte buffer)
+    assert _netlock.block("t", [addr], criu=name) == ("inet", name)
+    assert nft.calls[0][1] is not None and nft.calls[0][1].startswith(f"table inet {name} {{\n")
+    for bad in ("CRIU-", "criu-1", "CRIU-1 ; flush ruleset", "CRIU-" + "a" * 22, "filter"):
+        assert _netlock.criu_name(bad) is None
+        with pytest.raises(NetlockError, match="bad CRIU lock name"):
+            _netlock.block("t", [addr], criu=bad)
+    assert _netlock.criu_name(7) is None
+    assert _netlock.criu_name(name) == name

@@ -273,11 +273,12 @@ class _Move:
         self.staging = Path()  # made by run(); the notifications do not carry it
         self.addresses: tuple[_address.IPAddr, ...] = ()
         self.warnings: list[str] = []
+        self.before: set[tuple[str, str]] = set()  # nftables tables before the dump
 
     def run(self, timeout: float) -> Summary:
         out = _paths.private_dir(_paths.home() / "migrate", what="migration directory")
         locking = self.options.tcp_established
-        before = _netlock.tables() if locking else set()
+        before = self.before = _netlock.tables() if locking else set()
         staging = self.staging = Path(tempfile.mkdtemp(prefix=f"{self.name}.", dir=out))
         try:
             try:
@@ -373,6 +374,9 @@ class _Move:
             if len(names) > MAX_FILES:
                 raise MigrationError(f"the dump has {len(names)} files, over {MAX_FILES}")
             cmdline, rss = facts(self.pid)
+            # The lock CRIU made for this dump: the target names its own lock so, for its
+            # restore to lift it at the right moment (see _netlock.block).
+            locks = sorted(_netlock.new_criu_tables(self.before)) if self.addresses else []
             conn.send(
                 {
                     "type": "image",
@@ -383,6 +387,7 @@ class _Move:
                         "criu_version": criu_version(),
                         "tcp_established": self.options.tcp_established,
                         "shell_job": self.options.shell_job,
+                        "criu_lock": locks[0][1] if len(locks) == 1 else None,
                     },
                     "files": [{"name": n, "size": entries[n].st_size} for n in names],
                 }

@@ -38,6 +38,7 @@ TABLE_PREFIX = "torpor-mig-"
 _CRIU_PREFIX = "CRIU-"
 _SOCCR_MARK = 0xC114  # CRIU's own TCP-repair packets (soccr/soccr.h): let through
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,60}\Z")
+_CRIU_NAME = re.compile(r"CRIU-[A-Za-z0-9-]{1,21}\Z")
 _NFT_TIMEOUT = 10.0
 
 
@@ -79,12 +80,27 @@ def new_criu_tables(before: set[tuple[str, str]]) -> set[tuple[str, str]]:
     return {t for t in tables() - before if t[1].startswith(_CRIU_PREFIX)}
 
 
-def block(tag: str, addresses: Iterable[IPAddr]) -> tuple[str, str]:
+def criu_name(text: object) -> str | None:
+    """``text`` if it is a name CRIU gives its lock table (``CRIU-<run id>``, cut to 26
+    characters by CRIU's buffer), else None. It comes from the peer: checked here."""
+    return text if isinstance(text, str) and _CRIU_NAME.match(text) else None
+
+
+def block(tag: str, addresses: Iterable[IPAddr], *, criu: str | None = None) -> tuple[str, str]:
     """Drop all traffic to and from ``addresses`` here (CRIU's repair packets excepted), in a
-    table of its own named by ``tag``; the table, for :func:`drop`."""
+    table of its own named by ``tag``; the table, for :func:`drop`.
+
+    With ``criu`` (the name of the dump's lock table on the source, :func:`criu_name`), the
+    table is named so instead: a restore deletes the table of its dump's run id at the very
+    moment CRIU unlocks its own (after ``post-restore``, before the sockets leave repair mode
+    and send their window probes), which is when this lock must go too. Lifted later, it
+    would drop those probes and the peers' answers, and a connection whose data was in flight
+    would wait for its restored socket's first retransmission (1 s)."""
     if not _NAME.match(tag):
         raise NetlockError(f"bad lock name {tag!r}")
-    name = f"{TABLE_PREFIX}{tag}"
+    if criu is not None and criu_name(criu) is None:
+        raise NetlockError(f"bad CRIU lock name {criu!r}")
+    name = criu or f"{TABLE_PREFIX}{tag}"
     rules_in, rules_out = [], []
     for a in addresses:
         fam = "ip" if a.version == 4 else "ip6"

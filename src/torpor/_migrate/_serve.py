@@ -91,9 +91,14 @@ def _sweep(log: Callable[[str], None]) -> None:
     left = _paths.read_home_file(_JOURNAL)
     if left is not None:
         try:
-            listed = json.loads(left).get("addresses", [])
+            journal = json.loads(left)
+            listed, lock = journal.get("addresses", []), journal.get("lock")
         except (ValueError, AttributeError):
-            listed = []
+            listed, lock = [], None
+        if _netlock.criu_name(lock) is not None:
+            with contextlib.suppress(TorporError):
+                if _netlock.drop(("inet", str(lock))):
+                    log(f"removed the network lock inet {lock}, left by a migration")
         addrs = []
         for item in listed if isinstance(listed, list) else []:
             with contextlib.suppress(TorporError):  # each on its own: one bad entry skips one
@@ -127,6 +132,7 @@ class _Incoming:
         self.addresses: tuple[_address.IPAddr, ...] = ()  # checked in pre-flight
         self.address_ms = 0.0  # spent on them (and the lock) in the restore
         self.links: list[_address.Link] = []
+        self.criu_lock: str | None = None  # the name of the dump's CRIU lock table
 
     def handle(self) -> None:
         conn = self.conn
@@ -243,6 +249,7 @@ class _Incoming:
                 shell_job=facts.get("shell_job") is True,
             )
 
+        self.criu_lock = _netlock.criu_name(facts.get("criu_lock"))
         image = staging.commit(manifest, hashed)
         self.log(f"received {name!r} from {self.peer}: {sum(sizes.values())} bytes, verified")
         return image
@@ -309,13 +316,16 @@ class _Incoming:
         tag = os.urandom(4).hex()
         # Written first: a server killed from here on leaves them to the next one's sweep.
         _paths.write_home_file(
-            _JOURNAL, json.dumps({"addresses": [str(a) for a in self.addresses]}).encode()
+            _JOURNAL,
+            json.dumps(
+                {"addresses": [str(a) for a in self.addresses], "lock": self.criu_lock}
+            ).encode(),
         )
         brought: list[tuple[_address.IPAddr, _address.Link]] = []
         table: tuple[str, str] | None = None
         try:
             started = time.monotonic()
-            table = _netlock.block(tag, self.addresses)
+            table = _netlock.block(tag, self.addresses, criu=self.criu_lock)
             for addr in self.addresses:
                 brought.append((addr, _address.bring_up(addr, self.links or None)))
             restoring = time.monotonic()
@@ -331,7 +341,8 @@ class _Incoming:
         # The copy runs (its connections restored): let its traffic through, and tell the
         # subnet where its addresses are now.
         try:
-            _netlock.drop(table, known=True)
+            # CRIU's restore has lifted a lock named after its dump; any other goes now.
+            _netlock.drop(table, known=self.criu_lock is None)
         except TorporError as exc:
             self.log(f"the network lock {table[1]} could not be removed: {exc.msg}")
         for addr, link in brought:
