@@ -271,6 +271,13 @@ class _Incoming:
             )  # fmt: skip
         try:
             conn.send({"type": "running", "pid": rec.pid, "restore_ms": took})
+        except ChannelError as exc:
+            # Not even "running" got through whole: the source cannot have let CRIU kill the
+            # original (it does only on a complete "running"), so this copy must go.
+            self.abandon(rec)
+            self.log(f"{name!r}: 'running' could not be sent ({exc}); copy killed")
+            return
+        try:
             asked = time.monotonic()
             verdict = conn.recv().get("type")
             # What fencing the copy (run it only once the kill is confirmed) would add.
@@ -279,14 +286,14 @@ class _Incoming:
             # The source may have let CRIU kill the original after our "running": the copy
             # here may be all there is of the process, so it is left running, and its record
             # says the migration is in doubt (docs/migration.md: how to resolve it).
-            doubt = "in doubt: the source went silent after the copy ran"
-            with contextlib.suppress(OSError, TorporError):
-                _registry.update(name, rec.ref, migrating=f"from {self.peer} ({doubt})")
-            self.log(f"{name!r} (pid {rec.pid}) runs here, migration {doubt}: {exc}")
+            self._in_doubt(rec, f"{exc}")
             return
         if verdict == "abort":
             self.abandon(rec)
             self.log(f"{name!r} from {self.peer}: the source resumed its original; copy killed")
+            return
+        if verdict != "done":
+            self._in_doubt(rec, f"it answered {verdict!r}, not done or abort")
             return
         with contextlib.suppress(OSError, TorporError):
             _registry.update(name, rec.ref, migrating=None, migrated_from=self.peer)
@@ -358,6 +365,12 @@ class _Incoming:
                 _address.take_down(addr)
             except TorporError as exc:
                 self.log(f"{addr} could not be removed: {exc.msg}")
+
+    def _in_doubt(self, rec: _registry.ManagedProcess, why: str) -> None:
+        doubt = "in doubt: the source went silent after the copy ran"
+        with contextlib.suppress(OSError, TorporError):
+            _registry.update(rec.name, rec.ref, migrating=f"from {self.peer} ({doubt})")
+        self.log(f"{rec.name!r} (pid {rec.pid}) runs here, migration {doubt}: {why}")
 
     def abandon(self, rec: _registry.ManagedProcess) -> None:
         """Kill the copy ``rec`` (the source resumed its original), record that, and take
