@@ -207,3 +207,28 @@ def test_a_local_warm_set_is_recorded_then_restored_before_the_resume(
     assert lazy.wait_states(["w2"], timeout=60)["w2"].state == "resident"
     assert _ask(trig, log, "sum", "w2") == total
     assert image.trusted()  # the image's files untouched by the warm image's links
+
+
+def test_a_killed_keepers_work_dir_is_swept_at_the_next_restore(
+    torpor_home: Path, tmp_path: Path, daemons: list[int]
+) -> None:
+    _image(torpor_home, tmp_path, "orphan")
+    assert len(_restore_lazy("orphan-img", "--name", "o1")) == 1
+    st = lazy.read_state("o1")
+    assert st is not None and st.daemon_pid is not None and st.pid is not None
+    daemons.append(st.daemon_pid)
+    rec = _registry.load("o1")
+    work = [p for p in (torpor_home / "lazy").iterdir() if p.name.startswith("o1-")]
+    assert len(work) == 1 and work[0].is_dir()
+    # Its keeper killed mid-watch: the work dir stays while the daemon that uses it lives...
+    os.kill(rec.keeper_pid, signal.SIGKILL)
+    wait_for(lambda: not running(rec.keeper_pid), what="the keeper gone")
+    torpor("restore", "orphan-img", "--name", "o2", "--no-lazy")
+    if running(st.daemon_pid):
+        assert work[0].exists()
+        os.kill(st.daemon_pid, signal.SIGKILL)
+        wait_for(lambda: not running(st.daemon_pid), what="the daemon gone")
+    os.kill(st.pid, signal.SIGKILL)
+    # ... and goes at the next restore once nothing that claimed it lives.
+    torpor("restore", "orphan-img", "--name", "o3", "--no-lazy")
+    assert not work[0].exists()

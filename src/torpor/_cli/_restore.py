@@ -107,6 +107,9 @@ def _restore(app: App, args: argparse.Namespace) -> int:
     from .._process._copies import check_count
 
     check_count(args.count)  # before a pull: memory is judged once the image is here
+    from .._lazy import _sweep
+
+    _sweep.sweep_home()  # what killed keepers left of lazy restores
     started = time.perf_counter()
     wall = time.time()
     if args.lazy is None:

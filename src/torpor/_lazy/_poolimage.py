@@ -9,9 +9,10 @@ What is local, and why
     writes each pages file as a *sparse* local file of its full size holding only its non-lazy
     present ranges at their offsets; the lazy ranges stay holes. A pages file that no task
     pagemap names, or that another pagemap (``pagemap-shmem-*``) names, is fetched whole.
-    Everything is written in a private directory ``<cache>/lazy-pool/<pid>-<random>/`` (0700,
-    files created ``O_EXCL|O_NOFOLLOW``, 0600). The lazy pages then come from the pool on
-    demand through torpor's page server (:func:`PoolLazyImage.page_source`).
+    Everything is written in a private directory ``<cache>/lazy-pool/<pid>-<random>/image/``
+    (0700, files created ``O_EXCL|O_NOFOLLOW``, 0600; beside ``image/``, the claims of the
+    processes using it, see ``_sweep``). The lazy pages then come from the pool on demand
+    through torpor's page server (:func:`PoolLazyImage.page_source`).
 
 Verification of a lazy pool restore
     The manifest's whole-file SHA-256 of a pages file cannot be checked on a sparse file.
@@ -59,7 +60,7 @@ from .._pools import _cas
 from .._pools._pool import Pool
 from .._pools._reader import REFUSED_HINT, Catalog
 from .._pools._record import FileRecord, Record
-from . import _warm
+from . import _sweep, _warm
 from ._pagemap import MAX_PAGEMAP, Pagemap, parse_pagemap
 from ._source import LazyPageError, PageSource, Prepared, Range, _is_pages, pool_source
 
@@ -212,8 +213,8 @@ class PoolLazyImage(Image):
             pool.backend.put(warm_key(self.record.name), json.dumps(data).encode())
 
     def discard(self) -> None:
-        """Remove the local part (its memory pages are secrets too)."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the local part (its memory pages are secrets too), with its claims."""
+        shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
 class _Owning:
@@ -264,12 +265,17 @@ def materialise(pool: Pool, name: str) -> PoolLazyImage:
         pool.policy.check(rec.name, pool.name, rec.origin)
         lists = pool._resolve(rec)
         catalog = pool._catalog()
-        path = lazy_pool_dir() / f"{os.getpid()}-{secrets.token_hex(8)}"
-        os.mkdir(path, 0o700)
+        # The image in ``image/``; beside it, who uses it (``_sweep``: this process, then the
+        # keeper and the daemons), outside the image, which holds only its manifest's files.
+        top = lazy_pool_dir() / f"{os.getpid()}-{secrets.token_hex(8)}"
+        os.mkdir(top, 0o700)
         try:
+            _sweep.claim(top)
+            path = top / "image"
+            os.mkdir(path, 0o700)
             return _fill(pool, rec, lists, catalog, path)
         except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(top, ignore_errors=True)
             raise
 
 

@@ -49,16 +49,18 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
 
 from .. import _safe
 from .._engine import CriuEngine
 from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
-from . import _eager, _warm
+from . import _eager, _sweep, _warm
 from ._daemon import Daemon
 from ._pagemap import load_pagemaps
+from ._served import Server as Server
+from ._served import ServerFactory as ServerFactory
+from ._served import local_pages, served_from
 from ._source import LazyPageError, PageSource, Range
 from ._state import ENDED as ENDED
 from ._state import FAILED as FAILED
@@ -72,83 +74,6 @@ from ._state import wait_states as wait_states
 from ._state import write_state as write_state
 
 _POLL = 0.05  # seconds between looks at the page server's error while the daemon runs
-
-
-class Server(Protocol):
-    """What the orchestration needs of a page server (``_lazy._server.PageServer``)."""
-
-    @property
-    def port(self) -> int: ...
-
-    @property
-    def error(self) -> LazyPageError | None: ...
-
-    def start(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def warm_set(self, *, within: float | None = None) -> list[Range]: ...
-
-    def prefetch(self, ranges: list[Range]) -> None: ...
-
-
-# Makes the page server of a copy: (image, the daemon's pid once known, called on a serving
-# error before the daemon's connection is closed). None: CRIU serves the image dir itself.
-ServerFactory = Callable[[Image, Callable[[], int | None], Callable[[LazyPageError], None]], Server]
-
-
-def served_from(source: Callable[[Image], PageSource]) -> ServerFactory:
-    """A :data:`ServerFactory` of torpor's page server reading from ``source(image)``."""
-    from ._server import PageServer
-
-    def make(
-        image: Image,
-        daemon_pid: Callable[[], int | None],
-        on_error: Callable[[LazyPageError], None],
-    ) -> Server:
-        src = source(image)
-        try:
-            return _Served(
-                PageServer(image.path, src, allowed_pid=daemon_pid, on_error=on_error), src
-            )
-        except BaseException:
-            src.close()
-            raise
-
-    return make
-
-
-class _Served:
-    """A page server that closes its source with it."""
-
-    def __init__(self, server: Any, source: PageSource) -> None:
-        self._server = server
-        self._source = source
-
-    @property
-    def port(self) -> int:
-        return int(self._server.port)
-
-    @property
-    def error(self) -> LazyPageError | None:
-        err: LazyPageError | None = self._server.error
-        return err
-
-    def start(self) -> None:
-        self._server.start()
-
-    def close(self) -> None:
-        try:
-            self._server.close()
-        finally:
-            self._source.close()
-
-    def warm_set(self, *, within: float | None = None) -> list[Range]:
-        ranges: list[Range] = self._server.warm_set(within=within)
-        return ranges
-
-    def prefetch(self, ranges: list[Range]) -> None:
-        self._source.prefetch(ranges)
 
 
 class LazyCopy:
@@ -196,6 +121,7 @@ class LazyCopy:
         self.work_dir = lazy_dir() / f"{self.name}-{secrets.token_hex(4)}"
         os.mkdir(self.work_dir, 0o700)
         try:
+            _sweep.claim(self.work_dir)  # the keeper; swept once it and the daemon are gone
             self._warm_dir, self._recording = self._local_warm()
             if self._warm_dir is not None:
                 self._image_fd = _safe.open_dir(self._warm_dir)
@@ -221,10 +147,25 @@ class LazyCopy:
                 verbose=self._recording,
             )
             self.daemon.start()
+            self._claim_for(self.daemon.pid)
         except BaseException:
             self.abort()
             raise
         self.state = replace(self.state, daemon_pid=self.daemon.pid)
+
+    def _claim_for(self, pid: int | None) -> None:
+        """The daemon ``pid`` (and this keeper) use the work dir and a pool image's local
+        part: a killed keeper's are swept only once its daemon is gone too (``_sweep``)."""
+        from ._poolimage import PoolLazyImage
+
+        dirs = [self.work_dir] + (
+            [self.image.path.parent] if isinstance(self.image, PoolLazyImage) else []
+        )
+        for d in dirs:
+            if d is not None:
+                _sweep.claim(d)
+                if pid is not None:
+                    _sweep.claim(d, pid)
 
     def _local_warm(self) -> tuple[Path | None, bool]:
         """The warm image to restore from (``_eager``: only for a trusted image, checked
@@ -274,6 +215,7 @@ class LazyCopy:
             self._image_fd = os.dup(fd)
         self.daemon = Daemon(self.binary, self._image_fd, self.image.path, self.work_dir)
         self.daemon.start()
+        self._claim_for(self.daemon.pid)
         self.state = replace(self.state, daemon_pid=self.daemon.pid)
 
     @property
@@ -299,6 +241,15 @@ class LazyCopy:
         if self.daemon is not None:
             self.daemon.stop()
         self._close()
+        self._mark_failed()
+
+    def _mark_failed(self) -> None:
+        """Keep the work dir (its logs are the failure's evidence) from ``_sweep``."""
+        if self.work_dir is not None:
+            with contextlib.suppress(OSError):
+                os.close(
+                    os.open(self.work_dir / _sweep.FAILED_MARK, os.O_CREAT | os.O_WRONLY, 0o600)
+                )
 
     # -- after CRIU named the root --------------------------------------------------------
 
@@ -423,6 +374,7 @@ class LazyCopy:
             "was killed" if killed else "had already ended"
         )
         self.state = replace(self.state, state=FAILED, error=msg)
+        self._mark_failed()
         print(f"{now_iso()} lazy restore: {msg}", file=sys.stderr, flush=True)
         with contextlib.suppress(OSError, TorporError):
             self._write()
@@ -491,7 +443,7 @@ class LazyCopies:
         # for a local image): CRIU's daemon reads the verified image dir itself, through the fd
         # torpor checked. Measured on a 256 MiB app: first answer ~0.6 s vs ~1.1 s served (the
         # server's imports and per-fault Python round trips), a full restore ~0.85-1.0 s.
-        self._factory = served_from(source or _local) if serve else None
+        self._factory = served_from(source or local_pages) if serve else None
         self.copies: list[LazyCopy] = []
         self._lock = threading.Lock()
         self._cleanup = cleanup  # once every copy's watch ended, or the restore failed
@@ -570,12 +522,6 @@ def _warm_of(image: Image) -> list[Range]:
     if isinstance(image, PoolLazyImage) and image.warm:
         return image.warm
     return _warm.load(image)
-
-
-def _local(image: Image) -> PageSource:
-    from ._source import local_source
-
-    return local_source(image)
 
 
 def _report_failure(state: LazyState) -> None:
