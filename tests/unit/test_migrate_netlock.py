@@ -97,6 +97,7 @@ def test_sweep_removes_torpor_locks_only(nft: FakeNft) -> None:
 
 
 def test_a_failing_nft_is_one_error_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_netlock, "_lib", lambda: None)  # the nft command, then
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(NetlockError, match=r"^nft could not run: ") as err:
         _netlock.tables()
