@@ -195,6 +195,7 @@ class Step:
     answer: float
     resident: float | None = None
     resume: float | None = None  # torpor's own time-to-resume (its --json)
+    warm_bytes: int | None = None  # restored before the resume from a warm set (its state)
 
 
 def cli(app: App, name: str, *, lazy: bool, source: str | None = None) -> Step:
@@ -230,6 +231,7 @@ def cli(app: App, name: str, *, lazy: bool, source: str | None = None) -> Step:
         if st is None or st.state != lz.RESIDENT or st.resident_at is None:
             raise RuntimeError(f"lazy copy {name} did not become resident: {st}")
         step.resident = st.resident_at - wall
+        step.warm_bytes = getattr(st, "warm_bytes", None)  # (trees before 3cfbbc4: none)
     rec = _registry.load(name)
     assert pid is None or rec.pid == pid, (rec.pid, pid)
     if app.check:
