@@ -376,7 +376,7 @@ class _Guard:
         """The daemon's requests, towards CRIU."""
         pending = b""
         try:
-            while data := self._ours.recv(1 << 16):
+            while data := self._ours.recv(1 << 20):
                 pending += data
                 whole = len(pending) - len(pending) % PSI_SIZE
                 units, pending = pending[:whole], pending[whole:]
@@ -398,7 +398,7 @@ class _Guard:
         """CRIU's answers (pages), towards the target."""
         stalled = False
         with contextlib.suppress(OSError):
-            while data := self.criu.recv(1 << 16):
+            while data := self.criu.recv(1 << 20):
                 if stalled:
                     continue
                 self._ours.sendall(data)
