@@ -212,3 +212,27 @@ def test_missing_rados_module_is_a_pool_error_with_a_hint(
     with pytest.raises(PoolError, match="needs the `rados` Python module") as info:
         RadosBackend("/nonexistent", "ceph", "client.admin", POOL, 8)
     assert info.value.hint is not None and "python3-rados" in info.value.hint
+
+
+def test_an_unreachable_cluster_fails_within_the_connect_timeout(
+    ceph_cluster: dict[str, Any], tmp_path: Any
+) -> None:
+    # The cluster's own configuration and keyring, its monitors moved to a port nothing
+    # listens on: python-rados ignores connect()'s timeout and hung here for minutes.
+    import re
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nobody listens there
+    text = open(ceph_cluster["conf"], encoding="utf-8").read()
+    moved, n = re.subn(r"(?m)^(\s*mon[ _]host\s*=).*$", rf"\1 v2:127.0.0.1:{port}", text)
+    assert n == 1, text
+    conf = tmp_path / "unreachable.conf"
+    conf.write_text(moved)
+    started = time.monotonic()
+    with pytest.raises(PoolError, match="cannot connect"):
+        RadosBackend(conf, ceph_cluster["cluster"], ceph_cluster["rados_user"], POOL, 8,
+                     connect_timeout=3)  # fmt: skip
+    assert time.monotonic() - started < 20

@@ -152,8 +152,14 @@ class RadosBackend:
         self._closed = False
         entity = user if "." in user else f"client.{user}"
         with self._errors(f"connect to ceph cluster {cluster_name!r} as {entity}", None):
+            # python-rados ignores connect()'s timeout: an unreachable cluster hung it for
+            # minutes. The client's own mount timeout bounds it (TimedOut after that).
+            mount_timeout = str(int(max(1, connect_timeout)))
             cluster = self._rados.Rados(
-                conffile=str(conf_path), clustername=cluster_name, name=entity
+                conffile=str(conf_path),
+                clustername=cluster_name,
+                name=entity,
+                conf={"client_mount_timeout": mount_timeout},
             )
             try:
                 cluster.connect(timeout=int(max(1, connect_timeout)))
