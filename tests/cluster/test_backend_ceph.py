@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -226,7 +227,7 @@ def test_an_unreachable_cluster_fails_within_the_connect_timeout(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nobody listens there
-    text = open(ceph_cluster["conf"], encoding="utf-8").read()
+    text = Path(ceph_cluster["conf"]).read_text(encoding="utf-8")
     moved, n = re.subn(r"(?m)^(\s*mon[ _]host\s*=).*$", rf"\1 v2:127.0.0.1:{port}", text)
     assert n == 1, text
     conf = tmp_path / "unreachable.conf"
