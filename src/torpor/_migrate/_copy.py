@@ -289,12 +289,14 @@ class _Move:
                     with contextlib.suppress(OSError, TorporError):
                         _address.announce(addr)
                 raise self._failed(exc) from self.failure or exc
+            with contextlib.suppress(TorporError):
+                # First: the original is gone, the copy is the process (what the target
+                # waits for, the window of two copies, is this long).
+                self.conn.send({"type": "done"})
             stats = read_dump_stats_at(staging)
             self.frozen_ms = stats.frozen_ms if stats is not None else None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        with contextlib.suppress(TorporError):
-            self.conn.send({"type": "done"})  # the original is gone: the copy is the process
         # The copy runs there with the addresses (the target announced them): they leave
         # this host now. Until they have, CRIU's lock (kept after a dump that killed the
         # tree) drops what still comes here for the connections, so nothing answers an RST.
