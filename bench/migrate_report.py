@@ -144,6 +144,7 @@ def table(size: int, samples: list[Sample], not_built: dict[str, str]) -> str:
         mb = [float(s.summary.get("bytes") or s.steps.get("send_bytes") or 0) / 1e6 for s in ss]
         hb = [s.heartbeat_gap for s in ss if s.heartbeat_gap is not None]
         kept = sum(1 for s in ss if s.connections == 1 and not s.errors)
+        kept_cell = f"{kept}/{len(ss)}" if any(s.connections for s in ss) else "— (no connection)"
         vs = "—"
         if v != BARE:
             rd, rt = ratios(mine, v, "downtime"), ratios(mine, v, "total")
@@ -155,7 +156,7 @@ def table(size: int, samples: list[Sample], not_built: dict[str, str]) -> str:
             f"| {spread([s.total for s in ss], digits=2)} "
             f"| {spread([s.command for s in ss], digits=2)} "
             f"| {spread(own) if own else '—'} | {spread(tot) if tot else '—'} "
-            f"| {statistics.median(mb):.0f} | {kept}/{len(ss)} | {vs} |"
+            f"| {statistics.median(mb):.0f} | {kept_cell} | {vs} |"
         )
     base = [s.baseline_gap for s in mine]
     rows += [
