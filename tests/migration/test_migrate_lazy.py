@@ -238,3 +238,52 @@ def test_no_port_serves_the_memory_and_a_plain_client_gets_nothing(
     assert int(size) == 0 or (int(size) < 100 and first == "15"), got
     assert "peek" not in running_names(lab, "b")
     assert log_text.count("torpor-migrate: refused: ") <= 1
+
+
+def test_link_cut_mid_transfer_kills_the_copy_and_the_original_resumes(
+    paired: Lab,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    lab = paired
+    pid = start_app(lab, "a", "link", 16)
+    mark = tmp_path / "pages-flowing"
+    veth = str(lab.node("a")["veth"])
+    with server(lab, "b") as srv:
+        migrate = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "a", "--",
+             "env", f"TORPOR_TEST_LAZY_STALL={mark}",
+             *TORPOR, "migrate", "link", "--to", srv.where, "--mode", "lazy"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            wait_for(mark.exists, timeout=30)
+            copy = ps(lab, "b", "link")
+            frozen, _ = log(lab, "a", "link")
+            subprocess.run(["ip", "link", "set", veth, "down"], check=True)  # silently
+            line = srv.wait_log("torpor-migrate: 'link' from a: copy killed: ")
+            _, err = migrate.communicate(timeout=60)
+        finally:
+            subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+            if migrate.poll() is None:
+                os.kill(migrate.pid, signal.SIGKILL)
+                migrate.communicate(timeout=30)
+        srv.stop()
+    # b gave up the copy when its relay went silent, and recorded why.
+    assert line.startswith("torpor-migrate: 'link' from a: copy killed: the transfer from a broke")
+    assert not alive(int(copy["pid"]))
+    assert ps(lab, "b", "link")["restored_from"].startswith("aborted lazy migration from a: ")
+    # a resumed its original only after that: the same process, counting on from its freeze.
+    assert migrate.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        f"torpor: error: migration of link to {srv.where} failed: the transfer of its memory "
+        "broke: "
+    )
+    assert last.endswith(
+        f"the original resumed here from its state at the freeze, pid {pid}: what the copy did "
+        "meanwhile is lost)"
+    )
+    assert ps(lab, "a", "link")["state"] == "running" and alive(pid)
+    wait_for(lambda: len(log(lab, "a", "link")[0]) >= len(frozen) + 10)
+    numbers, _ = log(lab, "a", "link")
+    assert numbers[0] == 0 and consecutive(numbers)
