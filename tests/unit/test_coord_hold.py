@@ -24,8 +24,8 @@ import torpor._coord._checkpoint as checkpoint_module
 from torpor._coord import (
     Context,
     Coordinator,
+    _contexts,
     _hold,
-    _runtime,
     configure_hold,
     release_before_hooks,
 )
@@ -412,11 +412,11 @@ def test_a_signal_handlers_exception_reaches_a_held_main_thread() -> None:
 
 def test_torpors_root_context_releases_marked_threads_between_its_own_and_the_apps() -> None:
     # (The module's contexts, not global_context(): that would start the channel here.)
-    order = _runtime.root_context()._snapshot()
+    order = _contexts.root_context()._snapshot()
     assert len(order) == 3
-    assert order[0] is _runtime.system_context()
+    assert order[0] is _contexts.system_context()
     assert isinstance(order[1], HoldStage)
-    assert order[2] is _runtime._global
+    assert order[2] is _contexts.application_context()
 
 
 def test_app_code_is_told_apart_from_library_code() -> None:

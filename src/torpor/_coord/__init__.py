@@ -12,8 +12,6 @@ from ._channel import request_checkpoint as request_checkpoint
 from ._checkpoint import CheckpointResult as CheckpointResult
 from ._checkpoint import Coordinator as Coordinator
 from ._checkpoint import RestoreInfo as RestoreInfo
-from ._checkpoint import checkpoint as checkpoint
-from ._checkpoint import restore_info as restore_info
 from ._context import Context as Context
 from ._context import Resource as Resource
 from ._failures import CheckpointError as CheckpointError
@@ -29,8 +27,10 @@ from ._policy import FdRule as FdRule
 from ._policy import add_fd_rules as add_fd_rules
 from ._policy import clear_fd_rules as clear_fd_rules
 from ._policy import load_fd_policy as load_fd_policy
+from ._runtime import checkpoint as checkpoint
 from ._runtime import enable as enable
 from ._runtime import global_context as global_context
+from ._runtime import restore_info as restore_info
 from ._track import enable_from_env as _track_from_env
 from ._track import track_fds as track_fds
 

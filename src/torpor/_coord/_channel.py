@@ -59,12 +59,12 @@ from .._errors import (
     UsageError,
 )
 from .._process._proc import start_time
+from ._contexts import system_context
 from ._failures import NotCoordinatedError as NotCoordinatedError
 from ._failures import RemoteCheckpointError
 from ._listener import Listener as Listener
 from ._listener import Request as _Request  # noqa: F401 (the name tests/fuzz checks it by)
 from ._listener import parse_request as _parse_request  # noqa: F401 (tests/fuzz drives it)
-from ._runtime import channel_wanted, system_context
 from ._wire import HANDSHAKE_TIMEOUT as _HANDSHAKE_TIMEOUT
 from ._wire import PROTOCOL as PROTOCOL
 from ._wire import listener_address as listener_address
@@ -76,6 +76,11 @@ log = logging.getLogger("torpor.coord")
 
 _listener: Listener | None = None
 _lock = threading.Lock()
+
+
+def channel_wanted() -> bool:
+    """Whether the external trigger channel may run (``TORPOR_CHANNEL`` is not ``0``)."""
+    return os.environ.get("TORPOR_CHANNEL", "1").strip().lower() not in ("0", "off", "no", "false")
 
 
 def start_listener() -> None:

@@ -19,6 +19,10 @@ as it was; the original error is raised, or a
 
 The engine is injectable: :class:`Coordinator` takes any callable with the contract of
 :data:`Engine`. The default one imports ``torpor._process._selfdump`` lazily.
+
+The public ``checkpoint()`` and ``restore_info()`` are :mod:`._runtime`'s: they start
+coordination first (the built-ins, the channel), and the channel's listener runs checkpoints
+through :func:`default_coordinator`, so this module stays below both.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ from typing import Protocol
 from .._errors import CheckpointInProgressError, CheckpointRefusedError
 from . import _fds, _hold, _policy
 from ._context import Context, in_notification
+from ._contexts import root_context
 from ._failures import CheckpointError, RestoreHookError
-from ._runtime import enable, root_context
 from ._track import opened_at
 
 # The label a checkpoint without a path carries (``_process._keeper_dump`` reads it): wanted in
@@ -364,37 +368,3 @@ def default_coordinator() -> Coordinator:
             if _default is None:
                 _default = Coordinator()
     return _default
-
-
-def checkpoint(
-    to: str | os.PathLike[str] | None = None,
-    *,
-    leave_running: bool = False,
-    tcp_established: bool = False,
-    name: str | None = None,
-    labels: Mapping[str, str] | None = None,
-    fd_rules: Iterable[_policy.FdRule] = (),
-) -> CheckpointResult:
-    """Checkpoint this process into the image directory ``to``, coordinated (without ``to``:
-    a temporary directory, or, in a supervised process, its series in its pool only).
-
-    Runs the before-checkpoint hooks, checks the descriptors (``fd_rules`` first, then the
-    process-wide rules), trims memory and dumps. Without ``leave_running`` the original ends
-    here and only restored copies return; with it, the original returns too
-    (``result.restored`` tells them apart). See :class:`Coordinator` for the errors.
-    """
-    enable()
-    return default_coordinator().checkpoint(
-        to,
-        leave_running=leave_running,
-        tcp_established=tcp_established,
-        name=name,
-        labels=labels,
-        fd_rules=fd_rules,
-    )
-
-
-def restore_info() -> RestoreInfo:
-    """Was this process restored: when, how many times, how long ago (see :class:`RestoreInfo`)."""
-    enable()
-    return default_coordinator().restore_info()

@@ -18,6 +18,7 @@ from typing import Any
 from .. import _safe
 from .._errors import CheckpointRefusedError, CriuError, UsageError
 from .._process._proc import host_pid
+from ._checkpoint import default_coordinator
 from ._context import Context
 from ._failures import RestoreHookError
 from ._wire import HANDSHAKE_TIMEOUT, PROTOCOL, listener_address, peercred, recv, send
@@ -218,11 +219,10 @@ class Listener:
         self._run(request)
 
     def _run(self, request: Request) -> None:
-        from ._checkpoint import checkpoint
-
         message: dict[str, Any]
         try:
-            result = checkpoint(
+            # Not torpor.checkpoint(): that starts coordination, which started this listener.
+            result = default_coordinator().checkpoint(
                 request.dest,
                 leave_running=request.leave_running,
                 tcp_established=request.tcp_established,

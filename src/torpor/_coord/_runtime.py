@@ -1,52 +1,30 @@
-"""The process-wide coordination state: the global context, torpor's own resources, and the
-lazy start of the external trigger channel.
-
-Two contexts sit under one root that the checkpoint notifies:
-
-- the *system* context holds torpor's own resources (the built-in stdlib fixes and the trigger
-  channel's listener); it is registered first, so it is told ``before_checkpoint`` last (after
-  the application closed what it holds) and ``after_restore`` first (random is reseeded and the
-  channel listens again before any application hook runs);
-- the *global* context (:func:`global_context`) holds the application's resources.
-
-Between them sits the hold's stage marker: after restore, threads the application marked with
-``release_before_hooks`` go on once torpor's own resources are back; the others stay held until
-the application's hooks ran too (see :mod:`._hold`).
+"""Starting coordination in this process, and the entry points that start it on first use:
+``global_context()``, ``checkpoint()``, ``restore_info()``.
 
 Nothing runs at import. The first use of the coordination API (a registration, a hook
 decorator, ``checkpoint()``, ``restore_info()``, or :func:`enable`) installs the built-in
 resources and starts the channel, so a process that merely imports torpor (the CLI, tools) never
 listens. ``TORPOR_CHANNEL=0`` keeps the channel off.
+
+This module is the top of the coordination package: it uses the contexts
+(:mod:`._contexts`), the built-ins, the channel and the coordinator, and none of them uses it
+(the channel's listener runs checkpoints through the coordinator directly: it only listens
+once :func:`enable` ran).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable, Mapping
 
+from . import _builtins, _channel, _policy
+from ._checkpoint import CheckpointResult, RestoreInfo, default_coordinator
 from ._context import Context
-from ._hold import HoldStage
-
-_root = Context("torpor")
-_system = Context("torpor.system")
-_global = Context("global")
-_root._register_strong(_system)
-# Between the two: after restore, threads marked release_before_hooks go on here.
-_root._register_strong(HoldStage())
-_root._register_strong(_global)
+from ._contexts import application_context, system_context
 
 _started = False
 _start_lock = threading.Lock()
-
-
-def root_context() -> Context:
-    """The context the checkpoint notifies: torpor's own resources, then the application's."""
-    return _root
-
-
-def system_context() -> Context:
-    """torpor's own resources (built-ins, the channel listener)."""
-    return _system
 
 
 def global_context() -> Context:
@@ -56,12 +34,7 @@ def global_context() -> Context:
     """
     if not _started:
         enable()
-    return _global
-
-
-def channel_wanted() -> bool:
-    """Whether the external trigger channel may run (``TORPOR_CHANNEL`` is not ``0``)."""
-    return os.environ.get("TORPOR_CHANNEL", "1").strip().lower() not in ("0", "off", "no", "false")
+    return application_context()
 
 
 def enable() -> None:
@@ -74,9 +47,42 @@ def enable() -> None:
     with _start_lock:
         if _started:
             return
-        from . import _builtins, _channel
-
-        _builtins.install(_system)
+        _builtins.install(system_context())
         _started = True
-        if channel_wanted():
+        if _channel.channel_wanted():
             _channel.start_listener()
+
+
+def checkpoint(
+    to: str | os.PathLike[str] | None = None,
+    *,
+    leave_running: bool = False,
+    tcp_established: bool = False,
+    name: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    fd_rules: Iterable[_policy.FdRule] = (),
+) -> CheckpointResult:
+    """Checkpoint this process into the image directory ``to``, coordinated (without ``to``:
+    a temporary directory, or, in a supervised process, its series in its pool only).
+
+    Runs the before-checkpoint hooks, checks the descriptors (``fd_rules`` first, then the
+    process-wide rules), trims memory and dumps. Without ``leave_running`` the original ends
+    here and only restored copies return; with it, the original returns too
+    (``result.restored`` tells them apart). See :class:`~torpor.Coordinator` for the errors.
+    """
+    enable()
+    return default_coordinator().checkpoint(
+        to,
+        leave_running=leave_running,
+        tcp_established=tcp_established,
+        name=name,
+        labels=labels,
+        fd_rules=fd_rules,
+    )
+
+
+def restore_info() -> RestoreInfo:
+    """Was this process restored: when, how many times, how long ago (see
+    :class:`~torpor.RestoreInfo`)."""
+    enable()
+    return default_coordinator().restore_info()
