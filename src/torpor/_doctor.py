@@ -166,10 +166,9 @@ def _home_capability() -> Capability:
 def _agent_capability() -> Capability:
     """Whether commands are fast: an agent serves this home, and the native launcher is the
     ``torpor`` command (rather than the Python one, ~10 ms slower to start)."""
-    from ._agent import status
+    from ._agent_status import launcher_dir, status
 
     st = status()
-    from ._agent._worker import launcher_dir
 
     launcher = Path(launcher_dir()) / "torpor"
     try:

@@ -21,9 +21,9 @@ Contract for the rest of torpor:
   torpor's sources and the CRIU binary and re-executes itself when they change.
 """
 
-from ._control import AgentStatus as AgentStatus
+from .._agent_status import AgentStatus as AgentStatus
+from .._agent_status import status as status
 from ._control import start as start
-from ._control import status as status
 from ._control import stop as stop
 from ._master import serve as serve
 

@@ -1,62 +1,22 @@
-"""Starting, stopping and asking after the agent of this torpor home."""
+"""Starting and stopping the agent of this torpor home (asking after it:
+:mod:`torpor._agent_status`)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 from .. import _paths
+from .._agent_status import AgentStatus, launcher_dir, pid_path, recorded, socket_path, status
 from .._errors import PermissionDeniedError, TorporError
 from .._process._daemonize import last_line, start_daemon
-from .._process._proc import ProcRef, holds_unix_socket
-from ._master import agent_argv, pid_path, socket_path
-from ._worker import launcher_dir
+from .._process._proc import holds_unix_socket
+from ._master import agent_argv
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True)
-class AgentStatus:
-    """The agent of a torpor home: ``pid`` is None when none runs."""
-
-    pid: int | None
-    started: str | None
-    socket: Path
-    log: Path
-
-    @property
-    def running(self) -> bool:
-        """Whether an agent serves this home."""
-        return self.pid is not None
-
-
-def status() -> AgentStatus:
-    """The agent of this torpor home (a record whose process is gone counts as none)."""
-    home = _paths.home()
-    log = _paths.logs_dir() / "agent.log"
-    proc, started = _recorded(home)
-    if proc is None or not proc.alive():
-        return AgentStatus(None, None, socket_path(home), log)
-    return AgentStatus(proc.pid, started, socket_path(home), log)
-
-
-def _recorded(home: Path) -> tuple[ProcRef | None, str | None]:
-    """The agent's record (``agent.pid``), if there is one torpor could have written (see
-    :func:`torpor._paths.read_home_file`)."""
-    try:
-        raw = _paths.read_home_file(pid_path(home).name, limit=4096)
-        if raw is None:
-            return None, None
-        data = json.loads(raw)
-        return ProcRef(int(data["pid"]), int(data["start_time"])), str(data["started"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, None
 
 
 def start() -> tuple[AgentStatus, bool]:
@@ -88,7 +48,7 @@ def stop() -> AgentStatus | None:
     another process is refused)."""
     home = _paths.home()
     current = status()
-    proc, _ = _recorded(home)
+    proc, _ = recorded(home)
     if current.pid is None or proc is None:
         return None
     try:

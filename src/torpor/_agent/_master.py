@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from .. import _paths
+from .._agent_status import launcher_dir, lock_path, pid_path, socket_path
 from .._errors import AlreadyExistsError, TorporError
 from .._images._manifest import now_iso
 from .._process._proc import ref
@@ -46,21 +47,6 @@ RELOAD_QUIET = 0.5
 # cannot start (a broken install): stop forking them instead of spinning.
 CRASH_WINDOW = 1.0
 CRASH_LIMIT = 5
-
-
-def socket_path(home: Path) -> Path:
-    """Where the agent of ``home`` listens."""
-    return home / "agent.sock"
-
-
-def pid_path(home: Path) -> Path:
-    """The agent's record: ``{"pid", "start_time", "started", "socket"}``."""
-    return home / "agent.pid"
-
-
-def lock_path(home: Path) -> Path:
-    """Held (``flock``) by the serving agent for its whole life."""
-    return home / "agent.lock"
 
 
 def _preload() -> str | None:
@@ -339,7 +325,7 @@ def serve(
 
     ``ready_fd`` gets ``ready`` once commands are served; ``lock_fd`` is the lock a
     re-executing agent already holds; ``install`` is the directory of the launchers it serves
-    (default: this process's, see :func:`_worker.launcher_dir`). Raises
+    (default: this process's, see :func:`torpor._agent_status.launcher_dir`). Raises
     :class:`AlreadyExistsError` if an agent serves this home already.
     """
     home = _paths.home()
@@ -364,4 +350,4 @@ def serve(
         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
         0o600,
     )
-    _Master(home, lock_fd, log_fd, install or _worker.launcher_dir()).run(ready_fd)
+    _Master(home, lock_fd, log_fd, install or launcher_dir()).run(ready_fd)

@@ -23,6 +23,8 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .._agent_status import launcher_dir
+
 if TYPE_CHECKING:
     from torpor._engine import Connection
     from torpor._process._logs import SpareLog
@@ -84,17 +86,6 @@ def _rlimit(res: int, soft: int, hard: int) -> tuple[int, int, int]:
         if not (value == resource.RLIM_INFINITY or 0 <= value < 2**63):
             raise ValueError(f"resource limit {value}")
     return res, soft, hard
-
-
-def launcher_dir() -> str:
-    """The directory holding this installation's ``torpor`` launchers: where the running
-    launcher is, else the interpreter's scripts directory."""
-    argv0 = sys.argv[0]
-    if os.path.basename(argv0) in ("torpor", "torpor-py"):
-        return os.path.dirname(os.path.realpath(argv0))
-    import sysconfig
-
-    return os.path.realpath(sysconfig.get_path("scripts"))
 
 
 @dataclass(frozen=True)
