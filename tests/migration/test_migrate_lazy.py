@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from .test_migrate_copy import (
     running_names,
     server,
     torpor,
+    trust,
     wait_for,
 )
 
@@ -287,3 +289,25 @@ def test_link_cut_mid_transfer_kills_the_copy_and_the_original_resumes(
     wait_for(lambda: len(log(lab, "a", "link")[0]) >= len(frozen) + 10)
     numbers, _ = log(lab, "a", "link")
     assert numbers[0] == 0 and consecutive(numbers)
+
+
+def test_untrusted_source_gets_nothing_and_nothing_is_frozen(make_lab: Any, tmp_path: Path) -> None:
+    lab = make_lab()
+    trust(lab, tmp_path, "a", "b")  # a trusts b, b does not trust a
+    pid = start_app(lab, "a", "alien", 8)
+    with server(lab, "b") as srv:
+        res = torpor(lab, "a", "migrate", "alien", "--to", srv.where, "--mode", "lazy")
+        log_text = srv.stop()
+    assert res.returncode == 1
+    assert (
+        res.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"torpor: error: {srv.where} refused this host's certificate")
+    )
+    lines = log_text.splitlines()
+    assert len(lines) == 1  # the refusal in the TLS handshake, and nothing else on b
+    assert lines[0].endswith(" refused in the TLS handshake: CERTIFICATE_VERIFY_FAILED")
+    assert (ps(lab, "a", "alien")["state"], ps(lab, "a", "alien")["pid"]) == ("running", pid)
+    numbers, _ = log(lab, "a", "alien")
+    assert consecutive(numbers)
+    assert running_names(lab, "b") == [] and images(lab, "b") == "[]"
