@@ -205,6 +205,7 @@ def test_a_local_warm_set_is_recorded_then_restored_before_the_resume(
     log = copy_log(torpor_home, "w2")
     assert _ask(trig, log, "ask", "w2") == answer
     assert lazy.wait_states(["w2"], timeout=60)["w2"].state == "resident"
+    assert set(_warm.load(image)) >= set(warm)  # what w2 still faulted is added, none lost
     assert _ask(trig, log, "sum", "w2") == total
     assert image.trusted()  # the image's files untouched by the warm image's links
 

@@ -105,6 +105,7 @@ class LazyCopy:
         # logs its faults to record a warm set (none yet).
         self._warm_dir: Path | None = None
         self._recording = False
+        self._warm_used: list[Range] = []  # the warm set the warm image was made of
         self._pidfd: int | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
@@ -170,7 +171,9 @@ class LazyCopy:
     def _local_warm(self) -> tuple[Path | None, bool]:
         """The warm image to restore from (``_eager``: only for a trusted image, checked
         again once made; a pool image's warm pages are in its local part), and whether to
-        record a warm set from the daemon's log (a local image without one yet).
+        record faults from the daemon's log (a local image: each restore adds the pages it
+        still faulted, those the daemon's background push did not bring first, so the warm
+        set grows to what the app touches).
 
         Only where the warm pages are known to be in the image directory: a local image
         whose daemon reads it itself, or a pool image's local part (its warm chunks were
@@ -178,16 +181,15 @@ class LazyCopy:
         pages): CRIU would restore holes as the process's memory."""
         from ._poolimage import PoolLazyImage
 
+        recording = self._server_factory is None
         if isinstance(self.image, PoolLazyImage):
             warm = self.image.warm if self.image.holds(self.image.warm) else []
-        elif self._server_factory is None:
+        elif recording:
             warm = _warm.load(self.image)
-            if not warm:
-                return None, True
         else:
-            return None, False
+            warm = []
         if not warm:
-            return None, False
+            return None, recording
         assert self.work_dir is not None
         try:
             made = self.image.trusted() and _eager.warm_image(
@@ -195,11 +197,12 @@ class LazyCopy:
             )
         except (OSError, TorporError) as exc:  # a hint lost, not a failure
             print(f"{now_iso()} lazy restore: warm set not used: {exc}", file=sys.stderr)
-            return None, False
+            return None, recording
         if not made or not self.image.trusted():
-            return None, False
+            return None, recording
+        self._warm_used = warm
         self.state = replace(self.state, warm_bytes=made[1])
-        return made[0], False
+        return made[0], recording
 
     def _plain(self) -> None:
         """Restore from another directory than the image's (a derived one, see ``_copies``):
@@ -346,7 +349,8 @@ class LazyCopy:
                     window=_warm.WINDOW,
                     limit=_warm.MAX_BYTES,
                 )
-                _warm.save(self.image, ranges)
+                if ranges:  # added to the one used (its pages were never faulted)
+                    _warm.save(self.image, list(dict.fromkeys([*self._warm_used, *ranges])))
                 return
             ranges = self.server.warm_set(within=_warm.WINDOW)
             if self._warm_dir is not None:  # those restored eagerly were never asked for
