@@ -311,3 +311,52 @@ def test_untrusted_source_gets_nothing_and_nothing_is_frozen(make_lab: Any, tmp_
     numbers, _ = log(lab, "a", "alien")
     assert consecutive(numbers)
     assert running_names(lab, "b") == [] and images(lab, "b") == "[]"
+
+
+def test_lazy_keeps_a_keep_alive_connection_and_the_address(
+    paired: Lab,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from .test_migrate_tcp import (
+        addresses,
+        answered,
+        check_one_connection,
+        client,
+        knows,
+        ruleset,
+        service_address,
+        start_web,
+    )
+
+    lab = paired
+    service = service_address(lab, 7)
+    pid = start_web(lab, "lazyweb", service)
+    knows(lab, "b", lab.address("client"))
+    with client(lab, service.split("/")[0], tmp_path) as c, server(lab, "b") as srv:
+        answered(c, 40)  # under load (~50 requests/s) before the move
+        res = torpor(lab, "a", "migrate", "lazyweb", "--to", srv.where, "--mode", "lazy", "--json")
+        assert res.returncode == 0, res.stderr
+        summary = json.loads(res.stdout)
+        srv.wait_log("torpor-migrate: 'lazyweb' migrated from a: ")
+        answered(c, 40)  # and after it
+        lines = c.finish()
+    counts = check_one_connection(lines)  # one connection, no failed request, state going on
+    assert counts[0] == 1 and len(counts) >= 80
+    worst = max(x["ms"] for x in lines if "ms" in x)
+    print(f"\nlazy keep-alive: client's longest wait {worst:.0f} ms; summary {summary}")
+    assert (summary["mode"], summary["tcp_connections"], summary["addresses"]) == (
+        "lazy",
+        1,
+        [service],
+    )
+    there = ps(lab, "b", "lazyweb")
+    assert (there["state"], there["migrated_from"], there["service_addresses"]) == (
+        "running",
+        "a",
+        [service],
+    )
+    assert not alive(pid)
+    assert service in addresses(lab, "b") and service not in addresses(lab, "a")
+    assert ruleset(lab, "a") == "" and ruleset(lab, "b") == ""
+    killed = torpor(lab, "b", "kill", "lazyweb")
+    assert killed.returncode == 0, killed.stderr

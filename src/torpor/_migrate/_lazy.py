@@ -38,6 +38,7 @@ Failures:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -54,7 +55,7 @@ from .._errors import DumpError, TorporError
 from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
 from .._safe import kind_problem, lstat_entries, open_dir, open_regular
-from . import _address, _preflight
+from . import _address, _netlock, _preflight
 from ._channel import ChannelError, Conn, connect, relay, start_relay
 from ._copy import MAX_FILES, MigrationError, MigrationRefusedError, Progress, Summary, send_file
 from ._lazy_dump import CLOSE_COMMANDS, FAIL_COMMAND, PSI_SIZE, lazy_dump
@@ -90,13 +91,22 @@ def migrate_lazy(
     _registry.check_live(rec)
     ref = rec.ref
     where = f"{host}:{port}"
-    if rec.service_addresses or tcp_established or _address.connections(ref.pid):
+    moving = _address.parse_all(rec.service_addresses)
+    conns = _address.connections(ref.pid)
+    stuck = _address.unmoved(conns, moving)
+    if stuck:
         raise MigrationError(
-            f"{name} holds TCP connections or service addresses, which --mode lazy does not "
-            f"move yet (nothing was frozen; the process runs here, pid {ref.pid})",
-            hint="use --mode copy, which keeps them",
+            f"{name} holds TCP connections on addresses that stay here ({stuck[0]}"
+            f"{f' and {len(stuck) - 1} more' if len(stuck) > 1 else ''}): they cannot survive "
+            f"the move (nothing was frozen; the process runs here, pid {ref.pid})",
+            hint="serve them on a service address (torpor run --service-address), or close "
+            "them first",
         )
-    first = _preflight.facts_for(name, ref.pid, mode="lazy")
+    tcp = tcp_established or bool(conns)
+    first = {
+        **_preflight.facts_for(name, ref.pid, mode="lazy"),
+        "addresses": [str(a) for a in moving],
+    }
     conn = connect(host, port)  # refused or unreachable: nothing touched
     with conn:
         conn.settimeout(timeout)
@@ -116,7 +126,9 @@ def migrate_lazy(
         with _locks.dumping(ref, unless_requested=True):
             _registry.update(name, ref, migrating=f"to {where}")
             try:
-                summary = _LazyMove(conn, name, where, ref, say=say, timeout=timeout).run()
+                move = _LazyMove(conn, name, where, ref, say=say, timeout=timeout)
+                move.addresses, move.tcp = moving, tcp
+                summary = move.run()
             finally:
                 with contextlib.suppress(OSError, TorporError):
                     _registry.update(name, ref, migrating=None)
@@ -127,7 +139,7 @@ def migrate_lazy(
 
         _events.append(name, "checkpoint", migrated_to=where, mode="lazy")
     total = (time.monotonic() - started) * 1000
-    return Summary(**{**summary.to_json(), "total_ms": round(total, 1)})
+    return dataclasses.replace(summary, total_ms=round(total, 1), tcp_connections=len(conns))
 
 
 class _LazyMove:
@@ -158,14 +170,23 @@ class _LazyMove:
         self.criu_sock, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.guard = _Guard(ours, stall=os.environ.get(_STALL_ENV))
         self.relay_thread: threading.Thread | None = None
+        self.addresses: tuple[_address.IPAddr, ...] = ()
+        self.tcp = False
+        self.before: set[tuple[str, str]] = set()  # nftables tables before CRIU's lock
+        self.let_go = False  # the addresses were taken down here for the target
 
     def run(self) -> Summary:
         out = _paths.private_dir(_paths.home() / "migrate", what="migration directory")
         self.staging = Path(tempfile.mkdtemp(prefix=f"{self.name}.", dir=out))
+        self.before = _netlock.tables() if self.tcp else set()
         try:
             try:
-                lazy_dump(self.pid, self.staging, self.criu_sock.fileno(), notify=self._notify)
+                lazy_dump(
+                    self.pid, self.staging, self.criu_sock.fileno(), notify=self._notify,
+                    tcp_established=self.tcp,
+                )  # fmt: skip
             except DumpError as exc:
+                self._take_back()
                 raise self._failed(exc) from self.failure or exc
             finally:
                 self.criu_sock.close()
@@ -176,6 +197,8 @@ class _LazyMove:
             shutil.rmtree(self.staging, ignore_errors=True)
         with contextlib.suppress(TorporError):
             self.conn.send({"type": "done"})  # the original is gone: the copy is the process
+        if self.tcp:
+            self._unlock()  # CRIU leaves its lock after a dump that killed the tree
         got = self.settled
         if got.get("state") != "resident" and self.say is not None:
             self.say(f"warning: {self.where} did not report the copy resident ({got})")
@@ -194,7 +217,27 @@ class _LazyMove:
             bytes=self.bytes + self.guard.pages,
             files=self.files,
             total_ms=0.0,
+            addresses=tuple(str(a) for a in self.addresses),
         )
+
+    def _unlock(self) -> None:
+        try:
+            for table in sorted(_netlock.new_criu_tables(self.before)):
+                _netlock.drop(table)
+        except TorporError as exc:
+            if self.say is not None:
+                self.say(f"warning: CRIU's network lock is left here: {exc.msg}")
+
+    def _take_back(self) -> None:
+        """The original resumes here: its addresses come back (if they were let go) and
+        CRIU's lock goes (CRIU lifts it on a failed dump, but not after a failed transfer)."""
+        if self.let_go:
+            for addr in self.addresses:
+                with contextlib.suppress(OSError, TorporError):
+                    _address.bring_up(addr)
+                    _address.announce(addr)
+        if self.tcp:
+            self._unlock()
 
     # -- CRIU's notifications ------------------------------------------------------------------
 
@@ -210,6 +253,12 @@ class _LazyMove:
             self.failure = exc
             self.guard.fail_criu()
             return False
+        # The target brings the addresses up as it restores: they leave this host now (and
+        # come back if the original resumes).
+        self.let_go = bool(self.addresses)
+        for addr in self.addresses:
+            with contextlib.suppress(TorporError):
+                _address.take_down(addr)
         self._start_relay()
         return True
 
@@ -266,6 +315,9 @@ class _LazyMove:
                 raise MigrationError(f"the dump has {len(names)} files, over {MAX_FILES}")
             cmdline, rss = facts(self.pid)
             self.rss = rss
+            # The lock CRIU made for this dump: the target names its own lock so, for its
+            # restore to lift it at the right moment (see _netlock.block).
+            locks = sorted(_netlock.new_criu_tables(self.before)) if self.addresses else []
             conn.send(
                 {
                     "type": "image",
@@ -274,8 +326,9 @@ class _LazyMove:
                         "cmdline": list(cmdline),
                         "rss_bytes": rss,
                         "criu_version": criu_version(),
-                        "tcp_established": False,
+                        "tcp_established": self.tcp,
                         "shell_job": False,
+                        "criu_lock": locks[0][1] if len(locks) == 1 else None,
                         "lazy": True,
                     },
                     "files": [{"name": n, "size": entries[n].st_size} for n in names],
@@ -457,8 +510,10 @@ class _Filling:
         report: dict[str, Any] = {"type": "settled", "resumed": False}
         try:
             try:
-                self.rec = restore_apart(
-                    self.image, self.name, handle.criu_sock.fileno(), source=self.peer
+                self.rec = self.incoming.with_addresses(
+                    lambda: restore_apart(
+                        self.image, self.name, handle.criu_sock.fileno(), source=self.peer
+                    )
                 )
             finally:
                 handle.criu_sock.close()  # the keeper holds it now (or the restore failed)
@@ -492,7 +547,13 @@ class _Filling:
             if done.get("type") != "done":
                 self.incoming.log(f"{self.peer} ended with {done.get('type')!r}, not done")
         with contextlib.suppress(OSError, TorporError):
-            _registry.update(self.name, self.rec.ref, migrating=None, migrated_from=self.peer)
+            _registry.update(
+                self.name, self.rec.ref, migrating=None, migrated_from=self.peer,
+                service_addresses=tuple(str(a) for a in self.incoming.addresses),
+            )  # fmt: skip
+        for addr in self.incoming.addresses:  # again: the source has let them go long since
+            with contextlib.suppress(OSError, TorporError):
+                _address.announce(addr)
         with contextlib.suppress(OSError, TorporError, ValueError):
             from .._supervise import _events
 
@@ -517,9 +578,8 @@ class _Filling:
         rec = self.rec
         assert rec is not None
         state = self._settled()
-        if rec.ref.alive():  # the watch did not (yet): never run on missing memory
-            with contextlib.suppress(OSError):
-                os.kill(rec.pid, 9)
+        # Killed (if the watch did not, yet: never run on missing memory), the addresses down.
+        self.incoming.abandon(rec)
         error = state.error if state is not None and state.error else why
         with contextlib.suppress(OSError, TorporError):
             _registry.update(
