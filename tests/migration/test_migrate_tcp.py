@@ -31,7 +31,7 @@ __all__ = ["paired"]  # the module's fixture, shared with test_migrate_copy
 APP_PORT = 8080
 # A web app with in-memory state: each GET answers the count so far and the peer port it sees.
 WEB_APP = """
-import http.server, json, sys
+import http.server, json, socket, sys
 count = 0
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -45,7 +45,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *args):
         pass
-http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
+class Server(http.server.HTTPServer):
+    address_family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+Server((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
 """
 # Its client: one keep-alive connection, a GET every 20 ms until STOP exists; one JSON line per
 # request (or the error that ended it). Nothing is retried: a failure is what the client saw.
@@ -107,6 +109,27 @@ def ruleset(lab: Lab, host: str) -> str:
     res = lab.exec(host, "nft", "list", "ruleset")
     assert res.returncode == 0, res.stderr
     return res.stdout
+
+
+# Resolves an address's MAC on the host it runs on (one datagram), as earlier traffic would.
+RESOLVE = """
+import socket, sys, time
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+with socket.socket(family, socket.SOCK_DGRAM) as s:
+    s.sendto(b"x", (sys.argv[1], 9))
+time.sleep(0.2)
+"""
+
+
+def knows(lab: Lab, host: str, address: str) -> None:
+    """Make ``host`` know ``address``'s MAC: it will then send the client no neighbour
+    solicitation (or ARP request) from the service address when the copy answers, which would
+    tell the client where the address is by itself. Only the announcements can then."""
+    lab.python(host, RESOLVE, address)
+    res = lab.exec(host, "ip", "-j", "neigh", "show", address)
+    assert res.returncode == 0, res.stderr
+    states = [s for n in json.loads(res.stdout) for s in n.get("state", [])]
+    assert "REACHABLE" in states, res.stdout
 
 
 class Client:
@@ -190,6 +213,7 @@ def test_copy_keeps_the_connection_state_and_address(paired: Lab, tmp_path: Path
     service = service_address(lab, 1)
     pid = start_web(lab, "web", service)
     assert service in addresses(lab, "a")
+    knows(lab, "b", lab.address("client"))
     with client(lab, service.split("/")[0], tmp_path) as c, server(lab, "b") as srv:
         answered(c, 40)  # under load before the move
         res = torpor(lab, "a", "migrate", "web", "--to", srv.where, "--json")
@@ -532,3 +556,39 @@ def test_a_restarted_server_removes_what_a_killed_one_left(paired: Lab) -> None:
     assert ps(lab, "a", "keeper-of-8")["pid"] == pid
     killed = torpor(lab, "a", "kill", "keeper-of-8")
     assert killed.returncode == 0, killed.stderr
+
+
+def test_copy_keeps_an_ipv6_connection_and_address(paired: Lab, tmp_path: Path) -> None:
+    """The same over IPv6: the address is added without duplicate address detection, and an
+    unsolicited neighbour advertisement turns the client to b at once."""
+    lab = paired
+    octet = ipaddress.ip_network(lab.info["subnet"]).network_address.packed[2]
+    prefix = f"fd00:{octet:x}::"
+    hosts = {"a": 1, "b": 2, "client": 250}
+    for host, n in hosts.items():
+        res = lab.exec(host, "ip", "-6", "addr", "add", f"{prefix}{n:x}/64", "dev", "eth0", "nodad")
+        assert res.returncode == 0, res.stderr
+    service = f"{prefix}100/64"
+    try:
+        pid = start_web(lab, "web6", service)
+        knows(lab, "b", f"{prefix}{hosts['client']:x}")
+        with client(lab, f"{prefix}100", tmp_path) as c, server(lab, "b") as srv:
+            answered(c, 40)
+            res = torpor(lab, "a", "migrate", "web6", "--to", srv.where, "--json")
+            assert res.returncode == 0, res.stderr
+            summary = json.loads(res.stdout)
+            answered(c, 40)
+            lines = c.finish()
+        check_one_connection(lines)
+        worst = max(x["ms"] for x in lines if "ms" in x)
+        assert worst < summary["downtime_ms"] + 400, (worst, summary)
+        assert (summary["tcp_connections"], summary["addresses"]) == (1, [service])
+        assert not alive(pid)
+        assert service in addresses(lab, "b") and service not in addresses(lab, "a")
+        assert ruleset(lab, "a") == "" and ruleset(lab, "b") == ""
+        killed = torpor(lab, "b", "kill", "web6")
+        assert killed.returncode == 0, killed.stderr
+    finally:
+        for host, n in hosts.items():
+            lab.exec(host, "ip", "-6", "addr", "del", f"{prefix}{n:x}/64", "dev", "eth0")
+        lab.exec("b", "ip", "-6", "addr", "del", service, "dev", "eth0")

@@ -162,3 +162,12 @@ def test_record_migration_fields(tmp_path: Path) -> None:
     for bad in ("10.0.0.100/24", [1], None):
         with pytest.raises(_registry.RecordError, match="service_addresses"):
             _registry._parse(_record(tmp_path, service_addresses=bad), tmp_path / "w", "web")
+
+
+def test_unsolicited_neighbour_advertisement() -> None:
+    mac, ip = bytes.fromhex("020000aabbcc"), ipaddress.ip_address("fd00::100").packed
+    packet = _address.na_packet(mac, ip)
+    # type 136, code 0, checksum left to the kernel, flags: override only (not solicited)
+    assert struct.unpack("!BBHI", packet[:8]) == (136, 0, 0, 0x20000000)
+    assert packet[8:24] == ip
+    assert packet[24:] == bytes([2, 1]) + mac  # target link-layer address option, 8 bytes

@@ -241,17 +241,20 @@ def take_down(addr: IPAddr) -> bool:
 
 
 def announce(addr: IPAddr, link: Link | None = None) -> bool:
-    """Tell the subnet that ``addr`` is here now: for IPv4, gratuitous ARP (a request and a
-    reply, broadcast) from ``link``, or the interface that has it; whether any was sent. IPv6
-    peers find the address again by neighbour discovery (no unsolicited advertisement)."""
-    if addr.version != 4:
-        return False
+    """Tell the subnet that ``addr`` is here now, from ``link`` (or the interface that has
+    it): for IPv4 a gratuitous ARP (a request and a reply, broadcast), for IPv6 an unsolicited
+    neighbour advertisement with the override flag to all nodes; whether one was sent. Peers
+    update the entry they have for the address at once, instead of sending to the old host
+    until their entry goes stale (up to a minute with TCP confirming it)."""
     if link is None:
         found = links()
         owner = held(addr, found)
         link = next((lk for lk in found if lk.name == owner), None)
     if link is None or link.mac is None:
         return False
+    if addr.version == 6:
+        _advertise(addr, link)
+        return True
     ip = addr.ip.packed
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
     try:
@@ -261,6 +264,27 @@ def announce(addr: IPAddr, link: Link | None = None) -> bool:
     finally:
         sock.close()
     return True
+
+
+def _advertise(addr: IPAddr, link: Link) -> None:
+    assert link.mac is not None
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    try:
+        # RFC 4861: hop limit 255 (receivers drop anything else); the kernel fills in the
+        # ICMPv6 checksum of a raw ICMPv6 socket.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, link.index)
+        sock.bind((str(addr.ip), 0, 0, 0))
+        sock.sendto(na_packet(link.mac, addr.ip.packed), ("ff02::1", 0, 0, link.index))
+    finally:
+        sock.close()
+
+
+def na_packet(mac: bytes, ip: bytes) -> bytes:
+    """An unsolicited ICMPv6 neighbour advertisement (type 136, override flag) of ``ip`` at
+    ``mac``, with the target link-layer address option; checksum left to the kernel."""
+    override = 0x20000000
+    return struct.pack("!BBHI", 136, 0, 0, override) + ip + bytes([2, 1]) + mac
 
 
 def garp_frame(mac: bytes, ip: bytes, op: int) -> bytes:

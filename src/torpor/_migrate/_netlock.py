@@ -39,6 +39,7 @@ from ._address import IPAddr
 TABLE_PREFIX = "torpor-mig-"
 _CRIU_PREFIX = "CRIU-"
 _SOCCR_MARK = 0xC114  # CRIU's own TCP-repair packets (soccr/soccr.h): let through
+_ND = "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,60}\Z")
 _CRIU_NAME = re.compile(r"CRIU-[A-Za-z0-9-]{1,21}\Z")
 _NFT_TIMEOUT = 10.0
@@ -160,7 +161,9 @@ def block(tag: str, addresses: Iterable[IPAddr], *, criu: str | None = None) -> 
         rules_out.append(f"    {fam} saddr {a.ip} drop")
     if not rules_in:
         raise NetlockError("no address to lock")
-    mark = f"    meta mark {_SOCCR_MARK:#x} accept"
+    # Neighbour discovery passes (ARP is not seen here at all): the announcement of the
+    # addresses, and the answers to the peers' solicitations, must reach them while locked.
+    mark = f"    meta mark {_SOCCR_MARK:#x} accept\n{_ND}"
     script = "\n".join(
         [
             f"table inet {name} {{",

@@ -335,6 +335,12 @@ class _Incoming:
             table = _netlock.block(tag, self.addresses, criu=self.criu_lock)
             for addr in self.addresses:
                 brought.append((addr, _address.bring_up(addr, self.links or None)))
+            # Announced at once: the peers send here from now on, into the lock (the frozen
+            # original's host drops it too), so the restored sockets' first packets (window
+            # probes, sent when CRIU lifts the lock) meet answers that come here, not there.
+            for addr, link in brought:
+                with contextlib.suppress(OSError, TorporError):
+                    _address.announce(addr, link)
             restoring = time.monotonic()
             rec = restore()
             restored = time.monotonic()
@@ -346,7 +352,7 @@ class _Incoming:
             _clear_journal()
             raise
         # The copy runs (its connections restored): let its traffic through, and tell the
-        # subnet where its addresses are now.
+        # subnet again where its addresses are now.
         try:
             # CRIU's restore has lifted a lock named after its dump; any other goes now.
             _netlock.drop(table, known=self.criu_lock is None)
