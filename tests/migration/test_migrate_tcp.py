@@ -532,6 +532,12 @@ j = json.loads(_paths.read_home_file("migrate-inflight.json"))
 j["addresses"].append(sys.argv[1])
 _paths.write_home_file("migrate-inflight.json", json.dumps(j).encode())
 """
+MARK_MIGRATING = """
+import sys
+from torpor._process import _registry
+rec = _registry.load(sys.argv[1])
+print(_registry.update(rec.name, rec.ref, migrating="from b"))
+"""
 READ_JOURNAL = "from torpor import _paths; print(_paths.read_home_file('migrate-inflight.json'))"
 
 
@@ -541,14 +547,19 @@ def test_a_restarted_server_removes_what_a_killed_one_left(paired: Lab) -> None:
     pid = start_web(lab, "keeper-of-8", kept)  # a running process's address is never taken
     assert lab.python("a", LEFT_BEHIND, left) == ""
     assert lab.python("a", ADD_TO_JOURNAL, kept) == ""
+    # ... and a copy it restored, the source's verdict never read.
+    assert lab.python("a", MARK_MIGRATING, "keeper-of-8") == "True"
     assert left in addresses(lab, "a") and kept in addresses(lab, "a")
     with server(lab, "a") as srv:  # a as a target now: it sweeps when it starts
         log = srv.stop()
+    doubt = "in doubt: the server ended before the source's verdict"
     assert log.splitlines() == [
         f"torpor-migrate: removed {left}, brought up by a migration that did not finish",
+        f"torpor-migrate: 'keeper-of-8' (pid {pid}) runs here, migration {doubt}",
         "torpor-migrate: removed the network lock inet torpor-mig-killed, left by a migration "
         "that did not finish",
     ]
+    assert ps(lab, "a", "keeper-of-8")["state"] == f"migrating from b ({doubt})"
     assert left not in addresses(lab, "a")
     assert kept in addresses(lab, "a")
     assert ruleset(lab, "a") == ""

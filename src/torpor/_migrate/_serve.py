@@ -112,6 +112,15 @@ def _sweep(log: Callable[[str], None]) -> None:
                     if _address.take_down(addr):
                         log(f"removed {addr}, brought up by a migration that did not finish")
         _clear_journal()
+    # A copy restored by a server that ended before the source's verdict: whether the source
+    # committed is unknown, so it runs on, and says so (docs/migration.md).
+    for rec in _registry.list_all():
+        mark = rec.migrating or ""
+        if rec.state == "running" and mark.startswith("from ") and "(in doubt" not in mark:
+            doubt = "in doubt: the server ended before the source's verdict"
+            with contextlib.suppress(OSError, TorporError):
+                _registry.update(rec.name, rec.ref, migrating=f"{mark} ({doubt})")
+            log(f"{rec.name!r} (pid {rec.pid}) runs here, migration {doubt}")
     with contextlib.suppress(TorporError):
         for table in _netlock.sweep():
             log(f"removed the network lock {table}, left by a migration that did not finish")
