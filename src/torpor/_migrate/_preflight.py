@@ -42,7 +42,7 @@ import platform
 import re
 import stat
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from .. import _paths
 from .._engine import _cpuinfo, criu_version
@@ -211,7 +211,7 @@ _MAX_VERSION = 64  # characters of a CRIU version or kernel release the peer may
 _MAX_RSS = 1 << 62  # bytes: far beyond any machine, short of float and int-parsing limits
 
 
-def _is_version(value: object) -> bool:
+def _is_version(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and 0 < len(value) <= _MAX_VERSION and value.isprintable()
 
 
