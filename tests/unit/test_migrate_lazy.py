@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from torpor._migrate import _lazy_dump
-from torpor._migrate._lazy import _Guard
+from torpor._migrate._lazy_dump import Guard
 from torpor._migrate._lazy_target import RelayedPages
 from torpor._proto import criu_rpc_pb2 as pb
 
@@ -61,11 +61,11 @@ def test_fail_command_is_unknown_to_criu() -> None:
 
 
 class GuardRig:
-    """A :class:`_Guard` between a fake CRIU (``criu``) and a fake relay (``relay``)."""
+    """A :class:`Guard` between a fake CRIU (``criu``) and a fake relay (``relay``)."""
 
     def __init__(self) -> None:
         self.criu, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.guard = _Guard(ours)
+        self.guard = Guard(ours)
         self.relay = self.guard.relay_sock
         self.guard.start()
         self.criu.settimeout(2)

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,3 +143,76 @@ def _failed(pid: int, images_dir: Path, log_path: Path, what: str) -> DumpError:
         log_path=str(log_path),
         log_lines=lines,
     )
+
+
+class Guard:
+    """Between CRIU's page server socket (``criu``) and the relay (:attr:`relay_sock`): it
+    passes the target daemon's 32-byte requests to CRIU only whole, notes its
+    ``PS_IOV_CLOSE`` (every page is in: :attr:`closed_by_target`), and never lets the end of
+    the relay reach CRIU otherwise. CRIU takes an EOF at a request boundary for the end of a
+    good transfer and kills the original; an end without the daemon's close is instead
+    answered by :meth:`fail_criu`, when the caller decides, and CRIU thaws the original."""
+
+    def __init__(self, criu: socket.socket, *, stall: str | None = None) -> None:
+        self.criu = criu
+        self.relay_sock, self._ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.closed_by_target = False
+        self.pages = 0  # bytes CRIU sent towards the target
+        self._stall = Path(stall) if stall else None
+        self._lock = threading.Lock()
+        self._failed = False
+
+    def start(self) -> None:
+        for fn in (self._up, self._down):
+            threading.Thread(target=fn, name="torpor-lazy-guard", daemon=True).start()
+
+    def fail_criu(self) -> None:
+        """Make CRIU's transfer fail (once): the tree is thawed, not killed."""
+        with self._lock:
+            if self._failed or self.closed_by_target:
+                return
+            self._failed = True
+            with contextlib.suppress(OSError):
+                self.criu.sendall(FAIL_COMMAND)
+
+    def close(self) -> None:
+        for s in (self.criu, self.relay_sock, self._ours):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def _up(self) -> None:
+        """The daemon's requests, towards CRIU."""
+        pending = b""
+        try:
+            while data := self._ours.recv(1 << 20):
+                pending += data
+                whole = len(pending) - len(pending) % PSI_SIZE
+                units, pending = pending[:whole], pending[whole:]
+                with self._lock:
+                    if self._failed:
+                        continue
+                    for at in range(0, len(units), PSI_SIZE):
+                        cmd = int.from_bytes(units[at : at + 4], "little") & 0xFFFF
+                        if cmd in CLOSE_COMMANDS:
+                            self.closed_by_target = True
+                    self.criu.sendall(units)
+        except OSError:
+            pass
+        # The relay's end: towards CRIU only if the daemon closed (then CRIU has ended anyway).
+        with contextlib.suppress(OSError):
+            self._ours.shutdown(socket.SHUT_WR)
+
+    def _down(self) -> None:
+        """CRIU's answers (pages), towards the target."""
+        stalled = False
+        with contextlib.suppress(OSError):
+            while data := self.criu.recv(1 << 20):
+                if stalled:
+                    continue
+                self._ours.sendall(data)
+                self.pages += len(data)
+                if self._stall is not None and self.pages >= 1 << 20:
+                    self._stall.touch()  # tests: pages stop flowing here
+                    stalled = True
+        with contextlib.suppress(OSError):
+            self._ours.shutdown(socket.SHUT_WR)
