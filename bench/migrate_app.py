@@ -31,8 +31,9 @@
     (on the target) Listens (``listening`` on stdout), receives the tar stream into DIR, then
     ``criu restore -D DIR -d`` (lazily: first ``criu lazy-pages --page-server --address ADDR
     --port P``, waited for on its status fd, then ``restore --lazy-pages``; with ``--service``:
-    the address's traffic dropped, the address brought up and announced, ``--tcp-established``,
-    the drop removed once restored). LOG is the app's stdout log, made empty if missing (it is
+    the address's traffic dropped by a table named as the dump's CRIU lock table, so that
+    CRIU's restore lifts it when it unlocks, as torpor's target does; the address brought up
+    and announced; ``--tcp-established``). LOG is the app's stdout log, made empty if missing (it is
     opened ``O_APPEND``, so CRIU checks only that it exists). Prints a JSON line of monotonic
     times and the restored pid, then (lazy) waits for the daemon, which exits once every page
     has arrived.
@@ -57,6 +58,7 @@ import threading
 import time
 from typing import Any
 
+LOCK_FILE = "bench-criu-lock"  # not CRIU's: the bare sender's note of CRIU's lock table
 KEEP_INTERVAL = 0.005  # seconds between the kept connection's requests
 HEARTBEAT = 0.001
 
@@ -243,8 +245,12 @@ def dir_bytes(path: str) -> int:
 def bare_send(a: argparse.Namespace) -> None:
     os.makedirs(a.dir)
     cmd = [criu(), "dump", "-t", str(a.pid), "-D", a.dir, "-W", a.dir, "-o", "dump.log"]
+    before: set[tuple[str, str]] = set()
     if a.service:
+        from torpor._migrate import _netlock
+
         cmd += ["--tcp-established", "--network-lock", "nftables"]
+        before = _netlock.tables()
     t0 = time.monotonic()
     dump = None
     if a.lazy_port is None:
@@ -256,6 +262,9 @@ def bare_send(a: argparse.Namespace) -> None:
         from torpor._migrate import _address
 
         _address.take_down(_address.parse(a.service))
+        # The name of CRIU's lock table, for the target's own lock (see bare_receive).
+        with open(os.path.join(a.dir, LOCK_FILE), "w") as fh:
+            fh.write(" ".join(sorted(name for _, name in _netlock.new_criu_tables(before))))
     nbytes = dir_bytes(a.dir)
     with socket.create_connection((a.address, a.port), timeout=60) as sock:
         sock.settimeout(None)  # a socket with a timeout is non-blocking: tar would get EAGAIN
@@ -302,13 +311,18 @@ def bare_receive(a: argparse.Namespace) -> None:
 
         addr = _address.parse(a.service)
         restore += ["--tcp-established", "--network-lock", "nftables"]
-        lock = _netlock.block("bare", [addr])  # no RST to the peer before the socket is back
+        with open(os.path.join(a.dir, LOCK_FILE)) as fh:
+            criu_lock = fh.read().split()
+        # No RST to the peer before its socket is back. Named as the dump's lock table, which
+        # CRIU's restore deletes when it unlocks (before the sockets send their window probes),
+        # as torpor's target does: lifted only after the restore, it would drop those probes.
+        lock = _netlock.block("bare", [addr], criu=criu_lock[0] if len(criu_lock) == 1 else None)
         _address.bring_up(addr)
         _address.announce(addr)
     ready = time.monotonic()
     subprocess.run(restore, check=True, stdin=subprocess.DEVNULL)
     if lock is not None:
-        _netlock.drop(lock)
+        _netlock.drop(lock)  # if the restore left it
     restored = time.monotonic()
     with open(pidfile) as fh:
         pid = int(fh.read())
