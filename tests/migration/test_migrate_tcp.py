@@ -172,11 +172,13 @@ def client(lab: Lab, address: str, tmp: Path) -> Iterator[Client]:
                 c.proc.wait()
 
 
-def start_web(lab: Lab, name: str, service: str) -> int:
-    """The web app on a as ``name``, on ``service``; its pid."""
+def start_web(lab: Lab, name: str, service: str, *, record: bool = True) -> int:
+    """The web app on a as ``name``, on ``service`` (brought up and recorded by torpor run,
+    or, without ``record``, already there); its pid."""
     ip = service.split("/")[0]
+    given = ("--service-address", service) if record else ()
     res = torpor(
-        lab, "a", "run", "--name", name, "--service-address", service, "--",
+        lab, "a", "run", "--name", name, *given, "--",
         sys.executable, "-c", WEB_APP, ip, str(APP_PORT),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
@@ -570,8 +572,9 @@ def test_a_restarted_server_removes_what_a_killed_one_left(paired: Lab) -> None:
 
 
 def test_copy_keeps_an_ipv6_connection_and_address(paired: Lab, tmp_path: Path) -> None:
-    """The same over IPv6: the address is added without duplicate address detection, and an
-    unsolicited neighbour advertisement turns the client to b at once."""
+    """The same over IPv6, the address given to migrate (--address) rather than recorded by
+    run: it is added without duplicate address detection, and an unsolicited neighbour
+    advertisement turns the client to b at once."""
     lab = paired
     octet = ipaddress.ip_network(lab.info["subnet"]).network_address.packed[2]
     prefix = f"fd00:{octet:x}::"
@@ -581,11 +584,16 @@ def test_copy_keeps_an_ipv6_connection_and_address(paired: Lab, tmp_path: Path) 
         assert res.returncode == 0, res.stderr
     service = f"{prefix}100/64"
     try:
-        pid = start_web(lab, "web6", service)
+        up = lab.exec("a", "ip", "-6", "addr", "add", service, "dev", "eth0", "nodad")
+        assert up.returncode == 0, up.stderr
+        pid = start_web(lab, "web6", service, record=False)
+        assert ps(lab, "a", "web6")["service_addresses"] == []
         knows(lab, "b", f"{prefix}{hosts['client']:x}")
         with client(lab, f"{prefix}100", tmp_path) as c, server(lab, "b") as srv:
             answered(c, 40)
-            res = torpor(lab, "a", "migrate", "web6", "--to", srv.where, "--json")
+            res = torpor(
+                lab, "a", "migrate", "web6", "--to", srv.where, "--address", service, "--json"
+            )
             assert res.returncode == 0, res.stderr
             summary = json.loads(res.stdout)
             answered(c, 40)
@@ -596,6 +604,7 @@ def test_copy_keeps_an_ipv6_connection_and_address(paired: Lab, tmp_path: Path) 
         assert (summary["tcp_connections"], summary["addresses"]) == (1, [service])
         assert not alive(pid)
         assert service in addresses(lab, "b") and service not in addresses(lab, "a")
+        assert ps(lab, "b", "web6")["service_addresses"] == [service]  # moves on from b
         assert ruleset(lab, "a") == "" and ruleset(lab, "b") == ""
         killed = torpor(lab, "b", "kill", "web6")
         assert killed.returncode == 0, killed.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from typing import Any
 
 from .._errors import UsageError
@@ -73,23 +74,24 @@ def _migrate(app: App, args: argparse.Namespace) -> int:
         "tcp_established": args.tcp_established,
         "say": app.info,
     }
-    if args.address and args.mode != "copy":
-        raise UsageError(
-            f"--address is not supported with --mode {args.mode} yet",
-            hint="use --mode copy to move service addresses",
-        )
+    migrate: Any
     if args.mode == "lazy":
-        from .._migrate._lazy import migrate_lazy
-
-        summary = migrate_lazy(args.name, host, port, **common)
+        from .._migrate._lazy import migrate_lazy as migrate
     elif args.mode == "pool":
-        from .._migrate._viapool import migrate_pool
+        from .._migrate._viapool import migrate_pool as migrate
 
-        summary = migrate_pool(args.name, host, port, pool=args.pool, **common)
+        common["pool"] = args.pool
     else:
-        from .._migrate._copy import migrate_copy
-
-        summary = migrate_copy(args.name, host, port, addresses=args.address, **common)
+        from .._migrate._copy import migrate_copy as migrate
+    if args.address:
+        # Each mode takes --address once its module accepts ``addresses`` (copy does).
+        if "addresses" not in inspect.signature(migrate).parameters:
+            raise UsageError(
+                f"--address is not supported with --mode {args.mode} yet",
+                hint="start the process with torpor run --service-address, or use --mode copy",
+            )
+        common["addresses"] = args.address
+    summary = migrate(args.name, host, port, **common)
     if args.json:
         app.json(summary.to_json())
         return 0
