@@ -612,3 +612,21 @@ def test_copy_keeps_an_ipv6_connection_and_address(paired: Lab, tmp_path: Path) 
         for host, n in hosts.items():
             lab.exec(host, "ip", "-6", "addr", "del", f"{prefix}{n:x}/64", "dev", "eth0")
         lab.exec("b", "ip", "-6", "addr", "del", service, "dev", "eth0")
+
+
+def test_run_takes_its_service_address_back_when_the_command_cannot_start(paired: Lab) -> None:
+    lab = paired
+    service = service_address(lab, 9)
+    res = torpor(lab, "a", "run", "--name", "nothing", "--service-address", service, "--",
+                 "/nonexistent/command")  # fmt: skip
+    assert res.returncode != 0
+    assert service not in addresses(lab, "a")
+    assert ps(lab, "a", "nothing") == {}
+    bad = torpor(lab, "a", "run", "--name", "nothing", "--service-address", "127.0.0.7/8", "--",
+                 "sleep", "60")  # fmt: skip
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "torpor: error: service address 127.0.0.7/8 is loopback — give a free host address of "
+        "the hosts' shared subnet, e.g. 10.0.0.100/24"
+    )
+    assert ps(lab, "a", "nothing") == {}
