@@ -54,12 +54,6 @@ KNOWN_LAZY_CYCLES: dict[frozenset[str], str] = {
         "_sweep.sweep_home imports _poolimage.lazy_pool_dir lazily, _poolimage imports _sweep: "
         "move lazy_pool_dir (a path accessor) to _lazy._state beside lazy_dir"
     ),
-    frozenset(
-        {"torpor._migrate._copy", "torpor._migrate._preflight", "torpor._migrate._viapool"}
-    ): (
-        "_preflight imports _viapool.pool_problems lazily, _viapool imports _preflight and "
-        "_copy: move pool_problems to a leaf that imports neither"
-    ),
     frozenset({"torpor._migrate._lazy", "torpor._migrate._serve"}): (
         "_lazy imports _serve._IN_TRANSIT (and _Incoming) lazily, _serve imports "
         "_lazy.serve_lazy lazily: move _IN_TRANSIT and _Incoming to a leaf"

@@ -21,7 +21,7 @@ Checked on the target:
   itself replaces at restore (the root's stdout/stderr log, given anew through CRIU's
   ``inherit_fd``) are left out. Deleted files are left out too: CRIU carries them in the image;
 - mode ``pool``: a pool configured here is the source's pool, and can be read
-  (:func:`torpor._migrate._viapool.local_pool`).
+  (:func:`torpor._migrate._poolident.local_pool`).
 
 The service addresses that move with the process are checked by the server right after these
 (``_address.problems``, in :mod:`._serve`): they can be brought up there, none is in use.
@@ -260,7 +260,7 @@ def problems(msg: Mapping[str, Any], *, where: str) -> list[str]:
     out += _cpu_problems(msg.get("cpuinfo"), where)
     out += _file_problems(msg.get("files"), where)
     if mode == "pool":
-        from ._viapool import pool_problems  # here: _viapool builds on this module
+        from ._poolident import pool_problems
 
         out += pool_problems(msg.get("pool"), where=where)
     return out
