@@ -45,7 +45,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,9 +81,11 @@ def migrate_lazy(
     timeout: float = DEFAULT_TIMEOUT,
     tcp_established: bool = False,
     say: Callable[[str], None] | None = None,
+    addresses: Sequence[str] = (),
 ) -> Summary:
     """Move the managed process ``name`` to the torpor at ``host:port`` post-copy (see the
-    module docstring); its :class:`Summary` once the last page has moved.
+    module docstring), with its service addresses and ``addresses`` (``--address``); its
+    :class:`Summary` once the last page has moved.
     :class:`MigrationRefusedError` if pre-flight failed, :class:`MigrationError` if anything
     else did (the message says where the process runs)."""
     started = time.monotonic()
@@ -91,7 +93,7 @@ def migrate_lazy(
     _registry.check_live(rec)
     ref = rec.ref
     where = f"{host}:{port}"
-    moving = _address.parse_all(rec.service_addresses)
+    moving = _address.parse_all([*rec.service_addresses, *addresses])
     conns = _address.connections(ref.pid)
     stuck = _address.unmoved(conns, moving)
     if stuck:
