@@ -167,6 +167,7 @@ def test_copy_moves_the_process_with_its_count(paired: Lab) -> None:
     assert summary["target"] == srv.where
     assert summary["files"] > 0 and summary["bytes"] > 0
     assert 0 < summary["downtime_ms"] <= summary["total_ms"]
+    assert summary["fenced"] is True  # b ran its copy only once a confirmed the kill
     # On b, under the same name, by b's own keeper, counting on from where a stopped.
     there = ps(lab, "b", "ctr")
     assert (there["state"], there["pid"]) == ("running", summary["target_pid"])
@@ -260,12 +261,13 @@ def test_preflight_refuses_a_taken_name_before_anything_is_frozen(paired: Lab) -
     assert int(ps(lab, "b", "twin")["pid"]) == other
 
 
-def test_source_killed_in_the_two_copy_window_leaves_the_copy_in_doubt(
+def test_source_killed_in_the_fence_leaves_the_copy_stopped_in_doubt(
     paired: Lab, tmp_path: Path
 ) -> None:
-    """The window this order leaves (docs/migration.md): the source dies after the target's
-    'running' and before its verdict. CRIU, its notification unanswered, thaws the original;
-    the target cannot know, keeps its copy and says the migration is in doubt."""
+    """The fence (docs/migration.md): b's copy waits stopped until a confirms the original's
+    end. The source dies after b's 'running' and before its verdict: CRIU, its notification
+    unanswered, thaws the original; b cannot know, keeps its copy *stopped* (never two
+    running) and says the migration is in doubt, until ``--resolve`` settles it."""
     lab = paired
     pid = start_counter(lab, "a", "doubt")
     hold = tmp_path / "copy-running"
@@ -276,21 +278,76 @@ def test_source_killed_in_the_two_copy_window_leaves_the_copy_in_doubt(
              *TORPOR, "migrate", "doubt", "--to", srv.where],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        wait_for(hold.exists)  # b runs its copy; a's original is frozen at post-dump
+        wait_for(hold.exists)  # b holds its copy stopped; a's original is frozen at post-dump
         assert ps(lab, "a", "doubt")["state"] == f"migrating to {srv.where}"
+        fenced = ps(lab, "b", "doubt")
+        assert fenced["state"] == "migrating from a (stopped until the source confirms its end)"
+        assert proc_state(int(fenced["pid"])) == "T"
         migrate.kill()  # the migrate command, by the pid this test started
         migrate.communicate(timeout=30)
         line = srv.wait_log("torpor-migrate: 'doubt' (pid ")
     copy = ps(lab, "b", "doubt")
-    doubt = "in doubt: the source went silent after the copy ran"
+    doubt = "in doubt: the source went silent; the copy is stopped"
     assert line.startswith(
-        f"torpor-migrate: 'doubt' (pid {copy['pid']}) runs here, migration {doubt}: "
+        f"torpor-migrate: 'doubt' (pid {copy['pid']}) is stopped here, migration {doubt}: "
     )
     assert (copy["state"], copy["migrated_from"]) == (f"migrating from a ({doubt})", None)
-    # Both run: the user resolves it as the docs say (here: the original stays).
+    # The original runs on; the copy never ran: its log holds nothing of its own.
     wait_for(lambda: ps(lab, "a", "doubt").get("state") == "running")
     assert int(ps(lab, "a", "doubt")["pid"]) == pid
-    assert alive(pid) and alive(int(copy["pid"]))
-    killed = torpor(lab, "b", "kill", "doubt")
+    assert alive(pid) and proc_state(int(copy["pid"])) == "T"
+    before = len(counts(lab, "a", "doubt"))
+    wait_for(lambda: len(counts(lab, "a", "doubt")) > before + 5)
+    # Settled as the docs say: here the original is the process, so the copy goes.
+    wrong = torpor(lab, "a", "migrate", "doubt", "--resolve", "kill")
+    assert (wrong.returncode, wrong.stderr.splitlines()) == (1, [
+        f"torpor: error: doubt has no migration in doubt here (its migration: to {srv.where})"
+        " — --resolve is for a copy whose source went silent (see torpor ps)"
+    ])  # fmt: skip
+    killed = torpor(lab, "b", "migrate", "doubt", "--resolve", "kill")
     assert killed.returncode == 0, killed.stderr
-    assert not alive(int(copy["pid"]))
+    assert (
+        killed.stdout
+        == f"doubt (pid {copy['pid']}) killed here: the original on a is the process\n"
+    )
+    wait_for(lambda: not alive(int(copy["pid"])))
+    assert alive(pid)
+
+
+def test_resolve_continue_runs_a_fenced_copy(paired: Lab, tmp_path: Path) -> None:
+    """The other way to settle it: the original is gone (killed here by the test, as CRIU
+    would have), so the stopped copy is continued and counts on from where it was."""
+    lab = paired
+    pid = start_counter(lab, "a", "settle")
+    hold = tmp_path / "copy-running"
+    with server(lab, "b") as srv:
+        migrate = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "a", "--",
+             "env", f"TORPOR_TEST_MIGRATE_SOURCE_HOLD={hold}",
+             *TORPOR, "migrate", "settle", "--to", srv.where],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_for(hold.exists)
+        os.kill(pid, signal.SIGKILL)  # the original, frozen: a pid this test's app has
+        migrate.kill()
+        migrate.communicate(timeout=30)
+        srv.wait_log("torpor-migrate: 'settle' (pid ")
+    copy = ps(lab, "b", "settle")
+    assert proc_state(int(copy["pid"])) == "T"
+    done = torpor(lab, "b", "migrate", "settle", "--resolve", "continue")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        f"settle (pid {copy['pid']}) continues here: the migration from a is settled\n"
+    )
+    wait_for(lambda: len(counts(lab, "b", "settle")) >= 3)
+    after = ps(lab, "b", "settle")
+    assert (after["state"], after["migrated_from"]) == ("running", "a")
+    numbers = counts(lab, "b", "settle")
+    assert consecutive(numbers)
+    killed = torpor(lab, "b", "kill", "settle")
+    assert killed.returncode == 0, killed.stderr
+
+
+def proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

@@ -23,7 +23,13 @@ def register(sub: Any) -> None:
     p = sub.add_parser("migrate", help="move a running process to another host",
                        description=_DESCRIPTION)  # fmt: skip
     p.add_argument("name", metavar="NAME", help="the managed process (torpor ps)")
-    p.add_argument("--to", required=True, metavar="HOST:PORT", help="the target's agent")
+    p.add_argument("--to", metavar="HOST:PORT", help="the target's agent")
+    p.add_argument(
+        "--resolve",
+        choices=("continue", "kill"),
+        help="on a target: settle a migration of NAME left in doubt (its copy stopped): "
+        "continue it (the original is gone) or kill it (the original runs on the source)",
+    )
     p.add_argument(
         "--mode",
         choices=("copy", "lazy", "pool"),
@@ -63,6 +69,18 @@ def _split(to: str) -> tuple[str, int]:
 
 
 def _migrate(app: App, args: argparse.Namespace) -> int:
+    if args.resolve is not None:
+        if args.to is not None:
+            raise UsageError("--resolve settles a copy here: it takes no --to")
+        from .._migrate._resolve import resolve
+
+        app.out(resolve(args.name, args.resolve))
+        return 0
+    if args.to is None:
+        raise UsageError(
+            "migrate needs --to HOST:PORT (or --resolve on a target)",
+            hint="e.g. torpor migrate NAME --to 10.0.0.3:7070",
+        )
     host, port = _split(args.to)
     if (args.mode == "pool") != (args.pool is not None):
         raise UsageError(

@@ -59,6 +59,7 @@ MAX_FILES = 4096  # files in one image; CRIU writes a dozen or so per process
 # Tests only: a path created once the target reports the copy running, after which the source
 # waits (before answering CRIU), so a test can kill it in the window of two copies.
 _SOURCE_HOLD_ENV = "TORPOR_TEST_MIGRATE_SOURCE_HOLD"
+_CONTINUE_TIMEOUT = 10.0  # seconds a fenced copy's "continued" may take (for the summary)
 
 
 class MigrationError(TorporError):
@@ -268,6 +269,7 @@ class _Move:
         self.failure: BaseException | None = None
         self.frozen_at = self.sent_at = self.running_at = 0.0
         self.reply: dict[str, Any] = {}
+        self.continued_at = 0.0  # when a fenced copy was continued there (its "continued")
         self.bytes = self.files = 0
         self.frozen_ms: float | None = None
         self.staging = Path()  # made by run(); the notifications do not carry it
@@ -293,6 +295,11 @@ class _Move:
                 # First: the original is gone, the copy is the process (what the target
                 # waits for, the window of two copies, is this long).
                 self.conn.send({"type": "done"})
+                if self.reply.get("stopped") is True:
+                    # Fenced: the copy there waited stopped for this "done"; it runs now.
+                    self.conn.settimeout(_CONTINUE_TIMEOUT)
+                    if self.conn.recv().get("type") == "continued":
+                        self.continued_at = time.monotonic()
             stats = read_dump_stats_at(staging)
             self.frozen_ms = stats.frozen_ms if stats is not None else None
         finally:
@@ -316,7 +323,7 @@ class _Move:
             source_pid=self.pid,
             target=self.where,
             target_pid=int(self.reply.get("pid", 0)),
-            downtime_ms=round((self.running_at - self.frozen_at) * 1000, 1),
+            downtime_ms=round(((self.continued_at or self.running_at) - self.frozen_at) * 1000, 1),
             frozen_ms=self.frozen_ms,
             transfer_ms=round((self.sent_at - self.frozen_at) * 1000, 1),
             restore_ms=float(self.reply.get("restore_ms", 0.0)),
@@ -324,6 +331,7 @@ class _Move:
             files=self.files,
             total_ms=0.0,
             addresses=tuple(str(a) for a in self.addresses),
+            fenced=bool(self.continued_at),
         )
 
     def _unlock(self, before: set[tuple[str, str]]) -> None:

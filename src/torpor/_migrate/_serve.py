@@ -267,7 +267,9 @@ class _Incoming:
         conn = self.conn
         started = time.monotonic()
         try:
-            rec = self.with_addresses(lambda: _restore_apart(image, name))
+            # Fenced: the copy is left stopped until the source confirms the original's end,
+            # so the two never run at once (a source that dies in between leaves it stopped).
+            rec = self.with_addresses(lambda: _restore_apart(image, name, stopped=True))
         except TorporError as exc:
             with contextlib.suppress(TorporError):
                 conn.send({"type": "failed", "error": exc.msg})
@@ -275,11 +277,12 @@ class _Incoming:
         took = round((time.monotonic() - started) * 1000, 1)
         with contextlib.suppress(OSError, TorporError):
             _registry.update(
-                name, rec.ref, restored_from=None, migrating=f"from {self.peer}",
+                name, rec.ref, restored_from=None,
+                migrating=f"from {self.peer} (stopped until the source confirms its end)",
                 service_addresses=tuple(str(a) for a in self.addresses),
             )  # fmt: skip
         try:
-            conn.send({"type": "running", "pid": rec.pid, "restore_ms": took})
+            conn.send({"type": "running", "pid": rec.pid, "restore_ms": took, "stopped": True})
         except ChannelError as exc:
             # Not even "running" got through whole: the source cannot have let CRIU kill the
             # original (it does only on a complete "running"), so this copy must go.
@@ -289,12 +292,13 @@ class _Incoming:
         try:
             asked = time.monotonic()
             verdict = conn.recv().get("type")
-            # What fencing the copy (run it only once the kill is confirmed) would add.
+            # What the fence (the copy runs only once the kill is confirmed) adds.
             confirm_ms = round((time.monotonic() - asked) * 1000, 1)
         except ChannelError as exc:
-            # The source may have let CRIU kill the original after our "running": the copy
-            # here may be all there is of the process, so it is left running, and its record
-            # says the migration is in doubt (docs/migration.md: how to resolve it).
+            # The source may have let CRIU kill the original after our "running", or CRIU
+            # may have thawed it: the copy here may be all there is of the process, or a
+            # second one. It stays stopped (never two running) and its record says the
+            # migration is in doubt (docs/migration.md: `torpor migrate NAME --resolve`).
             self._in_doubt(rec, f"{exc}")
             return
         if verdict == "abort":
@@ -304,8 +308,12 @@ class _Incoming:
         if verdict != "done":
             self._in_doubt(rec, f"it answered {verdict!r}, not done or abort")
             return
+        if not self._continue(rec):
+            return
         with contextlib.suppress(OSError, TorporError):
             _registry.update(name, rec.ref, migrating=None, migrated_from=self.peer)
+        with contextlib.suppress(TorporError):
+            conn.send({"type": "continued"})
         for addr in self.addresses:  # again: the source has let them go by now
             with contextlib.suppress(OSError, TorporError):
                 _address.announce(addr)
@@ -381,11 +389,26 @@ class _Incoming:
             except TorporError as exc:
                 self.log(f"{addr} could not be removed: {exc.msg}")
 
+    def _continue(self, rec: _registry.ManagedProcess) -> bool:
+        """Let the fenced copy ``rec`` run (the source confirmed the original's end):
+        whether it could (it is still the process restored, by pid and start time)."""
+        from .._process._keeper import continue_tree
+
+        try:
+            live = rec.ref.alive()
+        except (OSError, TorporError):
+            live = False
+        if not live:
+            self.log(f"{rec.name!r} (pid {rec.pid}) ended before it could be continued")
+            return False
+        continue_tree(rec.pid)
+        return True
+
     def _in_doubt(self, rec: _registry.ManagedProcess, why: str) -> None:
-        doubt = "in doubt: the source went silent after the copy ran"
+        doubt = "in doubt: the source went silent; the copy is stopped"
         with contextlib.suppress(OSError, TorporError):
             _registry.update(rec.name, rec.ref, migrating=f"from {self.peer} ({doubt})")
-        self.log(f"{rec.name!r} (pid {rec.pid}) runs here, migration {doubt}: {why}")
+        self.log(f"{rec.name!r} (pid {rec.pid}) is stopped here, migration {doubt}: {why}")
 
     def abandon(self, rec: _registry.ManagedProcess) -> None:
         """Kill the copy ``rec`` (the source resumed its original), record that, and take
@@ -404,7 +427,7 @@ class _Incoming:
             )  # fmt: skip
 
 
-def _restore_apart(image: Image, name: str) -> _registry.ManagedProcess:
+def _restore_apart(image: Image, name: str, *, stopped: bool = False) -> _registry.ManagedProcess:
     """:func:`_manage.restore` in a forked child holding no descriptor of ours: the keeper it
     forks stays behind as the process's parent and would otherwise keep the listening socket
     and the channel open for as long as the process lives."""
@@ -420,7 +443,7 @@ def _restore_apart(image: Image, name: str) -> _registry.ManagedProcess:
                     with contextlib.suppress(OSError):
                         os.close(int(entry))
             try:
-                rec = _manage.restore(image, names=[name])[0]
+                rec = _manage.restore(image, names=[name], stopped=stopped)[0]
                 reply: dict[str, Any] = {"ok": True, "rec": dataclasses.asdict(rec)}
             except BaseException as exc:
                 reply = {"ok": False, "error": _keeper.encode_error(exc)}

@@ -154,8 +154,11 @@ class Keeper:
         verify: bool | Literal["full"],
         reuseport: bool | None = None,
         reservation: Reservation | None = None,
+        stay_stopped: bool = False,
     ) -> list[ManagedProcess]:
-        """Restore ``len(names)`` copies of ``image``, a bounded number at a time.
+        """Restore ``len(names)`` copies of ``image``, a bounded number at a time; with
+        ``stay_stopped`` they are left stopped (SIGSTOP'd by CRIU), for the caller to continue
+        (:func:`continue_tree`): a migration's copy, run once the original's end is confirmed.
 
         Records match what runs whatever happens to the keeper (F3): with ``reservation``
         (holding ``names``), each copy's record is written, marked ``restoring``, in CRIU's
@@ -193,6 +196,10 @@ class Keeper:
         else:
             # Known not to be trusted (or asked for in full): hash everything.
             threading.Thread(target=_verify_into, args=(image, verdict), daemon=True).start()
+            options = dataclasses.replace(options, leave_stopped=True)
+        if stay_stopped:
+            if options.lazy_pages:
+                raise TorporError("a lazy restore cannot be left stopped")
             options = dataclasses.replace(options, leave_stopped=True)
         engine = CriuEngine()
         # Post-copy memory: each copy gets a lazy-pages daemon of its own, watched once it runs.
@@ -304,9 +311,9 @@ class Keeper:
                 with contextlib.suppress(OSError, TorporError):
                     _registry.delete_if(rec.name, rec.ref)
             raise bad or failures[0]
-        if options.leave_stopped:
+        if options.leave_stopped and not stay_stopped:
             for r in restored:
-                _continue_tree(r.pid)
+                continue_tree(r.pid)
         if lazies is not None:
             lazies.watch()
         return restored
@@ -511,7 +518,7 @@ def _verify_into(image: Image, verdict: Future[None]) -> None:
         verdict.set_result(None)
 
 
-def _continue_tree(root: int) -> None:
+def continue_tree(root: int) -> None:
     """SIGCONT every process of the tree rooted at ``root`` (it was restored stopped).
 
     SIGCONT resumes even a PID namespace's init, which ignores most signals from outside.
@@ -519,6 +526,9 @@ def _continue_tree(root: int) -> None:
     for pid in (root, *descendants(root)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+_continue_tree = continue_tree  # the name callers used before it was public
 
 
 def _kill(pid: int) -> None:

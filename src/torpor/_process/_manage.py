@@ -63,6 +63,7 @@ def restore(
     reuseport: bool | None = None,
     rename_taken: bool = False,
     lazy: bool = False,
+    stopped: bool = False,
 ) -> list[ManagedProcess]:
     """Restore ``len(names)`` concurrent copies of ``image``, each a running managed process
     writing its stdout/stderr to a log of its own (``<home>/logs/NAME.log``) when the image's
@@ -79,6 +80,9 @@ def restore(
     ``tcp_close`` restores established TCP connections closed (instead of resumed), so an
     image that held one restores again and as copies. Listening sockets of several copies
     share their port (``reuseport``: see :class:`torpor._process._copies.Copies`).
+
+    ``stopped`` leaves the copies stopped (their records say so until continued with
+    :func:`torpor._process._keeper.continue_tree`): a migration's fence.
 
     ``lazy`` restores memory post-copy: each copy resumes before its pages are in, a daemon of
     its own bringing them (see :mod:`torpor._lazy._restore`; the same verification first).
@@ -99,7 +103,13 @@ def restore(
     def work(k: _keeper.Keeper) -> list[ManagedProcess]:
         with _registry.reserve(names, rename_taken=rename_taken) as held:
             restored = k.restore(
-                image, held.names, options, verify=verify, reuseport=reuseport, reservation=held
+                image,
+                held.names,
+                options,
+                verify=verify,
+                reuseport=reuseport,
+                reservation=held,
+                stay_stopped=stopped,
             )
             return k.record(restored, held)
 
