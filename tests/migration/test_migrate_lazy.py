@@ -362,3 +362,55 @@ def test_lazy_keeps_a_keep_alive_connection_and_the_address(
     assert ruleset(lab, "a") == "" and ruleset(lab, "b") == ""
     killed = torpor(lab, "b", "kill", "lazyweb")
     assert killed.returncode == 0, killed.stderr
+
+
+def test_lazy_restore_failing_on_b_leaves_it_serving_on_a_with_its_address(
+    paired: Lab,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """b's restore fails after the source let the address go (a wildcard listener takes the
+    app's port there): a takes the address back, drops CRIU's lock, and the original runs on,
+    unchanged, its client served throughout on the same connection."""
+    from .test_migrate_tcp import (
+        APP_PORT,
+        BLOCKER,
+        answered,
+        check_one_connection,
+        check_stayed_on_a,
+        client,
+        service_address,
+        start_web,
+    )
+
+    lab = paired
+    service = service_address(lab, 8)
+    pid = start_web(lab, "lzblocked", service)
+    blocker = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "b", "--",
+         sys.executable, "-c", BLOCKER, str(APP_PORT)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert blocker.stdout is not None and blocker.stdout.readline() == "listening\n"
+        with client(lab, service.split("/")[0], tmp_path) as c, server(lab, "b") as srv:
+            answered(c, 20)
+            res = torpor(lab, "a", "migrate", "lzblocked", "--to", srv.where, "--mode", "lazy")
+            line = srv.wait_log("torpor-migrate: migration from a failed: ")
+            answered(c, 40)
+            lines = c.finish()
+    finally:
+        blocker.kill()
+        blocker.wait()
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"torpor: error: migration of lzblocked to {srv.where} failed: {srv.where} ended the "
+        "transfer: the restore failed: "
+    )
+    assert last.endswith(f"(the process runs here, unchanged (pid {pid}))")
+    assert line.startswith("torpor-migrate: migration from a failed: ")
+    check_one_connection(lines)
+    check_stayed_on_a(lab, "lzblocked", pid, service)
+    assert "lzblocked" not in running_names(lab, "b")
+    killed = torpor(lab, "a", "kill", "lzblocked")
+    assert killed.returncode == 0, killed.stderr

@@ -58,7 +58,7 @@ from .._safe import kind_problem, lstat_entries, open_dir, open_regular
 from . import _address, _netlock, _preflight
 from ._channel import ChannelError, Conn, connect, relay, start_relay
 from ._copy import MAX_FILES, MigrationError, MigrationRefusedError, Progress, Summary, send_file
-from ._lazy_dump import Guard, lazy_dump
+from ._lazy_dump import Guard, lazy_dump, repair_off
 
 if TYPE_CHECKING:
     from ._serve import _Incoming
@@ -177,6 +177,7 @@ class _LazyMove:
         self.tcp = False
         self.before: set[tuple[str, str]] = set()  # nftables tables before CRIU's lock
         self.let_go = False  # the addresses were taken down here for the target
+        self.taken_back = False
 
     def run(self) -> Summary:
         out = _paths.private_dir(_paths.home() / "migrate", what="migration directory")
@@ -233,13 +234,20 @@ class _LazyMove:
 
     def _take_back(self) -> None:
         """The original resumes here: its addresses come back (if they were let go) and
-        CRIU's lock goes (CRIU lifts it on a failed dump, but not after a failed transfer)."""
+        CRIU's lock goes (CRIU lifts it on a failed dump, but not after a failed transfer),
+        before CRIU is told to thaw it, as CRIU itself unlocks before it thaws."""
+        if self.taken_back:
+            return
+        self.taken_back = True
         if self.let_go:
             for addr in self.addresses:
                 with contextlib.suppress(OSError, TorporError):
                     _address.bring_up(addr)
                     _address.announce(addr)
         if self.tcp:
+            from .._process._proc import descendants
+
+            repair_off([self.pid, *descendants(self.pid)])
             self._unlock()
 
     # -- CRIU's notifications ------------------------------------------------------------------
@@ -294,6 +302,7 @@ class _LazyMove:
             # seconds of silence); only then may the original run on, here.
             self.failure = exc
             time.sleep(FENCE)
+            self._take_back()
             self.guard.fail_criu()
             return
         if not self.guard.closed_by_target:
@@ -301,6 +310,7 @@ class _LazyMove:
             self.failure = MigrationError(
                 f"{self.where} ended the transfer: {why or 'no reason given'}"
             )
+            self._take_back()
             self.guard.fail_criu()
 
     def _transfer(self) -> None:

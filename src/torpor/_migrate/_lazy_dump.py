@@ -216,3 +216,52 @@ class Guard:
                     stalled = True
         with contextlib.suppress(OSError):
             self._ours.shutdown(socket.SHUT_WR)
+
+
+_SYS_PIDFD_GETFD = 438  # x86_64 and the generic table alike
+_TCP_REPAIR = 19
+_TCP_REPAIR_OFF = 0  # off, with a window probe that makes the peer resend what is missing
+
+
+def repair_off(pids: list[int]) -> int:
+    """Take the TCP sockets of ``pids`` out of repair mode; how many were switched.
+
+    A dump with ``tcp_established`` puts the tree's connections in repair mode; CRIU takes
+    them out only on its own failure path (``network_unlock``), not when a lazy transfer
+    fails and it thaws the tree: the connections would stay dead. Repair mode belongs to the
+    socket, so a duplicate of the fd (``pidfd_getfd``) can switch it off."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    done = 0
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for name in fds:
+                with contextlib.suppress(OSError):
+                    if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:["):
+                        continue
+                dup = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0))
+                if dup < 0:
+                    continue
+                sock = socket.socket(fileno=dup)
+                try:
+                    if sock.type == socket.SOCK_STREAM and sock.family in (
+                        socket.AF_INET,
+                        socket.AF_INET6,
+                    ):
+                        with contextlib.suppress(OSError):
+                            sock.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR, _TCP_REPAIR_OFF)
+                            done += 1
+                finally:
+                    sock.close()
+        finally:
+            os.close(pidfd)
+    return done
