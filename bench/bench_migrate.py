@@ -371,13 +371,15 @@ class Bench:
         images = f"{self.lab.home}/bare-{self.seq}"
         log_file = f"{self.lab.home}/logs/{run.name}.log"
         service = ["--service", run.service] if run.service else []
-        extra = [*service, *(["--lazy-from", f"{self.a}:{LAZY_PORT}"] if lazy else [])]
+        # A port of its own each time: the last one's page server may still hold its port.
+        lazy_port = LAZY_PORT + self.seq % 500
+        extra = [*service, *(["--lazy-from", f"{self.a}:{lazy_port}"] if lazy else [])]
         recv = self.lab.start("b", sys.executable, str(APP), "bare-receive", self.b,
                               str(RECV_PORT), images, log_file, *extra)  # fmt: skip
         assert recv.stdout is not None and recv.stderr is not None
         if recv.stdout.readline() != "listening\n":
             raise RuntimeError(f"bare-receive: {recv.communicate()[1].strip()}")
-        extra = [*service, *(["--lazy-port", str(LAZY_PORT)] if lazy else [])]
+        extra = [*service, *(["--lazy-port", str(lazy_port)] if lazy else [])]
         send = self.lab.start("a", sys.executable, str(APP), "bare-send", str(run.pid), images,
                               self.b, str(RECV_PORT), *extra)  # fmt: skip
         try:

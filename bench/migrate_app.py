@@ -223,8 +223,9 @@ def client(address: str, hb_port: int) -> None:
 # -- bare CRIU --------------------------------------------------------------------------------
 
 
-def run_with_status(cmd: list[str], what: str) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` with ``--status-fd``; it, once it wrote its ready byte (or fail)."""
+def run_with_status(cmd: list[str], what: str, log: str) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` with ``--status-fd``; it, once it wrote its ready byte (or fail, with
+    the last error line of its ``log``)."""
     r, w = os.pipe()
     proc = subprocess.Popen([*cmd, "--status-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL)
     os.close(w)
@@ -232,10 +233,26 @@ def run_with_status(cmd: list[str], what: str) -> subprocess.Popen[bytes]:
         ready, _, _ = select.select([r], [], [], 600)
         if not ready or not os.read(r, 1):
             proc.wait()
-            raise SystemExit(f"{what} never got ready (exit {proc.returncode})")
+            raise SystemExit(f"{what} never got ready (exit {proc.returncode}): {log_error(log)}")
     finally:
         os.close(r)
     return proc
+
+
+def run_criu(cmd: list[str], what: str, log: str) -> None:
+    """Run ``cmd`` to its end; fail with the last error line of its ``log``."""
+    if subprocess.run(cmd, stdin=subprocess.DEVNULL, check=False).returncode != 0:
+        raise SystemExit(f"{what} failed: {log_error(log)}")
+
+
+def log_error(path: str) -> str:
+    """The last ``Error`` line of a CRIU log (the first is a harmless rlimit complaint)."""
+    try:
+        with open(path, errors="replace") as fh:
+            errors = [line.strip() for line in fh if "Error" in line]
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return errors[-1] if errors else "(no error line in its log)"
 
 
 def dir_bytes(path: str) -> int:
@@ -254,9 +271,13 @@ def bare_send(a: argparse.Namespace) -> None:
     t0 = time.monotonic()
     dump = None
     if a.lazy_port is None:
-        subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+        run_criu(cmd, "criu dump", os.path.join(a.dir, "dump.log"))
     else:
-        dump = run_with_status([*cmd, "--lazy-pages", "--port", str(a.lazy_port)], "criu dump")
+        dump = run_with_status(
+            [*cmd, "--lazy-pages", "--port", str(a.lazy_port)],
+            "criu dump",
+            os.path.join(a.dir, "dump.log"),
+        )
     dumped = time.monotonic()
     if a.service:
         from torpor._migrate import _address
@@ -303,6 +324,7 @@ def bare_receive(a: argparse.Namespace) -> None:
             [criu(), "lazy-pages", "-D", a.dir, "-W", a.dir, "-o", "lazy-pages.log",
              "--page-server", "--address", source, "--port", port],
             "criu lazy-pages",
+            os.path.join(a.dir, "lazy-pages.log"),
         )  # fmt: skip
         restore.append("--lazy-pages")
     lock = None
@@ -320,7 +342,7 @@ def bare_receive(a: argparse.Namespace) -> None:
         _address.bring_up(addr)
         _address.announce(addr)
     ready = time.monotonic()
-    subprocess.run(restore, check=True, stdin=subprocess.DEVNULL)
+    run_criu(restore, "criu restore", os.path.join(a.dir, "restore.log"))
     if lock is not None:
         _netlock.drop(lock)  # if the restore left it
     restored = time.monotonic()
