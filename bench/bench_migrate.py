@@ -60,17 +60,16 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench_restore import alive, criu_binary, kill, machine, parse_size, quiesce
+from bench_supervise import interrupts_as_keyboard
 from migrate_report import VARIANTS, Sample, breakdown, plot, seen, table, targets
 
 BENCH = Path(__file__).resolve().parent
@@ -448,21 +447,6 @@ def code_state() -> dict[str, str]:
 
 
 # -- main ---------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def interrupts_as_keyboard() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run like Ctrl-C, so the lab is taken down."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
