@@ -50,10 +50,6 @@ KNOWN_LAZY_CYCLES: dict[frozenset[str], str] = {
         "_cli._supervise imports _run._stop lazily (ending a process), _run imports _supervise "
         "for its options and start_supervising: move _stop (and its helpers) to a leaf"
     ),
-    frozenset({"torpor._lazy._poolimage", "torpor._lazy._sweep"}): (
-        "_sweep.sweep_home imports _poolimage.lazy_pool_dir lazily, _poolimage imports _sweep: "
-        "move lazy_pool_dir (a path accessor) to _lazy._state beside lazy_dir"
-    ),
     frozenset({"torpor._migrate._lazy", "torpor._migrate._serve"}): (
         "_lazy imports _serve._IN_TRANSIT (and _Incoming) lazily, _serve imports "
         "_lazy.serve_lazy lazily: move _IN_TRANSIT and _Incoming to a leaf"

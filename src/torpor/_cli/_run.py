@@ -202,8 +202,11 @@ def _resume(app: App, args: argparse.Namespace, name: str, spec: Spec) -> int | 
 
 
 def _ps(app: App, args: argparse.Namespace) -> int:
+    from .._lazy import _sweep
     from .._process import _proc, _registry
     from .._supervise import _state
+
+    _sweep.sweep_home()  # what killed keepers left of lazy restores (checked by pid)
 
     skipped: list[TorporError] = []
     supervised = {s.name: s for s in _state.list_all(skipped)}

@@ -53,7 +53,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from .. import _paths, _safe
+from .. import _safe
 from .._errors import ImageCorruptedError, TorporError
 from .._images._image import Image
 from .._pools import _cas
@@ -63,12 +63,13 @@ from .._pools._record import FileRecord, Record
 from . import _sweep, _warm
 from ._pagemap import MAX_PAGEMAP, Pagemap, parse_pagemap
 from ._source import LazyPageError, PageSource, Prepared, Range, _is_pages, pool_source
+from ._state import LAZY_POOL_DIR as LAZY_POOL_DIR
+from ._state import lazy_pool_dir
 
 _TASK_PAGEMAP = re.compile(r"pagemap-([1-9][0-9]{0,9})\.img")
 _ANY_PAGEMAP = re.compile(r"pagemap-.*\.img")
 _WARM_PREFIX = "warm/"
 _MAX_WARM = 4 << 20
-LAZY_POOL_DIR = "lazy-pool"
 
 _Ident = tuple[int, int, int, int, int]
 
@@ -249,11 +250,6 @@ def _sha256_fd(fd: int) -> str:
         h.update(block)
         pos += len(block)
     return h.hexdigest()
-
-
-def lazy_pool_dir() -> Path:
-    """``<cache>/lazy-pool``: the local parts of pool images being restored lazily."""
-    return _paths.private_dir(_paths.cache_dir() / LAZY_POOL_DIR, what="lazy pool directory")
 
 
 def materialise(pool: Pool, name: str) -> PoolLazyImage:

@@ -21,6 +21,7 @@ from .._errors import TorporError
 from .._images._manifest import now_iso
 
 LAZY_DIR = "lazy"
+LAZY_POOL_DIR = "lazy-pool"  # in the cache: local parts of pool images restored lazily
 _MAX_STATE = 1 << 16
 
 FILLING, RESIDENT, FAILED, ENDED = "filling", "resident", "failed", "ended"
@@ -47,6 +48,11 @@ class LazyState:
 def lazy_dir() -> Path:
     """``<home>/lazy``: work dirs and states of lazy restores."""
     return _paths.private_dir(_paths.home() / LAZY_DIR, what="lazy restore directory")
+
+
+def lazy_pool_dir() -> Path:
+    """``<cache>/lazy-pool``: the local parts of pool images being restored lazily."""
+    return _paths.private_dir(_paths.cache_dir() / LAZY_POOL_DIR, what="lazy pool directory")
 
 
 def write_state(st: LazyState) -> None:

@@ -97,8 +97,7 @@ def sweep(parents: list[Path]) -> list[Path]:
 
 def sweep_home() -> list[Path]:
     """:func:`sweep` this home's lazy work dirs and pool local parts (best effort)."""
-    from ._poolimage import lazy_pool_dir
-    from ._state import lazy_dir
+    from ._state import lazy_dir, lazy_pool_dir
 
     try:
         parents = [lazy_dir(), lazy_pool_dir()]
