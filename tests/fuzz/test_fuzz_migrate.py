@@ -383,6 +383,41 @@ def test_a_bad_file_announcement_creates_nothing(bad: dict[str, Any], why: str) 
     assert [a["type"] for a in run.answers] == ["ready", "failed"]
 
 
+@pytest.mark.parametrize(
+    "facts",
+    [{**FACTS, "pid": -1}, {**FACTS, "pid": 2**64}, {**FACTS, "pid": 0}, {**FACTS, "pid": True},
+     {**FACTS, "rss_bytes": -5}, {**FACTS, "rss_bytes": 10**30}],
+)  # fmt: skip
+def test_facts_a_manifest_would_refuse_are_refused_before_a_byte_is_written(
+    facts: dict[str, Any],
+) -> None:
+    # Sealed and signed, they would make an image torpor itself calls malformed.
+    script = (
+        message(PREFLIGHT_OK)
+        + message({"type": "image", "files": [{"name": "x", "size": 1}], "facts": facts})
+        + frame(b"D", b"x")
+        + message({"type": "hashes", "files": {"x": sha(b"x")}})
+    )
+    run = drive(script, preflight=False)
+    assert isinstance(run.outcome, TorporError)
+    assert str(run.outcome) == f"{PEER.name} sent malformed process facts"
+    assert run.created == [] and run.restored == []
+
+
+def test_an_image_larger_than_the_free_space_is_refused_before_a_byte_is_written() -> None:
+    huge = 1 << 60  # no disk holds it: announced, it must not be received until the disk fills
+    script = (
+        message(PREFLIGHT_OK)
+        + message({"type": "image", "files": [{"name": "x", "size": huge}], "facts": FACTS})
+        + frame(b"D", b"x")
+    )
+    run = drive(script, preflight=False)
+    assert isinstance(run.outcome, TorporError)
+    assert str(run.outcome).startswith(f"the image from {PEER.name} is {huge >> 20} MiB, more ")
+    assert run.created == [] and run.restored == []
+    assert [a["type"] for a in run.answers] == ["ready", "failed"]
+
+
 def test_a_data_frame_larger_than_announced_is_refused() -> None:
     script = (
         message(PREFLIGHT_OK)

@@ -47,6 +47,8 @@ from . import _address, _netlock, _preflight
 from ._channel import ChannelError, Conn, PeerRefusedError, listen
 from ._copy import MAX_FILES, receive_file
 
+_MAX_PID = (1 << 31) - 1  # as the manifest's bound
+_MAX_FACT = 1 << 62  # bytes of resident memory a peer may claim
 ANSWER_TIMEOUT = 120.0  # seconds a source may take between its messages
 _HOLD_ENV = "TORPOR_TEST_MIGRATE_HOLD"
 _IN_TRANSIT = ".migrating-"  # in the names of image directories being received
@@ -77,6 +79,8 @@ def serve(
                     _Incoming(conn, where, log).handle()
                 except TorporError as exc:
                     log(f"migration from {conn.peer.name} failed: {exc}")
+                except Exception as exc:  # e.g. a full disk: one migration fails, not the server
+                    log(f"migration from {conn.peer.name} failed: {exc!r}")
 
 
 def _sweep(log: Callable[[str], None]) -> None:
@@ -218,9 +222,20 @@ class _Incoming:
             isinstance(cmdline, list)
             and all(isinstance(a, str) for a in cmdline)
             and isinstance(rss, int)
+            and not isinstance(rss, bool)
+            and 0 <= rss <= _MAX_FACT
             and isinstance(pid, int)
+            and not isinstance(pid, bool)
+            and 0 < pid <= _MAX_PID  # as a manifest's, which this one becomes
         ):
             raise ChannelError(f"{self.peer} sent malformed process facts")
+        total = sum(sizes.values())
+        st = os.statvfs(staging.path.parent)
+        if total > st.f_bavail * st.f_frsize:
+            raise TorporError(
+                f"the image from {self.peer} is {total >> 20} MiB, more than the "
+                f"{(st.f_bavail * st.f_frsize) >> 20} MiB free in {staging.path.parent}"
+            )
         staging.create()
         source = str(staging.path)
         dir_fd = open_dir(staging.path)
