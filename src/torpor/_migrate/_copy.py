@@ -195,33 +195,21 @@ def migrate_copy(
     _registry.check_live(rec)
     ref = rec.ref
     where = f"{host}:{port}"
-    moving = _address.parse_all([*rec.service_addresses, *addresses])
-    conns = _address.connections(ref.pid)
-    stuck = _address.unmoved(conns, moving)
-    if stuck:
-        raise MigrationError(
-            f"{name} holds TCP connections on addresses that stay here ({stuck[0]}"
-            f"{f' and {len(stuck) - 1} more' if len(stuck) > 1 else ''}): they cannot survive "
-            f"the move (nothing was frozen; the process runs here, pid {ref.pid})",
-            hint="serve them on a service address (torpor run --service-address, or "
-            "torpor migrate --address ADDR/PREFIX), or close them first",
-        )
+    moving, conns = addresses_to_move(name, rec, addresses)
     tcp_established = tcp_established or bool(conns)
-    _, rss = facts(ref.pid)
     conn = connect(host, port)  # refused or unreachable: nothing touched
     with conn:
         conn.settimeout(timeout)
-        conn.send({**_preflight.facts(name, rss), "addresses": [str(a) for a in moving]})
-        reply = conn.recv()
-        if reply.get("type") == "refused":
-            found = [str(p) for p in reply.get("problems", [])] or ["no reason given"]
-            raise MigrationRefusedError(
-                f"migration of {name} to {where} refused in pre-flight: {'; '.join(found)} "
-                f"(nothing was frozen; the process runs here, pid {ref.pid})",
-                hint="fix what the target reports, then migrate again",
-            )
-        if reply.get("type") != "ready":
-            raise MigrationError(f"{where} answered pre-flight with {reply.get('type')!r}")
+        preflight(
+            conn,
+            {
+                **_preflight.facts_for(name, ref.pid, mode="copy"),
+                "addresses": [str(a) for a in moving],
+            },
+            name=name,
+            where=where,
+            pid=ref.pid,
+        )
         if say is not None:
             kept = f", keeping {len(conns)} TCP connection(s)" if conns else ""
             say(f"pre-flight passed on {where}; dumping {name} (pid {ref.pid}){kept}")
@@ -373,48 +361,22 @@ class _Move:
     def _transfer(self) -> None:
         conn = self.conn
         staging = self.staging
-        dir_fd = open_dir(staging)
-        try:
-            entries = lstat_entries(dir_fd)
-            names = sorted(n for n in entries if n != DUMP_LOG)
-            for n in names:
-                kind = kind_problem(entries[n].st_mode)
-                if kind is not None:
-                    raise MigrationError(f"the dump holds {n}, {kind}, not a regular file")
-            if len(names) > MAX_FILES:
-                raise MigrationError(f"the dump has {len(names)} files, over {MAX_FILES}")
-            cmdline, rss = facts(self.pid)
-            # The lock CRIU made for this dump: the target names its own lock so, for its
-            # restore to lift it at the right moment (see _netlock.block).
-            locks = sorted(_netlock.new_criu_tables(self.before)) if self.addresses else []
-            conn.send(
-                {
-                    "type": "image",
-                    "facts": {
-                        "pid": self.pid,
-                        "cmdline": list(cmdline),
-                        "rss_bytes": rss,
-                        "criu_version": criu_version(),
-                        "tcp_established": self.options.tcp_established,
-                        "shell_job": self.options.shell_job,
-                        "criu_lock": locks[0][1] if len(locks) == 1 else None,
-                    },
-                    "files": [{"name": n, "size": entries[n].st_size} for n in names],
-                }
-            )
-            hashes: dict[str, str] = {}
-            progress = Progress(self.say, sum(entries[n].st_size for n in names), self.where)
-            for n in names:
-                fd = open_regular(dir_fd, n, source=str(staging))
-                try:
-                    hashes[n] = send_file(conn, fd, entries[n].st_size, progress=progress)
-                finally:
-                    os.close(fd)
-                self.bytes += entries[n].st_size
-            self.files = len(names)
-            conn.send({"type": "hashes", "files": hashes})
-        finally:
-            os.close(dir_fd)
+        cmdline, rss = facts(self.pid)
+        # The lock CRIU made for this dump: the target names its own lock so, for its
+        # restore to lift it at the right moment (see _netlock.block).
+        locks = sorted(_netlock.new_criu_tables(self.before)) if self.addresses else []
+        image_facts = {
+            "pid": self.pid,
+            "cmdline": list(cmdline),
+            "rss_bytes": rss,
+            "criu_version": criu_version(),
+            "tcp_established": self.options.tcp_established,
+            "shell_job": self.options.shell_job,
+            "criu_lock": locks[0][1] if len(locks) == 1 else None,
+        }
+        self.bytes, self.files = send_image(
+            conn, staging, image_facts, say=self.say, where=self.where
+        )
         self.sent_at = time.monotonic()
         if self.say is not None:
             self.say(f"sent {self.bytes} bytes in {self.files} files; {self.where} restores")
@@ -430,3 +392,81 @@ class _Move:
             with open(hold, "x"):
                 pass
             time.sleep(3600)
+
+
+# -- shared by the modes' sources ----------------------------------------------------------------
+
+
+def addresses_to_move(
+    name: str, rec: _registry.ManagedProcess, addresses: Sequence[str]
+) -> tuple[tuple[_address.IPAddr, ...], list[_address.Connection]]:
+    """The service addresses that move with ``rec``'s process (its own and ``addresses``) and
+    the tree's TCP connections; :class:`MigrationError` (nothing frozen) if a connection is on
+    an address that stays here: it could not survive the move."""
+    moving = _address.parse_all([*rec.service_addresses, *addresses])
+    conns = _address.connections(rec.pid)
+    stuck = _address.unmoved(conns, moving)
+    if stuck:
+        raise MigrationError(
+            f"{name} holds TCP connections on addresses that stay here ({stuck[0]}"
+            f"{f' and {len(stuck) - 1} more' if len(stuck) > 1 else ''}): they cannot survive "
+            f"the move (nothing was frozen; the process runs here, pid {rec.pid})",
+            hint="serve them on a service address (torpor run --service-address, or "
+            "torpor migrate --address ADDR/PREFIX), or close them first",
+        )
+    return moving, conns
+
+
+def preflight(conn: Conn, first: dict[str, Any], *, name: str, where: str, pid: int) -> None:
+    """Send the pre-flight message ``first`` and take the target's answer:
+    :class:`MigrationRefusedError` naming its problems, or :class:`MigrationError` for
+    anything but ``ready`` (nothing was frozen either way)."""
+    conn.send(first)
+    reply = conn.recv()
+    if reply.get("type") == "refused":
+        found = [str(p) for p in reply.get("problems", [])] or ["no reason given"]
+        raise MigrationRefusedError(
+            f"migration of {name} to {where} refused in pre-flight: {'; '.join(found)} "
+            f"(nothing was frozen; the process runs here, pid {pid})",
+            hint="fix what the target reports, then migrate again",
+        )
+    if reply.get("type") != "ready":
+        raise MigrationError(f"{where} answered pre-flight with {reply.get('type')!r}")
+
+
+def send_image(
+    conn: Conn,
+    staging: Path,
+    image_facts: dict[str, Any],
+    *,
+    say: Callable[[str], None] | None,
+    where: str,
+) -> tuple[int, int]:
+    """Send the dump in ``staging`` (every file but CRIU's log; regular files only) as an
+    ``image`` message with ``image_facts``, the files' bytes as ``D`` frames and their
+    SHA-256 in a ``hashes`` message; (bytes, files) sent."""
+    dir_fd = open_dir(staging)
+    try:
+        entries = lstat_entries(dir_fd)
+        names = sorted(n for n in entries if n != DUMP_LOG)
+        for n in names:
+            kind = kind_problem(entries[n].st_mode)
+            if kind is not None:
+                raise MigrationError(f"the dump holds {n}, {kind}, not a regular file")
+        if len(names) > MAX_FILES:
+            raise MigrationError(f"the dump has {len(names)} files, over {MAX_FILES}")
+        files = [{"name": n, "size": entries[n].st_size} for n in names]
+        conn.send({"type": "image", "facts": image_facts, "files": files})
+        hashes: dict[str, str] = {}
+        total = sum(entries[n].st_size for n in names)
+        progress = Progress(say, total, where)
+        for n in names:
+            fd = open_regular(dir_fd, n, source=str(staging))
+            try:
+                hashes[n] = send_file(conn, fd, entries[n].st_size, progress=progress)
+            finally:
+                os.close(fd)
+        conn.send({"type": "hashes", "files": hashes})
+    finally:
+        os.close(dir_fd)
+    return total, len(names)

@@ -50,14 +50,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import _paths
-from .._engine import DUMP_LOG, criu_version
+from .._engine import criu_version
 from .._errors import DumpError, TorporError
 from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
-from .._safe import kind_problem, lstat_entries, open_dir, open_regular
 from . import _address, _netlock, _preflight
 from ._channel import ChannelError, Conn, connect, relay, start_relay
-from ._copy import MAX_FILES, MigrationError, MigrationRefusedError, Progress, Summary, send_file
+from ._copy import MigrationError, Summary, addresses_to_move, preflight, send_image
 from ._lazy_dump import Guard, lazy_dump, repair_off
 
 if TYPE_CHECKING:
@@ -93,17 +92,7 @@ def migrate_lazy(
     _registry.check_live(rec)
     ref = rec.ref
     where = f"{host}:{port}"
-    moving = _address.parse_all([*rec.service_addresses, *addresses])
-    conns = _address.connections(ref.pid)
-    stuck = _address.unmoved(conns, moving)
-    if stuck:
-        raise MigrationError(
-            f"{name} holds TCP connections on addresses that stay here ({stuck[0]}"
-            f"{f' and {len(stuck) - 1} more' if len(stuck) > 1 else ''}): they cannot survive "
-            f"the move (nothing was frozen; the process runs here, pid {ref.pid})",
-            hint="serve them on a service address (torpor run --service-address), or close "
-            "them first",
-        )
+    moving, conns = addresses_to_move(name, rec, addresses)
     tcp = tcp_established or bool(conns)
     first = {
         **_preflight.facts_for(name, ref.pid, mode="lazy"),
@@ -112,17 +101,7 @@ def migrate_lazy(
     conn = connect(host, port)  # refused or unreachable: nothing touched
     with conn:
         conn.settimeout(timeout)
-        conn.send(first)
-        reply = conn.recv()
-        if reply.get("type") == "refused":
-            found = [str(p) for p in reply.get("problems", [])] or ["no reason given"]
-            raise MigrationRefusedError(
-                f"migration of {name} to {where} refused in pre-flight: {'; '.join(found)} "
-                f"(nothing was frozen; the process runs here, pid {ref.pid})",
-                hint="fix what the target reports, then migrate again",
-            )
-        if reply.get("type") != "ready":
-            raise MigrationError(f"{where} answered pre-flight with {reply.get('type')!r}")
+        preflight(conn, first, name=name, where=where, pid=ref.pid)
         if say is not None:
             say(f"pre-flight passed on {where}; dumping {name} (pid {ref.pid}) lazily")
         with _locks.dumping(ref, unless_requested=True):
@@ -316,50 +295,24 @@ class _LazyMove:
     def _transfer(self) -> None:
         conn = self.conn
         staging = self.staging
-        dir_fd = open_dir(staging)
-        try:
-            entries = lstat_entries(dir_fd)
-            names = sorted(n for n in entries if n != DUMP_LOG)
-            for n in names:
-                kind = kind_problem(entries[n].st_mode)
-                if kind is not None:
-                    raise MigrationError(f"the dump holds {n}, {kind}, not a regular file")
-            if len(names) > MAX_FILES:
-                raise MigrationError(f"the dump has {len(names)} files, over {MAX_FILES}")
-            cmdline, rss = facts(self.pid)
-            self.rss = rss
-            # The lock CRIU made for this dump: the target names its own lock so, for its
-            # restore to lift it at the right moment (see _netlock.block).
-            locks = sorted(_netlock.new_criu_tables(self.before)) if self.addresses else []
-            conn.send(
-                {
-                    "type": "image",
-                    "facts": {
-                        "pid": self.pid,
-                        "cmdline": list(cmdline),
-                        "rss_bytes": rss,
-                        "criu_version": criu_version(),
-                        "tcp_established": self.tcp,
-                        "shell_job": False,
-                        "criu_lock": locks[0][1] if len(locks) == 1 else None,
-                        "lazy": True,
-                    },
-                    "files": [{"name": n, "size": entries[n].st_size} for n in names],
-                }
-            )
-            hashes: dict[str, str] = {}
-            progress = Progress(self.say, sum(entries[n].st_size for n in names), self.where)
-            for n in names:
-                fd = open_regular(dir_fd, n, source=str(staging))
-                try:
-                    hashes[n] = send_file(conn, fd, entries[n].st_size, progress=progress)
-                finally:
-                    os.close(fd)
-                self.bytes += entries[n].st_size
-            self.files = len(names)
-            conn.send({"type": "hashes", "files": hashes})
-        finally:
-            os.close(dir_fd)
+        cmdline, rss = facts(self.pid)
+        self.rss = rss
+        # The lock CRIU made for this dump: the target names its own lock so, for its
+        # restore to lift it at the right moment (see _netlock.block).
+        locks = sorted(_netlock.new_criu_tables(self.before)) if self.addresses else []
+        image_facts = {
+            "pid": self.pid,
+            "cmdline": list(cmdline),
+            "rss_bytes": rss,
+            "criu_version": criu_version(),
+            "tcp_established": self.tcp,
+            "shell_job": False,
+            "criu_lock": locks[0][1] if len(locks) == 1 else None,
+            "lazy": True,
+        }
+        self.bytes, self.files = send_image(
+            conn, staging, image_facts, say=self.say, where=self.where
+        )
         self.sent_at = time.monotonic()
         reply = conn.recv()
         if reply.get("type") == "failed":

@@ -47,9 +47,10 @@ from ._copy import (
     DEFAULT_TIMEOUT,
     MAX_FILES,
     MigrationError,
-    MigrationRefusedError,
     Progress,
     _Move,
+    addresses_to_move,
+    preflight,
 )
 from ._poolident import _found, identity, local_pool, pool_problems  # noqa: F401 (re-exported)
 
@@ -82,15 +83,7 @@ def migrate_pool(
     _registry.check_live(rec)
     ref = rec.ref
     where = f"{host}:{port}"
-    moving = _address.parse_all(rec.service_addresses)
-    conns = _address.connections(ref.pid)
-    stuck = _address.unmoved(conns, moving)
-    if stuck:
-        raise MigrationError(
-            f"{name} holds TCP connections on addresses that stay here ({stuck[0]}): they "
-            f"cannot survive the move (nothing was frozen; the process runs here, pid {ref.pid})",
-            hint="serve them on a service address (torpor run --service-address), or close them",
-        )
+    moving, conns = addresses_to_move(name, rec, ())
     cfg = load_config(pool)
     with open_pool(pool) as opened:  # unreachable here: nothing touched
         ident = identity(opened, cfg.driver)
@@ -98,17 +91,13 @@ def migrate_pool(
     conn = connect(host, port)
     with conn:
         conn.settimeout(timeout)
-        conn.send({**facts_msg, "pool": ident, "addresses": [str(a) for a in moving]})
-        reply = conn.recv()
-        if reply.get("type") == "refused":
-            found = [str(p) for p in reply.get("problems", [])] or ["no reason given"]
-            raise MigrationRefusedError(
-                f"migration of {name} to {where} refused in pre-flight: {'; '.join(found)} "
-                f"(nothing was frozen; the process runs here, pid {ref.pid})",
-                hint="fix what the target reports, then migrate again",
-            )
-        if reply.get("type") != "ready":
-            raise MigrationError(f"{where} answered pre-flight with {reply.get('type')!r}")
+        preflight(
+            conn,
+            {**facts_msg, "pool": ident, "addresses": [str(a) for a in moving]},
+            name=name,
+            where=where,
+            pid=ref.pid,
+        )
         if say is not None:
             say(f"pre-flight passed on {where}; dumping {name} (pid {ref.pid}) into pool {pool}")
         with _locks.dumping(ref, unless_requested=True):
