@@ -630,3 +630,22 @@ def test_run_takes_its_service_address_back_when_the_command_cannot_start(paired
         "the hosts' shared subnet, e.g. 10.0.0.100/24"
     )
     assert ps(lab, "a", "nothing") == {}
+
+
+def test_kill_takes_the_service_address_down_unless_another_process_has_it(
+    paired: Lab,
+) -> None:
+    lab = paired
+    service = service_address(lab, 8)
+    for name in ("holder", "sharer"):
+        res = torpor(lab, "a", "run", "--name", name, "--service-address", service, "--",
+                     "sleep", "600")  # fmt: skip
+        assert res.returncode == 0, res.stderr
+    assert service in addresses(lab, "a")
+    first = torpor(lab, "a", "kill", "holder")
+    assert first.returncode == 0, first.stderr
+    assert service in addresses(lab, "a")  # sharer still runs with it
+    last = torpor(lab, "a", "kill", "sharer")
+    assert last.returncode == 0, last.stderr
+    assert last.stderr.splitlines()[-1] == f"service address {service} taken down"
+    assert service not in addresses(lab, "a")

@@ -361,7 +361,32 @@ def _kill(app: App, args: argparse.Namespace) -> int:
     finally:
         os.close(pidfd)
     app.info(f"stopped {managed.name} (pid {managed.pid}) with {how}")
+    _release_addresses(app, managed)
     return 0
+
+
+def _release_addresses(app: App, rec: ManagedProcess) -> None:
+    """Take down the service addresses of the ended ``rec`` (``run --service-address``),
+    but not one another running managed process also has."""
+    if not rec.service_addresses:
+        return
+    from .._migrate import _address
+    from .._process import _registry
+
+    others = {
+        a
+        for r in _registry.list_all([])
+        if r.name != rec.name and r.state == "running"
+        for a in r.service_addresses
+    }
+    for text in rec.service_addresses:
+        if text in others:
+            continue
+        try:
+            if _address.take_down(_address.parse(text)):
+                app.info(f"service address {text} taken down")
+        except TorporError as exc:
+            app.info(f"warning: service address {text} could not be taken down: {exc.msg}")
 
 
 def _stop(pidfd: int, rec: ManagedProcess, timeout: float) -> str:
