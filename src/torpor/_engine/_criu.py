@@ -30,6 +30,7 @@ from .._errors import (
     RestoreError,
 )
 from .._proto import criu_rpc_pb2 as pb
+from . import _cwdlock
 from ._failures import _CriuDied, _died, _failure, _hint_for, _how_it_ended
 from ._failures import log_errors as log_errors
 from ._options import CriuVersion as CriuVersion
@@ -191,7 +192,9 @@ class CriuEngine:
             # CRIU opens this one by path: nobody but us may be able to change the way to it.
             _check_path(images_dir)
             dir_fd = contextlib.nullcontext(-1)
-        with dir_fd as dfd:
+        # Not for a self-dump: the lock's fd would be dumped with the caller.
+        cwd_locks = _cwdlock.held(pid) if connection is None else contextlib.nullcontext(0)
+        with dir_fd as dfd, cwd_locks:
             opts = rpc_opts(o, images_dir_fd=dfd, log_file=DUMP_LOG, notify=notify)
             opts.pid = pid
             opts.leave_running = o.leave_running

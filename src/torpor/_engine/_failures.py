@@ -22,6 +22,13 @@ _HINTS: Sequence[tuple[re.Pattern[str], str]] = [
     (
         # The root of a PID namespace that is not root: CRIU's parasite must mount a /proc
         # of that namespace from inside the process (pie/parasite.c, get_proc_fd).
+        # -17 (EEXIST): proc.crtools is there already (see _cwdlock).
+        re.compile(r"parasite\.c:\d+: Can't create a directory \(-17\)"),
+        "CRIU's parasite found proc.crtools in the process's working directory: another dump "
+        "of a process there ran at the same moment (retry), or a killed one left it (remove "
+        "proc.crtools from the working directory, `ls -l /proc/PID/cwd/`, if no dump runs)",
+    ),
+    (
         re.compile(r"parasite\.c:\d+: Can't create a directory|whose /proc doesn't belong"),
         "CRIU cannot dump a process that dropped root while it is pid 1 of its PID namespace "
         "(`torpor run`): keep the app's first process root and drop privileges in its children",
