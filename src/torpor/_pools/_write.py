@@ -126,8 +126,16 @@ class PoolWriter(PoolReader):
             rec = replace(rec, stored_bytes=total)
             blob = rec.encode()
             if stored + len(blob) == total:
-                break
+                return rec, blob
             total = stored + len(blob)
+        # The encoding is compressed: its length can swing between two values as the
+        # number changes, never settling. Look for a number near that encodes to its own.
+        near = stored + len(blob)
+        for total in sorted(range(near - 64, near + 65), key=lambda t: abs(t - near)):
+            candidate = replace(rec, stored_bytes=total)
+            encoded = candidate.encode()
+            if stored + len(encoded) == total:
+                return candidate, encoded
         return rec, blob
 
     def _land(self, heartbeat: Heartbeat | NoHeartbeat, rec: Record, blob: bytes) -> None:
