@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from .._engine import CriuEngine, RestoreOptions
 from .._errors import TorporError
@@ -39,6 +37,7 @@ from .._lazy._server import _peer_inode, holds_socket
 from .._lazy._source import LazyPageError, Range
 from .._process import _keeper, _registry
 from .._process._registry import ManagedProcess
+from ._apart import run_apart
 
 _PSI = struct.Struct("<I4xQQQ")
 _PS_IOV_CLOSE = (0x1023, 0x1024)  # CLOSE, FORCE_CLOSE
@@ -196,46 +195,12 @@ class RelayedPages:
 
 def restore_apart(image: Image, name: str, ps_fd: int, *, source: str) -> ManagedProcess:
     """Restore ``image`` as ``name`` lazily, its pages through ``ps_fd``, by a keeper forked
-    from a child holding no descriptor of ours but ``ps_fd`` (the keeper stays behind as the
-    process's parent and would otherwise keep the server's sockets open); the record."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child; the migration tests drive it
-        code = 0
-        try:
-            for entry in os.listdir("/proc/self/fd"):
-                if int(entry) > 2 and int(entry) not in (w, ps_fd):
-                    with contextlib.suppress(OSError):
-                        os.close(int(entry))
-            try:
-                rec = _keeper.spawn(_work(image, name, ps_fd, source))[0]
-                reply: dict[str, Any] = {"ok": True, "rec": dataclasses.asdict(rec)}
-            except BaseException as exc:
-                reply = {"ok": False, "error": _keeper.encode_error(exc)}
-                code = 1
-            os.write(w, json.dumps(reply).encode() + b"\n")
-        finally:
-            os._exit(code)
-    os.close(w)
-    data = b""
-    try:
-        while not data.endswith(b"\n"):
-            chunk = os.read(r, 1 << 16)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(r)
-        os.waitpid(pid, 0)
-    if not data:
-        raise TorporError(f"the lazy restore of {name} died before it reported")
-    reply = json.loads(data)
-    if not reply["ok"]:
-        raise _keeper.decode_error(reply["error"])
-    fields = reply["rec"]
-    fields["command"] = tuple(fields["command"])
-    fields["service_addresses"] = tuple(fields.get("service_addresses", ()))
-    return ManagedProcess(**fields)
+    apart from the server (:mod:`._apart`: no descriptor of ours but ``ps_fd``); the record."""
+    return run_apart(
+        lambda: _keeper.spawn(_work(image, name, ps_fd, source))[0],
+        what=f"the lazy restore of {name}",
+        keep=(ps_fd,),
+    )
 
 
 def _work(

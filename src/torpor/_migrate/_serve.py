@@ -25,7 +25,6 @@ which the server waits, so a test can kill it mid-migration.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import select
@@ -44,6 +43,7 @@ from .._images._manifest import FileEntry
 from .._process import _manage, _registry
 from .._safe import create_file, is_plain_name, open_dir
 from . import _address, _netlock, _preflight
+from ._apart import run_apart
 from ._channel import ChannelError, Conn, PeerRefusedError, listen
 from ._copy import MAX_FILES, receive_file
 
@@ -443,59 +443,11 @@ class _Incoming:
 
 
 def _restore_apart(image: Image, name: str, *, stopped: bool = False) -> _registry.ManagedProcess:
-    """:func:`_manage.restore` in a forked child holding no descriptor of ours: the keeper it
-    forks stays behind as the process's parent and would otherwise keep the listening socket
-    and the channel open for as long as the process lives."""
-    from .._process import _keeper
-
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child; the migration tests drive it
-        code = 0
-        try:
-            for entry in os.listdir("/proc/self/fd"):
-                if int(entry) > 2 and int(entry) != w:
-                    with contextlib.suppress(OSError):
-                        os.close(int(entry))
-            try:
-                rec = _manage.restore(image, names=[name], stopped=stopped)[0]
-                reply: dict[str, Any] = {"ok": True, "rec": dataclasses.asdict(rec)}
-            except BaseException as exc:
-                reply = {"ok": False, "error": _keeper.encode_error(exc)}
-                code = 1
-            os.write(w, json.dumps(reply).encode() + b"\n")
-        finally:
-            os._exit(code)
-    os.close(w)
-    # The keeper inherits the pipe's write end too (it is forked from the child): the reply
-    # ends with a newline, and the child's end, not the pipe's, says no more will come.
-    data = b""
-    exited = False
-    try:
-        while not data.endswith(b"\n"):
-            ready, _, _ = select.select([r], [], [], 0.1)
-            if ready:
-                chunk = os.read(r, 1 << 16)
-                if not chunk:
-                    break
-                data += chunk
-            elif exited:
-                break
-            else:
-                exited = os.waitpid(pid, os.WNOHANG)[0] == pid  # one more look, then done
-    finally:
-        os.close(r)
-        if not exited:
-            os.waitpid(pid, 0)
-    if not data:
-        raise TorporError(f"the restore of {name} died before it reported")
-    reply = json.loads(data)
-    if not reply["ok"]:
-        raise _keeper.decode_error(reply["error"])
-    fields = reply["rec"]
-    fields["command"] = tuple(fields["command"])
-    fields["service_addresses"] = tuple(fields.get("service_addresses", ()))
-    return _registry.ManagedProcess(**fields)
+    """:func:`_manage.restore` of one copy, apart from the server (:mod:`._apart`)."""
+    return run_apart(
+        lambda: _manage.restore(image, names=[name], stopped=stopped)[0],
+        what=f"the restore of {name}",
+    )
 
 
 def start_detached(listen_at: str, *, timeout: float = 15.0) -> tuple[int, str]:
