@@ -50,10 +50,6 @@ KNOWN_LAZY_CYCLES: dict[frozenset[str], str] = {
         "_cli._supervise imports _run._stop lazily (ending a process), _run imports _supervise "
         "for its options and start_supervising: move _stop (and its helpers) to a leaf"
     ),
-    frozenset({"torpor._migrate._lazy", "torpor._migrate._serve"}): (
-        "_lazy imports _serve._IN_TRANSIT (and _Incoming) lazily, _serve imports "
-        "_lazy.serve_lazy lazily: move _IN_TRANSIT and _Incoming to a leaf"
-    ),
     frozenset(
         {"torpor._process._keeper", "torpor._process._keeper_dump", "torpor._process._registry"}
     ): (

@@ -362,27 +362,8 @@ def _number(value: object) -> float:
 def serve_lazy(incoming: _Incoming, name: str, first: Mapping[str, Any]) -> None:
     """The target's side, after pre-flight passed and ``ready`` was sent: receive and seal
     the files, relay the pages while the copy is restored and runs, report how it settled."""
-    from .._images._image import Image, Staging
-    from ._serve import _IN_TRANSIT
-
-    conn = incoming.conn
-    msg = conn.recv()
-    if msg.get("type") != "image":
-        raise ChannelError(f"{incoming.peer} sent {msg.get('type')!r}, not the image")
-    staging = Staging(_paths.images_dir() / f"{name}{_IN_TRANSIT}{os.urandom(4).hex()}")
-    image: Image | None = None
-    try:
-        try:
-            image = incoming._receive(staging, name, msg)
-        except TorporError as exc:
-            with contextlib.suppress(TorporError):
-                conn.send({"type": "failed", "error": exc.msg})
-            raise
+    with incoming.receiving(name) as image:
         _Filling(incoming, name, image).run()
-    finally:
-        staging.discard()
-        if image is not None:
-            shutil.rmtree(image.path, ignore_errors=True)
 
 
 class _Filling:

@@ -32,7 +32,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .. import _paths
@@ -179,7 +179,22 @@ class _Incoming:
 
             serve_pool(self, name, first)
             return
-        msg = conn.recv()
+        with self.receiving(name) as image:
+            hold = os.environ.get(_HOLD_ENV)
+            if hold:
+                with open(hold, "x"):
+                    pass
+                time.sleep(3600)
+            self._restore(image, name)
+        if self.outcome is not None:
+            self.log(self.outcome)  # last: everything it says is done, the image removed
+
+    @contextlib.contextmanager
+    def receiving(self, name: str) -> Iterator[Image]:
+        """The image the source sends next (its ``image`` message, the files, ``hashes``),
+        received into a new staging directory, verified and sealed here (a refusal answered
+        ``failed``); removed on leaving, whatever happened: it is only in transit."""
+        msg = self.conn.recv()
         if msg.get("type") != "image":
             raise ChannelError(f"{self.peer} sent {msg.get('type')!r}, not the image")
         staging = Staging(_paths.images_dir() / f"{name}{_IN_TRANSIT}{os.urandom(4).hex()}")
@@ -189,20 +204,13 @@ class _Incoming:
                 image = self._receive(staging, name, msg)
             except TorporError as exc:
                 with contextlib.suppress(TorporError):
-                    conn.send({"type": "failed", "error": exc.msg})
+                    self.conn.send({"type": "failed", "error": exc.msg})
                 raise
-            hold = os.environ.get(_HOLD_ENV)
-            if hold:
-                with open(hold, "x"):
-                    pass
-                time.sleep(3600)
-            self._restore(image, name)
+            yield image
         finally:
             staging.discard()
             if image is not None:
                 shutil.rmtree(image.path, ignore_errors=True)
-        if self.outcome is not None:
-            self.log(self.outcome)  # last: everything it says is done, the image removed
 
     def _receive(self, staging: Staging, name: str, msg: Mapping[str, Any]) -> Image:
         files = msg.get("files")
