@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import stat
 import tarfile
@@ -73,10 +74,20 @@ class Guarded:
         return getattr(self.inner, name)
 
 
+# Under the same temporary root: the session's Ceph cluster (tests/cluster), whose monitor
+# writes and compacts its store there while these tests run. Its directory is still listed.
+_LIVE = re.compile(r"ceph\d+")
+
+
 def tree(root: Path) -> set[str]:
-    """Every path under ``root`` (relative), symlinks not followed."""
+    """Every path under ``root`` (relative), symlinks not followed; inside the session's
+    running Ceph cluster directory only the directory itself."""
     out: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root:
+            live = [d for d in dirnames if _LIVE.fullmatch(d)]
+            out.update(live)
+            dirnames[:] = [d for d in dirnames if d not in live]
         for name in dirnames + filenames:
             out.add(str((Path(dirpath) / name).relative_to(root)))
     return out
