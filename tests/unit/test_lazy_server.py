@@ -152,13 +152,16 @@ def test_a_foreign_connection_gets_nothing_and_the_daemon_is_still_served(
     server = PageServer(image_dir, source, allowed_pid=lambda: allowed[0])
     server.start()
     try:
-        with socket.create_connection(("127.0.0.1", server.port)) as foreign:
-            foreign.sendall(psi(7, 1, 0x20000, PID))
-            try:
+        # The server may reset the stranger at any step (its connect, send or receive):
+        # all that matters is that not a byte came back.
+        got = b"unset"
+        try:
+            with socket.create_connection(("127.0.0.1", server.port)) as foreign:
+                foreign.sendall(psi(7, 1, 0x20000, PID))
                 got = recv_n(foreign, 32 + PAGE)
-            except ConnectionResetError:
-                got = b""
-            assert got == b""
+        except (ConnectionResetError, BrokenPipeError):
+            got = b""
+        assert got == b""
         assert server.refused == 1 and source.reads == []
         allowed[0] = os.getpid()  # now this process is "the daemon"
         with socket.create_connection(("127.0.0.1", server.port)) as sk:

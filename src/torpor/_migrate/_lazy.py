@@ -7,7 +7,7 @@ The order, on both hosts (see docs/migration-lazy.md):
    anonymous pages and stops at ``post-dump`` with the tree frozen. Its page server will
    speak over one end of a local socketpair, never a port: nobody can connect to it.
 3. The **non-memory files** go over the channel exactly as in copy mode (``image``, ``D``
-   frames, ``hashes``: :func:`._copy.send_file`), the target seals them
+   frames, ``hashes``: :func:`._wire.send_file`), the target seals them
    (``_serve._Incoming._receive``) and restores the copy lazily in a keeper of its own
    (:mod:`._lazy_target`): ``criu lazy-pages`` waits for its pages, the copy runs at once.
    The target answers ``running``.

@@ -45,7 +45,8 @@ from .._safe import create_file, is_plain_name, open_dir
 from . import _address, _netlock, _preflight
 from ._apart import run_apart
 from ._channel import ChannelError, Conn, PeerRefusedError, listen
-from ._copy import MAX_FILES, receive_file
+from ._copy import MAX_FILES
+from ._wire import receive_file
 
 _MAX_PID = (1 << 31) - 1  # as the manifest's bound
 _MAX_FACT = 1 << 62  # bytes of resident memory a peer may claim

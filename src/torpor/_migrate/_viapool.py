@@ -47,12 +47,12 @@ from ._copy import (
     DEFAULT_TIMEOUT,
     MAX_FILES,
     MigrationError,
-    Progress,
     _Move,
     addresses_to_move,
     preflight,
 )
 from ._poolident import _found, identity, local_pool, pool_problems  # noqa: F401 (re-exported)
+from ._wire import Progress
 
 if TYPE_CHECKING:
     from ._copy import Summary
