@@ -24,6 +24,7 @@ Chunk lists and patches
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
@@ -36,6 +37,7 @@ ZERO_PAGE_BYTES = bytes(PAGE_SIZE)
 ZERO_PAGE = hashlib.sha256(ZERO_PAGE_BYTES).digest()
 _READ_BLOCK = 4 << 20  # a multiple of both chunk sizes
 
+_DIGEST = struct.Struct(f"{DIGEST_SIZE}s")
 _OP_COPY = 1
 _OP_LITERAL = 2
 
@@ -89,7 +91,7 @@ def decode_list(blob: bytes) -> list[bytes]:
     """The inverse of :func:`encode_list`; :class:`ValueError` if the length is wrong."""
     if len(blob) % DIGEST_SIZE:
         raise ValueError(f"chunk list of {len(blob)} bytes is not a multiple of {DIGEST_SIZE}")
-    return [blob[i : i + DIGEST_SIZE] for i in range(0, len(blob), DIGEST_SIZE)]
+    return [d for (d,) in _DIGEST.iter_unpack(blob)]  # a C loop: ~2x a slicing one
 
 
 def _varint(n: int, out: bytearray) -> None:
