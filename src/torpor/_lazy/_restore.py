@@ -55,7 +55,7 @@ from .._engine import CriuEngine
 from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
-from . import _eager, _sweep, _warm
+from . import _eager, _sweep, _trace, _warm
 from ._daemon import Daemon
 from ._pagemap import load_pagemaps
 from ._served import Server as Server
@@ -118,12 +118,14 @@ class LazyCopy:
 
     def start(self) -> None:
         """Make the work dir and start the daemon (and page server); ready for the restore."""
+        _trace.mark("copy-start")
         self.state = replace(self.state, started_at=time.time())
         self.work_dir = lazy_dir() / f"{self.name}-{secrets.token_hex(4)}"
         os.mkdir(self.work_dir, 0o700)
         try:
             _sweep.claim(self.work_dir)  # the keeper; swept once it and the daemon are gone
             self._warm_dir, self._recording = self._local_warm()
+            _trace.mark("warm-image")
             if self._warm_dir is not None:
                 self._image_fd = _safe.open_dir(self._warm_dir)
             else:
@@ -138,6 +140,7 @@ class LazyCopy:
                 if warm and self._warm_dir is None:  # fetched before they are asked for
                     self.server.prefetch(warm)
                 self.server.start()
+                _trace.mark("server")
             where = ("127.0.0.1", self.server.port) if self.server is not None else None
             self.daemon = Daemon(
                 self.binary,
@@ -147,7 +150,12 @@ class LazyCopy:
                 page_server=where,
                 verbose=self._recording,
             )
+            from ._poolimage import PoolLazyImage
+
+            if isinstance(self.image, PoolLazyImage):
+                self.image.restoring()
             self.daemon.start()
+            _trace.mark("daemon-ready")
             self._claim_for(self.daemon.pid)
         except BaseException:
             self.abort()
@@ -230,6 +238,7 @@ class LazyCopy:
         """``base``'s CRIU with the copy's work dir: CRIU connects to the daemon's
         ``lazy-pages.socket`` in its work dir, and writes the restore's log there."""
         assert self.work_dir is not None, "start() first"
+        _trace.mark("restore")
         if self._warm_dir is not None:
             return _eager.WarmEngine(
                 base.binary, self.work_dir, image=self.image.path, warm=self._warm_dir,
@@ -260,9 +269,11 @@ class LazyCopy:
         """CRIU restored the copy as ``pid`` (our unreaped child: its pid cannot be reused
         before we reap it): take its pidfd and hold the daemon's userfaultfds (``tasks``
         processes were restored, one userfaultfd each)."""
+        _trace.mark("restored")
         self._pidfd = os.pidfd_open(pid)
         assert self.daemon is not None
         self.daemon.hold_uffds(tasks)
+        _trace.mark("uffds-held")
         self.state = replace(self.state, pid=pid)
         self._named.set()
 
@@ -276,6 +287,7 @@ class LazyCopy:
 
     def watch(self) -> None:
         """The copy runs: record it, and start the thread that waits for its daemon."""
+        _trace.mark("resumed")
         self.state = replace(self.state, resumed_at=time.time())
         self._write()
         held = self._hold()

@@ -49,7 +49,7 @@ from typing import Protocol
 from .._errors import ImageCorruptedError, TorporError
 from .._images._image import Image
 from .._pools import _cas
-from .._pools._pack import ChunkEntry, PackDamagedError, PackIndex, iter_pack, pack_key
+from .._pools._pack import PackDamagedError, PackIndex, iter_pack, pack_key
 from .._pools._pool import Pool
 from .._pools._reader import Catalog
 from .._pools._record import FileRecord, Record
@@ -318,8 +318,9 @@ class PoolSource:
             for f, digests in zip(rec.files, lists, strict=True)
             if _is_pages(f.name)
         }
-        # Which chunks of this image's pages files each pack holds: a frame decode keeps them.
-        self._needed: set[bytes] = {d for _, ds in self._files.values() for d in ds}
+        # The chunks of this image's pages files: a frame decode keeps those it holds. Made at
+        # the first decode (a set of 262,144 digests for 1 GiB: not before the resume).
+        self._needed_set: set[bytes] | None = None
         self._chunks = _LRU(chunk_cache)
         self._packs = _LRU(pack_cache)
         self._pack_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -403,7 +404,8 @@ class PoolSource:
         self, data: bytes, index: PackIndex, frame: int, d: bytes, file: str, i: int
     ) -> None:
         sub = self._frame_index(index, frame)
-        wanted = {c.digest for c in sub.chunks if c.digest in self._needed}
+        needed = self._needed()
+        wanted = {c.digest for c in sub.chunks if c.digest in needed}
         wanted.add(d)
         try:
             for digest, chunk in iter_pack(data, sub, wanted):
@@ -417,22 +419,22 @@ class PoolSource:
         if d in self._failed:
             raise self._bad(file, i, d, self._failed[d])
 
+    def _needed(self) -> set[bytes]:
+        needed = self._needed_set
+        if needed is None:
+            needed = self._needed_set = {d for _, ds in self._files.values() for d in ds}
+        return needed
+
     def _frame_index(self, index: PackIndex, frame: int) -> PackIndex:
         """``index`` cut down to the chunks of one frame: decoding a frame then costs its ~32
         chunks, not a walk of the pack's ~1000 (per frame, per fault)."""
-        by_frame = self._frames.get(index.pack_id)
-        if by_frame is None:
-            groups: dict[int, list[ChunkEntry]] = defaultdict(list)
-            for c in index.chunks:
-                groups[c.frame].append(c)
-            by_frame = {
-                f: PackIndex(index.pack_id, index.created, index.size, index.frames, tuple(cs))
-                for f, cs in groups.items()
-            }
-            self._frames[index.pack_id] = by_frame
-        return by_frame.get(frame) or PackIndex(
-            index.pack_id, index.created, index.size, index.frames, ()
-        )
+        by_frame = self._frames.setdefault(index.pack_id, {})
+        sub = by_frame.get(frame)
+        if sub is None:
+            sub = by_frame[frame] = PackIndex(
+                index.pack_id, index.created, index.size, index.frames, index.frame_chunks(frame)
+            )
+        return sub
 
     def _bad(self, file: str, i: int | None, d: bytes | None, what: str) -> LazyPageError:
         chunk = None if i is None or d is None else f"{i} (sha256 {d.hex()})"
