@@ -1,0 +1,380 @@
+"""The source's journal of what a migration must undo after its commit
+(``torpor._migrate._leftovers``): written before the commit, settled by its command, swept
+once that command is gone. Real journals in a real home and real processes (the original, the
+command that owns the journal); nftables and the host's addresses are fakes here (the lab test
+``tests/migration/test_migrate_faults.py`` runs the real ones)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from torpor._migrate import _address, _leftovers, _netlock
+from torpor._migrate._address import AddressError, IPAddr
+from torpor._process import _registry
+from torpor._process._proc import ProcRef, start_time
+
+TABLE = ("inet", "CRIU-1234-abcd")
+ADDR = "10.0.0.100/24"
+
+
+class FakeNft:
+    """``nft`` with a set of tables: ``list tables`` and ``delete table`` only."""
+
+    def __init__(self, tables: list[tuple[str, str]]) -> None:
+        self.tables = list(tables)
+        self.deleted: list[tuple[str, str]] = []
+        self.fail = False
+
+    def __call__(self, *args: str, stdin: str | None = None) -> str:
+        if args == ("-j", "list", "tables"):
+            items = [{"table": {"family": f, "name": n, "handle": 1}} for f, n in self.tables]
+            return json.dumps({"nftables": items})
+        assert args[:2] == ("delete", "table"), args
+        if self.fail:
+            raise _netlock.NetlockError("nft delete table failed: Operation not permitted")
+        self.tables.remove((args[2], args[3]))
+        self.deleted.append((args[2], args[3]))
+        return ""
+
+
+class FakeHost:
+    """The host's addresses, for ``_address.take_down``."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = set(addresses)
+        self.removed: list[str] = []
+        self.fail = False
+
+    def take_down(self, addr: IPAddr) -> bool:
+        if self.fail:
+            raise AddressError(f"ip addr del {addr} dev eth0 failed: RTNETLINK answers: busy")
+        if str(addr) not in self.addresses:
+            return False
+        self.addresses.remove(str(addr))
+        self.removed.append(str(addr))
+        return True
+
+
+@pytest.fixture
+def nft(monkeypatch: pytest.MonkeyPatch) -> FakeNft:
+    fake = FakeNft([("inet", "filter"), TABLE])
+    monkeypatch.setattr(_netlock, "_nft", fake)
+    return fake
+
+
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> FakeHost:
+    fake = FakeHost([ADDR, "10.0.0.1/24"])
+    monkeypatch.setattr(_address, "take_down", fake.take_down)
+    return fake
+
+
+@pytest.fixture
+def home(torpor_home: Path, nft: FakeNft, host: FakeHost) -> Path:
+    return torpor_home
+
+
+class Procs:
+    """Processes a test starts (killed by pid at its end)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *cmd: str) -> tuple[subprocess.Popen[bytes], ProcRef]:
+        proc = subprocess.Popen(cmd or ("sleep", "60"), stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 5
+        while (born := start_time(proc.pid)) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return proc, ProcRef(proc.pid, born)
+
+    def end(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    p = Procs()
+    yield p
+    for proc in p.procs:
+        p.end(proc)
+
+
+def gone(procs: Procs) -> ProcRef:
+    """The identity of a process that has ended (the original CRIU killed)."""
+    proc, ref = procs.start()
+    procs.end(proc)
+    return ref
+
+
+# Writes a journal and exits: a command killed (or ended) after noting its leftovers.
+WRITER = """
+import json, sys
+from torpor._migrate import _address, _leftovers
+from torpor._process._proc import ProcRef
+pid, born, tables, addrs = int(sys.argv[1]), int(sys.argv[2]), *map(json.loads, sys.argv[3:])
+path = _leftovers.record("web", ProcRef(pid, born), target="10.0.0.3:7070",
+                         tables=[tuple(t) for t in tables],
+                         addresses=_address.parse_all(addrs))
+print(path)
+"""
+
+
+def written_by_a_dead_command(
+    original: ProcRef, tables: list[tuple[str, str]] = [TABLE], addrs: list[str] = [ADDR]
+) -> Path:
+    res = subprocess.run(
+        [sys.executable, "-c", WRITER, str(original.pid), str(original.start_time),
+         json.dumps(tables), json.dumps(addrs)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return Path(res.stdout.strip())
+
+
+def record(original: ProcRef, **kw: Any) -> Path:
+    path = _leftovers.record(
+        "web",
+        original,
+        target="10.0.0.3:7070",
+        tables=kw.get("tables", [TABLE]),
+        addresses=_address.parse_all(kw.get("addresses", [ADDR])),
+    )
+    assert path is not None
+    return path
+
+
+def test_record_writes_one_private_journal_naming_everything(home: Path, procs: Procs) -> None:
+    _, original = procs.start()
+    path = record(original)
+    assert path.parent == home / "migrate-undo"
+    assert (os.stat(path.parent).st_mode & 0o777, os.stat(path).st_mode & 0o777) == (0o700, 0o600)
+    assert os.listdir(path.parent) == [path.name]  # no temporary file left
+    journal = _leftovers.load(path)
+    assert (journal.name, journal.target, journal.original) == ("web", "10.0.0.3:7070", original)
+    assert journal.owner == ProcRef(os.getpid(), start_time(os.getpid()))
+    assert journal.tables == (TABLE,)
+    assert [str(a) for a in journal.addresses] == [ADDR]
+
+
+def test_record_has_nothing_to_note_without_tables_or_addresses(home: Path, procs: Procs) -> None:
+    _, original = procs.start()
+    assert _leftovers.record("web", original, target="t:1", tables=[], addresses=()) is None
+    assert not (home / "migrate-undo").exists() or os.listdir(home / "migrate-undo") == []
+
+
+def test_record_refuses_a_table_that_is_not_criu_s_lock(home: Path, procs: Procs) -> None:
+    _, original = procs.start()
+    with pytest.raises(_leftovers.JournalError, match="not CRIU lock tables: filter"):
+        _leftovers.record(
+            "web", original, target="t:1", tables=[("inet", "filter")], addresses=()
+        )
+
+
+def test_sweep_removes_what_a_killed_command_left_once_the_original_is_gone(
+    home: Path, procs: Procs, nft: FakeNft, host: FakeHost
+) -> None:
+    path = written_by_a_dead_command(gone(procs))
+    lines = _leftovers.sweep()
+    assert lines == [
+        f"removed {ADDR}, left here by the migration of web (migrated to 10.0.0.3:7070)",
+        "removed CRIU's network lock inet CRIU-1234-abcd, left by web (migrated to 10.0.0.3:7070)",
+    ]
+    # Only those: the host's own address and the other table stay.
+    assert (host.removed, host.addresses) == ([ADDR], {"10.0.0.1/24"})
+    assert (nft.deleted, nft.tables) == ([TABLE], [("inet", "filter")])
+    assert not path.exists()
+    assert _leftovers.sweep() == []  # once
+
+
+def test_sweep_leaves_a_migration_whose_command_runs(
+    home: Path, procs: Procs, nft: FakeNft, host: FakeHost
+) -> None:
+    path = record(gone(procs))  # owned by this very process, which runs
+    assert _leftovers.sweep() == []
+    assert path.exists() and host.removed == [] and nft.deleted == []
+    assert _leftovers.settle(path) == [
+        f"removed {ADDR}, left here by the migration of web (migrated to 10.0.0.3:7070)",
+        "removed CRIU's network lock inet CRIU-1234-abcd, left by web (migrated to 10.0.0.3:7070)",
+    ]
+    assert not path.exists()
+
+
+def test_a_rolled_back_migration_leaves_the_original_its_address(
+    home: Path, procs: Procs, nft: FakeNft, host: FakeHost
+) -> None:
+    """The original runs (CRIU thawed it, untraced): the journal goes, nothing else."""
+    _, original = procs.start()
+    path = written_by_a_dead_command(original)
+    assert _leftovers.sweep() == []
+    assert not path.exists()
+    assert host.removed == [] and nft.deleted == []
+
+
+TRACED = """
+import ctypes, time
+ctypes.CDLL(None, use_errno=True).ptrace(0, 0, None, None)  # PTRACE_TRACEME: the test traces it
+print("traced", flush=True)
+time.sleep(60)
+"""
+
+
+def test_an_original_still_held_by_criu_is_left_for_a_later_sweep(
+    home: Path, procs: Procs, nft: FakeNft, host: FakeHost
+) -> None:
+    """Traced (CRIU between the answer and the kill): nothing is touched, the journal stays;
+    once it is gone, the next sweep undoes it."""
+    proc, original = procs.start(sys.executable, "-c", TRACED)
+    deadline = time.monotonic() + 10
+    while not _leftovers._traced(proc.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    path = written_by_a_dead_command(original)
+    assert _leftovers.sweep() == []
+    assert path.exists() and host.removed == [] and nft.deleted == []
+    procs.end(proc)  # as CRIU's kill
+    assert len(_leftovers.sweep()) == 2
+    assert not path.exists() and host.removed == [ADDR] and nft.deleted == [TABLE]
+
+
+def test_an_address_a_running_managed_process_holds_stays(
+    home: Path, procs: Procs, host: FakeHost, nft: FakeNft
+) -> None:
+    """The process came back (migrated here again, with its address): the address is its."""
+    path = written_by_a_dead_command(gone(procs))
+    _, back = procs.start()
+    _registry.save(
+        _registry.ManagedProcess(
+            name="web", pid=back.pid, start_time=back.start_time, keeper_pid=os.getpid(),
+            command=("sleep", "60"), started="2026-01-01T00:00:00", service_addresses=(ADDR,),
+        )
+    )  # fmt: skip
+    assert _leftovers.sweep() == [
+        "removed CRIU's network lock inet CRIU-1234-abcd, left by web (migrated to 10.0.0.3:7070)"
+    ]
+    assert host.removed == [] and ADDR in host.addresses
+    assert not path.exists()
+
+
+def test_what_cannot_be_undone_keeps_the_journal_for_the_next_sweep(
+    home: Path, procs: Procs, nft: FakeNft, host: FakeHost
+) -> None:
+    path = written_by_a_dead_command(gone(procs))
+    host.fail = nft.fail = True
+    assert _leftovers.sweep() == [
+        f"warning: {ADDR} could not be removed here: ip addr del {ADDR} dev eth0 failed: "
+        "RTNETLINK answers: busy",
+        "warning: CRIU's network lock CRIU-1234-abcd is left here: nft delete table failed: "
+        "Operation not permitted",
+    ]
+    assert path.exists()
+    host.fail = nft.fail = False
+    assert len(_leftovers.sweep()) == 2
+    assert not path.exists() and host.removed == [ADDR] and nft.deleted == [TABLE]
+
+
+def test_a_journal_of_another_boot_is_dropped_untouched(
+    home: Path, procs: Procs, nft: FakeNft, host: FakeHost
+) -> None:
+    path = written_by_a_dead_command(gone(procs))
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "boot_id": "00000000-0000-0000-0000-000000000000"}))
+    assert _leftovers.sweep() == []
+    assert not path.exists() and host.removed == [] and nft.deleted == []
+
+
+def planted(home: Path, procs: Procs, **changes: Any) -> Path:
+    """A journal as a killed command writes it, with ``changes`` to its fields."""
+    path = written_by_a_dead_command(gone(procs))
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, **changes}))
+    return path
+
+
+HOSTILE = {
+    "a firewall table": ({"tables": ["filter"]}, "it names a table that is not CRIU's lock"),
+    "a table path": ({"tables": ["CRIU-1/../x"]}, "it names a table that is not CRIU's lock"),
+    "many tables": ({"tables": ["CRIU-1"] * 9}, "its tables are not a short list"),
+    "a default route": ({"addresses": ["0.0.0.0/0"]}, "service address 0.0.0.0/0 is unspecified"),
+    "a host's own single address": (
+        {"addresses": ["10.0.0.1/32"]},
+        "service address 10.0.0.1/32 is a single address, not one within a subnet",
+    ),
+    "a boolean pid": ({"original": [True, 5]}, "its original is not [pid, start time]"),
+    "a pid out of range": ({"owner": [1 << 40, 5]}, "its owner is not [pid, start time]"),
+    "a path as name": ({"name": "../procs/web"}, "its name is not a process name"),
+    "a target with a newline": ({"target": "a\nb"}, "its target is not HOST:PORT"),
+    "another version": ({"version": 2}, "it is not a version 1 journal"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_journal_is_refused_and_removed_untouched(
+    home: Path, procs: Procs, nft: FakeNft, host: FakeHost, case: str
+) -> None:
+    changes, problem = HOSTILE[case]
+    path = planted(home, procs, **changes)
+    lines = _leftovers.sweep()
+    assert len(lines) == 1 and lines[0].startswith(f"removed {path}: ")
+    assert problem in lines[0]
+    assert lines[0].endswith("(its leftovers, if any, are not known)")
+    assert not path.exists()
+    assert host.removed == [] and nft.deleted == [] and nft.tables == [("inet", "filter"), TABLE]
+
+
+def test_journals_that_are_not_regular_private_files_are_refused(
+    home: Path, procs: Procs, nft: FakeNft, host: FakeHost, tmp_path: Path
+) -> None:
+    good = written_by_a_dead_command(gone(procs))
+    directory = good.parent
+    target = tmp_path / "elsewhere.json"
+    target.write_text(good.read_text())
+    os.unlink(good)
+    (directory / "0000000000000001.json").symlink_to(target)  # a planted symlink
+    os.mkfifo(directory / "0000000000000002.json")  # would hang a plain open
+    big = directory / "0000000000000003.json"
+    big.write_text(" " * (_leftovers.MAX_JOURNAL + 1))
+    loose = directory / "0000000000000004.json"
+    loose.write_text(target.read_text())
+    loose.chmod(0o620)  # writable by its group
+    (directory / "not-a-journal.json").write_text(target.read_text())
+    lines = _leftovers.sweep()
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        f"{directory}: file 0000000000000001.json is a symlink, not a regular file; refused"
+        " — an image holds only regular files: do not use this one (its leftovers, if any, "
+        "are not known)",
+        f"{directory}: file 0000000000000002.json is a FIFO, not a regular file; refused"
+        " — an image holds only regular files: do not use this one (its leftovers, if any, "
+        "are not known)",
+        f"it is longer than {_leftovers.MAX_JOURNAL} bytes (its leftovers, if any, are not known)",
+        "it is writable by group or others (mode 0620) (its leftovers, if any, are not known)",
+        "'not-a-journal.json' is not the name of a journal (its leftovers, if any, are not known)",
+    ]
+    assert os.listdir(directory) == []
+    assert target.exists()  # the symlink went, not what it pointed to
+    assert host.removed == [] and nft.deleted == []
+
+
+def test_a_killed_writer_s_temporary_file_goes_once_it_is_old(home: Path, procs: Procs) -> None:
+    _, original = procs.start()
+    directory = record(original).parent
+    temp = directory / ".torpor-tmp-1-abcd"
+    temp.write_text("{")
+    assert _leftovers.sweep() == []
+    assert temp.exists()  # it may be a moment from its rename
+    old = time.time() - _leftovers.TEMP_GRACE - 1
+    os.utime(temp, (old, old))
+    _leftovers.sweep()
+    assert not temp.exists()
