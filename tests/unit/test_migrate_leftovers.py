@@ -133,12 +133,11 @@ print(path)
 """
 
 
-def written_by_a_dead_command(
-    original: ProcRef, tables: list[tuple[str, str]] = [TABLE], addrs: list[str] = [ADDR]
-) -> Path:
+def written_by_a_dead_command(original: ProcRef) -> Path:
+    """A journal of :data:`TABLE` and :data:`ADDR`, by a command that has ended."""
     res = subprocess.run(
         [sys.executable, "-c", WRITER, str(original.pid), str(original.start_time),
-         json.dumps(tables), json.dumps(addrs)],
+         json.dumps([TABLE]), json.dumps([ADDR])],
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
     return Path(res.stdout.strip())
@@ -178,9 +177,7 @@ def test_record_has_nothing_to_note_without_tables_or_addresses(home: Path, proc
 def test_record_refuses_a_table_that_is_not_criu_s_lock(home: Path, procs: Procs) -> None:
     _, original = procs.start()
     with pytest.raises(_leftovers.JournalError, match="not CRIU lock tables: filter"):
-        _leftovers.record(
-            "web", original, target="t:1", tables=[("inet", "filter")], addresses=()
-        )
+        _leftovers.record("web", original, target="t:1", tables=[("inet", "filter")], addresses=())
 
 
 def test_sweep_removes_what_a_killed_command_left_once_the_original_is_gone(
