@@ -1,0 +1,123 @@
+"""Faults at the worst moments of ``torpor migrate --mode copy``, on a real lab and real CRIU.
+
+The source's command SIGKILLed right after CRIU killed the original (the commit), before it
+took the service address down and deleted CRIU's lock table: both are left on the source, and
+the sweep of :mod:`torpor._migrate._leftovers` removes them, and only them.
+
+Until ``_copy.py`` calls ``_leftovers.record`` itself (the wiring is listed in the report of
+the helper that wrote this), :data:`LAUNCHER` adds that call to the command it runs, exactly
+where the wiring goes (after a successful post-dump transfer, before CRIU is answered true),
+and holds the command at its first ``_address.take_down`` (the first step after the commit)
+so the test can kill it there: the hook ``TORPOR_TEST_MIGRATE_SOURCE_COMMITTED`` that
+``_copy.py`` lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import SCRIPT, Lab
+from .test_migrate_copy import alive, paired, ps, server, torpor, wait_for
+from .test_migrate_tcp import addresses, answered, client, ruleset, service_address, start_web
+
+pytestmark = pytest.mark.criu
+__all__ = ["paired"]
+
+LAUNCHER = """
+import os, sys, time
+from torpor._migrate import _address, _copy, _leftovers, _netlock
+hold = os.environ["FAULT_HOLD"]
+if "_leftovers" not in vars(_copy):  # not wired yet: the call the report asks for
+    notify = _copy._Move._notify
+    def _notify(self, event):
+        ok = notify(self, event)
+        if ok and event.name == "post-dump":
+            try:
+                self.journal = _leftovers.record(
+                    self.name, self.ref, target=self.where, addresses=self.addresses,
+                    tables=_netlock.new_criu_tables(self.before)
+                    if self.options.tcp_established else (),
+                )
+            except BaseException as exc:
+                self.failure = exc
+                return False
+        return ok
+    _copy._Move._notify = _notify
+def take_down(addr):  # the first step after the commit: held here, to be killed
+    with open(hold, "x"):
+        pass
+    time.sleep(3600)
+_address.take_down = take_down
+from torpor._cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+SWEEP = "from torpor._migrate import _leftovers\nfor line in _leftovers.sweep(): print(line)"
+JOURNALS = (
+    "import os\nd = os.environ['TORPOR_HOME'] + '/migrate-undo'\n"
+    "print(sorted(os.listdir(d)) if os.path.isdir(d) else [])"
+)
+
+
+def test_source_killed_after_the_commit_leaves_what_the_sweep_removes(
+    paired: Lab, tmp_path: Path
+) -> None:
+    lab = paired
+    service, other = service_address(lab, 20), service_address(lab, 21)
+    pid = start_web(lab, "web", service)
+    # Not the migration's: another process's address and another table must stay.
+    bystander = torpor(lab, "a", "run", "--name", "bystander", "--service-address", other,
+                       "--", "sleep", "600")  # fmt: skip
+    assert bystander.returncode == 0, bystander.stderr
+    made = lab.exec("a", "nft", "add", "table", "inet", "keepme")
+    assert made.returncode == 0, made.stderr
+    hold = tmp_path / "committed"
+    try:
+        with client(lab, service.split("/")[0], tmp_path) as c, server(lab, "b") as srv:
+            answered(c, 20)
+            migrate = subprocess.Popen(
+                [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "a", "--",
+                 "env", f"FAULT_HOLD={hold}", "TORPOR_AGENT=off", sys.executable, "-c",
+                 LAUNCHER, "migrate", "web", "--to", srv.where],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            wait_for(hold.exists, timeout=60)  # committed: CRIU killed the original
+            os.kill(migrate.pid, signal.SIGKILL)  # the command, by the pid this test started
+            migrate.communicate(timeout=30)
+            srv.wait_log("torpor-migrate: 'web' migrated from a: ")
+            # What the killed command left on a: the address and CRIU's lock, and its journal.
+            wait_for(lambda: not alive(pid))
+            assert service in addresses(lab, "a")
+            left = ruleset(lab, "a")
+            tables = [line.split()[2] for line in left.splitlines() if line.startswith("table")]
+            criu = [t for t in tables if t.startswith("CRIU-")]
+            assert sorted(tables) == sorted(["keepme", *criu]) and len(criu) == 1, left
+            assert len(json.loads(lab.python("a", JOURNALS).replace("'", '"'))) == 1
+            # The sweep: those two go, nothing else.
+            lines = lab.python("a", SWEEP).splitlines()
+            assert lines == [
+                f"removed {service}, left here by the migration of web (migrated to {srv.where})",
+                f"removed CRIU's network lock inet {criu[0]}, left by web (migrated to "
+                f"{srv.where})",
+            ]
+            assert service not in addresses(lab, "a") and other in addresses(lab, "a")
+            assert ruleset(lab, "a").startswith("table inet keepme {")
+            assert "CRIU-" not in ruleset(lab, "a")
+            assert lab.python("a", JOURNALS) == "[]"
+            assert lab.python("a", SWEEP) == ""  # once
+            # The process is b's, with its address; its client goes on there.
+            assert ps(lab, "b", "web")["state"] == "running"
+            assert service in addresses(lab, "b")
+            answered(c, 20)
+            c.finish()
+    finally:
+        lab.exec("a", "nft", "delete", "table", "inet", "keepme")
+        torpor(lab, "a", "kill", "bystander")
+        torpor(lab, "b", "kill", "web")
