@@ -25,7 +25,17 @@ import pytest
 
 from .conftest import SCRIPT, Lab
 from .test_migrate_copy import alive, paired, ps, server, torpor, wait_for
-from .test_migrate_tcp import addresses, answered, client, ruleset, service_address, start_web
+from .test_migrate_tcp import (
+    APP_PORT,
+    WEB_APP,
+    addresses,
+    answered,
+    check_one_connection,
+    client,
+    ruleset,
+    service_address,
+    start_web,
+)
 
 pytestmark = pytest.mark.criu
 __all__ = ["paired"]
@@ -121,3 +131,87 @@ def test_source_killed_after_the_commit_leaves_what_the_sweep_removes(
         lab.exec("a", "nft", "delete", "table", "inet", "keepme")
         torpor(lab, "a", "kill", "bystander")
         torpor(lab, "b", "kill", "web")
+
+
+# A web app with ~40 MiB of memory of its own (an image of about that size).
+BIG_WEB = "import os\nballast = os.urandom(40 << 20)\n" + WEB_APP
+# On the target: waits for the image's pages to start arriving, then takes the disk's free
+# space (so the announced size fitted when the target checked it, and no longer does).
+FILLER = """
+import os, sys, time
+images = sys.argv[1]
+deadline = time.monotonic() + 60
+while True:
+    staging = [e for e in os.listdir(images) if ".migrating-" in e]
+    if staging and any(n.startswith("pages-") for n in os.listdir(f"{images}/{staging[0]}")):
+        break
+    assert time.monotonic() < deadline, "no image arrived"
+    time.sleep(0.001)
+fd = os.open(f"{images}/filler", os.O_WRONLY | os.O_CREAT, 0o600)
+block = b"x" * (1 << 20)
+try:
+    while True:
+        os.write(fd, block)
+except OSError as exc:
+    assert exc.errno == 28, exc  # ENOSPC: the disk is full
+print("filled", os.statvfs(images).f_bavail, flush=True)
+"""
+HOME_IMAGES = "import os; print(os.environ['TORPOR_HOME'] + '/images')"
+
+
+def test_target_disk_filling_mid_receive_fails_cleanly_and_leaves_nothing(
+    paired: Lab, tmp_path: Path
+) -> None:
+    lab = paired
+    service = service_address(lab, 22)
+    images = lab.python("b", HOME_IMAGES)
+    made = lab.exec("b", "sh", "-c", f"mkdir -p -m 0700 {images} && mount -t tmpfs -o "
+                    f"size=128m,mode=0700 torpor-fault {images}")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    ip = service.split("/")[0]
+    res = torpor(lab, "a", "run", "--name", "big", "--service-address", service, "--",
+                 sys.executable, "-c", BIG_WEB, ip, str(APP_PORT))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    pid = int(ps(lab, "a", "big")["pid"])
+    filler = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "b", "--",
+         sys.executable, "-c", FILLER, images],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        with client(lab, ip, tmp_path) as c, server(lab, "b") as srv:
+            answered(c, 20)
+            migrate = torpor(lab, "a", "migrate", "big", "--to", srv.where)
+            filled = filler.communicate(timeout=90)[0]
+            log = srv.stop()
+            answered(c, 20)  # the same connection, served by a again
+            lines = c.finish()
+        print(migrate.stderr, log, filled)
+        assert filled.startswith("filled "), filled
+        # The process stayed, unchanged, with its address and its client's connection.
+        assert migrate.returncode == 1, migrate.stderr
+        last = migrate.stderr.strip().splitlines()[-1]
+        assert last.endswith(f"(the process runs here, unchanged (pid {pid}))"), last
+        check_one_connection(lines)
+        assert (ps(lab, "a", "big")["state"], ps(lab, "a", "big")["pid"]) == ("running", pid)
+        assert service in addresses(lab, "a")
+        assert ruleset(lab, "a") == ""
+        # The target kept nothing: no staging, no address, no lock, no process.
+        assert lab.python("b", f"import os; print(os.listdir({images!r}))") == "['filler']"
+        assert service not in addresses(lab, "b")
+        assert ruleset(lab, "b") == ""
+        assert ps(lab, "b", "big") == {}
+        # One line naming the target's full disk.
+        assert last.startswith(f"torpor: error: migration of big to {srv.where} failed: ")
+        assert "OSError(28, 'No space left on device')" in log  # the target knew why
+        if images not in last:
+            # Known (issue 9): the target stops reading and closes on ENOSPC without a
+            # "failed" message; the source sees only the channel break. The fix, in
+            # _serve._Incoming._receive, is in the report of the helper that wrote this.
+            pytest.xfail(f"the source's error does not name b's full disk: {last}")
+    finally:
+        if filler.poll() is None:
+            filler.kill()
+            filler.wait()
+        lab.exec("b", "umount", images)
+        torpor(lab, "a", "kill", "big")
