@@ -2,7 +2,9 @@
 
 The source's command SIGKILLed right after CRIU killed the original (the commit), before it
 took the service address down and deleted CRIU's lock table: both are left on the source, and
-the sweep of :mod:`torpor._migrate._leftovers` removes them, and only them.
+the sweep of :mod:`torpor._migrate._leftovers` removes them, and only them. The target's disk
+filling in the middle of the receive: the migration fails, the original runs on, unchanged,
+with its client, and the target keeps nothing.
 
 Until ``_copy.py`` calls ``_leftovers.record`` itself (the wiring is listed in the report of
 the helper that wrote this), :data:`LAUNCHER` adds that call to the command it runs, exactly
