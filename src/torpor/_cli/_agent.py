@@ -38,6 +38,10 @@ def _listen_option(p: Any) -> None:
 
 
 def _start(app: App, args: argparse.Namespace) -> int:
+    from .._migrate._leftovers import sweep
+
+    for line in sweep():  # what killed migrations left here (their commands are gone)
+        app.warn(line)
     if args.listen:
         from .._migrate._serve import start_detached
 

@@ -82,6 +82,10 @@ def _migrate(app: App, args: argparse.Namespace) -> int:
             hint="e.g. torpor migrate NAME --to 10.0.0.3:7070",
         )
     host, port = _split(args.to)
+    from .._migrate._leftovers import sweep
+
+    for line in sweep():  # what killed migrations left here (their commands are gone)
+        app.warn(line)
     if (args.mode == "pool") != (args.pool is not None):
         raise UsageError(
             "--pool P goes with --mode pool, and only with it",

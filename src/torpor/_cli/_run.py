@@ -207,6 +207,10 @@ def _ps(app: App, args: argparse.Namespace) -> int:
     from .._supervise import _state
 
     _sweep.sweep_home()  # what killed keepers left of lazy restores (checked by pid)
+    from .._migrate._leftovers import sweep
+
+    for line in sweep():  # what killed migrations left here (their commands are gone)
+        app.warn(line)
 
     skipped: list[TorporError] = []
     supervised = {s.name: s for s in _state.list_all(skipped)}

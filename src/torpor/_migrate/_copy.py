@@ -50,7 +50,7 @@ from .._images._stats import read_dump_stats_at
 from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
 from .._safe import kind_problem, lstat_entries, open_dir, open_regular
-from . import _address, _netlock, _preflight
+from . import _address, _leftovers, _netlock, _preflight
 from ._channel import Conn, connect
 from ._wire import Progress, send_file
 
@@ -190,6 +190,7 @@ class _Move:
         self.addresses: tuple[_address.IPAddr, ...] = ()
         self.warnings: list[str] = []
         self.before: set[tuple[str, str]] = set()  # nftables tables before the dump
+        self.journal: Path | None = None  # what to undo after the commit (_leftovers)
 
     def run(self, timeout: float) -> Summary:
         out = _paths.private_dir(_paths.home() / "migrate", what="migration directory")
@@ -204,6 +205,7 @@ class _Move:
                 for addr in self.addresses:  # the peers' caches back to this host
                     with contextlib.suppress(OSError, TorporError):
                         _address.announce(addr)
+                _leftovers.settle(self.journal)
                 raise self._failed(exc) from self.failure or exc
             with contextlib.suppress(TorporError):
                 # First: the original is gone, the copy is the process (what the target
@@ -228,6 +230,7 @@ class _Move:
                 self.warnings.append(f"warning: {addr} could not be removed here: {exc.msg}")
         if locking:
             self._unlock(before)
+        self.warnings += _leftovers.settle(self.journal)
         for line in self.warnings:
             if self.say is not None:
                 self.say(line)
@@ -279,6 +282,16 @@ class _Move:
             return True
         try:
             self._transfer()
+            # Before the commit: what this command must undo after it, should it be killed
+            # there (a later sweep finishes it). Not written: no commit.
+            locked = self.options.tcp_established
+            self.journal = _leftovers.record(
+                self.name,
+                self.ref,
+                target=self.where,
+                addresses=self.addresses,
+                tables=_netlock.new_criu_tables(self.before) if locked else (),
+            )
         except BaseException as exc:  # answered false: CRIU thaws the original
             self.failure = exc
             return False

@@ -54,7 +54,7 @@ from .._engine import criu_version
 from .._errors import DumpError, TorporError
 from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
-from . import _address, _netlock, _preflight
+from . import _address, _leftovers, _netlock, _preflight
 from ._channel import ChannelError, Conn, connect, relay, start_relay
 from ._copy import MigrationError, Summary, addresses_to_move, preflight, send_image
 from ._lazy_dump import Guard, lazy_dump, repair_off
@@ -157,6 +157,7 @@ class _LazyMove:
         self.before: set[tuple[str, str]] = set()  # nftables tables before CRIU's lock
         self.let_go = False  # the addresses were taken down here for the target
         self.taken_back = False
+        self.journal: Path | None = None  # what to undo after the commit (_leftovers)
 
     def run(self) -> Summary:
         out = _paths.private_dir(_paths.home() / "migrate", what="migration directory")
@@ -170,6 +171,7 @@ class _LazyMove:
                 )  # fmt: skip
             except DumpError as exc:
                 self._take_back()
+                _leftovers.settle(self.journal)
                 raise self._failed(exc) from self.failure or exc
             finally:
                 self.criu_sock.close()
@@ -182,6 +184,9 @@ class _LazyMove:
             self.conn.send({"type": "done"})  # the original is gone: the copy is the process
         if self.tcp:
             self._unlock()  # CRIU leaves its lock after a dump that killed the tree
+        for line in _leftovers.settle(self.journal):
+            if self.say is not None:
+                self.say(line)
         got = self.settled
         if got.get("state") != "resident" and self.say is not None:
             self.say(f"warning: {self.where} did not report the copy resident ({got})")
@@ -239,6 +244,15 @@ class _LazyMove:
             return True
         try:
             self._transfer()
+            # Before the copy runs: what this command must undo should it be killed after
+            # CRIU's kill (a later sweep finishes it). Not written: no commit.
+            self.journal = _leftovers.record(
+                self.name,
+                self.ref,
+                target=self.where,
+                addresses=self.addresses,
+                tables=_netlock.new_criu_tables(self.before) if self.tcp else (),
+            )
         except BaseException as exc:  # answered false: CRIU thaws the original
             self.failure = exc
             self.guard.fail_criu()

@@ -44,7 +44,7 @@ from .._process import _manage, _registry
 from .._safe import create_file, is_plain_name, open_dir
 from . import _address, _netlock, _preflight
 from ._apart import run_apart
-from ._channel import ChannelError, Conn, PeerRefusedError, listen
+from ._channel import _DATA, _MSG, ChannelError, Conn, PeerRefusedError, listen
 from ._copy import MAX_FILES
 from ._wire import receive_file
 
@@ -254,6 +254,16 @@ class _Incoming:
                 fd = create_file(dir_fd, n, source=source)
                 try:
                     got[n] = receive_file(self.conn, fd, size)
+                except OSError as exc:
+                    # A full disk (or any write error): the source is still sending; read the
+                    # rest, so that it hears why rather than a channel cut under it.
+                    self._drain(total)
+                    raise TorporError(
+                        f"the disk of {self.where} failed while {n} was received: "
+                        f"{staging.path.parent}: {exc.strerror or exc}",
+                        hint=f"free space in {staging.path.parent} on {self.where}, then "
+                        "migrate again",
+                    ) from exc
                 finally:
                     os.close(fd)
         finally:
@@ -286,6 +296,19 @@ class _Incoming:
         image = staging.commit(manifest, hashed)
         self.log(f"received {name!r} from {self.peer}: {sum(sizes.values())} bytes, verified")
         return image
+
+    def _drain(self, total: int) -> None:
+        """Read and drop the image's remaining ``D`` frames (at most ``total`` bytes, the
+        image's announced size) and its ``hashes`` message."""
+        left = total
+        while True:
+            kind, body = self.conn._frame()
+            if kind == _DATA and len(body) <= left:
+                left -= len(body)
+                continue
+            if kind != _MSG:
+                raise ChannelError(f"{self.peer} sent more file data than announced")
+            return
 
     def _restore(self, image: Image, name: str) -> None:
         conn = self.conn
