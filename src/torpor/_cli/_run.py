@@ -9,6 +9,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import _paths
 from .._errors import AlreadyExistsError, TorporError, UsageError
 from ._app import App, human_duration
 
@@ -201,16 +202,23 @@ def _resume(app: App, args: argparse.Namespace, name: str, spec: Spec) -> int | 
     return RESTORE_FAILED
 
 
+_LEFTOVERS_DIR = "migrate-undo"  # _migrate._leftovers.DIR_NAME (not imported: it loads TLS)
+
+
+def _journals_left() -> bool:
+    """Whether killed or running migrations left journals of what to undo here."""
+    try:
+        return bool(os.listdir(_paths.home() / _LEFTOVERS_DIR))
+    except OSError:
+        return False
+
+
 def _ps(app: App, args: argparse.Namespace) -> int:
     from .._lazy import _sweep
     from .._process import _proc, _registry
     from .._supervise import _state
 
     _sweep.sweep_home()  # what killed keepers left of lazy restores (checked by pid)
-    from .._migrate._leftovers import sweep
-
-    for line in sweep():  # what killed migrations left here (their commands are gone)
-        app.warn(line)
 
     skipped: list[TorporError] = []
     supervised = {s.name: s for s in _state.list_all(skipped)}
@@ -220,6 +228,11 @@ def _ps(app: App, args: argparse.Namespace) -> int:
         for r in _registry.list_all(skipped)
         if args.all or r.state == "running" or _given_up(supervised.get(r.name))
     ]
+    if _journals_left():  # the home was checked above; no TLS import for a plain ps
+        from .._migrate._leftovers import sweep
+
+        for line in sweep():  # what killed migrations left here (their commands are gone)
+            app.warn(line)
     for problem in skipped:
         app.warn(f"skipped: {problem}")
     if args.json:
