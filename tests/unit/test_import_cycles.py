@@ -46,10 +46,6 @@ MODULE, LAZY, TYPING = "module", "lazy", "typing"
 # Cycles closed by a lazy import that are left to the owners of their modules (the cut proposed
 # for each is the reason). Module-level cycles have no such list.
 KNOWN_LAZY_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"torpor._cli._run", "torpor._cli._supervise"}): (
-        "_cli._supervise imports _run._stop lazily (ending a process), _run imports _supervise "
-        "for its options and start_supervising: move _stop (and its helpers) to a leaf"
-    ),
     frozenset(
         {"torpor._process._keeper", "torpor._process._keeper_dump", "torpor._process._registry"}
     ): (

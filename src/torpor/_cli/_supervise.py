@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import NotFoundError, ProcessNotFoundError, TorporError, UsageError
 from ._app import App
+from ._stop import stop as stop_process
 
 if TYPE_CHECKING:
     from .._supervise._spec import Spec
@@ -256,7 +257,6 @@ def _stop(app: App, args: argparse.Namespace) -> int:
 
     from .._process import _registry
     from .._supervise import _control, _events, _state
-    from ._run import _stop as stop_process
 
     state = _state.read(args.name)
     rec = _registry.load(args.name)
