@@ -44,15 +44,8 @@ PACKAGE = "torpor"
 MODULE, LAZY, TYPING = "module", "lazy", "typing"
 
 # Cycles closed by a lazy import that are left to the owners of their modules (the cut proposed
-# for each is the reason). Module-level cycles have no such list.
-KNOWN_LAZY_CYCLES: dict[frozenset[str], str] = {
-    frozenset(
-        {"torpor._process._keeper", "torpor._process._keeper_dump", "torpor._process._registry"}
-    ): (
-        "_registry._foreign imports _keeper.address lazily, _keeper and _keeper_dump import "
-        "_registry: move address() (the keeper's socket name) into _registry or a leaf"
-    ),
-}
+# for each is the reason); none today. Module-level cycles have no such list.
+KNOWN_LAZY_CYCLES: dict[frozenset[str], str] = {}
 
 
 @dataclass(frozen=True)

@@ -39,16 +39,11 @@ from .._images._image import Image
 from .._images._manifest import now_iso
 from .._lazy import _restore as _lazy
 from . import _keeper_dump, _locks, _peer, _registry
+from ._keeper_address import address as address
 from ._locks import Lock
 from ._logs import SpareLog, open_log
 from ._proc import CLONE_NEWPID, ProcRef, descendants, detached, setns, start_time, unshare
 from ._registry import ManagedProcess, Reservation
-
-
-def address(keeper_pid: int) -> bytes:
-    """The abstract socket name of the keeper with host pid ``keeper_pid``."""
-    return b"\0torpor-keeper-%d" % keeper_pid
-
 
 # -- errors across the fork ------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ from .._errors import (
 )
 from .._images._store import check_name
 from . import _locks, _proc
+from ._keeper_address import address
 from ._locks import Lock
 from ._proc import ProcRef
 
@@ -505,8 +506,6 @@ def check_live(rec: ManagedProcess) -> None:
 
 def _foreign(rec: ManagedProcess, keeper_start: int) -> str | None:
     """Why the live process of ``rec`` is not torpor's, or None."""
-    from ._keeper import address  # the keeper imports us
-
     parent = _proc.parent_pid(rec.pid)
     if parent != rec.keeper_pid:
         return f"its parent is pid {parent}, not the recorded keeper {rec.keeper_pid}"
