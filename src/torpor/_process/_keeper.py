@@ -40,9 +40,11 @@ from .._images._manifest import now_iso
 from .._lazy import _restore as _lazy
 from . import _keeper_dump, _locks, _peer, _registry
 from ._keeper_address import address as address
+from ._keeper_children import child_start_time, exec_app, kill, kill_unadopted
+from ._keeper_children import continue_tree as continue_tree
 from ._locks import Lock
 from ._logs import SpareLog, open_log
-from ._proc import CLONE_NEWPID, ProcRef, descendants, detached, setns, start_time, unshare
+from ._proc import CLONE_NEWPID, ProcRef, detached, setns, unshare
 from ._registry import ManagedProcess, Reservation
 
 # -- errors across the fork ------------------------------------------------------------------
@@ -112,7 +114,7 @@ class Keeper:
                 pid = os.fork()
                 if pid == 0:  # pragma: no cover - the app's side
                     os.close(err_r)
-                    _exec_app(command, name, log_fd, err_w)
+                    exec_app(command, name, log_fd, err_w)
                 setns(own_ns, CLONE_NEWPID)
             finally:
                 os.close(own_ns)
@@ -128,14 +130,14 @@ class Keeper:
         rec = ManagedProcess(
             name=name,
             pid=pid,
-            start_time=_start_time(pid),
+            start_time=child_start_time(pid),
             keeper_pid=self.pid,
             command=tuple(command),
             started=now_iso(),
             log_path=str(log_path) if log_path else None,
-            managed_as=name,  # _exec_app's TORPOR_MANAGED
+            managed_as=name,  # exec_app's TORPOR_MANAGED
         )
-        self._adopt(rec)
+        self.adopt(rec)
         return rec
 
     # -- restore ----------------------------------------------------------------------------
@@ -224,7 +226,7 @@ class Keeper:
                 early[i] = rec = ManagedProcess(
                     name=names[i],
                     pid=event.pid,
-                    start_time=_start_time(event.pid),
+                    start_time=child_start_time(event.pid),
                     keeper_pid=self.pid,
                     command=image.manifest.cmdline,
                     started=now_iso(),
@@ -269,7 +271,7 @@ class Keeper:
             rec = ManagedProcess(
                 name=names[i],
                 pid=res.pid,
-                start_time=_start_time(res.pid),
+                start_time=child_start_time(res.pid),
                 keeper_pid=self.pid,
                 command=image.manifest.cmdline,
                 started=now_iso(),
@@ -277,7 +279,7 @@ class Keeper:
                 restored_from=str(image.path),
                 managed_as=_registry.managed_name(res.pid),
             )
-            self._adopt(rec)
+            self.adopt(rec)
             return rec
 
         try:
@@ -302,7 +304,7 @@ class Keeper:
                 if rec.pid not in ran:
                     # CRIU died after it named the copy (killed at post-restore): the copy may
                     # run on, our unreaped child (rst_sibling), unknown to anyone else.
-                    _kill_unadopted(rec.pid)
+                    kill_unadopted(rec.pid)
                 with contextlib.suppress(OSError, TorporError):
                     _registry.delete_if(rec.name, rec.ref)
             raise bad or failures[0]
@@ -315,13 +317,15 @@ class Keeper:
 
     # -- children ---------------------------------------------------------------------------
 
-    def _adopt(self, rec: ManagedProcess) -> None:
+    def adopt(self, rec: ManagedProcess) -> None:
         """Take ``rec``'s process as a child (reaped when it ends); its record is written by
         :meth:`record`, or never (:meth:`discard`)."""
         with self.lock:
             self.children[rec.pid] = rec
             self.unrecorded[rec.pid] = None
         threading.Thread(target=self._reap, args=(rec.pid,), daemon=True).start()
+
+    _adopt = adopt  # the name callers used before it was public
 
     def record(self, recs: Sequence[ManagedProcess], names: Reservation) -> list[ManagedProcess]:
         """Write the records of ``recs`` (started under the names ``names`` holds): all of
@@ -353,7 +357,7 @@ class Keeper:
         for rec in recs:
             self.unrecorded.pop(rec.pid, None)
             if rec.pid in self.children:
-                _kill(rec.pid)
+                kill(rec.pid)
 
     def _reap(self, pid: int) -> None:
         _, status = os.waitpid(pid, 0)
@@ -504,6 +508,11 @@ class Keeper:
                 self.idle.wait()
 
 
+# The names callers used before they were public (``_migrate._lazy_target``).
+_start_time = child_start_time
+_continue_tree = continue_tree
+
+
 def _verify_into(image: Image, verdict: Future[None]) -> None:
     try:
         image.verify(full=True)
@@ -511,73 +520,6 @@ def _verify_into(image: Image, verdict: Future[None]) -> None:
         verdict.set_exception(exc)
     else:
         verdict.set_result(None)
-
-
-def continue_tree(root: int) -> None:
-    """SIGCONT every process of the tree rooted at ``root`` (it was restored stopped).
-
-    SIGCONT resumes even a PID namespace's init, which ignores most signals from outside.
-    """
-    for pid in (root, *descendants(root)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
-
-
-_continue_tree = continue_tree  # the name callers used before it was public
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _kill_unadopted(pid: int) -> None:
-    """SIGKILL and reap ``pid`` if it is a child of ours nobody reaps (a copy CRIU restored
-    but did not finish): as our unreaped child its pid cannot have been reused."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return
-    if ppid != os.getpid():
-        return
-    _kill(pid)
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, 0)
-
-
-def _start_time(pid: int) -> int:
-    """The start time of our child ``pid``, which may have ended already (then a zombie
-    until reaped: its start time is still there)."""
-    born = start_time(pid)
-    if born is None:  # pragma: no cover - our unreaped child always has one
-        raise TorporError(f"child {pid} vanished before it was reaped")
-    return born
-
-
-def _exec_app(command: Sequence[str], name: str, log_fd: int | None, err_w: int) -> None:
-    """In the forked app (pid 1 of its namespace): session, stdio, clean fds, exec."""
-    try:
-        os.setsid()
-        # The app gets default dispositions, however the keeper was started: keepers ignore
-        # SIGINT and SIGHUP, and Python ignores SIGPIPE and SIGXFSZ (as subprocess resets).
-        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        out = log_fd if log_fd is not None else devnull
-        os.dup2(devnull, 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        keep = err_w
-        os.closerange(3, keep)
-        os.closerange(keep + 1, 1 << 16)
-        env = dict(os.environ)
-        env["TORPOR_MANAGED"] = name
-        os.execvpe(command[0], list(command), env)
-    except OSError as exc:
-        os.write(err_w, f"cannot start {command[0]!r}: {exc.strerror}".encode())
-    finally:
-        os._exit(127)
 
 
 # -- fork a keeper from the CLI ------------------------------------------------------------------
@@ -696,7 +638,7 @@ def spawn(work: Callable[[Keeper], list[ManagedProcess]]) -> list[ManagedProcess
 def _keeper_main(work: Callable[[Keeper], list[ManagedProcess]], report_w: int) -> None:
     code = 0
     try:
-        os.write(report_w, b"%d %d\n" % (os.getpid(), _start_time(os.getpid())))
+        os.write(report_w, b"%d %d\n" % (os.getpid(), child_start_time(os.getpid())))
         # Detach from the terminal: a keeper outlives the CLI and must not hold its tty.
         log = os.open(
             _paths.logs_dir() / "keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
