@@ -28,12 +28,11 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from .. import _errors, _paths
-from .._engine import Connection, CriuEngine, RestoreOptions
+from .._engine import Connection, CriuEngine
 from .._errors import TorporError
-from .._images._image import Image
 from .._images._manifest import now_iso
 from . import _keeper_dump, _keeper_restore, _locks, _peer, _registry
 from ._keeper_address import address as address
@@ -139,29 +138,9 @@ class Keeper:
 
     # -- restore ----------------------------------------------------------------------------
 
-    def restore(
-        self,
-        image: Image,
-        names: Sequence[str],
-        options: RestoreOptions,
-        *,
-        verify: bool | Literal["full"],
-        reuseport: bool | None = None,
-        reservation: Reservation | None = None,
-        stay_stopped: bool = False,
-    ) -> list[ManagedProcess]:
-        """Restore ``len(names)`` copies of ``image`` as our children: all of them or none
-        (see :func:`torpor._process._keeper_restore.restore`)."""
-        return _keeper_restore.restore(
-            self,
-            image,
-            names,
-            options,
-            verify=verify,
-            reuseport=reuseport,
-            reservation=reservation,
-            stay_stopped=stay_stopped,
-        )
+    # Copies of an image restored as our children, all or none: the restore path is a module
+    # of its own (the function is this method, ``keeper`` its ``self``).
+    restore = _keeper_restore.restore
 
     # -- children ---------------------------------------------------------------------------
 

@@ -1,11 +1,11 @@
 """The keeper's restore path: copies of an image restored as the keeper's children.
 
-:func:`restore` is :meth:`torpor._process._keeper.Keeper.restore`'s body: the image verified
-while CRIU restores (copies left stopped until it is known good), one warm CRIU used for the
-first copy, records written at CRIU's ``post-restore`` so that they match what runs whatever
-happens to the keeper, lazy-pages daemons for post-copy memory, all or nothing across
-``--count``. It uses the keeper's public face only (``pid``, ``warm``, ``spare_log``,
-``adopt``, ``discard``, ``holding``).
+:func:`restore` is :meth:`torpor._process._keeper.Keeper.restore` (``keeper`` is its
+``self``): the image verified while CRIU restores (copies left stopped until it is known
+good), one warm CRIU used for the first copy, records written at CRIU's ``post-restore`` so
+that they match what runs whatever happens to the keeper, lazy-pages daemons for post-copy
+memory, all or nothing across ``--count``. It uses the keeper's public face only (``pid``,
+``warm``, ``spare_log``, ``adopt``, ``discard``, ``holding``).
 """
 
 from __future__ import annotations
@@ -114,21 +114,24 @@ def restore(
         conn = warm if i == 0 else None
         log_fd = opened = None
 
-        def noted(event: NotifyEvent) -> None:
-            if event.name != "post-restore" or reservation is None or not event.pid:
-                return
-            early[i] = rec = ManagedProcess(
+        def copy_record(pid: int, restoring: str | None = None) -> ManagedProcess:
+            return ManagedProcess(
                 name=names[i],
-                pid=event.pid,
-                start_time=child_start_time(event.pid),
+                pid=pid,
+                start_time=child_start_time(pid),
                 keeper_pid=keeper.pid,
                 command=image.manifest.cmdline,
                 started=now_iso(),
                 log_path=str(log_path) if log_path else None,
                 restored_from=str(image.path),
-                managed_as=_registry.managed_name(event.pid),
-                restoring="restored, not yet continued",
+                managed_as=_registry.managed_name(pid),
+                restoring=restoring,
             )
+
+        def noted(event: NotifyEvent) -> None:
+            if event.name != "post-restore" or reservation is None or not event.pid:
+                return
+            early[i] = rec = copy_record(event.pid, "restored, not yet continued")
             reservation.commit(rec)  # raising makes CRIU abort (and kill the copy)
 
         if log_path is not None:
@@ -162,17 +165,7 @@ def restore(
         finally:
             if opened is not None:
                 os.close(opened)
-        rec = ManagedProcess(
-            name=names[i],
-            pid=res.pid,
-            start_time=child_start_time(res.pid),
-            keeper_pid=keeper.pid,
-            command=image.manifest.cmdline,
-            started=now_iso(),
-            log_path=str(log_path) if log_path else None,
-            restored_from=str(image.path),
-            managed_as=_registry.managed_name(res.pid),
-        )
+        rec = copy_record(res.pid)
         keeper.adopt(rec)
         return rec
 
