@@ -26,47 +26,22 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from .. import _errors, _paths
 from .._engine import Connection, CriuEngine
 from .._errors import TorporError
 from .._images._manifest import now_iso
-from . import _keeper_dump, _keeper_restore, _locks, _peer, _registry
+from . import _keeper_dump, _keeper_reply, _keeper_restore, _locks, _peer, _registry
 from ._keeper_address import address as address
 from ._keeper_children import child_start_time, exec_app, kill
 from ._keeper_children import continue_tree as continue_tree
+from ._keeper_reply import decode_error as decode_error
+from ._keeper_reply import encode_error as encode_error
 from ._locks import Lock
 from ._logs import SpareLog, open_log
-from ._proc import CLONE_NEWPID, ProcRef, detached, setns, unshare
+from ._proc import CLONE_NEWPID, detached, setns, unshare
 from ._registry import ManagedProcess, Reservation
-
-# -- errors across the fork ------------------------------------------------------------------
-
-
-def encode_error(exc: BaseException) -> dict[str, Any]:
-    """A JSON form of an error, rebuilt by :func:`decode_error` in the CLI process."""
-    if isinstance(exc, TorporError):
-        fields = {
-            k: v for k, v in vars(exc).items() if isinstance(v, str | int | list | tuple | None)
-        }
-        return {"cls": type(exc).__name__, "fields": fields}
-    return {"cls": "TorporError", "fields": {"msg": f"keeper failed: {exc!r}", "hint": None}}
-
-
-def decode_error(data: dict[str, Any]) -> TorporError:
-    """Rebuild an error encoded by :func:`encode_error`."""
-    cls = getattr(_errors, data["cls"], TorporError)
-    if not (isinstance(cls, type) and issubclass(cls, TorporError)):
-        cls = TorporError
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, data["fields"].get("msg", ""))
-    for k, v in data["fields"].items():
-        setattr(exc, k, tuple(v) if k in ("log_lines", "offenders") else v)
-    return exc
-
 
 # -- the keeper ----------------------------------------------------------------------------
 
@@ -395,7 +370,7 @@ def _run_hosted(
         return work(keeper)
     except TorporError:
         raise
-    except Exception as exc:  # as a forked keeper reports it (see encode_error)
+    except Exception as exc:  # as a forked keeper reports it (see _keeper_reply)
         raise TorporError(f"keeper failed: {exc!r}") from exc
     finally:
         if ignoring:
@@ -428,35 +403,27 @@ def spawn(work: Callable[[Keeper], list[ManagedProcess]]) -> list[ManagedProcess
     os.close(w)
     with os.fdopen(r, "rb") as fh:
         data = fh.read()
-    # The keeper's first line is its pid and start time (see _keeper_main), then its reply.
+    # The keeper's first line names it (see _keeper_reply), then comes its reply.
     who, _, data = data.partition(b"\n")
     if not data:
         left = ""
         with contextlib.suppress(ValueError, OSError, TorporError):
-            pid, born = (int(x) for x in who.split())
             # Copies it restored but never finished are killed (stopped until verified, or
             # half of a --count): its records of them go too, so `torpor ps` stays true.
-            killed = _registry.kill_unfinished(ProcRef(pid, born))
+            killed = _registry.kill_unfinished(_keeper_reply.keeper_of(who))
             if killed:
                 left = f" (killed what it had restored: {', '.join(killed)})"
         raise TorporError(
             f"the keeper died before reporting{left}; see the logs in {_paths.logs_dir()}",
             hint="retry the command",
         )
-    reply = json.loads(data)
-    if not reply["ok"]:
-        raise decode_error(reply["error"])
-    procs = []
-    for d in reply["procs"]:
-        d["command"] = tuple(d["command"])
-        procs.append(ManagedProcess(**d))
-    return procs
+    return _keeper_reply.read_reply(data)
 
 
 def _keeper_main(work: Callable[[Keeper], list[ManagedProcess]], report_w: int) -> None:
     code = 0
     try:
-        os.write(report_w, b"%d %d\n" % (os.getpid(), child_start_time(os.getpid())))
+        os.write(report_w, _keeper_reply.first_line(os.getpid(), child_start_time(os.getpid())))
         # Detach from the terminal: a keeper outlives the CLI and must not hold its tty.
         log = os.open(
             _paths.logs_dir() / "keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
@@ -474,11 +441,10 @@ def _keeper_main(work: Callable[[Keeper], list[ManagedProcess]], report_w: int) 
         try:
             procs = work(keeper)
         except BaseException as exc:
-            os.write(report_w, json.dumps({"ok": False, "error": encode_error(exc)}).encode())
+            os.write(report_w, _keeper_reply.error_reply(exc))
             code = 1
         else:
-            payload = {"ok": True, "procs": [asdict(p) for p in procs]}
-            os.write(report_w, json.dumps(payload).encode())
+            os.write(report_w, _keeper_reply.ok_reply(procs))
         os.close(report_w)
         keeper.wait_idle()
     except BaseException:
