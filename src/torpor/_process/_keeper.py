@@ -13,6 +13,16 @@ terminal) and return once it reports. The keeper:
   only, into a directory the child could have made, and makes the image (``_keeper_dump``).
 
 It exits when its last child has ended and no dump is in flight.
+
+This module owns the keeper's state (its children, their records, the self-dumps in flight),
+its socket server and its lifecycle (forked by :func:`spawn`, or hosted by an agent worker).
+Its parts live beside it, each a leaf but the restore path:
+
+- ``_keeper_restore``: the restore path (:meth:`Keeper.restore`);
+- ``_keeper_dump``: a self-dump's request, checks and CRIU run;
+- ``_keeper_reply``: what a forked keeper reports to the command that forked it;
+- ``_keeper_children``: what is done to its child processes (start times, continue, kill);
+- ``_keeper_address``: its socket's name.
 """
 
 from __future__ import annotations
