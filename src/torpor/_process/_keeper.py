@@ -16,7 +16,7 @@ It exits when its last child has ended and no dump is in flight.
 
 This module owns the keeper's state (its children, their records, the self-dumps in flight),
 its socket server and its lifecycle (forked by :func:`spawn`, or hosted by an agent worker).
-Its parts live beside it, each a leaf but the restore path:
+Its parts live beside it, and none imports it (the restore path names ``Keeper`` for typing):
 
 - ``_keeper_restore``: the restore path (:meth:`Keeper.restore`);
 - ``_keeper_dump``: a self-dump's request, checks and CRIU run;
