@@ -17,6 +17,12 @@ The order, and why the process is never lost:
    original runs on, unchanged. The target is then told ``abort`` (it kills a copy it may have
    restored); after a commit it is told ``done``.
 
+Against a base (:mod:`._dedup`): the pre-flight names the images the process came from or
+went to; if the target holds one it answers with that image's chunk ids, and after the dump
+each file goes as plans of chunks (literal, zero page, or "base file F from chunk S"), so that
+only what the target lacks crosses. Without a base nothing changes: whole files, and nothing
+hashed per chunk inside the freeze.
+
 Connections and addresses (docs/migration.md): the tree's TCP connections imply
 ``tcp_established`` (CRIU then locks them with nftables); one on an address that does not move
 is refused before the freeze. The service addresses (the record's, and ``--address``) go in
@@ -50,7 +56,7 @@ from .._images._stats import read_dump_stats_at
 from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
 from .._safe import kind_problem, lstat_entries, open_dir, open_regular
-from . import _address, _leftovers, _netlock, _preflight
+from . import _address, _dedup, _leftovers, _netlock, _preflight
 from ._channel import Conn, connect
 from ._wire import Progress, send_file
 
@@ -92,6 +98,10 @@ class Summary:
     addresses: tuple[str, ...] = ()  # service addresses moved with it
     tcp_connections: int = 0  # established TCP connections it held (kept)
     fenced: bool = False  # the copy ran only once the source confirmed the original's kill
+    # Of ``bytes``: what crossed as it is, and what the target copied from a base image it
+    # held (the rest were zero pages); None where a mode does not count them.
+    bytes_sent: int | None = None
+    bytes_from_base: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The summary as ``--json`` prints it."""
@@ -123,19 +133,22 @@ def migrate_copy(
     where = f"{host}:{port}"
     moving, conns = addresses_to_move(name, rec, addresses)
     tcp_established = tcp_established or bool(conns)
+    offered = _dedup.candidates([rec.restored_from, rec.checkpointed_to])
     conn = connect(host, port)  # refused or unreachable: nothing touched
     with conn:
         conn.settimeout(timeout)
-        preflight(
+        reply = preflight(
             conn,
             {
                 **_preflight.facts_for(name, ref.pid, mode="copy"),
                 "addresses": [str(a) for a in moving],
+                **({"bases": list(offered)} if offered else {}),
             },
             name=name,
             where=where,
             pid=ref.pid,
         )
+        base = _base(conn, reply, offered, name=name, where=where, pid=ref.pid)
         if say is not None:
             kept = f", keeping {len(conns)} TCP connection(s)" if conns else ""
             say(f"pre-flight passed on {where}; dumping {name} (pid {ref.pid}){kept}")
@@ -144,6 +157,7 @@ def migrate_copy(
             try:
                 move = _Move(conn, name, where, ref, tcp_established=tcp_established, say=say)
                 move.addresses = moving
+                move.base = base
                 summary = move.run(timeout)
             finally:
                 with contextlib.suppress(OSError, TorporError):
@@ -151,6 +165,27 @@ def migrate_copy(
     _record(name, ref, where)
     total = (time.monotonic() - started) * 1000
     return dataclasses.replace(summary, total_ms=round(total, 1), tcp_connections=len(conns))
+
+
+def _base(
+    conn: Conn,
+    reply: dict[str, Any],
+    offered: dict[str, tuple[_dedup.BaseFile, ...]],
+    *,
+    name: str,
+    where: str,
+    pid: int,
+) -> _dedup.SourceBase | None:
+    """The base the target holds (its chunk ids follow its ``ready``), None if none."""
+    if not offered:
+        return None
+    try:
+        return _dedup.read_lists(conn, reply, offered)
+    except _dedup.DedupError as exc:
+        raise MigrationError(
+            f"migration of {name} to {where} failed: {exc.msg} (nothing was frozen; the "
+            f"process runs here, pid {pid})"
+        ) from exc
 
 
 def _record(name: str, ref: ProcRef, where: str) -> None:
@@ -185,6 +220,8 @@ class _Move:
         self.reply: dict[str, Any] = {}
         self.continued_at = 0.0  # when a fenced copy was continued there (its "continued")
         self.bytes = self.files = 0
+        self.base: _dedup.SourceBase | None = None  # a base the target holds
+        self.counts = _dedup.Counts()
         self.frozen_ms: float | None = None
         self.staging = Path()  # made by run(); the notifications do not carry it
         self.addresses: tuple[_address.IPAddr, ...] = ()
@@ -249,6 +286,8 @@ class _Move:
             total_ms=0.0,
             addresses=tuple(str(a) for a in self.addresses),
             fenced=bool(self.continued_at),
+            bytes_sent=self.counts.sent,
+            bytes_from_base=self.counts.from_base,
         )
 
     def _unlock(self, before: set[tuple[str, str]]) -> None:
@@ -313,12 +352,19 @@ class _Move:
             "shell_job": self.options.shell_job,
             "criu_lock": locks[0][1] if len(locks) == 1 else None,
         }
-        self.bytes, self.files = send_image(
-            conn, staging, image_facts, say=self.say, where=self.where
+        sent = transfer_image(
+            conn, staging, image_facts, say=self.say, where=self.where, base=self.base
         )
+        self.bytes, self.files, self.counts = sent.bytes, sent.files, sent.counts
         self.sent_at = time.monotonic()
         if self.say is not None:
-            self.say(f"sent {self.bytes} bytes in {self.files} files; {self.where} restores")
+            c = sent.counts
+            based = (
+                f" ({c.sent} sent, {c.from_base} from the base image there, {c.zero} zero)"
+                if self.base is not None
+                else ""
+            )
+            self.say(f"sent {self.bytes} bytes in {self.files} files{based}; {self.where} restores")
         reply = conn.recv()
         if reply.get("type") == "failed":
             raise MigrationError(f"{self.where} could not take it: {reply.get('error')}")
@@ -356,10 +402,12 @@ def addresses_to_move(
     return moving, conns
 
 
-def preflight(conn: Conn, first: dict[str, Any], *, name: str, where: str, pid: int) -> None:
-    """Send the pre-flight message ``first`` and take the target's answer:
-    :class:`MigrationRefusedError` naming its problems, or :class:`MigrationError` for
-    anything but ``ready`` (nothing was frozen either way)."""
+def preflight(
+    conn: Conn, first: dict[str, Any], *, name: str, where: str, pid: int
+) -> dict[str, Any]:
+    """Send the pre-flight message ``first`` and take the target's answer: ``ready`` (returned),
+    or :class:`MigrationRefusedError` naming its problems, or :class:`MigrationError` for
+    anything else (nothing was frozen either way)."""
     conn.send(first)
     reply = conn.recv()
     if reply.get("type") == "refused":
@@ -371,6 +419,16 @@ def preflight(conn: Conn, first: dict[str, Any], *, name: str, where: str, pid: 
         )
     if reply.get("type") != "ready":
         raise MigrationError(f"{where} answered pre-flight with {reply.get('type')!r}")
+    return reply
+
+
+@dataclass(frozen=True)
+class Sent:
+    """An image sent: its bytes and files, and how its bytes crossed."""
+
+    bytes: int
+    files: int
+    counts: _dedup.Counts
 
 
 def send_image(
@@ -384,7 +442,23 @@ def send_image(
     """Send the dump in ``staging`` (every file but CRIU's log; regular files only) as an
     ``image`` message with ``image_facts``, the files' bytes as ``D`` frames and their
     SHA-256 in a ``hashes`` message; (bytes, files) sent."""
+    sent = transfer_image(conn, staging, image_facts, say=say, where=where)
+    return sent.bytes, sent.files
+
+
+def transfer_image(
+    conn: Conn,
+    staging: Path,
+    image_facts: dict[str, Any],
+    *,
+    say: Callable[[str], None] | None,
+    where: str,
+    base: _dedup.SourceBase | None = None,
+) -> Sent:
+    """:func:`send_image`, the files sent against ``base`` if the target holds one (the
+    ``image`` message then names it, and each file goes as plans: :mod:`._dedup`)."""
     dir_fd = open_dir(staging)
+    counts = _dedup.Counts()
     try:
         entries = lstat_entries(dir_fd)
         names = sorted(n for n in entries if n != DUMP_LOG)
@@ -395,17 +469,26 @@ def send_image(
         if len(names) > MAX_FILES:
             raise MigrationError(f"the dump has {len(names)} files, over {MAX_FILES}")
         files = [{"name": n, "size": entries[n].st_size} for n in names]
-        conn.send({"type": "image", "facts": image_facts, "files": files})
+        image: dict[str, Any] = {"type": "image", "facts": image_facts, "files": files}
+        if base is not None:
+            image["base"] = base.id
+        conn.send(image)
         hashes: dict[str, str] = {}
         total = sum(entries[n].st_size for n in names)
         progress = Progress(say, total, where)
         for n in names:
             fd = open_regular(dir_fd, n, source=str(staging))
+            size = entries[n].st_size
             try:
-                hashes[n] = send_file(conn, fd, entries[n].st_size, progress=progress)
+                if base is None:
+                    hashes[n] = send_file(conn, fd, size, progress=progress)
+                    counts.sent += size
+                else:
+                    hashes[n], got = _dedup.send_file(conn, fd, n, size, base, progress=progress)
+                    counts.add(got)
             finally:
                 os.close(fd)
         conn.send({"type": "hashes", "files": hashes})
     finally:
         os.close(dir_fd)
-    return total, len(names)
+    return Sent(total, len(names), counts)

@@ -5,9 +5,13 @@ and gets nothing), one migration at a time, and for each:
 
 1. ``preflight``: the checks of :mod:`._preflight`, answered ``ready`` or ``refused`` with
    the problems.
+   A copy-mode source may name *bases* (images it came from): one this host holds is
+   answered with its chunk ids (:mod:`._dedup_target`), so that only what is not in it
+   crosses.
 2. ``image``: the files announced (plain names, sizes), each received into a new staging
    directory of this home's images directory (created ``O_EXCL``, 0600) and hashed as it
-   arrives; ``hashes``: every file's SHA-256 must match the source's, else ``failed``.
+   arrives (whole, or as plans against the base: :mod:`._dedup`); ``hashes``: every file's
+   SHA-256 must match the source's, else ``failed``.
 3. The image is sealed here (manifest built from the source's facts and the files verified,
    signed with this host's key) and restored under the same name, by a keeper of this host
    (:func:`torpor._process._manage.restore`), the service addresses (checked in pre-flight)
@@ -42,10 +46,12 @@ from .._images._image import Image, Staging
 from .._images._manifest import FileEntry
 from .._process import _manage, _registry
 from .._safe import create_file, is_plain_name, open_dir
-from . import _address, _netlock, _preflight
+from . import _address, _dedup, _netlock, _preflight
 from ._apart import run_apart
 from ._channel import _DATA, _MSG, ChannelError, Conn, PeerRefusedError, listen
 from ._copy import MAX_FILES
+from ._dedup_target import BaseCache, Held
+from ._dedup_target import receive_file as receive_planned
 from ._wire import receive_file
 
 _MAX_PID = (1 << 31) - 1  # as the manifest's bound
@@ -61,6 +67,7 @@ def serve(
 ) -> None:
     """Serve migrations on ``addr:port`` until killed; ``ready(address)`` once listening."""
     _sweep(log)
+    bases = BaseCache()  # the chunk ids of the bases used, for as long as this server runs
     with listen(addr, port) as lst:
         host, bound = lst.address
         where = f"{host}:{bound}"
@@ -77,7 +84,7 @@ def serve(
             with conn:
                 conn.settimeout(ANSWER_TIMEOUT)
                 try:
-                    _Incoming(conn, where, log).handle()
+                    _Incoming(conn, where, log, bases=bases).handle()
                 except TorporError as exc:
                     log(f"migration from {conn.peer.name} failed: {exc}")
                 except Exception as exc:  # e.g. a full disk: one migration fails, not the server
@@ -139,8 +146,18 @@ def _clear_journal() -> None:
 class _Incoming:
     """One migration offered by a trusted peer."""
 
-    def __init__(self, conn: Conn, where: str, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        conn: Conn,
+        where: str,
+        log: Callable[[str], None],
+        *,
+        bases: BaseCache | None = None,
+    ) -> None:
         self.conn, self.where, self.log = conn, where, log
+        self.bases = bases if bases is not None else BaseCache()
+        self.base: Held | None = None  # the base the source was offered (copy mode)
+        self.counts = _dedup.Counts()  # of the image received
         self.peer = conn.peer.name
         self.outcome: str | None = None
         self.addresses: tuple[_address.IPAddr, ...] = ()  # checked in pre-flight
@@ -164,12 +181,31 @@ class _Incoming:
             conn.send({"type": "refused", "problems": found})
             self.log(f"refused {first.get('name')!r} from {self.peer}: {'; '.join(found)}")
             return
+        mode = first["mode"]
+        try:
+            ids = _dedup.parse_ids(first.get("bases")) if mode == "copy" else []
+        except _dedup.DedupError as exc:
+            conn.send({"type": "refused", "problems": [exc.msg]})
+            self.log(f"refused {first.get('name')!r} from {self.peer}: {exc.msg}")
+            return
         self.addresses = _address.parse_all(asked)
         # Read now, not in the downtime: the interfaces the addresses will go on.
         self.links = _address.links() if self.addresses else []
         name = str(first["name"])
-        conn.send({"type": "ready"})
-        mode = first["mode"]
+        # Also before the freeze: the base's chunk ids (computed once, then cached).
+        self.base = self.bases.hold(ids, self.log)
+        try:
+            self._serve(first, name, mode)
+        finally:
+            if self.base is not None:
+                self.base.close()
+
+    def _serve(self, first: dict[str, Any], name: str, mode: str) -> None:
+        conn = self.conn
+        if self.base is not None:
+            self.base.offer(conn, {"type": "ready"})
+        else:
+            conn.send({"type": "ready"})
         if mode == "lazy":
             from ._lazy import serve_lazy
 
@@ -245,6 +281,11 @@ class _Incoming:
                 f"the image from {self.peer} is {total >> 20} MiB, more than the "
                 f"{(st.f_bavail * st.f_frsize) >> 20} MiB free in {staging.path.parent}"
             )
+        agreed = msg.get("base")
+        base = self.base
+        if agreed is not None and (base is None or agreed != base.id):
+            raise _dedup.DedupError(f"{self.peer} sent its image against a base not agreed")
+        planned = agreed is not None
         staging.create()
         source = str(staging.path)
         dir_fd = open_dir(staging.path)
@@ -253,11 +294,16 @@ class _Incoming:
             for n, size in sizes.items():
                 fd = create_file(dir_fd, n, source=source)
                 try:
-                    got[n] = receive_file(self.conn, fd, size)
+                    if planned:
+                        got[n], counts = receive_planned(self.conn, fd, n, size, base)
+                        self.counts.add(counts)
+                    else:
+                        got[n] = receive_file(self.conn, fd, size)
+                        self.counts.sent += size
                 except OSError as exc:
                     # A full disk (or any write error): the source is still sending; read the
                     # rest, so that it hears why rather than a channel cut under it.
-                    self._drain(total)
+                    self._drain(total + _dedup.plan_bytes(sizes) if planned else total)
                     raise TorporError(
                         f"the disk of {self.where} failed while {n} was received: "
                         f"{staging.path.parent}: {exc.strerror or exc}",
@@ -274,9 +320,19 @@ class _Incoming:
             raise ChannelError(f"{self.peer} sent no hashes after the image")
         bad = sorted(n for n in sizes if theirs.get(n) != got[n])
         if bad or set(theirs) != set(sizes):
+            suspect = ""
+            if planned and base is not None and self.counts.from_base:
+                # Most likely its base here (the source hashed what it dumped): verified in
+                # full before its next use.
+                base.distrust()
+                suspect = (
+                    f" ({self.counts.from_base} bytes were copied from the base image "
+                    f"{base.image.path} here, which may be damaged: it is verified in full "
+                    "before its next use)"
+                )
             raise TorporError(
                 f"image from {self.peer} arrived damaged: {', '.join(bad) or 'its file list'} "
-                "did not match the source's SHA-256"
+                f"did not match the source's SHA-256{suspect}"
             )
         hashed = {n: FileEntry(n, sizes[n], got[n]) for n in sizes}
 
@@ -294,7 +350,14 @@ class _Incoming:
 
         self.criu_lock = _netlock.criu_name(facts.get("criu_lock"))
         image = staging.commit(manifest, hashed)
-        self.log(f"received {name!r} from {self.peer}: {sum(sizes.values())} bytes, verified")
+        based = ""
+        if planned and base is not None:
+            c = self.counts
+            based = (
+                f" ({c.sent} sent, {c.from_base} copied from the base image {base.image.path}, "
+                f"{c.zero} zero)"
+            )
+        self.log(f"received {name!r} from {self.peer}: {total} bytes{based}, verified")
         return image
 
     def _drain(self, total: int) -> None:

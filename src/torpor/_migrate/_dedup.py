@@ -1,0 +1,371 @@
+"""Copy mode against a *base*: only the chunks the target lacks cross (issue 9).
+
+A process restored from an image (``restored_from``) or last checkpointed to one
+(``checkpointed_to``) shares most of its memory with it. When the target holds that image too,
+most of the new dump's pages are already there.
+
+The exchange (docs/migration.md, "Chunks the target has"):
+
+1. Before anything is frozen, the source names its candidate bases in the ``preflight``
+   message (``bases``: at most :data:`MAX_BASES` :func:`content_id` values, read from the bases'
+   manifests here; the source never reads a base's data).
+2. The target answers ``ready`` with ``base`` (the id of one it holds: an image of its images
+   directory whose manifest gives that id, verified as any image torpor uses) and ``chunks``
+   (how many), followed by that base's chunk ids as ``D`` frames: the files in name order,
+   each cut as the pools cut it (:mod:`torpor._pools._cas`: 4 KiB pages for ``pages-*.img``,
+   1 MiB otherwise; SHA-256). The source checks the count against the base's own manifest.
+3. After the dump, each file is sent in *segments* of :data:`SEGMENT_BYTES`: one ``D`` frame
+   holding the segment's *plan* (runs of chunks: literal, the zero page, or base file F from
+   chunk S), then the literal runs' bytes as ``D`` frames, each run on frames of its own.
+4. The target writes base runs by copying from its base (``pread``), zero pages as holes,
+   literals as given, and hashes every file whole: the source's SHA-256 (``hashes``) must
+   match, so a base chunk that is not what its id says is caught and the migration fails,
+   the original resumed (a damaged base is then verified in full before its next use).
+
+Without a base the wire is as before and nothing is hashed per chunk inside the freeze.
+
+Everything the peer sends is checked here, in :func:`parse_ids`, :func:`read_lists` and
+:func:`decode_plan`: counts, ids, file indexes and chunk ranges, each refused with one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._errors import TorporError
+from .._images._image import Image
+from .._images._manifest import FileEntry, Manifest
+from .._pools._cas import (
+    DIGEST_SIZE,
+    PAGE_SIZE,
+    ZERO_PAGE,
+    ZERO_PAGE_BYTES,
+    chunk_count,
+    chunk_size_for,
+    decode_list,
+)
+from ._channel import MAX_DATA, ChannelError, Conn
+from ._wire import recv_bytes, send_bytes
+
+MAX_BASES = 2  # candidate bases a source names: the image it came from, the one it went to
+# Chunks in one base (8 GiB of pages): its ids (32 bytes each) and the source's index of them
+# must fit in memory comfortably; a larger base is not used.
+MAX_BASE_CHUNKS = 1 << 21
+SEGMENT_BYTES = 16 << 20  # of a file, per plan: a multiple of both chunk sizes
+OP_LITERAL, OP_ZERO, OP_BASE = 1, 2, 3
+_RUN = struct.Struct("<BHII")  # op, base file index, its first chunk, chunk count
+_ID_LEN = 64  # hex digits of a content id
+_HEX = frozenset("0123456789abcdef")
+
+
+class DedupError(ChannelError):
+    """A peer's base or chunk data is malformed or points outside what it may."""
+
+
+def content_id(manifest: Manifest) -> str:
+    """An image's identity for a base: the SHA-256 of its files' names, sizes and SHA-256
+    (sorted), so copies of one image on two hosts agree whatever their manifests' other
+    fields, and no other content can claim it."""
+    files = sorted([f.name, f.size, f.sha256] for f in manifest.files)
+    return hashlib.sha256(json.dumps(files, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class BaseFile:
+    """One file of a base as both sides cut it: ``chunk`` bytes a chunk, ``count`` chunks."""
+
+    name: str
+    size: int
+    chunk: int
+    count: int
+
+    def length(self, index: int) -> int:
+        """The length of chunk ``index`` (the last one may be short)."""
+        return min(self.chunk, self.size - index * self.chunk)
+
+
+def layout(files: Iterable[FileEntry]) -> tuple[BaseFile, ...]:
+    """A base's files in the order their chunk ids go on the wire (by name)."""
+    out = []
+    for f in sorted(files, key=lambda e: e.name):
+        size = chunk_size_for(f.name)
+        out.append(BaseFile(f.name, f.size, size, chunk_count(f.size, size)))
+    return tuple(out)
+
+
+def total_chunks(files: Sequence[BaseFile]) -> int:
+    """How many chunk ids a base's list holds."""
+    return sum(f.count for f in files)
+
+
+# -- the source ---------------------------------------------------------------------------------
+
+
+def candidates(paths: Iterable[str | None]) -> dict[str, tuple[BaseFile, ...]]:
+    """The bases the source can name, by :func:`content_id`: the images at ``paths`` (the
+    record's ``restored_from``, ``checkpointed_to``; anything not an image is skipped) that
+    are small enough to be used."""
+    out: dict[str, tuple[BaseFile, ...]] = {}
+    for p in paths:
+        if not p or not os.path.isabs(p) or len(out) >= MAX_BASES:
+            continue
+        try:
+            manifest = Image.open(p).manifest
+        except (TorporError, OSError):
+            continue  # gone or refused: the migration simply has no base
+        files = layout(manifest.files)
+        if total_chunks(files) <= MAX_BASE_CHUNKS:
+            out.setdefault(content_id(manifest), files)
+    return out
+
+
+@dataclass
+class SourceBase:
+    """The base the target holds, as the source uses it: its files, their chunk ids, and an
+    index from a chunk id to its first (file, chunk)."""
+
+    id: str
+    files: tuple[BaseFile, ...]
+    lists: list[list[bytes]]
+    index: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+    by_name: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for f, ids in enumerate(self.lists):
+            self.by_name[self.files[f].name] = f
+            for j, d in enumerate(ids):
+                if d != ZERO_PAGE:
+                    self.index.setdefault(d, (f, j))
+
+
+def read_lists(
+    conn: Conn, reply: dict[str, Any], offered: dict[str, tuple[BaseFile, ...]]
+) -> SourceBase | None:
+    """The base the target's ``ready`` names, with its chunk ids (the ``D`` frames after it);
+    None if it holds none. :class:`DedupError` if it names a base not offered or sends a list
+    of another length than the base's manifest gives."""
+    wanted = reply.get("base")
+    if wanted is None:
+        return None
+    if not isinstance(wanted, str) or wanted not in offered:
+        raise DedupError(f"{conn._who()} named a base image that was not offered: {wanted!r}")
+    files = offered[wanted]
+    expected = total_chunks(files)
+    if reply.get("chunks") != expected:
+        raise DedupError(
+            f"{conn._who()} announced {reply.get('chunks')!r} chunk ids for its base image, "
+            f"whose manifest gives {expected}"
+        )
+    blob = bytearray()
+    left = expected * DIGEST_SIZE
+    while left:
+        frame = recv_bytes(conn)
+        if not frame or len(frame) > left:
+            raise DedupError(f"{conn._who()} sent a base chunk list longer than announced")
+        blob += frame
+        left -= len(frame)
+    ids = decode_list(bytes(blob))
+    lists, at = [], 0
+    for f in files:
+        lists.append(ids[at : at + f.count])
+        at += f.count
+    return SourceBase(wanted, files, lists)
+
+
+@dataclass
+class Counts:
+    """Bytes of one image: sent as they are, copied from the base there, zero pages."""
+
+    sent: int = 0
+    from_base: int = 0
+    zero: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.sent += other.sent
+        self.from_base += other.from_base
+        self.zero += other.zero
+
+
+def plan(
+    view: memoryview, name: str, first: int, base: SourceBase
+) -> tuple[list[list[int]], Counts]:
+    """The runs of the segment ``view`` of file ``name`` (its chunks from ``first`` on):
+    ``[op, base file, base chunk, count]`` each, and what they hold. A chunk is a base run
+    only if its SHA-256 is the base's there (the same file and chunk, or where the previous
+    chunk's run goes on) or anywhere (the index), with the same length."""
+    size = chunk_size_for(name)
+    pages = size == PAGE_SIZE
+    here = base.by_name.get(name)
+    sha256 = hashlib.sha256
+    runs: list[list[int]] = []
+    counts = Counts()
+    last: list[int] = [0, 0, 0, 0]
+    for k, off in enumerate(range(0, len(view), size)):
+        data = view[off : off + size]
+        n = len(data)
+        if pages and n == PAGE_SIZE and data == ZERO_PAGE_BYTES:
+            op, f, j = OP_ZERO, 0, 0
+            counts.zero += n
+        else:
+            d = sha256(data).digest()
+            hit = _find(d, n, first + k, size, last, here, base)
+            if hit is None:
+                op, f, j = OP_LITERAL, 0, 0
+                counts.sent += n
+            else:
+                op, (f, j) = OP_BASE, hit
+                counts.from_base += n
+        if last[0] == op and (op != OP_BASE or (last[1] == f and last[2] + last[3] == j)):
+            last[3] += 1
+        else:
+            last = [op, f, j, 1]
+            runs.append(last)
+    return runs, counts
+
+
+def _find(
+    d: bytes, n: int, i: int, size: int, last: list[int], here: int | None, base: SourceBase
+) -> tuple[int, int] | None:
+    """Where the base holds the chunk ``d`` (``n`` bytes, chunk ``i`` of a file cut in
+    ``size``): where the ``last`` run goes on, else at the same place of the file of the same
+    name (``here``), else anywhere of the same chunk size and length; None if nowhere."""
+    lists, files = base.lists, base.files
+    if last[0] == OP_BASE:  # memory that moved, moved in runs
+        f, j = last[1], last[2] + last[3]
+        if j < files[f].count and lists[f][j] == d:
+            return f, j
+    if here is not None and i < files[here].count and lists[here][i] == d:
+        return here, i
+    hit = base.index.get(d)
+    if hit is None or files[hit[0]].chunk != size or files[hit[0]].length(hit[1]) != n:
+        return None
+    return hit
+
+
+def encode_plan(runs: Sequence[Sequence[int]]) -> bytes:
+    """A segment's plan as its ``D`` frame."""
+    return b"".join(_RUN.pack(*r) for r in runs)
+
+
+def send_segment(conn: Conn, view: memoryview, runs: Sequence[Sequence[int]], size: int) -> None:
+    """Send a segment's plan, then its literal runs' bytes (each run on frames of its own)."""
+    send_bytes(conn, encode_plan(runs))
+    at = 0
+    for op, _, _, count in runs:
+        end = min(len(view), at + count * size)
+        if op == OP_LITERAL:
+            for p in range(at, end, MAX_DATA):
+                send_bytes(conn, view[p : min(end, p + MAX_DATA)])  # type: ignore[arg-type]
+        at = end
+
+
+def send_file(
+    conn: Conn,
+    fd: int,
+    name: str,
+    size: int,
+    base: SourceBase,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[str, Counts]:
+    """Send ``size`` bytes of ``fd`` (the dump's file ``name``) against ``base``, segment by
+    segment; their SHA-256 (hex) and what was sent, copied or zero."""
+    h = hashlib.sha256()
+    chunk = chunk_size_for(name)
+    buf = bytearray(min(size, SEGMENT_BYTES))
+    counts = Counts()
+    for start in range(0, size, SEGMENT_BYTES):
+        want = min(SEGMENT_BYTES, size - start)
+        view = memoryview(buf)[:want]
+        got = 0
+        while got < want:
+            n = os.preadv(fd, [view[got:]], start + got)
+            if not n:
+                raise ChannelError(f"an image file shrank while it was sent ({want - got} short)")
+            got += n
+        h.update(view)
+        runs, seg = plan(view, name, start // chunk, base)
+        send_segment(conn, view, runs, chunk)
+        counts.add(seg)
+        if progress is not None:
+            progress(want)
+    return h.hexdigest(), counts
+
+
+# -- the peer's data, checked -------------------------------------------------------------------
+
+
+def parse_ids(value: object) -> list[str]:
+    """The ``bases`` of a ``preflight`` message: at most :data:`MAX_BASES` content ids (64
+    lowercase hex digits); :class:`DedupError` otherwise (absent: none)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_BASES:
+        raise DedupError(f"the pre-flight's bases are not a list of at most {MAX_BASES} ids")
+    for v in value:
+        if not (isinstance(v, str) and len(v) == _ID_LEN and set(v) <= _HEX):
+            raise DedupError(f"the pre-flight names a base that is not a content id: {v!r}"[:200])
+    return list(dict.fromkeys(value))
+
+
+def segment_lengths(name: str, size: int, start: int) -> list[int]:
+    """The chunk lengths of the segment of file ``name`` (``size`` bytes) at ``start``."""
+    chunk = chunk_size_for(name)
+    end = min(size, start + SEGMENT_BYTES)
+    return [min(chunk, end - p) for p in range(start, end, chunk)]
+
+
+def decode_plan(
+    blob: bytes, lengths: Sequence[int], chunk: int, files: Sequence[BaseFile] | None
+) -> list[tuple[int, int, int, int, int]]:
+    """A segment's plan from the peer, checked against the segment's chunk ``lengths`` (cut
+    in ``chunk`` bytes) and the base's ``files`` (None: no base): ``(op, base file, byte offset
+    there, chunk count, byte length)`` for each run, covering the segment exactly, base runs
+    inside their base file with the same chunk size and lengths, zero runs of whole pages.
+    :class:`DedupError` naming the first problem otherwise."""
+    if not blob or len(blob) % _RUN.size or len(blob) // _RUN.size > len(lengths):
+        raise DedupError(f"a chunk plan of {len(blob)} bytes does not fit its segment")
+    out = []
+    at = 0
+    for op, f, start, count in _RUN.iter_unpack(blob):
+        if count == 0 or at + count > len(lengths):
+            raise DedupError("a chunk plan's runs do not cover its segment exactly")
+        nbytes = sum(lengths[at : at + count])
+        if op in (OP_LITERAL, OP_ZERO):
+            if f or start:
+                raise DedupError(f"a chunk plan's run of op {op} names a base chunk")
+            if op == OP_ZERO and (chunk != PAGE_SIZE or nbytes != count * PAGE_SIZE):
+                raise DedupError("a chunk plan marks a chunk that is not a whole page as zero")
+            out.append((op, 0, 0, count, nbytes))
+        elif op == OP_BASE:
+            if files is None:
+                raise DedupError("a chunk plan copies from a base, but no base was agreed")
+            if f >= len(files):
+                raise DedupError(f"a chunk plan copies from base file {f} of {len(files)}")
+            bf = files[f]
+            offset = start * bf.chunk
+            if bf.chunk != chunk or start + count > bf.count or offset + nbytes > bf.size:
+                raise DedupError(
+                    f"a chunk plan copies chunks {start}..{start + count} of base file "
+                    f"{bf.name}, outside its {bf.count} chunks of {bf.chunk} bytes"
+                )
+            if min(bf.size, offset + count * chunk) - offset != nbytes:
+                raise DedupError(f"a chunk plan copies base chunks of other lengths ({bf.name})")
+            out.append((op, f, offset, count, nbytes))
+        else:
+            raise DedupError(f"a chunk plan holds an unknown op {op}")
+        at += count
+    if at != len(lengths):
+        raise DedupError("a chunk plan's runs do not cover its segment exactly")
+    return out
+
+
+def plan_bytes(sizes: dict[str, int]) -> int:
+    """The most plan bytes an image of files of ``sizes`` (by name) may hold."""
+    return sum(chunk_count(s, chunk_size_for(n)) for n, s in sizes.items()) * _RUN.size

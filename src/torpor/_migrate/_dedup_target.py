@@ -1,0 +1,248 @@
+"""The target's side of copy mode against a base (:mod:`._dedup`): finding the base the source
+names among this host's images, its chunk ids (computed once per server, before the freeze),
+and a file received as a plan of literal, zero and base runs.
+
+A base is an image directory of this home's images directory whose manifest gives the id the
+source named (:func:`._dedup.content_id`). It is opened and checked as any image torpor uses
+(:class:`~torpor._images._image.Image`); one whose files are not exactly as when they were last
+hashed (its verification stamp) is verified in full first, and one that fails is not used (the
+migration goes on without a base). Its chunk ids are kept in a :class:`BaseCache` for as long
+as the server runs (an image never changes), and reused while the image is still trusted.
+
+What can still go wrong is caught at the end: every file received is hashed whole, base runs
+included, and compared with the source's SHA-256. A base whose bytes changed without a trace
+(bit rot under a stamp that still vouches for it, or a cached list of a file changed since)
+then fails the migration cleanly; :meth:`Held.distrust` forgets its list and removes its
+stamp, so that the next migration verifies it in full before using it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .. import _paths
+from .._errors import TorporError
+from .._images._image import STAGING_MARK, Image
+from .._images._layout import VERIFIED_NAME
+from .._pools._cas import DIGEST_SIZE, chunk_size_for, digest, iter_chunks
+from .._safe import open_regular
+from ._channel import MAX_DATA, Conn
+from ._dedup import (
+    MAX_BASE_CHUNKS,
+    OP_BASE,
+    OP_LITERAL,
+    OP_ZERO,
+    SEGMENT_BYTES,
+    BaseFile,
+    Counts,
+    DedupError,
+    content_id,
+    decode_plan,
+    layout,
+    segment_lengths,
+    total_chunks,
+)
+from ._wire import recv_bytes, send_bytes
+
+MAX_SCAN = 1024  # entries of the images directory looked at for a base
+_COPY_BLOCK = 4 << 20  # bytes of a base run read at once
+_ZEROS = bytes(_COPY_BLOCK)
+
+
+@dataclass(frozen=True)
+class _Cached:
+    path: str
+    manifest_id: str
+    ids: bytes  # every chunk id, the files in name order
+
+
+class BaseCache:
+    """The chunk ids of the bases this server has used, by content id."""
+
+    def __init__(self) -> None:
+        self._lists: dict[str, _Cached] = {}
+
+    def hold(self, ids: Sequence[str], log: Callable[[str], None]) -> Held | None:
+        """The first base of ``ids`` (checked content ids) found here and usable, opened,
+        with its chunk ids; None if there is none."""
+        if not ids:
+            return None
+        for image in _images_with(set(ids)):
+            cid = content_id(image.manifest)
+            files = layout(image.manifest.files)
+            if total_chunks(files) > MAX_BASE_CHUNKS:
+                continue
+            try:
+                held = self._open(image, cid, files, log)
+            except (TorporError, OSError) as exc:
+                log(f"base image {image.path} not used: {getattr(exc, 'msg', exc)}")
+                continue
+            return held
+        return None
+
+    def _open(
+        self, image: Image, cid: str, files: tuple[BaseFile, ...], log: Callable[[str], None]
+    ) -> Held:
+        started = time.monotonic()
+        cached = self._lists.get(cid)
+        if not image.trusted():
+            image.verify()  # its stamp no longer vouches for it: every file hashed again
+            cached = None
+        elif cached is not None and (cached.path, cached.manifest_id) != (
+            str(image.path),
+            image.manifest.id,
+        ):
+            cached = None
+        fds: list[int] = []
+        try:
+            with image.opened() as dir_fd:
+                for f in files:
+                    fds.append(open_regular(dir_fd, f.name, source=str(image.path)))
+            if cached is None:
+                ids = b"".join(_chunk_ids(fd, f) for fd, f in zip(fds, files, strict=True))
+                cached = _Cached(str(image.path), image.manifest.id, ids)
+                self._lists[cid] = cached
+                how = "computed"
+            else:
+                how = "cached"
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        took = round((time.monotonic() - started) * 1000)
+        log(f"base image {image.path}: {total_chunks(files)} chunk ids {how} in {took} ms")
+        return Held(self, cid, image, files, fds, cached.ids)
+
+    def forget(self, cid: str) -> None:
+        """Drop the list of base ``cid``."""
+        self._lists.pop(cid, None)
+
+
+def _images_with(ids: set[str]) -> list[Image]:
+    """The images of this home's images directory whose content id is in ``ids``."""
+    found = []
+    root = _paths.images_dir()
+    with os.scandir(root) as entries:
+        for n, entry in enumerate(entries):
+            if n >= MAX_SCAN:
+                break
+            if STAGING_MARK in entry.name or ".migrating-" in entry.name:
+                continue
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(TorporError, OSError):
+                image = Image.open(entry.path)
+                if content_id(image.manifest) in ids:
+                    found.append(image)
+    return found
+
+
+def _chunk_ids(fd: int, f: BaseFile) -> bytes:
+    with os.fdopen(os.dup(fd), "rb") as stream:
+        ids = b"".join(digest(c) for c in iter_chunks(stream, f.chunk))
+    if len(ids) != f.count * DIGEST_SIZE:
+        raise TorporError(f"base file {f.name} is not {f.size} bytes long any more")
+    return ids
+
+
+class Held:
+    """A base held for one migration: its files open (the same inodes from the pre-flight to
+    the last copy) and its chunk ids."""
+
+    def __init__(
+        self,
+        cache: BaseCache,
+        cid: str,
+        image: Image,
+        files: tuple[BaseFile, ...],
+        fds: list[int],
+        ids: bytes,
+    ) -> None:
+        self.cache, self.id, self.image, self.files = cache, cid, image, files
+        self.fds, self.ids = fds, ids
+
+    def close(self) -> None:
+        """Close its files."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def offer(self, conn: Conn, ready: dict[str, object]) -> None:
+        """Send ``ready`` naming this base, then its chunk ids as ``D`` frames."""
+        conn.send({**ready, "base": self.id, "chunks": total_chunks(self.files)})
+        view = memoryview(self.ids)
+        step = MAX_DATA - MAX_DATA % DIGEST_SIZE
+        for p in range(0, len(view), step):
+            send_bytes(conn, view[p : p + step])  # type: ignore[arg-type]
+
+    def distrust(self) -> None:
+        """A file copied from this base did not match the source's: forget its list and
+        remove its stamp (its next use verifies it in full first)."""
+        self.cache.forget(self.id)
+        with contextlib.suppress(TorporError, OSError), self.image.opened() as dir_fd:
+            os.unlink(VERIFIED_NAME, dir_fd=dir_fd)
+
+
+def receive_file(
+    conn: Conn, fd: int, name: str, size: int, base: Held | None
+) -> tuple[str, Counts]:
+    """Write file ``name`` (``size`` bytes), sent as plans and literal runs, to ``fd``,
+    copying base runs from ``base``; its SHA-256 (hex) as written, and what it held.
+    :class:`DedupError` for a plan that does not fit."""
+    h = hashlib.sha256()
+    counts = Counts()
+    files = base.files if base is not None else None
+    for start in range(0, size, SEGMENT_BYTES):
+        lengths = segment_lengths(name, size, start)
+        runs = decode_plan(recv_bytes(conn), lengths, chunk_size_for(name), files)
+        at = start
+        for op, f, offset, _, nbytes in runs:
+            if op == OP_LITERAL:
+                _literal(conn, fd, at, nbytes, h)
+                counts.sent += nbytes
+            elif op == OP_ZERO:
+                for p in range(0, nbytes, _COPY_BLOCK):
+                    h.update(memoryview(_ZEROS)[: min(_COPY_BLOCK, nbytes - p)])
+                counts.zero += nbytes
+            elif op == OP_BASE and base is not None:
+                _copy(base.fds[f], offset, fd, at, nbytes, h, base.files[f].name)
+                counts.from_base += nbytes
+            at += nbytes
+    os.ftruncate(fd, size)  # zero pages at the end are holes too
+    return h.hexdigest(), counts
+
+
+def _literal(conn: Conn, fd: int, at: int, nbytes: int, h: hashlib._Hash) -> None:
+    left = nbytes
+    while left:
+        data = recv_bytes(conn)
+        if not data or len(data) > left:
+            raise DedupError(f"{conn._who()} sent a literal run of another length than planned")
+        h.update(data)
+        _pwrite(fd, data, at + nbytes - left)
+        left -= len(data)
+
+
+def _copy(
+    src: int, offset: int, fd: int, at: int, nbytes: int, h: hashlib._Hash, name: str
+) -> None:
+    done = 0
+    while done < nbytes:
+        data = os.pread(src, min(_COPY_BLOCK, nbytes - done), offset + done)
+        if not data:
+            raise TorporError(f"base file {name} here is shorter than its manifest says")
+        h.update(data)
+        _pwrite(fd, data, at + done)
+        done += len(data)
+
+
+def _pwrite(fd: int, data: bytes, at: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
