@@ -206,7 +206,7 @@ def test_a_damaged_base_there_gives_a_file_whose_hash_differs(
 def test_plan_runs_follow_the_base() -> None:
     base = source_base({"pages-1.img": b"".join(page(i) for i in range(10))})
     new = b"".join(page(i) for i in (0, 1, 2, 99)) + bytes(PAGE_SIZE) + page(5) + page(6)
-    runs, counts = plan(memoryview(new), "pages-1.img", 0, base)
+    runs, counts = plan(new, "pages-1.img", 0, base)
     assert runs == [
         [OP_BASE, 0, 0, 3],
         [OP_LITERAL, 0, 0, 1],
@@ -214,6 +214,37 @@ def test_plan_runs_follow_the_base() -> None:
         [OP_BASE, 0, 5, 2],
     ]
     assert (counts.sent, counts.zero, counts.from_base) == (PAGE_SIZE, PAGE_SIZE, 5 * PAGE_SIZE)
+
+
+def test_this_hosts_copy_of_the_base_is_compared_before_anything_is_hashed(
+    home: Path,
+) -> None:
+    """With this host's copy open, a chunk equal to it at the same place (or where a run goes
+    on) is a base chunk without its hash: a chunk that only this copy holds shows it."""
+    pages = b"".join(page(i) for i in range(40))
+    files = {"inventory.img": b"inv", "pstree.img": b"tree", "pages-1.img": pages}
+    mine = make_image(home / "images", "base", files)
+    exact = source_base(files)
+    exact.lists[exact.by_name["pages-1.img"]][3] = b"\0" * 32  # not what is here
+    theirs = SourceBase(content_id(mine.manifest), exact.files, exact.lists)
+    new = bytearray(pages)
+    # Moved by two pages from page 10 on (a hashed hit starts the run, compared after).
+    new[10 * PAGE_SIZE :] = bytes(2 * PAGE_SIZE) + pages[10 * PAGE_SIZE : -2 * PAGE_SIZE]
+    view = bytes(new)
+    hashed, _ = plan(view, "pages-1.img", 0, theirs)
+    assert hashed[:2] == [[OP_BASE, 1, 0, 3], [OP_LITERAL, 0, 0, 1]]
+    theirs.open_local(str(mine.path))
+    try:
+        assert len(theirs.local) == 3
+        runs, counts = plan(view, "pages-1.img", 0, theirs)
+    finally:
+        theirs.close()
+    assert runs == [[OP_BASE, 1, 0, 10], [OP_ZERO, 0, 0, 2], [OP_BASE, 1, 10, 28]]
+    assert counts.sent == 0 and counts.zero == 2 * PAGE_SIZE
+    other = source_base({**files, "pstree.img": b"other"})
+    other.id = "1" * 64
+    other.open_local(str(mine.path))  # not the image of that id: not used
+    assert other.local == []
 
 
 # -- what a peer sends, checked -------------------------------------------------------------------

@@ -152,7 +152,9 @@ def migrate_copy(
         if say is not None:
             kept = f", keeping {len(conns)} TCP connection(s)" if conns else ""
             say(f"pre-flight passed on {where}; dumping {name} (pid {ref.pid}){kept}")
-        with _locks.dumping(ref, unless_requested=True):
+        with contextlib.ExitStack() as stack, _locks.dumping(ref, unless_requested=True):
+            if base is not None:
+                stack.callback(base.close)
             _registry.update(name, ref, migrating=f"to {where}")
             try:
                 move = _Move(conn, name, where, ref, tcp_established=tcp_established, say=say)
@@ -170,7 +172,7 @@ def migrate_copy(
 def _base(
     conn: Conn,
     reply: dict[str, Any],
-    offered: dict[str, tuple[_dedup.BaseFile, ...]],
+    offered: dict[str, _dedup.Offered],
     *,
     name: str,
     where: str,
@@ -180,12 +182,15 @@ def _base(
     if not offered:
         return None
     try:
-        return _dedup.read_lists(conn, reply, offered)
+        base = _dedup.read_lists(conn, reply, {k: v.files for k, v in offered.items()})
     except _dedup.DedupError as exc:
         raise MigrationError(
             f"migration of {name} to {where} failed: {exc.msg} (nothing was frozen; the "
             f"process runs here, pid {pid})"
         ) from exc
+    if base is not None:
+        base.open_local(offered[base.id].path)
+    return base
 
 
 def _record(name: str, ref: ProcRef, where: str) -> None:

@@ -22,7 +22,9 @@ import contextlib
 import hashlib
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .. import _paths
@@ -51,6 +53,7 @@ from ._wire import recv_bytes, send_bytes
 
 MAX_SCAN = 1024  # entries of the images directory looked at for a base
 _COPY_BLOCK = 4 << 20  # bytes of a base run read at once
+_DEPTH = 3  # of them in flight: read, waiting, being hashed and written
 _ZEROS = bytes(_COPY_BLOCK)
 
 
@@ -194,54 +197,100 @@ def receive_file(
     """Write file ``name`` (``size`` bytes), sent as plans and literal runs, to ``fd``,
     copying base runs from ``base``; its SHA-256 (hex) as written, and what it held.
     :class:`DedupError` for a plan that does not fit."""
-    h = hashlib.sha256()
     counts = Counts()
     files = base.files if base is not None else None
-    for start in range(0, size, SEGMENT_BYTES):
-        lengths = segment_lengths(name, size, start)
-        runs = decode_plan(recv_bytes(conn), lengths, chunk_size_for(name), files)
-        at = start
-        for op, f, offset, _, nbytes in runs:
-            if op == OP_LITERAL:
-                _literal(conn, fd, at, nbytes, h)
-                counts.sent += nbytes
-            elif op == OP_ZERO:
-                for p in range(0, nbytes, _COPY_BLOCK):
-                    h.update(memoryview(_ZEROS)[: min(_COPY_BLOCK, nbytes - p)])
-                counts.zero += nbytes
-            elif op == OP_BASE and base is not None:
-                _copy(base.fds[f], offset, fd, at, nbytes, h, base.files[f].name)
-                counts.from_base += nbytes
-            at += nbytes
+    with _Sink(fd, threaded=size > SEGMENT_BYTES) as sink:
+        for start in range(0, size, SEGMENT_BYTES):
+            lengths = segment_lengths(name, size, start)
+            runs = decode_plan(recv_bytes(conn), lengths, chunk_size_for(name), files)
+            at = start
+            for op, f, offset, _, nbytes in runs:
+                if op == OP_LITERAL:
+                    _literal(conn, sink, at, nbytes)
+                    counts.sent += nbytes
+                elif op == OP_ZERO:
+                    for p in range(0, nbytes, _COPY_BLOCK):
+                        sink.put(memoryview(_ZEROS)[: min(_COPY_BLOCK, nbytes - p)], None)
+                    counts.zero += nbytes
+                elif op == OP_BASE and base is not None:
+                    sink.copy(base.fds[f], offset, at, nbytes, base.files[f].name)
+                    counts.from_base += nbytes
+                at += nbytes
+        digest_hex = sink.finish()
     os.ftruncate(fd, size)  # zero pages at the end are holes too
-    return h.hexdigest(), counts
+    return digest_hex, counts
 
 
-def _literal(conn: Conn, fd: int, at: int, nbytes: int, h: hashlib._Hash) -> None:
+def _literal(conn: Conn, sink: _Sink, at: int, nbytes: int) -> None:
     left = nbytes
     while left:
         data = recv_bytes(conn)
         if not data or len(data) > left:
             raise DedupError(f"{conn._who()} sent a literal run of another length than planned")
-        h.update(data)
-        _pwrite(fd, data, at + nbytes - left)
+        sink.put(data, at + nbytes - left)
         left -= len(data)
 
 
-def _copy(
-    src: int, offset: int, fd: int, at: int, nbytes: int, h: hashlib._Hash, name: str
-) -> None:
-    done = 0
-    while done < nbytes:
-        data = os.pread(src, min(_COPY_BLOCK, nbytes - done), offset + done)
-        if not data:
-            raise TorporError(f"base file {name} here is shorter than its manifest says")
-        h.update(data)
-        _pwrite(fd, data, at + done)
-        done += len(data)
+class _Sink:
+    """A file's bytes, in order: hashed and written (``pwrite``) by a helper thread when
+    ``threaded`` (``hashlib`` lets go of the GIL), so that the next bytes are read from the
+    base or the channel meanwhile; base runs are read into :data:`_DEPTH` buffers made once."""
+
+    def __init__(self, fd: int, *, threaded: bool) -> None:
+        self.fd = fd
+        self.h = hashlib.sha256()
+        self.pool = ThreadPoolExecutor(1, "torpor-dedup-write") if threaded else None
+        self.pending: deque[Future[None]] = deque()
+        self.bufs = [bytearray(_COPY_BLOCK) for _ in range(_DEPTH if threaded else 1)]
+        self.used: list[Future[None] | None] = [None] * len(self.bufs)
+        self.next = 0
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _do(self, data: bytes | memoryview, at: int | None) -> None:
+        self.h.update(data)
+        if at is not None:
+            _pwrite(self.fd, data, at)
+
+    def put(self, data: bytes | memoryview, at: int | None) -> Future[None] | None:
+        """Hash ``data`` next and write it at ``at`` (None: a hole, hashed only)."""
+        if self.pool is None:
+            self._do(data, at)
+            return None
+        job = self.pool.submit(self._do, data, at)
+        self.pending.append(job)
+        while len(self.pending) > _DEPTH:
+            self.pending.popleft().result()
+        return job
+
+    def copy(self, src: int, offset: int, at: int, nbytes: int, name: str) -> None:
+        """Bytes ``offset..+nbytes`` of base file ``src``, hashed and written at ``at``."""
+        done = 0
+        while done < nbytes:
+            i = self.next
+            self.next = (i + 1) % len(self.bufs)
+            if (busy := self.used[i]) is not None:
+                busy.result()  # the buffer is free again
+            view = memoryview(self.bufs[i])[: min(_COPY_BLOCK, nbytes - done)]
+            n = os.preadv(src, [view], offset + done)
+            if not n:
+                raise TorporError(f"base file {name} here is shorter than its manifest says")
+            self.used[i] = self.put(view[:n], at + done)
+            done += n
+
+    def finish(self) -> str:
+        """The SHA-256 (hex) of everything put, once written."""
+        while self.pending:
+            self.pending.popleft().result()
+        return self.h.hexdigest()
 
 
-def _pwrite(fd: int, data: bytes, at: int) -> None:
+def _pwrite(fd: int, data: bytes | memoryview, at: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, at)
