@@ -286,6 +286,7 @@ class _Incoming:
         if agreed is not None and (base is None or agreed != base.id):
             raise _dedup.DedupError(f"{self.peer} sent its image against a base not agreed")
         planned = agreed is not None
+        started = time.monotonic()
         staging.create()
         source = str(staging.path)
         dir_fd = open_dir(staging.path)
@@ -314,6 +315,7 @@ class _Incoming:
                     os.close(fd)
         finally:
             os.close(dir_fd)
+        received = time.monotonic()
         sums = self.conn.recv()
         theirs = sums.get("files")
         if sums.get("type") != "hashes" or not isinstance(theirs, dict):
@@ -357,7 +359,12 @@ class _Incoming:
                 f" ({c.sent} sent, {c.from_base} copied from the base image {base.image.path}, "
                 f"{c.zero} zero)"
             )
-        self.log(f"received {name!r} from {self.peer}: {total} bytes{based}, verified")
+        sealed = time.monotonic()
+        self.log(
+            f"received {name!r} from {self.peer}: {total} bytes{based}, verified; received "
+            f"in {round((received - started) * 1000)} ms, sealed in "
+            f"{round((sealed - received) * 1000)} ms"
+        )
         return image
 
     def _drain(self, total: int) -> None:
