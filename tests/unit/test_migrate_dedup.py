@@ -23,7 +23,7 @@ from torpor._identity._trust import Peer
 from torpor._images import _manifest
 from torpor._images._image import Image, staging
 from torpor._images._layout import VERIFIED_NAME
-from torpor._migrate import _dedup, _dedup_target
+from torpor._migrate import _dedup, _dedup_source, _dedup_target
 from torpor._migrate._channel import Conn
 from torpor._migrate._dedup import (
     OP_BASE,
@@ -32,16 +32,14 @@ from torpor._migrate._dedup import (
     SEGMENT_BYTES,
     BaseFile,
     DedupError,
-    SourceBase,
     content_id,
     decode_plan,
     encode_plan,
     layout,
     parse_ids,
-    plan,
-    read_lists,
     segment_lengths,
 )
+from torpor._migrate._dedup_source import SourceBase, plan, read_lists
 from torpor._pools._cas import PAGE_SIZE, ZERO_PAGE, digest
 
 PEER = Peer(name="peer", fingerprint="sha256:" + "0" * 64, cert_der=None, added=0, via="test")
@@ -135,7 +133,7 @@ def transfer(
     out = os.open(tmp / "out", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         join = in_thread(lambda: _dedup_target.receive_file(dst, out, name, len(data), held))
-        sent_hash, sent = _dedup.send_file(src, dump, name, len(data), base)
+        sent_hash, sent = _dedup_source.send_file(src, dump, name, len(data), base)
         got_hash, got = join()
     finally:
         for fd in [dump, out, *held_fds]:
@@ -356,7 +354,7 @@ def _lists_reply(pair: tuple[Conn, Conn], reply: dict[str, Any], frames: list[by
     src, dst = pair
     offered = {"c" * 64: FILES}
     for f in frames:
-        _dedup.send_bytes(dst, f)
+        _dedup_source.send_bytes(dst, f)
     return read_lists(src, reply, offered)
 
 
@@ -465,3 +463,125 @@ def test_segment_lengths() -> None:
     n = SEGMENT_BYTES // PAGE_SIZE
     assert len(segment_lengths("pages-1.img", SEGMENT_BYTES + 5, 0)) == n
     assert segment_lengths("pages-1.img", SEGMENT_BYTES + 5, SEGMENT_BYTES) == [5]
+
+
+# -- a hostile source's plans, end to end --------------------------------------------------------
+
+
+class Script:
+    """Stands for the socket under a :class:`Conn`: ``recv`` reads the peer's bytes, then end
+    of stream; what is sent back is dropped."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def recv(self, n: int) -> bytes:
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += len(chunk)
+        return chunk
+
+    def sendall(self, data: bytes) -> None:
+        pass
+
+    def settimeout(self, seconds: float | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def d_frame(body: bytes) -> bytes:
+    return struct.pack(">cI", b"D", len(body)) + body
+
+
+@st.composite
+def covering_runs(draw: st.DrawFn) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """A file size and runs that mostly cover its chunks exactly (so that the checks of
+    each run's base file, place and length are what is tested), now and then not."""
+    size = draw(st.integers(1, 10 * PAGE_SIZE))
+    left = -(-size // PAGE_SIZE)
+    runs = []
+    while left > 0:
+        count = draw(st.integers(1, left))
+        op = draw(st.sampled_from([OP_LITERAL, OP_ZERO, OP_BASE, OP_BASE, 0, 7]))
+        f = draw(st.integers(0, 2)) if op == OP_BASE else draw(st.sampled_from([0, 0, 0, 1]))
+        start = draw(st.integers(0, 40)) if op == OP_BASE else draw(st.sampled_from([0, 0, 0, 5]))
+        runs.append((op, f, start, draw(st.sampled_from([count, count, count, count + 1]))))
+        left -= count
+    return size, runs
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    planned=covering_runs(),
+    literal=st.binary(max_size=3 * PAGE_SIZE),
+    cut=st.integers(0, 64),
+)
+def test_a_hostile_source_cannot_write_outside_the_file_or_read_outside_the_base(
+    tmp_path_factory: pytest.TempPathFactory,
+    planned: tuple[int, list[tuple[int, int, int, int]]],
+    literal: bytes,
+    cut: int,
+) -> None:
+    """Whatever plans and bytes a source sends, the target refuses them with one line
+    (:class:`DedupError` or the channel's error) or writes a file of exactly its size, made
+    of literal bytes sent, zeros and bytes of the base's files only."""
+    from torpor._migrate._channel import ChannelError
+
+    size, runs = planned
+    tmp = tmp_path_factory.mktemp("hostile")
+    base_data = {"pages-1.img": bytes(range(256)) * 64 * 8, "core-1.img": b"core" * 100}
+    lay = layout(
+        [
+            _manifest.FileEntry(n, len(d), hashlib.sha256(d).hexdigest())
+            for n, d in base_data.items()
+        ]
+    )
+    fds = [write(tmp / f.name, base_data[f.name]) for f in lay]
+    held = _dedup_target.Held(
+        _dedup_target.BaseCache(),
+        "0" * 64,
+        None,
+        lay,
+        fds,
+        b"",  # type: ignore[arg-type]
+    )
+    script = d_frame(encode_plan(runs)) + b"".join(
+        d_frame(literal[p : p + 4096]) for p in range(0, len(literal), 4096)
+    )
+    script = script[: len(script) - cut] if cut < len(script) else script
+    conn = Conn(Script(script), PEER)  # type: ignore[arg-type]
+    out_path = tmp / "out"
+    out = os.open(out_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            got_hash, counts = _dedup_target.receive_file(conn, out, "pages-1.img", size, held)
+        except ChannelError as exc:  # DedupError is one
+            assert "\n" not in exc.msg
+            return
+    finally:
+        for fd in [out, *fds]:
+            os.close(fd)
+    data = out_path.read_bytes()
+    assert len(data) == size and got_hash == hashlib.sha256(data).hexdigest()
+    assert counts.sent + counts.zero + counts.from_base == size
+    allowed = literal + b"".join(base_data.values())
+    for p in range(0, size, PAGE_SIZE):
+        page_ = data[p : p + PAGE_SIZE]
+        assert page_ == bytes(len(page_)) or page_ in allowed
+
+
+def test_an_image_against_a_base_not_agreed_is_refused(home: Path) -> None:
+    image = make_image(home / "images", "base", BASE_FILES)
+    held = _dedup_target.BaseCache().hold([content_id(image.manifest)], lambda _: None)
+    assert held is not None
+    try:
+        assert _dedup_target.agreed(None, held, "a") is None
+        assert _dedup_target.agreed(held.id, held, "a") is held
+        for named in ("f" * 64, 3, ["x"]):
+            with pytest.raises(DedupError, match="a base that was not agreed"):
+                _dedup_target.agreed(named, held, "a")
+        with pytest.raises(DedupError, match="not agreed"):
+            _dedup_target.agreed(held.id, None, "a")
+    finally:
+        held.close()

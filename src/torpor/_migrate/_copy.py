@@ -17,11 +17,11 @@ The order, and why the process is never lost:
    original runs on, unchanged. The target is then told ``abort`` (it kills a copy it may have
    restored); after a commit it is told ``done``.
 
-Against a base (:mod:`._dedup`): the pre-flight names the images the process came from or
-went to; if the target holds one it answers with that image's chunk ids, and after the dump
-each file goes as plans of chunks (literal, zero page, or "base file F from chunk S"), so that
-only what the target lacks crosses. Without a base nothing changes: whole files, and nothing
-hashed per chunk inside the freeze.
+Against a base (:mod:`._dedup`, :mod:`._dedup_source`): the pre-flight names the images the
+process came from or went to; if the target holds one it answers with that image's chunk ids,
+and after the dump each file goes as plans of chunks (literal, zero page, or "base file F from
+chunk S"), so that only what the target lacks crosses. Without a base nothing changes: whole
+files, and nothing hashed per chunk inside the freeze.
 
 Connections and addresses (docs/migration.md): the tree's TCP connections imply
 ``tcp_established`` (CRIU then locks them with nftables); one on an address that does not move
@@ -56,7 +56,7 @@ from .._images._stats import read_dump_stats_at
 from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
 from .._safe import kind_problem, lstat_entries, open_dir, open_regular
-from . import _address, _dedup, _leftovers, _netlock, _preflight
+from . import _address, _dedup, _dedup_source, _leftovers, _netlock, _preflight
 from ._channel import Conn, connect
 from ._wire import Progress, send_file
 
@@ -133,7 +133,7 @@ def migrate_copy(
     where = f"{host}:{port}"
     moving, conns = addresses_to_move(name, rec, addresses)
     tcp_established = tcp_established or bool(conns)
-    offered = _dedup.candidates([rec.restored_from, rec.checkpointed_to])
+    offered = _dedup_source.candidates([rec.restored_from, rec.checkpointed_to])
     conn = connect(host, port)  # refused or unreachable: nothing touched
     with conn:
         conn.settimeout(timeout)
@@ -172,17 +172,17 @@ def migrate_copy(
 def _base(
     conn: Conn,
     reply: dict[str, Any],
-    offered: dict[str, _dedup.Offered],
+    offered: dict[str, _dedup_source.Offered],
     *,
     name: str,
     where: str,
     pid: int,
-) -> _dedup.SourceBase | None:
+) -> _dedup_source.SourceBase | None:
     """The base the target holds (its chunk ids follow its ``ready``), None if none."""
     if not offered:
         return None
     try:
-        base = _dedup.read_lists(conn, reply, {k: v.files for k, v in offered.items()})
+        base = _dedup_source.read_lists(conn, reply, {k: v.files for k, v in offered.items()})
     except _dedup.DedupError as exc:
         raise MigrationError(
             f"migration of {name} to {where} failed: {exc.msg} (nothing was frozen; the "
@@ -225,7 +225,7 @@ class _Move:
         self.reply: dict[str, Any] = {}
         self.continued_at = 0.0  # when a fenced copy was continued there (its "continued")
         self.bytes = self.files = 0
-        self.base: _dedup.SourceBase | None = None  # a base the target holds
+        self.base: _dedup_source.SourceBase | None = None  # a base the target holds
         self.counts = _dedup.Counts()
         self.frozen_ms: float | None = None
         self.staging = Path()  # made by run(); the notifications do not carry it
@@ -458,7 +458,7 @@ def transfer_image(
     *,
     say: Callable[[str], None] | None,
     where: str,
-    base: _dedup.SourceBase | None = None,
+    base: _dedup_source.SourceBase | None = None,
 ) -> Sent:
     """:func:`send_image`, the files sent against ``base`` if the target holds one (the
     ``image`` message then names it, and each file goes as plans: :mod:`._dedup`)."""
@@ -489,7 +489,9 @@ def transfer_image(
                     hashes[n] = send_file(conn, fd, size, progress=progress)
                     counts.sent += size
                 else:
-                    hashes[n], got = _dedup.send_file(conn, fd, n, size, base, progress=progress)
+                    hashes[n], got = _dedup_source.send_file(
+                        conn, fd, n, size, base, progress=progress
+                    )
                     counts.add(got)
             finally:
                 os.close(fd)

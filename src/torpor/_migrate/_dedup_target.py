@@ -183,12 +183,41 @@ class Held:
         for p in range(0, len(view), step):
             send_bytes(conn, view[p : p + step])  # type: ignore[arg-type]
 
+    def describe(self, counts: Counts) -> str:
+        """What an image received against this base held, for the server's log."""
+        return (
+            f" ({counts.sent} sent, {counts.from_base} copied from the base image "
+            f"{self.image.path}, {counts.zero} zero)"
+        )
+
+    def suspect(self, counts: Counts) -> str:
+        """An image received against this base did not match the source's hashes: most
+        likely this base (the source hashed what it dumped). :meth:`distrust` it; what the
+        error says of it (nothing if nothing came from it)."""
+        if not counts.from_base:
+            return ""
+        self.distrust()
+        return (
+            f" ({counts.from_base} bytes were copied from the base image {self.image.path} "
+            "here, which may be damaged: it is verified in full before its next use)"
+        )
+
     def distrust(self) -> None:
         """A file copied from this base did not match the source's: forget its list and
         remove its stamp (its next use verifies it in full first)."""
         self.cache.forget(self.id)
         with contextlib.suppress(TorporError, OSError), self.image.opened() as dir_fd:
             os.unlink(VERIFIED_NAME, dir_fd=dir_fd)
+
+
+def agreed(named: object, held: Held | None, peer: str) -> Held | None:
+    """The base an ``image`` message names (``named``; None: whole files), which must be the
+    one offered (``held``); :class:`DedupError` otherwise."""
+    if named is None:
+        return None
+    if held is None or named != held.id:
+        raise DedupError(f"{peer} sent its image against a base that was not agreed")
+    return held
 
 
 def receive_file(

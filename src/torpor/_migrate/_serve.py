@@ -50,7 +50,7 @@ from . import _address, _dedup, _netlock, _preflight
 from ._apart import run_apart
 from ._channel import _DATA, _MSG, ChannelError, Conn, PeerRefusedError, listen
 from ._copy import MAX_FILES
-from ._dedup_target import BaseCache, Held
+from ._dedup_target import BaseCache, Held, agreed
 from ._dedup_target import receive_file as receive_planned
 from ._wire import receive_file
 
@@ -281,11 +281,7 @@ class _Incoming:
                 f"the image from {self.peer} is {total >> 20} MiB, more than the "
                 f"{(st.f_bavail * st.f_frsize) >> 20} MiB free in {staging.path.parent}"
             )
-        agreed = msg.get("base")
-        base = self.base
-        if agreed is not None and (base is None or agreed != base.id):
-            raise _dedup.DedupError(f"{self.peer} sent its image against a base not agreed")
-        planned = agreed is not None
+        base = agreed(msg.get("base"), self.base, self.peer)  # None: whole files
         started = time.monotonic()
         staging.create()
         source = str(staging.path)
@@ -295,7 +291,7 @@ class _Incoming:
             for n, size in sizes.items():
                 fd = create_file(dir_fd, n, source=source)
                 try:
-                    if planned:
+                    if base is not None:
                         got[n], counts = receive_planned(self.conn, fd, n, size, base)
                         self.counts.add(counts)
                     else:
@@ -304,7 +300,7 @@ class _Incoming:
                 except OSError as exc:
                     # A full disk (or any write error): the source is still sending; read the
                     # rest, so that it hears why rather than a channel cut under it.
-                    self._drain(total + _dedup.plan_bytes(sizes) if planned else total)
+                    self._drain(total + _dedup.plan_bytes(sizes) if base else total)
                     raise TorporError(
                         f"the disk of {self.where} failed while {n} was received: "
                         f"{staging.path.parent}: {exc.strerror or exc}",
@@ -322,16 +318,7 @@ class _Incoming:
             raise ChannelError(f"{self.peer} sent no hashes after the image")
         bad = sorted(n for n in sizes if theirs.get(n) != got[n])
         if bad or set(theirs) != set(sizes):
-            suspect = ""
-            if planned and base is not None and self.counts.from_base:
-                # Most likely its base here (the source hashed what it dumped): verified in
-                # full before its next use.
-                base.distrust()
-                suspect = (
-                    f" ({self.counts.from_base} bytes were copied from the base image "
-                    f"{base.image.path} here, which may be damaged: it is verified in full "
-                    "before its next use)"
-                )
+            suspect = base.suspect(self.counts) if base is not None else ""
             raise TorporError(
                 f"image from {self.peer} arrived damaged: {', '.join(bad) or 'its file list'} "
                 f"did not match the source's SHA-256{suspect}"
@@ -352,13 +339,7 @@ class _Incoming:
 
         self.criu_lock = _netlock.criu_name(facts.get("criu_lock"))
         image = staging.commit(manifest, hashed)
-        based = ""
-        if planned and base is not None:
-            c = self.counts
-            based = (
-                f" ({c.sent} sent, {c.from_base} copied from the base image {base.image.path}, "
-                f"{c.zero} zero)"
-            )
+        based = base.describe(self.counts) if base is not None else ""
         sealed = time.monotonic()
         self.log(
             f"received {name!r} from {self.peer}: {total} bytes{based}, verified; received "
