@@ -154,6 +154,9 @@ def _subdir(name: str, what: str) -> Path:
     return private_dir(home() / name, what=what)
 
 
+MIGRATE_UNDO = "migrate-undo"  # <home>/migrate-undo: journals of what migrations must undo
+
+
 def images_dir() -> Path:
     """Local image directories (``torpor checkpoint`` without ``-o`` or ``--pool``)."""
     return _subdir("images", "images directory")

@@ -201,13 +201,11 @@ def _resume(app: App, args: argparse.Namespace, name: str, spec: Spec) -> int | 
     return RESTORE_FAILED
 
 
-_LEFTOVERS_DIR = "migrate-undo"  # _migrate._leftovers.DIR_NAME (not imported: it loads TLS)
-
-
 def _journals_left() -> bool:
-    """Whether killed or running migrations left journals of what to undo here."""
+    """Whether killed or running migrations left journals of what to undo here (without
+    importing _migrate._leftovers: it loads TLS)."""
     try:
-        return bool(os.listdir(_paths.home() / _LEFTOVERS_DIR))
+        return bool(os.listdir(_paths.home() / _paths.MIGRATE_UNDO))
     except OSError:
         return False
 

@@ -436,21 +436,6 @@ class Sent:
     counts: _dedup.Counts
 
 
-def send_image(
-    conn: Conn,
-    staging: Path,
-    image_facts: dict[str, Any],
-    *,
-    say: Callable[[str], None] | None,
-    where: str,
-) -> tuple[int, int]:
-    """Send the dump in ``staging`` (every file but CRIU's log; regular files only) as an
-    ``image`` message with ``image_facts``, the files' bytes as ``D`` frames and their
-    SHA-256 in a ``hashes`` message; (bytes, files) sent."""
-    sent = transfer_image(conn, staging, image_facts, say=say, where=where)
-    return sent.bytes, sent.files
-
-
 def transfer_image(
     conn: Conn,
     staging: Path,
@@ -460,8 +445,10 @@ def transfer_image(
     where: str,
     base: _dedup_source.SourceBase | None = None,
 ) -> Sent:
-    """:func:`send_image`, the files sent against ``base`` if the target holds one (the
-    ``image`` message then names it, and each file goes as plans: :mod:`._dedup`)."""
+    """Send the dump in ``staging`` (every file but CRIU's log; regular files only) as an
+    ``image`` message with ``image_facts``, the files' bytes as ``D`` frames and their
+    SHA-256 in a ``hashes`` message; against ``base`` if the target holds one (the ``image``
+    message then names it, and each file goes as plans: :mod:`._dedup`)."""
     dir_fd = open_dir(staging)
     counts = _dedup.Counts()
     try:

@@ -56,7 +56,7 @@ from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
 from . import _address, _leftovers, _netlock, _preflight
 from ._channel import ChannelError, Conn, connect, relay, start_relay
-from ._copy import MigrationError, Summary, addresses_to_move, preflight, send_image
+from ._copy import MigrationError, Summary, addresses_to_move, preflight, transfer_image
 from ._lazy_dump import Guard, lazy_dump, repair_off
 
 if TYPE_CHECKING:
@@ -324,9 +324,8 @@ class _LazyMove:
             "criu_lock": locks[0][1] if len(locks) == 1 else None,
             "lazy": True,
         }
-        self.bytes, self.files = send_image(
-            conn, staging, image_facts, say=self.say, where=self.where
-        )
+        sent = transfer_image(conn, staging, image_facts, say=self.say, where=self.where)
+        self.bytes, self.files = sent.bytes, sent.files
         self.sent_at = time.monotonic()
         reply = conn.recv()
         if reply.get("type") == "failed":

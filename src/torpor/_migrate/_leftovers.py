@@ -59,7 +59,7 @@ from .._safe import (
 )
 from . import _address, _netlock
 
-DIR_NAME = "migrate-undo"
+DIR_NAME = _paths.MIGRATE_UNDO
 MAX_JOURNAL = 16 << 10  # bytes: a journal is a few hundred
 MAX_TABLES = 8  # CRIU makes one lock table per dump
 TEMP_GRACE = 60.0  # seconds after which a temporary file of a killed writer is removed
