@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import UsageError
-from ._app import App
+from ._app import App, human_bytes
+
+if TYPE_CHECKING:
+    from .._migrate._copy import Summary
 
 _DESCRIPTION = """\
 Moves the managed process NAME to the torpor serving migrations at HOST:PORT (`torpor agent
@@ -117,13 +120,25 @@ def _migrate(app: App, args: argparse.Namespace) -> int:
     if args.json:
         app.json(summary.to_json())
         return 0
+    app.out(summary_line(summary))
+    return 0
+
+
+def summary_line(summary: Summary) -> str:
+    """The human line of a finished migration's summary. What crossed and what the target
+    copied from a base image it held are said only when it copied from one."""
     frozen = f", CRIU frozen {summary.frozen_ms:.0f} ms" if summary.frozen_ms is not None else ""
-    app.out(
+    based = ""
+    if summary.bytes_from_base and summary.bytes_sent is not None:
+        based = (
+            f" ({human_bytes(summary.bytes_sent)} sent, {human_bytes(summary.bytes_from_base)}"
+            " from a base image on the target)"
+        )
+    return (
         f"migrated {summary.name} to {summary.target}: pid {summary.source_pid} -> "
         f"{summary.target_pid} there; downtime {summary.downtime_ms:.0f} ms{frozen} "
         f"(transfer {summary.transfer_ms:.0f} ms, restore {summary.restore_ms:.0f} ms); "
-        f"{summary.bytes} bytes in {summary.files} files; total {summary.total_ms:.0f} ms"
+        f"{summary.bytes} bytes in {summary.files} files{based}; total {summary.total_ms:.0f} ms"
         + (f"; {summary.tcp_connections} TCP connection(s) kept" if summary.tcp_connections else "")
         + (f"; moved {', '.join(summary.addresses)}" if summary.addresses else "")
     )
-    return 0
