@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._engine import DUMP_LOG, criu_version
@@ -70,9 +70,11 @@ def migrate_pool(
     tcp_established: bool = False,
     pool: str,
     say: Callable[[str], None] | None = None,
+    addresses: Sequence[str] = (),
 ) -> Summary:
     """Move the managed process ``name`` to the torpor at ``host:port`` through ``pool`` (see
-    the module docstring); its :class:`~._copy.Summary` (``bytes``: the image's size;
+    the module docstring), with its service addresses and ``addresses`` (``ADDR/PREFIX``, as
+    copy mode); its :class:`~._copy.Summary` (``bytes``: the image's size;
     ``transfer_ms``: from the freeze until the image was in the pool).
     :class:`~._copy.MigrationRefusedError` if pre-flight failed, :class:`~._copy.MigrationError`
     if anything else did: the process then runs here, unchanged."""
@@ -83,7 +85,7 @@ def migrate_pool(
     _registry.check_live(rec)
     ref = rec.ref
     where = f"{host}:{port}"
-    moving, conns = addresses_to_move(name, rec, ())
+    moving, conns = addresses_to_move(name, rec, addresses)
     cfg = load_config(pool)
     with open_pool(pool) as opened:  # unreachable here: nothing touched
         ident = identity(opened, cfg.driver)
