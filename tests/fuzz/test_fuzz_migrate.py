@@ -27,8 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,12 +40,14 @@ from hypothesis import strategies as st
 
 from torpor import TorporError
 from torpor._identity._trust import Peer
-from torpor._images._image import Image
-from torpor._migrate import _preflight, _serve
-from torpor._migrate._channel import _HEADER, MAX_DATA, Conn
+from torpor._images import _manifest
+from torpor._images._image import Image, staging
+from torpor._migrate import _dedup, _preflight, _serve
+from torpor._migrate._channel import _HEADER, MAX_DATA, MAX_MESSAGE, ChannelError, Conn
 from torpor._safe import is_plain_name
 
 from .support import (
+    EVIL,
     HOSTILE_INTS,
     HOSTILE_NAMES,
     JSON_VALUES,
@@ -515,3 +520,276 @@ def test_hashes_of_files_not_sent_are_refused() -> None:
     assert run.outcome.msg == (
         f"image from {PEER.name} arrived damaged: its file list did not match the source's SHA-256"
     )
+
+
+# -- the pre-flight's bases ----------------------------------------------------------------------
+#
+# A copy-mode source names candidate bases by content id (``bases``, docs/migration.md "Chunks
+# the target has"); the target looks for them in its images directory. Whatever ``bases`` is,
+# the server refuses it with one line before it opens anything, or takes the migration (with
+# the base it holds only if that base was named), and no path it touches is one the peer made.
+
+BASE = {
+    "inventory.img": b"inv",
+    "pstree.img": b"tree",
+    "pages-1.img": bytes(range(256)) * 32 + bytes(8192),  # two pages of content, two zero pages
+}
+IMAGE = {"inventory.img": b"inv2", "pstree.img": b"tree"}  # what the source sends, whole
+CID = "@CID@"
+"""Stands for the content id of the base the target holds (filled in by :func:`drive_bases`)."""
+_ID = re.compile(r"[0-9a-f]{64}")
+_watch: list[tuple[str, tuple[Any, ...]]] | None = None
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _watch is not None and (event == "open" or event.startswith(("os.", "shutil."))):
+        _watch.append((event, args))
+
+
+sys.addaudithook(_audit)  # permanent for the process, but it records only inside watched()
+
+
+@contextmanager
+def watched() -> Iterator[list[tuple[str, tuple[Any, ...]]]]:
+    """The file system calls this process makes inside (Python's audit events)."""
+    global _watch
+    _watch = []
+    try:
+        yield _watch
+    finally:
+        _watch = None
+
+
+def touched(events: list[tuple[str, tuple[Any, ...]]]) -> list[str]:
+    """The paths named by ``events`` (an fd is not a path, nor an ``open``'s mode)."""
+    out = []
+    for event, args in events:
+        two = event in ("os.rename", "os.link", "os.symlink")
+        for a in args[: 2 if two else 1]:
+            if isinstance(a, (str, bytes, os.PathLike)):
+                out.append(os.fsdecode(a))
+    return out
+
+
+def well_formed_bases(msg: dict[str, Any]) -> bool:
+    """What the protocol allows (independent of the code under test): absent, or a list of
+    at most MAX_BASES content ids (64 lowercase hex digits, ASCII)."""
+    if "bases" not in msg or msg["bases"] is None:
+        return True
+    value = msg["bases"]
+    return (
+        isinstance(value, list)
+        and len(value) <= _dedup.MAX_BASES
+        and all(isinstance(v, str) and _ID.fullmatch(v) for v in value)
+    )
+
+
+def _replace_cid(value: Any, cid: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(CID, cid)
+    if isinstance(value, list):
+        return [_replace_cid(v, cid) for v in value]
+    if isinstance(value, dict):
+        return {_replace_cid(k, cid): _replace_cid(v, cid) for k, v in value.items()}
+    return value
+
+
+def frames_of(sent: bytes) -> list[tuple[bytes, bytes]]:
+    """The server's frames, each whole."""
+    out = []
+    pos = 0
+    while pos < len(sent):
+        kind, length = _HEADER.unpack_from(sent, pos)
+        body = sent[pos + _HEADER.size : pos + _HEADER.size + length]
+        assert len(body) == length, "the server sent a truncated frame"
+        out.append((kind, body))
+        pos += _HEADER.size + length
+    return out
+
+
+class BasesRun(Run):
+    """A :class:`Run` against a target holding :data:`BASE`: the base's content id, the file
+    system calls ``handle()`` made and the ``D`` bytes it sent."""
+
+    def __init__(self, cid: str) -> None:
+        super().__init__()
+        self.cid = cid
+        self.events: list[tuple[str, tuple[Any, ...]]] = []
+        self.data = b""
+        self.size = 0  # of the pre-flight message
+
+
+def drive_bases(bases: Any, *, present: bool = True) -> BasesRun:
+    """``handle()`` in a fresh jail whose images directory holds :data:`BASE`, against a
+    pre-flight with ``bases`` (``present`` False: no such key; :data:`CID` stands for the
+    base's content id), then an honest image sent whole."""
+    files = IMAGE
+    announced = [{"name": n, "size": len(d)} for n, d in files.items()]
+    with Jail() as jail, server(preflight=False) as plain, pytest.MonkeyPatch.context() as mp:
+        base = make_base(jail.home / "images")
+        cid = _dedup.content_id(base.manifest)
+        msg = dict(PREFLIGHT_OK)
+        if present:
+            msg["bases"] = _replace_cid(bases, cid)
+        # The rest of the pre-flight is the accepted one; only its bases are fuzzed here.
+        mp.setattr(
+            _preflight,
+            "problems",
+            lambda m, *, where: (
+                [] if {k: v for k, v in m.items() if k != "bases"} == PREFLIGHT_OK else ["no"]
+            ),
+        )
+        script = (
+            message(msg)
+            + message({"type": "image", "files": announced, "facts": FACTS})
+            + b"".join(frame(b"D", d) for d in files.values())
+            + message({"type": "hashes", "files": {n: sha(d) for n, d in files.items()}})
+        )
+        sock = ScriptSocket(script)
+        conn = Conn(sock, PEER)  # type: ignore[arg-type]
+        logged: list[str] = []
+        run = BasesRun(cid)
+        run.size = len(message(msg)) - _HEADER.size
+        with bounded(5), watched() as events:
+            run.outcome = verdict(lambda: _serve._Incoming(conn, WHERE, logged.append).handle())
+        run.events = list(events)
+        run.created, run.restored = plain.created, plain.restored
+        for kind, body in frames_of(bytes(sock.sent)):
+            if kind == b"M":
+                run.answers.append(json.loads(body))
+            else:
+                assert kind == b"D" and len(run.answers) == 1, f"a {kind!r} frame out of place"
+                run.data += body
+        left = sorted(os.listdir(jail.home / "images"))
+        assert left == [base.path.name], f"left in the images directory: {left}"
+        Image.open(base.path).verify(full=True)  # the base itself untouched
+        assert all("\n" not in line for line in logged)
+    # Every path touched is the home's (the jail checked nothing was written elsewhere), and
+    # none is one the peer named: the ids are compared, never used as names.
+    named = [v for v in _strings(msg.get("bases")) if v and v != cid]
+    for path in touched(run.events):
+        if path.startswith(("/proc/", "/sys/")):
+            pass  # this host's facts
+        elif os.path.isabs(path):
+            real = os.path.realpath(path)
+            assert real == str(jail.home) or real.startswith(f"{jail.home}/"), path
+        else:
+            assert is_plain_name(path) or path == ".", path  # beside a directory's fd
+        assert EVIL not in path, f"a name from the peer's bases reached {path!r}"
+        for v in named:
+            if "/" in v or v.startswith(".."):  # path-like: it would name a file elsewhere
+                assert v not in path, f"the peer's base {v!r} reached the file system: {path!r}"
+    return run
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+
+
+def make_base(root: Path) -> Image:
+    """:data:`BASE` as an image of ``root``, sealed and signed as any image here."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with staging(root / "web-base") as st_:
+        for fname, data in BASE.items():
+            (st_.path / fname).write_bytes(data)
+        return st_.commit(
+            lambda entries: _manifest.build(
+                name="web-base", pid=4242, files=entries, criu_version="4.2.1",
+                cmdline=("app",), rss_bytes=1,
+            )
+        )  # fmt: skip
+
+
+def _ids(draw: st.DrawFn) -> str:
+    return draw(st.text("0123456789abcdef", min_size=64, max_size=64))
+
+
+@st.composite
+def bad_ids(draw: st.DrawFn) -> Any:
+    """What a candidate id may be instead of one: near misses of the held base's id (or of any
+    id), path-like strings, other JSON values."""
+    good = draw(st.sampled_from([CID, _ids(draw)]))
+    return draw(
+        st.sampled_from(
+            [
+                good,
+                good.upper() if good != CID else "@cid@",
+                good[:-1],
+                good + "0",
+                good + "\n",
+                "\n" + good,
+                f"../{good}",
+                f"{good}/../../{EVIL}",
+                f"{good}\0",
+                "\u0660" * 64,  # digits, but not ASCII ones
+                "\uff10" * 64,
+                "../../etc/passwd",
+                "/etc/shadow",
+                f"images/{good}",
+                "web-base",
+                "*",
+                "",
+            ]
+        )
+        | HOSTILE_NAMES
+        | JSON_VALUES
+    )
+
+
+BASES = st.one_of(
+    st.lists(st.sampled_from([CID]) | st.builds(lambda: "0" * 64), max_size=_dedup.MAX_BASES),
+    st.lists(st.sampled_from([CID]) | bad_ids(), max_size=5),
+    st.lists(bad_ids(), min_size=1, max_size=3).map(lambda v: v * 3000),  # long lists
+    JSON_VALUES,
+)
+
+
+@scaled(0.25)
+@given(BASES)
+@example([CID])
+@example([CID, CID, CID])
+@example(["0" * 64] * 12_000)  # near the message limit: refused without a look at the disk
+@example([0] * 200_000)
+@example({CID: CID})
+@example(CID)
+@example([[CID]])
+@example([f"{CID}/../../{EVIL}"])
+@example([CID.upper()])
+def test_the_server_against_hostile_bases(bases: Any) -> None:
+    run = drive_bases(bases)
+    msg = {"bases": _replace_cid(bases, run.cid)}
+    types = [a.get("type") for a in run.answers]
+    if run.size > MAX_MESSAGE:  # the channel refuses the message itself, unread
+        assert isinstance(run.outcome, ChannelError) and types == [] and run.created == []
+        return
+    if not well_formed_bases(msg):
+        assert types == ["refused"], f"bases {bases!r:.200} were not refused: {types}"
+        problems = run.answers[0]["problems"]
+        assert len(problems) == 1 and "\n" not in problems[0] and len(problems[0]) <= 200
+        assert run.outcome is None and run.created == [] and run.restored == []
+        # Refused before the images directory was looked at.
+        assert not [p for p in touched(run.events) if "images" in p], touched(run.events)
+        return
+    assert run.outcome is None, f"well-formed bases {bases!r:.200} failed: {run.outcome}"
+    assert types[0] == "ready" and run.restored == [("web", IMAGE, True)]
+    offered = run.answers[0].get("base")
+    if run.cid in (msg["bases"] or []):
+        chunks = len(BASE) - 1 + len(BASE["pages-1.img"]) // 4096
+        assert offered == run.cid and run.answers[0]["chunks"] == chunks
+        assert len(run.data) == chunks * 32  # its chunk ids
+    else:
+        assert offered is None and run.data == b""
+
+
+def test_bases_absent_or_null_mean_none() -> None:
+    for run in (drive_bases(None, present=False), drive_bases(None)):
+        assert run.outcome is None and [a["type"] for a in run.answers] == ["ready"]
+        assert "base" not in run.answers[0]
