@@ -1,10 +1,13 @@
-"""Faults at the worst moments of ``torpor migrate --mode copy``, on a real lab and real CRIU.
+"""Faults at the worst moments of ``torpor migrate``, on a real lab and real CRIU.
 
 The source's command SIGKILLed right after CRIU killed the original (the commit), before it
 took the service address down and deleted CRIU's lock table: both are left on the source, and
-the sweep of :mod:`torpor._migrate._leftovers` removes them, and only them. The target's disk
-filling in the middle of the receive: the migration fails, the original runs on, unchanged,
-with its client, and the target keeps nothing.
+the sweep of :mod:`torpor._migrate._leftovers` removes them, and only them. The same in lazy
+mode, the command killed with pages in flight (after ``post-dump`` was answered true: the
+process is lost, as documented): its journal names the address and CRIU's lock, and the sweep
+removes them once the original is gone, and only them. The target's disk filling in the middle
+of the receive: the migration fails, the original runs on, unchanged, with its client, and the
+target keeps nothing.
 
 Until ``_copy.py`` calls ``_leftovers.record`` itself (the wiring is listed in the report of
 the helper that wrote this), :data:`LAUNCHER` adds that call to the command it runs, exactly
@@ -26,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import SCRIPT, Lab
-from .test_migrate_copy import alive, paired, ps, server, torpor, wait_for
+from .test_migrate_copy import TORPOR, alive, paired, ps, server, torpor, wait_for
 from .test_migrate_tcp import (
     APP_PORT,
     WEB_APP,
@@ -215,3 +218,80 @@ def test_target_disk_filling_mid_receive_fails_cleanly_and_leaves_nothing(
             filler.wait()
         lab.exec("b", "umount", images)
         torpor(lab, "a", "kill", "big")
+
+
+def test_lazy_source_killed_with_pages_in_flight_leaves_what_the_sweep_removes(
+    paired: Lab, tmp_path: Path
+) -> None:
+    """``TORPOR_TEST_LAZY_STALL`` holds the transfer once a first MiB of pages has moved (the
+    copy runs on b): the command is killed there. CRIU takes the closed socket for the end and
+    kills the original; its lock table stays, and the journal the command wrote before it
+    answered ``post-dump`` names it and the address (which the command had let go already for
+    b). The next ``torpor ps`` removes the lock, once, and leaves the rest alone."""
+    lab = paired
+    service, other = service_address(lab, 23), service_address(lab, 24)
+    ip = service.split("/")[0]
+    started = torpor(lab, "a", "run", "--name", "lzfault", "--service-address", service, "--",
+                     sys.executable, "-c", BIG_WEB, ip, str(APP_PORT))  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    pid = int(ps(lab, "a", "lzfault")["pid"])
+    bystander = torpor(lab, "a", "run", "--name", "lzbystander", "--service-address", other,
+                       "--", "sleep", "600")  # fmt: skip
+    assert bystander.returncode == 0, bystander.stderr
+    made = lab.exec("a", "nft", "add", "table", "inet", "keepme")
+    assert made.returncode == 0, made.stderr
+    mark = tmp_path / "pages-flowing"
+    try:
+        with client(lab, ip, tmp_path) as c, server(lab, "b") as srv:
+            answered(c, 20)  # a connection: the dump takes CRIU's network lock
+            migrate = subprocess.Popen(
+                [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "a", "--",
+                 "env", f"TORPOR_TEST_LAZY_STALL={mark}", "TORPOR_AGENT=off",
+                 *TORPOR, "migrate", "lzfault", "--to", srv.where, "--mode", "lazy"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            wait_for(mark.exists, timeout=60)  # committed: the copy runs on b, pages flow
+            # The command's journal, written before post-dump was answered true.
+            assert len(json.loads(lab.python("a", JOURNALS).replace("'", '"'))) == 1
+            os.kill(migrate.pid, signal.SIGKILL)  # the command, by the pid this test started
+            _, err = migrate.communicate(timeout=30)
+            srv.wait_log("torpor-migrate: 'lzfault' from a: copy killed: ")
+            # CRIU took the closed socket for the end: the original is gone (lost, as
+            # documented), and with it whatever CRIU held.
+            wait_for(lambda: not alive(pid), timeout=20)
+            # What the killed command left on a: CRIU's lock and its journal. The address had
+            # left already, for b, before the pages began to flow.
+            assert service not in addresses(lab, "a") and other in addresses(lab, "a"), err
+            left = ruleset(lab, "a")
+            tables = [line.split()[2] for line in left.splitlines() if line.startswith("table")]
+            criu = [t for t in tables if t.startswith("CRIU-")]
+            assert sorted(tables) == sorted(["keepme", *criu]) and len(criu) == 1, left
+            assert len(json.loads(lab.python("a", JOURNALS).replace("'", '"'))) == 1
+            # The sweep, by the next `torpor ps`: CRIU's lock goes, nothing else.
+            swept = torpor(lab, "a", "ps")
+            assert swept.returncode == 0, swept.stderr
+            assert swept.stderr.splitlines() == [
+                f"torpor: warning: removed CRIU's network lock inet {criu[0]}, left by lzfault "
+                f"(migrated to {srv.where})",
+            ]
+            assert other in addresses(lab, "a") and service not in addresses(lab, "a")
+            assert ruleset(lab, "a").startswith("table inet keepme {")
+            assert "CRIU-" not in ruleset(lab, "a")
+            assert lab.python("a", JOURNALS) == "[]"
+            assert lab.python("a", SWEEP) == ""  # once
+            assert ps(lab, "a", "lzbystander")["state"] == "running"
+            # b gave up its half-moved copy, and with it the address.
+            assert "lzfault" not in [p["name"] for p in running(lab, "b")]
+            wait_for(lambda: service not in addresses(lab, "b"), timeout=20)
+    finally:
+        lab.exec("a", "nft", "delete", "table", "inet", "keepme")
+        torpor(lab, "a", "kill", "lzbystander")
+        torpor(lab, "a", "kill", "lzfault")
+        torpor(lab, "b", "kill", "lzfault")
+
+
+def running(lab: Lab, host: str) -> list[dict[str, object]]:
+    res = torpor(lab, host, "ps", "--json")
+    assert res.returncode == 0, res.stderr
+    return list(json.loads(res.stdout))
