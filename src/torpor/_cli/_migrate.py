@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from typing import TYPE_CHECKING, Any
 
 from .._errors import UsageError
@@ -108,13 +107,7 @@ def _migrate(app: App, args: argparse.Namespace) -> int:
         common["pool"] = args.pool
     else:
         from .._migrate._copy import migrate_copy as migrate
-    if args.address:
-        # Each mode takes --address once its module accepts ``addresses`` (copy does).
-        if "addresses" not in inspect.signature(migrate).parameters:
-            raise UsageError(
-                f"--address is not supported with --mode {args.mode} yet",
-                hint="start the process with torpor run --service-address, or use --mode copy",
-            )
+    if args.address:  # every mode moves them
         common["addresses"] = args.address
     summary = migrate(args.name, host, port, **common)
     if args.json:
