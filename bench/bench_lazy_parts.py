@@ -1,15 +1,17 @@
 """Where the time of a lazy restore of the 1 GiB app goes, step by step (issue 10).
 
 Small and focused, unlike ``bench_restore.py --lazy``: one 1 GiB app (``lazy_app.py mem``, its
-answer sums 20 MiB), checkpointed once, then ``--reps`` rounds of ``torpor restore IMAGE
---lazy`` through the agent (and, with ``--ceph``, of ``torpor restore NAME@POOL --lazy`` from a
-real single-node Ceph, the local cache emptied first), each step's first answer timed from
-the command's start as ``bench_restore.py`` does (``lazy_rows.cli``), after a warm-up step per
+answer sums 20 MiB; ``--app torch``: the torch app instead), checkpointed once, then ``--reps``
+rounds of ``torpor restore IMAGE --lazy`` through the agent (and, with ``--ceph``, of ``torpor
+restore NAME@POOL --lazy`` from a real single-node Ceph, the local cache emptied first), each
+step's first answer timed from the command's start as ``bench_restore.py`` does
+(``lazy_rows.cli``), after a warm-up step per
 method (it records the warm sets). Every torpor process of the run writes its steps'
 timestamps (``TORPOR_LAZY_TRACE``, ``src/torpor/_lazy/_trace.py``); the report gives, per
 step, the median time since the command's start and the median gap from the step before.
 
-    .venv/bin/python bench/bench_lazy_parts.py [--reps 5] [--ceph] [--no-local] [--json OUT]
+    .venv/bin/python bench/bench_lazy_parts.py [--reps 5] [--ceph] [--no-local] [--app torch]
+        [--json OUT]
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--size", default="1G")
     parser.add_argument("--touch", default="20M")
+    parser.add_argument("--app", choices=("mem", "torch"), default="mem",
+                        help="the 1 GiB app (mem SIZE TOUCH) or the torch app (lazy_app.py)")
     parser.add_argument("--ceph", action="store_true", help="also from a real Ceph pool")
     parser.add_argument("--no-local", action="store_true", help="only the pool restores")
     parser.add_argument("--json", type=Path, help="write the raw samples here")
@@ -115,10 +119,14 @@ def main() -> int:
         agent, _ = _agent.start()
         try:
             port = lazy_rows.free_port()
-            cmd = [sys.executable, str(lazy_rows.LAZY_APP), "--port", str(port), "mem",
-                   str(size), str(touch)]  # fmt: skip
-            app = lazy_rows.make_app("1g", "1 GiB app", cmd, port, work, [0])
-            app.warm_bytes = size + size // 4 + (64 << 20)
+            cmd = [sys.executable, str(lazy_rows.LAZY_APP), "--port", str(port)]
+            if args.app == "torch":
+                app = lazy_rows.make_app("torch", "torch app", [*cmd, "torch"], port, work, [0])
+                app.warm_bytes = 512 << 20
+            else:
+                cmd += ["mem", str(size), str(touch)]
+                app = lazy_rows.make_app("1g", "1 GiB app", cmd, port, work, [0])
+                app.warm_bytes = size + size // 4 + (64 << 20)
             methods: list[tuple[str, str | None]] = []
             if not args.no_local:
                 methods.append(("local", None))

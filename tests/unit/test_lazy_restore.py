@@ -325,3 +325,80 @@ def test_warm_sets_are_saved_per_image_and_checked_when_loaded(image: Image) -> 
     assert _warm.check(image, {"image": "other", "ranges": [list(good[0])]}) == []
     assert _warm.check(image, {"image": ident, "ranges": [list(good[0])]}) == [good[0]]
     assert _warm.clip([("p", 0, 4096)] * 3, limit=8192) == [("p", 0, 4096)] * 2
+
+
+def _warm_image_app(tmp_path: Path) -> Image:
+    """An image whose pagemap has lazy pages, with a warm set naming one of them."""
+    from .test_lazy_eager import _image as eager_image
+
+    image = eager_image(tmp_path)
+    _warm.save(image, [("pages-1.img", 3 * 4096, 4096)])
+    return image
+
+
+def test_a_warm_images_daemon_starts_before_its_pagemaps_are_worked_out(
+    tmp_path: Path, torpor_home: Path, criu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon reads the task pagemaps only once the restore hands it the userfaultfds:
+    it is started as soon as the warm image has the rest, and waited for once they are in."""
+    from torpor._lazy import _eager
+
+    image = _warm_image_app(tmp_path)
+    monkeypatch.setenv("FAKE_LAZY", "exit0")
+    seen: list[tuple[bool, bool]] = []
+    fill = _eager.fill
+
+    def watched(image: Image, into: Path, rewritten: dict[str, bytes]) -> None:
+        d = c.daemon
+        seen.append((d is not None and d.proc is not None, d is not None and d.spawned))
+        fill(image, into, rewritten)
+
+    monkeypatch.setattr(_eager, "fill", watched)
+    c = _copy(image, criu)
+    c.start()
+    try:
+        assert seen == [(True, True)]  # spawned, not yet waited for, while filling
+        assert c.daemon is not None and not c.daemon.spawned
+        assert c._warm_dir is not None and c.state.warm_bytes == 4096
+        pagemap = c._warm_dir / "pagemap-4242.img"
+        assert (
+            not pagemap.is_symlink()
+            and pagemap.read_bytes() != (image.path / "pagemap-4242.img").read_bytes()
+        )
+        assert c.state.daemon_pid == c.daemon.pid
+        argv = (c.work_dir / "argv").read_text().split("\n") if c.work_dir else []
+        assert "-v4" in argv  # still recording faults for the next warm set
+    finally:
+        c.abort()
+
+
+def test_a_warm_image_of_no_use_restarts_the_daemon_on_the_image(
+    tmp_path: Path, torpor_home: Path, criu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Daemon and restore must read the same pagemaps: if the warm image is not used after
+    all (here: nothing in it is lazy), the daemon started on it is replaced by one on the
+    image itself, before the restore."""
+    from torpor._lazy import _eager
+
+    image = _warm_image_app(tmp_path)
+    monkeypatch.setenv("FAKE_LAZY", "hang")
+    monkeypatch.setattr(_eager, "plan", lambda image, warm: None)
+    c = _copy(image, criu)
+    started: list[int] = []
+    spawn = lazy.Daemon.spawn
+
+    def noted(self: lazy.Daemon) -> None:
+        spawn(self)
+        assert self.proc is not None
+        started.append(self.proc.pid)
+
+    monkeypatch.setattr(lazy.Daemon, "spawn", noted)
+    c.start()
+    try:
+        assert len(started) == 2 and c.daemon is not None and c.daemon.pid == started[1]
+        assert c._warm_dir is None and c.state.warm_bytes is None
+        assert c.state.daemon_pid == started[1]
+        assert not os.path.exists(f"/proc/{started[0]}")  # the first: killed and reaped
+        assert c.engine(lazy.CriuEngine(criu)).__class__ is lazy.CriuEngine  # the image itself
+    finally:
+        c.abort()

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .._proto import criu_rpc_pb2 as pb
+from . import _kdat
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ def start_swrk(
     """Start ``criu swrk`` serving the socket ``sock_fd`` (which the caller then closes);
     ``pass_fds`` are further fds CRIU must open itself, ``options`` command-line options that
     hold for every request (``--action-script``), ``env`` its environment (ours by default).
-    No stdio: CRIU logs to the log file a request names."""
+    No stdio: CRIU logs to the log file a request names. CRIU's kernel-facts cache is made
+    first where CRIU cannot keep it itself (``_kdat``: ~30-65 ms less per request here)."""
+    _kdat.ensure(criu)
     return subprocess.Popen(
         [criu, *options, "swrk", str(sock_fd)],
         pass_fds=(sock_fd, *pass_fds),

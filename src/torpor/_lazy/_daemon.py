@@ -30,6 +30,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from .._engine import _kdat
 from .._engine._failures import log_errors
 from .._errors import RestoreError
 
@@ -65,6 +66,7 @@ class Daemon:
         self._image_fd = image_dir_fd
         self._page_server = page_server
         self.proc: subprocess.Popen[bytes] | None = None
+        self._status_r: int | None = None  # between spawn() and wait_ready()
         self._held: list[int] = []
 
     @property
@@ -74,6 +76,15 @@ class Daemon:
 
     def start(self, timeout: float = READY_TIMEOUT) -> None:
         """Start the daemon and wait until it listens on its socket in the work dir."""
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the daemon (:meth:`wait_ready` next). It reads the image directory's
+        ``inventory.img``, ``pstree.img`` and ``ids-*.img`` as it starts, the task pagemaps
+        only once the restore hands it each task's userfaultfd: a caller may still write
+        those meanwhile (``_restore.LazyCopy``: the warm image's)."""
+        _kdat.ensure(self.binary)  # else CRIU probes the kernel first: ~30-65 ms here
         status_r, status_w = os.pipe()
         argv = [
             self.binary,
@@ -111,6 +122,12 @@ class Daemon:
                 hint="run `torpor doctor`",
             ) from exc
         os.close(status_w)
+        self._status_r = status_r
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until the daemon :meth:`spawn` started listens on its socket."""
+        status_r, self._status_r = self._status_r, None
+        assert status_r is not None and self.proc is not None, "spawn() first"
         try:
             ready, _, _ = select.select([status_r], [], [], timeout)
             got = os.read(status_r, 1) if ready else b""
@@ -123,6 +140,11 @@ class Daemon:
             how = "did not get ready" if self.proc.poll() is None else self.how_it_ended()
             self.stop()
             raise self.failure(f"CRIU's lazy-pages daemon {how} before the restore")
+
+    @property
+    def spawned(self) -> bool:
+        """Started by :meth:`spawn`, not yet waited for (:meth:`wait_ready`)."""
+        return self._status_r is not None
 
     def how_it_ended(self) -> str:
         """``exited N`` / ``was killed by SIGX`` / ``is running``."""
@@ -178,6 +200,9 @@ class Daemon:
     def stop(self) -> None:
         """SIGKILL the daemon (ours, by its pid, unreaped) and reap it."""
         self.release_uffds()
+        status_r, self._status_r = self._status_r, None
+        if status_r is not None:
+            os.close(status_r)
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()

@@ -59,6 +59,7 @@ from ._pagemap import (
 from ._source import Range
 
 VERBOSE = "-v4"  # the daemon's log level that names each fault
+_TASK_PAGEMAP = re.compile(r"pagemap-[1-9]\d{0,9}\.img")
 _MAX_LOG = 64 << 20
 _FAULT = re.compile(
     r"\((\d{1,9})\.(\d{6})\) (?:uffd: )?([1-9]\d{0,9})-\d{1,10}: #PF at 0x([0-9a-f]{1,16})\n"
@@ -96,6 +97,17 @@ def warm_image(image: Image, warm: Sequence[Range], into: Path) -> tuple[Path, i
     """A warm image of ``image`` in the new directory ``into`` (see the module docstring) and
     how many bytes of lazy pages it restores eagerly, or None if no warm page is lazy in it
     (nothing to gain)."""
+    made = plan(image, warm)
+    if made is None:
+        return None
+    link(image, into)
+    fill(image, into, made[0])
+    return into, made[1]
+
+
+def plan(image: Image, warm: Sequence[Range]) -> tuple[dict[str, bytes], int] | None:
+    """The task pagemaps of ``image`` that ``warm`` changes, rewritten (by file name), and how
+    many bytes of lazy pages they make eager; None if no warm page is lazy."""
     pagemaps = load_pagemaps(image.path)
     pages: dict[str, set[int]] = defaultdict(set)
     for file, offset, length in warm:
@@ -108,18 +120,30 @@ def warm_image(image: Image, warm: Sequence[Range], into: Path) -> tuple[Path, i
             rewritten[f"pagemap-{pid}.img"] = _encode(pm, extents)
             eager += sum(e.nr_pages for e in pm.extents if e.present and e.lazy)
             eager -= sum(e.nr_pages for e in extents if e.present and e.lazy)
-    if not rewritten:
-        return None
+    return (rewritten, eager * PAGE_SIZE) if rewritten else None
+
+
+def link(image: Image, into: Path) -> None:
+    """The new directory ``into`` with a symlink to each regular file of ``image`` but its task
+    pagemaps (:func:`fill` adds those): all ``criu lazy-pages`` reads as it starts."""
     os.mkdir(into, 0o700)
+    with _safe.opened_dir(image.path) as src, _safe.opened_dir(into) as dst:
+        for name, st in sorted(_safe.lstat_entries(src).items()):
+            if _is_regular(st) and not _TASK_PAGEMAP.fullmatch(name):
+                os.symlink(image.path / name, name, dir_fd=dst)
+
+
+def fill(image: Image, into: Path, rewritten: dict[str, bytes]) -> None:
+    """The task pagemaps in ``into`` (made by :func:`link`): those ``rewritten``, written; the
+    others, symlinks to ``image``'s."""
     with _safe.opened_dir(image.path) as src, _safe.opened_dir(into) as dst:
         for name, st in sorted(_safe.lstat_entries(src).items()):
             if name in rewritten:
                 fd = _safe.create_file(dst, name, source=str(into))
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(rewritten[name])
-            elif _is_regular(st):
+            elif _is_regular(st) and _TASK_PAGEMAP.fullmatch(name):
                 os.symlink(image.path / name, name, dir_fd=dst)
-    return into, eager * PAGE_SIZE
 
 
 def _is_regular(st: os.stat_result) -> bool:

@@ -30,6 +30,7 @@ from ._source import Range
 
 WINDOW = 2.0  # seconds of the copy's first faults kept
 MAX_BYTES = 64 << 20  # of pages in one warm set
+MERGED = 1 << 20  # bytes of one range once coalesced (a pool prefetch reads a range at once)
 _MAX_FILE = 4 << 20
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
@@ -57,12 +58,29 @@ def clip(ranges: Sequence[Range], limit: int = MAX_BYTES) -> list[Range]:
     return out
 
 
+def coalesce(ranges: Sequence[Range], most: int = MERGED) -> list[Range]:
+    """``ranges`` with each run of consecutive ones that continue each other in the same file
+    merged (up to ``most`` bytes per range), in the same order. A warm set recorded from faults
+    is one page per range (~5,000 for 20 MiB): checking each when it is loaded took ~8 ms of
+    a lazy restore's path; merged, the same set is ~20 ranges."""
+    out: list[Range] = []
+    for file, offset, length in ranges:
+        if out:
+            f, o, n = out[-1]
+            if f == file and o + n == offset and n + length <= most:
+                out[-1] = (f, o, n + length)
+                continue
+        out.append((file, offset, length))
+    return out
+
+
 def save(image: Image, ranges: Sequence[Range]) -> None:
-    """Store ``ranges`` (clipped to :data:`MAX_BYTES`) as ``image``'s warm set."""
+    """Store ``ranges`` (clipped to :data:`MAX_BYTES`, :func:`coalesce`d) as ``image``'s warm
+    set."""
     name = _file(image)
     if name is None or not ranges:
         return
-    data = json.dumps({"image": image.manifest.id, "ranges": clip(ranges)}).encode()
+    data = json.dumps({"image": image.manifest.id, "ranges": coalesce(clip(ranges))}).encode()
     d = warm_dir()
     with _safe.opened_dir(d) as fd:
         _safe.replace_file(fd, name, data, source=str(d), durable=False)
