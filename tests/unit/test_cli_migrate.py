@@ -97,3 +97,30 @@ def test_json_keeps_the_counts(
     out, _ = capsys.readouterr()
     data = json.loads(out)
     assert (data["bytes_sent"], data["bytes_from_base"]) == (36_864, 108_000_000)
+
+
+def test_a_targets_words_cannot_drive_the_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A target's refusal reaches the operator's terminal escaped: an escape sequence in it
+    (erase the line, fake a success) is printed as text, on the one error line."""
+    monkeypatch.setenv("TORPOR_HOME", str(tmp_path / "home"))
+    forged = "\x1b[2K\r\x1b[1A\x1b[2Kmigrated web to b:7070 in 85 ms\x1b[8m"
+
+    class FakeConn:
+        def send(self, msg: dict[str, Any]) -> None:
+            pass
+
+        def recv(self) -> dict[str, Any]:
+            return {"type": "refused", "problems": [forged]}
+
+    def migrate_copy(name: str, host: str, port: int, **kw: Any) -> Summary:
+        _copy.preflight(FakeConn(), {}, name=name, where=f"{host}:{port}", pid=1)  # type: ignore[arg-type]
+        raise AssertionError("the refusal was not raised")
+
+    monkeypatch.setattr(_copy, "migrate_copy", migrate_copy)
+    assert main(["migrate", "web", "--to", "10.0.0.3:7070"]) != 0
+    _, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) >= 1 and all(c == "\n" or c.isprintable() for c in err)
+    assert "\\x1b[2K\\r\\x1b[1A\\x1b[2Kmigrated web to b:7070 in 85 ms\\x1b[8m" in lines[0]

@@ -38,8 +38,10 @@ class App:
         print(text, file=self.stdout, flush=True)
 
     def err(self, text: str) -> None:
-        """A diagnostic line on stderr."""
-        print(text, file=self.stderr, flush=True)
+        """A diagnostic line on stderr, each of its lines with its non-printable characters
+        escaped: an error may carry a peer's words (a migration target's refusal), and those
+        must not drive the operator's terminal."""
+        print("\n".join(map(_printable, text.split("\n"))), file=self.stderr, flush=True)
 
     def info(self, text: str) -> None:
         """A progress note on stderr, hidden by ``-q``."""
