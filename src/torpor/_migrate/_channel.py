@@ -29,23 +29,17 @@ certificate).
 ``M`` a JSON object (at most :data:`MAX_MESSAGE` bytes), ``D`` relayed bytes (at most
 :data:`MAX_DATA`), ``E`` the end of one direction of a relay.
 
-**CRIU's page traffic.** CRIU takes a connected socket as ``ps.fd`` and then speaks plain bytes
-on it (skipping its own TLS). A TLS socket's fd cannot be handed over: its bytes are records
-only our process can decrypt. So torpor keeps the TLS session and gives CRIU one end of a local
-``socketpair``; :func:`relay` copies between that plain socket and the channel (``D``/``E``
-frames, so either direction can end on its own, as a TCP half-close), until both have ended.
-:func:`start_relay` does it in a thread and returns CRIU's end.
+**CRIU's page traffic.** CRIU speaks plain bytes on a socket torpor hands it; the TLS
+session stays here and :func:`relay` (:mod:`._relay`) copies between that plain socket and the
+channel (``D``/``E`` frames, so either direction can end on its own, as a TCP half-close).
 """
 
 from __future__ import annotations
 
 import json
-import selectors
 import socket
 import ssl
 import struct
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -376,214 +370,8 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-# -- the relay ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RelayStats:
-    """Bytes relayed: ``sent`` from the plain socket to the peer, ``received`` the other way."""
-
-    sent: int
-    received: int
-
-
-def relay(conn: Conn, plain: socket.socket, *, idle_timeout: float | None = None) -> RelayStats:
-    """Copy bytes both ways between ``plain`` (CRIU's local socket) and the channel, until the
-    plain side has ended (EOF: an ``E`` frame is sent) and the peer has ended its side (its
-    ``E`` frame: ``plain`` is then shut down for writing). The channel stays usable for
-    messages after. :class:`ChannelError` if the channel breaks, the peer sends a message
-    mid-relay, or nothing moves for ``idle_timeout`` seconds.
-
-    One thread, non-blocking, both ways at once (an ``SSLSocket`` must not be read and
-    written from two threads). Each way holds at most one frame, in a buffer made once: a
-    peer that floods is simply not read while ``plain`` does not drain. A frame's bytes go on
-    as they arrive, not once the frame is whole (page faults wait on them)."""
-    return _Relay(conn, plain).run(idle_timeout)
-
-
-class _Relay:
-    """The state of one :func:`relay` (see there)."""
-
-    def __init__(self, conn: Conn, plain: socket.socket) -> None:
-        self.conn, self.tls, self.plain = conn, conn.sock, plain
-        # plain -> channel: one frame, header included; ``out_len`` 0: none in hand.
-        self.out = bytearray(_HEADER.size + MAX_DATA)
-        self.out_view = memoryview(self.out)
-        self.out_len = self.out_off = 0
-        # channel -> plain: the header being read, then the body; written on as it comes.
-        self.head = bytearray(_HEADER.size)
-        self.head_got = 0
-        self.body = bytearray(MAX_DATA)
-        self.body_view = memoryview(self.body)
-        self.body_len = -1  # -1: reading a header
-        self.body_got = self.body_sent = 0
-        self.tls_wants_write = False  # a TLS read that needs the socket writable first
-        self.plain_ended = self.peer_ended = self.shut = False
-        self.sent = self.received = 0
-
-    def run(self, idle_timeout: float | None) -> RelayStats:
-        tls, plain = self.tls, self.plain
-        tls.setblocking(False)
-        plain.setblocking(False)
-        sel = selectors.DefaultSelector()
-        masks = {tls: 0, plain: 0}
-        try:
-            while True:
-                if self.peer_ended and self.body_len < 0 and not self.shut:
-                    plain.shutdown(socket.SHUT_WR)
-                    self.shut = True
-                if self.plain_ended and self.shut and not self.out_len:
-                    return RelayStats(self.sent, self.received)
-                read_tls = not self.peer_ended and (
-                    self.body_len < 0 or self.body_got < self.body_len
-                )
-                want = {
-                    tls: (selectors.EVENT_READ if read_tls else 0)
-                    | (selectors.EVENT_WRITE if self.out_len or self.tls_wants_write else 0),
-                    plain: (
-                        selectors.EVENT_READ if not self.plain_ended and not self.out_len else 0
-                    )
-                    | (selectors.EVENT_WRITE if self.body_sent < self.body_got else 0),
-                }
-                for s, ev in want.items():
-                    if ev != masks[s]:
-                        if not masks[s]:
-                            sel.register(s, ev)
-                        elif not ev:
-                            sel.unregister(s)
-                        else:
-                            sel.modify(s, ev)
-                        masks[s] = ev
-                ready: dict[object, int]
-                if read_tls and tls.pending():  # decrypted bytes select cannot see
-                    ready = {tls: selectors.EVENT_READ}
-                else:
-                    events = sel.select(idle_timeout)
-                    if not events:
-                        raise ChannelError(
-                            f"relay with {self.conn._who()}: nothing moved in {idle_timeout} s"
-                        )
-                    ready = {key.fileobj: ev for key, ev in events}
-                if tls in ready:
-                    self.tls_wants_write = False
-                    if self.out_len:
-                        self._tls_write()
-                    if read_tls:
-                        self._tls_read()
-                ev = ready.get(plain, 0)
-                if ev & selectors.EVENT_WRITE and self.body_sent < self.body_got:
-                    self._plain_write()
-                if ev & selectors.EVENT_READ and not self.plain_ended and not self.out_len:
-                    self._plain_read()
-        except (OSError, ssl.SSLError) as exc:
-            raise ChannelError(f"relay with {self.conn._who()} broke: {exc}") from exc
-        finally:
-            sel.close()
-            tls.setblocking(True)
-
-    def _tls_write(self) -> None:
-        # A write that wanted more room is retried with the same bytes (OpenSSL's rule).
-        try:
-            self.out_off += self.tls.send(self.out_view[self.out_off : self.out_len])
-        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            return
-        if self.out_off == self.out_len:
-            self.out_len = self.out_off = 0
-
-    def _tls_read(self) -> None:
-        while True:  # everything already decrypted, without waiting on select again
-            try:
-                if self.body_len < 0:
-                    n = self.tls.recv_into(memoryview(self.head)[self.head_got :])
-                else:
-                    n = self.tls.recv_into(self.body_view[self.body_got : self.body_len])
-            except ssl.SSLWantReadError:
-                return
-            except ssl.SSLWantWriteError:
-                self.tls_wants_write = True
-                return
-            if n == 0:
-                raise ChannelError(f"{self.conn._who()} closed the channel mid-relay")
-            if self.body_len >= 0:
-                self.body_got += n
-                self.received += n
-                if self.body_got == self.body_len:
-                    return  # this frame's bytes go to plain before the next is read
-                continue
-            self.head_got += n
-            if self.head_got < _HEADER.size:
-                continue
-            self.head_got = 0
-            kind, length = _HEADER.unpack(self.head)
-            if kind == _END and length == 0:
-                self.peer_ended = True  # what follows is left for Conn.recv
-                return
-            if kind != _DATA or length > MAX_DATA:
-                raise ChannelError(
-                    f"{self.conn._who()} sent a bad relay frame ({kind!r}, {length} bytes)"
-                )
-            self.body_len, self.body_got, self.body_sent = length, 0, 0
-            if not length:
-                self.body_len = -1
-
-    def _plain_write(self) -> None:
-        try:
-            n = self.plain.send(self.body_view[self.body_sent : self.body_got])
-        except BlockingIOError:
-            return
-        self.body_sent += n
-        if self.body_sent == self.body_len:
-            self.body_len = -1
-            self.body_got = self.body_sent = 0
-
-    def _plain_read(self) -> None:
-        try:
-            n = self.plain.recv_into(self.out_view[_HEADER.size :])
-        except BlockingIOError:
-            return
-        if n == 0:
-            self.plain_ended = True
-            _HEADER.pack_into(self.out, 0, _END, 0)
-            self.out_len = _HEADER.size
-        else:
-            self.sent += n
-            _HEADER.pack_into(self.out, 0, _DATA, n)
-            self.out_len = _HEADER.size + n
-        self._tls_write()  # at once: the socket is most often writable
-
-
-class RelayHandle:
-    """A relay running in a thread: :attr:`criu_sock` is the end to give CRIU (as
-    ``ps.fd``); :meth:`wait` returns the stats or raises the relay's error."""
-
-    def __init__(self, conn: Conn, *, idle_timeout: float | None) -> None:
-        self.criu_sock, self._ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._result: RelayStats | BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, args=(conn, idle_timeout), name="torpor-relay", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, conn: Conn, idle_timeout: float | None) -> None:
-        try:
-            self._result = relay(conn, self._ours, idle_timeout=idle_timeout)
-        except BaseException as exc:  # handed to wait(), in the caller's thread
-            self._result = exc
-        finally:
-            self._ours.close()
-
-    def wait(self, timeout: float | None = None) -> RelayStats:
-        """The relay's stats once it ended (:class:`ChannelError` as it failed)."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise ChannelError(f"relay still running after {timeout} s")
-        if isinstance(self._result, BaseException):
-            raise self._result
-        assert self._result is not None
-        return self._result
-
-
-def start_relay(conn: Conn, *, idle_timeout: float | None = None) -> RelayHandle:
-    """Relay between ``conn`` and a new local socket pair in a thread (see :func:`relay`);
-    give ``handle.criu_sock`` to CRIU, then close it here."""
-    return RelayHandle(conn, idle_timeout=idle_timeout)
+# The relay of CRIU's page traffic lives in ._relay (it imports the framing above).
+from ._relay import RelayHandle as RelayHandle  # noqa: E402
+from ._relay import RelayStats as RelayStats  # noqa: E402
+from ._relay import relay as relay  # noqa: E402
+from ._relay import start_relay as start_relay  # noqa: E402

@@ -12,9 +12,10 @@ The order, on both hosts (see docs/migration-lazy.md):
    (:mod:`._lazy_target`): ``criu lazy-pages`` waits for its pages, the copy runs at once.
    The target answers ``running``.
 4. Only then is ``post-dump`` answered true. Both sides turn the channel into a **relay**
-   (:func:`._channel.relay`): the target's daemon asks for the pages it faults on and pushes
-   for the rest; the source's CRIU answers. The source's record says ``migrating to ...,
-   pages in flight``, the target's ``migrating from ..., pages in flight``.
+   (:func:`._relay.relay`, on CRIU's sockets at both ends): the target's daemon asks for
+   the pages it faults on and pushes for the rest; the source's CRIU answers. The source's
+   record says ``migrating to ..., pages in flight``, the target's ``migrating from ...,
+   pages in flight``.
 5. When the last page has moved, the daemon closes, the source's CRIU kills the original and
    its dump returns; the target's copy is resident. ``done`` and ``settled`` end the channel.
 
@@ -125,8 +126,8 @@ def migrate_lazy(
 
 class _LazyMove:
     """One lazy dump: its ``post-dump`` carries the files; then its page server's socket is
-    relayed over the channel, through a :class:`._lazy_dump.Guard`, until the last page has
-    moved."""
+    relayed over the channel, the relay watched by a :class:`._lazy_dump.Guard`, until the
+    last page has moved."""
 
     def __init__(
         self,
@@ -148,7 +149,8 @@ class _LazyMove:
         self.settled: dict[str, Any] = {}
         self.bytes = self.files = 0
         self.rss = 0
-        # CRIU's page server speaks on ``criu_sock``; the guard holds the other end.
+        # CRIU's page server speaks on ``criu_sock``; the relay, through the guard, on the
+        # other end.
         self.criu_sock, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.guard = Guard(ours, stall=os.environ.get(_STALL_ENV))
         self.relay_thread: threading.Thread | None = None
@@ -275,7 +277,6 @@ class _LazyMove:
                 f"{self.name} resumes on {self.where}; its memory follows: this host must stay "
                 f"up until about {self.rss / (1 << 20):.0f} MiB have moved"
             )
-        self.guard.start()
         self.relay_thread = threading.Thread(
             target=self._relay, name="torpor-lazy-relay", daemon=True
         )
@@ -285,7 +286,7 @@ class _LazyMove:
         """Relay until both ends ended, then learn how the copy fared; make CRIU thaw the
         original unless the target's daemon closed the transfer with every page in."""
         try:
-            relay(self.conn, self.guard.relay_sock, idle_timeout=IDLE)
+            relay(self.conn, self.guard.criu, idle_timeout=IDLE, gate=self.guard)
             self.conn.settimeout(SETTLE + 5)
             self.settled = self.conn.recv()
         except TorporError as exc:
@@ -392,7 +393,8 @@ class _Filling:
 
         conn = self.incoming.conn
         conn.send({"type": "verified"})
-        handle = start_relay(conn, idle_timeout=IDLE)  # the source's CRIU serves from now on
+        # The source's CRIU serves from now on; the keeper hands the relay the daemon's socket.
+        handle = start_relay(conn, idle_timeout=IDLE, daemon_socket=True)
         started = time.monotonic()
         report: dict[str, Any] = {"type": "settled", "resumed": False}
         try:

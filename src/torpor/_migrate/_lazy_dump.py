@@ -41,12 +41,12 @@ from .._engine._options import rpc_opts
 from .._engine._rpc import Connection, NotifyHandler, TransportError
 from .._errors import DumpError
 from .._proto import criu_rpc_pb2 as pb
+from ._relay import Gate
 
 # A ``page_server_iov`` (u32 cmd, 4 bytes pad, u64 nr_pages, vaddr, dst_id) whose command 0 is
 # none CRIU knows: its page server answers it by failing the transfer ("Unknown command").
 FAIL_COMMAND = struct.pack("<I4xQQQ", 0, 0, 0, 0)
 PSI_SIZE = len(FAIL_COMMAND)
-CLOSE_COMMANDS = (0x1023, 0x1024)  # PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE
 
 
 @contextlib.contextmanager
@@ -145,77 +145,40 @@ def _failed(pid: int, images_dir: Path, log_path: Path, what: str) -> DumpError:
     )
 
 
-class Guard:
-    """Between CRIU's page server socket (``criu``) and the relay (:attr:`relay_sock`): it
-    passes the target daemon's 32-byte requests to CRIU only whole, notes its
-    ``PS_IOV_CLOSE`` (every page is in: :attr:`closed_by_target`), and never lets the end of
-    the relay reach CRIU otherwise. CRIU takes an EOF at a request boundary for the end of a
+class Guard(Gate):
+    """The source's :class:`._relay.Gate` on CRIU's page server socket (``criu``, the relay's
+    plain socket): the target daemon's 32-byte requests reach CRIU only whole, its
+    ``PS_IOV_CLOSE`` is noted (every page is in: :attr:`closed_by_target`), and the end of
+    the relay never reaches CRIU. CRIU takes an EOF at a request boundary for the end of a
     good transfer and kills the original; an end without the daemon's close is instead
     answered by :meth:`fail_criu`, when the caller decides, and CRIU thaws the original."""
 
     def __init__(self, criu: socket.socket, *, stall: str | None = None) -> None:
+        super().__init__(requests_to_plain=True, stall=stall)
         self.criu = criu
-        self.relay_sock, self._ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.closed_by_target = False
-        self.pages = 0  # bytes CRIU sent towards the target
-        self._stall = Path(stall) if stall else None
         self._lock = threading.Lock()
         self._failed = False
 
-    def start(self) -> None:
-        for fn in (self._up, self._down):
-            threading.Thread(target=fn, name="torpor-lazy-guard", daemon=True).start()
+    @property
+    def closed_by_target(self) -> bool:
+        return self.closed
 
     def fail_criu(self) -> None:
-        """Make CRIU's transfer fail (once): the tree is thawed, not killed."""
+        """Make CRIU's transfer fail (once): the tree is thawed, not killed. Called when no
+        relay runs on ``criu`` (before it started, or after it ended): a request the relay
+        wrote only in part is completed first, so that CRIU reads the command whole."""
         with self._lock:
-            if self._failed or self.closed_by_target:
+            if self._failed or self.closed:
                 return
             self._failed = True
+            rest = -self.written % PSI_SIZE
             with contextlib.suppress(OSError):
-                self.criu.sendall(FAIL_COMMAND)
+                self.criu.setblocking(True)
+                self.criu.sendall(bytes(self.out[:rest]) + FAIL_COMMAND)
 
     def close(self) -> None:
-        for s in (self.criu, self.relay_sock, self._ours):
-            with contextlib.suppress(OSError):
-                s.close()
-
-    def _up(self) -> None:
-        """The daemon's requests, towards CRIU."""
-        pending = b""
-        try:
-            while data := self._ours.recv(1 << 20):
-                pending += data
-                whole = len(pending) - len(pending) % PSI_SIZE
-                units, pending = pending[:whole], pending[whole:]
-                with self._lock:
-                    if self._failed:
-                        continue
-                    for at in range(0, len(units), PSI_SIZE):
-                        cmd = int.from_bytes(units[at : at + 4], "little") & 0xFFFF
-                        if cmd in CLOSE_COMMANDS:
-                            self.closed_by_target = True
-                    self.criu.sendall(units)
-        except OSError:
-            pass
-        # The relay's end: towards CRIU only if the daemon closed (then CRIU has ended anyway).
         with contextlib.suppress(OSError):
-            self._ours.shutdown(socket.SHUT_WR)
-
-    def _down(self) -> None:
-        """CRIU's answers (pages), towards the target."""
-        stalled = False
-        with contextlib.suppress(OSError):
-            while data := self.criu.recv(1 << 20):
-                if stalled:
-                    continue
-                self._ours.sendall(data)
-                self.pages += len(data)
-                if self._stall is not None and self.pages >= 1 << 20:
-                    self._stall.touch()  # tests: pages stop flowing here
-                    stalled = True
-        with contextlib.suppress(OSError):
-            self._ours.shutdown(socket.SHUT_WR)
+            self.criu.close()
 
 
 _SYS_PIDFD_GETFD = 438  # x86_64 and the generic table alike

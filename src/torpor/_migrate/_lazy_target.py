@@ -10,13 +10,16 @@ Only the page server differs: the pages come from the source's CRIU, over the mi
 channel. LazyCopy points its daemon at ``127.0.0.1:PORT`` of a :class:`RelayedPages`: a
 listener that accepts one connection, and only the daemon's (its peer socket is looked up in
 ``/proc/net/tcp`` and must be held by the daemon's pid, as torpor's own page server checks;
-anyone else is closed with nothing sent), then pumps bytes between it and ``ps_fd``, the
-local end of the relay the migration server runs over the TLS channel
-(:func:`torpor._migrate._channel.relay`). The daemon's side is a stream of 32-byte
-``page_server_iov`` requests; once it has sent ``PS_IOV_CLOSE`` (every page is in) the
-source's end may close. If it ends before that, or either side breaks, :attr:`error` is set
-and ``on_error`` called: the copy is killed while the daemon's connection is still open (a
-fault then waits rather than reading zeros), and the record says the migration broke.
+anyone else is closed with nothing sent). It then hands that connection (``SCM_RIGHTS``) over
+``ps_fd``, the local socket of the migration server's relay (:func:`._relay.start_relay` with
+``daemon_socket``), which relays between the daemon and the TLS channel itself: no pump of
+ours between them. This keeper keeps its own descriptor of the connection, so that the relay
+ending (or the server dying) never closes it, and waits for the relay's verdict: ``K`` when
+the daemon has sent ``PS_IOV_CLOSE`` (every page is in) and the source's end followed.
+Anything else (``F`` and why, or the local socket closing) sets :attr:`error` and calls
+``on_error``: the copy is killed while the daemon's connection is still open (a fault then
+waits rather than reading zeros), then the connection is shut down, and the record says the
+migration broke.
 """
 
 from __future__ import annotations
@@ -38,11 +41,8 @@ from .._lazy._source import LazyPageError, Range
 from .._process import _keeper, _registry
 from .._process._registry import ManagedProcess
 from ._apart import run_apart
+from ._relay import send_socket, verdict
 
-_PSI = struct.Struct("<I4xQQQ")
-_PS_IOV_CLOSE = (0x1023, 0x1024)  # CLOSE, FORCE_CLOSE
-_CMD_MASK = 0xFFFF
-_CHUNK = 1 << 20
 ACCEPT_TIMEOUT = 30.0  # seconds for the daemon to connect once started
 UNBLOCK = 2.0  # seconds a broken transfer leaves a restore waiting on a page before it ends
 
@@ -69,7 +69,6 @@ class RelayedPages:
         self._closing = False  # the daemon asked to close: every page is in
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self.moved = 0  # page bytes passed to the daemon
 
     @property
     def port(self) -> int:
@@ -133,10 +132,15 @@ class RelayedPages:
             self._fail(f"the lazy-pages daemon did not connect ({exc})")
             return
         self._daemon = conn
-        up = threading.Thread(target=self._requests, args=(conn,), daemon=True)
-        up.start()
-        self._pages(conn)
-        up.join()
+        try:
+            # The server's relay speaks to the daemon itself; this keeps the connection
+            # open (its own descriptor) until the copy is resident or killed.
+            send_socket(self._ps, conn)
+            why = verdict(self._ps)
+        except OSError as exc:
+            why = f"the relay to the source broke ({exc.strerror or exc})"
+        if why is not None:
+            self._fail(why)
 
     def _accept(self) -> socket.socket:
         self._listener.settimeout(ACCEPT_TIMEOUT)
@@ -152,45 +156,6 @@ class RelayedPages:
             with contextlib.suppress(OSError):  # not the daemon: a reset, nothing sent
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()
-
-    def _requests(self, conn: socket.socket) -> None:
-        """The daemon's requests to the source (32-byte ``page_server_iov``s)."""
-        pending = b""
-        try:
-            while True:
-                data = conn.recv(_CHUNK)
-                if not data:
-                    with contextlib.suppress(OSError):
-                        self._ps.shutdown(socket.SHUT_WR)
-                    return
-                pending += data
-                while len(pending) >= _PSI.size:
-                    cmd = _PSI.unpack_from(pending)[0] & _CMD_MASK
-                    if cmd in _PS_IOV_CLOSE:
-                        self._closing = True
-                    pending = pending[_PSI.size :]
-                self._ps.sendall(data)
-        except OSError as exc:
-            if not self._closing:
-                self._fail(f"the relay to the source broke ({exc.strerror or exc})")
-
-    def _pages(self, conn: socket.socket) -> None:
-        """The source's answers (pages) to the daemon."""
-        try:
-            while True:
-                data = self._ps.recv(_CHUNK)
-                if not data:
-                    if not self._closing:
-                        self._fail("the source ended the transfer before the last page")
-                        return
-                    with contextlib.suppress(OSError):
-                        conn.shutdown(socket.SHUT_WR)
-                    return
-                self.moved += len(data)
-                conn.sendall(data)
-        except OSError as exc:
-            if not self._closing:
-                self._fail(f"the relay from the source broke ({exc.strerror or exc})")
 
 
 def restore_apart(image: Image, name: str, ps_fd: int, *, source: str) -> ManagedProcess:

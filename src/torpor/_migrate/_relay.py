@@ -1,0 +1,439 @@
+"""The relay of CRIU's page traffic over a migration's channel (:mod:`._channel`).
+
+CRIU takes a connected socket as ``ps.fd`` and then speaks plain bytes on it (skipping its own
+TLS). A TLS socket's fd cannot be handed over: its bytes are records only our process can
+decrypt. So torpor keeps the TLS session and copies between a plain socket and the channel
+(``D``/``E`` frames, so either direction can end on its own, as a TCP half-close), until both
+have ended.
+
+For a lazy migration the plain socket is CRIU's own socket at both ends, with no hop of ours
+in between: on the source the page server's end of a socketpair (:class:`Gate` with
+``requests_to_plain``: the target daemon's requests pass to CRIU only whole, and the end of
+the relay never reaches CRIU), on the target the lazy-pages daemon's TCP connection itself,
+accepted and checked by the keeper and handed to the server's relay over the local socket by
+``SCM_RIGHTS`` (:func:`start_relay` with ``daemon_socket``). A page fault's request and its
+answer thus cross two relays, not four hops.
+
+Why it is fast enough: one thread per relay, non-blocking, both ways at once; a frame's bytes
+go on as they arrive (page faults wait on them), written at once when the other socket takes
+them rather than after another ``select``; the selector is changed only when what is waited
+for changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._channel import _DATA, _END, _HEADER, MAX_DATA, ChannelError
+
+if TYPE_CHECKING:
+    from ._channel import Conn
+
+PSI_SIZE = 32  # a ``page_server_iov``: u32 cmd, 4 bytes pad, u64 nr_pages, vaddr, dst_id
+CLOSE_COMMANDS = (0x1023, 0x1024)  # PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE
+_GOOD, _BAD = b"K", b"F"  # the target server's verdict to the keeper (daemon_socket)
+STALL_AFTER = 1 << 20  # tests: bytes of pages passed before a stalled relay passes no more
+
+
+@dataclass(frozen=True)
+class RelayStats:
+    """Bytes relayed: ``sent`` from the plain socket to the peer, ``received`` the other way."""
+
+    sent: int
+    received: int
+
+
+class Gate:
+    """What a lazy migration's relay watches in the target daemon's stream of 32-byte
+    requests: :attr:`closed` once it sent ``PS_IOV_CLOSE`` (every page is in).
+
+    ``requests_to_plain`` (the source; plain is CRIU's page server): the peer's bytes are
+    the requests. They are written to CRIU only as whole requests (:meth:`take`, what is
+    still to write in :attr:`out`), and the relay never shuts CRIU's socket down: CRIU takes
+    an EOF at a request boundary for the end of a good transfer. Its answers are pages
+    (counted in :attr:`pages`; with ``stall``, a path made once :data:`STALL_AFTER` bytes
+    have passed, after which no more pass: tests break the transfer there).
+
+    Otherwise (the target; plain is the daemon's connection): the plain side's bytes are the
+    requests, passed as they come, and noted; the peer's end shuts the daemon's socket down
+    only after the close, else the relay fails and leaves the connection open (the copy is
+    killed first)."""
+
+    def __init__(self, *, requests_to_plain: bool, stall: str | None = None) -> None:
+        self.requests_to_plain = requests_to_plain
+        self.closed = False
+        self.pages = 0
+        self.out = bytearray()  # requests_to_plain: whole requests not yet written
+        self.written = 0  # requests_to_plain: bytes of requests written to plain
+        self._unit = bytearray()  # the start of a request not yet whole
+        self._stall = Path(stall) if stall else None
+        self.stalled = False
+
+    def take(self, data: memoryview | bytes) -> None:
+        """Requests seen going towards the daemon's peer: note a close; for the source,
+        queue the whole ones in :attr:`out`."""
+        unit = self._unit
+        unit += data
+        whole = len(unit) - len(unit) % PSI_SIZE
+        for at in range(0, whole, PSI_SIZE):
+            if int.from_bytes(unit[at : at + 4], "little") & 0xFFFF in CLOSE_COMMANDS:
+                self.closed = True
+        if self.requests_to_plain:
+            self.out += unit[:whole]
+        del unit[:whole]
+
+    def passed_pages(self, n: int) -> bool:
+        """``n`` bytes of answers came from CRIU; whether they go on (False once stalled)."""
+        if self.stalled:
+            return False
+        self.pages += n
+        if self._stall is not None and self.pages >= STALL_AFTER:
+            self._stall.touch()
+            self.stalled = True
+        return True
+
+
+def relay(
+    conn: Conn,
+    plain: socket.socket,
+    *,
+    idle_timeout: float | None = None,
+    gate: Gate | None = None,
+) -> RelayStats:
+    """Copy bytes both ways between ``plain`` (CRIU's local socket) and the channel, until the
+    plain side has ended (EOF: an ``E`` frame is sent) and the peer has ended its side (its
+    ``E`` frame: ``plain`` is then shut down for writing). The channel stays usable for
+    messages after. :class:`ChannelError` if the channel breaks, the peer sends a message
+    mid-relay, or nothing moves for ``idle_timeout`` seconds. With a ``gate``, see
+    :class:`Gate` for what changes.
+
+    Each way holds at most one frame, in a buffer made once: a peer that floods is simply not
+    read while ``plain`` does not drain."""
+    return _Relay(conn, plain, gate).run(idle_timeout)
+
+
+class _Relay:
+    """The state of one :func:`relay` (see there)."""
+
+    def __init__(self, conn: Conn, plain: socket.socket, gate: Gate | None) -> None:
+        self.conn, self.tls, self.plain, self.gate = conn, conn.sock, plain, gate
+        self.gated_in = gate is not None and gate.requests_to_plain
+        # plain -> channel: one frame, header included; ``out_len`` 0: none in hand.
+        self.out = bytearray(_HEADER.size + MAX_DATA)
+        self.out_view = memoryview(self.out)
+        self.out_len = self.out_off = 0
+        # channel -> plain: the header being read, then the body; written on as it comes.
+        self.head = bytearray(_HEADER.size)
+        self.head_got = 0
+        self.body = bytearray(MAX_DATA)
+        self.body_view = memoryview(self.body)
+        self.body_len = -1  # -1: reading a header
+        self.body_got = self.body_sent = 0
+        self.tls_wants_write = False  # a TLS read that needs the socket writable first
+        self.plain_ended = self.peer_ended = self.shut = False
+        self.sent = self.received = 0
+
+    def _to_plain(self) -> int:
+        """Bytes waiting to go to plain."""
+        if self.gated_in:
+            assert self.gate is not None
+            return len(self.gate.out)
+        return self.body_got - self.body_sent
+
+    def run(self, idle_timeout: float | None) -> RelayStats:
+        tls, plain = self.tls, self.plain
+        tls.setblocking(False)
+        plain.setblocking(False)
+        sel = selectors.DefaultSelector()
+        masks = {tls: 0, plain: 0}
+        read, write = selectors.EVENT_READ, selectors.EVENT_WRITE
+        try:
+            while True:
+                if self.peer_ended and self.body_len < 0 and not self.shut:
+                    self._peer_end()
+                if self.plain_ended and self.shut and not self.out_len:
+                    return RelayStats(self.sent, self.received)
+                read_tls = not self.peer_ended and (
+                    (len(self.gate.out) < MAX_DATA if self.gated_in and self.gate else True)
+                    and (self.body_len < 0 or self.body_got < self.body_len)
+                )
+                want_tls = (read if read_tls else 0) | (
+                    write if self.out_len or self.tls_wants_write else 0
+                )
+                want_plain = (read if not self.plain_ended and not self.out_len else 0) | (
+                    write if self._to_plain() else 0
+                )
+                for s, ev in ((tls, want_tls), (plain, want_plain)):
+                    if ev != masks[s]:
+                        if not masks[s]:
+                            sel.register(s, ev)
+                        elif not ev:
+                            sel.unregister(s)
+                        else:
+                            sel.modify(s, ev)
+                        masks[s] = ev
+                ev_tls = ev_plain = 0
+                if read_tls and tls.pending():  # decrypted bytes select cannot see
+                    ev_tls = read
+                else:
+                    events = sel.select(idle_timeout)
+                    if not events:
+                        raise ChannelError(
+                            f"relay with {self.conn._who()}: nothing moved in {idle_timeout} s"
+                        )
+                    for key, ev in events:
+                        if key.fileobj is tls:
+                            ev_tls = ev
+                        else:
+                            ev_plain = ev
+                if ev_tls:
+                    self.tls_wants_write = False
+                    if self.out_len:
+                        self._tls_write()
+                    if read_tls:
+                        self._tls_read()
+                        if self._to_plain():
+                            ev_plain |= write  # at once: plain most often takes it
+                if ev_plain & write and self._to_plain():
+                    self._plain_write()
+                if ev_plain & read and not self.plain_ended and not self.out_len:
+                    self._plain_read()
+        except (OSError, ssl.SSLError) as exc:
+            raise ChannelError(f"relay with {self.conn._who()} broke: {exc}") from exc
+        finally:
+            sel.close()
+            tls.setblocking(True)
+            with contextlib.suppress(OSError):
+                plain.setblocking(True)
+
+    def _peer_end(self) -> None:
+        """The peer ended its side and everything it sent is written."""
+        gate = self.gate
+        if gate is not None and gate.requests_to_plain:
+            if gate.out:
+                return  # requests still to write first
+            # Never an EOF towards CRIU (the end of a good transfer to it): what CRIU sends
+            # from now on is of no use to the target, which ended.
+            self.shut = True
+            if not self.plain_ended and not self.out_len:
+                self._end_plain()
+            return
+        if gate is not None and not gate.closed:
+            # The daemon's connection stays open: the copy is killed before it closes.
+            raise ChannelError(
+                f"{self.conn._who()} ended the transfer before the last page was asked for"
+            )
+        self.plain.shutdown(socket.SHUT_WR)
+        self.shut = True
+
+    def _end_plain(self) -> None:
+        self.plain_ended = True
+        _HEADER.pack_into(self.out, 0, _END, 0)
+        self.out_len = _HEADER.size
+        self._tls_write()
+
+    def _tls_write(self) -> None:
+        # A write that wanted more room is retried with the same bytes (OpenSSL's rule).
+        try:
+            self.out_off += self.tls.send(self.out_view[self.out_off : self.out_len])
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return
+        if self.out_off == self.out_len:
+            self.out_len = self.out_off = 0
+            if self.shut and not self.plain_ended and self.gated_in:
+                self._end_plain()  # the source's end, once the frame in hand has gone
+
+    def _tls_read(self) -> None:
+        while True:  # everything already decrypted, without waiting on select again
+            try:
+                if self.body_len < 0:
+                    n = self.tls.recv_into(memoryview(self.head)[self.head_got :])
+                else:
+                    n = self.tls.recv_into(self.body_view[self.body_got : self.body_len])
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLWantWriteError:
+                self.tls_wants_write = True
+                return
+            if n == 0:
+                raise ChannelError(f"{self.conn._who()} closed the channel mid-relay")
+            if self.body_len >= 0:
+                self.received += n
+                if self.gated_in:
+                    assert self.gate is not None
+                    self.gate.take(self.body_view[self.body_got : self.body_got + n])
+                    self.body_got += n
+                    self.body_sent = self.body_got
+                    if self.body_got == self.body_len:
+                        self.body_len = -1
+                        self.body_got = self.body_sent = 0
+                    return
+                self.body_got += n
+                if self.body_got == self.body_len:
+                    return  # this frame's bytes go to plain before the next is read
+                continue
+            self.head_got += n
+            if self.head_got < _HEADER.size:
+                continue
+            self.head_got = 0
+            kind, length = _HEADER.unpack(self.head)
+            if kind == _END and length == 0:
+                self.peer_ended = True  # what follows is left for Conn.recv
+                return
+            if kind != _DATA or length > MAX_DATA:
+                raise ChannelError(
+                    f"{self.conn._who()} sent a bad relay frame ({kind!r}, {length} bytes)"
+                )
+            self.body_len, self.body_got, self.body_sent = length, 0, 0
+            if not length:
+                self.body_len = -1
+
+    def _plain_write(self) -> None:
+        if self.gated_in:
+            assert self.gate is not None
+            out = self.gate.out
+            try:
+                n = self.plain.send(out)
+            except BlockingIOError:
+                return
+            self.gate.written += n
+            del out[:n]
+            return
+        try:
+            n = self.plain.send(self.body_view[self.body_sent : self.body_got])
+        except BlockingIOError:
+            return
+        self.body_sent += n
+        if self.body_sent == self.body_len:
+            self.body_len = -1
+            self.body_got = self.body_sent = 0
+
+    def _plain_read(self) -> None:
+        try:
+            n = self.plain.recv_into(self.out_view[_HEADER.size :])
+        except BlockingIOError:
+            return
+        if n == 0:
+            self._end_plain()
+            return
+        gate = self.gate
+        if gate is not None:
+            if gate.requests_to_plain:
+                if not gate.passed_pages(n):
+                    return  # tests: a stalled transfer
+            else:
+                gate.take(self.out_view[_HEADER.size : _HEADER.size + n])
+        self.sent += n
+        _HEADER.pack_into(self.out, 0, _DATA, n)
+        self.out_len = _HEADER.size + n
+        self._tls_write()  # at once: the socket is most often writable
+
+
+class RelayHandle:
+    """A relay running in a thread: :attr:`criu_sock` is the end to give CRIU (as
+    ``ps.fd``); :meth:`wait` returns the stats or raises the relay's error.
+
+    With ``daemon_socket`` (the target of a lazy migration), :attr:`criu_sock` goes to the
+    keeper instead, which sends the lazy-pages daemon's connection over it (``SCM_RIGHTS``,
+    one byte) once it has checked it is the daemon's: the relay then runs on that socket
+    itself, with a :class:`Gate`, and tells the keeper how it ended (``K``: the daemon closed
+    the transfer and the source ended; ``F`` and why: the transfer broke; nothing and EOF:
+    this server is gone). The keeper holds its own descriptor of the connection until the
+    copy is dead or resident. If the keeper ends the socket without sending one, the relay
+    runs on the local socket (at EOF: the transfer ends at once)."""
+
+    def __init__(
+        self, conn: Conn, *, idle_timeout: float | None, daemon_socket: bool = False
+    ) -> None:
+        self.criu_sock, self._ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._result: RelayStats | BaseException | None = None
+        self.gate: Gate | None = None
+        self._daemon_socket = daemon_socket
+        self._thread = threading.Thread(
+            target=self._run, args=(conn, idle_timeout), name="torpor-relay", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, conn: Conn, idle_timeout: float | None) -> None:
+        daemon: socket.socket | None = None
+        try:
+            if self._daemon_socket:
+                daemon = receive_socket(self._ours)
+            if daemon is None:
+                self._result = relay(conn, self._ours, idle_timeout=idle_timeout)
+                return
+            self.gate = Gate(requests_to_plain=False)
+            try:
+                self._result = relay(conn, daemon, idle_timeout=idle_timeout, gate=self.gate)
+            except ChannelError as exc:
+                with contextlib.suppress(OSError):
+                    self._ours.sendall(_BAD + exc.msg.encode()[:4000])
+                raise
+            with contextlib.suppress(OSError):
+                self._ours.sendall(_GOOD)
+        except BaseException as exc:  # handed to wait(), in the caller's thread
+            self._result = exc
+        finally:
+            if daemon is not None:
+                daemon.close()  # ours only: the keeper holds the connection
+            self._ours.close()
+
+    def wait(self, timeout: float | None = None) -> RelayStats:
+        """The relay's stats once it ended (:class:`ChannelError` as it failed)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise ChannelError(f"relay still running after {timeout} s")
+        if isinstance(self._result, BaseException):
+            raise self._result
+        assert self._result is not None
+        return self._result
+
+
+def receive_socket(local: socket.socket) -> socket.socket | None:
+    """The socket sent over ``local`` by :func:`send_socket`; None if ``local`` ended first."""
+    _msg, fds, _flags, _addr = socket.recv_fds(local, 1, 1)
+    if not fds:
+        return None
+    for extra in fds[1:]:
+        with contextlib.suppress(OSError):
+            os.close(extra)
+    sock = socket.socket(fileno=fds[0])
+    if sock.type != socket.SOCK_STREAM:
+        sock.close()
+        return None
+    return sock
+
+
+def send_socket(local: socket.socket, sock: socket.socket) -> None:
+    """Send ``sock`` (a descriptor of it) over ``local`` (``SCM_RIGHTS``)."""
+    socket.send_fds(local, [b"S"], [sock.fileno()])
+
+
+def verdict(local: socket.socket) -> str | None:
+    """After :func:`send_socket`: block until the relay ended; None if it ended well, else
+    why not."""
+    got = bytearray()
+    while chunk := local.recv(4096):
+        got += chunk
+    if got[:1] == _GOOD:
+        return None
+    if got[:1] == _BAD:
+        return got[1:].decode(errors="replace") or "the relay broke"
+    return "the migration server's relay ended without a word"
+
+
+def start_relay(
+    conn: Conn, *, idle_timeout: float | None = None, daemon_socket: bool = False
+) -> RelayHandle:
+    """Relay between ``conn`` and a new local socket pair in a thread (see :func:`relay` and
+    :class:`RelayHandle`); give ``handle.criu_sock`` to CRIU (or the keeper), then close it
+    here."""
+    return RelayHandle(conn, idle_timeout=idle_timeout, daemon_socket=daemon_socket)

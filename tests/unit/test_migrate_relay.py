@@ -1,0 +1,274 @@
+"""The lazy migration's relay on CRIU's own sockets (``_relay``): real TLS over loopback.
+
+On the source the relay writes the target daemon's requests to CRIU's page server only whole
+and never ends CRIU's socket; on the target it runs on the daemon's connection, handed over by
+the keeper with ``SCM_RIGHTS``, shuts it down only after the daemon's close, and otherwise
+tells the keeper why while the connection stays open.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from torpor._identity._tls import tls_identity
+from torpor._identity._trust import TrustStore
+from torpor._migrate import ChannelError, Conn, _channel, connect, listen
+from torpor._migrate._lazy_dump import FAIL_COMMAND, Guard
+from torpor._migrate._relay import (
+    Gate,
+    receive_socket,
+    relay,
+    send_socket,
+    start_relay,
+    verdict,
+)
+
+PSI = struct.Struct("<I4xQQQ")
+GET = PSI.pack(7, 1, 0x7F0000, 42)
+GET2 = PSI.pack(7, 16, 0x7F1000, 42)
+CLOSE = PSI.pack(0x1023, 0, 0, 0)
+
+
+@pytest.fixture
+def homes(tmp_path: Path) -> tuple[Path, Path]:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(mode=0o700)
+    b.mkdir(mode=0o700)
+    TrustStore(a).add("b", cert_der=tls_identity(b).cert_der, via="cert")
+    TrustStore(b).add("a", cert_der=tls_identity(a).cert_der, via="cert")
+    return a, b
+
+
+class Peer:
+    """B's end of a channel, ``handler`` run on it in a thread (its result or exception in
+    :attr:`handled`)."""
+
+    def __init__(self, home: Path, handler: Callable[[Conn], Any]) -> None:
+        self.listener = listen("127.0.0.1", 0, home=home)
+        self.port = self.listener.address[1]
+        self.handled: Any = None
+        self._handler = handler
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = self.listener.accept(timeout=20)
+        try:
+            self.handled = self._handler(conn)
+        except BaseException as exc:
+            self.handled = exc
+        finally:
+            conn.close()
+
+    def join(self) -> Any:
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+        self.listener.close()
+        return self.handled
+
+
+def readable(sock: socket.socket, timeout: float = 0.3) -> bool:
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, f"EOF after {len(got)} of {n} bytes"
+        got += chunk
+    return got
+
+
+def data(payload: bytes) -> bytes:
+    return _channel._HEADER.pack(b"D", len(payload)) + payload
+
+
+END = _channel._HEADER.pack(b"E", 0)
+
+
+def test_source_writes_requests_to_criu_only_whole_and_never_ends_its_socket(
+    homes: tuple[Path, Path],
+) -> None:
+    a, b = homes
+    step = threading.Event()
+    go = threading.Event()
+
+    def target(conn: Conn) -> None:
+        conn.sock.sendall(data(GET[:20]))  # a request split across two frames
+        step.set()
+        go.wait(10)
+        conn.sock.sendall(data(GET[20:] + GET2) + END)
+        while conn.sock.recv(1 << 16):  # the source's pages, then its E, until it closes
+            pass
+
+    peer = Peer(b, target)
+    criu, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    guard = Guard(ours)
+    with connect("127.0.0.1", peer.port, home=a) as conn:
+        result: dict[str, Any] = {}
+        t = threading.Thread(
+            target=lambda: result.update(stats=relay(conn, guard.criu, idle_timeout=5, gate=guard))
+        )
+        t.start()
+        assert step.wait(10)
+        assert not readable(criu)  # 20 bytes of a request: nothing reaches CRIU yet
+        go.set()
+        assert recv_exact(criu, 64) == GET + GET2
+        t.join(10)
+        assert not t.is_alive()
+        assert result["stats"].received == 64
+    peer.join()
+    # The relay ended, without the daemon's close: CRIU sees no EOF (it would kill the
+    # original), and the failure command when torpor decides.
+    assert not guard.closed_by_target
+    assert not readable(criu)
+    guard.fail_criu()
+    assert recv_exact(criu, 32) == FAIL_COMMAND
+    guard.close()
+    assert criu.recv(10) == b""
+
+
+def test_fail_criu_completes_a_request_written_in_part() -> None:
+    criu, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    guard = Guard(ours)
+    guard.take(GET + GET2)
+    ours.sendall(guard.out[:44])  # as a relay whose send took 44 bytes, then broke
+    guard.written = 44
+    del guard.out[:44]
+    guard.fail_criu()
+    guard.close()
+    got = b""
+    while chunk := criu.recv(1 << 16):
+        got += chunk
+    assert got == GET + GET2[:12] + GET2[12:] + FAIL_COMMAND  # whole, then the command
+
+
+def test_gate_notes_a_close_split_across_reads() -> None:
+    gate = Gate(requests_to_plain=False)
+    stream = GET + CLOSE
+    for i in range(0, len(stream), 7):
+        assert not gate.closed
+        gate.take(memoryview(stream)[i : i + 7])
+    assert gate.closed
+    assert gate.out == b""  # the target passes requests on as they come: nothing kept
+
+
+class Keeper:
+    """The keeper's part: accepts the daemon's connection, hands it to the server's relay
+    over ``local`` and waits for the verdict, keeping its own descriptor open."""
+
+    def __init__(self, local: socket.socket) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.local = local
+        self.conn: socket.socket | None = None
+        self.why: Any = "no verdict"
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self.conn, _ = self.listener.accept()
+        send_socket(self.local, self.conn)
+        self.why = verdict(self.local)
+
+    def join(self) -> Any:
+        self._thread.join(20)
+        assert not self._thread.is_alive()
+        return self.why
+
+
+def fake_criu(sock: socket.socket, answer: bytes) -> None:
+    """CRIU's page server on the source: reads two requests, answers, then ends."""
+    recv_exact(sock, 64)
+    sock.sendall(answer)
+    sock.close()
+
+
+def test_target_relays_on_the_daemons_socket_and_shuts_it_after_the_close(
+    homes: tuple[Path, Path],
+) -> None:
+    a, b = homes
+    answer = b"pages" * 5000 + b"\0\0\0\0"
+
+    def source(conn: Conn) -> Any:
+        ours, criu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        threading.Thread(target=fake_criu, args=(criu, answer), daemon=True).start()
+        return relay(conn, ours, idle_timeout=5)
+
+    peer = Peer(a, source)
+    with connect("127.0.0.1", peer.port, home=b) as conn:
+        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
+        keeper = Keeper(handle.criu_sock)
+        daemon = socket.create_connection(keeper.listener.getsockname())
+        daemon.sendall(GET + CLOSE)
+        assert recv_exact(daemon, len(answer)) == answer
+        daemon.shutdown(socket.SHUT_WR)  # the daemon got its status and closes
+        stats = handle.wait(10)
+        assert (stats.sent, stats.received) == (64, len(answer))
+        assert keeper.join() is None  # K: ended well
+        assert daemon.recv(10) == b""  # shut down after the close: the daemon ends
+    assert peer.join().received == 64
+
+
+def test_target_keeps_the_daemons_connection_open_when_the_source_ends_early(
+    homes: tuple[Path, Path],
+) -> None:
+    a, b = homes
+    answer = b"some pages"
+
+    def source(conn: Conn) -> Any:
+        ours, criu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        threading.Thread(target=fake_criu, args=(criu, answer), daemon=True).start()
+        with pytest.raises(ChannelError):
+            relay(conn, ours, idle_timeout=5)  # the target gives up: no E comes back
+
+    peer = Peer(a, source)
+    with connect("127.0.0.1", peer.port, home=b) as conn:
+        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
+        keeper = Keeper(handle.criu_sock)
+        daemon = socket.create_connection(keeper.listener.getsockname())
+        daemon.sendall(GET + GET2)  # no close: pages are still due
+        assert recv_exact(daemon, len(answer)) == answer
+        with pytest.raises(ChannelError) as info:
+            handle.wait(10)
+        assert "ended the transfer before the last page" in info.value.msg
+        why = keeper.join()
+        assert "ended the transfer before the last page" in why
+        # The server's relay is gone, but the connection is open while the keeper holds
+        # it: a fault waits (the copy is killed first), it does not read an EOF.
+        assert not readable(daemon)
+        assert keeper.conn is not None
+        keeper.conn.shutdown(socket.SHUT_RDWR)  # the keeper, once the copy is dead
+        assert daemon.recv(10) == b""
+    peer.join()
+
+
+def test_no_socket_from_the_keeper_ends_the_relay_at_once(homes: tuple[Path, Path]) -> None:
+    a, b = homes
+
+    def source(conn: Conn) -> Any:
+        ours, criu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        criu.shutdown(socket.SHUT_WR)
+        return relay(conn, ours, idle_timeout=5)
+
+    peer = Peer(a, source)
+    with connect("127.0.0.1", peer.port, home=b) as conn:
+        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
+        handle.criu_sock.close()  # the restore failed before the daemon connected
+        assert handle.wait(10) == handle.wait(0)
+    assert peer.join().sent == 0
+
+
+def test_receive_socket_refuses_a_datagram_socket() -> None:
+    local, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    send_socket(other, udp)
+    assert receive_socket(local) is None
