@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +119,122 @@ def test_a_lock_named_after_the_dump_s_criu_table(nft: FakeNft) -> None:
             _netlock.block("t", [addr], criu=bad)
     assert _netlock.criu_name(7) is None
     assert _netlock.criu_name(name) == name
+
+
+# -- the dump's own lock table, from its inventory ---------------------------------------------
+
+RUN_ID = "3f2b8c1e-9d4a-4e6f-8b7c-1a2b3c4d5e6f"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, kind: int, payload: bytes) -> bytes:
+    key = _varint(number << 3 | kind)
+    return key + (_varint(len(payload)) + payload if kind == 2 else payload)
+
+
+def _inventory(*fields: bytes, magic: int = 0x58313116, size: int | None = None) -> bytes:
+    msg = b"".join(fields)
+    n = len(msg) if size is None else size
+    return magic.to_bytes(4, "little") + n.to_bytes(4, "little") + msg
+
+
+# What CRIU 4.2 writes: img_version, fdinfo_per_id, root_ids (a message), ns_per_id,
+# dump_uptime, network_lock_method, then dump_criu_run_id.
+TYPICAL = (
+    _field(1, 0, _varint(2)),
+    _field(2, 0, _varint(1)),
+    _field(3, 2, _field(1, 0, _varint(7)) + _field(2, 0, _varint(300))),
+    _field(4, 0, _varint(1)),
+    _field(8, 0, _varint(123456789012)),
+    _field(11, 0, _varint(2)),
+    _field(13, 2, RUN_ID.encode()),
+)
+
+
+def _dir(tmp_path: Path, data: bytes | None) -> int:
+    if data is not None:
+        (tmp_path / "inventory.img").write_bytes(data)
+    return os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def test_dump_table_is_named_from_the_inventory_s_run_id(tmp_path: Path) -> None:
+    fd = _dir(tmp_path, _inventory(*TYPICAL))
+    try:
+        # CRIU's char table[32] holds "inet CRIU-" and 21 characters of the run id.
+        assert _netlock.dump_table(fd) == ("inet", "CRIU-3f2b8c1e-9d4a-4e6f-8b")
+        assert _netlock.criu_name(_netlock.dump_table(fd)[1]) is not None  # type: ignore[index]
+    finally:
+        os.close(fd)
+
+
+def test_a_dump_without_inventory_or_run_id_names_no_table(tmp_path: Path) -> None:
+    fd = _dir(tmp_path, None)
+    try:
+        assert _netlock.dump_table(fd) is None
+        (tmp_path / "inventory.img").write_bytes(_inventory(*TYPICAL[:-1]))
+        assert _netlock.dump_table(fd) is None
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x16\x31\x31",
+        _inventory(*TYPICAL, magic=0x54564319),
+        _inventory(*TYPICAL, size=10_000),
+        _inventory(_field(13, 2, b"CRIU-pwned; flush ruleset")),
+        _inventory(_field(13, 2, RUN_ID.upper().encode())),
+        _inventory(_field(13, 2, "3f2b8c1e-9d4a-4e6f-8b7c-1a2b3c4d5e6\u00e9".encode())),
+        _inventory(_field(13, 2, RUN_ID.encode())[:-5]),
+        _inventory(_field(1, 0, b"\xff" * 11)),
+        _inventory(_field(1, 3, b"")),
+    ],
+    ids=[
+        "empty", "short", "wrong magic", "size past the end", "not a run id", "upper case",
+        "not ascii", "string cut", "endless varint", "group wire type",
+    ],
+)  # fmt: skip
+def test_a_malformed_inventory_is_one_error_and_names_nothing(tmp_path: Path, data: bytes) -> None:
+    fd = _dir(tmp_path, data)
+    try:
+        with pytest.raises(NetlockError, match=r"^the dump's inventory\.img |cannot read"):
+            _netlock.dump_table(fd)
+    finally:
+        os.close(fd)
+
+
+def test_an_inventory_that_is_no_regular_file_is_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.write_bytes(_inventory(*TYPICAL))
+    image = tmp_path / "image"
+    image.mkdir()
+    (image / "inventory.img").symlink_to(outside)
+    fd = os.open(image, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(NetlockError, match=r"^cannot read the dump's inventory\.img"):
+            _netlock.dump_table(fd)
+        (image / "inventory.img").unlink()
+        os.mkfifo(image / "inventory.img")
+        with pytest.raises(NetlockError, match=r"^cannot read the dump's inventory\.img"):
+            _netlock.dump_table(fd)  # a FIFO is refused, not read (it would hang)
+    finally:
+        os.close(fd)
+
+
+def test_a_huge_inventory_is_refused_unread(tmp_path: Path) -> None:
+    fd = _dir(tmp_path, _inventory(*TYPICAL) + b"\0" * (1 << 17))
+    try:
+        with pytest.raises(NetlockError, match=r"^cannot read the dump's inventory\.img"):
+            _netlock.dump_table(fd)
+    finally:
+        os.close(fd)

@@ -129,8 +129,92 @@ def tables() -> set[tuple[str, str]]:
 
 
 def new_criu_tables(before: set[tuple[str, str]]) -> set[tuple[str, str]]:
-    """CRIU's lock tables that exist now and did not in ``before``."""
+    """CRIU's lock tables that exist now and did not in ``before`` (any dump's: see
+    :func:`dump_table` for the one of a given dump)."""
     return {t for t in tables() - before if t[1].startswith(_CRIU_PREFIX)}
+
+
+_INVENTORY = "inventory.img"
+_INVENTORY_MAGIC = 0x58313116  # criu/include/magic.h
+_INVENTORY_MAX = 1 << 16
+_RUN_ID_FIELD = 13  # inventory_entry.dump_criu_run_id (images/inventory.proto)
+_RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+_RUN_ID_KEEP = 21  # "inet CRIU-" and 21 characters fill CRIU's char table[32]
+
+
+def dump_table(image_dir: int) -> tuple[str, str] | None:
+    """The lock table of the dump whose image is in the directory fd ``image_dir``: ``inet
+    CRIU-<run id>``, named from the run id CRIU 4.2 writes into the dump's ``inventory.img``
+    before its ``post-dump`` (``dump_criu_run_id``; ``nftables_get_table`` in
+    ``criu/netfilter.c`` cuts it to fit a 32-byte buffer). None if the image has none (no
+    inventory yet, or one without the field). Unlike :func:`new_criu_tables` it cannot name
+    the table of another dump made meanwhile on this host. The file is read as hostile input
+    (regular, not followed, bounded); a malformed one raises :class:`NetlockError`."""
+    from .._errors import ImageError
+    from .._safe import read_regular
+
+    try:
+        data = read_regular(image_dir, _INVENTORY, source="the dump", limit=_INVENTORY_MAX)
+    except FileNotFoundError:
+        return None
+    except (OSError, ImageError) as exc:
+        raise NetlockError(f"cannot read the dump's {_INVENTORY}: {exc}") from exc
+    if len(data) < 8 or int.from_bytes(data[:4], "little") != _INVENTORY_MAGIC:
+        raise NetlockError(f"the dump's {_INVENTORY} is not CRIU's inventory")
+    size = int.from_bytes(data[4:8], "little")
+    if size > len(data) - 8:
+        raise NetlockError(f"the dump's {_INVENTORY} is cut short")
+    run_id = _string_field(data[8 : 8 + size], _RUN_ID_FIELD)
+    if run_id is None:
+        return None
+    if not _RUN_ID.match(run_id):
+        raise NetlockError(f"the dump's {_INVENTORY} holds no CRIU run id it could have made")
+    return ("inet", _CRIU_PREFIX + run_id[:_RUN_ID_KEEP])
+
+
+def _string_field(msg: bytes, field: int) -> str | None:
+    """The last value of the length-delimited ``field`` in the protobuf message ``msg`` (its
+    wire form walked as is: CRIU's inventory has no other use here), or None."""
+    found: str | None = None
+    pos = 0
+    while pos < len(msg):
+        key, pos = _varint(msg, pos)
+        kind = key & 7
+        if kind == 0:
+            _, pos = _varint(msg, pos)
+        elif kind == 1:
+            pos += 8
+        elif kind == 5:
+            pos += 4
+        elif kind == 2:
+            n, pos = _varint(msg, pos)
+            if pos + n > len(msg):
+                raise NetlockError(f"the dump's {_INVENTORY} is cut short")
+            if key >> 3 == field:
+                try:
+                    found = msg[pos : pos + n].decode("ascii")
+                except UnicodeDecodeError as exc:
+                    raise NetlockError(f"the dump's {_INVENTORY} has a bad run id") from exc
+            pos += n
+        else:
+            raise NetlockError(f"the dump's {_INVENTORY} is not a protobuf message")
+        if pos > len(msg):
+            raise NetlockError(f"the dump's {_INVENTORY} is cut short")
+    return found
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    for _ in range(10):
+        if pos >= len(data):
+            break
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+    raise NetlockError(f"the dump's {_INVENTORY} is not a protobuf message")
 
 
 def criu_name(text: object) -> str | None:
