@@ -351,3 +351,75 @@ def test_resolve_continue_runs_a_fenced_copy(paired: Lab, tmp_path: Path) -> Non
 def proc_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_pages_stream_to_the_target_as_they_are_dumped(paired: Lab) -> None:
+    """Without a base the pages go to b's page server as CRIU dumps them, hashed there as they
+    are written (the server's log says so, and the copy counts on); with the stream turned off
+    they are written on a and sent after the dump, as before."""
+    lab = paired
+    for name, env in (("streamed", ""), ("unstreamed", "TORPOR_MIGRATE_NO_STREAM=1")):
+        pid = start_counter(lab, "a", name)
+        with server(lab, "b") as srv:
+            cmd = ["env", *([env] if env else []), *TORPOR, "migrate", name, "--to", srv.where,
+                   "--json"]  # fmt: skip
+            res = lab.exec("a", *cmd)
+            assert res.returncode == 0, res.stderr
+            summary = json.loads(res.stdout)
+            srv.wait_log(f"torpor-migrate: '{name}' migrated from a: ")
+            log = srv.stop()
+        streamed = [line for line in log.splitlines() if "page stream: " in line]
+        if env:
+            assert streamed == [], log
+        else:
+            # e.g. "page stream: 1949216 bytes relayed, 1945672 bytes in 2 files, hashed as
+            # written": a pagemap and a pages file, most of the image.
+            assert len(streamed) == 1, log
+            in_files = int(streamed[0].split(" bytes in ")[0].rsplit(", ", 1)[1])
+            assert streamed[0].endswith(" bytes in 2 files, hashed as written"), streamed
+            assert summary["bytes"] > in_files > summary["bytes"] // 2
+        assert summary["bytes_sent"] == summary["bytes"]
+        before = counts(lab, "a", name)
+        wait_for(lambda n=name: len(counts(lab, "b", n)) >= 5)  # type: ignore[misc]
+        assert counts(lab, "b", name)[0] == before[-1] + 1
+        assert not alive(pid)
+        assert images(lab, "b") == "[]"
+        assert torpor(lab, "b", "kill", name).returncode == 0
+
+
+def test_target_killed_mid_stream_leaves_the_process_running_on_a(
+    paired: Lab, tmp_path: Path
+) -> None:
+    """b dies while the pages stream to it (its page server has some, CRIU is still dumping):
+    the dump fails, CRIU thaws the original, which counts on; b keeps nothing of it."""
+    lab = paired
+    pid = start_counter(lab, "a", "cutstream")
+    hold = tmp_path / "pages-arriving"
+    with server(lab, "b", {"TORPOR_TEST_MIGRATE_STREAM_HOLD": str(hold)}) as srv:
+        migrate = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "exec", "--dir", str(lab.dir), "a", "--",
+             *TORPOR, "migrate", "cutstream", "--to", srv.where],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_for(hold.exists)  # pages have reached b; a's process is frozen, mid-dump
+        frozen = counts(lab, "a", "cutstream")
+        time.sleep(0.3)
+        assert counts(lab, "a", "cutstream") == frozen
+        srv.stop()  # SIGKILL, by the pid this test started
+        out, err = migrate.communicate(timeout=30)
+    assert migrate.returncode == 1, (out, err)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"torpor: error: migration of cutstream to {srv.where} failed: "), last
+    assert last.endswith(f"(the process runs here, unchanged (pid {pid}))"), last
+    assert (ps(lab, "a", "cutstream")["state"], ps(lab, "a", "cutstream")["pid"]) == (
+        "running",
+        pid,
+    )
+    wait_for(lambda: len(counts(lab, "a", "cutstream")) >= len(frozen) + 10)
+    numbers = counts(lab, "a", "cutstream")
+    assert numbers[0] == 0 and consecutive(numbers)
+    assert ps(lab, "b", "cutstream") == {}
+    # The next server sweeps what the killed one had received.
+    with server(lab, "b"):
+        assert images(lab, "b") == "[]"
+    assert torpor(lab, "a", "kill", "cutstream").returncode == 0

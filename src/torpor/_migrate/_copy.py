@@ -44,10 +44,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _paths
 from .._engine import DUMP_LOG, CriuEngine, DumpOptions, NotifyEvent, criu_version
@@ -56,16 +56,23 @@ from .._images._stats import read_dump_stats_at
 from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
 from .._safe import kind_problem, lstat_entries, open_dir, open_regular
-from . import _address, _dedup, _dedup_source, _leftovers, _netlock, _preflight
-from ._channel import Conn, connect
+from . import _address, _dedup, _leftovers, _netlock, _pagestream, _preflight
+from ._channel import ChannelError, Conn, RelayHandle, connect
 from ._wire import Progress, send_file
+
+if TYPE_CHECKING:
+    from . import _dedup_source
 
 DEFAULT_TIMEOUT = 120.0  # seconds the target may take to answer (receive, verify, restore)
 MAX_FILES = 4096  # files in one image; CRIU writes a dozen or so per process
+PAGES_PREFIX = "pages-"  # CRIU's memory pages files: written once by the dump, never read by it
 # Tests only: a path created once the target reports the copy running, after which the source
 # waits (before answering CRIU), so a test can kill it in the window of two copies.
 _SOURCE_HOLD_ENV = "TORPOR_TEST_MIGRATE_SOURCE_HOLD"
 _CONTINUE_TIMEOUT = 10.0  # seconds a fenced copy's "continued" may take (for the summary)
+# Set: the pages are written here and sent after the dump, even to a target that takes a
+# stream (tests, and a way round a problem with the stream).
+NO_STREAM_ENV = "TORPOR_MIGRATE_NO_STREAM"
 
 
 class MigrationError(TorporError):
@@ -133,7 +140,7 @@ def migrate_copy(
     where = f"{host}:{port}"
     moving, conns = addresses_to_move(name, rec, addresses)
     tcp_established = tcp_established or bool(conns)
-    offered = _dedup_source.candidates([rec.restored_from, rec.checkpointed_to])
+    offered = _candidates(rec)
     conn = connect(host, port)  # refused or unreachable: nothing touched
     with conn:
         conn.settimeout(timeout)
@@ -149,6 +156,9 @@ def migrate_copy(
             pid=ref.pid,
         )
         base = _base(conn, reply, offered, name=name, where=where, pid=ref.pid)
+        # Without a base the pages go as CRIU dumps them (a target of this version takes a
+        # stream whenever it agreed no base; one that does not fails it before the freeze).
+        stream = base is None and not os.environ.get(NO_STREAM_ENV)
         if say is not None:
             kept = f", keeping {len(conns)} TCP connection(s)" if conns else ""
             say(f"pre-flight passed on {where}; dumping {name} (pid {ref.pid}){kept}")
@@ -160,6 +170,7 @@ def migrate_copy(
                 move = _Move(conn, name, where, ref, tcp_established=tcp_established, say=say)
                 move.addresses = moving
                 move.base = base
+                move.stream = stream
                 summary = move.run(timeout)
             finally:
                 with contextlib.suppress(OSError, TorporError):
@@ -167,6 +178,18 @@ def migrate_copy(
     _record(name, ref, where)
     total = (time.monotonic() - started) * 1000
     return dataclasses.replace(summary, total_ms=round(total, 1), tcp_connections=len(conns))
+
+
+def _candidates(rec: _registry.ManagedProcess) -> dict[str, _dedup_source.Offered]:
+    """The images ``rec``'s process came from or went to, to offer as bases. The dedup
+    modules (and the pools' they use, whose package loads every backend) are imported only
+    for a process that has one: a fresh process does not pay for them before its freeze."""
+    images = [rec.restored_from, rec.checkpointed_to]
+    if not any(images):
+        return {}
+    from . import _dedup_source
+
+    return _dedup_source.candidates(images)
 
 
 def _base(
@@ -181,6 +204,8 @@ def _base(
     """The base the target holds (its chunk ids follow its ``ready``), None if none."""
     if not offered:
         return None
+    from . import _dedup_source
+
     try:
         base = _dedup_source.read_lists(conn, reply, {k: v.files for k, v in offered.items()})
     except _dedup.DedupError as exc:
@@ -233,16 +258,25 @@ class _Move:
         self.warnings: list[str] = []
         self.before: set[tuple[str, str]] = set()  # nftables tables before the dump
         self.journal: Path | None = None  # what to undo after the commit (_leftovers)
+        self.stream = False  # the pages go to the target's page server as CRIU dumps them
+        self.handle: RelayHandle | None = None  # that stream's relay
+        self.stream_end: _pagestream.StreamEnd | None = None  # how it ended, once known
+        self.timeout = DEFAULT_TIMEOUT
 
     def run(self, timeout: float) -> Summary:
         out = _paths.private_dir(_paths.home() / "migrate", what="migration directory")
         locking = self.options.tcp_established
         before = self.before = _netlock.tables() if locking else set()
         staging = self.staging = Path(tempfile.mkdtemp(prefix=f"{self.name}.", dir=out))
+        self.timeout = timeout
         try:
             try:
-                CriuEngine().dump(self.pid, staging, self.options, notify=self._notify)
+                if self.stream:
+                    self._dump_streaming(staging)
+                else:
+                    CriuEngine().dump(self.pid, staging, self.options, notify=self._notify)
             except DumpError as exc:
+                self._stream_failure()
                 self._unlock(before)  # CRIU removed its lock; anything it left goes too
                 for addr in self.addresses:  # the peers' caches back to this host
                     with contextlib.suppress(OSError, TorporError):
@@ -294,6 +328,41 @@ class _Move:
             bytes_sent=self.counts.sent,
             bytes_from_base=self.counts.from_base,
         )
+
+    def _dump_streaming(self, staging: Path) -> None:
+        try:
+            self.handle = _pagestream.open_stream(self.conn, timeout=self.timeout)
+        except ChannelError as exc:
+            raise MigrationError(
+                f"migration of {self.name} to {self.where} failed: {exc.msg} (nothing was "
+                f"frozen; the process runs here, pid {self.pid})"
+            ) from exc
+        _pagestream.dump(
+            self.pid, staging, self.handle.criu_sock, self.options, notify=self._notify
+        )
+
+    def _stream_end(self) -> _pagestream.StreamEnd:
+        """How the page stream ended (waited for once the dump let go of it)."""
+        assert self.handle is not None
+        if self.stream_end is None:
+            self.stream_end = _pagestream.stream_result(
+                self.conn, self.handle, timeout=self.timeout
+            )
+        return self.stream_end
+
+    def _stream_failure(self) -> None:
+        """After a failed streaming dump: why, as the stream's end says, if nothing else
+        did (the target's full disk, a broken channel)."""
+        if self.handle is None or self.stream_end is not None:
+            return
+        try:
+            end = self._stream_end()
+        except ChannelError as exc:
+            if self.failure is None:
+                self.failure = exc
+            return
+        if end.disk and self.failure is None:
+            self.failure = MigrationError(f"{self.where} could not take it: {end.error}")
 
     def _unlock(self, before: set[tuple[str, str]]) -> None:
         try:
@@ -357,9 +426,16 @@ class _Move:
             "shell_job": self.options.shell_job,
             "criu_lock": locks[0][1] if len(locks) == 1 else None,
         }
+        streamed: dict[str, int] = {}
+        if self.handle is not None:
+            end = self._stream_end()
+            if end.error is not None:
+                raise MigrationError(f"{self.where} could not take it: {end.error}")
+            streamed = dict(end.files)
         sent = transfer_image(
-            conn, staging, image_facts, say=self.say, where=self.where, base=self.base
-        )
+            conn, staging, image_facts, say=self.say, where=self.where, base=self.base,
+            consume=True, streamed=streamed,
+        )  # fmt: skip
         self.bytes, self.files, self.counts = sent.bytes, sent.files, sent.counts
         self.sent_at = time.monotonic()
         if self.say is not None:
@@ -444,11 +520,18 @@ def transfer_image(
     say: Callable[[str], None] | None,
     where: str,
     base: _dedup_source.SourceBase | None = None,
+    consume: bool = False,
+    streamed: Mapping[str, int] | None = None,
 ) -> Sent:
     """Send the dump in ``staging`` (every file but CRIU's log; regular files only) as an
     ``image`` message with ``image_facts``, the files' bytes as ``D`` frames and their
     SHA-256 in a ``hashes`` message; against ``base`` if the target holds one (the ``image``
-    message then names it, and each file goes as plans: :mod:`._dedup`)."""
+    message then names it, and each file goes as plans: :mod:`._dedup`).
+
+    With ``consume`` each memory pages file (``pages-*.img``, the bulk of the image) is
+    removed here as soon as it is sent: CRIU does not read it again, and the memory its
+    copy in a tmpfs holds is free for the rest of the move (on a host that is short of
+    memory, or whose freed memory the machine hands on, that is the target's restore)."""
     dir_fd = open_dir(staging)
     counts = _dedup.Counts()
     try:
@@ -466,8 +549,11 @@ def transfer_image(
             image["base"] = base.id
         conn.send(image)
         hashes: dict[str, str] = {}
-        total = sum(entries[n].st_size for n in names)
+        there = sum((streamed or {}).values())
+        total = sum(entries[n].st_size for n in names) + there
         progress = Progress(say, total, where)
+        if there:
+            progress(there)
         for n in names:
             fd = open_regular(dir_fd, n, source=str(staging))
             size = entries[n].st_size
@@ -476,13 +562,18 @@ def transfer_image(
                     hashes[n] = send_file(conn, fd, size, progress=progress)
                     counts.sent += size
                 else:
+                    from . import _dedup_source
+
                     hashes[n], got = _dedup_source.send_file(
                         conn, fd, n, size, base, progress=progress
                     )
                     counts.add(got)
             finally:
                 os.close(fd)
+            if consume and n.startswith(PAGES_PREFIX):
+                os.unlink(n, dir_fd=dir_fd)
         conn.send({"type": "hashes", "files": hashes})
     finally:
         os.close(dir_fd)
-    return Sent(total, len(names), counts)
+    counts.sent += there
+    return Sent(total, len(names) + len(streamed or {}), counts)

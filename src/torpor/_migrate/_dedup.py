@@ -40,8 +40,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .._images._manifest import FileEntry, Manifest
-from .._pools._cas import PAGE_SIZE, chunk_count, chunk_size_for
 from ._channel import ChannelError
+
+# The pools' chunking (``_pools._cas``) is imported where it is used: the pools' package loads
+# every backend (~40 ms), which a copy-mode migration without a base (its source's start,
+# before the freeze) should not pay for. ``PAGE_SIZE`` is the pools' page, as ``_cas`` says.
+PAGE_SIZE = 4096
 
 MAX_BASES = 2  # candidate bases a source names: the image it came from, the one it went to
 # Chunks in one base (8 GiB of pages): its ids (32 bytes each) and the source's index of them
@@ -82,6 +86,8 @@ class BaseFile:
 
 def layout(files: Iterable[FileEntry]) -> tuple[BaseFile, ...]:
     """A base's files in the order their chunk ids go on the wire (by name)."""
+    from .._pools._cas import chunk_count, chunk_size_for
+
     out = []
     for f in sorted(files, key=lambda e: e.name):
         size = chunk_size_for(f.name)
@@ -131,6 +137,8 @@ def parse_ids(value: object) -> list[str]:
 
 def segment_lengths(name: str, size: int, start: int) -> list[int]:
     """The chunk lengths of the segment of file ``name`` (``size`` bytes) at ``start``."""
+    from .._pools._cas import chunk_size_for
+
     chunk = chunk_size_for(name)
     end = min(size, start + SEGMENT_BYTES)
     return [min(chunk, end - p) for p in range(start, end, chunk)]
@@ -183,4 +191,6 @@ def decode_plan(
 
 def plan_bytes(sizes: dict[str, int]) -> int:
     """The most plan bytes an image of files of ``sizes`` (by name) may hold."""
+    from .._pools._cas import chunk_count, chunk_size_for
+
     return sum(chunk_count(s, chunk_size_for(n)) for n, s in sizes.items()) * _RUN.size

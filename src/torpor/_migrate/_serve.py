@@ -52,14 +52,15 @@ from ._channel import _DATA, _MSG, ChannelError, Conn, PeerRefusedError, listen
 from ._copy import MAX_FILES
 from ._dedup_target import BaseCache, Held, agreed
 from ._dedup_target import receive_file as receive_planned
+from ._pagestream import PagesFailed
+from ._pagestream import receive as receive_pages
+from ._serve_sweep import _IN_TRANSIT, _JOURNAL, _clear_journal, _sweep
 from ._wire import receive_file
 
 _MAX_PID = (1 << 31) - 1  # as the manifest's bound
 _MAX_FACT = 1 << 62  # bytes of resident memory a peer may claim
 ANSWER_TIMEOUT = 120.0  # seconds a source may take between its messages
 _HOLD_ENV = "TORPOR_TEST_MIGRATE_HOLD"
-_IN_TRANSIT = ".migrating-"  # in the names of image directories being received
-_JOURNAL = "migrate-inflight.json"  # service addresses brought up for a restore under way
 
 
 def serve(
@@ -91,58 +92,6 @@ def serve(
                     log(f"migration from {conn.peer.name} failed: {exc!r}")
 
 
-def _sweep(log: Callable[[str], None]) -> None:
-    """Remove what a killed server left (one server per home at a time): half-received
-    images, the service addresses it brought up for a copy that never ran, its network
-    locks."""
-    images = _paths.images_dir()
-    for entry in os.listdir(images):
-        if _IN_TRANSIT in entry:
-            shutil.rmtree(images / entry, ignore_errors=True)
-            log(f"removed {images / entry}, left by a migration that did not finish")
-    left = _paths.read_home_file(_JOURNAL)
-    if left is not None:
-        try:
-            journal = json.loads(left)
-            listed, lock = journal.get("addresses", []), journal.get("lock")
-        except (ValueError, AttributeError):
-            listed, lock = [], None
-        if _netlock.criu_name(lock) is not None:
-            with contextlib.suppress(TorporError):
-                if _netlock.drop(("inet", str(lock))):
-                    log(f"removed the network lock inet {lock}, left by a migration")
-        addrs = []
-        for item in listed if isinstance(listed, list) else []:
-            with contextlib.suppress(TorporError):  # each on its own: one bad entry skips one
-                addrs.append(_address.parse(item))
-        used = {
-            a for r in _registry.list_all() if r.state == "running" for a in r.service_addresses
-        }
-        for addr in addrs:
-            if str(addr) not in used:
-                with contextlib.suppress(TorporError):
-                    if _address.take_down(addr):
-                        log(f"removed {addr}, brought up by a migration that did not finish")
-        _clear_journal()
-    # A copy restored by a server that ended before the source's verdict: whether the source
-    # committed is unknown, so it runs on, and says so (docs/migration.md).
-    for rec in _registry.list_all():
-        mark = rec.migrating or ""
-        if rec.state == "running" and mark.startswith("from ") and "(in doubt" not in mark:
-            doubt = "in doubt: the server ended before the source's verdict"
-            with contextlib.suppress(OSError, TorporError):
-                _registry.update(rec.name, rec.ref, migrating=f"{mark} ({doubt})")
-            log(f"{rec.name!r} (pid {rec.pid}) runs here, migration {doubt}")
-    with contextlib.suppress(TorporError):
-        for table in _netlock.sweep():
-            log(f"removed the network lock {table}, left by a migration that did not finish")
-
-
-def _clear_journal() -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(_paths.home() / _JOURNAL)
-
-
 class _Incoming:
     """One migration offered by a trusted peer."""
 
@@ -164,6 +113,7 @@ class _Incoming:
         self.address_ms = 0.0  # spent on them (and the lock) in the restore
         self.links: list[_address.Link] = []
         self.criu_lock: str | None = None  # the name of the dump's CRIU lock table
+        self.stream_offered = False  # whether the source may stream its pages (_pagestream)
 
     def handle(self) -> None:
         conn = self.conn
@@ -205,6 +155,8 @@ class _Incoming:
         if self.base is not None:
             self.base.offer(conn, {"type": "ready"})
         else:
+            # Without a base, copy mode's pages may come as CRIU dumps them (_pagestream).
+            self.stream_offered = mode == "copy"
             conn.send({"type": "ready"})
         if mode == "lazy":
             from ._lazy import serve_lazy
@@ -232,13 +184,27 @@ class _Incoming:
         received into a new staging directory, verified and sealed here (a refusal answered
         ``failed``); removed on leaving, whatever happened: it is only in transit."""
         msg = self.conn.recv()
-        if msg.get("type") != "image":
+        streaming = msg.get("type") == "pages-stream" and self.stream_offered
+        if msg.get("type") != "image" and not streaming:
             raise ChannelError(f"{self.peer} sent {msg.get('type')!r}, not the image")
         staging = Staging(_paths.images_dir() / f"{name}{_IN_TRANSIT}{os.urandom(4).hex()}")
         image: Image | None = None
         try:
             try:
-                image = self._receive(staging, name, msg)
+                streamed: dict[str, FileEntry] | None = None
+                if streaming:
+                    # The pages first, as CRIU dumps them; then the rest of the image.
+                    staging.create()
+                    streamed = receive_pages(
+                        self.conn, staging.path, where=self.where, timeout=ANSWER_TIMEOUT,
+                        log=self.log,
+                    )  # fmt: skip
+                    msg = self.conn.recv()
+                    if msg.get("type") != "image":
+                        raise ChannelError(f"{self.peer} sent {msg.get('type')!r}, not the image")
+                image = self._receive(staging, name, msg, streamed)
+            except PagesFailed:
+                raise  # the source was told why
             except TorporError as exc:
                 with contextlib.suppress(TorporError):
                     self.conn.send({"type": "failed", "error": exc.msg})
@@ -249,7 +215,16 @@ class _Incoming:
             if image is not None:
                 shutil.rmtree(image.path, ignore_errors=True)
 
-    def _receive(self, staging: Staging, name: str, msg: Mapping[str, Any]) -> Image:
+    def _receive(
+        self,
+        staging: Staging,
+        name: str,
+        msg: Mapping[str, Any],
+        streamed: Mapping[str, FileEntry] | None = None,
+    ) -> Image:
+        """The image ``msg`` announces, received, checked and sealed, with ``streamed``: files
+        already written into ``staging`` (and hashed) by this host's page server."""
+        streamed = streamed or {}
         files = msg.get("files")
         facts = msg.get("facts")
         if not isinstance(files, list) or not isinstance(facts, dict) or len(files) > MAX_FILES:
@@ -259,7 +234,7 @@ class _Incoming:
             n, size = (f.get("name"), f.get("size")) if isinstance(f, dict) else (None, None)
             if not is_plain_name(n) or not isinstance(size, int) or isinstance(size, bool):
                 raise ChannelError(f"{self.peer} announced a bad image file {f!r}")
-            if size < 0 or n in sizes:
+            if size < 0 or n in sizes or n in streamed:
                 raise ChannelError(f"{self.peer} announced a bad image file {f!r}")
             sizes[str(n)] = size
         cmdline, rss, pid = facts.get("cmdline"), facts.get("rss_bytes"), facts.get("pid")
@@ -283,7 +258,8 @@ class _Incoming:
             )
         base = agreed(msg.get("base"), self.base, self.peer)  # None: whole files
         started = time.monotonic()
-        staging.create()
+        if not streamed:
+            staging.create()
         source = str(staging.path)
         dir_fd = open_dir(staging.path)
         got: dict[str, str] = {}
@@ -323,7 +299,9 @@ class _Incoming:
                 f"image from {self.peer} arrived damaged: {', '.join(bad) or 'its file list'} "
                 f"did not match the source's SHA-256{suspect}"
             )
-        hashed = {n: FileEntry(n, sizes[n], got[n]) for n in sizes}
+        hashed = {n: FileEntry(n, sizes[n], got[n]) for n in sizes} | dict(streamed)
+        self.counts.sent += sum(e.size for e in streamed.values())
+        total += sum(e.size for e in streamed.values())
 
         def manifest(entries: list[FileEntry]) -> _manifest.Manifest:
             return _manifest.build(
