@@ -69,6 +69,7 @@ def serve(
     """Serve migrations on ``addr:port`` until killed; ``ready(address)`` once listening."""
     _sweep(log)
     bases = BaseCache()  # the chunk ids of the bases used, for as long as this server runs
+    verdicts: dict[bytes, list[str]] = {}  # CRIU's cpuinfo verdicts, likewise
     with listen(addr, port) as lst:
         host, bound = lst.address
         where = f"{host}:{bound}"
@@ -85,7 +86,7 @@ def serve(
             with conn:
                 conn.settimeout(ANSWER_TIMEOUT)
                 try:
-                    _Incoming(conn, where, log, bases=bases).handle()
+                    _Incoming(conn, where, log, bases=bases, verdicts=verdicts).handle()
                 except TorporError as exc:
                     log(f"migration from {conn.peer.name} failed: {exc}")
                 except Exception as exc:  # e.g. a full disk: one migration fails, not the server
@@ -102,8 +103,10 @@ class _Incoming:
         log: Callable[[str], None],
         *,
         bases: BaseCache | None = None,
+        verdicts: dict[bytes, list[str]] | None = None,
     ) -> None:
         self.conn, self.where, self.log = conn, where, log
+        self.verdicts = verdicts  # CRIU's cpuinfo verdicts, by cpuinfo (_preflight.problems)
         self.bases = bases if bases is not None else BaseCache()
         self.base: Held | None = None  # the base the source was offered (copy mode)
         self.counts = _dedup.Counts()  # of the image received
@@ -120,7 +123,9 @@ class _Incoming:
         first = conn.recv()
         if first.get("type") != "preflight":
             raise ChannelError(f"{self.peer} began with {first.get('type')!r}, not preflight")
-        found = _preflight.problems(first, where=self.where)
+        # A server's CPU verdicts, kept for its life (none for an _Incoming made without).
+        kept = {"verdicts": self.verdicts} if self.verdicts is not None else {}
+        found = _preflight.problems(first, where=self.where, **kept)
         if found:
             conn.send({"type": "refused", "problems": found})
             self.log(f"refused {first.get('name')!r} from {self.peer}: {'; '.join(found)}")
