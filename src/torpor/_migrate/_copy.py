@@ -10,7 +10,9 @@ The order, and why the process is never lost:
    ``post-dump`` CRIU holds the tree frozen and waits for our answer; while it waits, the
    image's files go to the target whole (``image`` message, then each file's bytes as ``D``
    frames, then their SHA-256 in a ``hashes`` message, hashed on both sides as they pass), and
-   the target verifies them and restores the process under the same name.
+   the target verifies them and restores the process under the same name. Without a base the
+   memory pages have gone before that, while CRIU dumped them, to a page server on the target
+   (:mod:`._pagestream`): only the rest of the image is sent at ``post-dump``.
 3. Only when the target reports ``running`` do we answer ``true``: CRIU then kills the
    original. Anything else before that (a refusal, a failed restore, the link cut, the target
    dead, no answer within the timeout) is answered ``false``: CRIU thaws the tree and the

@@ -116,9 +116,13 @@ def stream_result(conn: Conn, handle: RelayHandle, *, timeout: float) -> StreamE
                 f"{stats.sent} sent"
             )
         files = reply.get("files")
-        if not isinstance(files, dict) or len(files) > _MAX_FILES or not all(
-            page_file(n) and isinstance(z, int) and not isinstance(z, bool) and z >= 0
-            for n, z in files.items()
+        if (
+            not isinstance(files, dict)
+            or len(files) > _MAX_FILES
+            or not all(
+                page_file(n) and isinstance(z, int) and not isinstance(z, bool) and z >= 0
+                for n, z in files.items()
+            )
         ):
             raise ChannelError(f"{conn._who()} named malformed page files")
         return StreamEnd(stats.sent, files=files)
@@ -251,14 +255,14 @@ def receive(
         log_path.unlink()
     sizes = {n: e.size for n, e in follower.files.items()}
     conn.send({"type": "pages-in", "bytes": relayed, "files": sizes})
-    log(f"page stream: {relayed} bytes relayed, {sum(sizes.values())} bytes in {len(sizes)} "
-        "files, hashed as written")
+    log(
+        f"page stream: {relayed} bytes relayed, {sum(sizes.values())} bytes in {len(sizes)} "
+        "files, hashed as written"
+    )
     return follower.files
 
 
-def _why(
-    code: int, log_path: Path, follower: _Follower, staging: Path, where: str
-) -> str | None:
+def _why(code: int, log_path: Path, follower: _Follower, staging: Path, where: str) -> str | None:
     """Why the stream was not taken whole (None: it was)."""
     lines = log_errors(log_path)
     err = follower.error
