@@ -272,3 +272,20 @@ def test_receive_socket_refuses_a_datagram_socket() -> None:
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     send_socket(other, udp)
     assert receive_socket(local) is None
+
+
+def test_a_keeper_handing_nothing_over_fails_the_relay(
+    homes: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torpor._migrate import _relay
+
+    monkeypatch.setattr(_relay, "HANDOVER_TIMEOUT", 0.5)
+    a, b = homes
+    peer = Peer(a, lambda conn: conn.sock.recv(10))
+    with connect("127.0.0.1", peer.port, home=b) as conn:
+        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
+        with pytest.raises(ChannelError) as info:
+            handle.wait(10)  # the keeper holds its end and says nothing
+        assert info.value.msg == "the keeper handed over no connection in 0.5 s"
+        assert verdict(handle.criu_sock) == info.value.msg  # F: the keeper kills the copy
+    peer.join()

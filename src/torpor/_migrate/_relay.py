@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 PSI_SIZE = 32  # a ``page_server_iov``: u32 cmd, 4 bytes pad, u64 nr_pages, vaddr, dst_id
 CLOSE_COMMANDS = (0x1023, 0x1024)  # PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE
 _GOOD, _BAD = b"K", b"F"  # the target server's verdict to the keeper (daemon_socket)
+HANDOVER_TIMEOUT = 60.0  # seconds for the keeper to hand over the daemon's connection or end
 STALL_AFTER = 1 << 20  # tests: bytes of pages passed before a stalled relay passes no more
 
 
@@ -348,7 +349,8 @@ class RelayHandle:
     the transfer and the source ended; ``F`` and why: the transfer broke; nothing and EOF:
     this server is gone). The keeper holds its own descriptor of the connection until the
     copy is dead or resident. If the keeper ends the socket without sending one, the relay
-    runs on the local socket (at EOF: the transfer ends at once)."""
+    runs on the local socket (at EOF: the transfer ends at once); if it does neither for
+    :data:`HANDOVER_TIMEOUT` seconds, the relay fails."""
 
     def __init__(
         self, conn: Conn, *, idle_timeout: float | None, daemon_socket: bool = False
@@ -366,25 +368,35 @@ class RelayHandle:
         daemon: socket.socket | None = None
         try:
             if self._daemon_socket:
-                daemon = receive_socket(self._ours)
+                daemon = self._handed_over()
             if daemon is None:
                 self._result = relay(conn, self._ours, idle_timeout=idle_timeout)
                 return
             self.gate = Gate(requests_to_plain=False)
-            try:
-                self._result = relay(conn, daemon, idle_timeout=idle_timeout, gate=self.gate)
-            except ChannelError as exc:
-                with contextlib.suppress(OSError):
-                    self._ours.sendall(_BAD + exc.msg.encode()[:4000])
-                raise
+            self._result = relay(conn, daemon, idle_timeout=idle_timeout, gate=self.gate)
             with contextlib.suppress(OSError):
                 self._ours.sendall(_GOOD)
         except BaseException as exc:  # handed to wait(), in the caller's thread
             self._result = exc
+            if self._daemon_socket:  # the keeper kills the copy, then closes the connection
+                why = exc.msg if isinstance(exc, ChannelError) else repr(exc)
+                with contextlib.suppress(OSError):
+                    self._ours.sendall(_BAD + why.encode()[:4000])
         finally:
             if daemon is not None:
                 daemon.close()  # ours only: the keeper holds the connection
             self._ours.close()
+
+    def _handed_over(self) -> socket.socket | None:
+        self._ours.settimeout(HANDOVER_TIMEOUT)
+        try:
+            return receive_socket(self._ours)
+        except TimeoutError as exc:
+            raise ChannelError(
+                f"the keeper handed over no connection in {HANDOVER_TIMEOUT:g} s"
+            ) from exc
+        finally:
+            self._ours.settimeout(None)
 
     def wait(self, timeout: float | None = None) -> RelayStats:
         """The relay's stats once it ended (:class:`ChannelError` as it failed)."""
