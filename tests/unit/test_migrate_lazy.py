@@ -1,6 +1,6 @@
 """The pieces of ``torpor migrate --mode lazy`` that need no CRIU: the RPC config file that
 hands CRIU its page server socket, the source's guard between CRIU and the relay, and the
-target's page server that relays for the lazy-pages daemon alone."""
+target's listener that hands the lazy-pages daemon's connection, and only its, to the relay."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from torpor._migrate import _lazy_dump
 from torpor._migrate._lazy_dump import Guard
 from torpor._migrate._lazy_target import RelayedPages
+from torpor._migrate._relay import CLOSE_COMMANDS, receive_socket
 from torpor._proto import criu_rpc_pb2 as pb
 
 PSI = struct.Struct("<I4xQQQ")
@@ -56,88 +57,45 @@ def test_fail_command_is_unknown_to_criu() -> None:
     cmd = PSI.unpack(_lazy_dump.FAIL_COMMAND)[0]
     # CRIU 4.2's commands: ADD=1, HOLE=2, OPEN=3, OPEN2=4, PARENT=5, ADD_F=6, GET=7, CLOSE,
     # FORCE_CLOSE: none is 0.
-    assert cmd & 0xFFFF not in (1, 2, 3, 4, 5, 6, 7, *_lazy_dump.CLOSE_COMMANDS)
+    assert cmd & 0xFFFF not in (1, 2, 3, 4, 5, 6, 7, *CLOSE_COMMANDS)
     assert len(_lazy_dump.FAIL_COMMAND) == _lazy_dump.PSI_SIZE == 32
 
 
-class GuardRig:
-    """A :class:`Guard` between a fake CRIU (``criu``) and a fake relay (``relay``)."""
-
-    def __init__(self) -> None:
-        self.criu, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.guard = Guard(ours)
-        self.relay = self.guard.relay_sock
-        self.guard.start()
-        self.criu.settimeout(2)
-        self.relay.settimeout(2)
-
-    def criu_got(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            data += self.criu.recv(n - len(data))
-        return data
-
-    def criu_idle(self, seconds: float = 0.3) -> bool:
-        self.criu.settimeout(seconds)
-        try:
-            return self.criu.recv(100, socket.MSG_PEEK) == b"never"
-        except TimeoutError:
-            return True
-        finally:
-            self.criu.settimeout(2)
-
-    def close(self) -> None:
-        self.guard.close()
-        self.criu.close()
-
-
 def test_guard_passes_only_whole_requests_to_criu() -> None:
-    rig = GuardRig()
-    try:
-        rig.relay.sendall(GET[:20])
-        assert rig.criu_idle()  # a part of a request is held back
-        rig.relay.sendall(GET[20:] + GET[:5])
-        assert rig.criu_got(32) == GET
-        assert rig.criu_idle()
-        assert not rig.guard.closed_by_target
-    finally:
-        rig.close()
+    criu, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    guard = Guard(ours)
+    guard.take(GET[:20])
+    assert guard.out == b""  # a part of a request is held back
+    guard.take(GET[20:] + GET[:5])
+    assert guard.out == GET
+    assert not guard.closed_by_target
+    guard.close()
+    criu.close()
 
 
-def test_guard_never_lets_an_early_end_reach_criu_and_fails_it_when_asked() -> None:
-    rig = GuardRig()
-    try:
-        rig.relay.sendall(GET)
-        assert rig.criu_got(32) == GET
-        rig.relay.shutdown(socket.SHUT_WR)  # the relay ended: no close from the daemon
-        assert rig.relay.recv(10) == b""  # the relay's side ends, so the relay can end
-        assert rig.criu_idle()  # CRIU sees no EOF: it would take it for a good end
-        rig.guard.fail_criu()
-        rig.guard.fail_criu()  # once only
-        assert rig.criu_got(32) == _lazy_dump.FAIL_COMMAND
-        assert rig.criu_idle()
-    finally:
-        rig.close()
+def test_guard_fails_criu_once_when_asked() -> None:
+    criu, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    guard = Guard(ours)
+    guard.fail_criu()
+    guard.fail_criu()  # once only
+    guard.close()
+    got = b""
+    while chunk := criu.recv(100):
+        got += chunk
+    assert got == _lazy_dump.FAIL_COMMAND
 
 
 def test_guard_after_the_daemons_close_leaves_criu_alone() -> None:
-    rig = GuardRig()
-    try:
-        rig.relay.sendall(GET + CLOSE)
-        assert rig.criu_got(64) == GET + CLOSE
-        time.sleep(0.05)
-        assert rig.guard.closed_by_target
-        rig.guard.fail_criu()  # every page is there: nothing to fail
-        assert rig.criu_idle()
-        rig.criu.sendall(b"\0" * 4)  # CRIU's status, then it ends
-        rig.criu.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := rig.relay.recv(100):
-            got += chunk
-        assert got == b"\0" * 4
-        assert rig.guard.pages == 4
-    finally:
-        rig.close()
+    criu, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    guard = Guard(ours)
+    guard.take(GET + CLOSE[:10])
+    assert not guard.closed_by_target
+    guard.take(CLOSE[10:])
+    assert guard.closed_by_target
+    guard.fail_criu()  # every page is there: nothing to fail
+    guard.close()
+    assert criu.recv(100) == b""
+    assert guard.passed_pages(4) and guard.pages == 4
 
 
 # -- the target's page server ---------------------------------------------------------------------
@@ -148,8 +106,8 @@ class FakeImage:
 
 
 def relayed(daemon_pid: int) -> tuple[RelayedPages, socket.socket, list[object]]:
-    """A started RelayedPages serving ``daemon_pid``; the source's end of its relay; the
-    errors it reported."""
+    """A started RelayedPages serving ``daemon_pid``; the server relay's end of its local
+    socket; the errors it reported."""
     source, ps = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     errors: list[object] = []
     pages = RelayedPages(FakeImage(), lambda: daemon_pid, errors.append, ps.fileno(), "a")  # type: ignore[arg-type]
@@ -159,44 +117,63 @@ def relayed(daemon_pid: int) -> tuple[RelayedPages, socket.socket, list[object]]
     return pages, source, errors
 
 
-def test_relayed_pages_serve_the_daemon_and_a_good_end_is_no_error() -> None:
+def wait_for_errors(errors: list[object]) -> None:
+    deadline = time.monotonic() + 5
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_relayed_pages_hand_the_daemons_connection_over_and_a_good_end_is_no_error() -> None:
     pages, source, errors = relayed(os.getpid())  # this process holds the client socket
     try:
         with socket.create_connection(("127.0.0.1", pages.port), timeout=3) as daemon:
+            relay_end = receive_socket(source)  # the server's relay speaks to the daemon
+            assert relay_end is not None
             daemon.sendall(GET)
-            assert source.recv(32) == GET
-            source.sendall(b"P" * 4096)
+            assert relay_end.recv(32) == GET
+            relay_end.sendall(b"P" * 4096)
             got = b""
             while len(got) < 4096:
                 got += daemon.recv(8192)
-            daemon.sendall(CLOSE)
-            assert source.recv(32) == CLOSE
-            source.sendall(b"\0" * 4)
-            source.shutdown(socket.SHUT_WR)  # the source's CRIU ended after the close
-            assert daemon.recv(10) == b"\0" * 4
+            relay_end.close()  # the relay's own descriptor: the connection stays open
+            daemon.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                daemon.recv(10)
+            source.sendall(b"K")  # the relay ended well
+            source.close()
             time.sleep(0.1)
         assert pages.error is None and errors == []
-        assert pages.moved == 4100
     finally:
         pages.close()
         source.close()
 
 
-def test_relayed_pages_end_before_the_close_is_an_error_reported_once() -> None:
+@pytest.mark.parametrize(
+    ("said", "why"),
+    [
+        (b"", "the migration server's relay ended without a word"),
+        (b"Fthe link broke", "the link broke"),
+    ],
+)
+def test_relayed_pages_end_without_a_good_verdict_is_an_error_then_the_connection_goes(
+    said: bytes, why: str
+) -> None:
     pages, source, errors = relayed(os.getpid())
     try:
         with socket.create_connection(("127.0.0.1", pages.port), timeout=3) as daemon:
-            daemon.sendall(GET)
-            assert source.recv(32) == GET
-            source.close()  # the source went away with a page asked for
-            deadline = time.monotonic() + 5
-            while not errors and time.monotonic() < deadline:
-                time.sleep(0.02)
+            relay_end = receive_socket(source)
+            assert relay_end is not None
+            relay_end.close()
+            source.sendall(said)
+            source.close()  # the server's relay went away with pages due
+            wait_for_errors(errors)
             assert pages.error is not None
-            assert str(pages.error).startswith(
-                "lazy migration from a: the source ended the transfer before the last page"
+            assert str(pages.error) == (
+                f"lazy migration from a: {why}; the pages not yet here cannot arrive"
             )
             assert errors == [pages.error]
+            # Only once the copy is killed (on_error returned) is the connection shut down.
+            assert daemon.recv(10) == b""
     finally:
         pages.close()
 
