@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import tempfile
@@ -321,7 +322,7 @@ class _Move:
             downtime_ms=round(((self.continued_at or self.running_at) - self.frozen_at) * 1000, 1),
             frozen_ms=self.frozen_ms,
             transfer_ms=round((self.sent_at - self.frozen_at) * 1000, 1),
-            restore_ms=float(self.reply.get("restore_ms", 0.0)),
+            restore_ms=reply_number(self.reply.get("restore_ms")),
             bytes=self.bytes,
             files=self.files,
             total_ms=0.0,
@@ -479,6 +480,17 @@ class _Move:
 
 
 # -- shared by the modes' sources ----------------------------------------------------------------
+
+
+def reply_number(value: object) -> float:
+    """A figure from the target's reply (``restore_ms``…), 0.0 unless a finite number >= 0:
+    read after the commit (the original is gone), it must never raise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    with contextlib.suppress(OverflowError):  # an int too big for a float
+        if math.isfinite(number := float(value)) and number >= 0:
+            return number
+    return 0.0
 
 
 def addresses_to_move(
