@@ -55,6 +55,7 @@ from .._engine import criu_version
 from .._errors import DumpError, TorporError
 from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
+from .._safe import open_dir
 from . import _address, _leftovers, _netlock, _preflight
 from ._channel import ChannelError, Conn, connect, relay, start_relay
 from ._copy import MigrationError, Summary, addresses_to_move, preflight, transfer_image
@@ -157,6 +158,9 @@ class _LazyMove:
         self.addresses: tuple[_address.IPAddr, ...] = ()
         self.tcp = False
         self.before: set[tuple[str, str]] = set()  # nftables tables before CRIU's lock
+        # This dump's own lock table, named at ``post-dump`` (:meth:`_name_lock`): the only
+        # one this move unlocks, journals or names to the target.
+        self.own_tables: tuple[tuple[str, str], ...] = ()
         self.let_go = False  # the addresses were taken down here for the target
         self.taken_back = False
         self.journal: Path | None = None  # what to undo after the commit (_leftovers)
@@ -211,8 +215,13 @@ class _LazyMove:
         )
 
     def _unlock(self) -> None:
+        """Drop this dump's own lock table (named at ``post-dump``), never another's: a
+        CRIU dump made meanwhile on this host (another migration, a ``torpor checkpoint
+        --tcp-established``) has a ``CRIU-*`` table of its own. Nothing named (the dump
+        failed before ``post-dump``, or ``post-dump`` was answered false): CRIU removed its
+        lock itself."""
         try:
-            for table in sorted(_netlock.new_criu_tables(self.before)):
+            for table in self.own_tables:
                 _netlock.drop(table)
         except TorporError as exc:
             if self.say is not None:
@@ -245,6 +254,7 @@ class _LazyMove:
         if event.name != "post-dump":
             return True
         try:
+            self.own_tables = self._name_lock()
             self._transfer()
             # Before the copy runs: what this command must undo should it be killed after
             # CRIU's kill (a later sweep finishes it). Not written: no commit.
@@ -253,7 +263,7 @@ class _LazyMove:
                 self.ref,
                 target=self.where,
                 addresses=self.addresses,
-                tables=_netlock.new_criu_tables(self.before) if self.tcp else (),
+                tables=self.own_tables,
             )
         except BaseException as exc:  # answered false: CRIU thaws the original
             self.failure = exc
@@ -307,6 +317,32 @@ class _LazyMove:
             self._take_back()
             self.guard.fail_criu()
 
+    def _name_lock(self) -> tuple[tuple[str, str], ...]:
+        """This dump's lock table (at ``post-dump``, inside the freeze): named from the run
+        id in its ``inventory.img``, which CRIU 4.2 writes before ``post-dump`` (no ``nft``
+        run: a listing costs ~40 ms of the freeze). Without a run id there (another CRIU),
+        the one CRIU table new since the dump began, if there is exactly one; with several
+        none is taken (another dump's lock must not be deleted; ours may then be left, said
+        so). Empty without ``tcp_established``: CRIU then locks nothing."""
+        if not self.tcp:
+            return ()
+        fd = open_dir(self.staging)
+        try:
+            own = _netlock.dump_table(fd)
+        finally:
+            os.close(fd)
+        if own is not None:
+            return (own,)
+        new = _netlock.new_criu_tables(self.before)
+        if len(new) == 1:
+            return tuple(new)
+        if new and self.say is not None:
+            self.say(
+                "warning: the dump names no lock table and several CRIU tables are new here "
+                f"({', '.join(sorted(n for _, n in new))}): none is removed"
+            )
+        return ()
+
     def _transfer(self) -> None:
         conn = self.conn
         staging = self.staging
@@ -314,7 +350,7 @@ class _LazyMove:
         self.rss = rss
         # The lock CRIU made for this dump: the target names its own lock so, for its
         # restore to lift it at the right moment (see _netlock.block).
-        locks = sorted(_netlock.new_criu_tables(self.before)) if self.addresses else []
+        locks = self.own_tables if self.addresses else ()
         image_facts = {
             "pid": self.pid,
             "cmdline": list(cmdline),
