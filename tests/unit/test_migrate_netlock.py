@@ -8,6 +8,8 @@ import ipaddress
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -238,3 +240,70 @@ def test_a_huge_inventory_is_refused_unread(tmp_path: Path) -> None:
             _netlock.dump_table(fd)
     finally:
         os.close(fd)
+
+
+# -- the target's lock, named by the peer ------------------------------------------------------
+
+
+class FakeConn:
+    """The source's end: what the target sends it."""
+
+    peer = SimpleNamespace(name="a")
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sent.append(msg)
+
+
+@pytest.fixture
+def incoming(
+    nft: FakeNft, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, list[str]]:
+    from torpor._migrate import _address, _serve
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("TORPOR_HOME", str(home))
+    brought: list[str] = []
+    monkeypatch.setattr(_address, "bring_up", lambda addr, links=None: brought.append(str(addr)))
+    monkeypatch.setattr(_address, "announce", lambda addr, link=None: True)
+    monkeypatch.setattr(_address, "take_down", lambda addr: True)
+    inc = _serve._Incoming(FakeConn(), "b:7070", lambda line: None)  # type: ignore[arg-type]
+    inc.addresses = (ipaddress.ip_interface("10.0.0.100/24"),)
+    return inc, brought
+
+
+def test_a_lock_the_peer_names_after_a_table_here_is_refused(
+    nft: FakeNft, incoming: tuple[Any, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torpor._migrate import _serve
+
+    inc, brought = incoming
+    other = ("inet", "CRIU-59b7beb0-a3e8-4f9d-98")  # another dump's lock, here
+    nft.tables.append(other)
+    inc.criu_lock = other[1]
+
+    def restore(*args: object, **kwargs: object) -> None:
+        raise AssertionError("restored behind another dump's lock")
+
+    monkeypatch.setattr(_serve, "_restore_apart", restore)
+    with pytest.raises(NetlockError, match="exists here"):
+        inc._restore(None, "app")
+    ((failed,),) = [inc.conn.sent]
+    assert failed["type"] == "failed" and "a table that exists here: refused" in failed["error"]
+    assert other in nft.tables  # neither merged into nor deleted
+    assert [c for c in nft.calls if c[0] != ("-j", "list", "tables")] == []
+    assert brought == []
+    assert not (Path(os.environ["TORPOR_HOME"]) / "migrate-inflight.json").exists()
+
+
+def test_a_lock_name_free_here_is_taken(nft: FakeNft, incoming: tuple[Any, list[str]]) -> None:
+    inc, brought = incoming
+    inc.criu_lock = "CRIU-59b7beb0-a3e8-4f9d-98"
+    assert inc.with_addresses(lambda: "rec") == "rec"
+    script = [s for a, s in nft.calls if a == ("-f", "-")]
+    assert len(script) == 1 and script[0] is not None
+    assert script[0].startswith("table inet CRIU-59b7beb0-a3e8-4f9d-98 {")
+    assert brought == ["10.0.0.100/24"]

@@ -418,6 +418,14 @@ class _Incoming:
         then aborts with :meth:`abandon`."""
         if not self.addresses:
             return restore()
+        # The peer names the lock: never a table that is here already (another dump's), or
+        # block would merge rules into it and drop (here or the sweep, by the journal)
+        # would delete it. Checked before the journal names it.
+        lock = self.criu_lock
+        if lock is not None and ("inet", lock) in _netlock.tables():
+            raise _netlock.NetlockError(
+                f"{self.peer} named its lock inet {lock}, a table that exists here: refused"
+            )
         tag = os.urandom(4).hex()
         # Written first: a server killed from here on leaves them to the next one's sweep.
         _paths.write_home_file(
