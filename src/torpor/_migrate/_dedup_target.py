@@ -49,6 +49,7 @@ from ._dedup import (
     segment_lengths,
     total_chunks,
 )
+from ._serve_sweep import is_in_transit
 from ._wire import recv_bytes, send_bytes
 
 MAX_SCAN = 1024  # entries of the images directory looked at for a base
@@ -134,7 +135,7 @@ def _images_with(ids: set[str]) -> list[Image]:
         for n, entry in enumerate(entries):
             if n >= MAX_SCAN:
                 break
-            if STAGING_MARK in entry.name or ".migrating-" in entry.name:
+            if STAGING_MARK in entry.name or is_in_transit(entry.name):
                 continue
             if not entry.is_dir(follow_symlinks=False):
                 continue

@@ -54,7 +54,7 @@ from ._dedup_target import BaseCache, Held, agreed
 from ._dedup_target import receive_file as receive_planned
 from ._pagestream import PagesFailed
 from ._pagestream import receive as receive_pages
-from ._serve_sweep import _IN_TRANSIT, _JOURNAL, _clear_journal, _sweep
+from ._serve_sweep import _JOURNAL, _clear_journal, _sweep, in_transit
 from ._wire import receive_file
 
 _MAX_PID = (1 << 31) - 1  # as the manifest's bound
@@ -192,7 +192,7 @@ class _Incoming:
         streaming = msg.get("type") == "pages-stream" and self.stream_offered
         if msg.get("type") != "image" and not streaming:
             raise ChannelError(f"{self.peer} sent {msg.get('type')!r}, not the image")
-        staging = Staging(_paths.images_dir() / f"{name}{_IN_TRANSIT}{os.urandom(4).hex()}")
+        staging = Staging(in_transit(name))
         image: Image | None = None
         try:
             try:

@@ -7,16 +7,47 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 from .. import _paths
-from .._errors import TorporError
+from .._errors import TorporError, UsageError
+from .._images._image import STAGING_MARK
+from .._images._store import check_name
 from .._process import _registry
 from . import _address, _netlock
 
 _IN_TRANSIT = ".migrating-"  # in the names of image directories being received
 _JOURNAL = "migrate-inflight.json"  # service addresses brought up for a restore under way
+# Exactly what in_transit() makes: NAME.migrating-HEX (the received image, sealed) and its
+# staging directory .NAME.migrating-HEX.partial-HEX (Staging), NAME a process name.
+_HEX = "[0-9a-f]{8}"
+_MADE = re.compile(
+    rf"(?:\.(?P<s>.+){re.escape(_IN_TRANSIT)}{_HEX}{re.escape(STAGING_MARK)}{_HEX}"
+    rf"|(?P<d>.+){re.escape(_IN_TRANSIT)}{_HEX})\Z"
+)
+
+
+def in_transit(name: str) -> Path:
+    """Where the image of process ``name`` is received, in the images directory: a name
+    :func:`is_in_transit` knows (``NAME.migrating-`` and 8 lowercase hex digits)."""
+    return _paths.images_dir() / f"{name}{_IN_TRANSIT}{os.urandom(4).hex()}"
+
+
+def is_in_transit(entry: str) -> bool:
+    """Whether ``entry`` of the images directory is a received image or its staging
+    directory, as :func:`in_transit` and :class:`~torpor._images._image.Staging` name them
+    (an image a user named ``db.migrating-2`` is not)."""
+    m = _MADE.match(entry)
+    if m is None:
+        return False
+    try:
+        check_name(m["s"] or m["d"], what="process name")
+    except UsageError:
+        return False
+    return True
 
 
 def _sweep(log: Callable[[str], None]) -> None:
@@ -25,7 +56,7 @@ def _sweep(log: Callable[[str], None]) -> None:
     locks."""
     images = _paths.images_dir()
     for entry in os.listdir(images):
-        if _IN_TRANSIT in entry:
+        if is_in_transit(entry):
             shutil.rmtree(images / entry, ignore_errors=True)
             log(f"removed {images / entry}, left by a migration that did not finish")
     left = _paths.read_home_file(_JOURNAL)
