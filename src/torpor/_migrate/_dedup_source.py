@@ -53,13 +53,18 @@ class Offered:
 def candidates(paths: Iterable[str | None]) -> dict[str, Offered]:
     """The bases the source can name, by :func:`content_id`: the images at ``paths`` (the
     record's ``restored_from``, ``checkpointed_to``; anything not an image is skipped) that
-    are small enough to be used."""
+    are small enough to be used and still trusted here (:meth:`~Image.trusted`: a copy
+    whose files changed since they were hashed would plan runs the target's good copy does
+    not hold, fail the migration and have the target distrust its copy, every time)."""
     out: dict[str, Offered] = {}
     for p in paths:
         if not p or not os.path.isabs(p) or len(out) >= MAX_BASES:
             continue
         try:
-            manifest = Image.open(p).manifest
+            image = Image.open(p)
+            if not image.trusted():
+                continue
+            manifest = image.manifest
         except (TorporError, OSError):
             continue  # gone or refused: the migration simply has no base
         files = layout(manifest.files)
@@ -94,10 +99,11 @@ class SourceBase:
         """Open this host's copy of the base (the image at ``path``, opened and checked as
         any image): a chunk equal to its own there is then known without hashing it (the
         target's copy has the same content: the same :func:`content_id`, verified there).
-        Nothing if it is gone or refused: the chunks are then hashed."""
+        Nothing if it is gone, refused or no longer trusted (its files changed since they
+        were hashed, :func:`candidates`): the chunks are then hashed."""
         try:
             image = Image.open(path)
-            if content_id(image.manifest) != self.id:
+            if content_id(image.manifest) != self.id or not image.trusted():
                 return
             with image.opened() as dir_fd:
                 for f in self.files:

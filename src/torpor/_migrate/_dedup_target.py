@@ -194,13 +194,15 @@ class Held:
     def suspect(self, counts: Counts) -> str:
         """An image received against this base did not match the source's hashes: most
         likely this base (the source hashed what it dumped). :meth:`distrust` it; what the
-        error says of it (nothing if nothing came from it)."""
+        error (sent to the peer too) says of it: its name and content id, never where it is
+        here (nothing if nothing came from it)."""
         if not counts.from_base:
             return ""
         self.distrust()
         return (
-            f" ({counts.from_base} bytes were copied from the base image {self.image.path} "
-            "here, which may be damaged: it is verified in full before its next use)"
+            f" ({counts.from_base} bytes were copied from the base image "
+            f"{self.image.name!r} (content id {self.id[:16]}) here, which may be damaged: it "
+            "is verified in full before its next use)"
         )
 
     def distrust(self) -> None:
