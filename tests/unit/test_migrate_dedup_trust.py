@@ -6,6 +6,7 @@ there. Real images in a real home; no channel (the plans are checked as made).""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,51 @@ def test_the_target_names_a_suspect_base_but_not_where_it_is(home: Path) -> None
     assert "'web-base'" in said and cid[:16] in said
     assert str(home) not in said and "/" not in said
     assert held.suspect(Counts(sent=1)) == ""
+
+
+# -- the target's cache of chunk lists, bounded ------------------------------------------------
+
+
+def _hold(cache: _dedup_target.BaseCache, image: Image) -> str:
+    logged: list[str] = []
+    held = cache.hold([content_id(image.manifest)], logged.append)
+    assert held is not None
+    held.close()
+    return logged[-1]
+
+
+def _bases(home: Path, n: int) -> list[Image]:
+    return [
+        make_image(home / "images", f"b{i}", {**FILES, "pstree.img": b"tree%d" % i})
+        for i in range(n)
+    ]
+
+
+def test_the_cache_keeps_the_most_recently_used_lists_only(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = _bases(home, 10)
+    cache = _dedup_target.BaseCache()
+    for image in images:
+        assert " computed in " in _hold(cache, image)
+    kept = list(cache._lists)
+    assert kept == [content_id(i.manifest) for i in images[-_dedup_target.MAX_CACHED :]]
+    # A list used again is the most recent: it stays when a new one comes.
+    assert " cached in " in _hold(cache, images[-_dedup_target.MAX_CACHED])
+    assert " computed in " in _hold(cache, images[0])
+    assert content_id(images[-_dedup_target.MAX_CACHED].manifest) in cache._lists
+    assert content_id(images[-_dedup_target.MAX_CACHED + 1].manifest) not in cache._lists
+    # And by bytes: room for two of these lists, not three.
+    one = len(cache._lists[content_id(images[0].manifest)].ids)
+    monkeypatch.setattr(_dedup_target, "MAX_CACHED_BYTES", 2 * one)
+    _hold(cache, images[1])
+    assert list(cache._lists) == [content_id(i.manifest) for i in (images[0], images[1])]
+
+
+def test_the_cache_drops_the_lists_of_images_that_are_gone(home: Path) -> None:
+    a, b = _bases(home, 2)
+    cache = _dedup_target.BaseCache()
+    _hold(cache, a)
+    shutil.rmtree(a.path)
+    _hold(cache, b)
+    assert list(cache._lists) == [content_id(b.manifest)]

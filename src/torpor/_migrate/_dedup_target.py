@@ -6,8 +6,9 @@ A base is an image directory of this home's images directory whose manifest give
 source named (:func:`._dedup.content_id`). It is opened and checked as any image torpor uses
 (:class:`~torpor._images._image.Image`); one whose files are not exactly as when they were last
 hashed (its verification stamp) is verified in full first, and one that fails is not used (the
-migration goes on without a base). Its chunk ids are kept in a :class:`BaseCache` for as long
-as the server runs (an image never changes), and reused while the image is still trusted.
+migration goes on without a base). Its chunk ids are kept in a :class:`BaseCache` (the few
+most recently used, while their image is there: an image never changes), and reused while
+the image is still trusted.
 
 What can still go wrong is caught at the end: every file received is hashed whole, base runs
 included, and compared with the source's SHA-256. A base whose bytes changed without a trace
@@ -22,7 +23,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ from ._serve_sweep import is_in_transit
 from ._wire import recv_bytes, send_bytes
 
 MAX_SCAN = 1024  # entries of the images directory looked at for a base
+MAX_CACHED = 4  # chunk lists a BaseCache keeps
+MAX_CACHED_BYTES = 2 * MAX_BASE_CHUNKS * DIGEST_SIZE  # and their bytes: two of the largest
 _COPY_BLOCK = 4 << 20  # bytes of a base run read at once
 _DEPTH = 3  # of them in flight: read, waiting, being hashed and written
 _ZEROS = bytes(_COPY_BLOCK)
@@ -66,10 +69,13 @@ class _Cached:
 
 
 class BaseCache:
-    """The chunk ids of the bases this server has used, by content id."""
+    """The chunk ids of the bases this server has used, by content id: the most recently
+    used ones, at most :data:`MAX_CACHED` of them and :data:`MAX_CACHED_BYTES` in all (a
+    peer naming other bases each time, or years of use, must not grow it without end), and
+    only while their image is still where it was."""
 
     def __init__(self) -> None:
-        self._lists: dict[str, _Cached] = {}
+        self._lists: OrderedDict[str, _Cached] = OrderedDict()  # least recently used first
 
     def hold(self, ids: Sequence[str], log: Callable[[str], None]) -> Held | None:
         """The first base of ``ids`` (checked content ids) found here and usable, opened,
@@ -110,10 +116,10 @@ class BaseCache:
             if cached is None:
                 ids = b"".join(_chunk_ids(fd, f) for fd, f in zip(fds, files, strict=True))
                 cached = _Cached(str(image.path), image.manifest.id, ids)
-                self._lists[cid] = cached
                 how = "computed"
             else:
                 how = "cached"
+            self._keep(cid, cached)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -121,6 +127,19 @@ class BaseCache:
         took = round((time.monotonic() - started) * 1000)
         log(f"base image {image.path}: {total_chunks(files)} chunk ids {how} in {took} ms")
         return Held(self, cid, image, files, fds, cached.ids)
+
+    def _keep(self, cid: str, cached: _Cached) -> None:
+        """Keep ``cached`` as the most recently used list; drop the lists of images that
+        are gone, then the least recently used ones over the bounds."""
+        self._lists.pop(cid, None)
+        for old, c in list(self._lists.items()):
+            if not os.path.isdir(c.path):
+                del self._lists[old]
+        self._lists[cid] = cached
+        size = sum(len(c.ids) for c in self._lists.values())
+        while len(self._lists) > 1 and (len(self._lists) > MAX_CACHED or size > MAX_CACHED_BYTES):
+            _, dropped = self._lists.popitem(last=False)
+            size -= len(dropped.ids)
 
     def forget(self, cid: str) -> None:
         """Drop the list of base ``cid``."""
