@@ -77,6 +77,7 @@ OUT = BENCH / "out"
 APP = BENCH / "migrate_app.py"
 LAB_HOSTS = BENCH.parent / "scripts" / "lab-hosts"
 TORPOR = (sys.executable, "-m", "torpor")
+LAUNCHER = str(Path(sys.executable).with_name("torpor"))  # the native launcher (bin/torpor.c)
 AGENT_PORT, APP_PORT, HB_PORT, RECV_PORT, LAZY_PORT = 7070, 8080, 9090, 7171, 7272
 STEP_TIMEOUT = 600.0
 POOL = "shared"
@@ -183,6 +184,22 @@ def set_rto_min(lab: Lab, ms: int) -> None:
                  if r.get("dst") == subnet)  # fmt: skip
         lab.run(host, "ip", "route", "change", subnet, "dev", route["dev"], "proto", "kernel",
                 "scope", "link", "src", route["prefsrc"], "rto_min", f"{ms}ms")  # fmt: skip
+
+
+def start_source_agent(lab: Lab) -> None:
+    """``--source-agent``: a's own agent (``torpor agent run``), as each host of a deployment
+    runs one; a's ``torpor migrate`` then goes through the native launcher to one of its warm
+    workers instead of starting Python and importing torpor for every move."""
+    lab.start("a", *TORPOR, "agent", "run")
+    deadline = time.monotonic() + 30
+    while True:
+        res = subprocess.run(lab.argv("a", *TORPOR, "agent", "status"), capture_output=True,
+                             text=True, check=False)  # fmt: skip
+        if res.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"a's agent never served: {res.stdout.strip()} {res.stderr.strip()}")
+        time.sleep(0.1)
 
 
 def start_agent(lab: Lab) -> str:
@@ -347,7 +364,8 @@ class Bench:
 
     def torpor_move(self, name: str, variant: str) -> dict[str, Any]:
         mode = variant.split()[1]
-        cmd = [*TORPOR, "migrate", name, "--to", self.agent, "--mode", mode, "--json"]
+        launch = (LAUNCHER,) if self.args.source_agent else TORPOR
+        cmd = [*launch, "migrate", name, "--to", self.agent, "--mode", mode, "--json"]
         if mode == "pool":
             if self.args.pool == "none":
                 raise NotBuilt("no pool (--pool none)")
@@ -473,6 +491,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="MS",
         help="TCP's minimum retransmission timeout on the lab's routes (Linux: 200 ms)",
     )
+    p.add_argument(
+        "--source-agent",
+        action="store_true",
+        help="run an agent on a too and send a's torpor migrate through the native launcher "
+        "to it (as a host of a deployment does), instead of a fresh python -m torpor each move",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round of 64 MiB")
     p.add_argument("--publish-dir", type=Path, help="copy the plot and raw samples there")
@@ -500,6 +524,7 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     info = machine() | code_state() | {"client": args.client, "rto_min": args.rto_min or 200}
+    info["source_agent"] = args.source_agent
     log(f"machine: {info}")
     samples: list[Sample] = []
     bench = None
@@ -512,6 +537,8 @@ def main() -> int:
                 make_pool(lab, tmp)
             if args.rto_min is not None:
                 set_rto_min(lab, args.rto_min)
+            if args.source_agent:
+                start_source_agent(lab)
             bench = Bench(lab, Client(lab), start_agent(lab), args)
             if not args.no_warmup:
                 for v in args.variant_list:
