@@ -163,7 +163,7 @@ def test_record_writes_one_private_journal_naming_everything(home: Path, procs: 
     assert os.listdir(path.parent) == [path.name]  # no temporary file left
     journal = _leftovers.load(path)
     assert (journal.name, journal.target, journal.original) == ("web", "10.0.0.3:7070", original)
-    assert journal.owner == ProcRef(os.getpid(), start_time(os.getpid()))
+    assert journal.owner == ProcRef(os.getpid(), start_time(os.getpid()) or -1)
     assert journal.tables == (TABLE,)
     assert [str(a) for a in journal.addresses] == [ADDR]
 
@@ -300,7 +300,7 @@ def planted(home: Path, procs: Procs, **changes: Any) -> Path:
     return path
 
 
-HOSTILE = {
+HOSTILE: dict[str, tuple[dict[str, Any], str]] = {
     "a firewall table": ({"tables": ["filter"]}, "it names a table that is not CRIU's lock"),
     "a table path": ({"tables": ["CRIU-1/../x"]}, "it names a table that is not CRIU's lock"),
     "many tables": ({"tables": ["CRIU-1"] * 9}, "its tables are not a short list"),
@@ -375,3 +375,110 @@ def test_a_killed_writer_s_temporary_file_goes_once_it_is_old(home: Path, procs:
     os.utime(temp, (old, old))
     _leftovers.sweep()
     assert not temp.exists()
+
+
+# -- addresses this host's server has just brought up for an incoming copy ---------------------
+
+INFLIGHT = "migrate-inflight.json"
+
+
+def test_an_address_the_server_brought_up_for_an_incoming_copy_stays(
+    home: Path, procs: Procs, host: FakeHost, nft: FakeNft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process comes back here (migrated in, the server restoring it, not recorded yet)
+    while a stale journal of its earlier move away names the same address: a sweep then
+    (``torpor ps``) must not take it down under the incoming copy."""
+    from torpor._migrate import _serve
+
+    path = written_by_a_dead_command(gone(procs))
+
+    def block(tag: str, addrs: object, criu: str | None = None) -> tuple[str, str]:
+        nft.tables.append(("inet", f"torpor-mig-{tag}"))
+        return ("inet", f"torpor-mig-{tag}")
+
+    monkeypatch.setattr(_netlock, "block", block)
+    monkeypatch.setattr(_address, "bring_up", lambda addr, links=None: None)
+    monkeypatch.setattr(_address, "announce", lambda addr, link=None: True)
+    conn: Any = type("Conn", (), {"peer": type("Peer", (), {"name": "a"})()})()
+    incoming: Any = _serve._Incoming(conn, "b:7070", lambda line: None)
+    incoming.addresses = _address.parse_all([ADDR])
+    swept: list[str] = []
+
+    def restore() -> Any:
+        journal = json.loads((home / INFLIGHT).read_text())
+        assert journal["owner"] == [os.getpid(), start_time(os.getpid())]  # this server
+        swept.extend(_leftovers.sweep())  # as `torpor ps` on this host, meanwhile
+        return "rec"
+
+    assert incoming.with_addresses(restore) == "rec"
+    assert swept == [
+        "removed CRIU's network lock inet CRIU-1234-abcd, left by web (migrated to 10.0.0.3:7070)"
+    ]
+    assert host.removed == [] and ADDR in host.addresses
+    assert not path.exists() and not (home / INFLIGHT).exists()
+
+
+def inflight(home: Path, data: object) -> None:
+    (home / INFLIGHT).write_text(json.dumps(data))
+    (home / INFLIGHT).chmod(0o600)
+
+
+def test_a_journal_of_a_server_that_ended_holds_nothing(
+    home: Path, procs: Procs, host: FakeHost, nft: FakeNft
+) -> None:
+    path = written_by_a_dead_command(gone(procs))
+    dead = gone(procs)
+    inflight(home, {"addresses": [ADDR], "lock": None, "owner": [dead.pid, dead.start_time]})
+    _leftovers.sweep()
+    assert host.removed == [ADDR] and not path.exists()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "not json{",
+        [ADDR],
+        {"addresses": ADDR},
+        {"addresses": [ADDR], "owner": "me"},
+        {"addresses": [ADDR], "owner": [True, 1]},
+        {"addresses": [ADDR], "owner": [0, 1]},
+        {"addresses": [ADDR], "owner": [1 << 40, 1]},
+        {"addresses": [ADDR], "owner": [1, 2, 3]},
+    ],
+    ids=["text", "list", "addresses-str", "owner-str", "owner-bool", "pid-0", "pid-huge", "three"],
+)
+def test_a_hostile_server_journal_holds_nothing(
+    home: Path, procs: Procs, host: FakeHost, nft: FakeNft, data: object
+) -> None:
+    written_by_a_dead_command(gone(procs))
+    if isinstance(data, str):
+        (home / INFLIGHT).write_text(data)
+    else:
+        inflight(home, data)
+    _leftovers.sweep()
+    assert host.removed == [ADDR]
+
+
+def test_a_server_journal_that_is_not_torpor_s_file_holds_nothing(
+    home: Path, procs: Procs, host: FakeHost, nft: FakeNft, tmp_path: Path
+) -> None:
+    written_by_a_dead_command(gone(procs))
+    _, server = procs.start()
+    elsewhere = tmp_path / "planted.json"
+    elsewhere.write_text(
+        json.dumps({"addresses": [ADDR], "owner": [server.pid, server.start_time]})
+    )
+    (home / INFLIGHT).symlink_to(elsewhere)
+    _leftovers.sweep()
+    assert host.removed == [ADDR]
+
+
+def test_a_live_server_s_journal_holds_its_good_addresses(
+    home: Path, procs: Procs, host: FakeHost, nft: FakeNft
+) -> None:
+    written_by_a_dead_command(gone(procs))
+    _, server = procs.start()
+    owner = [server.pid, server.start_time]
+    inflight(home, {"addresses": [7, "nonsense", ADDR], "owner": owner})
+    _leftovers.sweep()
+    assert host.removed == [] and ADDR in host.addresses

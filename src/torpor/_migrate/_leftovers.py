@@ -26,10 +26,12 @@ and is acted on only so:
   the addresses are the original's: only the journal goes. Still traced: CRIU is between the
   answer and the kill; the journal is left for later;
 - the original is gone (the commit): each address goes down, unless a running managed
-  process's record holds it; then each CRIU table is deleted (in that order, as the command
-  does: until the address has left, the lock keeps this host from answering the peers' packets
-  with resets); the journal goes once both are done, and stays (for the next sweep) if one
-  failed.
+  process's record holds it, or this host's migration server (alive) has just brought it up
+  for an incoming copy (its ``migrate-inflight.json``, read as hostile too:
+  :func:`._serve_sweep.inflight_addresses`); then each CRIU table is deleted (in that
+  order, as the command does: until the address has left, the lock keeps this host from
+  answering the peers' packets with resets); the journal goes once both are done, and stays
+  (for the next sweep) if one failed.
 
 The journal is not fsynced: the kernel state it describes (nftables tables, addresses) does
 not survive a crash of the host either, and writing it falls in the migration's downtime.
@@ -282,9 +284,12 @@ def _undo(journal: Journal) -> list[str]:
 
 
 def _held_by_running() -> set[object]:
+    """The addresses this host's running managed processes hold, and those its migration
+    server has just brought up for an incoming copy that is not recorded yet."""
     from .._process import _registry
+    from ._serve_sweep import inflight_addresses
 
-    held: set[object] = set()
+    held = inflight_addresses()
     for rec in _registry.list_all():
         if rec.state != "running":
             continue

@@ -45,6 +45,7 @@ from .._images import _manifest
 from .._images._image import Image, Staging
 from .._images._manifest import FileEntry
 from .._process import _manage, _registry
+from .._process._proc import start_time
 from .._safe import create_file, is_plain_name, open_dir
 from . import _address, _dedup, _netlock, _preflight
 from ._apart import run_apart
@@ -427,13 +428,14 @@ class _Incoming:
                 f"{self.peer} named its lock inet {lock}, a table that exists here: refused"
             )
         tag = os.urandom(4).hex()
-        # Written first: a server killed from here on leaves them to the next one's sweep.
-        _paths.write_home_file(
-            _JOURNAL,
-            json.dumps(
-                {"addresses": [str(a) for a in self.addresses], "lock": self.criu_lock}
-            ).encode(),
-        )
+        # Written first: a server killed from here on leaves them to the next one's sweep;
+        # while this server runs, a source's sweep here leaves them be (_leftovers).
+        journal = {
+            "addresses": [str(a) for a in self.addresses],
+            "lock": self.criu_lock,
+            "owner": [os.getpid(), start_time(os.getpid())],
+        }
+        _paths.write_home_file(_JOURNAL, json.dumps(journal).encode())
         brought: list[tuple[_address.IPAddr, _address.Link]] = []
         table: tuple[str, str] | None = None
         try:

@@ -17,10 +17,13 @@ from .._errors import TorporError, UsageError
 from .._images._image import STAGING_MARK
 from .._images._store import check_name
 from .._process import _registry
+from .._process._proc import ProcRef
 from . import _address, _netlock
 
 _IN_TRANSIT = ".migrating-"  # in the names of image directories being received
 _JOURNAL = "migrate-inflight.json"  # service addresses brought up for a restore under way
+_MAX_JOURNAL = 64 << 10  # bytes of it read
+_MAX_ADDRESSES = 256  # addresses of it believed
 # Exactly what in_transit() makes: NAME.migrating-HEX (the received image, sealed) and its
 # staging directory .NAME.migrating-HEX.partial-HEX (Staging), NAME a process name.
 _HEX = "[0-9a-f]{8}"
@@ -95,6 +98,31 @@ def _sweep(log: Callable[[str], None]) -> None:
     with contextlib.suppress(TorporError):
         for table in _netlock.sweep():
             log(f"removed the network lock {table}, left by a migration that did not finish")
+
+
+def inflight_addresses() -> set[object]:
+    """The addresses (``ip``) a live server of this home has brought up for an incoming copy
+    that may not run yet: its :data:`_JOURNAL`, read as hostile (a file of torpor's own,
+    bounded; each address parsed alone). A journal whose server has ended holds nothing (the
+    next server's sweep takes them down); one of a server too old to name itself holds all."""
+    raw = _paths.read_home_file(_JOURNAL, limit=_MAX_JOURNAL)
+    try:
+        journal = json.loads(raw) if raw is not None else None
+    except (ValueError, RecursionError):
+        return set()
+    if not isinstance(journal, dict) or not isinstance(journal.get("addresses"), list):
+        return set()
+    owner = journal.get("owner")
+    if owner is not None:
+        ok = isinstance(owner, list) and len(owner) == 2
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in owner)
+        if not ok or not 0 < owner[0] < 1 << 31 or not ProcRef(*owner).alive():
+            return set()
+    held: set[object] = set()
+    for item in journal["addresses"][:_MAX_ADDRESSES]:
+        with contextlib.suppress(TorporError):
+            held.add(_address.parse(item).ip)
+    return held
 
 
 def _clear_journal() -> None:
