@@ -482,3 +482,48 @@ def test_a_live_server_s_journal_holds_its_good_addresses(
     inflight(home, {"addresses": [7, "nonsense", ADDR], "owner": owner})
     _leftovers.sweep()
     assert host.removed == [] and ADDR in host.addresses
+
+
+def test_the_incoming_copy_s_record_holds_its_addresses_before_the_journal_goes(
+    home: Path, procs: Procs, host: FakeHost, nft: FakeNft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copy (and pool) mode: the record naming the copy's service addresses is written while
+    the server's journal still holds them, never after it went (a sweep in between would
+    take them down under the copy)."""
+    from torpor._migrate import _serve
+    from torpor._migrate._channel import ChannelError
+
+    def block(tag: str, addrs: object, criu: str | None = None) -> tuple[str, str]:
+        nft.tables.append(("inet", f"torpor-mig-{tag}"))
+        return ("inet", f"torpor-mig-{tag}")
+
+    monkeypatch.setattr(_netlock, "block", block)
+    monkeypatch.setattr(_address, "bring_up", lambda addr, links=None: None)
+    monkeypatch.setattr(_address, "announce", lambda addr, link=None: True)
+    _, copy = procs.start()
+    rec = _registry.ManagedProcess(
+        name="web", pid=copy.pid, start_time=copy.start_time, keeper_pid=os.getpid(),
+        command=("sleep", "60"), started="2026-01-01T00:00:00",
+    )  # fmt: skip
+    monkeypatch.setattr(_serve, "_restore_apart", lambda image, name, stopped=False: rec)
+    journal_there: list[bool] = []
+
+    def update(name: str, ref: ProcRef, **changes: Any) -> bool:
+        if "service_addresses" in changes:
+            journal_there.append((home / INFLIGHT).exists())
+        return True
+
+    monkeypatch.setattr(_registry, "update", update)
+
+    class Conn:
+        peer = type("Peer", (), {"name": "a"})()
+
+        def send(self, msg: dict[str, Any]) -> None:
+            raise ChannelError("cut")  # the 'running': the copy is abandoned
+
+    incoming: Any = _serve._Incoming(Conn(), "b:7070", lambda line: None)  # type: ignore[arg-type]
+    incoming.addresses = _address.parse_all([ADDR])
+    monkeypatch.setattr(incoming, "abandon", lambda r: None)
+    incoming._restore(None, "web")
+    assert journal_there == [True]
+    assert not (home / INFLIGHT).exists()

@@ -351,18 +351,14 @@ class _Incoming:
         try:
             # Fenced: the copy is left stopped until the source confirms the original's end,
             # so the two never run at once (a source that dies in between leaves it stopped).
-            rec = self.with_addresses(lambda: _restore_apart(image, name, stopped=True))
+            rec = self.with_addresses(
+                lambda: _restore_apart(image, name, stopped=True), recorded=self._recorded
+            )
         except TorporError as exc:
             with contextlib.suppress(TorporError):
                 conn.send({"type": "failed", "error": exc.msg})
             raise
         took = round((time.monotonic() - started) * 1000, 1)
-        with contextlib.suppress(OSError, TorporError):
-            _registry.update(
-                name, rec.ref, restored_from=None,
-                migrating=f"from {self.peer} (stopped until the source confirms its end)",
-                service_addresses=tuple(str(a) for a in self.addresses),
-            )  # fmt: skip
         try:
             conn.send({"type": "running", "pid": rec.pid, "restore_ms": took, "stopped": True})
         except ChannelError as exc:
@@ -409,16 +405,31 @@ class _Incoming:
             f"the source confirmed the original's end {confirm_ms} ms after"
         )
 
+    def _recorded(self, rec: _registry.ManagedProcess) -> None:
+        with contextlib.suppress(OSError, TorporError):
+            _registry.update(
+                rec.name, rec.ref, restored_from=None,
+                migrating=f"from {self.peer} (stopped until the source confirms its end)",
+                service_addresses=tuple(str(a) for a in self.addresses),
+            )  # fmt: skip
+
     def with_addresses(
-        self, restore: Callable[[], _registry.ManagedProcess]
+        self,
+        restore: Callable[[], _registry.ManagedProcess],
+        recorded: Callable[[_registry.ManagedProcess], None] | None = None,
     ) -> _registry.ManagedProcess:
         """``restore()`` (any mode's), with the service addresses brought up here first,
         behind a lock that drops their traffic until CRIU has the connections back (a peer's
         retransmission would otherwise meet no socket and get an RST), then the lock lifted
-        and the addresses announced; everything undone if it raises. Kill a copy the source
-        then aborts with :meth:`abandon`."""
+        and the addresses announced; everything undone if it raises. ``recorded(rec)``
+        writes the copy's record (its service addresses) before the journal that holds them
+        goes, so that one of the two always does (:mod:`._leftovers`). Kill a copy the
+        source then aborts with :meth:`abandon`."""
         if not self.addresses:
-            return restore()
+            rec = restore()
+            if recorded is not None:
+                recorded(rec)
+            return rec
         # The peer names the lock: never a table that is here already (another dump's), or
         # block would merge rules into it and drop (here or the sweep, by the journal)
         # would delete it. Checked before the journal names it.
@@ -469,8 +480,10 @@ class _Incoming:
         for addr, link in brought:
             with contextlib.suppress(OSError, TorporError):
                 _address.announce(addr, link)
-        _clear_journal()  # the addresses are the running copy's now
         self.address_ms = round((restoring - started + time.monotonic() - restored) * 1000, 1)
+        if recorded is not None:
+            recorded(rec)
+        _clear_journal()  # the addresses are the running copy's now
         return rec
 
     def _take_down(self, addrs: Sequence[_address.IPAddr]) -> None:
