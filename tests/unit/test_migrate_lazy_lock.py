@@ -6,6 +6,7 @@ run the real CRIU and ``nft``.)"""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -15,8 +16,9 @@ from typing import Any
 import pytest
 
 from torpor._errors import DumpError
-from torpor._migrate import _lazy, _leftovers, _netlock
+from torpor._migrate import _address, _lazy, _leftovers, _netlock
 from torpor._migrate._channel import ChannelError
+from torpor._migrate._copy import MigrationError
 from torpor._process._proc import ProcRef, stat_fields
 
 RUN_ID = "3f2b8c1e-9d4a-4e6f-8b7c-1a2b3c4d5e6f"
@@ -102,7 +104,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         got["facts"] = image_facts
         return type("Sent", (), {"bytes": 10, "files": 1})()
 
-    monkeypatch.setattr(_lazy._leftovers, "record", record)
+    monkeypatch.setattr(_leftovers, "record", record)
     monkeypatch.setattr(_lazy, "transfer_image", transfer_image)
     monkeypatch.setattr(_lazy, "criu_version", lambda: "4.2")
     monkeypatch.setattr(_lazy, "repair_off", lambda pids: 0)
@@ -141,7 +143,7 @@ def _move(conn: FakeConn) -> _lazy._LazyMove:
     move = _lazy._LazyMove(conn, "web", "b:7000", ref, say=None, timeout=5)  # type: ignore[arg-type]
     GOT["move"] = move
     move.tcp = True
-    move.addresses = (__import__("ipaddress").ip_interface("10.0.0.100/24"),)
+    move.addresses = (ipaddress.ip_interface("10.0.0.100/24"),)
     return move
 
 
@@ -158,7 +160,7 @@ def test_a_good_move_drops_its_own_lock_only(
 ) -> None:
     monkeypatch.setattr(_lazy, "lazy_dump", _fake_dump(env, run_id=RUN_ID, thaw=False))
     monkeypatch.setattr(_lazy, "relay", _good_relay)
-    monkeypatch.setattr(_lazy._address, "take_down", lambda a: None)
+    monkeypatch.setattr(_address, "take_down", lambda a: None)
     conn = FakeConn([{"type": "verified"}, {"type": "settled", "state": "resident", "pid": 9}])
     move = _move(conn)
     summary = move.run()
@@ -176,11 +178,11 @@ def test_a_thaw_drops_its_own_lock_only(
 ) -> None:
     monkeypatch.setattr(_lazy, "lazy_dump", _fake_dump(env, run_id=RUN_ID, thaw=True))
     monkeypatch.setattr(_lazy, "relay", _broken_relay)
-    monkeypatch.setattr(_lazy._address, "take_down", lambda a: None)
-    monkeypatch.setattr(_lazy._address, "bring_up", lambda a: None)
-    monkeypatch.setattr(_lazy._address, "announce", lambda a: None)
+    monkeypatch.setattr(_address, "take_down", lambda a: None)
+    monkeypatch.setattr(_address, "bring_up", lambda a: None)
+    monkeypatch.setattr(_address, "announce", lambda a: None)
     move = _move(FakeConn([{"type": "verified"}]))
-    with pytest.raises(_lazy.MigrationError, match="the link broke"):
+    with pytest.raises(MigrationError, match="the link broke"):
         move.run()
     nft = env["nft"]
     assert env["journalled"] == [OURS]
@@ -193,7 +195,7 @@ def test_without_a_run_id_two_new_tables_are_left_alone(
 ) -> None:
     monkeypatch.setattr(_lazy, "lazy_dump", _fake_dump(env, run_id=None, thaw=False))
     monkeypatch.setattr(_lazy, "relay", _good_relay)
-    monkeypatch.setattr(_lazy._address, "take_down", lambda a: None)
+    monkeypatch.setattr(_address, "take_down", lambda a: None)
     conn = FakeConn([{"type": "verified"}, {"type": "settled", "state": "resident", "pid": 9}])
     said: list[str] = []
     move = _move(conn)

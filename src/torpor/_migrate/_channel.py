@@ -7,7 +7,8 @@ certificate).
 
 **How a peer is checked, and why it is safe.** Python's ``ssl`` has no verify callback, so:
 
-- *Server* (:meth:`Listener.accept`): ``CERT_REQUIRED`` with the trusted peers' certificates
+- *Server* (:class:`Listener`, each handshake in a thread of its own, :meth:`Listener.accept`
+  handing out those that passed): ``CERT_REQUIRED`` with the trusted peers' certificates
   (self-signed) as the only trust anchors, in a context built afresh for every connection from
   the trust store as it is then. OpenSSL thus refuses, *in the handshake*, a client without a
   certificate, with one not in the store, or one that cannot sign with the certificate's key
@@ -36,10 +37,18 @@ channel (``D``/``E`` frames, so either direction can end on its own, as a TCP ha
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import errno
+import itertools
 import json
+import os
+import selectors
 import socket
 import ssl
 import struct
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +59,9 @@ from .._identity._trust import Peer, TrustStore
 MAX_MESSAGE = 1 << 20
 MAX_DATA = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0
+MAX_HANDSHAKES = 16  # TLS handshakes a listener runs at once (see Listener)
+MAX_WAITING = 16  # authenticated connections waiting for Listener.accept
+MAX_REFUSALS = 64  # refusals waiting to be reported by Listener.accept
 _HEADER = struct.Struct(">cI")
 _MSG, _DATA, _END = b"M", b"D", b"E"
 _SMALL = 16 * 1024  # a data frame this small is joined to its header rather than copied
@@ -209,13 +221,42 @@ class Conn:
 
 
 class Listener:
-    """A TCP socket accepting only trusted peers (see the module docstring)."""
+    """A TCP socket accepting only trusted peers (see the module docstring).
+
+    Connections are taken off the socket by a thread of the listener's own from the moment it
+    is made, and each TLS handshake (and the fingerprint check after it) runs in a thread of
+    its own, so that a client that connects and sends nothing, or dribbles its handshake,
+    holds up nobody else: :meth:`accept` hands out the connections whose peers passed, in the
+    order they passed, and reports each refusal likewise.
+
+    Bounds: at most :data:`MAX_HANDSHAKES` handshakes at once, each over within
+    :data:`HANDSHAKE_TIMEOUT` seconds from its start (a total deadline, not one per read);
+    a connection arriving when all are taken makes the **oldest** pending handshake give up
+    (its socket is shut down: it gets nothing), so a flood of idle connections ages out
+    instead of locking out a real peer, which needs a few milliseconds. At most
+    :data:`MAX_WAITING` authenticated connections wait for :meth:`accept` (beyond: the new
+    one is closed before its ``hello``) and :data:`MAX_REFUSALS` refusals (beyond: not
+    reported)."""
 
     def __init__(self, sock: socket.socket, home: Path | None) -> None:
         self.sock = sock
         self._home = home
         self._ident = tls_identity(home)
         self._store = TrustStore(home)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._ready: collections.deque[tuple[ssl.SSLSocket, Peer, str] | Exception] = (
+            collections.deque()
+        )
+        # each connection in its handshake: [when it began, its thread, given up, its fd]
+        self._pending: dict[int, list[Any]] = {}
+        self._tokens = itertools.count()
+        self._wake_r, self._wake_w = os.pipe()
+        sock.setblocking(False)
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, name="torpor-channel-accept", daemon=True
+        )
+        self._acceptor.start()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -230,27 +271,132 @@ class Listener:
         self.close()
 
     def close(self) -> None:
-        """Stop listening."""
+        """Stop listening: the threads end, pending handshakes and connections not yet
+        accepted are closed (their peers get nothing)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            for entry in self._pending.values():
+                entry[2] = True
+                _shut(entry[3])
+            threads = [entry[1] for entry in self._pending.values()]
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._acceptor.join(HANDSHAKE_TIMEOUT)
+        for t in threads:
+            t.join(HANDSHAKE_TIMEOUT)
+        with self._cond:
+            waiting = list(self._ready)
+            self._ready.clear()
+        for item in waiting:
+            if isinstance(item, tuple):
+                item[0].close()
         self.sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def accept(self, timeout: float | None = None) -> Conn:
         """The next connection, authenticated. A peer that fails (plain TCP, no or an untrusted
         certificate, a removed trust) is closed having received nothing but the TLS handshake,
-        and :class:`PeerRefusedError` is raised: the caller logs it and accepts again."""
-        self.sock.settimeout(timeout)
-        raw, addr = self.sock.accept()
-        where = f"{addr[0]}:{addr[1]}"
+        and :class:`PeerRefusedError` is raised: the caller logs it and accepts again.
+        :class:`TimeoutError` after ``timeout`` seconds with nothing; :class:`OSError` once
+        the listener is closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._ready:
+                if self._closed:
+                    raise OSError(errno.EBADF, "the listener is closed")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("timed out")
+                self._cond.wait(left)
+            item = self._ready.popleft()
+        if isinstance(item, Exception):
+            raise item
+        tls, peer, where = item
         try:
+            # The store again, now (a trust removed while this connection waited), before
+            # the first byte of application data.
+            if self._store.find(peer.fingerprint) is None:
+                raise PeerRefusedError(
+                    f"connection from {where} refused: {peer.name!r} is no longer trusted",
+                    peer=where,
+                )
+            conn = Conn(tls, peer)
+            conn.send({"type": "hello", "fingerprint": self._ident.fingerprint})
+        except BaseException:
+            tls.close()
+            raise
+        tls.settimeout(None)
+        return conn
+
+    # -- the threads ------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(self.sock, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while not self._closed:
+                sel.select()
+                if self._closed:
+                    return
+                try:
+                    raw, addr = self.sock.accept()
+                except BlockingIOError:
+                    continue
+                except OSError:  # out of fds, say: not a busy loop
+                    time.sleep(0.05)
+                    continue
+                self._start(raw, f"{addr[0]}:{addr[1]}")
+        finally:
+            sel.close()
+
+    def _start(self, raw: socket.socket, where: str) -> None:
+        """Run ``raw``'s handshake in a thread, once one of the :data:`MAX_HANDSHAKES` is
+        free (the oldest pending one is given up for it)."""
+        with self._cond:
+            while len(self._pending) >= MAX_HANDSHAKES and not self._closed:
+                live = [e for e in self._pending.values() if not e[2]]
+                if live:
+                    oldest = min(live, key=lambda e: e[0])
+                    oldest[2] = True
+                    _shut(oldest[3])
+                self._cond.wait(1.0)
+            if self._closed:
+                raw.close()
+                return
+            token = next(self._tokens)
+            t = threading.Thread(
+                target=self._handshake, args=(raw, where, token), name="torpor-channel-tls",
+                daemon=True,
+            )  # fmt: skip
+            self._pending[token] = [time.monotonic(), t, False, raw.fileno()]
+            t.start()
+
+    def _handshake(self, raw: socket.socket, where: str, token: int) -> None:
+        """The handshake and the trust check of one connection; its outcome queued for
+        :meth:`accept`. The socket stays open (its fd not reused) until this thread's entry
+        has left :attr:`_pending`, under the lock: :func:`_shut` never hits another's."""
+        sock: socket.socket = raw
+        result: tuple[ssl.SSLSocket, Peer, str] | Exception | None = None
+        try:
+            # One deadline for the whole handshake: CPython's do_handshake waits on the
+            # socket's timeout from its start, however the client dribbles its bytes.
             raw.settimeout(HANDSHAKE_TIMEOUT)
             ctx = _context(self._ident, server=True, trusted=self._store.trusted_certs())
+            tls = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            sock = tls  # (a failed wrap_socket handshake would close the fd itself)
             try:
-                tls = ctx.wrap_socket(raw, server_side=True)
+                tls.do_handshake()
             except (OSError, ssl.SSLError) as exc:
                 raise PeerRefusedError(
                     f"connection from {where} refused in the TLS handshake: {_reason(exc)}",
                     peer=where,
                 ) from exc
-            raw = tls
             der = tls.getpeercert(binary_form=True)
             fp = fingerprint(der) if der else None
             peer = self._store.find(fp) if fp else None
@@ -260,13 +406,39 @@ class Listener:
                     peer=where,
                     hint=f"if that host is trusted: torpor trust add {fp} --name NAME",
                 )
-            conn = Conn(tls, peer)
-            conn.send({"type": "hello", "fingerprint": self._ident.fingerprint})
-        except BaseException:
-            raw.close()
-            raise
-        tls.settimeout(None)
-        return conn
+            result = (tls, peer, where)
+        except Exception as exc:
+            result = exc
+        with self._cond:
+            given_up = self._pending.pop(token)[2]
+            if given_up and not isinstance(result, tuple):
+                result = PeerRefusedError(
+                    f"connection from {where} dropped in its TLS handshake: the oldest of "
+                    f"{MAX_HANDSHAKES} pending when another came",
+                    peer=where,
+                )
+            conns = sum(isinstance(i, tuple) for i in self._ready)
+            if isinstance(result, tuple):
+                keep = not given_up and conns < MAX_WAITING
+            else:
+                keep = len(self._ready) - conns < MAX_REFUSALS
+            keep = keep and not self._closed
+            if keep:
+                self._ready.append(result)
+            self._cond.notify_all()
+        if not (keep and isinstance(result, tuple)):
+            sock.close()
+
+
+def _shut(fd: int) -> None:
+    """Shut the socket ``fd`` down (its handshake then fails at once), without closing it:
+    its thread does, and only after this (both under the listener's lock)."""
+    with contextlib.suppress(OSError):
+        dup = socket.socket(fileno=os.dup(fd))
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        finally:
+            dup.close()
 
 
 def listen(addr: str, port: int, *, home: Path | None = None, backlog: int = 16) -> Listener:
@@ -342,6 +514,10 @@ def connect(
         try:
             hello = conn.recv()
         except ChannelError as exc:
+            if isinstance(exc.__cause__, TimeoutError):  # handshaken, but not taken yet
+                raise ChannelError(
+                    f"{where} did not take the connection in time (busy with another migration?)"
+                ) from exc
             raise PeerRefusedError(
                 f"{where} refused this host's certificate",
                 peer=where,

@@ -1,0 +1,244 @@
+"""The migration listener's handshakes run beside each other (``_channel.Listener``), real TLS
+over loopback: idle or dribbling clients do not keep a trusted peer out, the handshakes are
+bounded in number (the oldest given up) and in time (one deadline each), a trust removed
+while a connection waits is still refused before any byte, and ``close()`` leaves no thread
+and no socket behind."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from torpor._identity._tls import tls_identity
+from torpor._identity._trust import TrustStore
+from torpor._migrate import Conn, PeerRefusedError, _channel, connect, listen
+
+
+def _home(root: Path, name: str) -> Path:
+    home = root / name
+    home.mkdir(mode=0o700)
+    return home
+
+
+@pytest.fixture
+def homes(tmp_path: Path) -> tuple[Path, Path]:
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    TrustStore(a).add("b", cert_der=tls_identity(b).cert_der, via="cert")
+    TrustStore(b).add("a", cert_der=tls_identity(a).cert_der, via="cert")
+    return a, b
+
+
+def _ours() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("torpor-channel-")]
+
+
+class Acceptor:
+    """``accept`` in a loop (as ``_serve.serve`` does): refusals noted, the first
+    :class:`Conn` kept (and when it came)."""
+
+    def __init__(self, listener: _channel.Listener) -> None:
+        self.listener = listener
+        self.refused: list[PeerRefusedError] = []
+        self.conn: Conn | None = None
+        self.at = 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn = self.listener.accept(timeout=30)
+            except PeerRefusedError as exc:
+                self.refused.append(exc)
+                continue
+            except OSError:
+                return
+            self.at = time.monotonic()
+            self.conn = conn
+            return
+
+
+@pytest.fixture
+def idle() -> Iterator[list[socket.socket]]:
+    socks: list[socket.socket] = []
+    yield socks
+    for s in socks:
+        s.close()
+
+
+def _dribble(port: int, stop: threading.Event, every: float) -> threading.Thread:
+    """A client that sends a TLS record header, then one byte every ``every`` seconds."""
+
+    def run() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            data = b"\x16\x03\x01\x02\x00" + b"\x01" * 512
+            for i in range(len(data)):
+                if stop.is_set():
+                    return
+                try:
+                    s.sendall(data[i : i + 1])
+                except OSError:
+                    return
+                stop.wait(every)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_idle_and_dribbling_clients_do_not_delay_a_trusted_one(
+    homes: tuple[Path, Path], idle: list[socket.socket]
+) -> None:
+    a, b = homes
+    stop = threading.Event()
+    with listen("127.0.0.1", 0, home=b) as listener:
+        port = listener.address[1]
+        acceptor = Acceptor(listener)
+        for _ in range(20):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        dribbler = _dribble(port, stop, 0.2)
+        time.sleep(0.3)  # all of them in their handshakes
+        started = time.monotonic()
+        with connect("127.0.0.1", port, tls_identity(b).fingerprint, home=a) as conn:
+            took = time.monotonic() - started
+            assert conn.peer.name == "b"
+            acceptor.thread.join(10)
+            assert acceptor.conn is not None and acceptor.conn.peer.name == "a"
+            acceptor.conn.send({"type": "x"})
+            assert conn.recv() == {"type": "x"}
+            acceptor.conn.close()
+        stop.set()
+        dribbler.join(10)
+    print(f"\ntrusted connect among 20 idle + 1 dribbling clients: {took * 1000:.0f} ms")
+    assert took < 1.0
+
+
+def test_a_flood_beyond_the_bound_grows_no_thread_and_gives_up_the_oldest(
+    homes: tuple[Path, Path], idle: list[socket.socket]
+) -> None:
+    a, b = homes
+    base = len(_ours())
+    with listen("127.0.0.1", 0, home=b) as listener:
+        port = listener.address[1]
+        acceptor = Acceptor(listener)
+        most = 0
+        for _ in range(80):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+            most = max(most, len(_ours()) - base)
+        time.sleep(0.5)
+        most = max(most, len(_ours()) - base)
+        assert most <= _channel.MAX_HANDSHAKES + 1  # the handshakes and the accepting thread
+        # The oldest were given up: their clients see the end, having received nothing.
+        idle[0].settimeout(5)
+        assert idle[0].recv(100) == b""
+        assert any("dropped in its TLS handshake" in str(e) for e in acceptor.refused)
+        # A trusted peer still gets in.
+        with connect("127.0.0.1", port, home=a) as conn:
+            assert conn.peer.name == "b"
+        acceptor.thread.join(10)
+        assert acceptor.conn is not None
+        acceptor.conn.close()
+
+
+def test_a_handshake_has_one_deadline_however_its_client_dribbles(
+    homes: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, b = homes
+    monkeypatch.setattr(_channel, "HANDSHAKE_TIMEOUT", 1.0)
+    stop = threading.Event()
+    with listen("127.0.0.1", 0, home=b) as listener:
+        acceptor = Acceptor(listener)
+        started = time.monotonic()
+        dribbler = _dribble(listener.address[1], stop, 0.2)  # a byte well within each 1 s
+        deadline = time.monotonic() + 8
+        while not acceptor.refused and time.monotonic() < deadline:
+            time.sleep(0.05)
+        took = time.monotonic() - started
+        stop.set()
+        dribbler.join(10)
+    assert acceptor.refused, "the dribbling client was never refused"
+    assert "refused in the TLS handshake: timed out" in str(acceptor.refused[0])
+    assert took < 2.5
+
+
+def test_a_trust_removed_while_waiting_is_refused_before_any_byte(
+    homes: tuple[Path, Path],
+) -> None:
+    a, b = homes
+    got: list[Any] = []
+    with listen("127.0.0.1", 0, home=b) as listener:
+        port = listener.address[1]
+
+        def client() -> None:
+            try:
+                got.append(connect("127.0.0.1", port, home=a))
+            except PeerRefusedError as exc:
+                got.append(exc)
+
+        t = threading.Thread(target=client, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 10
+        while not listener._ready and time.monotonic() < deadline:
+            time.sleep(0.02)  # the handshake passed; the connection waits for accept
+        assert listener._ready
+        TrustStore(b).remove("a")
+        with pytest.raises(PeerRefusedError, match="no longer trusted"):
+            listener.accept(timeout=5)
+        t.join(15)
+    assert isinstance(got[0], PeerRefusedError)  # no hello came
+
+
+def test_close_leaves_no_thread_and_closes_pending_sockets(
+    homes: tuple[Path, Path], idle: list[socket.socket]
+) -> None:
+    a, b = homes
+    base = {t.ident for t in _ours()}
+    listener = listen("127.0.0.1", 0, home=b)
+    port = listener.address[1]
+    for _ in range(5):
+        idle.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+    waiting: list[Any] = []
+
+    def client() -> None:
+        try:
+            waiting.append(connect("127.0.0.1", port, home=a))
+        except PeerRefusedError as exc:  # closed unaccepted: no hello
+            waiting.append(exc)
+
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not listener._ready and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert listener._ready  # an authenticated connection nobody accepted yet
+    assert len(_ours()) > len(base)
+    started = time.monotonic()
+    listener.close()
+    assert time.monotonic() - started < 2
+    assert [t for t in _ours() if t.ident not in base] == []
+    for s in idle:
+        s.settimeout(5)
+        assert s.recv(100) == b""
+    with pytest.raises(OSError):
+        listener.accept(timeout=1)
+    listener.close()  # again: nothing
+    t.join(15)
+    assert isinstance(waiting[0], PeerRefusedError)
+
+
+def test_a_listener_not_accepting_is_busy_not_a_refusal(homes: tuple[Path, Path]) -> None:
+    a, b = homes
+    listener = listen("127.0.0.1", 0, home=b)  # handshakes pass; nobody accepts
+    try:
+        with pytest.raises(_channel.ChannelError) as info:
+            connect("127.0.0.1", listener.address[1], home=a, timeout=1.0)
+    finally:
+        listener.close()
+    assert not isinstance(info.value, PeerRefusedError)
+    assert "did not take the connection in time" in str(info.value)
