@@ -98,8 +98,12 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--size", default="1G")
     parser.add_argument("--touch", default="20M")
-    parser.add_argument("--app", choices=("mem", "torch"), default="mem",
-                        help="the 1 GiB app (mem SIZE TOUCH) or the torch app (lazy_app.py)")
+    parser.add_argument(
+        "--app",
+        choices=("mem", "torch"),
+        default="mem",
+        help="the 1 GiB app (mem SIZE TOUCH) or the torch app (lazy_app.py)",
+    )
     parser.add_argument("--ceph", action="store_true", help="also from a real Ceph pool")
     parser.add_argument("--no-local", action="store_true", help="only the pool restores")
     parser.add_argument("--json", type=Path, help="write the raw samples here")
