@@ -260,6 +260,7 @@ class _Move:
         self.addresses: tuple[_address.IPAddr, ...] = ()
         self.warnings: list[str] = []
         self.before: set[tuple[str, str]] = set()  # nftables tables before the dump
+        self.own_tables: tuple[tuple[str, str], ...] | None = None  # named at post-dump
         self.journal: Path | None = None  # what to undo after the commit (_leftovers)
         self.stream = False  # the pages go to the target's page server as CRIU dumps them
         self.handle: RelayHandle | None = None  # that stream's relay
@@ -269,7 +270,7 @@ class _Move:
     def run(self, timeout: float) -> Summary:
         out = _paths.private_dir(_paths.home() / "migrate", what="migration directory")
         locking = self.options.tcp_established
-        before = self.before = _netlock.tables() if locking else set()
+        self.before = _netlock.tables() if locking else set()
         staging = self.staging = Path(tempfile.mkdtemp(prefix=f"{self.name}.", dir=out))
         self.timeout = timeout
         try:
@@ -280,7 +281,7 @@ class _Move:
                     CriuEngine().dump(self.pid, staging, self.options, notify=self._notify)
             except DumpError as exc:
                 self._stream_failure()
-                self._unlock(before)  # CRIU removed its lock; anything it left goes too
+                self._unlock()  # CRIU removed its lock on its failure; one named goes too
                 for addr in self.addresses:  # the peers' caches back to this host
                     with contextlib.suppress(OSError, TorporError):
                         _address.announce(addr)
@@ -308,7 +309,7 @@ class _Move:
             except TorporError as exc:
                 self.warnings.append(f"warning: {addr} could not be removed here: {exc.msg}")
         if locking:
-            self._unlock(before)
+            self._unlock()
         self.warnings += _leftovers.settle(self.journal)
         for line in self.warnings:
             if self.say is not None:
@@ -367,25 +368,24 @@ class _Move:
         if end.disk and self.failure is None:
             self.failure = MigrationError(f"{self.where} could not take it: {end.error}")
 
-    def _criu_tables(self) -> set[tuple[str, str]]:
-        """The lock table of this dump (read at ``post-dump``, inside the freeze): named from
-        its ``inventory.img`` (no ``nft`` run: each cost ~40 ms of the freeze), else the CRIU
-        tables that are new since the dump began. Empty without ``tcp_established``: CRIU then
-        locks nothing."""
-        if not self.options.tcp_established:
-            return set()
-        fd = open_dir(self.staging)
-        try:
-            own = _netlock.dump_table(fd)
-        finally:
-            os.close(fd)
-        if own is not None:
-            return {own}
-        return _netlock.new_criu_tables(self.before)
+    def _criu_tables(self) -> tuple[tuple[str, str], ...]:
+        """This dump's lock table (:func:`._netlock.own_tables`, named once, at ``post-dump``
+        when the journal and the target need it). Empty without ``tcp_established``: CRIU
+        then locks nothing."""
+        if self.own_tables is None:
+            self.own_tables = ()
+            if self.options.tcp_established:
+                self.own_tables, warning = _netlock.own_tables(self.staging, self.before)
+                if warning is not None:
+                    self.warnings.append(warning)
+        return self.own_tables
 
-    def _unlock(self, before: set[tuple[str, str]]) -> None:
+    def _unlock(self) -> None:
+        """Drop this dump's own lock table, never another dump's (a CRIU dump made meanwhile
+        on this host has a ``CRIU-*`` table of its own). None named (the dump failed before
+        ``post-dump``): CRIU removed its lock itself."""
         try:
-            for table in sorted(_netlock.new_criu_tables(before)):
+            for table in self.own_tables or ():
                 _netlock.drop(table)
         except TorporError as exc:
             self.warnings.append(f"warning: CRIU's network lock is left here: {exc.msg}")

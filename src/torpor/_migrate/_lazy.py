@@ -55,10 +55,16 @@ from .._engine import criu_version
 from .._errors import DumpError, TorporError
 from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
-from .._safe import open_dir
 from . import _address, _leftovers, _netlock, _preflight
 from ._channel import ChannelError, Conn, connect, relay, start_relay
-from ._copy import MigrationError, Summary, addresses_to_move, preflight, transfer_image
+from ._copy import (
+    MigrationError,
+    Summary,
+    addresses_to_move,
+    preflight,
+    reply_number,
+    transfer_image,
+)
 from ._lazy_dump import Guard, lazy_dump, repair_off
 
 if TYPE_CHECKING:
@@ -196,7 +202,7 @@ class _LazyMove:
         got = self.settled
         if got.get("state") != "resident" and self.say is not None:
             self.say(f"warning: {self.where} did not report the copy resident ({got})")
-        resume_ms = _number(got.get("resume_ms"))
+        resume_ms = reply_number(got.get("resume_ms"))
         return Summary(
             name=self.name,
             mode="lazy",
@@ -207,7 +213,7 @@ class _LazyMove:
             downtime_ms=round((self.relaying_at - self.frozen_at) * 1000 + resume_ms, 1),
             frozen_ms=None,
             transfer_ms=round((self.sent_at - self.frozen_at) * 1000, 1),
-            restore_ms=_number(got.get("restore_ms")),
+            restore_ms=reply_number(got.get("restore_ms")),
             bytes=self.bytes + self.guard.pages,
             files=self.files,
             total_ms=0.0,
@@ -318,30 +324,14 @@ class _LazyMove:
             self.guard.fail_criu()
 
     def _name_lock(self) -> tuple[tuple[str, str], ...]:
-        """This dump's lock table (at ``post-dump``, inside the freeze): named from the run
-        id in its ``inventory.img``, which CRIU 4.2 writes before ``post-dump`` (no ``nft``
-        run: a listing costs ~40 ms of the freeze). Without a run id there (another CRIU),
-        the one CRIU table new since the dump began, if there is exactly one; with several
-        none is taken (another dump's lock must not be deleted; ours may then be left, said
-        so). Empty without ``tcp_established``: CRIU then locks nothing."""
+        """This dump's lock table (:func:`._netlock.own_tables`, at ``post-dump``). Empty
+        without ``tcp_established``: CRIU then locks nothing."""
         if not self.tcp:
             return ()
-        fd = open_dir(self.staging)
-        try:
-            own = _netlock.dump_table(fd)
-        finally:
-            os.close(fd)
-        if own is not None:
-            return (own,)
-        new = _netlock.new_criu_tables(self.before)
-        if len(new) == 1:
-            return tuple(new)
-        if new and self.say is not None:
-            self.say(
-                "warning: the dump names no lock table and several CRIU tables are new here "
-                f"({', '.join(sorted(n for _, n in new))}): none is removed"
-            )
-        return ()
+        tables, warning = _netlock.own_tables(self.staging, self.before)
+        if warning is not None and self.say is not None:
+            self.say(warning)
+        return tables
 
     def _transfer(self) -> None:
         conn = self.conn
@@ -402,10 +392,6 @@ class _LazyMove:
         )
 
 
-def _number(value: object) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
-
-
 # -- the target ----------------------------------------------------------------------------------
 
 
@@ -424,6 +410,14 @@ class _Filling:
         self.peer = incoming.peer
         self.rec: _registry.ManagedProcess | None = None
 
+    def _recorded(self, rec: _registry.ManagedProcess) -> None:
+        """The copy's record holds its service addresses before the server's journal of them
+        goes (:meth:`._serve._Incoming.with_addresses`): a sweep in between finds one."""
+        with contextlib.suppress(OSError, TorporError):
+            _registry.update(
+                rec.name, rec.ref, service_addresses=tuple(str(a) for a in self.incoming.addresses)
+            )
+
     def run(self) -> None:
         from ._lazy_target import restore_apart
 
@@ -438,7 +432,8 @@ class _Filling:
                 self.rec = self.incoming.with_addresses(
                     lambda: restore_apart(
                         self.image, self.name, handle.criu_sock.fileno(), source=self.peer
-                    )
+                    ),
+                    recorded=self._recorded,
                 )
             finally:
                 handle.criu_sock.close()  # the keeper holds it now (or the restore failed)

@@ -29,9 +29,11 @@ import contextlib
 import ctypes
 import functools
 import json
+import os
 import re
 import subprocess
 from collections.abc import Iterable
+from pathlib import Path
 
 from .._errors import TorporError
 from ._address import IPAddr
@@ -170,6 +172,36 @@ def dump_table(image_dir: int) -> tuple[str, str] | None:
     if not _RUN_ID.match(run_id):
         raise NetlockError(f"the dump's {_INVENTORY} holds no CRIU run id it could have made")
     return ("inet", _CRIU_PREFIX + run_id[:_RUN_ID_KEEP])
+
+
+def own_tables(
+    image: Path, before: set[tuple[str, str]]
+) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """The lock table of the dump whose image is being written at ``image`` (at its
+    ``post-dump``, inside the freeze), and a warning if none could be named: the table
+    :func:`dump_table` names (no ``nft`` run: a listing costs ~40 ms of the freeze); without a
+    run id there (another CRIU), the one CRIU table new since ``before``, if there is exactly
+    one; with several, none (another dump's lock must not be deleted; ours may then be left,
+    which the warning says)."""
+    from .._safe import open_dir
+
+    fd = open_dir(image)
+    try:
+        own = dump_table(fd)
+    finally:
+        os.close(fd)
+    if own is not None:
+        return (own,), None
+    new = new_criu_tables(before)
+    if len(new) == 1:
+        return tuple(new), None
+    if not new:
+        return (), None
+    names = ", ".join(sorted(n for _, n in new))
+    return (), (
+        f"warning: the dump names no lock table and several CRIU tables are new here ({names}): "
+        "none is removed"
+    )
 
 
 def _string_field(msg: bytes, field: int) -> str | None:
