@@ -28,7 +28,7 @@ from torpor._migrate import (
     connect,
     listen,
 )
-from torpor._migrate._channel import relay, start_relay
+from torpor._migrate._relay import relay, start_relay
 
 
 def _home(root: Path, name: str) -> Path:

@@ -18,8 +18,9 @@ import pytest
 
 from torpor._errors import DumpError
 from torpor._migrate import _address, _copy, _leftovers, _netlock
-from torpor._migrate._copy import MigrationError, Sent, _Move
+from torpor._migrate._copy import MigrationError, _Move
 from torpor._migrate._dedup import Counts
+from torpor._migrate._send import Sent
 from torpor._process._proc import ProcRef, start_time
 
 from .test_migrate_lazy_lock import DECOY, OURS, RUN_ID, FakeNft, _inventory

@@ -17,8 +17,9 @@ import pytest
 
 from torpor._errors import DumpError
 from torpor._migrate import _copy, _viapool
-from torpor._migrate._copy import Sent, _Move, reply_number
+from torpor._migrate._copy import _Move
 from torpor._migrate._dedup import Counts
+from torpor._migrate._send import Sent, reply_number
 from torpor._process._proc import ProcRef, start_time
 
 HOSTILE = ["x", [1], {"a": 1}, 10**400, -5, float("nan"), float("inf"), True, None]

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from torpor._migrate import _pagestream
-from torpor._migrate._channel import ChannelError, RelayStats
+from torpor._migrate._channel import ChannelError
+from torpor._migrate._relay import RelayStats
 
 
 def test_files_are_hashed_whole_while_they_grow(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The channel's relay and the image's wire (``torpor._migrate._channel.relay``,
+"""The channel's relay and the image's wire (``torpor._migrate._relay.relay``,
 ``torpor._migrate._wire``), through their public functions, on real sockets and a real TLS pair.
 
 - The relay holds a bounded amount whatever one side does: a side that floods while the other

@@ -9,11 +9,11 @@ from ._channel import ChannelError as ChannelError
 from ._channel import Conn as Conn
 from ._channel import Listener as Listener
 from ._channel import PeerRefusedError as PeerRefusedError
-from ._channel import RelayStats as RelayStats
 from ._channel import connect as connect
 from ._channel import listen as listen
-from ._channel import relay as relay
-from ._channel import start_relay as start_relay
+from ._relay import RelayStats as RelayStats
+from ._relay import relay as relay
+from ._relay import start_relay as start_relay
 
 __all__ = [
     "ChannelError",

@@ -544,10 +544,3 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return str(exc) or type(exc).__name__
-
-
-# The relay of CRIU's page traffic lives in ._relay (it imports the framing above).
-from ._relay import RelayHandle as RelayHandle  # noqa: E402
-from ._relay import RelayStats as RelayStats  # noqa: E402
-from ._relay import relay as relay  # noqa: E402
-from ._relay import start_relay as start_relay  # noqa: E402

@@ -42,33 +42,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import _paths
-from .._engine import DUMP_LOG, CriuEngine, DumpOptions, NotifyEvent, criu_version
+from .._engine import CriuEngine, DumpOptions, NotifyEvent, criu_version
 from .._errors import DumpError, TorporError
 from .._images._stats import read_dump_stats_at
 from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
-from .._safe import kind_problem, lstat_entries, open_dir, open_regular
 from . import _address, _dedup, _leftovers, _netlock, _pagestream, _preflight
-from ._channel import ChannelError, Conn, RelayHandle, connect
-from ._wire import Progress, send_file
+from ._channel import ChannelError, Conn, connect
+from ._relay import RelayHandle
+from ._send import MigrationError as MigrationError  # re-exported: where callers look for it
+from ._send import MigrationRefusedError as MigrationRefusedError
+from ._send import addresses_to_move, preflight, reply_number, transfer_image
 
 if TYPE_CHECKING:
     from . import _dedup_source
 
 DEFAULT_TIMEOUT = 120.0  # seconds the target may take to answer (receive, verify, restore)
-MAX_FILES = 4096  # files in one image; CRIU writes a dozen or so per process
-PAGES_PREFIX = "pages-"  # CRIU's memory pages files: written once by the dump, never read by it
 # Tests only: a path created once the target reports the copy running, after which the source
 # waits (before answering CRIU), so a test can kill it in the window of two copies.
 _SOURCE_HOLD_ENV = "TORPOR_TEST_MIGRATE_SOURCE_HOLD"
@@ -76,14 +75,6 @@ _CONTINUE_TIMEOUT = 10.0  # seconds a fenced copy's "continued" may take (for th
 # Set: the pages are written here and sent after the dump, even to a target that takes a
 # stream (tests, and a way round a problem with the stream).
 NO_STREAM_ENV = "TORPOR_MIGRATE_NO_STREAM"
-
-
-class MigrationError(TorporError):
-    """A migration failed; the message says where the process runs."""
-
-
-class MigrationRefusedError(MigrationError):
-    """The target refused the migration in pre-flight: nothing was frozen."""
 
 
 @dataclass(frozen=True)
@@ -477,133 +468,3 @@ class _Move:
             with open(hold, "x"):
                 pass
             time.sleep(3600)
-
-
-# -- shared by the modes' sources ----------------------------------------------------------------
-
-
-def reply_number(value: object) -> float:
-    """A figure from the target's reply (``restore_ms``…), 0.0 unless a finite number >= 0:
-    read after the commit (the original is gone), it must never raise."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0.0
-    with contextlib.suppress(OverflowError):  # an int too big for a float
-        if math.isfinite(number := float(value)) and number >= 0:
-            return number
-    return 0.0
-
-
-def addresses_to_move(
-    name: str, rec: _registry.ManagedProcess, addresses: Sequence[str]
-) -> tuple[tuple[_address.IPAddr, ...], list[_address.Connection]]:
-    """The service addresses that move with ``rec``'s process (its own and ``addresses``) and
-    the tree's TCP connections; :class:`MigrationError` (nothing frozen) if a connection is on
-    an address that stays here: it could not survive the move."""
-    moving = _address.parse_all([*rec.service_addresses, *addresses])
-    conns = _address.connections(rec.pid)
-    stuck = _address.unmoved(conns, moving)
-    if stuck:
-        raise MigrationError(
-            f"{name} holds TCP connections on addresses that stay here ({stuck[0]}"
-            f"{f' and {len(stuck) - 1} more' if len(stuck) > 1 else ''}): they cannot survive "
-            f"the move (nothing was frozen; the process runs here, pid {rec.pid})",
-            hint="serve them on a service address (torpor run --service-address, or "
-            "torpor migrate --address ADDR/PREFIX), or close them first",
-        )
-    return moving, conns
-
-
-def preflight(
-    conn: Conn, first: dict[str, Any], *, name: str, where: str, pid: int
-) -> dict[str, Any]:
-    """Send the pre-flight message ``first`` and take the target's answer: ``ready`` (returned),
-    or :class:`MigrationRefusedError` naming its problems, or :class:`MigrationError` for
-    anything else (nothing was frozen either way)."""
-    conn.send(first)
-    reply = conn.recv()
-    if reply.get("type") == "refused":
-        found = [str(p) for p in reply.get("problems", [])] or ["no reason given"]
-        raise MigrationRefusedError(
-            f"migration of {name} to {where} refused in pre-flight: {'; '.join(found)} "
-            f"(nothing was frozen; the process runs here, pid {pid})",
-            hint="fix what the target reports, then migrate again",
-        )
-    if reply.get("type") != "ready":
-        raise MigrationError(f"{where} answered pre-flight with {reply.get('type')!r}")
-    return reply
-
-
-@dataclass(frozen=True)
-class Sent:
-    """An image sent: its bytes and files, and how its bytes crossed."""
-
-    bytes: int
-    files: int
-    counts: _dedup.Counts
-
-
-def transfer_image(
-    conn: Conn,
-    staging: Path,
-    image_facts: dict[str, Any],
-    *,
-    say: Callable[[str], None] | None,
-    where: str,
-    base: _dedup_source.SourceBase | None = None,
-    consume: bool = False,
-    streamed: Mapping[str, int] | None = None,
-) -> Sent:
-    """Send the dump in ``staging`` (every file but CRIU's log; regular files only) as an
-    ``image`` message with ``image_facts``, the files' bytes as ``D`` frames and their
-    SHA-256 in a ``hashes`` message; against ``base`` if the target holds one (the ``image``
-    message then names it, and each file goes as plans: :mod:`._dedup`).
-
-    With ``consume`` each memory pages file (``pages-*.img``, the bulk of the image) is
-    removed here as soon as it is sent: CRIU does not read it again, and the memory its
-    copy in a tmpfs holds is free for the rest of the move (on a host that is short of
-    memory, or whose freed memory the machine hands on, that is the target's restore)."""
-    dir_fd = open_dir(staging)
-    counts = _dedup.Counts()
-    try:
-        entries = lstat_entries(dir_fd)
-        names = sorted(n for n in entries if n != DUMP_LOG)
-        for n in names:
-            kind = kind_problem(entries[n].st_mode)
-            if kind is not None:
-                raise MigrationError(f"the dump holds {n}, {kind}, not a regular file")
-        if len(names) > MAX_FILES:
-            raise MigrationError(f"the dump has {len(names)} files, over {MAX_FILES}")
-        files = [{"name": n, "size": entries[n].st_size} for n in names]
-        image: dict[str, Any] = {"type": "image", "facts": image_facts, "files": files}
-        if base is not None:
-            image["base"] = base.id
-        conn.send(image)
-        hashes: dict[str, str] = {}
-        there = sum((streamed or {}).values())
-        total = sum(entries[n].st_size for n in names) + there
-        progress = Progress(say, total, where)
-        if there:
-            progress(there)
-        for n in names:
-            fd = open_regular(dir_fd, n, source=str(staging))
-            size = entries[n].st_size
-            try:
-                if base is None:
-                    hashes[n] = send_file(conn, fd, size, progress=progress)
-                    counts.sent += size
-                else:
-                    from . import _dedup_source
-
-                    hashes[n], got = _dedup_source.send_file(
-                        conn, fd, n, size, base, progress=progress
-                    )
-                    counts.add(got)
-            finally:
-                os.close(fd)
-            if consume and n.startswith(PAGES_PREFIX):
-                os.unlink(n, dir_fd=dir_fd)
-        conn.send({"type": "hashes", "files": hashes})
-    finally:
-        os.close(dir_fd)
-    counts.sent += there
-    return Sent(total, len(names) + len(streamed or {}), counts)

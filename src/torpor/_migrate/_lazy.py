@@ -56,16 +56,11 @@ from .._errors import DumpError, TorporError
 from .._process import _locks, _registry
 from .._process._proc import ProcRef, facts
 from . import _address, _leftovers, _netlock, _preflight
-from ._channel import ChannelError, Conn, connect, relay, start_relay
-from ._copy import (
-    MigrationError,
-    Summary,
-    addresses_to_move,
-    preflight,
-    reply_number,
-    transfer_image,
-)
+from ._channel import ChannelError, Conn, connect
+from ._copy import Summary
 from ._lazy_dump import Guard, lazy_dump, repair_off
+from ._relay import relay, start_relay
+from ._send import MigrationError, addresses_to_move, preflight, reply_number, transfer_image
 
 if TYPE_CHECKING:
     from ._serve import _Incoming

@@ -3,7 +3,7 @@
 Without a base (:mod:`._dedup`) the pages are most of an image, and writing them to this
 host's disk, then reading them back to send them, came after one another inside the freeze.
 Instead CRIU's dump sends them to a CRIU page server on the target as it dumps, and only the
-rest of the image (a few small files) goes the old way (:func:`._copy.transfer_image`).
+rest of the image (a few small files) goes the old way (:func:`._send.transfer_image`).
 
 Facts from CRIU 4.2's source that decide how:
 
@@ -19,7 +19,7 @@ Facts from CRIU 4.2's source that decide how:
   dump's close is answered, 0 if the stream was whole.
 
 The sockets given to the two CRIUs are local socketpairs; the bytes between them cross only
-the mutually authenticated TLS channel (:func:`._channel.start_relay`, :func:`._channel.relay`).
+the mutually authenticated TLS channel (:func:`._relay.start_relay`, :func:`._relay.relay`).
 
 **Why the image is still verified.** The target hashes every byte of the files its page server
 wrote, as they grow (:class:`_Follower`), and seals those SHA-256 into the image's manifest
@@ -58,7 +58,8 @@ from .._engine._rpc import Connection, NotifyHandler, TransportError
 from .._errors import DumpError, TorporError
 from .._images._manifest import FileEntry
 from .._proto import criu_rpc_pb2 as pb
-from ._channel import ChannelError, Conn, RelayHandle, relay, start_relay
+from ._channel import ChannelError, Conn
+from ._relay import RelayHandle, relay, start_relay
 
 PAGE_FILES = ("pagemap-", "pages-")  # what CRIU's page server writes (``*.img``)
 _SERVER_TIMEOUT = 30.0  # seconds a page server may take to exit once its stream ended

@@ -50,11 +50,11 @@ from .._safe import create_file, is_plain_name, open_dir
 from . import _address, _dedup, _netlock, _preflight
 from ._apart import run_apart
 from ._channel import _DATA, _MSG, ChannelError, Conn, PeerRefusedError, listen
-from ._copy import MAX_FILES
 from ._dedup_target import BaseCache, Held, agreed
 from ._dedup_target import receive_file as receive_planned
 from ._pagestream import PagesFailed
 from ._pagestream import receive as receive_pages
+from ._send import MAX_FILES
 from ._serve_sweep import _JOURNAL, _clear_journal, _sweep, in_transit
 from ._wire import receive_file
 

@@ -43,15 +43,9 @@ from .._process._proc import facts
 from .._safe import open_dir
 from . import _address, _preflight
 from ._channel import ChannelError, connect
-from ._copy import (
-    DEFAULT_TIMEOUT,
-    MAX_FILES,
-    MigrationError,
-    _Move,
-    addresses_to_move,
-    preflight,
-)
+from ._copy import DEFAULT_TIMEOUT, _Move
 from ._poolident import _found, identity, local_pool, pool_problems  # noqa: F401 (re-exported)
+from ._send import MAX_FILES, MigrationError, addresses_to_move, preflight
 from ._wire import Progress
 
 if TYPE_CHECKING:
@@ -76,7 +70,7 @@ def migrate_pool(
     the module docstring), with its service addresses and ``addresses`` (``ADDR/PREFIX``, as
     copy mode); its :class:`~._copy.Summary` (``bytes``: the image's size;
     ``transfer_ms``: from the freeze until the image was in the pool).
-    :class:`~._copy.MigrationRefusedError` if pre-flight failed, :class:`~._copy.MigrationError`
+    :class:`~._send.MigrationRefusedError` if pre-flight failed, :class:`~._send.MigrationError`
     if anything else did: the process then runs here, unchanged."""
     from .._pools import load_config, open_pool
 
