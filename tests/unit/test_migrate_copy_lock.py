@@ -23,24 +23,9 @@ from torpor._migrate._dedup import Counts
 from torpor._migrate._send import Sent
 from torpor._process._proc import ProcRef, start_time
 
-from .test_migrate_lazy_lock import DECOY, OURS, RUN_ID, FakeNft, _inventory
+from .test_migrate_lazy_lock import DECOY, OURS, RUN_ID, FakeConn, FakeNft, _inventory
 
 GOT: dict[str, Any] = {}
-
-
-class FakeConn:
-    def __init__(self, replies: list[dict[str, Any]]) -> None:
-        self.replies = replies
-        self.sent: list[dict[str, Any]] = []
-
-    def send(self, msg: dict[str, Any]) -> None:
-        self.sent.append(msg)
-
-    def recv(self) -> dict[str, Any]:
-        return self.replies.pop(0)
-
-    def settimeout(self, timeout: float | None) -> None:
-        pass
 
 
 class FakeCriu:
@@ -95,8 +80,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, A
 def _move(conn: FakeConn) -> _Move:
     began = start_time(os.getpid())
     assert began is not None
-    move = _Move(conn, "web", "b:7000", ProcRef(os.getpid(), began), tcp_established=True,
-                 say=None)  # type: ignore[arg-type]  # fmt: skip
+    ref = ProcRef(os.getpid(), began)
+    move = _Move(conn, "web", "b:7000", ref, tcp_established=True, say=None)  # type: ignore[arg-type]
     move.addresses = (ipaddress.ip_interface("10.0.0.100/24"),)
     return move
 
