@@ -33,6 +33,31 @@ def kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def own_children() -> set[int]:
+    """The pids of this process's children (those of any of its threads)."""
+    kids: set[int] = set()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:  # pragma: no cover - /proc is mounted wherever torpor runs
+        return kids
+    for tid in tids:
+        with (
+            contextlib.suppress(OSError, ValueError),
+            open(f"/proc/self/task/{tid}/children", encoding="ascii") as fh,
+        ):
+            kids.update(int(k) for k in fh.read().split())
+    return kids
+
+
+def in_other_pid_ns(pid: int) -> bool:
+    """Whether ``pid`` (our child) lives in another PID namespace than ours: an app tree
+    (each is pid 1 of a namespace of its own), not a CRIU or helper process of ours."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino != os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return False
+
+
 def kill_unadopted(pid: int) -> None:
     """SIGKILL and reap ``pid`` if it is a child of ours nobody reaps (a copy CRIU restored
     but did not finish): as our unreaped child its pid cannot have been reused."""

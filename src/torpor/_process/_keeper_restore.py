@@ -26,7 +26,13 @@ from .._images._image import Image
 from .._images._manifest import now_iso
 from .._lazy import _restore as _lazy
 from . import _registry
-from ._keeper_children import child_start_time, continue_tree, kill_unadopted
+from ._keeper_children import (
+    child_start_time,
+    continue_tree,
+    in_other_pid_ns,
+    kill_unadopted,
+    own_children,
+)
 from ._logs import open_log
 from ._registry import ManagedProcess, Reservation
 
@@ -107,6 +113,7 @@ def restore(
         warm.close()
         warm = None
     early: dict[int, ManagedProcess] = {}  # copy -> its record written at post-restore
+    before = own_children()  # the keeper's processes (and a warm CRIU) before these copies
 
     def one(i: int, images_dir: Path) -> ManagedProcess:
         # Each copy writes its stdout/stderr to a log of its own, not the original's.
@@ -194,6 +201,13 @@ def restore(
                 kill_unadopted(rec.pid)
             with contextlib.suppress(OSError, TorporError):
                 _registry.delete_if(rec.name, rec.ref)
+        # CRIU killed before it named a copy (before post-restore) may leave the tree it had
+        # forked, our child (rst_sibling) that no one knows of: an app tree (in a PID
+        # namespace of its own, unlike CRIU's processes) new since these copies began and
+        # not adopted is one, and must not run on.
+        for pid in own_children() - before - set(keeper.children):
+            if in_other_pid_ns(pid):
+                kill_unadopted(pid)
         raise bad or failures[0]
     if options.leave_stopped and not stay_stopped:
         for r in restored:
