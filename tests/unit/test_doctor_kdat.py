@@ -20,7 +20,12 @@ def run_is_disk(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("run_is_disk")
 def test_a_cache_made_or_found_is_reported_working(monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[str] = []
-    monkeypatch.setattr(_kdat, "ensure", lambda binary: asked.append(binary) or True)
+
+    def ensure(binary: str) -> bool:
+        asked.append(binary)
+        return True
+
+    monkeypatch.setattr(_kdat, "ensure", ensure)
     cap = _doctor.kdat_capability("/usr/local/sbin/criu")
     assert (cap.ok, cap.detail) == (
         True,
