@@ -35,6 +35,7 @@ from torpor._process._finalize import ImageFacts, Pending, finalize
 from torpor._process._proc import ref
 from torpor._safe import SPARE_PREFIX
 
+from ._staging import leftover
 from .test_pool_support import make_image
 
 COLUMNS = LOCAL_IMAGES_COLUMNS
@@ -57,40 +58,10 @@ def states(capsys: pytest.CaptureFixture[str]) -> dict[str, tuple[str, str]]:
     return {k: (r["PATH"], r["STATE"]) for k, r in images(capsys)[0].items()}
 
 
-def _record(dest: str, **changes: Any) -> Record:
-    fields: dict[str, Any] = {
-        "dest": dest,
-        "name": dest,
-        "pid": 4242,
-        "start_time": 99,
-        "cmdline": ("python", "app.py"),
-        "rss_bytes": 1 << 20,
-        "criu_version": "4.2.1",
-        "tcp_established": False,
-        "shell_job": False,
-        "leave_running": False,
-        "created": "2026-01-01T00:00:00.000000+00:00",
-    }
-    fields.update(changes)
-    return Record(**fields)
-
-
 def _leftover(parent: Path, dest: str, *, done: bool = True, **changes: Any) -> Path:
     """A staging directory a checkpoint left: its record, CRIU's files, and (``done``)
     CRIU's success mark."""
-    st = Staging(parent / dest)
-    st.create()
-    files = {"inventory.img": b"i", "pstree.img": b"p", "pages-1.img": b"x" * 5000}
-    for name, data in files.items():
-        (st.path / name).write_bytes(data)
-    if done:
-        (st.path / "stats-dump").write_bytes(b"s")
-    fd = os.open(st.path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        _record(dest, **changes).write(fd)
-    finally:
-        os.close(fd)
-    return st.path
+    return leftover(parent, dest, marks=("stats-dump",) if done else (), **changes)
 
 
 # -- the index ---------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ from torpor._process._checkpointer import (
 from torpor._process._proc import ref
 from torpor._safe import SPARE_PREFIX
 
+from ._staging import leftover, record
+
 PAGES = os.urandom(3 << 20)
 BOOKKEEPING_OF_A_CHECKPOINT = {RECORD_NAME, RESERVE_NAME, COMMITTING_NAME}
 
@@ -510,51 +512,11 @@ def test_errors_cross_the_pipe_with_their_fields() -> None:
 # -- leftovers ---------------------------------------------------------------------------------
 
 
-def _record(dest: str = "img", **changes: Any) -> Record:
-    fields: dict[str, Any] = {
-        "dest": dest,
-        "name": dest,
-        "pid": 4242,
-        "start_time": 99,
-        "cmdline": ("python", "app.py"),
-        "rss_bytes": 1 << 20,
-        "criu_version": "4.2.1",
-        "tcp_established": False,
-        "shell_job": False,
-        "leave_running": False,
-        "created": "2026-01-01T00:00:00.000000+00:00",
-    }
-    fields.update(changes)
-    return Record(**fields)
-
-
-def _leftover(
-    parent: Path, dest: str = "img", marks: tuple[str, ...] = (), record: bool = True
-) -> Path:
-    st = Staging(parent / dest)
-    st.create()
-    for name, data in {
-        "inventory.img": b"i",
-        "pstree.img": b"p",
-        "pages-1.img": b"x" * 5000,
-    }.items():
-        (st.path / name).write_bytes(data)
-    for mark in marks:
-        (st.path / mark).write_bytes(b"")
-    if record:
-        fd = os.open(st.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            _record(dest).write(fd)
-        finally:
-            os.close(fd)
-    return st.path
-
-
 def test_records_round_trip_and_malformed_ones_are_refused(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        _record().write(fd)
-        assert Record.read(fd, source="s") == _record()
+        record().write(fd)
+        assert Record.read(fd, source="s") == record()
         good = json.loads((tmp_path / RECORD_NAME).read_text())
         bad_values = {
             "dest": ["../x", "a/b", "", 3],
@@ -576,12 +538,12 @@ def test_records_round_trip_and_malformed_ones_are_refused(tmp_path: Path) -> No
 
 
 def test_leftovers_are_classified_by_what_they_hold(tmp_path: Path) -> None:
-    stale = _leftover(tmp_path, "a")
-    by_mark = _leftover(tmp_path, "b", marks=(COMMITTING_NAME,))
-    by_stats = _leftover(tmp_path, "c", marks=("stats-dump",))
-    _leftover(tmp_path, "d", marks=("stats-dump",), record=False)  # not ours
-    os.chmod(_leftover(tmp_path, "f", marks=("stats-dump",)), 0o770)  # others could write in
-    busy = _leftover(tmp_path, "e")
+    stale = leftover(tmp_path, "a")
+    by_mark = leftover(tmp_path, "b", marks=(COMMITTING_NAME,))
+    by_stats = leftover(tmp_path, "c", marks=("stats-dump",))
+    leftover(tmp_path, "d", marks=("stats-dump",), with_record=False)  # not ours
+    os.chmod(leftover(tmp_path, "f", marks=("stats-dump",)), 0o770)  # others could write in
+    busy = leftover(tmp_path, "e")
     fd = os.open(busy, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -592,10 +554,10 @@ def test_leftovers_are_classified_by_what_they_hold(tmp_path: Path) -> None:
 
 
 def test_sweep_removes_stale_leftovers_only(tmp_path: Path) -> None:
-    stale = _leftover(tmp_path, "a")
-    kept = _leftover(tmp_path, "b", marks=(COMMITTING_NAME,))
-    foreign = _leftover(tmp_path, "c", record=False)
-    busy = _leftover(tmp_path, "d")
+    stale = leftover(tmp_path, "a")
+    kept = leftover(tmp_path, "b", marks=(COMMITTING_NAME,))
+    foreign = leftover(tmp_path, "c", with_record=False)
+    busy = leftover(tmp_path, "d")
     fd = os.open(busy, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -608,7 +570,7 @@ def test_sweep_removes_stale_leftovers_only(tmp_path: Path) -> None:
 
 
 def test_repair_finishes_an_incomplete_image(tmp_path: Path) -> None:
-    path = _leftover(tmp_path, "img", marks=(COMMITTING_NAME, "stats-dump"))
+    path = leftover(tmp_path, "img", marks=(COMMITTING_NAME, "stats-dump"))
     image = _incomplete.repair(_incomplete.find(str(path), tmp_path))
     assert image.path == tmp_path / "img"
     assert (image.manifest.name, image.manifest.pid, image.manifest.cmdline) == (
@@ -628,7 +590,7 @@ def test_repair_finishes_an_incomplete_image(tmp_path: Path) -> None:
 
 
 def test_repair_by_name_and_under_another_name(tmp_path: Path) -> None:
-    _leftover(tmp_path, "img", marks=("stats-dump",))
+    leftover(tmp_path, "img", marks=("stats-dump",))
     (tmp_path / "img").mkdir()  # the name was taken meanwhile
     left = _incomplete.find("img", tmp_path)
     with pytest.raises(AlreadyExistsError) as err:
@@ -644,7 +606,7 @@ def test_repair_by_name_and_under_another_name(tmp_path: Path) -> None:
 def test_repair_refuses_what_it_must_not_touch(tmp_path: Path) -> None:
     with pytest.raises(ImageNotFoundError, match="no incomplete image 'nothing'"):
         _incomplete.find("nothing", tmp_path)
-    stale = _leftover(tmp_path, "a")
+    stale = leftover(tmp_path, "a")
     with pytest.raises(ImageError) as err:
         _incomplete.repair(_incomplete.find("a", tmp_path))
     assert str(err.value) == (
@@ -652,7 +614,7 @@ def test_repair_refuses_what_it_must_not_touch(tmp_path: Path) -> None:
         "running); removed it — checkpoint the process again"
     )
     assert not stale.exists()
-    busy = _leftover(tmp_path, "b", marks=("stats-dump",))
+    busy = leftover(tmp_path, "b", marks=("stats-dump",))
     left = _incomplete.find("b", tmp_path)
     fd = os.open(busy, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -661,8 +623,8 @@ def test_repair_refuses_what_it_must_not_touch(tmp_path: Path) -> None:
             _incomplete.repair(left)
     finally:
         os.close(fd)
-    _leftover(tmp_path, "c", marks=("stats-dump",))
-    _leftover(tmp_path, "c", marks=("stats-dump",))
+    leftover(tmp_path, "c", marks=("stats-dump",))
+    leftover(tmp_path, "c", marks=("stats-dump",))
     with pytest.raises(Exception, match="2 incomplete images are named 'c'"):
         _incomplete.find("c", tmp_path)
 
@@ -670,7 +632,7 @@ def test_repair_refuses_what_it_must_not_touch(tmp_path: Path) -> None:
 def test_a_repair_without_space_names_the_disk_and_keeps_the_image(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = _leftover(tmp_path, "img", marks=("stats-dump",))
+    path = leftover(tmp_path, "img", marks=("stats-dump",))
 
     def full(self: Staging, *args: Any, **kwargs: Any) -> Image:
         raise OSError(errno.ENOSPC, "No space left on device")
