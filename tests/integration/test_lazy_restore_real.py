@@ -209,6 +209,23 @@ def test_a_local_warm_set_is_recorded_then_restored_before_the_resume(
     assert _pages(_warm.load(image)) >= _pages(warm)
     assert _ask(trig, log, "sum", "w2") == total
     assert image.trusted()  # the image's files untouched by the warm image's links
+    # w2, resident, kept the warm image of the warm set it left: w3 restores from it as it is.
+    from torpor._lazy import _warmcache
+
+    kept = _warmcache.lookup(image)
+    assert kept is not None
+    os.close(kept.fd)
+    torpor("stop", "w2")
+    assert len(_restore_lazy("warm-img", "--name", "w3")) == 1
+    st = lazy.read_state("w3")
+    assert st is not None and st.daemon_pid is not None
+    daemons.append(st.daemon_pid)
+    assert st.warm_bytes == kept.warm_bytes, st
+    log = copy_log(torpor_home, "w3")
+    assert _ask(trig, log, "ask", "w3") == answer
+    assert lazy.wait_states(["w3"], timeout=60)["w3"].state == "resident"
+    assert _ask(trig, log, "sum", "w3") == total
+    assert image.trusted()
 
 
 def _pages(ranges: list[tuple[str, int, int]]) -> set[tuple[str, int]]:

@@ -63,6 +63,7 @@ def _preload() -> str | None:
     import torpor._images._image
     import torpor._images._signature
     import torpor._images._store
+    import torpor._lazy._poolimage  # a pool's lazy restore (a local one does not import it)
     import torpor._process._copies
     import torpor._process._dump
     import torpor._process._locks

@@ -218,16 +218,21 @@ class WarmEngine(CriuEngine):
         image: Path,
         warm: Path,
         other_dir: Callable[[], None],
+        warm_fd: int | None = None,
     ) -> None:
         super().__init__(binary, log_dir=log_dir)
         self._image = image
         self._warm = warm
+        self._warm_fd = warm_fd
         self._other_dir = other_dir
 
     def restore(self, images_dir: Path, *args: Any, **kwargs: Any) -> RestoreResult:
-        """See :meth:`CriuEngine.restore`."""
+        """See :meth:`CriuEngine.restore`. ``warm_fd`` (the warm image's directory as the
+        copy opened it, and its daemon reads it) is what CRIU restores when given."""
         if Path(images_dir) == self._image and kwargs.get("images_dir_fd") is None:
             images_dir = self._warm
+            if self._warm_fd is not None:
+                kwargs["images_dir_fd"] = self._warm_fd
         else:
             self._other_dir()
         return super().restore(images_dir, *args, **kwargs)

@@ -55,7 +55,7 @@ from .._engine import CriuEngine
 from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
-from . import _eager, _sweep, _trace, _warm
+from . import _eager, _sweep, _trace, _warm, _warmcache
 from ._daemon import Daemon
 from ._pagemap import load_pagemaps
 from ._served import Server as Server
@@ -146,7 +146,7 @@ class LazyCopy:
                     self.image, lambda: self.daemon_pid, self._server_failed
                 )
             if self.server is not None:
-                warm = _warm_of(self.image)
+                warm = _warm.of(self.image)
                 if warm and self._warm_dir is None:  # fetched before they are asked for
                     self.server.prefetch(warm)
                 self.server.start()
@@ -160,10 +160,9 @@ class LazyCopy:
                 page_server=where,
                 verbose=self._recording,
             )
-            from ._poolimage import PoolLazyImage
-
-            if isinstance(self.image, PoolLazyImage):
-                self.image.restoring()
+            pool = _warm.pool_image(self.image)
+            if pool is not None:
+                pool.restoring()
             self.daemon.start()
             _trace.mark("daemon-ready")
             self._claim_for(self.daemon.pid)
@@ -175,11 +174,7 @@ class LazyCopy:
     def _claim_for(self, pid: int | None) -> None:
         """The daemon ``pid`` (and this keeper) use the work dir and a pool image's local
         part: a killed keeper's are swept only once its daemon is gone too (``_sweep``)."""
-        from ._poolimage import PoolLazyImage
-
-        dirs = [self.work_dir] + (
-            [self.image.path.parent] if isinstance(self.image, PoolLazyImage) else []
-        )
+        dirs = [self.work_dir] + ([self.image.path.parent] if _warm.pool_image(self.image) else [])
         for d in dirs:
             if d is not None:
                 _sweep.claim(d)
@@ -191,23 +186,28 @@ class LazyCopy:
         image has the files it reads as it starts (``_eager.link``), and the task pagemaps
         are worked out and written while it starts (``_eager.plan``, ``fill``: it reads them
         only once the restore, which starts after :meth:`start`, hands it the userfaultfds).
-        Saves the daemon's start (~5-8 ms with CRIU's cache, ~45 ms without) from the path.
         If the warm image turns out of no use, or the image is no longer trusted once it is
-        made, the daemon is started again on the image itself. False: nothing done here
-        (no warm image: the daemon reads the image itself)."""
+        made, the daemon is started again on the image itself. One kept from an earlier
+        restore for this very warm set (``_warmcache``) is used as it is: nothing is worked
+        out or written on the path. False: no warm image (the daemon reads the image)."""
         assert self.work_dir is not None
+        kept = _warmcache.lookup(self.image)
+        if kept is not None and not self.image.trusted():
+            os.close(kept.fd)
+            return False
+        if kept is not None:  # share-locked: not removed while we or the daemon hold it
+            self._image_fd, self._warm_dir = kept.fd, kept.path
+            self.state = replace(self.state, warm_bytes=kept.warm_bytes)
+            self._spawn(verbose=True)
+            _trace.mark("warm-image")
+            return True
         warm = _warm.load(self.image)
         if not warm or not self.image.trusted():
             return False
         into = self.work_dir / "image"
         _eager.link(self.image, into)
         self._image_fd = _safe.open_dir(into)
-        self._recording = True
-        self.daemon = Daemon(
-            self.binary, self._image_fd, self.image.path, self.work_dir, verbose=True
-        )
-        self.daemon.spawn()
-        _trace.mark("daemon-spawned")
+        self._spawn(verbose=True)
         try:
             made = _eager.plan(self.image, warm)
             if made is not None:
@@ -224,16 +224,25 @@ class LazyCopy:
         self.state = replace(self.state, warm_bytes=made[1])
         return True
 
+    def _spawn(self, *, verbose: bool) -> None:
+        """Spawn the daemon on ``_image_fd`` (``start`` waits for it)."""
+        assert self.work_dir is not None and self._image_fd is not None
+        self._recording = verbose
+        self.daemon = Daemon(
+            self.binary, self._image_fd, self.image.path, self.work_dir, verbose=verbose
+        )
+        self.daemon.spawn()
+        _trace.mark("daemon-spawned")
+
     def _served_warm(self) -> Path | None:
         """The warm image a served copy restores from: only a pool image's local part, whose
         warm chunks were fetched into it (``_eager``: for a trusted image, checked again once
         made). Not for other served images (a migration target's holds no pages): CRIU
         would restore holes as the process's memory. A local image's: :meth:`_early`."""
-        from ._poolimage import PoolLazyImage
-
-        if not isinstance(self.image, PoolLazyImage) or not self.image.holds(self.image.warm):
+        pool = _warm.pool_image(self.image)
+        if pool is None or not pool.holds(pool.warm):
             return None
-        warm = self.image.warm
+        warm = pool.warm
         if not warm:
             return None
         assert self.work_dir is not None
@@ -289,7 +298,7 @@ class LazyCopy:
         if self._warm_dir is not None:
             return _eager.WarmEngine(
                 base.binary, self.work_dir, image=self.image.path, warm=self._warm_dir,
-                other_dir=self._plain,
+                warm_fd=self._image_fd, other_dir=self._plain,
             )  # fmt: skip
         return CriuEngine(base.binary, log_dir=self.work_dir)
 
@@ -409,16 +418,18 @@ class LazyCopy:
                     limit=_warm.MAX_BYTES,
                 )
                 if ranges:  # added to the one used (its pages were never faulted)
-                    _warm.save(self.image, list(dict.fromkeys([*self._warm_used, *ranges])))
+                    # A kept warm image was used as it was: its warm set is the file's.
+                    used = self._warm_used or (_warm.load(self.image) if self._warm_dir else [])
+                    _warm.save(self.image, list(dict.fromkeys([*used, *ranges])))
+                _warmcache.ensure(self.image)  # the next restore's warm image, made now
                 return
             ranges = self.server.warm_set(within=_warm.WINDOW)
             if self._warm_dir is not None:  # those restored eagerly were never asked for
-                ranges = list(dict.fromkeys([*_warm_of(self.image), *ranges]))
+                ranges = list(dict.fromkeys([*_warm.of(self.image), *ranges]))
             _warm.save(self.image, ranges)
-            from ._poolimage import PoolLazyImage
-
-            if isinstance(self.image, PoolLazyImage):  # beside the image: in its pool
-                self.image.save_warm(ranges)
+            pool = _warm.pool_image(self.image)
+            if pool is not None:  # beside the image: in its pool
+                pool.save_warm(ranges)
         except (OSError, TorporError) as exc:  # a hint lost, not a failure
             print(f"{now_iso()} lazy restore: warm set not saved: {exc}", file=sys.stderr)
 
@@ -523,12 +534,11 @@ class LazyCopies:
         """The lazy copies of ``image``: a pool image's local part
         (``_poolimage.PoolLazyImage``) is served by torpor's page server from its pool (and
         removed once its copies ended); a local image as the defaults say."""
-        from ._poolimage import PoolLazyImage
-
-        if isinstance(image, PoolLazyImage):
+        pool = _warm.pool_image(image)
+        if pool is not None:
             return cls(
-                image, binary, source=image.page_source, serve=True, hold=hold,
-                cleanup=image.discard,
+                pool, binary, source=pool.page_source, serve=True, hold=hold,
+                cleanup=pool.discard,
             )  # fmt: skip
         return cls(image, binary, hold=hold)
 
@@ -576,15 +586,6 @@ def restored_tasks(pid: int) -> int:
     from .._process._proc import descendants
 
     return 1 + sum(1 for _ in descendants(pid))
-
-
-def _warm_of(image: Image) -> list[Range]:
-    """The warm set to prefetch: a pool image's from its pool, else the local one."""
-    from ._poolimage import PoolLazyImage
-
-    if isinstance(image, PoolLazyImage) and image.warm:
-        return image.warm
-    return _warm.load(image)
 
 
 def _report_failure(state: LazyState) -> None:

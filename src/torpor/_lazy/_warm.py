@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from .. import _paths, _safe
 from .._errors import TorporError
@@ -27,6 +29,9 @@ from .._images._image import Image
 from .._images._manifest import Manifest
 from ._pagemap import PAGE_SIZE
 from ._source import Range
+
+if TYPE_CHECKING:
+    from ._poolimage import PoolLazyImage
 
 WINDOW = 2.0  # seconds of the copy's first faults kept
 MAX_BYTES = 64 << 20  # of pages in one warm set
@@ -86,17 +91,27 @@ def save(image: Image, ranges: Sequence[Range]) -> None:
         _safe.replace_file(fd, name, data, source=str(d), durable=False)
 
 
-def load(image: Image) -> list[Range]:
-    """``image``'s warm set, checked against its manifest; empty if none or not sound."""
+def read_raw(image: Image) -> bytes | None:
+    """The bytes of ``image``'s warm set file (not checked: see :func:`load`), or None."""
     name = _file(image)
     if name is None:
-        return []
+        return None
     try:
         d = warm_dir()
         with _safe.opened_dir(d) as fd:
-            raw = _safe.read_regular(fd, name, source=str(d), limit=_MAX_FILE)
+            return _safe.read_regular(fd, name, source=str(d), limit=_MAX_FILE)
+    except (OSError, TorporError):
+        return None
+
+
+def load(image: Image) -> list[Range]:
+    """``image``'s warm set, checked against its manifest; empty if none or not sound."""
+    raw = read_raw(image)
+    if raw is None:
+        return []
+    try:
         data = json.loads(raw)
-    except (OSError, ValueError, RecursionError, TorporError):
+    except (ValueError, RecursionError):
         return []
     return check(image, data)
 
@@ -137,3 +152,21 @@ def check_manifest(manifest: Manifest, data: object) -> list[Range]:
             return []
         out.append((file, offset, length))
     return out
+
+
+def of(image: Image) -> list[Range]:
+    """The warm set to prefetch: a pool image's from its pool, else the local one."""
+    pool = pool_image(image)
+    if pool is not None and pool.warm:
+        return pool.warm
+    return load(image)
+
+
+def pool_image(image: Image) -> PoolLazyImage | None:
+    """``image`` if it is a pool image's local part (``_poolimage.PoolLazyImage``), else None.
+    Without importing that module (~6 ms with the pool code it loads, on a local restore's
+    path): if it was never imported, no such image exists."""
+    mod = sys.modules.get("torpor._lazy._poolimage")
+    if mod is None or not isinstance(image, mod.PoolLazyImage):
+        return None
+    return cast("PoolLazyImage", image)
