@@ -11,7 +11,13 @@ timestamps (``TORPOR_LAZY_TRACE``, ``src/torpor/_lazy/_trace.py``); the report g
 step, the median time since the command's start and the median gap from the step before.
 
     .venv/bin/python bench/bench_lazy_parts.py [--reps 5] [--ceph] [--no-local] [--app torch]
-        [--json OUT]
+        [--trees A B ...] [--json OUT]
+
+``--trees`` compares source trees side by side in one run (e.g. ``git archive`` of two commits
+exported under ``/tmp/X/src``): every method is run once per tree, alternating in each round,
+the agent restarted with ``PYTHONPATH=<tree>/src`` (its workers, the CLI and the keepers then
+run that tree's torpor). The app is checkpointed and pushed by the tree this script imports
+(its own, or the first of ``--trees`` if that is first on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
@@ -107,6 +113,9 @@ def main() -> int:
     parser.add_argument("--ceph", action="store_true", help="also from a real Ceph pool")
     parser.add_argument("--no-local", action="store_true", help="only the pool restores")
     parser.add_argument("--json", type=Path, help="write the raw samples here")
+    parser.add_argument(
+        "--trees", nargs="+", type=Path, default=[], help="source trees to compare (see above)"
+    )
     args = parser.parse_args()
     size, touch = parse_size(args.size), parse_size(args.touch)
     if int(Path("/proc/sys/fs/pipe-max-size").read_text()) < 4 << 20:
@@ -120,6 +129,22 @@ def main() -> int:
 
         work = home / "bench"
         work.mkdir()
+        trees = [t.resolve() for t in args.trees]
+        for t in trees:
+            if not (t / "src" / "torpor" / "__init__.py").is_file():
+                raise SystemExit(f"{t}: no src/torpor in it")
+        current: list[Path | None] = [None]
+
+        def use_tree(tree: Path | None) -> None:
+            """The agent of ``tree`` (restarted if another tree's runs)."""
+            nonlocal agent
+            if tree is None or tree == current[0]:
+                return
+            stop_agent(agent.pid, print)
+            os.environ["PYTHONPATH"] = str(tree / "src")
+            agent, _ = _agent.start()
+            current[0] = tree
+
         agent, _ = _agent.start()
         try:
             port = lazy_rows.free_port()
@@ -131,9 +156,10 @@ def main() -> int:
                 cmd += ["mem", str(size), str(touch)]
                 app = lazy_rows.make_app("1g", "1 GiB app", cmd, port, work, [0])
                 app.warm_bytes = size + size // 4 + (64 << 20)
-            methods: list[tuple[str, str | None]] = []
+            methods: list[tuple[str, str | None, Path | None]] = []
+            suffixes = [(f"-{t.name}", t) for t in trees] or [("", None)]
             if not args.no_local:
-                methods.append(("local", None))
+                methods += [(f"local{sfx}", None, t) for sfx, t in suffixes]
             ctx = lazy_rows.ceph_pool(home / "ceph", print) if args.ceph else None
             pool = None
             if ctx is not None:
@@ -143,17 +169,20 @@ def main() -> int:
                 with open_pool(pool_name) as p:
                     p.push(app.image, name="lazy-1g")
                 pool = lazy_rows.Pool(pool_name)
-                methods.append(("ceph", f"lazy-1g@{pool_name}"))
+                methods += [(f"ceph{sfx}", f"lazy-1g@{pool_name}", t) for sfx, t in suffixes]
             try:
                 n = 0
-                for _label, source in methods:  # warm-up: records the warm sets
+                for _label, source, tree in methods:  # warm-up: records the warm sets
                     n += 1
+                    use_tree(tree)
                     one(app, f"parts-{n}", source, pool if source else None, trace)
                     lazy_rows.stop_all_managed()
                     reap_orphans()
-                for _ in range(args.reps):
-                    for label, source in methods:
+                for r in range(args.reps):
+                    k = r % len(methods)  # each round starts with another method
+                    for label, source, tree in methods[k:] + methods[:k]:
                         n += 1
+                        use_tree(tree)
                         time.sleep(0.5)  # the agent refills its spare workers
                         quiesce(app.warm_bytes, work)
                         r = one(app, f"parts-{n}", source, pool if source else None, trace)

@@ -43,24 +43,28 @@ Warm set
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 from .. import _safe
 from .._errors import ImageCorruptedError, TorporError
 from .._images._image import Image
 from .._pools import _cas
+from .._pools._located import located
 from .._pools._pool import Pool
-from .._pools._reader import REFUSED_HINT, Catalog
-from .._pools._record import FileRecord, Record
-from . import _sweep, _trace, _warm
+from .._pools._reader import REFUSED_HINT
+from .._pools._record import Record
+from . import _poolfetch, _sweep, _trace, _warm
 from ._pagemap import MAX_PAGEMAP, Pagemap, parse_pagemap
 from ._source import LazyPageError, PageSource, Prepared, Range, _is_pages, pool_source
 from ._state import LAZY_POOL_DIR as LAZY_POOL_DIR
@@ -106,6 +110,8 @@ class PoolLazyImage(Image):
         self._idents = idents
         # Per pages file: (offset, length, sha256) of each chunk written locally.
         self._written = written
+        # The keeper's pool, being opened (by the process that asked first: see holds).
+        self._opening: tuple[int, Future[Pool]] | None = None
 
     @property
     def local_bytes(self) -> int:
@@ -162,7 +168,11 @@ class PoolLazyImage(Image):
     def holds(self, ranges: Iterable[Range]) -> bool:
         """Whether every page of ``ranges`` is in the local part: written (verified) or a
         zero chunk left as a hole. What a warm image restores eagerly must be (a hole of a
-        lazy page would be restored as zeros)."""
+        lazy page would be restored as zeros).
+
+        The keeper asks it first, as its copy starts: its pool (for :meth:`page_source`, a
+        RADOS connection is ~15-20 ms) is opened in the background from then on."""
+        self._open_soon()
         assert self._prepared is not None
         lists = dict(zip((f.name for f in self.record.files), self._prepared.lists, strict=True))
         sizes = {f.name: f.chunk_size for f in self.record.files}
@@ -184,10 +194,8 @@ class PoolLazyImage(Image):
         refuses a record that is no longer exactly the materialised one. The chunk lists and
         catalog read by :func:`materialise` are reused (``_source.Prepared``): decoding every
         pack index again cost the keeper ~0.9 s of a 1 GiB image's time-to-resume."""
-        from .._pools import open_pool
-
         _trace.mark("source")
-        pool = open_pool(self.pool_name)
+        pool = self._opened()
         _trace.mark("pool-open")
         try:
             src = pool_source(pool, self.record.name, prepared=self._prepared)
@@ -206,11 +214,37 @@ class PoolLazyImage(Image):
             )
         return _Owning(src, pool)
 
+    def _open_soon(self) -> None:
+        """Start opening the pool in this process, in a thread (once per process)."""
+        if self._opening is not None and self._opening[0] == os.getpid():
+            return
+        fut: Future[Pool] = Future()
+
+        def run() -> None:
+            from .._pools import open_pool
+
+            try:
+                fut.set_result(open_pool(self.pool_name))
+            except BaseException as exc:  # raised where it is used
+                fut.set_exception(exc)
+
+        self._opening = (os.getpid(), fut)
+        threading.Thread(target=run, name="torpor-pool-open", daemon=True).start()
+
+    def _opened(self) -> Pool:
+        """The pool opened by :meth:`_open_soon` in this process, else opened now."""
+        opening, self._opening = self._opening, None
+        if opening is not None and opening[0] == os.getpid():
+            return opening[1].result()
+        from .._pools import open_pool
+
+        return open_pool(self.pool_name)
+
     def restoring(self) -> None:
         """The copy's daemon starts and CRIU restores its tree (other processes): build the
         catalog's map of every chunk meanwhile, in the background (~55 ms for 1 GiB), not at
         the first fault after the resume."""
-        if self._prepared is not None:
+        if self._prepared is not None and self._prepared.catalog is not None:
             self._prepared.catalog.where.build_soon()
 
     def save_warm(self, ranges: Sequence[Range]) -> None:
@@ -227,8 +261,12 @@ class PoolLazyImage(Image):
         """Remove the local part (its memory pages are secrets too), with its claims; write
         the pack indexes fetched for it to the local cache (put off until now)."""
         shutil.rmtree(self.path.parent, ignore_errors=True)
+        opening, self._opening = self._opening, None
+        if opening is not None and opening[0] == os.getpid():  # opened, never used
+            with contextlib.suppress(BaseException):
+                opening[1].result().close()
         if self._prepared is not None:
-            self._prepared.catalog.save_cache()
+            self._prepared.save_cache()
 
 
 class _Owning:
@@ -273,30 +311,39 @@ def materialise(pool: Pool, name: str) -> PoolLazyImage:
     with pool._session("lazy"):
         rec = pool._record(name)
         pool.policy.check(rec.name, pool.name, rec.origin)
-        lists = pool._resolve(rec)
-        _trace.mark("lists")
-        # Its index cache files are written once the copies ended (``discard``), not before
-        # the resume.
-        catalog = pool._catalog(save_later=True)
-        _trace.mark("catalog")
-        # The image in ``image/``; beside it, who uses it (``_sweep``: this process, then the
-        # keeper and the daemons), outside the image, which holds only its manifest's files.
-        top = lazy_pool_dir() / f"{os.getpid()}-{secrets.token_hex(8)}"
-        os.mkdir(top, 0o700)
+        found = located(pool, rec)
+        # The warm set, and the packs of the small files and warm chunks, fetched meanwhile.
+        early = _poolfetch.Early(pool, rec, found, _read_warm)
         try:
-            _sweep.claim(top)
-            path = top / "image"
-            os.mkdir(path, 0o700)
-            return _fill(pool, rec, lists, catalog, path)
-        except BaseException:
-            shutil.rmtree(top, ignore_errors=True)
-            raise
+            lists = pool._resolve(rec)
+            _trace.mark("lists")
+            finder = _poolfetch.Finder(pool, rec, lists, found)
+            finder.early = early
+            _trace.mark("catalog")
+            # The image in ``image/``; beside it, who uses it (``_sweep``: this process, then
+            # the keeper and the daemons), outside the image, which holds only its files.
+            top = lazy_pool_dir() / f"{os.getpid()}-{secrets.token_hex(8)}"
+            os.mkdir(top, 0o700)
+            try:
+                _sweep.claim(top)
+                path = top / "image"
+                os.mkdir(path, 0o700)
+                return _fill(pool, rec, lists, finder, early, path)
+            except BaseException:
+                shutil.rmtree(top, ignore_errors=True)
+                raise
+        finally:
+            early.close()
 
 
 def _fill(
-    pool: Pool, rec: Record, lists: list[list[bytes]], catalog: Catalog, path: Path
+    pool: Pool,
+    rec: Record,
+    lists: list[list[bytes]],
+    finder: _poolfetch.Finder,
+    early: _poolfetch.Early,
+    path: Path,
 ) -> PoolLazyImage:
-    bad = pool._bad_chunk(rec, lists)
     files = {f.name: (f, ds) for f, ds in zip(rec.files, lists, strict=True)}
     fds: dict[str, int] = {}
     dir_fd = _safe.open_dir(path)
@@ -307,7 +354,11 @@ def _fill(
             fds[f.name] = _safe.create_file(dir_fd, f.name, source=f"image {rec.name!r}")
             os.ftruncate(fds[f.name], f.size)  # what is not written stays a hole
         small = [f for f in rec.files if not _is_pages(f.name)]
-        _write(pool, catalog, bad, fds, files, {f.name: range(f.count) for f in small})
+        stash = early.stash
+        written = _poolfetch.write(
+            pool, finder, stash, fds, files, {f.name: range(f.count) for f in small}
+        )
+        _trace.mark("small-files")
         readable = {f.name: _safe.open_regular(dir_fd, f.name, source=str(path)) for f in small}
         try:
             hashes = {name: _sha256_fd(fd) for name, fd in readable.items()}
@@ -323,10 +374,11 @@ def _fill(
                     file=f.name,
                     hint=REFUSED_HINT,
                 )
-        # The warm set's pages too: a warm image (``_eager``) restores them before the resume.
-        _trace.mark("small-files")
-        warm = _read_warm(pool, rec)
-        written = _write(pool, catalog, bad, fds, files, _with_warm(rec, wanted, warm))
+        # The non-lazy pages CRIU reads itself and the warm set's (a warm image, ``_eager``,
+        # restores them before the resume; their packs were fetched early).
+        warm = early.warm()
+        more = _poolfetch.write(pool, finder, stash, fds, files, _with_warm(rec, wanted, warm))
+        written.update(more)
         _trace.mark("local-pages")
         idents = {name: _identity(os.fstat(fd)) for name, fd in fds.items()}
     finally:
@@ -342,7 +394,7 @@ def _fill(
         idents=idents,
         written=written,
         warm=warm,
-        prepared=Prepared(rec, lists, catalog),
+        prepared=finder.prepared(rec, lists, stash),
     )
     image.check()
     _trace.mark("materialised")
@@ -364,46 +416,6 @@ def _with_warm(
         name: sorted(set(indices) | extra[name]) if name in extra else indices
         for name, indices in wanted.items()
     }
-
-
-def _write(
-    pool: Pool,
-    catalog: Catalog,
-    bad: Callable[[bytes, str], TorporError],
-    fds: dict[str, int],
-    files: dict[str, tuple[FileRecord, list[bytes]]],
-    wanted: dict[str, Iterable[int]],
-) -> dict[str, list[tuple[int, int, bytes]]]:
-    """Fetch the chunks ``wanted`` (indices per file), each verified, into place; the pages
-    files' chunks written, as ``(offset, length, sha256)``."""
-    places: dict[bytes, list[tuple[int, int]]] = defaultdict(list)
-    written: dict[str, list[tuple[int, int, bytes]]] = {}
-    for name, indices in wanted.items():
-        frec, digests = files[name]
-        cs = frec.chunk_size
-        out = written.setdefault(name, []) if _is_pages(name) else None
-        for i in indices:
-            d = digests[i]
-            n = min(cs, frec.size - i * cs)
-            if d == _cas.ZERO_PAGE and n == _cas.PAGE_SIZE:
-                continue  # a hole reads as zeros
-            places[d].append((fds[name], i * cs))
-            if out is not None:
-                out.append((i * cs, n, d))
-    by_pack = pool._group(places, catalog, bad)
-
-    def sink(d: bytes, chunk: bytes) -> None:
-        for fd, offset in places[d]:
-            os.pwrite(fd, chunk, offset)
-
-    try:
-        pool._fetch(by_pack, catalog, sink, bad)
-    except OSError as exc:
-        raise TorporError(
-            f"cannot write the local part of image {next(iter(files), '')!r}: {exc.strerror}",
-            hint="check the space and permissions of torpor's cache directory",
-        ) from exc
-    return written
 
 
 def _local_chunks(rec: Record, fds: dict[str, int]) -> dict[str, Iterable[int]]:

@@ -42,14 +42,15 @@ import os
 import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from .._errors import ImageCorruptedError, TorporError
 from .._images._image import Image
 from .._pools import _cas
-from .._pools._pack import PackDamagedError, PackIndex, iter_pack, pack_key
+from .._pools._located import Located, Stale
+from .._pools._pack import ChunkEntry, PackDamagedError, PackIndex, iter_pack, pack_key
 from .._pools._pool import Pool
 from .._pools._reader import Catalog
 from .._pools._record import FileRecord, Record
@@ -301,9 +302,11 @@ class PoolSource:
         try:
             rec: Record = pool._record(name)
             pool.policy.check(rec.name, pool.name, rec.origin)
+            self._located: Located | None = None
+            self._catalog: Catalog | None
             if prepared is not None and prepared.record == rec:
                 lists = prepared.lists
-                self._catalog: Catalog = _still_sound(pool, prepared.catalog)
+                self._catalog, self._located = _still_sound(pool, prepared)
             else:
                 lists = pool._resolve(rec)
                 self._catalog = pool._catalog()
@@ -323,6 +326,8 @@ class PoolSource:
         self._needed_set: set[bytes] | None = None
         self._chunks = _LRU(chunk_cache)
         self._packs = _LRU(pack_cache)
+        for pack_id, data in (prepared.packs if prepared is not None else {}).items():
+            self._packs.put(pack_id, data)  # fetched by the process that materialised it
         self._pack_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_lock = threading.Lock()
         self._failed: dict[bytes, str] = {}
@@ -363,14 +368,39 @@ class PoolSource:
 
     def _load(self, d: bytes, file: str, i: int) -> None:
         """Fetch, decode and verify the frame holding chunk ``d`` (and keep its neighbours)."""
+        found = self._located
+        if found is not None:
+            try:
+                if self._load_located(found, d, file, i):
+                    return
+            except Stale:
+                pass
+            # A pack the record names is gone (a collection repacked it): every index.
+            with self._locks_lock:
+                if self._located is found:
+                    self._located = None
+                    self._catalog = self.pool._catalog()
         catalog = self._catalog
+        assert catalog is not None
         if self._load_from(catalog, d, file, i, last=catalog is not self._prepared):
             # A catalog read before our session began (prepared) named a pack a collection
             # swept meanwhile: one read under our session says where the chunk is now.
             with self._locks_lock:
                 if self._catalog is catalog:
                     self._catalog = self.pool._catalog()
+            assert self._catalog is not None
             self._load_from(self._catalog, d, file, i, last=True)
+
+    def _load_located(self, found: Located, d: bytes, file: str, i: int) -> bool:
+        """:meth:`_load` through the record's ``where``; False if its pack is missing."""
+        pack_id = found.pack_of(file, i)
+        if pack_id is None:
+            raise self._bad(file, i, d, "is in no pack, its record says")
+        index = found.index(self.pool, pack_id)
+        entry = found.entry(index, d)
+        if entry is None:
+            raise self._bad(file, i, d, f"is not in pack {pack_id}, where its record says it is")
+        return not self._load_entry(pack_id, index, entry, d, file, i, last=False)
 
     def _load_from(self, catalog: Catalog, d: bytes, file: str, i: int, *, last: bool) -> bool:
         """:meth:`_load` from ``catalog``; True if its pack is missing and not ``last`` (else
@@ -379,7 +409,19 @@ class PoolSource:
         if loc is None:
             raise self._bad(file, i, d, "is in no pack of the pool")
         pack_id, entry = loc
-        index = catalog.indexes[pack_id]
+        return self._load_entry(pack_id, catalog.indexes[pack_id], entry, d, file, i, last=last)
+
+    def _load_entry(
+        self,
+        pack_id: str,
+        index: PackIndex,
+        entry: ChunkEntry,
+        d: bytes,
+        file: str,
+        i: int,
+        *,
+        last: bool,
+    ) -> bool:
         with self._locks_lock:
             lock = self._pack_locks[pack_id]
         with lock:
@@ -462,23 +504,39 @@ class PoolSource:
 
 @dataclass(frozen=True)
 class Prepared:
-    """What a reader of the pool already resolved for a record (its chunk lists, the pool's
-    catalog), handed to the :class:`PoolSource` of the process that serves its pages: building
-    the catalog (every pack index decoded) costs ~0.9 s for a 1 GiB image. Used only while
+    """What a reader of the pool already resolved for a record (its chunk lists; where its
+    chunks are: the packs its ``where`` names, or the pool's catalog; the packs fetched),
+    handed to the :class:`PoolSource` of the process that serves its pages: building the
+    catalog (every pack index decoded) costs ~0.1-0.9 s for a 1 GiB image. Used only while
     the pool's record is still exactly ``record``."""
 
     record: Record
     lists: list[list[bytes]]
-    catalog: Catalog
+    catalog: Catalog | None
+    located: Located | None = None
+    packs: dict[str, bytes] = field(default_factory=dict)
+
+    def save_cache(self) -> None:
+        """Write the pack indexes fetched for it to the local cache."""
+        if self.catalog is not None:
+            self.catalog.save_cache()
+        if self.located is not None:
+            self.located.save_cache()
 
 
-def _still_sound(pool: Pool, catalog: Catalog) -> Catalog:
-    """``catalog`` if no pack of it is condemned now (our session is registered: packs not
-    condemned now stay until it ends), else a fresh one, as any new session would see it."""
+def _still_sound(pool: Pool, prepared: Prepared) -> tuple[Catalog | None, Located | None]:
+    """The prepared way of finding chunks if no pack of it is condemned now (our session is
+    registered: packs not condemned now stay until it ends), else a fresh catalog, as any new
+    session would see it."""
     condemned = Condemned.load(pool.backend)
-    if condemned.packs & catalog.indexes.keys():
-        return pool._catalog()
-    return catalog
+    if prepared.located is not None:
+        if prepared.located.sound(condemned):
+            return None, prepared.located
+        return pool._catalog(), None
+    assert prepared.catalog is not None
+    if condemned.packs & prepared.catalog.indexes.keys():
+        return pool._catalog(), None
+    return prepared.catalog, None
 
 
 def pool_source(pool: Pool, name: str, *, prepared: Prepared | None = None) -> PoolSource:

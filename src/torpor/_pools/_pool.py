@@ -51,7 +51,7 @@ from ._record import IMAGES_PREFIX, Record, image_key
 from ._registry import open_backend
 from ._session import Condemned, NoHeartbeat
 from ._sign import Policy
-from ._write import PoolWriter
+from ._write import PoolWriter, pack_finder
 
 _OWNED_PREFIXES = (
     "images/",
@@ -186,7 +186,7 @@ class Pool(PoolWriter, PoolPuller):
 
             try:
                 self._fetch(by_pack, catalog, sink, bad)
-                writer.finish()
+                written = writer.finish()
             except BaseException:
                 writer.abort()
                 raise
@@ -202,6 +202,7 @@ class Pool(PoolWriter, PoolPuller):
                 files,
                 writer.stored_bytes,
                 rec.origin,
+                pack_of=pack_finder(target_catalog, written),
             )
         return target._to_image(new)
 

@@ -14,10 +14,10 @@ import hashlib
 import json
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, KeysView, Sequence
+from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from .._errors import ImageCorruptedError, ImageNotFoundError, PoolError, TorporError, UsageError
 from .._images._manifest import now_iso
@@ -189,6 +189,21 @@ class Catalog:
             present.add(_cas.ZERO_PAGE)
             self._present = present
         return self._present
+
+
+class Indexed(Protocol):
+    """What fetching chunks needs of a catalog: the index of each pack named."""
+
+    @property
+    def indexes(self) -> Mapping[str, PackIndex]: ...
+
+
+class Keep(Protocol):
+    """Where :meth:`PoolReader._fetch` keeps the packs it fetched, and finds some already."""
+
+    def get(self, pack_id: str, /) -> bytes | None: ...
+
+    def __setitem__(self, pack_id: str, data: bytes, /) -> None: ...
 
 
 class Ticker:
@@ -494,17 +509,24 @@ class PoolReader:
     def _fetch(
         self,
         by_pack: dict[str, set[bytes]],
-        catalog: Catalog,
+        catalog: Indexed,
         sink: Callable[[bytes, bytes], None],
         bad: Callable[[bytes, str], TorporError],
+        *,
+        keep: Keep | None = None,
     ) -> None:
         """Fetch packs concurrently; hand each wanted chunk, verified, to ``sink`` (in a
-        worker thread). ``bad(digest, what)`` builds the error for a chunk that fails."""
+        worker thread). ``bad(digest, what)`` builds the error for a chunk that fails. With
+        ``keep``, the packs fetched are kept there, and the ones already there not fetched."""
 
         def one(pack_id: str) -> None:
             wanted = by_pack[pack_id]
+            data = keep.get(pack_id) if keep is not None else None
             try:
-                data = self.backend.get(pack_key(pack_id))
+                if data is None:
+                    data = self.backend.get(pack_key(pack_id))
+                    if keep is not None:
+                        keep[pack_id] = data
             except KeyError as exc:
                 raise bad(next(iter(wanted)), f"is in pack {pack_id}, which is missing") from exc
             try:

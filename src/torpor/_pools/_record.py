@@ -7,12 +7,23 @@ A pool manifest (key ``images/<name>``) is zstd-compressed JSON::
      "signature": {"manifest": "<signed torpor.json>", "key": ..., "sig": ...},  # _sign.py
      "files": [{"name", "size", "sha256", "chunk_size",
                  "digests": "<hex>"                              # short lists, inline
-                 | "list": "<id>", "list_sha256": "<hex>", "patch": "<base64>"}]}
+                 | "list": "<id>", "list_sha256": "<hex>", "patch": "<base64>"}],
+     "where": {"packs": ["<pack id>", ...], "runs": "<base64>"}}   # optional, see below
 
 A long chunk list lives in a *list object* (key ``lists/<id>``, zstd of the digests back to
 back, ``id`` random like a pack id, its SHA-256 in the manifest) and the manifest adds a patch
 against it (:func:`~torpor._pools._cas.apply_patch`). Many manifests share one list object;
 the manifest is the only thing naming an image, and it is written last.
+
+``where`` (written since issue 10; a manifest without it is read as before) says which pack
+held each chunk when the manifest was written: ``runs`` is ``"<II"`` pairs (a number into
+``packs``, or :data:`NO_PACK` for a chunk stored nowhere, the zero page; how many chunks in a
+row) over the chunks of every file, in file order. A lazy restore then reads the indexes of
+those packs only, not every index of the pool (:mod:`._located`). It is a hint from outside:
+:class:`Locations` bounds and checks its shape here; a chunk it puts in a pack that does not
+hold it is refused where it is looked up, and every chunk is still checked against its
+SHA-256 before use. Garbage collection may repack chunks elsewhere: a pack it names that is
+gone (or condemned) makes the reader fall back to every index.
 
 Everything in a pool manifest comes from outside (a shared pool, an archive): :meth:`Record.decode`
 refuses, before anything is fetched or written, a file name that is not a plain name
@@ -24,11 +35,14 @@ and a signed manifest that does not cover the stored one.
 from __future__ import annotations
 
 import base64
+import binascii
+import bisect
 import hashlib
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import zstandard
@@ -59,6 +73,10 @@ MAX_RECORD = 64 << 20
 MAX_LIST = 1 << 30
 MAX_FILE_SIZE = 1 << 44
 MAX_CHUNK_SIZE = 64 << 20
+# ``where``: at most this many packs (a pack holds ~1000 chunks: 4 TiB of distinct pages).
+MAX_WHERE_PACKS = 1 << 20
+NO_PACK = 0xFFFFFFFF
+_RUN = struct.Struct("<II")
 
 
 def is_id(value: object) -> bool:
@@ -168,6 +186,88 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class Locations:
+    """The record's ``where`` (see the module docstring): the pack of chunk ``n`` of the
+    image's chunks in file order. Checked whole by :meth:`from_dict`."""
+
+    packs: tuple[str, ...]
+    runs: bytes
+
+    @classmethod
+    def build(cls, pack_of: Sequence[str | None]) -> Locations:
+        """From the pack (or None) of each chunk, in order."""
+        numbers: dict[str, int] = {}
+        out = bytearray()
+        prev, count = -1, 0
+        for p in pack_of:
+            n = NO_PACK if p is None else numbers.setdefault(p, len(numbers))
+            if n == prev:
+                count += 1
+                continue
+            if count:
+                out += _RUN.pack(prev, count)
+            prev, count = n, 1
+        if count:
+            out += _RUN.pack(prev, count)
+        return cls(tuple(numbers), bytes(out))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {"packs": list(self.packs), "runs": base64.b64encode(self.runs).decode("ascii")}
+
+    @classmethod
+    def from_dict(cls, data: object, *, chunks: int) -> Locations:
+        """Parse and check the JSON form against the record's ``chunks`` (how many its files
+        have): ``ValueError``/``TypeError``/``KeyError`` if anything is off."""
+        if not isinstance(data, dict) or set(data) != {"packs", "runs"}:
+            raise TypeError("where is not an object of packs and runs")
+        packs, runs = data["packs"], data["runs"]
+        if not isinstance(packs, list) or len(packs) > MAX_WHERE_PACKS:
+            raise ValueError(f"where: packs is not a list of at most {MAX_WHERE_PACKS}")
+        if not all(is_id(p) for p in packs) or len(set(packs)) != len(packs):
+            raise ValueError("where: packs are not distinct pack ids")
+        # At most one run per chunk: base64 of 8 bytes a chunk.
+        if not isinstance(runs, str) or len(runs) > 4 * -(-_RUN.size * chunks // 3):
+            raise ValueError("where: runs is not a string, or longer than the record's chunks")
+        try:
+            raw = base64.b64decode(runs, validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"where: runs is not base64 ({exc})") from exc
+        if len(raw) % _RUN.size:
+            raise ValueError("where: runs is not whole entries")
+        total = 0
+        for n, count in _RUN.iter_unpack(raw):
+            if count == 0 or (n >= len(packs) and n != NO_PACK):
+                raise ValueError(f"where: run ({n}, {count}) is not a pack of the list")
+            total += count
+        if total != chunks:
+            raise ValueError(f"where: runs cover {total} chunks, the files have {chunks}")
+        return cls(tuple(packs), raw)
+
+    def finder(self, files: Sequence[FileRecord]) -> Callable[[str, int], str | None]:
+        """``find(file, i)``: the pack of chunk ``i`` of ``files``' file ``file``, or None."""
+        base: dict[str, int] = {}
+        pos = 0
+        for f in files:
+            base[f.name] = pos
+            pos += f.count
+        starts: list[int] = []
+        numbers: list[int] = []
+        pos = 0
+        for n, count in _RUN.iter_unpack(self.runs):
+            starts.append(pos)
+            numbers.append(n)
+            pos += count
+        packs = self.packs
+
+        def find(file: str, i: int) -> str | None:
+            n = numbers[bisect.bisect_right(starts, base[file] + i) - 1]
+            return None if n == NO_PACK else packs[n]
+
+        return find
+
+
+@dataclass(frozen=True)
 class Record:
     """A decoded pool manifest."""
 
@@ -177,6 +277,7 @@ class Record:
     stored_bytes: int
     files: tuple[FileRecord, ...]
     origin: Origin | None = None
+    where: Locations | None = None
 
     @property
     def size(self) -> int:
@@ -200,6 +301,8 @@ class Record:
         }
         if self.origin is not None:
             data["signature"] = self.origin.to_dict()
+        if self.where is not None:
+            data["where"] = self.where.to_dict()
         raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return zstandard.ZstdCompressor(level=9).compress(raw)
 
@@ -232,6 +335,9 @@ class Record:
                 origin=origin,
             )
             rec.check(source=source)
+            if "where" in data:  # after the files are known sound: it is checked against them
+                chunks = sum(f.count for f in files)
+                rec = replace(rec, where=Locations.from_dict(data["where"], chunks=chunks))
             return rec
         except UnsafeImageError:
             raise

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from .. import _safe
@@ -22,9 +22,9 @@ from .._images._image import Image
 from .._images._manifest import FileEntry, Manifest, new_id, now_iso
 from .._images._store import check_name
 from . import _cas
-from ._pack import PackWriter
+from ._pack import PackIndex, PackWriter
 from ._reader import Catalog, PoolImage, PoolReader, Progress, Ticker
-from ._record import FileRecord, Record, encode_list_object, image_key, list_key
+from ._record import FileRecord, Locations, Record, encode_list_object, image_key, list_key
 from ._session import Condemned, Heartbeat, NoHeartbeat
 from ._sign import SOURCE_LABEL, Origin, local_origin
 
@@ -39,6 +39,22 @@ class _Base:
     list_id: str
     sha256: str
     digests: list[bytes]
+
+
+def pack_finder(catalog: Catalog, written: Sequence[PackIndex]) -> Callable[[bytes], str | None]:
+    """The pack holding a chunk once a writer's packs ``written`` are stored: one of those,
+    else the one ``catalog`` (read before) names; None for the zero page (stored nowhere)."""
+    new: dict[bytes, str] = {}
+    for index in written:
+        new.update(dict.fromkeys(index.digests(), index.pack_id))
+
+    def pack_of(d: bytes) -> str | None:
+        if d == _cas.ZERO_PAGE:
+            return None
+        found = new.get(d)
+        return found if found is not None else catalog.where.pack_of(d)
+
+    return pack_of
 
 
 class PoolWriter(PoolReader):
@@ -66,14 +82,20 @@ class PoolWriter(PoolReader):
                     )
                     for e in local.files
                 ]
-                writer.finish()
+                written = writer.finish()
             except BaseException:
                 writer.abort()
                 raise
             labels = {**local.labels, SOURCE_LABEL: local.id}
             manifest = local.evolve(name=name, id=new_id(), labels=labels)
             rec = self._commit(
-                heartbeat, catalog.condemned, manifest, files, writer.stored_bytes, origin
+                heartbeat,
+                catalog.condemned,
+                manifest,
+                files,
+                writer.stored_bytes,
+                origin,
+                pack_of=pack_finder(catalog, written),
             )
         return self._to_image(rec)
 
@@ -181,8 +203,12 @@ class PoolWriter(PoolReader):
         files: Sequence[tuple[FileEntry, int, list[bytes]]],
         stored: int,
         origin: Origin | None,
+        *,
+        pack_of: Callable[[bytes], str | None] | None = None,
     ) -> Record:
-        """Store the chunk lists, then the manifest, of an image whose chunks are stored."""
+        """Store the chunk lists, then the manifest, of an image whose chunks are stored;
+        with ``pack_of`` (the pack holding a chunk), the manifest says where its chunks are
+        (``where``, see :mod:`._record`)."""
         bases = self._bases(manifest.cmdline, condemned)
         recs: list[FileRecord] = []
         for entry, chunk_size, digests in files:
@@ -206,7 +232,10 @@ class PoolWriter(PoolReader):
             self._cache_put("lists", list_id, blob)
             stored += len(blob)
             recs.append(FileRecord(*common, list_id=list_id, list_sha256=sha))
-        rec = Record(manifest.name, manifest, now_iso(), 0, tuple(recs), origin)
+        where = None
+        if pack_of is not None:
+            where = Locations.build([pack_of(d) for _, _, ds in files for d in ds])
+        rec = Record(manifest.name, manifest, now_iso(), 0, tuple(recs), origin, where)
         rec, blob = self._seal(rec, stored)
         self._land(heartbeat, rec, blob)
         return rec

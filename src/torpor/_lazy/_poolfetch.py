@@ -1,0 +1,222 @@
+"""Fetching the local part of a pool image (``_poolimage.materialise``): where its chunks are,
+and the packs fetched early.
+
+:class:`Finder` finds the packs of the chunks wanted through the record's ``where``
+(``_pools._located``: only the indexes of those packs are read), else, or once a pack it names
+turns out gone, through the pool's catalog (every pack index).
+
+:class:`Early` starts, as soon as the record is read, what does not need its chunk lists
+(the list object of a 1 GiB image's pages file is 8 MiB, its fetch ~50-80 ms): the pool's warm
+set, then, through ``where``, the indexes and packs of the small files' chunks and of the warm
+set's chunks, in threads. The packs are only held (:class:`Stash`) until the chunks are
+written: each chunk is checked against its SHA-256 from the lists as always, and a pack the
+record names wrongly is refused where it is grouped, as without the early fetch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from .._errors import TorporError
+from .._pools import _cas
+from .._pools._located import Located, Stale
+from .._pools._pack import pack_key
+from .._pools._pool import Pool
+from .._pools._reader import FETCHERS, Catalog, Indexed
+from .._pools._record import FileRecord, Record
+from ._source import Prepared, Range, _is_pages
+
+
+class Stash:
+    """Packs fetched (or being fetched) by :class:`Early` or a pass of :func:`write`, by id;
+    ``get`` waits for one being fetched (None if that failed: the caller fetches it again and
+    reports what is wrong)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+        self._pending: dict[str, Future[bytes]] = {}
+
+    def get(self, pack_id: str) -> bytes | None:
+        fut = self._pending.get(pack_id)
+        if fut is not None:
+            try:
+                return fut.result()
+            except (KeyError, OSError, TorporError):
+                return None
+        return self._data.get(pack_id)
+
+    def __setitem__(self, pack_id: str, data: bytes) -> None:
+        self._data[pack_id] = data
+
+    def pending(self, pack_id: str, fut: Future[bytes]) -> None:
+        self._pending.setdefault(pack_id, fut)
+
+    def done(self) -> dict[str, bytes]:
+        """Every pack fetched."""
+        out = dict(self._data)
+        for pack_id, fut in self._pending.items():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                out[pack_id] = fut.result()
+        return out
+
+
+class Early:
+    """The warm set, and the indexes and packs of the small files' and warm set's chunks,
+    fetched in threads from the moment the record is read (see the module docstring)."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        rec: Record,
+        found: Located | None,
+        read_warm: Callable[[Pool, Record], list[Range]],
+    ) -> None:
+        self.stash = Stash()
+        self._pool = pool
+        self._rec = rec
+        self._found = found
+        self._ex = ThreadPoolExecutor(FETCHERS, thread_name_prefix="torpor-early")
+        self._indexes: Future[None] | None = None
+        self._warm = self._ex.submit(self._start, read_warm)
+
+    def _start(self, read_warm: Callable[[Pool, Record], list[Range]]) -> list[Range]:
+        warm = read_warm(self._pool, self._rec)
+        found = self._found
+        if found is None:
+            return warm
+        order: list[str] = []  # the small files' packs first: they are written first
+        for f in self._rec.files:
+            if not _is_pages(f.name):
+                order += [p for i in range(f.count) if (p := found.pack_of(f.name, i))]
+        sizes = {f.name: f.chunk_size for f in self._rec.files}
+        for file, offset, length in warm:
+            cs = sizes[file]
+            for i in range(offset // cs, (offset + length - 1) // cs + 1):
+                if (p := found.pack_of(file, i)) is not None:
+                    order.append(p)
+        packs = list(dict.fromkeys(order))
+        self._indexes = self._ex.submit(self._load, found, packs)
+        for pack_id in packs:
+            self.stash.pending(pack_id, self._ex.submit(self._get, pack_id))
+        return warm
+
+    def _load(self, found: Located, packs: list[str]) -> None:
+        with contextlib.suppress(Stale):  # the grouping reads them again, and falls back
+            found.load(self._pool, packs)
+
+    def _get(self, pack_id: str) -> bytes:
+        return self._pool.backend.get(pack_key(pack_id))
+
+    def warm(self) -> list[Range]:
+        """The pool's warm set of the record (checked)."""
+        return self._warm.result()
+
+    def settle(self) -> None:
+        """Wait for the indexes being read (not the packs)."""
+        self._warm.result()
+        if self._indexes is not None:
+            self._indexes.result()
+
+    def close(self) -> None:
+        """Stop what has not started; wait for what runs."""
+        self._ex.shutdown(wait=True, cancel_futures=True)
+
+
+class Finder:
+    """Where the chunks of one record are (see the module docstring); the catalog's index
+    cache files are written only at ``PoolLazyImage.discard``."""
+
+    def __init__(
+        self, pool: Pool, rec: Record, lists: list[list[bytes]], found: Located | None
+    ) -> None:
+        self.located = found
+        self.catalog: Catalog | None = None
+        if found is None:
+            self.catalog = pool._catalog(save_later=True)
+        self.bad = pool._bad_chunk(rec, lists)
+        self.early: Early | None = None
+
+    def group(
+        self, pool: Pool, wanted: Sequence[tuple[str, int, bytes]]
+    ) -> tuple[dict[str, set[bytes]], Indexed]:
+        """``wanted`` chunks ``(file, index, digest)`` by pack, and the indexes of those."""
+        if self.located is not None:
+            if self.early is not None:
+                self.early.settle()
+            try:
+                return self._by_hint(pool, self.located, wanted)
+            except Stale:
+                self.located = None
+        if self.catalog is None:
+            self.catalog = pool._catalog(save_later=True)
+        return pool._group([d for _, _, d in wanted], self.catalog, self.bad), self.catalog
+
+    def _by_hint(
+        self, pool: Pool, found: Located, wanted: Sequence[tuple[str, int, bytes]]
+    ) -> tuple[dict[str, set[bytes]], Indexed]:
+        by_pack: dict[str, set[bytes]] = defaultdict(set)
+        for file, i, d in wanted:
+            pack_id = found.pack_of(file, i)
+            if pack_id is None:
+                raise self.bad(d, "is in no pack, its record says (a zero page is the only one)")
+            by_pack[pack_id].add(d)
+        found.load(pool, by_pack)
+        for pack_id, ds in by_pack.items():
+            index = found.indexes[pack_id]
+            for d in ds:
+                if found.entry(index, d) is None:
+                    raise self.bad(d, f"is not in pack {pack_id}, where its record says it is")
+        return by_pack, found
+
+    def prepared(self, rec: Record, lists: list[list[bytes]], stash: Stash) -> Prepared:
+        """For the keeper's page source: what was read here, and the packs fetched."""
+        return Prepared(rec, lists, self.catalog, self.located, stash.done())
+
+
+def write(
+    pool: Pool,
+    finder: Finder,
+    stash: Stash,
+    fds: dict[str, int],
+    files: dict[str, tuple[FileRecord, list[bytes]]],
+    wanted: Mapping[str, Iterable[int]],
+) -> dict[str, list[tuple[int, int, bytes]]]:
+    """Fetch the chunks ``wanted`` (indices per file), each verified, into place; the pages
+    files' chunks written, as ``(offset, length, sha256)``."""
+    places: dict[bytes, list[tuple[int, int]]] = defaultdict(list)
+    written: dict[str, list[tuple[int, int, bytes]]] = {}
+    chunks: list[tuple[str, int, bytes]] = []
+    for name, indices in wanted.items():
+        frec, digests = files[name]
+        cs = frec.chunk_size
+        out = written.setdefault(name, []) if _is_pages(name) else None
+        for i in indices:
+            d = digests[i]
+            n = min(cs, frec.size - i * cs)
+            if d == _cas.ZERO_PAGE and n == _cas.PAGE_SIZE:
+                continue  # a hole reads as zeros
+            if d not in places:
+                chunks.append((name, i, d))
+            places[d].append((fds[name], i * cs))
+            if out is not None:
+                out.append((i * cs, n, d))
+    if not chunks:
+        return written
+    by_pack, indexes = finder.group(pool, chunks)
+
+    def sink(d: bytes, chunk: bytes) -> None:
+        for fd, offset in places[d]:
+            os.pwrite(fd, chunk, offset)
+
+    try:
+        pool._fetch(by_pack, indexes, sink, finder.bad, keep=stash)
+    except OSError as exc:
+        raise TorporError(
+            f"cannot write the local part of image {next(iter(files), '')!r}: {exc.strerror}",
+            hint="check the space and permissions of torpor's cache directory",
+        ) from exc
+    return written

@@ -1,0 +1,265 @@
+"""A record's ``where`` (issue 10): which pack holds each of its chunks, written at push, so a
+lazy restore reads only the indexes of the packs it needs, not every index of the pool.
+
+It is hostile input: a malformed one refuses the record at its parse boundary; one that puts a
+chunk in a pack that does not hold it refuses the image naming the file and chunk (never a
+hole, never another page); one naming a pack that is gone (what a collection's repack does to
+a good one) or condemned falls back to every index; a record without one reads as before."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from torpor._errors import ImageCorruptedError
+from torpor._lazy import _poolimage
+from torpor._lazy._source import LazyPageError, pool_source
+from torpor._pools._backend import Backend
+from torpor._pools._pack import PackIndex, index_key
+from torpor._pools._pool import Pool
+from torpor._pools._record import NO_PACK, Locations, image_key
+from torpor._pools._session import Condemned
+
+from .test_pool_support import PAGE, make_image, new_mem_pool, random_pages
+
+PAGES = 64
+
+
+def _doc(pool: Pool, name: str) -> dict[str, Any]:
+    return json.loads(zstandard.ZstdDecompressor().decompress(pool.backend.get(image_key(name))))
+
+
+def _put_doc(pool: Pool, name: str, doc: dict[str, Any]) -> None:
+    raw = json.dumps(doc).encode()
+    pool.backend.put(image_key(name), zstandard.ZstdCompressor().compress(raw))
+
+
+@pytest.fixture
+def pool(tmp_path: Path, torpor_home: Path) -> Pool:
+    """Two images, ``other`` pushed first: each has packs of its own."""
+    p = new_mem_pool()
+    p.push(make_image(tmp_path / "a", "other", bytes(random_pages(PAGES, seed=1))), "other")
+    p.push(make_image(tmp_path / "b", "app", bytes(random_pages(PAGES, seed=2))), "app")
+    return p
+
+
+class _Counting:
+    """A backend that counts listings and index reads."""
+
+    def __init__(self, inner: Backend) -> None:
+        self._inner = inner
+        self.lists: list[str] = []
+        self.index_gets: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def list(self, prefix: str = "") -> Any:
+        self.lists.append(prefix)
+        return self._inner.list(prefix)
+
+    def get(self, key: str) -> bytes:
+        if key.startswith("index/"):
+            self.index_gets.append(key)
+        return self._inner.get(key)
+
+
+def _content(image: _poolimage.PoolLazyImage, name: str = "pages-1.img") -> bytes:
+    return (image.path / name).read_bytes()
+
+
+def test_push_says_where_every_chunk_is(pool: Pool) -> None:
+    rec = pool._record("app")
+    assert rec.where is not None
+    find = rec.where.finder(rec.files)
+    for f, digests in zip(rec.files, pool._resolve(rec), strict=True):
+        for i, d in enumerate(digests):
+            pack_id = find(f.name, i)
+            assert pack_id is not None
+            assert d in PackIndex.decode(pack_id, pool.backend.get(index_key(pack_id))).digests()
+
+
+def test_a_copy_to_another_pool_says_where_its_chunks_are_there(pool: Pool) -> None:
+    other = new_mem_pool("other")
+    pool.copy_image("app", "app", to_pool=other)
+    rec = other._record("app")
+    assert rec.where is not None
+    assert set(rec.where.packs) <= {k[len("index/") :] for k in other.backend.list("index/")}
+
+
+def test_the_zero_page_is_in_no_pack(tmp_path: Path, torpor_home: Path) -> None:
+    p = new_mem_pool()
+    p.push(make_image(tmp_path / "z", "z", bytes(random_pages(8, zero_every=2))), "z")
+    rec = p._record("z")
+    assert rec.where is not None
+    find = rec.where.finder(rec.files)
+    assert find("pages-1.img", 0) is None and find("pages-1.img", 1) is not None
+
+
+def test_a_lazy_restore_reads_only_the_indexes_of_its_packs(pool: Pool) -> None:
+    counting = _Counting(pool.backend)
+    pool.backend = counting  # type: ignore[assignment]
+    image = _poolimage.materialise(pool, "app")
+    try:
+        assert "index/" not in counting.lists  # no catalog of the pool
+        wanted = {f"index/{p}" for p in pool._record("app").where.packs}  # type: ignore[union-attr]
+        assert set(counting.index_gets) <= wanted
+        assert _content(image) == bytes(random_pages(PAGES, seed=2))
+        source = pool_source(pool, "app", prepared=image._prepared)  # the keeper's, no catalog
+        try:
+            assert (
+                source.read("pages-1.img", 5 * PAGE, PAGE)
+                == bytes(random_pages(PAGES, seed=2))[5 * PAGE : 6 * PAGE]
+            )
+        finally:
+            source.close()
+        assert "index/" not in counting.lists
+    finally:
+        image.discard()
+
+
+def test_a_record_without_where_restores_through_the_catalog(pool: Pool) -> None:
+    doc = _doc(pool, "app")
+    del doc["where"]
+    _put_doc(pool, "app", doc)
+    assert pool._record("app").where is None
+    image = _poolimage.materialise(pool, "app")
+    try:
+        assert _content(image) == bytes(random_pages(PAGES, seed=2))
+    finally:
+        image.discard()
+
+
+def _runs(*pairs: tuple[int, int]) -> str:
+    return base64.b64encode(b"".join(struct.pack("<II", n, c) for n, c in pairs)).decode()
+
+
+def _chunks(pool: Pool) -> int:
+    return sum(f.count for f in pool._record("app").files)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        None,
+        [],
+        {"packs": []},
+        {"packs": [], "runs": "", "more": 1},
+        {"packs": "x" * 32, "runs": ""},
+        {"packs": ["../../etc"], "runs": ""},
+        {"packs": ["A" * 32], "runs": ""},
+        {"packs": ["a" * 32, "a" * 32], "runs": ""},
+        {"packs": ["a" * 32], "runs": 7},
+        {"packs": ["a" * 32], "runs": "not base64!"},
+        {"packs": ["a" * 32], "runs": base64.b64encode(b"123").decode()},  # not whole runs
+        {"packs": ["a" * 32], "runs": "AAAA" * 10_000_000},  # longer than any record's runs
+        "COUNT",  # runs that do not cover the record's chunks
+        "RANGE",  # a pack number past the list
+        "ZERO",  # an empty run
+    ],
+)
+def test_a_malformed_where_refuses_the_record(pool: Pool, where: Any) -> None:
+    doc = _doc(pool, "app")
+    n = _chunks(pool)
+    if where == "COUNT":
+        where = {"packs": ["a" * 32], "runs": _runs((0, n - 1))}
+    elif where == "RANGE":
+        where = {"packs": ["a" * 32], "runs": _runs((0, n - 1), (1, 1))}
+    elif where == "ZERO":
+        where = {"packs": ["a" * 32], "runs": _runs((0, n), (0, 0))}
+    doc["where"] = where
+    _put_doc(pool, "app", doc)
+    with pytest.raises(ImageCorruptedError, match=r"manifest of image 'app' .* damaged \(where"):
+        pool._record("app")
+
+
+def _lie(pool: Pool, target: str) -> None:
+    """Make ``app``'s record put every chunk in pack ``target``."""
+    doc = _doc(pool, "app")
+    doc["where"] = Locations((target,), struct.pack("<II", 0, _chunks(pool))).to_dict()
+    _put_doc(pool, "app", doc)
+
+
+def _a_pack_of(pool: Pool, name: str) -> str:
+    rec = pool._record(name)
+    assert rec.where is not None
+    return rec.where.packs[0]
+
+
+def test_a_chunk_put_in_a_pack_that_lacks_it_refuses_the_image(pool: Pool) -> None:
+    _lie(pool, _a_pack_of(pool, "other"))  # a real pack, none of app's chunks
+    with pytest.raises(ImageCorruptedError) as info:
+        _poolimage.materialise(pool, "app")
+    assert "where its record says it is" in str(info.value)
+    assert "file " in str(info.value) and "chunk " in str(info.value)
+    assert not list((Path(_poolimage.lazy_pool_dir())).glob("*/image"))  # nothing left
+
+
+def test_a_chunk_put_in_no_pack_refuses_the_image(pool: Pool) -> None:
+    doc = _doc(pool, "app")
+    doc["where"] = Locations((), struct.pack("<II", NO_PACK, _chunks(pool))).to_dict()
+    _put_doc(pool, "app", doc)
+    with pytest.raises(ImageCorruptedError, match="is in no pack, its record says"):
+        _poolimage.materialise(pool, "app")
+
+
+def test_the_page_source_refuses_a_lazy_chunk_put_in_the_wrong_pack(pool: Pool) -> None:
+    image = _poolimage.materialise(pool, "app")  # the record sound while it was fetched
+    try:
+        prepared = image._prepared
+        assert prepared is not None and prepared.located is not None
+        # Its record's where then lies about the lazy chunks (as the served record: same).
+        lying = Locations((_a_pack_of(pool, "other"),), struct.pack("<II", 0, _chunks(pool)))
+        from dataclasses import replace
+
+        from torpor._pools._located import Located
+
+        rec = replace(prepared.record, where=lying)
+        doc = _doc(pool, "app")
+        doc["where"] = lying.to_dict()
+        _put_doc(pool, "app", doc)
+        assert pool._record("app") == rec
+        bad = replace(prepared, record=rec, located=Located(rec, lambda *_: None), packs={})
+        source = pool_source(pool, "app", prepared=bad)
+        try:
+            with pytest.raises(LazyPageError, match="where its record says it is") as info:
+                source.read("pages-1.img", 9 * PAGE, PAGE)
+            assert info.value.file == "pages-1.img" and info.value.chunk is not None
+            assert info.value.chunk.startswith("9 ")
+        finally:
+            source.close()
+    finally:
+        image.discard()
+
+
+def test_a_pack_gone_since_the_push_falls_back_to_every_index(pool: Pool) -> None:
+    _lie(pool, uuid.uuid4().hex)  # as after a repack: the pack it names is no more
+    image = _poolimage.materialise(pool, "app")
+    try:
+        assert _content(image) == bytes(random_pages(PAGES, seed=2))
+        source = pool_source(pool, "app", prepared=image._prepared)
+        try:
+            assert source.read("pages-1.img", 0, PAGE) == bytes(random_pages(PAGES, seed=2))[:PAGE]
+        finally:
+            source.close()
+    finally:
+        image.discard()
+
+
+def test_a_condemned_pack_falls_back_to_every_index(pool: Pool) -> None:
+    counting = _Counting(pool.backend)
+    pool.backend = counting  # type: ignore[assignment]
+    Condemned(frozenset({_a_pack_of(pool, "app")}), frozenset()).store(pool.backend)
+    image = _poolimage.materialise(pool, "app")
+    try:
+        assert "index/" in counting.lists  # the catalog of the pool
+        assert _content(image) == bytes(random_pages(PAGES, seed=2))
+    finally:
+        image.discard()
