@@ -17,6 +17,9 @@ app (``bench/migrate_app.py app``: SIZE bytes of touched incompressible memory, 
 - ``criu lazy``    ``criu dump --lazy-pages --port P`` on a, the other files sent the same way,
                    ``criu lazy-pages --page-server --address A --port P`` and ``criu restore
                    --lazy-pages -d`` on b
+- ``base lazy``    ``torpor lazy`` from another source tree (``--base-src DIR``: its ``src``
+                   directory), through a second agent on b (port 7071) also run from it: the
+                   code before a change next to the code after, in the same lab and rounds
 
 A torpor row whose command answers "not built" (or "not served") is reported as such. Bare CRIU
 dumps the very process torpor would (started by ``torpor run``: pid 1 of its own PID
@@ -202,9 +205,16 @@ def start_source_agent(lab: Lab) -> None:
         time.sleep(0.1)
 
 
-def start_agent(lab: Lab) -> str:
-    where = f"{lab.address('b')}:{AGENT_PORT}"
-    proc = lab.start("b", *TORPOR, "agent", "run", "--listen", where)
+def base_env(src: Path) -> tuple[str, ...]:
+    """The prefix that runs a command with torpor from ``src`` (``--base-src``)."""
+    return ("env", f"PYTHONPATH={src}")
+
+
+def start_agent(lab: Lab, base: Path | None = None) -> str:
+    """b's agent (from ``base``, on the next port, for the ``base`` variants)."""
+    where = f"{lab.address('b')}:{AGENT_PORT + (base is not None)}"
+    prefix = base_env(base) if base is not None else ()
+    proc = lab.start("b", *prefix, *TORPOR, "agent", "run", "--listen", where)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if line != f"listening on {where}\n":
@@ -262,6 +272,7 @@ class Run:
 class Bench:
     def __init__(self, lab: Lab, client: Client, agent: str, args: argparse.Namespace) -> None:
         self.lab, self.client, self.agent, self.args = lab, client, agent, args
+        self.base_agent: str | None = None  # --base-src: b's agent of the other tree
         self.seq = 0
         self.a, self.b = lab.address("a"), lab.address("b")
         self.by_ip = {self.a: "a", self.b: "b"}
@@ -313,7 +324,7 @@ class Bench:
             steps: dict[str, float] = {}
             moved = False
             try:
-                if variant.startswith("torpor"):
+                if not variant.startswith("criu"):
                     summary, done = self.torpor_move(run.name, variant), time.monotonic()
                 else:
                     steps, done = self.bare_move(run, variant)
@@ -344,7 +355,7 @@ class Bench:
             for p in (run.pid, target_pid):
                 if p is not None and alive(p):
                     kill(p)
-            if variant.startswith("torpor") and target_pid is None:
+            if not variant.startswith("criu") and target_pid is None:
                 with contextlib.suppress(RuntimeError, KeyError, ValueError):
                     kill(int(self.ps("b", run.name)["pid"]))
             if run.service:
@@ -364,8 +375,12 @@ class Bench:
 
     def torpor_move(self, name: str, variant: str) -> dict[str, Any]:
         mode = variant.split()[1]
-        launch = (LAUNCHER,) if self.args.source_agent else TORPOR
-        cmd = [*launch, "migrate", name, "--to", self.agent, "--mode", mode, "--json"]
+        launch: tuple[str, ...] = (LAUNCHER,) if self.args.source_agent else TORPOR
+        agent = self.agent
+        if variant.startswith("base"):
+            assert self.base_agent is not None
+            launch, agent = (*base_env(self.args.base_src), *TORPOR), self.base_agent
+        cmd = [*launch, "migrate", name, "--to", agent, "--mode", mode, "--json"]
         if mode == "pool":
             if self.args.pool == "none":
                 raise NotBuilt("no pool (--pool none)")
@@ -471,7 +486,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="100M,1G", help="app memory sizes (default 100M,1G)")
     p.add_argument("--rounds", default="5,3", help="rounds per size, one or one per size")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    p.add_argument(
+        "--variants",
+        default=",".join(v for v in VARIANTS if not v.startswith("base")),
+        help="comma-separated variants (default: all but base lazy)",
+    )
     p.add_argument(
         "--client",
         choices=("service", "heartbeat"),
@@ -497,6 +516,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run an agent on a too and send a's torpor migrate through the native launcher "
         "to it (as a host of a deployment does), instead of a fresh python -m torpor each move",
     )
+    p.add_argument(
+        "--base-src",
+        type=Path,
+        metavar="DIR",
+        help="the src directory of another torpor tree, for the base lazy variant (before/after)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round of 64 MiB")
     p.add_argument("--publish-dir", type=Path, help="copy the plot and raw samples there")
@@ -512,6 +537,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.variant_list) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    if any(v.startswith("base") for v in args.variant_list) != (args.base_src is not None):
+        p.error("--base-src and the base lazy variant go together")
+    if args.base_src is not None:
+        args.base_src = args.base_src.resolve()
+        if not (args.base_src / "torpor" / "__init__.py").is_file():
+            p.error(f"--base-src {args.base_src}: no torpor package there")
     return args
 
 
@@ -525,6 +556,8 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     info = machine() | code_state() | {"client": args.client, "rto_min": args.rto_min or 200}
     info["source_agent"] = args.source_agent
+    if args.base_src is not None:
+        info["base_src"] = str(args.base_src)
     log(f"machine: {info}")
     samples: list[Sample] = []
     bench = None
@@ -540,6 +573,8 @@ def main() -> int:
             if args.source_agent:
                 start_source_agent(lab)
             bench = Bench(lab, Client(lab), start_agent(lab), args)
+            if args.base_src is not None:
+                bench.base_agent = start_agent(lab, args.base_src)
             if not args.no_warmup:
                 for v in args.variant_list:
                     with contextlib.suppress(NotBuilt):

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("torpor copy", "torpor lazy", "torpor pool", "criu copy", "criu lazy")
+# "base lazy": torpor lazy from another source tree (``bench_migrate.py --base-src``), in the
+# same lab and rounds: a before/after comparison.
+VARIANTS = ("torpor copy", "torpor lazy", "torpor pool", "criu copy", "criu lazy", "base lazy")
 BARE = "criu copy"
 LAZY_TARGET = 0.150  # seconds of downtime at the biggest size (issue 9)
 COPY_TARGET = 1.1  # torpor copy over bare CRIU copy
@@ -108,7 +110,7 @@ def breakdown(size: int, samples: list[Sample]) -> str:
         ss = [s for s in samples if s.variant == v and s.size == size]
         if not ss:
             continue
-        if v.startswith("torpor"):
+        if not v.startswith("criu"):
             xfer = [s.summary["transfer_ms"] / 1e3 for s in ss if "transfer_ms" in s.summary]
             rest = [s.summary["restore_ms"] / 1e3 for s in ss if "restore_ms" in s.summary]
             rows.append(f"| {v} | — | {med(xfer)} | {med(rest)} | — |")
@@ -207,7 +209,11 @@ def plot(samples: list[Sample], sizes: list[int], path: Path, client: str = "ser
 
     present = [v for v in VARIANTS if any(s.variant == v for s in samples)]
     colors = dict(
-        zip(VARIANTS, ("#1f77b4", "#2ca02c", "#9467bd", "#d62728", "#ff9896"), strict=True)
+        zip(
+            VARIANTS,
+            ("#1f77b4", "#2ca02c", "#9467bd", "#d62728", "#ff9896", "#98df8a"),
+            strict=True,
+        )
     )
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
     width = 0.8 / max(len(present), 1)

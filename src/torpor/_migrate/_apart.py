@@ -23,52 +23,90 @@ def run_apart(
     """``restore()`` in a forked child that closes every descriptor but stdio and ``keep``;
     the record it made, or its error re-raised here (``what`` names it if the child died
     before it reported)."""
+    return Apart(restore, what=what, keep=keep).result()
+
+
+class Apart:
+    """:func:`run_apart` in two steps: the child is forked at once, :meth:`result` waits for
+    its reply. Between the two the caller may go on (a migration's target forks the keeper of
+    a lazy copy before the image has arrived, see :mod:`._lazy_target`)."""
+
+    def __init__(
+        self, restore: Callable[[], ManagedProcess], *, what: str, keep: Sequence[int] = ()
+    ) -> None:
+        self.what = what
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child; the migration tests drive it
+            _child(restore, w, keep)
+        os.close(w)
+        self.pid, self._r = pid, r
+        self._reply: ManagedProcess | BaseException | None = None
+
+    def result(self) -> ManagedProcess:
+        """The record the child's ``restore()`` made, or its error raised here (once waited
+        for, the same answer again)."""
+        if self._reply is None:
+            try:
+                self._reply = self._wait()
+            except BaseException as exc:
+                self._reply = exc
+        if isinstance(self._reply, BaseException):
+            raise self._reply
+        return self._reply
+
+    def _wait(self) -> ManagedProcess:
+        r, pid = self._r, self.pid
+        # The keeper inherits the pipe's write end too (it is forked from the child): the
+        # reply ends with a newline, and the child's end, not the pipe's, says no more will
+        # come.
+        data = b""
+        exited = False
+        try:
+            while not data.endswith(b"\n"):
+                ready, _, _ = select.select([r], [], [], 0.1)
+                if ready:
+                    chunk = os.read(r, 1 << 16)
+                    if not chunk:
+                        break
+                    data += chunk
+                elif exited:
+                    break
+                else:
+                    exited = os.waitpid(pid, os.WNOHANG)[0] == pid  # one more look, then done
+        finally:
+            os.close(r)
+            if not exited:
+                os.waitpid(pid, 0)
+        if not data:
+            raise TorporError(f"{self.what} died before it reported")
+        reply = json.loads(data)
+        if not reply["ok"]:
+            from .._process import _keeper
+
+            raise _keeper.decode_error(reply["error"])
+        fields = reply["rec"]
+        fields["command"] = tuple(fields["command"])
+        fields["service_addresses"] = tuple(fields.get("service_addresses", ()))
+        return ManagedProcess(**fields)
+
+
+def _child(
+    restore: Callable[[], ManagedProcess], w: int, keep: Sequence[int]
+) -> None:  # pragma: no cover - the child; the migration tests drive it
     from .._process import _keeper
 
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child; the migration tests drive it
-        code = 0
-        try:
-            for entry in os.listdir("/proc/self/fd"):
-                if int(entry) > 2 and int(entry) != w and int(entry) not in keep:
-                    with contextlib.suppress(OSError):
-                        os.close(int(entry))
-            try:
-                reply: dict[str, Any] = {"ok": True, "rec": dataclasses.asdict(restore())}
-            except BaseException as exc:
-                reply = {"ok": False, "error": _keeper.encode_error(exc)}
-                code = 1
-            os.write(w, json.dumps(reply).encode() + b"\n")
-        finally:
-            os._exit(code)
-    os.close(w)
-    # The keeper inherits the pipe's write end too (it is forked from the child): the reply
-    # ends with a newline, and the child's end, not the pipe's, says no more will come.
-    data = b""
-    exited = False
+    code = 0
     try:
-        while not data.endswith(b"\n"):
-            ready, _, _ = select.select([r], [], [], 0.1)
-            if ready:
-                chunk = os.read(r, 1 << 16)
-                if not chunk:
-                    break
-                data += chunk
-            elif exited:
-                break
-            else:
-                exited = os.waitpid(pid, os.WNOHANG)[0] == pid  # one more look, then done
+        for entry in os.listdir("/proc/self/fd"):
+            if int(entry) > 2 and int(entry) != w and int(entry) not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(int(entry))
+        try:
+            reply: dict[str, Any] = {"ok": True, "rec": dataclasses.asdict(restore())}
+        except BaseException as exc:
+            reply = {"ok": False, "error": _keeper.encode_error(exc)}
+            code = 1
+        os.write(w, json.dumps(reply).encode() + b"\n")
     finally:
-        os.close(r)
-        if not exited:
-            os.waitpid(pid, 0)
-    if not data:
-        raise TorporError(f"{what} died before it reported")
-    reply = json.loads(data)
-    if not reply["ok"]:
-        raise _keeper.decode_error(reply["error"])
-    fields = reply["rec"]
-    fields["command"] = tuple(fields["command"])
-    fields["service_addresses"] = tuple(fields.get("service_addresses", ()))
-    return ManagedProcess(**fields)
+        os._exit(code)

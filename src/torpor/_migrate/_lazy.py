@@ -63,6 +63,7 @@ from ._relay import relay, start_relay
 from ._send import MigrationError, addresses_to_move, preflight, reply_number, transfer_image
 
 if TYPE_CHECKING:
+    from ._lazy_target import Prepared
     from ._serve import _Incoming
 
 DEFAULT_TIMEOUT = 120.0
@@ -392,16 +393,25 @@ class _LazyMove:
 
 def serve_lazy(incoming: _Incoming, name: str, first: Mapping[str, Any]) -> None:
     """The target's side, after pre-flight passed and ``ready`` was sent: receive and seal
-    the files, relay the pages while the copy is restored and runs, report how it settled."""
-    with incoming.receiving(name) as image:
-        _Filling(incoming, name, image).run()
+    the files, relay the pages while the copy is restored and runs, report how it settled.
+    The copy's keeper is forked first, while the source dumps (:class:`._lazy_target.Prepared`),
+    and ended if no image comes."""
+    from ._lazy_target import Prepared
+
+    keeper = Prepared(name, source=incoming.peer)
+    try:
+        with incoming.receiving(name) as image:
+            _Filling(incoming, name, image, keeper).run()
+    finally:
+        keeper.cancel()  # no-op once it was handed the image
 
 
 class _Filling:
     """The copy is restored and runs while its pages come through the relay."""
 
-    def __init__(self, incoming: _Incoming, name: str, image: Any) -> None:
+    def __init__(self, incoming: _Incoming, name: str, image: Any, keeper: Prepared) -> None:
         self.incoming, self.name, self.image = incoming, name, image
+        self.keeper = keeper
         self.peer = incoming.peer
         self.rec: _registry.ManagedProcess | None = None
 
@@ -414,8 +424,6 @@ class _Filling:
             )
 
     def run(self) -> None:
-        from ._lazy_target import restore_apart
-
         conn = self.incoming.conn
         conn.send({"type": "verified"})
         # The source's CRIU serves from now on; the keeper hands the relay the daemon's socket.
@@ -425,9 +433,7 @@ class _Filling:
         try:
             try:
                 self.rec = self.incoming.with_addresses(
-                    lambda: restore_apart(
-                        self.image, self.name, handle.criu_sock.fileno(), source=self.peer
-                    ),
+                    lambda: self.keeper.restore(self.image, handle.criu_sock.fileno()),
                     recorded=self._recorded,
                 )
             finally:

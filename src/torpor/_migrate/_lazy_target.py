@@ -20,6 +20,11 @@ Anything else (``F`` and why, or the local socket closing) sets :attr:`error` an
 ``on_error``: the copy is killed while the daemon's connection is still open (a fault then
 waits rather than reading zeros), then the connection is shut down, and the record says the
 migration broke.
+
+The keeper is forked before the image arrives (:class:`Prepared`, while the source still
+dumps): its two forks and what it imports are then out of the downtime. It waits on a
+socket of its own for the sealed image and the relay's socket, or for that socket's end (no
+image comes: it ends, having restored nothing).
 """
 
 from __future__ import annotations
@@ -27,20 +32,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pickle
 import socket
 import struct
 import threading
 from collections.abc import Callable
 
+from .. import _paths
 from .._engine import CriuEngine, RestoreOptions
 from .._errors import TorporError
 from .._images._image import Image
+from .._images._manifest import now_iso
 from .._lazy import _restore as _lazy
 from .._lazy._server import _peer_inode, holds_socket
 from .._lazy._source import LazyPageError, Range
-from .._process import _keeper, _registry
+from .._process import _copies, _keeper, _registry
+from .._process._logs import open_log
 from .._process._registry import ManagedProcess
-from ._apart import run_apart
+from ._apart import Apart
 from ._relay import send_socket, verdict
 
 ACCEPT_TIMEOUT = 30.0  # seconds for the daemon to connect once started
@@ -158,14 +167,75 @@ class RelayedPages:
                 conn.close()
 
 
-def restore_apart(image: Image, name: str, ps_fd: int, *, source: str) -> ManagedProcess:
-    """Restore ``image`` as ``name`` lazily, its pages through ``ps_fd``, by a keeper forked
-    apart from the server (:mod:`._apart`: no descriptor of ours but ``ps_fd``); the record."""
-    return run_apart(
-        lambda: _keeper.spawn(_work(image, name, ps_fd, source))[0],
-        what=f"the lazy restore of {name}",
-        keep=(ps_fd,),
-    )
+MAX_GO = 1 << 20  # bytes of the image's description a prepared keeper reads
+
+
+class Prepared:
+    """The keeper of the lazy copy ``name`` from ``source``, forked now, before its image is
+    here (see the module docstring); :meth:`restore` once the image is sealed, or
+    :meth:`cancel`."""
+
+    def __init__(self, name: str, *, source: str) -> None:
+        self.name = name
+        self._ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            fd = theirs.fileno()
+            self._apart = Apart(
+                lambda: _keeper.spawn(_waiting(fd, name, source))[0],
+                what=f"the lazy restore of {name}",
+                keep=(fd,),
+            )
+        finally:
+            theirs.close()
+        self._ended = False
+
+    def restore(self, image: Image, ps_fd: int) -> ManagedProcess:
+        """Restore ``image`` there, its pages through ``ps_fd`` (the keeper gets its own
+        duplicate: the caller still closes its own); the copy's record, or the error."""
+        if self._ended:
+            raise TorporError(f"the lazy restore of {self.name} was cancelled")
+        self._ended = True
+        try:
+            # The image object crosses as a pickle: both ends are this server (a socketpair
+            # made above, its child holding the other end), never a byte from outside.
+            socket.send_fds(self._ctl, [pickle.dumps(image)], [ps_fd])
+        except OSError as exc:
+            self._ctl.close()
+            with contextlib.suppress(TorporError):
+                self._apart.result()
+            raise TorporError(f"the keeper of {self.name} is gone ({exc})") from exc
+        try:
+            return self._apart.result()
+        finally:
+            self._ctl.close()
+
+    def cancel(self) -> None:
+        """No image comes: the keeper ends, having restored nothing; its forks are reaped."""
+        if self._ended:
+            return
+        self._ended = True
+        self._ctl.close()
+        with contextlib.suppress(TorporError):
+            self._apart.result()
+
+
+def _waiting(
+    ctl_fd: int, name: str, source: str
+) -> Callable[[_keeper.Keeper], list[ManagedProcess]]:
+    """The keeper's work for :class:`Prepared`: wait for the image and the relay's socket
+    on ``ctl_fd``, then :func:`_work`. The socket's end without them: nothing to restore."""
+
+    def work(k: _keeper.Keeper) -> list[ManagedProcess]:
+        with socket.socket(fileno=ctl_fd) as ctl:
+            msg, fds, _, _ = socket.recv_fds(ctl, MAX_GO, 1)
+        if not msg or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise TorporError(f"the migration of {name} from {source} ended before its image came")
+        image = pickle.loads(msg)
+        return _work(image, name, fds[0], source)(k)
+
+    return work
 
 
 def _work(
@@ -182,10 +252,7 @@ def _work(
         return RelayedPages(img, daemon_pid, on_error, ps_fd, source)
 
     def work(k: _keeper.Keeper) -> list[ManagedProcess]:
-        from .._images._manifest import now_iso
-        from .._process import _copies
-        from .._process._logs import open_log
-
+        # What it needs is imported with this module, in the server: not in each keeper.
         engine = CriuEngine()
         copies = _copies.Copies(image, 1)
         with _registry.reserve([name]) as held:
@@ -211,8 +278,6 @@ def _work(
                     leave_stopped=True,
                 )
                 if copies.stdio:
-                    from .. import _paths
-
                     log_path = _paths.logs_dir() / f"{name}.log"
                     log_fd = open_log(log_path)
                     options = dataclasses.replace(
