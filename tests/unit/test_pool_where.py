@@ -21,7 +21,9 @@ import zstandard
 from torpor._errors import ImageCorruptedError
 from torpor._lazy import _poolimage
 from torpor._lazy._source import LazyPageError, pool_source
+from torpor._pools import _cas
 from torpor._pools._backend import Backend
+from torpor._pools._cache import drop_cached, read_cached
 from torpor._pools._pack import PackIndex, index_key
 from torpor._pools._pool import Pool
 from torpor._pools._record import NO_PACK, Locations, image_key
@@ -263,3 +265,31 @@ def test_a_condemned_pack_falls_back_to_every_index(pool: Pool) -> None:
         assert _content(image) == bytes(random_pages(PAGES, seed=2))
     finally:
         image.discard()
+
+
+def test_digests_are_the_decoded_list() -> None:
+    raw = b"".join(bytes([i]) * 32 for i in range(10))
+    lazy, full = _cas.Digests(raw), _cas.decode_list(raw)
+    assert len(lazy) == 10 and list(lazy) == full and lazy == full
+    assert lazy[3] == full[3] and lazy[-1] == full[-1] and lazy[2:5] == full[2:5]
+    with pytest.raises(IndexError):
+        lazy[10]
+    with pytest.raises(ValueError, match="not a multiple"):
+        _cas.Digests(raw + b"x")
+
+
+def test_a_lazy_restore_writes_the_list_cache_only_once_discarded(
+    tmp_path: Path, torpor_home: Path
+) -> None:
+    p = new_mem_pool()
+    pages = bytes(random_pages(80, seed=3))  # over INLINE_MAX chunks: a list object
+    p.push(make_image(tmp_path / "l", "app", pages), "app")
+    [list_id] = p._record("app").list_ids
+    drop_cached("lists", list_id)
+    image = _poolimage.materialise(p, "app")
+    try:
+        assert read_cached("lists", list_id) is None  # not on the path to the resume
+        assert _content(image) == pages
+    finally:
+        image.discard()
+    assert read_cached("lists", list_id) == p.backend.get(f"lists/{list_id}")

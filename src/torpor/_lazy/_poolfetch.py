@@ -131,7 +131,7 @@ class Finder:
     cache files are written only at ``PoolLazyImage.discard``."""
 
     def __init__(
-        self, pool: Pool, rec: Record, lists: list[list[bytes]], found: Located | None
+        self, pool: Pool, rec: Record, lists: list[Sequence[bytes]], found: Located | None
     ) -> None:
         self.located = found
         self.catalog: Catalog | None = None
@@ -139,6 +139,8 @@ class Finder:
             self.catalog = pool._catalog(save_later=True)
         self.bad = pool._bad_chunk(rec, lists)
         self.early: Early | None = None
+        #: Writes what was fetched to the local cache (called at the local part's discard).
+        self.later: Callable[[], object] | None = None
 
     def group(
         self, pool: Pool, wanted: Sequence[tuple[str, int, bytes]]
@@ -172,9 +174,9 @@ class Finder:
                     raise self.bad(d, f"is not in pack {pack_id}, where its record says it is")
         return by_pack, found
 
-    def prepared(self, rec: Record, lists: list[list[bytes]], stash: Stash) -> Prepared:
+    def prepared(self, rec: Record, lists: list[Sequence[bytes]], stash: Stash) -> Prepared:
         """For the keeper's page source: what was read here, and the packs fetched."""
-        return Prepared(rec, lists, self.catalog, self.located, stash.done())
+        return Prepared(rec, lists, self.catalog, self.located, stash.done(), self.later)
 
 
 def write(
@@ -182,7 +184,7 @@ def write(
     finder: Finder,
     stash: Stash,
     fds: dict[str, int],
-    files: dict[str, tuple[FileRecord, list[bytes]]],
+    files: dict[str, tuple[FileRecord, Sequence[bytes]]],
     wanted: Mapping[str, Iterable[int]],
 ) -> dict[str, list[tuple[int, int, bytes]]]:
     """Fetch the chunks ``wanted`` (indices per file), each verified, into place; the pages

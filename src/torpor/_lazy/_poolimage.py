@@ -315,9 +315,17 @@ def materialise(pool: Pool, name: str) -> PoolLazyImage:
         # The warm set, and the packs of the small files and warm chunks, fetched meanwhile.
         early = _poolfetch.Early(pool, rec, found, _read_warm)
         try:
-            lists = pool._resolve(rec)
+            # Its list objects' cache files are written at ``discard`` too (8 MiB for 1 GiB).
+            unsaved: list[tuple[str, bytes]] = []
+            lists = pool._resolve_lazily(rec, unsaved)
             _trace.mark("lists")
             finder = _poolfetch.Finder(pool, rec, lists, found)
+
+            def save_lists() -> None:
+                for list_id, blob in unsaved:
+                    pool._cache_put("lists", list_id, blob)
+
+            finder.later = save_lists
             finder.early = early
             _trace.mark("catalog")
             # The image in ``image/``; beside it, who uses it (``_sweep``: this process, then
@@ -339,7 +347,7 @@ def materialise(pool: Pool, name: str) -> PoolLazyImage:
 def _fill(
     pool: Pool,
     rec: Record,
-    lists: list[list[bytes]],
+    lists: list[Sequence[bytes]],
     finder: _poolfetch.Finder,
     early: _poolfetch.Early,
     path: Path,

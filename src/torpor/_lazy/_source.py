@@ -41,7 +41,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -316,7 +316,7 @@ class PoolSource:
         # The catalog read before our session began, while it is the one used.
         self._prepared = prepared.catalog if prepared is not None else None
         self.record = rec
-        self._files: dict[str, tuple[FileRecord, list[bytes]]] = {
+        self._files: dict[str, tuple[FileRecord, Sequence[bytes]]] = {
             f.name: (f, digests)
             for f, digests in zip(rec.files, lists, strict=True)
             if _is_pages(f.name)
@@ -350,7 +350,7 @@ class PoolSource:
         start = offset - first * cs
         return data[start : start + length]
 
-    def _chunk(self, file: str, frec: FileRecord, digests: list[bytes], i: int) -> bytes:
+    def _chunk(self, file: str, frec: FileRecord, digests: Sequence[bytes], i: int) -> bytes:
         d = digests[i]
         n = min(frec.chunk_size, frec.size - i * frec.chunk_size)
         if d == _cas.ZERO_PAGE and n == _cas.PAGE_SIZE:
@@ -511,13 +511,16 @@ class Prepared:
     the pool's record is still exactly ``record``."""
 
     record: Record
-    lists: list[list[bytes]]
+    lists: Sequence[Sequence[bytes]]
     catalog: Catalog | None
     located: Located | None = None
     packs: dict[str, bytes] = field(default_factory=dict)
+    later: Callable[[], object] | None = None  # writes the list objects fetched to the cache
 
     def save_cache(self) -> None:
-        """Write the pack indexes fetched for it to the local cache."""
+        """Write the pack indexes (and list objects) fetched for it to the local cache."""
+        if self.later is not None:
+            self.later()
         if self.catalog is not None:
             self.catalog.save_cache()
         if self.located is not None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO
+from typing import BinaryIO, overload
 
 import zstandard
 
@@ -92,6 +92,51 @@ def decode_list(blob: bytes) -> list[bytes]:
     if len(blob) % DIGEST_SIZE:
         raise ValueError(f"chunk list of {len(blob)} bytes is not a multiple of {DIGEST_SIZE}")
     return [d for (d,) in _DIGEST.iter_unpack(blob)]  # a C loop: ~2x a slicing one
+
+
+class Digests(Sequence[bytes]):
+    """A chunk list kept as its bytes, each digest cut out when asked for: a lazy restore
+    needs a few thousand of a 1 GiB image's 262,144 before the resume, and making them all
+    (one bytes object each) cost 20-60 ms. Immutable; :class:`ValueError` if the length is
+    wrong."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) % DIGEST_SIZE:
+            raise ValueError(f"chunk list of {len(raw)} bytes is not a multiple of {DIGEST_SIZE}")
+        self._raw = raw
+
+    def __len__(self) -> int:
+        return len(self._raw) // DIGEST_SIZE
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[bytes]: ...
+
+    def __getitem__(self, i: int | slice) -> bytes | list[bytes]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("chunk index out of range")
+        return self._raw[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (d for (d,) in _DIGEST.iter_unpack(self._raw))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Digests):
+            return self._raw == other._raw
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _varint(n: int, out: bytearray) -> None:

@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from .._errors import ImageCorruptedError, ImageNotFoundError, PoolError, TorporError, UsageError
 from .._images._manifest import now_iso
@@ -26,7 +26,15 @@ from . import _cas
 from ._backend import Backend
 from ._cache import drop_cached, read_cached, write_cached
 from ._pack import ChunkEntry, PackDamagedError, PackIndex, iter_pack, pack_key
-from ._record import IMAGES_PREFIX, Record, decode_list_object, image_key, is_id, list_key
+from ._record import (
+    IMAGES_PREFIX,
+    Record,
+    decode_list_object,
+    decode_list_object_lazily,
+    image_key,
+    is_id,
+    list_key,
+)
 from ._session import Condemned, Heartbeat, NoHeartbeat, Timing, session
 from ._sign import Policy
 
@@ -423,31 +431,64 @@ class PoolReader:
 
     def _load_list(self, list_id: str, sha256: str) -> list[bytes]:
         """A list object, verified; :class:`KeyError` if missing, :class:`ValueError` if bad."""
+        return cast(list[bytes], self._load_list_as(list_id, sha256, lazily=False, unsaved=None))
+
+    def _load_list_as(
+        self, list_id: str, sha256: str, *, lazily: bool, unsaved: list[tuple[str, bytes]] | None
+    ) -> Sequence[bytes]:
+        """:meth:`_load_list`; ``lazily``: as :class:`~._cas.Digests`; with ``unsaved``, a
+        blob fetched from the backend is appended there instead of written to the cache."""
+        decode = decode_list_object_lazily if lazily else decode_list_object
         blob = self._cached("lists", list_id)
         if blob is not None:
             try:
-                return decode_list_object(blob, sha256)
+                return decode(blob, sha256)
             except ValueError:
                 self._cache_drop("lists", list_id)
         blob = self.backend.get(list_key(list_id))
-        digests = decode_list_object(blob, sha256)
-        self._cache_put("lists", list_id, blob)
+        digests = decode(blob, sha256)
+        if unsaved is not None:
+            unsaved.append((list_id, blob))
+        else:
+            self._cache_put("lists", list_id, blob)
         return digests
 
     def _resolve(
         self, rec: Record, memo: dict[str, list[bytes]] | None = None
     ) -> list[list[bytes]]:
         """The chunk list of every file of ``rec``."""
+        found = self._resolve_as(rec, cast(dict[str, Sequence[bytes]], memo), lazily=False)
+        return cast(list[list[bytes]], found)
+
+    def _resolve_lazily(
+        self, rec: Record, unsaved: list[tuple[str, bytes]]
+    ) -> list[Sequence[bytes]]:
+        """:meth:`_resolve`, each list object's digests cut out only when used (see
+        :class:`~._cas.Digests`); the list objects fetched appended to ``unsaved`` (for the
+        local cache, later) instead of written to the cache."""
+        return self._resolve_as(rec, None, lazily=True, unsaved=unsaved)
+
+    def _resolve_as(
+        self,
+        rec: Record,
+        memo: dict[str, Sequence[bytes]] | None,
+        *,
+        lazily: bool,
+        unsaved: list[tuple[str, bytes]] | None = None,
+    ) -> list[Sequence[bytes]]:
         memo = {} if memo is None else memo
-        out: list[list[bytes]] = []
+        out: list[Sequence[bytes]] = []
         for f in rec.files:
             try:
+                digests: Sequence[bytes]
                 if f.inline is not None:
                     digests = _cas.decode_list(f.inline)
                 else:
                     assert f.list_id is not None and f.list_sha256 is not None
                     if f.list_id not in memo:
-                        memo[f.list_id] = self._load_list(f.list_id, f.list_sha256)
+                        memo[f.list_id] = self._load_list_as(
+                            f.list_id, f.list_sha256, lazily=lazily, unsaved=unsaved
+                        )
                     base = memo[f.list_id]
                     digests = _cas.apply_patch(base, f.patch, f.count) if f.patch else base
                 if len(digests) != f.count:

@@ -381,7 +381,16 @@ def encode_list_object(digests: Sequence[bytes]) -> tuple[bytes, str]:
 
 def decode_list_object(blob: bytes, sha256: str) -> list[bytes]:
     """Decode and verify a list object; :class:`ValueError` if it does not match."""
+    return _cas.decode_list(_verified_list(blob, sha256))
+
+
+def decode_list_object_lazily(blob: bytes, sha256: str) -> _cas.Digests:
+    """:func:`decode_list_object` as :class:`~._cas.Digests` (cut out when used)."""
+    return _cas.Digests(_verified_list(blob, sha256))
+
+
+def _verified_list(blob: bytes, sha256: str) -> bytes:
     raw = _cas.bounded_decompress(blob, MAX_LIST)
     if hashlib.sha256(raw).hexdigest() != sha256:
         raise ValueError("does not match its SHA-256")
-    return _cas.decode_list(raw)
+    return raw
