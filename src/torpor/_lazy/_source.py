@@ -25,9 +25,13 @@ Pool (:func:`pool_source`)
     and the chunk (index and hash). The source holds a pool session (like a pull) for as long
     as it is open, so garbage collection never removes a pack it still needs. The process that
 materialised a pool image hands the source what it already resolved (:class:`Prepared`: the
-record's chunk lists, the catalog of every pack index); it is used only for the very same
-record, only if none of its packs is condemned once the source's session is registered, and a
-pack missing from it (swept between the two sessions) makes the source read the catalog again.
+record's chunk lists; where its chunks are, the packs its ``where`` names with the indexes read
+so far, or else the catalog of every pack index; the packs it fetched); it is used only for the
+very same record, only if none of its packs is condemned once the source's session is
+registered, and a pack missing from it (swept between the two sessions) makes the source read
+the catalog again. Through ``where`` (``_pools._located``), a pack's index is read at the
+first fault in it, and a pack that does not hold the chunk ``where`` puts in it is a
+:class:`LazyPageError` naming the file, chunk and pack.
 
 ``prefetch(ranges)`` walks the given ``(file, offset, length)`` ranges in order in one
 background thread (the warm set first): for a pool it fills the chunk cache, locally it asks
@@ -321,9 +325,6 @@ class PoolSource:
             for f, digests in zip(rec.files, lists, strict=True)
             if _is_pages(f.name)
         }
-        # The chunks of this image's pages files: a frame decode keeps those it holds. Made at
-        # the first decode (a set of 262,144 digests for 1 GiB: not before the resume).
-        self._needed_set: set[bytes] | None = None
         self._chunks = _LRU(chunk_cache)
         self._packs = _LRU(pack_cache)
         for pack_id, data in (prepared.packs if prepared is not None else {}).items():
@@ -446,8 +447,11 @@ class PoolSource:
         self, data: bytes, index: PackIndex, frame: int, d: bytes, file: str, i: int
     ) -> None:
         sub = self._frame_index(index, frame)
-        needed = self._needed()
-        wanted = {c.digest for c in sub.chunks if c.digest in needed}
+        # Every chunk of the frame is kept (each checked against its hash, found only by it):
+        # a frame holds chunks pushed together, of this image but after a repack, and a set
+        # of the image's 262,144 chunks (1 GiB) to filter them cost 20-60 ms at the first
+        # fault after the resume.
+        wanted = {c.digest for c in sub.chunks}
         wanted.add(d)
         try:
             for digest, chunk in iter_pack(data, sub, wanted):
@@ -460,12 +464,6 @@ class PoolSource:
                 self._failed[digest] = f"is in pack {index.pack_id}, which is damaged ({exc})"
         if d in self._failed:
             raise self._bad(file, i, d, self._failed[d])
-
-    def _needed(self) -> set[bytes]:
-        needed = self._needed_set
-        if needed is None:
-            needed = self._needed_set = {d for _, ds in self._files.values() for d in ds}
-        return needed
 
     def _frame_index(self, index: PackIndex, frame: int) -> PackIndex:
         """``index`` cut down to the chunks of one frame: decoding a frame then costs its ~32
