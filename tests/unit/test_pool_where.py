@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from torpor._errors import ImageCorruptedError
+from torpor._errors import ImageCorruptedError, TorporError
 from torpor._lazy import _poolimage
 from torpor._lazy._source import LazyPageError, pool_source
 from torpor._pools import _cas
@@ -293,3 +295,44 @@ def test_a_lazy_restore_writes_the_list_cache_only_once_discarded(
     finally:
         image.discard()
     assert read_cached("lists", list_id) == p.backend.get(f"lists/{list_id}")
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_well_formed_lie_gives_the_right_pages_or_a_refusal(
+    pool: Pool, data: st.DataObject
+) -> None:
+    """Runs of any length over the packs of both images, a pack that does not exist, and no
+    pack: the local part is exactly the image, or the restore is refused; never other bytes."""
+    # Every pack of the pool (both images'), and one that does not exist.
+    packs = [*sorted(k[len("index/") :] for k in pool.backend.list("index/")), "0" * 32]
+    left = _chunks(pool)
+    runs: list[tuple[int, int]] = []
+    while left:
+        count = data.draw(st.integers(1, left))
+        n = data.draw(st.sampled_from([*range(len(packs)), NO_PACK]))
+        runs.append((n, count))
+        left -= count
+    doc = _doc(pool, "app")
+    doc["where"] = {"packs": packs, "runs": _runs(*runs)}
+    _put_doc(pool, "app", doc)
+    try:
+        image = _poolimage.materialise(pool, "app")
+    except TorporError:
+        return
+    try:
+        assert _content(image) == bytes(random_pages(PAGES, seed=2))
+        source = pool_source(pool, "app", prepared=image._prepared)
+        try:
+            page = data.draw(st.integers(0, PAGES - 1))
+            try:
+                got = source.read("pages-1.img", page * PAGE, PAGE)
+            except LazyPageError:
+                return
+            assert got == bytes(random_pages(PAGES, seed=2))[page * PAGE : (page + 1) * PAGE]
+        finally:
+            source.close()
+    finally:
+        image.discard()
