@@ -235,6 +235,7 @@ def _serve(
     log_fd: int,
     ctx: AgentContext,
 ) -> None:
+    from torpor._lazy import _prestart
     from torpor._process import _keeper
 
     keeper = None
@@ -257,7 +258,9 @@ def _serve(
         _adopt_stdio(fds)
         fds = []  # now our fds 0, 1, 2
         _keeper.host_here(warm, spare)
+        _prestart.allow()  # the command's lazy-pages daemon may be started by the command
         code = _run_cli(req.argv, conn)
+        _prestart.allow(False)
         keeper = _keeper.hosted_keeper()
         _let_go_of_client(log_fd)
         with contextlib.suppress(OSError):

@@ -118,15 +118,24 @@ def _restore(app: App, args: argparse.Namespace) -> int:
         args.lazy = _policy.lazy_by_default(args.image)
     partial = open_lazy_pool_image(app, args.image) if args.lazy else None
     image = partial if partial is not None else open_image(app, args.image)
+    from .._lazy import _prestart
+
     try:
         base = args.name or image.name
         check_name(base, what="process name")
         names = [base] if args.count == 1 else [f"{base}-{i}" for i in range(1, args.count + 1)]
+        if args.lazy and partial is None and args.count == 1:
+            from .._engine import find_criu
+
+            # Its daemon starts now, while the keeper reserves the name and judges the image.
+            _prestart.begin(image, base, find_criu())
         procs = _restore_copies(args, image, names)
     except BaseException:
         if partial is not None:  # else the keeper removes it once its copies ended
             partial.discard()
         raise
+    finally:
+        _prestart.drop()  # begun and not taken by the keeper's restore
     elapsed = time.perf_counter() - started
     if args.lazy:
         return _report_lazy(app, args, procs, elapsed, wall, partial)

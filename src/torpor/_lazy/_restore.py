@@ -55,7 +55,7 @@ from .._engine import CriuEngine
 from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
-from . import _eager, _sweep, _trace, _warm, _warmcache
+from . import _eager, _prestart, _sweep, _trace, _warm, _warmcache
 from ._daemon import Daemon
 from ._pagemap import load_pagemaps
 from ._served import Server as Server
@@ -70,6 +70,8 @@ from ._state import RESIDENT as RESIDENT
 from ._state import LazyState as LazyState
 from ._state import lazy_dir as lazy_dir
 from ._state import read_state as read_state
+from ._state import report_failure as _report_failure
+from ._state import restored_tasks as restored_tasks
 from ._state import wait_states as wait_states
 from ._state import write_state as write_state
 
@@ -118,6 +120,18 @@ class LazyCopy:
 
     def start(self) -> None:
         """Make the work dir and start the daemon (and page server); ready for the restore."""
+        if self.begin():
+            self.ready()
+            return
+        try:
+            self._start_rest()
+        except BaseException:
+            self.abort()
+            raise
+
+    def begin(self) -> bool:
+        """The work dir and, for a local image with a warm set, its daemon spawned on the
+        warm image (True: :meth:`ready` next; ``_prestart`` calls it before the keeper)."""
         _trace.mark("copy-start")
         self.state = replace(self.state, started_at=time.time())
         self.work_dir = lazy_dir() / f"{self.name}-{secrets.token_hex(4)}"
@@ -126,54 +140,65 @@ class LazyCopy:
             _sweep.claim(self.work_dir)  # the keeper; swept once it and the daemon are gone
             if self._server_factory is None:  # a local image: CRIU's daemon reads it
                 self._recording = True  # its faults are logged: the next warm set
-                if self._early():  # started on the warm image
-                    assert self.daemon is not None
-                    self.daemon.wait_ready()
-                    _trace.mark("daemon-ready")
-                    self._claim_for(self.daemon.pid)
-                    self.state = replace(self.state, daemon_pid=self.daemon.pid)
-                    return
-            else:
-                self._warm_dir = self._served_warm()
-                _trace.mark("warm-image")
-            if self._warm_dir is not None:
-                self._image_fd = _safe.open_dir(self._warm_dir)
-            else:
-                with self.image.opened() as fd:
-                    self._image_fd = os.dup(fd)  # the daemon's -D: this very directory
-            if self._server_factory is not None:
-                self.server = self._server_factory(
-                    self.image, lambda: self.daemon_pid, self._server_failed
-                )
-            if self.server is not None:
-                warm = _warm.of(self.image)
-                if warm and self._warm_dir is None:  # fetched before they are asked for
-                    self.server.prefetch(warm)
-                self.server.start()
-                _trace.mark("server")
-            where = ("127.0.0.1", self.server.port) if self.server is not None else None
-            self.daemon = Daemon(
-                self.binary,
-                self._image_fd,
-                self.image.path,
-                self.work_dir,
-                page_server=where,
-                verbose=self._recording,
-            )
-            pool = _warm.pool_image(self.image)
-            if pool is not None:
-                pool.restoring()
-            self.daemon.start()
-            _trace.mark("daemon-ready")
-            self._claim_for(self.daemon.pid)
+                return self._early()  # started on the warm image
         except BaseException:
             self.abort()
             raise
+        return False
+
+    def ready(self) -> None:
+        """Wait for the daemon :meth:`begin` spawned (it is then ready for the restore)."""
+        assert self.daemon is not None
+        try:
+            self.daemon.wait_ready()
+        except BaseException:
+            self.abort()
+            raise
+        _trace.mark("daemon-ready")
+        self._claim_for(self.daemon.pid)
+        self.state = replace(self.state, daemon_pid=self.daemon.pid)
+
+    def _start_rest(self) -> None:
+        """:meth:`start` when :meth:`begin` spawned no daemon (on the image, or served)."""
+        assert self.work_dir is not None
+        if self._server_factory is not None:
+            self._warm_dir = self._served_warm()
+            _trace.mark("warm-image")
+        if self._warm_dir is not None:
+            self._image_fd = _safe.open_dir(self._warm_dir)
+        else:
+            with self.image.opened() as fd:
+                self._image_fd = os.dup(fd)  # the daemon's -D: this very directory
+        if self._server_factory is not None:
+            self.server = self._server_factory(
+                self.image, lambda: self.daemon_pid, self._server_failed
+            )
+        if self.server is not None:
+            warm = _warm.of(self.image)
+            if warm and self._warm_dir is None:  # fetched before they are asked for
+                self.server.prefetch(warm)
+            self.server.start()
+            _trace.mark("server")
+        where = ("127.0.0.1", self.server.port) if self.server is not None else None
+        self.daemon = Daemon(
+            self.binary,
+            self._image_fd,
+            self.image.path,
+            self.work_dir,
+            page_server=where,
+            verbose=self._recording,
+        )
+        pool = _warm.pool_image(self.image)
+        if pool is not None:
+            pool.restoring()
+        self.daemon.start()
+        _trace.mark("daemon-ready")
+        self._claim_for(self.daemon.pid)
         self.state = replace(self.state, daemon_pid=self.daemon.pid)
 
     def _claim_for(self, pid: int | None) -> None:
         """The daemon ``pid`` (and this keeper) use the work dir and a pool image's local
-        part: a killed keeper's are swept only once its daemon is gone too (``_sweep``)."""
+        part: swept only once both are gone (``_sweep``)."""
         dirs = [self.work_dir] + ([self.image.path.parent] if _warm.pool_image(self.image) else [])
         for d in dirs:
             if d is not None:
@@ -260,11 +285,9 @@ class LazyCopy:
         return made[0]
 
     def _plain(self, *, verbose: bool = False) -> None:
-        """Restore from another directory than the image's (a derived one, see ``_copies``),
-        or a warm image not used after all (``_early``): the daemon must read the same
-        pagemaps as the restore, so it is started again on the image itself, without the
-        warm image (``verbose``: still logging its faults, for a warm set). Only spawned when
-        ``start`` is still to wait for it."""
+        """A derived image restored (see ``_copies``), or a warm image not used after all:
+        the daemon must read the restore's pagemaps, so it is started again on the image
+        itself (``verbose``: logging its faults). Only spawned if ``ready`` waits for it."""
         assert self.daemon is not None and self.work_dir is not None
         waiting = self.daemon.spawned
         self.daemon.stop()
@@ -550,17 +573,16 @@ class LazyCopies:
             self._cleanup()
 
     def start(self, name: str) -> LazyCopy:
-        """A started :class:`LazyCopy` for the copy ``name``."""
-        copy = LazyCopy(
-            self.image,
-            name,
-            binary=self.binary,
-            server_factory=self._factory,
-            on_failure=_report_failure,
-            hold=self._hold,
-            on_end=self._ended,
-        )
-        copy.start()
+        """A started :class:`LazyCopy` for the copy ``name`` (the one the command began for
+        this very image, if any: ``_prestart``)."""
+        early = _prestart.take(self.image, self.binary) if self._factory is None else None
+        copy = early or LazyCopy(self.image, name, binary=self.binary)
+        copy.name, copy.state = name, replace(copy.state, name=name)
+        copy._on_failure, copy._hold, copy._on_end = _report_failure, self._hold, self._ended
+        if early is not None:
+            copy.ready()
+        else:
+            copy.start()
         with self._lock:
             self.copies.append(copy)
         return copy
@@ -579,19 +601,3 @@ class LazyCopies:
             self._running = len(self.copies)
         for copy in self.copies:
             copy.watch()
-
-
-def restored_tasks(pid: int) -> int:
-    """How many processes the restored tree rooted at ``pid`` has (one userfaultfd each)."""
-    from .._process._proc import descendants
-
-    return 1 + sum(1 for _ in descendants(pid))
-
-
-def _report_failure(state: LazyState) -> None:
-    """A supervised copy's failure goes to its event log (``torpor events``) too."""
-    from .._supervise import _events, _spec
-
-    if _spec.load(state.name) is None:
-        return
-    _events.append(state.name, "restore-failed", error=state.error, image=state.image, lazy=True)

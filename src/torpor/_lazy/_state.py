@@ -146,3 +146,19 @@ def _still_filling(st: LazyState) -> bool:
     if st.state != FILLING:
         return False
     return st.daemon_pid is None or os.path.exists(f"/proc/{st.daemon_pid}")
+
+
+def restored_tasks(pid: int) -> int:
+    """How many processes the restored tree rooted at ``pid`` has (one userfaultfd each)."""
+    from .._process._proc import descendants
+
+    return 1 + sum(1 for _ in descendants(pid))
+
+
+def report_failure(state: LazyState) -> None:
+    """A supervised copy's failure goes to its event log (``torpor events``) too."""
+    from .._supervise import _events, _spec
+
+    if _spec.load(state.name) is None:
+        return
+    _events.append(state.name, "restore-failed", error=state.error, image=state.image, lazy=True)
