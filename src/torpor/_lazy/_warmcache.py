@@ -90,16 +90,26 @@ def _name(image: Image, k: str) -> str | None:
     return name if _ENTRY.fullmatch(name) else None
 
 
-def lookup(image: Image) -> Kept | None:
-    """``image``'s kept warm image for its current warm set, or None (none, incomplete, being
-    removed, or not sound: see the module docstring). The caller checks ``image.trusted()``."""
+def _current(image: Image) -> tuple[bytes, str, str] | None:
+    """``image``'s warm set file's bytes, the key of its warm image and that image's entry
+    name; None if it has no warm set (or the name would not be one of ours)."""
     raw = _warm.read_raw(image)
     if raw is None:
         return None
     k = key(image, raw)
     name = _name(image, k)
-    if name is None:
-        return None
+    return None if name is None else (raw, k, name)
+
+
+def lookup(image: Image) -> Kept | None:
+    """``image``'s kept warm image for its current warm set, or None (none, incomplete, being
+    removed, or not sound: see the module docstring). The caller checks ``image.trusted()``."""
+    current = _current(image)
+    return None if current is None else _open(current[2], current[1])
+
+
+def _open(name: str, k: str) -> Kept | None:
+    """The kept warm image ``name``, share-locked, if its stamp names the key ``k``."""
     try:
         root = cache_dir()
         fd = _safe.open_dir(root / name)
@@ -129,14 +139,11 @@ def ensure(image: Image) -> bool:
     """Make and keep ``image``'s warm image for its current warm set unless it is kept
     already; remove its others nobody uses. True if one is kept now. Reads the image's
     pagemaps: only while it is trusted (checked before and after)."""
-    raw = _warm.read_raw(image)
-    if raw is None:
+    current = _current(image)
+    if current is None:
         return False
-    k = key(image, raw)
-    name = _name(image, k)
-    if name is None:
-        return False
-    kept = lookup(image)
+    raw, k, name = current
+    kept = _open(name, k)
     if kept is not None:
         os.close(kept.fd)
         _prune(image, keep=name)
