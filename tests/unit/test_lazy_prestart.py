@@ -14,17 +14,11 @@ from torpor._images._image import Image
 from torpor._lazy import _prestart, _warm, _warmcache
 from torpor._lazy import _restore as lazy
 
+from . import test_lazy_restore
 from .test_lazy_eager import _image as eager_image
-from .test_lazy_restore import FAKE_CRIU
 from .test_lazy_server import PAGE
 
-
-@pytest.fixture
-def criu(tmp_path: Path) -> str:
-    path = tmp_path / "criu"
-    path.write_text(FAKE_CRIU)
-    path.chmod(0o700)
-    return str(path)
+criu = test_lazy_restore.criu  # the fake CRIU (a fixture)
 
 
 @pytest.fixture

@@ -19,19 +19,13 @@ from torpor._lazy import _eager, _warm, _warmcache
 from torpor._lazy import _restore as lazy
 from torpor._lazy._pagemap import parse_pagemap
 
+from . import test_lazy_restore
 from .test_lazy_eager import _image as eager_image
-from .test_lazy_restore import FAKE_CRIU
 from .test_lazy_server import PAGE, PID
 
 WARM = [("pages-1.img", 3 * PAGE, PAGE)]
 
-
-@pytest.fixture
-def criu(tmp_path: Path) -> str:
-    path = tmp_path / "criu"
-    path.write_text(FAKE_CRIU)
-    path.chmod(0o700)
-    return str(path)
+criu = test_lazy_restore.criu  # the fake CRIU (a fixture)
 
 
 @pytest.fixture
