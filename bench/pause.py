@@ -27,6 +27,7 @@ longer than the daemon takes to serve it plus a poll, never for the window.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import select
 import signal
@@ -34,29 +35,16 @@ import threading
 import time
 from collections.abc import Sequence
 
+from torpor._process._proc import descendants
+
 WINDOW = 0.15  # seconds the push is held at most after a resume (bench_torch_parts: 0.15)
 USERFAULT_WCHAN = "handle_userfault"  # where a thread waits for its page (/proc/TID/wchan)
 SETTLE = 0.0005  # seconds between checks while the daemon serves a fault
 
 
 def tree(root: int, most: int = 4096) -> list[int]:
-    """``root`` and its descendants (``/proc/PID/task/TID/children``), at most ``most``."""
-    out: list[int] = []
-    todo = [root]
-    while todo and len(out) < most:
-        pid = todo.pop()
-        out.append(pid)
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as fh:
-                    todo.extend(int(c) for c in fh.read().split())
-            except (OSError, ValueError):
-                continue
-    return out
+    """``root`` and its descendants (``_proc.descendants``), at most ``most``."""
+    return [root, *itertools.islice(descendants(root), most - 1)]
 
 
 def waiting_on_fault(pids: Sequence[int]) -> bool:
