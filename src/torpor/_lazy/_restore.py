@@ -576,7 +576,7 @@ class LazyCopies:
         """A started :class:`LazyCopy` for the copy ``name`` (the one the command began for
         this very image, if any: ``_prestart``)."""
         early = _prestart.take(self.image, self.binary) if self._factory is None else None
-        copy = early or LazyCopy(self.image, name, binary=self.binary)
+        copy = early or LazyCopy(self.image, name, binary=self.binary, server_factory=self._factory)
         copy.name, copy.state = name, replace(copy.state, name=name)
         copy._on_failure, copy._hold, copy._on_end = _report_failure, self._hold, self._ended
         if early is not None:
