@@ -118,6 +118,9 @@ def _restore(app: App, args: argparse.Namespace) -> int:
         args.lazy = _policy.lazy_by_default(args.image)
     partial = open_lazy_pool_image(app, args.image) if args.lazy else None
     image = partial if partial is not None else open_image(app, args.image)
+    # What of a pool image is local when its copies resume: nothing more is written to its
+    # local part, which goes once they are resident (maybe before the report is made).
+    local = _local_bytes(partial) if partial is not None else None
     from .._lazy import _prestart
 
     try:
@@ -138,7 +141,7 @@ def _restore(app: App, args: argparse.Namespace) -> int:
         _prestart.drop()  # begun and not taken by the keeper's restore
     elapsed = time.perf_counter() - started
     if args.lazy:
-        return _report_lazy(app, args, procs, elapsed, wall, partial)
+        return _report_lazy(app, args, procs, elapsed, wall, partial, local)
     if args.json:
         app.json([{"name": p.name, "pid": p.pid} for p in procs])
     else:
@@ -172,15 +175,15 @@ def _report_lazy(
     resumed: float,
     began: float,
     partial: Any = None,
+    local: int | None = None,
 ) -> int:
     """Time-to-resume (the command's start to every copy running) and, per copy, time to
     fully resident (from the keeper's record: known, or still filling) or why it failed. From
-    a pool (``partial``): how much of the image was local when the copies resumed."""
+    a pool (``partial``): how much of the image was local when the copies resumed (``local``,
+    measured before they started)."""
     from .._lazy import _restore as lazy
 
     names = [p.name for p in procs]
-    # Measured now: nothing but the lazy pages is ever written there, and it goes once resident.
-    local = _local_bytes(partial) if partial is not None else None
     states = lazy.wait_states(names, timeout=None if args.wait_resident else 0.0)
     rows = []
     code = 0
