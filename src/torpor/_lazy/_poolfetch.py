@@ -28,7 +28,7 @@ from .._pools._pack import pack_key
 from .._pools._pool import Pool
 from .._pools._reader import FETCHERS, Catalog, Indexed
 from .._pools._record import FileRecord, Record
-from ._source import Prepared, Range, _is_pages
+from ._source import Prepared, Range, _is_pages, chunk_span
 
 
 class Stash:
@@ -95,7 +95,7 @@ class Early:
         sizes = {f.name: f.chunk_size for f in self._rec.files}
         for file, offset, length in warm:
             cs = sizes[file]
-            for i in range(offset // cs, (offset + length - 1) // cs + 1):
+            for i in chunk_span(cs, offset, length):
                 if (p := found.pack_of(file, i)) is not None:
                     order.append(p)
         packs = list(dict.fromkeys(order))

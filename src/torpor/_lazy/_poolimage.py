@@ -66,7 +66,15 @@ from .._pools._reader import REFUSED_HINT
 from .._pools._record import Record
 from . import _poolfetch, _sweep, _trace, _warm
 from ._pagemap import MAX_PAGEMAP, Pagemap, parse_pagemap
-from ._source import LazyPageError, PageSource, Prepared, Range, _is_pages, pool_source
+from ._source import (
+    LazyPageError,
+    PageSource,
+    Prepared,
+    Range,
+    _is_pages,
+    chunk_span,
+    pool_source,
+)
 from ._state import LAZY_POOL_DIR as LAZY_POOL_DIR
 from ._state import lazy_pool_dir
 
@@ -181,7 +189,7 @@ class PoolLazyImage(Image):
         }
         for file, offset, length in ranges:
             cs = sizes[file]
-            for i in range(offset // cs, (offset + length - 1) // cs + 1):
+            for i in chunk_span(cs, offset, length):
                 if i * cs not in local.get(file, ()) and lists[file][i] != _cas.ZERO_PAGE:
                     return False
         return True
@@ -419,7 +427,7 @@ def _with_warm(
     extra: dict[str, set[int]] = defaultdict(set)
     for file, offset, length in warm:
         cs = sizes[file]
-        extra[file].update(range(offset // cs, (offset + length - 1) // cs + 1))
+        extra[file].update(chunk_span(cs, offset, length))
     return {
         name: sorted(set(indices) | extra[name]) if name in extra else indices
         for name, indices in wanted.items()
@@ -487,7 +495,7 @@ def _local_chunks(rec: Record, fds: dict[str, int]) -> dict[str, Iterable[int]]:
         cs = f.chunk_size
         indices: set[int] = set()
         for offset, length in ranges[f.name]:
-            indices.update(range(offset // cs, (offset + length - 1) // cs + 1))
+            indices.update(chunk_span(cs, offset, length))
         out[f.name] = sorted(indices)
     return out
 

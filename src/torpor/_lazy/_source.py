@@ -248,6 +248,12 @@ class LocalSource:
         self._fds.clear()
 
 
+def chunk_span(chunk_size: int, offset: int, length: int) -> range:
+    """The indices of the chunks of ``chunk_size`` bytes that bytes ``offset`` to
+    ``offset + length`` (``length`` > 0) of a file fall in."""
+    return range(offset // chunk_size, (offset + length - 1) // chunk_size + 1)
+
+
 def _is_pages(name: str) -> bool:
     return name.startswith("pages-") and name.endswith(".img")
 
@@ -345,10 +351,9 @@ class PoolSource:
         if offset < 0 or length <= 0 or offset + length > frec.size:
             raise self._bad(file, None, None, f"has no bytes {offset}..{offset + length}")
         cs = frec.chunk_size
-        first, last = offset // cs, (offset + length - 1) // cs
-        parts = [self._chunk(file, frec, digests, i) for i in range(first, last + 1)]
-        data = b"".join(parts)
-        start = offset - first * cs
+        span = chunk_span(cs, offset, length)
+        data = b"".join(self._chunk(file, frec, digests, i) for i in span)
+        start = offset - span.start * cs
         return data[start : start + length]
 
     def _chunk(self, file: str, frec: FileRecord, digests: Sequence[bytes], i: int) -> bytes:
