@@ -4,9 +4,9 @@ the same steps, side by side in one run, for apps of ``--sizes`` (100 MiB and 1 
 
 The bench makes its own lab (``scripts/lab-hosts up --hosts 2`` in a temporary directory, taken
 down at the end, always; ``migrate_lab.py``), makes hosts a and b trust each other by
-certificate (as the migration tests do), and starts ``torpor agent run --listen B:7070`` on b. Each migration moves a fresh
-app (``bench/migrate_app.py app``: SIZE bytes of touched incompressible memory, started with
-``torpor run`` on a) from a to b. The variants:
+certificate (as the migration tests do), and starts ``torpor agent run --listen B:7070`` on
+b. Each migration moves a fresh app (``bench/migrate_app.py app``: SIZE bytes of touched
+incompressible memory, started with ``torpor run`` on a) from a to b. The variants:
 
 - ``torpor copy``  ``torpor migrate NAME --to B:7070 --mode copy --json`` on a
 - ``torpor lazy``  the same, ``--mode lazy`` (post-copy)
