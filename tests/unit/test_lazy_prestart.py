@@ -41,7 +41,7 @@ def _alive(pid: int) -> bool:
 
 def test_the_keepers_restore_takes_the_copy_the_command_began(image: Image, criu: str) -> None:
     _prestart.allow()
-    _prestart.begin(image, "app", criu)
+    _prestart.begin(lazy.LazyCopy, image, "app", criu)
     assert _prestart._begun is not None
     begun = _prestart._begun[2]
     assert begun.daemon is not None and begun.daemon.spawned  # not waited for yet
@@ -60,7 +60,8 @@ def test_the_keepers_restore_takes_the_copy_the_command_began(image: Image, criu
 def test_nothing_is_begun_where_the_command_does_not_host_its_keeper(
     image: Image, criu: str
 ) -> None:
-    _prestart.begin(image, "app", criu)  # not allowed: a forked keeper would not be its parent
+    # Not allowed: a forked keeper would not be its parent.
+    _prestart.begin(lazy.LazyCopy, image, "app", criu)
     assert _prestart._begun is None
     copies = lazy.LazyCopies.for_image(image, criu)
     c = copies.start("app")
@@ -74,7 +75,7 @@ def test_a_copy_begun_and_not_taken_is_stopped_and_its_work_dir_removed(
     image: Image, criu: str
 ) -> None:
     _prestart.allow()
-    _prestart.begin(image, "app", criu)
+    _prestart.begin(lazy.LazyCopy, image, "app", criu)
     assert _prestart._begun is not None
     begun = _prestart._begun[2]
     assert begun.daemon is not None and begun.daemon.pid is not None and begun.work_dir
@@ -92,6 +93,6 @@ def test_an_image_without_a_warm_set_begins_nothing(
     monkeypatch.setattr(_warmcache, "lookup", lambda image: None)
     monkeypatch.setattr(_warm, "load", lambda image: [])
     _prestart.allow()
-    _prestart.begin(image, "app", criu)
+    _prestart.begin(lazy.LazyCopy, image, "app", criu)
     assert _prestart._begun is None
     assert not [p for p in (lazy.lazy_dir()).iterdir() if p.name.startswith("app-")]

@@ -129,9 +129,10 @@ def _restore(app: App, args: argparse.Namespace) -> int:
         names = [base] if args.count == 1 else [f"{base}-{i}" for i in range(1, args.count + 1)]
         if args.lazy and partial is None and args.count == 1:
             from .._engine import find_criu
+            from .._lazy._restore import LazyCopy
 
             # Its daemon starts now, while the keeper reserves the name and judges the image.
-            _prestart.begin(image, base, find_criu())
+            _prestart.begin(LazyCopy, image, base, find_criu())
         procs = _restore_copies(args, image, names)
     except BaseException:
         if partial is not None:  # else the keeper removes it once its copies ended

@@ -39,15 +39,15 @@ def allow(on: bool = True) -> None:
     _allowed = on
 
 
-def begin(image: Image, name: str, binary: str) -> None:
-    """Begin the lazy copy ``name`` of the local ``image`` now, if this process may (see the
-    module docstring). A failure is not one: the keeper begins the copy itself."""
+def begin(new: type[LazyCopy], image: Image, name: str, binary: str) -> None:
+    """Begin the lazy copy ``name`` of the local ``image`` now (``new`` is
+    :class:`~torpor._lazy._restore.LazyCopy`, passed in: ``_restore`` imports this module), if
+    this process may (see the module docstring). A failure is not one: the keeper begins the
+    copy itself."""
     global _begun
     if not _allowed or _begun is not None:
         return
-    from ._restore import LazyCopy
-
-    copy = LazyCopy(image, name, binary=binary)
+    copy = new(image, name, binary=binary)
     try:
         spawned = copy.begin()
     except (OSError, TorporError):
