@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -93,7 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(handler(app, args) or 0)
+        code = int(handler(app, args) or 0)
+        sys.stdout.flush()  # a reader that has gone (``| head``) shows here, not at exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_gone():
+            return _internal_error(app)
+        return 128 + signal.SIGPIPE  # as a command killed by SIGPIPE: quietly
     except TorporError as exc:
         app.err(f"torpor: error: {exc}")
         if os.environ.get("TORPOR_DEBUG"):
@@ -103,10 +111,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         app.err("torpor: interrupted")
         return 130
     except Exception:
-        if os.environ.get("TORPOR_DEBUG"):
-            raise
-        app.err(
-            f"torpor: internal error: {sys.exc_info()[1]!r} "
-            "(set TORPOR_DEBUG=1 for a traceback and report it)"
-        )
-        return 70
+        return _internal_error(app)
+
+
+def _internal_error(app: App) -> int:
+    if os.environ.get("TORPOR_DEBUG"):
+        raise  # (called from an except clause of main: the exception it handles)
+    app.err(
+        f"torpor: internal error: {sys.exc_info()[1]!r} "
+        "(set TORPOR_DEBUG=1 for a traceback and report it)"
+    )
+    return 70
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout's reader has gone (its pipe or socket reports an error to a poll); if
+    so, what is left for it goes to /dev/null (the interpreter's flush at exit would otherwise
+    fail and print a traceback)."""
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        events = dict(poll.poll(0)).get(fd, 0)
+    except (OSError, ValueError):
+        return False
+    if not events & (select.POLLERR | select.POLLHUP):
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    return True
