@@ -11,24 +11,46 @@ set, then, through ``where``, the indexes and packs of the small files' chunks a
 set's chunks, in threads. The packs are only held (:class:`Stash`) until the chunks are
 written: each chunk is checked against its SHA-256 from the lists as always, and a pack the
 record names wrongly is refused where it is grouped, as without the early fetch.
+
+``where`` is outside input, and the early fetch takes whole packs before the chunk lists say
+which chunks they should hold: a record naming a pack per chunk would have it pull a pool's
+worth of packs for a few chunks. So it pulls at most :func:`budget` bytes (twice the bytes of
+the chunks it fetches for, or :data:`EARLY_PACKS` packs if more): a ``where`` naming more
+packs than that for them, or whose packs come to more, is not used for this restore (one
+line on stderr names the pool and image), and the pool's catalog says where the chunks are.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .._errors import TorporError
+from .._images._manifest import now_iso
 from .._pools import _cas
 from .._pools._located import Located, Stale
-from .._pools._pack import pack_key
+from .._pools._pack import PACK_TARGET, pack_key
 from .._pools._pool import Pool
 from .._pools._reader import FETCHERS, Catalog, Indexed
 from .._pools._record import FileRecord, Record
 from ._source import Prepared, Range, _is_pages, chunk_span
+
+# Packs the early fetch may always pull (a 1 GiB image's small files and warm set: ~10).
+EARLY_PACKS = 16
+
+
+def budget(wanted: int) -> int:
+    """The bytes of packs the early fetch may pull for chunks of ``wanted`` bytes."""
+    return max(2 * wanted, EARLY_PACKS * PACK_TARGET)
+
+
+class _Spent(TorporError):
+    """The early fetch pulled its :func:`budget`: the packs not fetched yet are not."""
 
 
 class Stash:
@@ -81,6 +103,12 @@ class Early:
         self._found = found
         self._ex = ThreadPoolExecutor(FETCHERS, thread_name_prefix="torpor-early")
         self._indexes: Future[None] | None = None
+        self._lock = threading.Lock()
+        self._limit = budget(0)
+        self._pulled = 0
+        #: Whether ``where`` named too many packs, or too many bytes of them (see the module
+        #: docstring): then it is not used for this restore.
+        self.distrusted = False
         self._warm = self._ex.submit(self._start, read_warm)
 
     def _start(self, read_warm: Callable[[Pool, Record], list[Range]]) -> list[Range]:
@@ -88,35 +116,68 @@ class Early:
         found = self._found
         if found is None:
             return warm
-        order: list[str] = []  # the small files' packs first: they are written first
+        chunks: dict[tuple[str, int], int] = {}  # the small files' first: they are written first
         for f in self._rec.files:
             if not _is_pages(f.name):
-                order += [p for i in range(f.count) if (p := found.pack_of(f.name, i))]
-        sizes = {f.name: f.chunk_size for f in self._rec.files}
+                chunks.update(((f.name, i), _length(f, i)) for i in range(f.count))
+        files = {f.name: f for f in self._rec.files}
         for file, offset, length in warm:
-            cs = sizes[file]
-            for i in chunk_span(cs, offset, length):
-                if (p := found.pack_of(file, i)) is not None:
-                    order.append(p)
-        packs = list(dict.fromkeys(order))
+            f = files[file]
+            chunks.update(
+                ((file, i), _length(f, i)) for i in chunk_span(f.chunk_size, offset, length)
+            )
+        order: dict[str, None] = {}
+        wanted = 0
+        for (file, i), n in chunks.items():
+            if (p := found.pack_of(file, i)) is not None:
+                order[p] = None
+                wanted += n
+        packs = list(order)
+        self._limit = budget(wanted)
+        if len(packs) > self._limit // PACK_TARGET:
+            self._refuse(f"names {len(packs)} packs for {wanted} bytes of chunks")
+            return warm
         self._indexes = self._ex.submit(self._load, found, packs)
         for pack_id in packs:
             self.stash.pending(pack_id, self._ex.submit(self._get, pack_id))
         return warm
+
+    def _refuse(self, why: str) -> None:
+        """Stop trusting ``where`` for this restore (said once, on stderr)."""
+        with self._lock:
+            if self.distrusted:
+                return
+            self.distrusted = True
+        print(
+            f"{now_iso()} lazy restore: pool {self._pool.name!r}, image {self._rec.name!r}: "
+            f"its record's where {why}, over the early fetch's {self._limit} bytes; "
+            "not used: the pool's catalog says where its chunks are",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _load(self, found: Located, packs: list[str]) -> None:
         with contextlib.suppress(Stale):  # the grouping reads them again, and falls back
             found.load(self._pool, packs)
 
     def _get(self, pack_id: str) -> bytes:
-        return self._pool.backend.get(pack_key(pack_id))
+        if self.distrusted:
+            raise _Spent(f"pack {pack_id} not fetched early")
+        data = self._pool.backend.get(pack_key(pack_id))
+        with self._lock:
+            self._pulled += len(data)
+            over = self._pulled > self._limit
+        if over:
+            self._refuse(f"names packs of over {self._pulled} bytes")
+        return data
 
     def warm(self) -> list[Range]:
         """The pool's warm set of the record (checked)."""
         return self._warm.result()
 
     def settle(self) -> None:
-        """Wait for the indexes being read (not the packs)."""
+        """Wait for the indexes being read (not the packs); :attr:`distrusted` is known then
+        for the packs named, not yet for their bytes."""
         self._warm.result()
         if self._indexes is not None:
             self._indexes.result()
@@ -133,6 +194,7 @@ class Finder:
     def __init__(
         self, pool: Pool, rec: Record, lists: list[Sequence[bytes]], found: Located | None
     ) -> None:
+        self._pool = pool
         self.located = found
         self.catalog: Catalog | None = None
         if found is None:
@@ -149,6 +211,8 @@ class Finder:
         if self.located is not None:
             if self.early is not None:
                 self.early.settle()
+            self._distrust(pool)
+        if self.located is not None:
             try:
                 return self._by_hint(pool, self.located, wanted)
             except Stale:
@@ -174,9 +238,22 @@ class Finder:
                     raise self.bad(d, f"is not in pack {pack_id}, where its record says it is")
         return by_pack, found
 
+    def _distrust(self, pool: Pool) -> None:
+        """No ``where`` once the early fetch found it names too much: the catalog instead."""
+        if self.early is not None and self.early.distrusted:
+            self.located = None
+            if self.catalog is None:
+                self.catalog = pool._catalog(save_later=True)
+
     def prepared(self, rec: Record, lists: list[Sequence[bytes]], stash: Stash) -> Prepared:
         """For the keeper's page source: what was read here, and the packs fetched."""
+        self._distrust(self._pool)
         return Prepared(rec, lists, self.catalog, self.located, stash.done(), self.later)
+
+
+def _length(f: FileRecord, i: int) -> int:
+    """The bytes of chunk ``i`` of ``f``."""
+    return min(f.chunk_size, f.size - i * f.chunk_size)
 
 
 def write(

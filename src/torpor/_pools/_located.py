@@ -15,7 +15,10 @@ and what then happens:
 * put a chunk in a pack whose index does not hold it, or in no pack: :meth:`Located.entry`
   returns None, and the caller refuses the image naming the file, chunk and pack — never a
   hole or another chunk instead. Every chunk used is then checked against its SHA-256 as
-  always (a lying index is a damaged pack, as before).
+  always (a lying index is a damaged pack, as before);
+* name many packs for a few chunks, to have whole packs pulled for them: only the lazy
+  restore's early fetch takes packs before their indexes are checked, and it pulls at most
+  its budget (``torpor._lazy._poolfetch.budget``), past which it does not use ``where``.
 """
 
 from __future__ import annotations
