@@ -92,6 +92,38 @@ def test_a_warm_image_in_use_is_not_removed(image: Image) -> None:
     assert held.path.name not in _entries() and len(_entries()) == 1
 
 
+def test_an_entry_left_without_its_stamp_is_replaced(image: Image) -> None:
+    """A removal interrupted after the stamp went leaves the entry's name taken: the next
+    ensure removes it and puts a whole one there (else every restore after missed)."""
+    assert _warmcache.ensure(image)
+    [name] = _entries()
+    (_warmcache.cache_dir() / name / _warmcache.STAMP).unlink()
+    assert _warmcache.lookup(image) is None
+    assert _warmcache.ensure(image)
+    kept = _warmcache.lookup(image)
+    assert kept is not None and kept.path.name == name
+    os.close(kept.fd)
+    assert _entries() == [name]
+
+
+def test_an_entry_left_without_its_stamp_is_kept_while_held(image: Image) -> None:
+    assert _warmcache.ensure(image)
+    [name] = _entries()
+    (_warmcache.cache_dir() / name / _warmcache.STAMP).unlink()
+    held = os.open(_warmcache.cache_dir() / name, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_SH)
+        assert not _warmcache.ensure(image)  # not removed under its holder
+        assert (_warmcache.cache_dir() / name / f"pagemap-{PID}.img").is_file()
+        assert [n for n in os.listdir(_warmcache.cache_dir()) if n.startswith(".tmp-")] == []
+    finally:
+        os.close(held)
+    assert _warmcache.ensure(image)
+    kept = _warmcache.lookup(image)
+    assert kept is not None
+    os.close(kept.fd)
+
+
 def test_a_kept_warm_image_that_is_not_sound_is_not_used(image: Image) -> None:
     assert _warmcache.ensure(image)
     kept = _warmcache.lookup(image)

@@ -18,7 +18,8 @@ directory's were derived from are the image's, and its symlinks (by the image's 
 them. A warm set changed by a later restore is another key: a new directory, the old one
 removed once nobody uses it. A directory is complete only once its stamp
 (:data:`STAMP`, holding the key, written last) is in it; made in a temporary directory and
-renamed into place, never changed afterwards.
+renamed into place, never changed afterwards. One found in its place without a sound stamp
+(an interrupted removal left it) is removed, if nobody holds it, and the rename tried again.
 
 **Hostile-input rules.** Everything here is in torpor's private home, but is still read as
 outside input: the cache directory and each entry are opened ``O_NOFOLLOW`` and must be
@@ -164,15 +165,35 @@ def ensure(image: Image) -> bool:
         stamp = json.dumps({"key": k, "warm_bytes": made[1]}).encode()
         with _safe.opened_dir(tmp) as fd:
             _safe.replace_file(fd, STAMP, stamp, source=str(tmp), durable=False)
-        try:
-            os.rename(tmp, root / name)
-        except OSError:  # made meanwhile by another copy: that one is as good
-            return (root / name).is_dir()
-        made = None  # in place now
+        if not _place(root, tmp, name, k):
+            return False
+        made = None  # in place now (or one as good was)
     finally:
         if made is not None or tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     _prune(image, keep=name)
+    return True
+
+
+def _place(root: Path, tmp: Path, name: str, k: str) -> bool:
+    """Rename the warm image made in ``tmp`` to ``name``; True if one for key ``k`` is there
+    now. One there already is as good if sound (another copy made it meanwhile); one that is
+    not (no stamp: a removal or a crash left it) would be a miss for good, so it is removed,
+    if nobody holds it, and the rename tried once more."""
+    if _rename(tmp, root / name):
+        return True
+    kept = _open(name, k)
+    if kept is not None:
+        os.close(kept.fd)
+        return True
+    return remove(root, name) and _rename(tmp, root / name)
+
+
+def _rename(src: Path, dst: Path) -> bool:
+    try:
+        os.rename(src, dst)
+    except OSError:
+        return False
     return True
 
 
