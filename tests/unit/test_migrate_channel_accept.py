@@ -1,15 +1,20 @@
 """The migration listener's handshakes run beside each other (``_channel.Listener``), real TLS
 over loopback: idle or dribbling clients do not keep a trusted peer out, the handshakes are
-bounded in number (the oldest given up) and in time (one deadline each), a trust removed
-while a connection waits is still refused before any byte, and ``close()`` leaves no thread
-and no socket behind."""
+bounded in number (the oldest given up), per source address (one address flooding does not
+keep a peer at another out) and in time (one deadline each), a trust removed while a
+connection waits is still refused before any byte, and ``close()`` leaves no thread and no
+socket behind. The flooding clients come from other loopback addresses (127.0.0.0/8 is all
+local) than the trusted one (127.0.0.1)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +77,20 @@ def idle() -> Iterator[list[socket.socket]]:
         s.close()
 
 
-def _dribble(port: int, stop: threading.Event, every: float) -> threading.Thread:
+def _silent(port: int, source: str) -> socket.socket:
+    """A connection to the listener from ``source`` (a loopback address) that sends nothing."""
+    return socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+
+
+def _dribble(
+    port: int, stop: threading.Event, every: float, source: str = "127.0.0.1"
+) -> threading.Thread:
     """A client that sends a TLS record header, then one byte every ``every`` seconds."""
 
     def run() -> None:
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        with socket.create_connection(
+            ("127.0.0.1", port), timeout=30, source_address=(source, 0)
+        ) as s:
             data = b"\x16\x03\x01\x02\x00" + b"\x01" * 512
             for i in range(len(data)):
                 if stop.is_set():
@@ -100,9 +114,9 @@ def test_idle_and_dribbling_clients_do_not_delay_a_trusted_one(
     with listen("127.0.0.1", 0, home=b) as listener:
         port = listener.address[1]
         acceptor = Acceptor(listener)
-        for _ in range(20):
-            idle.append(socket.create_connection(("127.0.0.1", port), timeout=30))
-        dribbler = _dribble(port, stop, 0.2)
+        for i in range(20):
+            idle.append(_silent(port, f"127.0.1.{i + 1}"))
+        dribbler = _dribble(port, stop, 0.2, "127.0.2.1")
         time.sleep(0.3)  # all of them in their handshakes
         started = time.monotonic()
         with connect("127.0.0.1", port, tls_identity(b).fingerprint, home=a) as conn:
@@ -128,8 +142,8 @@ def test_a_flood_beyond_the_bound_grows_no_thread_and_gives_up_the_oldest(
         port = listener.address[1]
         acceptor = Acceptor(listener)
         most = 0
-        for _ in range(80):
-            idle.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        for i in range(80):
+            idle.append(_silent(port, f"127.0.1.{i + 1}"))
             most = max(most, len(_ours()) - base)
         time.sleep(0.5)
         most = max(most, len(_ours()) - base)
@@ -144,6 +158,131 @@ def test_a_flood_beyond_the_bound_grows_no_thread_and_gives_up_the_oldest(
         acceptor.thread.join(10)
         assert acceptor.conn is not None
         acceptor.conn.close()
+
+
+_FLOOD = """
+import collections, socket, sys
+port, source = int(sys.argv[1]), sys.argv[2]
+socks = collections.deque()
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    except OSError:
+        continue
+    socks.append(s)
+    if len(socks) > 500:
+        socks.popleft().close()
+"""
+
+
+@pytest.fixture
+def flood() -> Iterator[Callable[[int, str], None]]:
+    """Start a process at a source address opening silent connections as fast as it can
+    (each kept open a while: a hostile client never lets go of its own); killed at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(port: int, source: str) -> None:
+        procs.append(subprocess.Popen([sys.executable, "-c", _FLOOD, str(port), source]))
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+class FarProxy:
+    """A TCP relay to the listener, from 127.0.0.1, that holds every chunk ``delay`` seconds
+    each way: a trusted peer on a far network, whose handshake spans round trips during which
+    a near flood could give it up."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.sock = socket.create_server(("127.0.0.3", 0))
+        self.address = self.sock.getsockname()[:2]
+        self._port, self._delay = port, delay
+        self._socks: list[socket.socket] = [self.sock]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.sock.accept()
+                server = socket.create_connection(("127.0.0.1", self._port), timeout=30)
+                self._socks += [client, server]
+                for src, dst in ((client, server), (server, client)):
+                    threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                time.sleep(self._delay)
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for s in self._socks:
+            s.close()
+
+
+def test_one_source_flooding_does_not_keep_a_peer_at_another_out(
+    homes: tuple[Path, Path], idle: list[socket.socket], flood: Callable[[int, str], None]
+) -> None:
+    a, b = homes
+    with listen("127.0.0.1", 0, home=b) as listener:
+        port = listener.address[1]
+        acceptor = Acceptor(listener)
+        for _ in range(_channel.MAX_HANDSHAKES):
+            idle.append(_silent(port, "127.0.0.2"))
+        time.sleep(0.3)  # those within its cap in their handshakes, the rest closed
+        with listener._cond:
+            pending = len(listener._pending)
+        assert pending == _channel.MAX_PER_SOURCE
+        # Beyond its cap: closed at once, before any TLS (the oldest, within it, still wait).
+        idle[-1].settimeout(5)
+        assert idle[-1].recv(100) == b""
+        idle[0].settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            idle[0].recv(100)
+        # The same address goes on opening connections (without the cap, each would give up
+        # the oldest pending handshake: soon the trusted peer's). The trusted peer, from
+        # 127.0.0.1, gets in at its first try, and its command through both ways.
+        for _ in range(4):
+            flood(port, "127.0.0.2")
+        time.sleep(0.5)
+        refused: list[PeerRefusedError] = []
+        far = FarProxy(port, 0.25)
+        for _ in range(2):
+            host, at = far.address
+            with connect(host, at, tls_identity(b).fingerprint, home=a) as conn:
+                assert conn.peer.name == "b"
+                acceptor.thread.join(10)
+                assert acceptor.conn is not None and acceptor.conn.peer.name == "a"
+                conn.send({"type": "preflight"})
+                assert acceptor.conn.recv() == {"type": "preflight"}
+                acceptor.conn.send({"type": "ready"})
+                assert conn.recv() == {"type": "ready"}
+                acceptor.conn.close()
+            refused += acceptor.refused
+            acceptor = Acceptor(listener)
+        far.close()
+    # Reported once, on one line, for the whole flood; none of the trusted peer's handshakes
+    # given up.
+    assert [str(e) for e in refused] == [
+        f"connections from 127.0.0.2 closed before TLS: {_channel.MAX_PER_SOURCE} of its "
+        "handshakes are pending (more are closed unreported until one ends)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("host", "source"),
+    [
+        ("127.0.0.2", "127.0.0.2"),
+        ("::ffff:10.0.0.7", "10.0.0.7"),
+        ("fd00::1:2:3:4", "fd00::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+    ],
+)
+def test_a_source_is_an_ipv4_address_or_an_ipv6_slash_64(host: str, source: str) -> None:
+    assert _channel._source(host) == source
 
 
 def test_a_handshake_has_one_deadline_however_its_client_dribbles(
@@ -201,8 +340,8 @@ def test_close_leaves_no_thread_and_closes_pending_sockets(
     base = {t.ident for t in _ours()}
     listener = listen("127.0.0.1", 0, home=b)
     port = listener.address[1]
-    for _ in range(5):
-        idle.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+    for i in range(5):
+        idle.append(_silent(port, f"127.0.1.{i + 1}"))
     waiting: list[Any] = []
 
     def client() -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import ipaddress
 import itertools
 import json
 import os
@@ -60,6 +61,7 @@ MAX_MESSAGE = 1 << 20
 MAX_DATA = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HANDSHAKES = 16  # TLS handshakes a listener runs at once (see Listener)
+MAX_PER_SOURCE = 4  # of them from one source address (an IPv6 /64: see Listener)
 MAX_WAITING = 16  # authenticated connections waiting for Listener.accept
 MAX_REFUSALS = 64  # refusals waiting to be reported by Listener.accept
 _HEADER = struct.Struct(">cI")
@@ -233,10 +235,14 @@ class Listener:
     :data:`HANDSHAKE_TIMEOUT` seconds from its start (a total deadline, not one per read);
     a connection arriving when all are taken makes the **oldest** pending handshake give up
     (its socket is shut down: it gets nothing), so a flood of idle connections ages out
-    instead of locking out a real peer, which needs a few milliseconds. At most
-    :data:`MAX_WAITING` authenticated connections wait for :meth:`accept` (beyond: the new
-    one is closed before its ``hello``) and :data:`MAX_REFUSALS` refusals (beyond: not
-    reported)."""
+    instead of locking out a real peer, which needs a few milliseconds. Of those, at most
+    :data:`MAX_PER_SOURCE` from one source (an IPv4 address; for IPv6 its /64, which one host
+    commonly holds whole): a connection from a source at its cap is closed at once, before
+    any TLS, so that one address cannot take every slot and make the trusted peers' handshakes
+    the oldest ones given up (it is reported once, as a refusal, until one of that source's
+    handshakes has ended). At most :data:`MAX_WAITING` authenticated connections wait for
+    :meth:`accept` (beyond: the new one is closed before its ``hello``) and
+    :data:`MAX_REFUSALS` refusals (beyond: not reported)."""
 
     def __init__(self, sock: socket.socket, home: Path | None) -> None:
         self.sock = sock
@@ -248,8 +254,10 @@ class Listener:
         self._ready: collections.deque[tuple[ssl.SSLSocket, Peer, str] | Exception] = (
             collections.deque()
         )
-        # each connection in its handshake: [when it began, its thread, given up, its fd]
+        # each connection in its handshake: [when it began, its thread, given up, its fd,
+        # its source (_source)]
         self._pending: dict[int, list[Any]] = {}
+        self._capped: set[str] = set()  # sources at MAX_PER_SOURCE, reported already
         self._tokens = itertools.count()
         self._wake_r, self._wake_w = os.pipe()
         sock.setblocking(False)
@@ -351,14 +359,28 @@ class Listener:
                 except OSError:  # out of fds, say: not a busy loop
                     time.sleep(0.05)
                     continue
-                self._start(raw, f"{addr[0]}:{addr[1]}")
+                self._start(raw, f"{addr[0]}:{addr[1]}", _source(addr[0]))
         finally:
             sel.close()
 
-    def _start(self, raw: socket.socket, where: str) -> None:
+    def _start(self, raw: socket.socket, where: str, source: str) -> None:
         """Run ``raw``'s handshake in a thread, once one of the :data:`MAX_HANDSHAKES` is
-        free (the oldest pending one is given up for it)."""
+        free (the oldest pending one is given up for it); close it at once if ``source`` has
+        :data:`MAX_PER_SOURCE` pending already."""
         with self._cond:
+            if sum(e[4] == source for e in self._pending.values()) >= MAX_PER_SOURCE:
+                raw.close()
+                if source not in self._capped:
+                    self._capped.add(source)
+                    self._refuse(
+                        PeerRefusedError(
+                            f"connections from {source} closed before TLS: {MAX_PER_SOURCE} "
+                            "of its handshakes are pending (more are closed unreported until "
+                            "one ends)",
+                            peer=where,
+                        )
+                    )
+                return
             while len(self._pending) >= MAX_HANDSHAKES and not self._closed:
                 live = [e for e in self._pending.values() if not e[2]]
                 if live:
@@ -374,7 +396,7 @@ class Listener:
                 target=self._handshake, args=(raw, where, token), name="torpor-channel-tls",
                 daemon=True,
             )  # fmt: skip
-            self._pending[token] = [time.monotonic(), t, False, raw.fileno()]
+            self._pending[token] = [time.monotonic(), t, False, raw.fileno(), source]
             t.start()
 
     def _handshake(self, raw: socket.socket, where: str, token: int) -> None:
@@ -410,24 +432,48 @@ class Listener:
         except Exception as exc:
             result = exc
         with self._cond:
-            given_up = self._pending.pop(token)[2]
+            entry = self._pending.pop(token)
+            given_up = entry[2]
+            self._capped.discard(entry[4])  # below its cap again: a new refusal is reported
             if given_up and not isinstance(result, tuple):
                 result = PeerRefusedError(
                     f"connection from {where} dropped in its TLS handshake: the oldest of "
                     f"{MAX_HANDSHAKES} pending when another came",
                     peer=where,
                 )
-            conns = sum(isinstance(i, tuple) for i in self._ready)
+            keep = False
             if isinstance(result, tuple):
-                keep = not given_up and conns < MAX_WAITING
+                conns = sum(isinstance(i, tuple) for i in self._ready)
+                keep = not given_up and conns < MAX_WAITING and not self._closed
+                if keep:
+                    self._ready.append(result)
             else:
-                keep = len(self._ready) - conns < MAX_REFUSALS
-            keep = keep and not self._closed
-            if keep:
-                self._ready.append(result)
-            self._cond.notify_all()
-        if not (keep and isinstance(result, tuple)):
+                self._refuse(result)
+            self._cond.notify_all()  # a slot is free (_start), something to accept maybe
+        if not keep:
             sock.close()
+
+    def _refuse(self, exc: Exception) -> None:
+        """Queue the refusal ``exc`` for :meth:`accept` (under the lock), if fewer than
+        :data:`MAX_REFUSALS` wait."""
+        refusals = sum(not isinstance(i, tuple) for i in self._ready)
+        if refusals < MAX_REFUSALS and not self._closed:
+            self._ready.append(exc)
+            self._cond.notify_all()
+
+
+def _source(host: str) -> str:
+    """The source a connection from ``host`` counts against (:data:`MAX_PER_SOURCE`): the
+    address itself, or for IPv6 (not an IPv4-mapped one) its /64."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def _shut(fd: int) -> None:
