@@ -4,6 +4,7 @@ while a restore or its daemon holds one."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from torpor._engine import CriuEngine
+from torpor._errors import TorporError
 from torpor._images._image import Image
 from torpor._lazy import _eager, _warm, _warmcache
 from torpor._lazy import _restore as lazy
@@ -124,6 +126,30 @@ def test_an_entry_left_without_its_stamp_is_kept_while_held(image: Image) -> Non
     os.close(kept.fd)
 
 
+def _full(*args: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_is_one_line_and_no_warm_image(
+    image: Image, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(_eager, "warm_image", _full)
+    assert not _warmcache.ensure(image)
+    assert capsys.readouterr().err.split(" ", 1)[1] == (
+        f"lazy restore: warm image of {image.path} not kept: No space left on device\n"
+    )
+    assert os.listdir(_warmcache.cache_dir()) == []
+
+    def gone(*args: object) -> None:
+        raise TorporError("image 'x' is gone")
+
+    monkeypatch.setattr(_eager, "warm_image", gone)
+    assert not _warmcache.ensure(image)
+    assert capsys.readouterr().err.split(" ", 1)[1] == (
+        f"lazy restore: warm image of {image.path} not kept: image 'x' is gone\n"
+    )
+
+
 def test_a_kept_warm_image_that_is_not_sound_is_not_used(image: Image) -> None:
     assert _warmcache.ensure(image)
     kept = _warmcache.lookup(image)
@@ -225,6 +251,30 @@ def test_the_copy_made_resident_keeps_the_warm_image_for_the_next_restore(
     assert kept is not None and kept.warm_bytes == PAGE
     os.close(kept.fd)
     parse_pagemap((kept.path / f"pagemap-{PID}.img").read_bytes(), pid=PID, image="x")
+
+
+def test_a_full_disk_while_keeping_the_warm_image_leaves_the_copy_resident(
+    image: Image,
+    criu: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FAKE_LAZY", "exit0")
+    monkeypatch.setattr(_eager, "warm_image", _full)
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        c = lazy.LazyCopy(image, "app", binary=criu)
+        c.start()
+        c.restored(proc.pid, tasks=0)
+        c.watch()
+        assert c.wait(10) and c.state.state == lazy.RESIDENT
+        assert proc.poll() is None  # not killed
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _warmcache.lookup(image) is None
+    said = [line.split(" ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert said == [f"lazy restore: warm image of {image.path} not kept: No space left on device"]
 
 
 def test_a_local_lazy_restore_does_not_import_the_pool_code(image: Image) -> None:

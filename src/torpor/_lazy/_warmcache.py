@@ -47,6 +47,7 @@ import re
 import secrets
 import shutil
 import stat
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ from pathlib import Path
 from .. import _paths, _safe
 from .._errors import TorporError
 from .._images._image import Image
+from .._images._manifest import now_iso
 from . import _eager, _warm
 
 STAMP = "torpor-warm-image.json"
@@ -139,7 +141,24 @@ def _open(name: str, k: str) -> Kept | None:
 def ensure(image: Image) -> bool:
     """Make and keep ``image``'s warm image for its current warm set unless it is kept
     already; remove its others nobody uses. True if one is kept now. Reads the image's
-    pagemaps: only while it is trusted (checked before and after)."""
+    pagemaps: only while it is trusted (checked before and after).
+
+    Never raises for what the disk or the image does (a full disk, an image gone or changed:
+    ``OSError``, :class:`TorporError`): the warm image is only an optimisation, so that is
+    one line on stderr and False, and the restore that called it goes on as it was."""
+    try:
+        return _ensure(image)
+    except (OSError, TorporError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(
+            f"{now_iso()} lazy restore: warm image of {image.path} not kept: {why}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+
+
+def _ensure(image: Image) -> bool:
     current = _current(image)
     if current is None:
         return False
