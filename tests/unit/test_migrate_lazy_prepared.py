@@ -207,3 +207,22 @@ def test_announce_does_not_wait_for_the_packet_socket_close(
     while sock.closed_in is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sock.closed_in is not None and sock.closed_in is not threading.main_thread()
+
+
+def test_prepared_keeper_gets_an_image_bigger_than_a_socket_message(
+    fake_keeper: Path,
+) -> None:
+    """An image of thousands of files (a tree of hundreds of processes, a process of
+    thousands of threads) is described in more bytes than one SOCK_SEQPACKET message holds
+    (``net.core.wmem_default``): it still crosses, whole."""
+    wmem = int(Path("/proc/sys/net/core/wmem_default").read_text())
+    name = "/images/app.migrating-1/" + "x" * (3 * wmem)
+    prepared = _lazy_target.Prepared("app", source="peer-a")
+    try:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            rec = prepared.restore(_Image(name), theirs.fileno())  # type: ignore[arg-type]
+        assert rec.pid == 4242
+        assert fake_keeper.read_text() == f"{name} peer-a"
+    finally:
+        prepared.cancel()

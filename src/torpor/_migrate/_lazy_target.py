@@ -167,7 +167,10 @@ class RelayedPages:
                 conn.close()
 
 
-MAX_GO = 1 << 20  # bytes of the image's description a prepared keeper reads
+MAX_GO = 64 << 20  # bytes of the image's description a prepared keeper reads
+# Its pieces, each one SOCK_SEQPACKET message: a message must fit the socket's send buffer
+# (net.core.wmem_default, 208 KiB here); an image of a few thousand files is bigger than that.
+_PIECE = 64 << 10
 
 
 class Prepared:
@@ -197,8 +200,14 @@ class Prepared:
         self._ended = True
         try:
             # The image object crosses as a pickle: both ends are this server (a socketpair
-            # made above, its child holding the other end), never a byte from outside.
-            socket.send_fds(self._ctl, [pickle.dumps(image)], [ps_fd])
+            # made above, its child holding the other end), never a byte from outside. Its
+            # size first, with the socket; then the pickle in pieces.
+            data = pickle.dumps(image)
+            if len(data) > MAX_GO:
+                raise OSError(f"its image's description takes {len(data)} bytes, over {MAX_GO}")
+            socket.send_fds(self._ctl, [struct.pack("!Q", len(data))], [ps_fd])
+            for at in range(0, len(data), _PIECE):
+                self._ctl.send(data[at : at + _PIECE])  # one message, whole or an error
         except OSError as exc:
             self._ctl.close()
             with contextlib.suppress(TorporError):
@@ -227,15 +236,33 @@ def _waiting(
 
     def work(k: _keeper.Keeper) -> list[ManagedProcess]:
         with socket.socket(fileno=ctl_fd) as ctl:
-            msg, fds, _, _ = socket.recv_fds(ctl, MAX_GO, 1)
-        if not msg or len(fds) != 1:
+            msg, fds, _, _ = socket.recv_fds(ctl, 8, 1)
+            data = _pieces(ctl, msg) if len(fds) == 1 else None
+        if data is None:
             for fd in fds:
                 os.close(fd)
             raise TorporError(f"the migration of {name} from {source} ended before its image came")
-        image = pickle.loads(msg)
+        image = pickle.loads(data)
         return _work(image, name, fds[0], source)(k)
 
     return work
+
+
+def _pieces(ctl: socket.socket, head: bytes) -> bytes | None:
+    """The pickle :meth:`Prepared.restore` sends after ``head`` (its size), or None if the
+    socket ends first."""
+    if len(head) != 8:
+        return None
+    (size,) = struct.unpack("!Q", head)
+    if size > MAX_GO:
+        return None
+    data = bytearray()
+    while len(data) < size:
+        piece = ctl.recv(_PIECE)
+        if not piece:
+            return None
+        data += piece
+    return bytes(data)
 
 
 def _work(
