@@ -160,7 +160,9 @@ def test_a_kept_warm_image_that_is_not_sound_is_not_used(image: Image) -> None:
     for bad in (
         b"not json",
         b"[]",
-        json.dumps({"key": "0" * 32, "warm_bytes": PAGE}).encode(),  # another key
+        json.dumps({**json.loads(good), "key": "0" * 32}).encode(),  # another key
+        json.dumps({**json.loads(good), "image": "relative"}).encode(),
+        json.dumps({"key": json.loads(good)["key"], "warm_bytes": PAGE}).encode(),  # no image
         json.dumps({**json.loads(good), "warm_bytes": True}).encode(),
         json.dumps({**json.loads(good), "extra": 1}).encode(),
     ):

@@ -12,14 +12,23 @@ watch thread, after the copy's first answer).
 
 **What a kept warm image is valid for.** ``<key>`` is a SHA-256 of the image's path, its
 manifest's id and every file it lists (name, size, SHA-256) and the bytes of the warm set
-file it was made from (``_warm``). Used only while :meth:`Image.trusted` holds (the caller
-checks it): the image's files are then the ones its manifest hashes, so the pagemaps this
-directory's were derived from are the image's, and its symlinks (by the image's path) lead to
-them. A warm set changed by a later restore is another key: a new directory, the old one
-removed once nobody uses it. A directory is complete only once its stamp
-(:data:`STAMP`, holding the key, written last) is in it; made in a temporary directory and
-renamed into place, never changed afterwards. One found in its place without a sound stamp
-(an interrupted removal left it) is removed, if nobody holds it, and the rename tried again.
+file it was made from (``_warm``); its stamp names the image's path too. Used only while
+:meth:`Image.trusted` holds (the caller checks it): the image's files are then the ones its
+manifest hashes, so the pagemaps this directory's were derived from are the image's, and its
+symlinks (by the image's path) lead to them. A warm set changed by a later restore is another
+key: a new directory, the old one removed once nobody uses it. A directory is complete only
+once its stamp (:data:`STAMP`, holding the key, written last) is in it; made in a temporary
+directory and renamed into place, never changed afterwards (but for its mtime: see below).
+One found in its place without a sound stamp (an interrupted removal left it) is removed, if
+nobody holds it, and the rename tried again.
+
+**What the cache may take.** Each :func:`ensure` (the cache's only writer) also removes the
+entries whose image is no longer at the path their stamp names (deleted, or another image
+there now: no lookup could find them again) and those without a sound stamp, then the least
+recently used (an entry's mtime: when it was made, or kept by an ensure after a restore used
+it) until those left take at most :func:`limit`: :data:`CACHE_BYTES`, or
+``$TORPOR_WARM_CACHE_BYTES``, and at most a tenth of the free space. Only through
+:func:`remove`: an entry a restore or its daemon holds stays, whatever it costs.
 
 **Hostile-input rules.** Everything here is in torpor's private home, but is still read as
 outside input: the cache directory and each entry are opened ``O_NOFOLLOW`` and must be
@@ -54,8 +63,9 @@ from pathlib import Path
 
 from .. import _paths, _safe
 from .._errors import TorporError
+from .._images import _manifest
 from .._images._image import Image
-from .._images._manifest import now_iso
+from .._images._manifest import Manifest, now_iso
 from . import _eager, _warm
 
 STAMP = "torpor-warm-image.json"
@@ -63,6 +73,10 @@ _MAX_STAMP = 4096
 _ENTRY = re.compile(r"([0-9a-f]{32})-([0-9a-f]{32})")
 _TMP = ".tmp-"
 _TMP_GRACE = 120.0  # seconds a temporary directory may be one still being made
+# What the kept warm images may take, all told (one is a few task pagemaps: ~10-100 KiB).
+CACHE_BYTES = 256 << 20
+CACHE_BYTES_ENV = "TORPOR_WARM_CACHE_BYTES"
+_FREE_SHARE = 10  # at most a tenth of the free space (with theirs)
 
 
 @dataclass(frozen=True)
@@ -121,21 +135,32 @@ def _open(name: str, k: str) -> Kept | None:
     try:
         _safe.check_private(root / name, what="warm image", fd=fd)
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # held by us and the daemon
-        stamp = json.loads(_safe.read_regular(fd, STAMP, source=str(root), limit=_MAX_STAMP))
-        if not isinstance(stamp, dict) or set(stamp) != {"key", "warm_bytes"}:
-            raise ValueError("not a warm image's stamp")
-        warm_bytes = stamp["warm_bytes"]
-        if (
-            stamp["key"] != k
-            or not isinstance(warm_bytes, int)
-            or isinstance(warm_bytes, bool)
-            or warm_bytes <= 0
-        ):
+        stamp_key, warm_bytes, _ = _stamp(fd, root)
+        if stamp_key != k:
             raise ValueError("not this warm image's stamp")
     except (OSError, ValueError, RecursionError, TorporError):
         os.close(fd)
         return None
     return Kept(root / name, fd, warm_bytes)
+
+
+def _stamp(fd: int, root: Path) -> tuple[str, int, str]:
+    """The key, warm bytes and image path in the stamp of the entry open at ``fd``;
+    ``ValueError`` (or ``OSError``, ``RecursionError``, :class:`TorporError`) if unsound."""
+    stamp = json.loads(_safe.read_regular(fd, STAMP, source=str(root), limit=_MAX_STAMP))
+    if not isinstance(stamp, dict) or set(stamp) != {"key", "warm_bytes", "image"}:
+        raise ValueError("not a warm image's stamp")
+    k, warm_bytes, path = stamp["key"], stamp["warm_bytes"], stamp["image"]
+    if (
+        not isinstance(k, str)
+        or not isinstance(path, str)
+        or not os.path.isabs(path)
+        or not isinstance(warm_bytes, int)
+        or isinstance(warm_bytes, bool)
+        or warm_bytes <= 0
+    ):
+        raise ValueError("not a warm image's stamp")
+    return k, warm_bytes, path
 
 
 def ensure(image: Image) -> bool:
@@ -146,8 +171,9 @@ def ensure(image: Image) -> bool:
     Never raises for what the disk or the image does (a full disk, an image gone or changed:
     ``OSError``, :class:`TorporError`): the warm image is only an optimisation, so that is
     one line on stderr and False, and the restore that called it goes on as it was."""
+    kept = None
     try:
-        return _ensure(image)
+        kept = _ensure(image)
     except (OSError, TorporError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         print(
@@ -155,43 +181,50 @@ def ensure(image: Image) -> bool:
             file=sys.stderr,
             flush=True,
         )
-        return False
+    with contextlib.suppress(OSError, TorporError):
+        _sweep(cache_dir(), keep=kept)
+    return kept is not None
 
 
-def _ensure(image: Image) -> bool:
+def _ensure(image: Image) -> str | None:
+    """:func:`ensure`'s work; the name of the entry kept, or None."""
     current = _current(image)
     if current is None:
-        return False
+        return None
     raw, k, name = current
     kept = _open(name, k)
     if kept is not None:
+        with contextlib.suppress(OSError):
+            os.utime(kept.fd)  # used: the last to be evicted (see _sweep)
         os.close(kept.fd)
         _prune(image, keep=name)
-        return True
+        return name
     try:
         warm = _warm.check(image, json.loads(raw))
     except (ValueError, RecursionError):
-        return False
+        return None
     if not warm or not image.trusted():
-        return False
+        return None
     root = cache_dir()
     tmp = root / f"{_TMP}{secrets.token_hex(8)}"
     made = None
     try:
         made = _eager.warm_image(image, warm, tmp)
         if made is None or not image.trusted():
-            return False
-        stamp = json.dumps({"key": k, "warm_bytes": made[1]}).encode()
+            return None
+        stamp = {"key": k, "warm_bytes": made[1], "image": str(image.path)}
         with _safe.opened_dir(tmp) as fd:
-            _safe.replace_file(fd, STAMP, stamp, source=str(tmp), durable=False)
+            _safe.replace_file(
+                fd, STAMP, json.dumps(stamp).encode(), source=str(tmp), durable=False
+            )
         if not _place(root, tmp, name, k):
-            return False
+            return None
         made = None  # in place now (or one as good was)
     finally:
         if made is not None or tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     _prune(image, keep=name)
-    return True
+    return name
 
 
 def _place(root: Path, tmp: Path, name: str, k: str) -> bool:
@@ -237,6 +270,78 @@ def _prune(image: Image, *, keep: str) -> None:
         else:
             continue
         remove(root, entry.name)
+
+
+def limit(root: Path, used: int) -> int:
+    """The bytes the kept warm images in ``root`` (taking ``used`` now) may take:
+    :data:`CACHE_BYTES`, or ``$TORPOR_WARM_CACHE_BYTES``, and at most a tenth of their file
+    system's free space with theirs (a disk filling up keeps fewer)."""
+    cap = CACHE_BYTES
+    env = os.environ.get(CACHE_BYTES_ENV, "").strip()
+    if env:
+        if env.isdigit():
+            cap = int(env)
+        else:
+            print(
+                f"{now_iso()} lazy restore: {CACHE_BYTES_ENV}={env!r} is not a number of "
+                f"bytes (digits only); {CACHE_BYTES} used",
+                file=sys.stderr,
+                flush=True,
+            )
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return cap
+    return min(cap, (st.f_bavail * st.f_frsize + used) // _FREE_SHARE)
+
+
+def _sweep(root: Path, *, keep: str | None) -> None:
+    """Remove, if nobody holds them (:func:`remove`), the kept warm images whose image is no
+    longer there (or is another image now) or whose stamp is not sound, then the least
+    recently used (made, or kept by :func:`ensure`) until those left take at most
+    :func:`limit`. ``keep`` (the one :func:`ensure` just kept) stays."""
+    try:
+        names = sorted(e.name for e in os.scandir(root) if _ENTRY.fullmatch(e.name))
+    except OSError:
+        return
+    left: list[tuple[float, str, int]] = []
+    for name in names:
+        seen = _survey(root, name)
+        if seen is not None:
+            left.append((seen[0], name, seen[1]))
+        elif name != keep:
+            remove(root, name)
+    used = sum(size for _, _, size in left)
+    cap = limit(root, used)
+    for _, name, size in sorted(left):  # the least recently used first
+        if used <= cap:
+            break
+        if name != keep and remove(root, name):
+            used -= size
+
+
+def _survey(root: Path, name: str) -> tuple[float, int] | None:
+    """The entry ``name``'s last use (its mtime) and the bytes it takes; None if it is of no
+    use: its stamp is not sound, or the image it names has another id now, or is gone."""
+    try:
+        fd = _safe.open_dir(root / name)
+    except (OSError, TorporError):
+        return None
+    try:
+        _, _, path = _stamp(fd, root)
+        st = os.fstat(fd)
+        size = st.st_blocks * 512 + sum(e.st_blocks * 512 for e in _safe.lstat_entries(fd).values())
+    except (OSError, ValueError, RecursionError, TorporError):
+        return None
+    finally:
+        os.close(fd)
+    try:
+        manifest = Manifest.from_json(_manifest.read_bytes(Path(path)), source=path)
+    except (OSError, TorporError):
+        return None
+    if manifest.id != name.split("-", 1)[0]:
+        return None
+    return st.st_mtime, size
 
 
 def remove(root: Path, name: str) -> bool:
