@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,12 +17,17 @@ import pytest
 from torpor._migrate import _netlock
 from torpor._migrate._netlock import NetlockError
 
+_CREATE = re.compile(r'create table (\S+) (\S+) \{ comment "(\S+)"; \}\Z')
+
 
 class FakeNft:
-    """Records each ``nft`` call; ``list tables`` answers from ``self.tables``."""
+    """Records each ``nft`` call; ``list tables`` answers from ``self.tables``; a script
+    beginning with ``create table`` fails, as nft's transaction does, if the table exists,
+    else adds it (with its comment, shown by ``list table``)."""
 
     def __init__(self, tables: list[tuple[str, str]]) -> None:
         self.tables = list(tables)
+        self.comments: dict[tuple[str, str], str] = {}
         self.calls: list[tuple[tuple[str, ...], str | None]] = []
 
     def __call__(self, *args: str, stdin: str | None = None) -> str:
@@ -31,6 +37,19 @@ class FakeNft:
             return json.dumps({"nftables": [{"metainfo": {"version": "1.0.6"}}, *items]})
         if args[:2] == ("delete", "table"):
             self.tables.remove((args[2], args[3]))
+        if args == ("-f", "-") and stdin is not None:
+            m = _CREATE.match(stdin.splitlines()[0])
+            if m is not None:
+                if (m[1], m[2]) in self.tables:
+                    raise NetlockError(
+                        "nft -f - failed: Error: Could not process rule: File exists"
+                    )
+                self.tables.append((m[1], m[2]))
+                self.comments[(m[1], m[2])] = m[3]
+        if args[:2] == ("list", "table"):
+            comment = self.comments.get((args[2], args[3]))
+            inner = f'\tcomment "{comment}"\n' if comment else ""
+            return f"table {args[2]} {args[3]} {{\n{inner}}}\n"
         return ""
 
 
@@ -47,6 +66,7 @@ def test_block_drops_both_directions_but_criu_s_own_packets(nft: FakeNft) -> Non
     ((args, script),) = nft.calls
     assert args == ("-f", "-")
     assert script == (
+        'create table inet torpor-mig-ab12 { comment "torpor-mig-ab12"; }\n'
         "table inet torpor-mig-ab12 {\n"
         "  chain input {\n"
         "    type filter hook input priority -10; policy accept;\n"
@@ -114,7 +134,8 @@ def test_a_lock_named_after_the_dump_s_criu_table(nft: FakeNft) -> None:
     addr = ipaddress.ip_interface("10.0.0.100/24")
     name = "CRIU-59b7beb0-a3e8-4f9d-98"  # as CRIU cuts it (its 32-byte buffer)
     assert _netlock.block("t", [addr], criu=name) == ("inet", name)
-    assert nft.calls[0][1] is not None and nft.calls[0][1].startswith(f"table inet {name} {{\n")
+    assert nft.calls[0][1] is not None
+    assert nft.calls[0][1].startswith(f'create table inet {name} {{ comment "torpor-mig-t"; }}\n')
     for bad in ("CRIU-", "criu-1", "CRIU-1 ; flush ruleset", "CRIU-" + "a" * 22, "filter"):
         assert _netlock.criu_name(bad) is None
         with pytest.raises(NetlockError, match="bad CRIU lock name"):
@@ -289,12 +310,19 @@ def test_a_lock_the_peer_names_after_a_table_here_is_refused(
         raise AssertionError("restored behind another dump's lock")
 
     monkeypatch.setattr(_serve, "_restore_apart", restore)
-    with pytest.raises(NetlockError, match="exists here"):
+    with pytest.raises(NetlockError, match="exists here") as err:
         inc._restore(None, "app")
+    assert isinstance(err.value.__cause__, _netlock.LockTakenError)
     ((failed,),) = [inc.conn.sent]
-    assert failed["type"] == "failed" and "a table that exists here: refused" in failed["error"]
-    assert other in nft.tables  # neither merged into nor deleted
-    assert [c for c in nft.calls if c[0] != ("-j", "list", "tables")] == []
+    assert failed == {
+        "type": "failed",
+        "error": f"a named its lock inet {other[1]}, a table that exists here: refused",
+    }
+    assert other in nft.tables  # not deleted (merged into: see the real nft's test)
+    scripts = [s for a, s in nft.calls if a == ("-f", "-")]
+    assert len(scripts) == 1 and scripts[0] is not None
+    assert scripts[0].startswith(f"create table inet {other[1]} ")  # one step, no listing first
+    assert [a for a, _ in nft.calls if a[0] == "delete"] == []
     assert brought == []
     assert not (Path(os.environ["TORPOR_HOME"]) / "migrate-inflight.json").exists()
 
@@ -305,5 +333,66 @@ def test_a_lock_name_free_here_is_taken(nft: FakeNft, incoming: tuple[Any, list[
     assert inc.with_addresses(lambda: "rec") == "rec"
     script = [s for a, s in nft.calls if a == ("-f", "-")]
     assert len(script) == 1 and script[0] is not None
-    assert script[0].startswith("table inet CRIU-59b7beb0-a3e8-4f9d-98 {")
+    assert script[0].startswith("create table inet CRIU-59b7beb0-a3e8-4f9d-98 {")
     assert brought == ["10.0.0.100/24"]
+
+
+def test_a_lock_whose_table_exists_is_refused_by_block_itself(nft: FakeNft) -> None:
+    addr = ipaddress.ip_interface("10.0.0.100/24")
+    name = "CRIU-59b7beb0-a3e8-4f9d-98"
+    nft.tables.append(("inet", name))
+    with pytest.raises(_netlock.LockTakenError) as err:
+        _netlock.block("t", [addr], criu=name)
+    assert err.value.msg == (
+        f"a table inet {name} exists here already: the lock was not made (nothing changed)"
+    )
+    assert _netlock.made_by_block(("inet", name), "t") is False
+
+
+def test_a_failure_with_no_such_table_is_nft_s_own_error(
+    nft: FakeNft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(*args: str, stdin: str | None = None) -> str:
+        if args == ("-f", "-"):
+            raise NetlockError("nft -f - failed: Error: Could not process rule: No buffer space")
+        return nft(*args, stdin=stdin)
+
+    monkeypatch.setattr(_netlock, "_nft", failing)
+    with pytest.raises(NetlockError) as err:
+        _netlock.block("t", [ipaddress.ip_interface("10.0.0.100/24")])
+    assert type(err.value) is NetlockError
+    assert err.value.msg == "nft -f - failed: Error: Could not process rule: No buffer space"
+
+
+def test_the_mark_of_block_is_its_tag(nft: FakeNft) -> None:
+    table = _netlock.block("ab12", [ipaddress.ip_interface("10.0.0.100/24")])
+    assert _netlock.made_by_block(table, "ab12") is True
+    for other in ("ab13", None, 7, "x y", ""):
+        assert _netlock.made_by_block(table, other) is False
+    assert _netlock.made_by_block(("inet", "torpor-mig-gone"), "ab12") is None
+
+
+@pytest.mark.parametrize("made", [True, False])
+def test_the_sweep_deletes_the_journal_s_lock_only_if_block_made_it(
+    nft: FakeNft, incoming: tuple[Any, list[str]], made: bool
+) -> None:
+    from torpor import _paths
+    from torpor._migrate import _serve_sweep
+
+    name = "CRIU-59b7beb0-a3e8-4f9d-98"
+    if made:  # the server was killed after making its lock
+        _netlock.block("ab12", [ipaddress.ip_interface("10.0.0.100/24")], criu=name)
+    else:  # ... after its journal, its lock refused: the table is another dump's
+        nft.tables.append(("inet", name))
+    journal = {"addresses": [], "lock": name, "tag": "ab12", "owner": [1, 1]}
+    _paths.write_home_file(_serve_sweep._JOURNAL, json.dumps(journal).encode())
+    logged: list[str] = []
+    _serve_sweep._sweep(logged.append)
+    if made:
+        assert ("inet", name) not in nft.tables
+        assert logged == [f"removed the network lock inet {name}, left by a migration"]
+    else:
+        assert ("inet", name) in nft.tables
+        assert [a for a, _ in nft.calls if a[0] == "delete"] == []
+        assert logged == [f"kept the table inet {name} a migration's journal names: not its lock"]
+    assert _paths.read_home_file(_serve_sweep._JOURNAL) is None

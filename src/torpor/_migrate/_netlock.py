@@ -21,6 +21,16 @@ retransmission would meet no socket and be answered with an RST, which kills the
 :func:`block` makes a torpor table ``inet torpor-mig-<tag>`` dropping everything to and from
 the service addresses (but CRIU's marked packets); :func:`drop` removes it once the restore
 is done, or on any failure; :func:`sweep` removes what a killed server left.
+
+**A lock never takes over a table that exists.** The peer may name the lock (after its dump's
+CRIU table), so the name may be that of a table here, another dump's. :func:`block` makes the
+table with ``create table`` in the same ``nft -f`` transaction as its chains: ``create`` fails
+where ``add`` would merge, and a failed transaction changes nothing, so the check and the
+creation are one step (:class:`LockTakenError`; no window between a listing and an ``add``).
+The table is marked with the comment ``torpor-mig-<tag>``, and the sweep of a killed server
+deletes a lock its journal names only if it bears the journal's mark
+(:func:`made_by_block`): a server killed between writing its journal and a refused creation
+leaves a journal naming another's table, which must stay.
 """
 
 from __future__ import annotations
@@ -49,6 +59,10 @@ _NFT_TIMEOUT = 10.0
 
 class NetlockError(TorporError):
     """nft failed."""
+
+
+class LockTakenError(NetlockError):
+    """The lock's table exists here already (another's): nothing was made or changed."""
 
 
 _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON (nftables/libnftables.h)
@@ -282,6 +296,8 @@ def block(tag: str, addresses: Iterable[IPAddr], *, criu: str | None = None) -> 
     mark = f"    meta mark {_SOCCR_MARK:#x} accept\n{_ND}"
     script = "\n".join(
         [
+            # Fails (and with it the whole transaction) if the table exists: never merged.
+            f'create table inet {name} {{ comment "{_mark(tag)}"; }}',
             f"table inet {name} {{",
             "  chain input {",
             "    type filter hook input priority -10; policy accept;",
@@ -297,8 +313,37 @@ def block(tag: str, addresses: Iterable[IPAddr], *, criu: str | None = None) -> 
             "",
         ]
     )
-    _nft("-f", "-", stdin=script)
+    try:
+        _nft("-f", "-", stdin=script)
+    except NetlockError as exc:
+        # Whatever nft said (its words depend on its version and locale): a transaction
+        # that failed made nothing, so a table of that name now is not ours.
+        if ("inet", name) in tables():
+            raise LockTakenError(
+                f"a table inet {name} exists here already: the lock was not made (nothing changed)"
+            ) from exc
+        raise
     return ("inet", name)
+
+
+def _mark(tag: str) -> str:
+    return f"{TABLE_PREFIX}{tag}"
+
+
+def made_by_block(table: tuple[str, str], tag: object) -> bool | None:
+    """Whether ``table`` is the lock :func:`block` made with ``tag`` (it bears its mark);
+    None if there is no such table. ``tag`` may come from a journal: anything not a tag
+    :func:`block` takes is no mark."""
+    family, name = table
+    if family not in ("inet", "ip", "ip6") or not _NAME.match(name):
+        raise NetlockError(f"bad table {family} {name!r}")
+    if table not in tables():
+        return None
+    if not isinstance(tag, str) or not _NAME.match(tag):
+        return False
+    # The text listing: nft 1.0.6's JSON leaves table comments out.
+    listing = _nft("list", "table", family, name)
+    return f'comment "{_mark(tag)}"' in (line.strip() for line in listing.splitlines())
 
 
 def drop(table: tuple[str, str], *, known: bool = False) -> bool:

@@ -430,20 +430,14 @@ class _Incoming:
             if recorded is not None:
                 recorded(rec)
             return rec
-        # The peer names the lock: never a table that is here already (another dump's), or
-        # block would merge rules into it and drop (here or the sweep, by the journal)
-        # would delete it. Checked before the journal names it.
-        lock = self.criu_lock
-        if lock is not None and ("inet", lock) in _netlock.tables():
-            raise _netlock.NetlockError(
-                f"{self.peer} named its lock inet {lock}, a table that exists here: refused"
-            )
         tag = os.urandom(4).hex()
         # Written first: a server killed from here on leaves them to the next one's sweep;
-        # while this server runs, a source's sweep here leaves them be (_leftovers).
+        # while this server runs, a source's sweep here leaves them be (_leftovers). The
+        # sweep deletes the lock only if it bears the tag's mark (_netlock.made_by_block).
         journal = {
             "addresses": [str(a) for a in self.addresses],
             "lock": self.criu_lock,
+            "tag": tag,
             "owner": [os.getpid(), start_time(os.getpid())],
         }
         _paths.write_home_file(_JOURNAL, json.dumps(journal).encode())
@@ -451,7 +445,15 @@ class _Incoming:
         table: tuple[str, str] | None = None
         try:
             started = time.monotonic()
-            table = _netlock.block(tag, self.addresses, criu=self.criu_lock)
+            try:
+                # The peer names the lock: never a table here already (another dump's), which
+                # would be merged into and then deleted. block's creation fails if it exists.
+                table = _netlock.block(tag, self.addresses, criu=self.criu_lock)
+            except _netlock.LockTakenError as exc:
+                raise _netlock.NetlockError(
+                    f"{self.peer} named its lock inet {self.criu_lock}, a table that exists "
+                    "here: refused"
+                ) from exc
             for addr in self.addresses:
                 brought.append((addr, _address.bring_up(addr, self.links or None)))
             # Announced at once: the peers send here from now on, into the lock (the frozen

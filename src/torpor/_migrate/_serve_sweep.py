@@ -66,13 +66,21 @@ def _sweep(log: Callable[[str], None]) -> None:
     if left is not None:
         try:
             journal = json.loads(left)
-            listed, lock = journal.get("addresses", []), journal.get("lock")
-        except (ValueError, AttributeError):
-            listed, lock = [], None
+        except (ValueError, RecursionError):
+            journal = None
+        if not isinstance(journal, dict):
+            journal = {}
+        listed, lock, tag = journal.get("addresses", []), journal.get("lock"), journal.get("tag")
         if _netlock.criu_name(lock) is not None:
+            named = ("inet", str(lock))
             with contextlib.suppress(TorporError):
-                if _netlock.drop(("inet", str(lock))):
+                # Only the lock the server made: the journal is written before the table,
+                # whose creation fails if another's has that name (_netlock).
+                made = _netlock.made_by_block(named, tag)
+                if made and _netlock.drop(named, known=True):
                     log(f"removed the network lock inet {lock}, left by a migration")
+                elif made is False:
+                    log(f"kept the table inet {lock} a migration's journal names: not its lock")
         addrs = []
         for item in listed if isinstance(listed, list) else []:
             with contextlib.suppress(TorporError):  # each on its own: one bad entry skips one
