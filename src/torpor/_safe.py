@@ -182,11 +182,13 @@ def create_file(dir_fd: int, name: str, *, source: str, mode: int = 0o600) -> in
 
 
 def lstat_entries(dir_fd: int) -> dict[str, os.stat_result]:
-    """Every entry of the directory ``dir_fd`` and its ``lstat`` (symlinks not followed)."""
+    """Every entry of the directory ``dir_fd`` and its ``lstat`` (symlinks not followed); one
+    removed while it is listed is not there."""
     out: dict[str, os.stat_result] = {}
     with os.scandir(dir_fd) as it:
         for entry in it:
-            out[entry.name] = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
+            with contextlib.suppress(FileNotFoundError):
+                out[entry.name] = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
     return out
 
 

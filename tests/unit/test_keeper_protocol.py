@@ -6,6 +6,7 @@ relative to directory fds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -26,6 +27,7 @@ from torpor._errors import (
     UnsafeImageError,
     UsageError,
 )
+from torpor._images import _image
 from torpor._images._image import publish, seal
 from torpor._images._incomplete import RECORD_NAME, RESERVE_NAME
 from torpor._process._finalize import ImageFacts, Pending, finalize
@@ -39,6 +41,7 @@ from torpor._process._keeper_dump import (
 )
 from torpor._process._peer import Creds, Peer, parse_status, peer_of, read_creds, tree_problem
 from torpor._proto import criu_rpc_pb2 as pb
+from torpor._safe import SPARE_PREFIX, reserve_spares
 
 GOOD = {
     "v": 1,
@@ -346,6 +349,32 @@ def test_seal_hashes_the_files_0600_and_publish_renames_beside(tmp_path: Path) -
     assert json.loads((image / "torpor.json").read_text())["id"] == manifest.id
     modes = {p.name: stat.S_IMODE(p.lstat().st_mode) for p in image.iterdir()}
     assert set(modes.values()) == {0o600} and "criu-dump.log" in modes
+
+
+def test_seal_leaves_the_spares_alone_even_one_gone_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spares a checkpoint reserved are torpor's, not the image's (the seal writes its
+    files into them): sealing does not fail when one goes between the listing and its use (a
+    keeper's seal met that in CI: 'No such file or directory (.torpor-tmp-spare-1)')."""
+    staging = _staged(tmp_path)
+    d = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    reserve_spares(d, [4096, 4096], source=str(staging))
+    listed = _image.lstat_entries
+
+    def listing_then_a_spare_goes(dir_fd: int) -> dict[str, os.stat_result]:
+        entries = listed(dir_fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{SPARE_PREFIX}1", dir_fd=dir_fd)
+        return entries
+
+    monkeypatch.setattr(_image, "lstat_entries", listing_then_a_spare_goes)
+    try:
+        manifest = seal(d, RECORD.manifest, source=str(staging), owner=(65534, 65534)).manifest
+    finally:
+        os.close(d)
+    assert [f.name for f in manifest.files] == ["inventory.img", "pstree.img", "stats-dump"]
+    assert (staging / "pstree.img").stat().st_uid == 65534
 
 
 def test_seal_refuses_a_symlink_among_the_files(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ from .._errors import (
     UnsafeImageError,
 )
 from .._safe import (
+    TEMP_PREFIX,
     check_private,
     kind_problem,
     lstat_entries,
@@ -384,8 +385,14 @@ def seal(
     # Owner and mode first: changing them changes the files' ctime, which the stamp records.
     # The image's files (refused if one is no longer a regular file), CRIU's log and torpor's
     # other files (what is not a regular file is not part of the image: left alone).
+    # Not torpor's temporary files: spares and temporaries are made private, and go (a spare
+    # may be taken while this runs).
     everything = lstat_entries(dir_fd)
-    regular = [n for n, st in sorted(everything.items()) if stat.S_ISREG(st.st_mode)]
+    regular = [
+        n
+        for n, st in sorted(everything.items())
+        if stat.S_ISREG(st.st_mode) and not n.startswith(TEMP_PREFIX)
+    ]
     give(dir_fd, sorted({*names, *regular}), owner, source=source)
     sizes = {n: os.stat(n, dir_fd=dir_fd, follow_symlinks=False).st_size for n in names}
     # A file that changed after it was hashed is hashed again.
