@@ -337,6 +337,7 @@ class PoolSource:
             self._packs.put(pack_id, data)  # fetched by the process that materialised it
         self._pack_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_lock = threading.Lock()
+        self._catalog_lock = threading.Lock()  # one thread reads the catalog again at a time
         self._failed: dict[bytes, str] = {}
         self._frames: dict[str, dict[int, PackIndex]] = {}
         self._prefetcher = _Prefetcher(self._warm)
@@ -381,21 +382,34 @@ class PoolSource:
                     return
             except Stale:
                 pass
-            # A pack the record names is gone (a collection repacked it): every index.
-            with self._locks_lock:
+            # A pack the record names is gone (a collection repacked it): every index, read
+            # before the record's places go (a thread that then sees no places finds it).
+            with self._catalog_lock:
                 if self._located is found:
+                    self._catalog = self._read_catalog(d, file, i)
                     self._located = None
-                    self._catalog = self.pool._catalog()
         catalog = self._catalog
-        assert catalog is not None
+        if catalog is None:  # (only if reading it failed in another thread: try again)
+            with self._catalog_lock:
+                catalog = self._catalog
+                if catalog is None:
+                    catalog = self._catalog = self._read_catalog(d, file, i)
         if self._load_from(catalog, d, file, i, last=catalog is not self._prepared):
             # A catalog read before our session began (prepared) named a pack a collection
             # swept meanwhile: one read under our session says where the chunk is now.
-            with self._locks_lock:
+            with self._catalog_lock:
                 if self._catalog is catalog:
-                    self._catalog = self.pool._catalog()
-            assert self._catalog is not None
-            self._load_from(self._catalog, d, file, i, last=True)
+                    self._catalog = self._read_catalog(d, file, i)
+                catalog = self._catalog
+            self._load_from(catalog, d, file, i, last=True)
+
+    def _read_catalog(self, d: bytes, file: str, i: int) -> Catalog:
+        """The pool's catalog, read now (under :attr:`_catalog_lock`, which nothing else waits
+        on: it takes 0.1-0.9 s); a failure is the chunk's, which cannot be fetched."""
+        try:
+            return self.pool._catalog()
+        except (OSError, TorporError) as exc:
+            raise self._bad(file, i, d, f"cannot be found: the pool's indexes: {exc}") from exc
 
     def _load_located(self, found: Located, d: bytes, file: str, i: int) -> bool:
         """:meth:`_load` through the record's ``where``; False if its pack is missing."""
