@@ -1,18 +1,25 @@
 """The startup sweep of a migration server (``torpor._migrate._serve_sweep._sweep``) in a
-real home: it removes the received images and staging directories a killed server left, as
-the server names them, and nothing else of the images directory (an image a user named
-``db.migrating-2`` stays). nftables is a fake here."""
+real home: it removes the received images and staging directories a killed server recorded
+in the home's journal before making them, and nothing else of the images directory: a user's
+image named exactly as the server names its own stays, and a symlink planted under a recorded
+name leads the sweep nowhere. nftables is a fake here."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from torpor._errors import AlreadyExistsError
 from torpor._images import _manifest
 from torpor._images._image import Image, Staging, staging
-from torpor._migrate import _netlock, _serve_sweep
+from torpor._migrate import _netlock, _serve, _serve_sweep
+from torpor._migrate._channel import ChannelError
+from torpor._process._proc import start_time
 
 
 def make_image(root: Path, name: str) -> Image:
@@ -48,23 +55,161 @@ KEPT = [
     "a..b.migrating-0a1b2c3d",  # not a process name
     "web",
 ]
+# A user's images named exactly as the server names its own: no server recorded them.
+AS_IF_IN_TRANSIT = ["db.migrating-0a1b2c3d", "app.v2.migrating-deadbeef"]
 
 
-def test_the_sweep_removes_what_the_server_made_and_nothing_else(images: Path) -> None:
-    for name in KEPT:
-        make_image(images, name)
-    received = make_image(images, _serve_sweep.in_transit("db").name)  # sealed, not restored
-    half = Staging(_serve_sweep.in_transit("db.migrating-2"))  # half-received
+def _left_alone(images: Path, name: str) -> str:
+    return (
+        f"left {images / name} alone: named like an image in transit, but no migration of "
+        "this home recorded it (remove it by hand if it is a leftover)"
+    )
+
+
+def _removed(images: Path, name: str) -> str:
+    return f"removed {images / name}, left by a migration that did not finish"
+
+
+def _transit_journal(images: Path) -> Path:
+    return images.parent / "migrate-transit.json"
+
+
+def test_a_user_s_images_named_like_ones_in_transit_survive_the_sweep(images: Path) -> None:
+    for name in KEPT + AS_IF_IN_TRANSIT[:1]:
+        make_image(images, name)  # sealed images
+    (images / AS_IF_IN_TRANSIT[1]).mkdir(mode=0o700)  # and a directory, no image
+    (images / AS_IF_IN_TRANSIT[1] / "notes").write_bytes(b"mine")
+    half = Staging(images / "web.migrating-0a1b2c3e")  # a staging-like one of a user's
     half.create()
-    (half.path / "pages-1.img").write_bytes(b"x")
-    also = [received.path.name, half.path.name, "app.v2.migrating-deadbeef"]
-    (images / also[2]).mkdir(mode=0o700)
     logged: list[str] = []
     _serve_sweep._sweep(logged.append)
-    assert sorted(p.name for p in images.iterdir()) == sorted(KEPT)
-    for name in KEPT:
+    assert sorted(p.name for p in images.iterdir()) == sorted(
+        [*KEPT, *AS_IF_IN_TRANSIT, half.path.name]
+    )
+    for name in [*KEPT, AS_IF_IN_TRANSIT[0]]:
         Image.open(images / name)  # whole, still
-    assert len(logged) == 3 and all("left by a migration that did not finish" in x for x in logged)
+    assert (images / AS_IF_IN_TRANSIT[1] / "notes").read_bytes() == b"mine"
+    assert logged == [_left_alone(images, n) for n in sorted([half.path.name, *AS_IF_IN_TRANSIT])]
+
+
+@pytest.mark.parametrize("when", ["half-received", "sealed"])
+def test_what_the_server_recorded_is_removed(images: Path, when: str) -> None:
+    make_image(images, AS_IF_IN_TRANSIT[0])  # a user's, alongside
+    st_ = Staging(_serve_sweep.in_transit("db"))
+    _serve_sweep.record_transit(st_)
+    if when == "half-received":
+        st_.create()
+        (st_.path / "pages-1.img").write_bytes(b"x")
+        left = st_.path
+    else:
+        left = make_image(images, st_.dest.name).path
+    # ... and the server is killed here: the next one's sweep.
+    logged: list[str] = []
+    _serve_sweep._sweep(logged.append)
+    assert sorted(p.name for p in images.iterdir()) == [AS_IF_IN_TRANSIT[0]]
+    assert sorted(logged) == sorted(
+        [_left_alone(images, AS_IF_IN_TRANSIT[0]), _removed(images, left.name)]
+    )
+    assert not _transit_journal(images).exists()
+
+
+def test_a_symlink_under_a_recorded_name_does_not_lead_the_sweep_elsewhere(
+    images: Path, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_bytes(b"keep")
+    st_ = Staging(_serve_sweep.in_transit("db"))
+    _serve_sweep.record_transit(st_)
+    images.mkdir(exist_ok=True)
+    # Planted in the server's place (by whoever could write the images directory).
+    st_.path.symlink_to(elsewhere, target_is_directory=True)
+    (images / st_.dest.name).write_bytes(b"a file")
+    logged: list[str] = []
+    _serve_sweep._sweep(logged.append)
+    assert (elsewhere / "precious").read_bytes() == b"keep"
+    assert st_.path.is_symlink() and (images / st_.dest.name).read_bytes() == b"a file"
+    why = "not a directory (a symlink is never followed)"
+    assert logged == [
+        f"left {images / n} alone: {why}" for n in sorted([st_.path.name, st_.dest.name])
+    ]
+
+
+def test_a_name_in_use_is_never_recorded(images: Path) -> None:
+    make_image(images, AS_IF_IN_TRANSIT[0])
+    with pytest.raises(AlreadyExistsError):
+        _serve_sweep.record_transit(Staging(images / AS_IF_IN_TRANSIT[0]))
+    assert not _transit_journal(images).exists()
+
+
+def test_a_live_server_s_images_in_transit_are_not_taken(images: Path) -> None:
+    st_ = Staging(_serve_sweep.in_transit("db"))
+    _serve_sweep.record_transit(st_)
+    st_.create()
+    parent = os.getppid()  # alive: as another server of this home, still receiving
+    journal = json.loads(_transit_journal(images).read_bytes())
+    journal["owner"] = [parent, start_time(parent)]
+    _transit_journal(images).write_text(json.dumps(journal))
+    logged: list[str] = []
+    _serve_sweep._sweep(logged.append)
+    assert st_.path.is_dir()
+    assert logged == [
+        "left the images in transit alone: the server that recorded them in "
+        "migrate-transit.json runs"
+    ]
+
+
+@pytest.mark.parametrize(
+    "journal",
+    [b"", b"[]", b"{", json.dumps({"dirs": ["../../etc", "/tmp/x", 7, "web"]}).encode()],
+)
+def test_a_journal_naming_nothing_the_server_makes_removes_nothing(
+    images: Path, journal: bytes
+) -> None:
+    make_image(images, "web")
+    (images.parent / "migrate-transit.json").write_bytes(journal)
+    logged: list[str] = []
+    _serve_sweep._sweep(logged.append)
+    assert [p.name for p in images.iterdir()] == ["web"]
+    assert logged == []
+
+
+class _CutConn:
+    """A source that announces one file, then breaks while sending it; what the target's
+    journal and images directory held at that moment."""
+
+    peer = SimpleNamespace(name="a")
+
+    def __init__(self, images: Path) -> None:
+        self.images = images
+        self.seen: tuple[list[str], list[str]] | None = None
+
+    def recv(self) -> dict[str, Any]:
+        facts = {"cmdline": ["app"], "rss_bytes": 1, "pid": 42}
+        return {"type": "image", "files": [{"name": "pages-1.img", "size": 10}], "facts": facts}
+
+    def _data_into(self, buf: Any) -> int:
+        journal = json.loads(_transit_journal(self.images).read_bytes())
+        self.seen = (sorted(journal["dirs"]), sorted(p.name for p in self.images.iterdir()))
+        raise ChannelError("the source went away")
+
+    def send(self, msg: dict[str, Any]) -> None:
+        pass
+
+
+def test_the_server_records_its_directories_before_making_them_and_forgets_them_after(
+    images: Path,
+) -> None:
+    conn = _CutConn(images)
+    inc = _serve._Incoming(conn, "b:7070", lambda line: None)  # type: ignore[arg-type]
+    with pytest.raises(ChannelError, match="went away"), inc.receiving("db"):
+        pass
+    assert conn.seen is not None
+    recorded, present = conn.seen
+    assert len(recorded) == 2 and present == recorded[:1]  # the staging directory, recorded
+    assert _serve_sweep.is_in_transit(recorded[0]) and _serve_sweep.is_in_transit(recorded[1])
+    assert list(images.iterdir()) == []
+    assert not _transit_journal(images).exists()
 
 
 def test_in_transit_names_are_known_and_only_those() -> None:

@@ -55,7 +55,14 @@ from ._dedup_target import receive_file as receive_planned
 from ._pagestream import PagesFailed
 from ._pagestream import receive as receive_pages
 from ._send import MAX_FILES
-from ._serve_sweep import _JOURNAL, _clear_journal, _sweep, in_transit
+from ._serve_sweep import (
+    _JOURNAL,
+    _clear_journal,
+    _sweep,
+    forget_transit,
+    in_transit,
+    record_transit,
+)
 from ._wire import receive_file
 
 _MAX_PID = (1 << 31) - 1  # as the manifest's bound
@@ -194,6 +201,7 @@ class _Incoming:
         if msg.get("type") != "image" and not streaming:
             raise ChannelError(f"{self.peer} sent {msg.get('type')!r}, not the image")
         staging = Staging(in_transit(name))
+        record_transit(staging)  # before it is made: only what is recorded is swept
         image: Image | None = None
         try:
             try:
@@ -220,6 +228,7 @@ class _Incoming:
             staging.discard()
             if image is not None:
                 shutil.rmtree(image.path, ignore_errors=True)
+            forget_transit()
 
     def _receive(
         self,
@@ -446,8 +455,7 @@ class _Incoming:
         try:
             started = time.monotonic()
             try:
-                # The peer names the lock: never a table here already (another dump's), which
-                # would be merged into and then deleted. block's creation fails if it exists.
+                # The peer names it: never a table here already (block's creation then fails).
                 table = _netlock.block(tag, self.addresses, criu=self.criu_lock)
             except _netlock.LockTakenError as exc:
                 raise _netlock.NetlockError(

@@ -1,6 +1,27 @@
 """What a migration server that was killed left behind, removed by the next one to start
-(:func:`_sweep`, one server per home at a time), and the journal of the service addresses a
-restore under way brought up (:data:`_JOURNAL`)."""
+(:func:`_sweep`, one server per home at a time), and the journals it leaves for that: of the
+service addresses a restore under way brought up (:data:`_JOURNAL`), and of the image
+directories it is receiving (:data:`_TRANSIT`).
+
+**Only what a server made is removed.** A name is no proof: ``NAME.migrating-<8 hex>`` is a
+name a user may give an image too (``check_name`` allows it), and rmtree of a user's image
+loses it. So before it makes the directories of an image in transit (its staging directory
+and the image that one becomes: :func:`record_transit`), the server names them in
+:data:`_TRANSIT`, a file of the home (0600, written through ``O_EXCL``/``O_NOFOLLOW`` and
+renamed into place; read back only if torpor could have written it), and removes that once
+they are gone (:func:`forget_transit`). The sweep removes an entry of the images directory only
+if the journal names it and it is, seen from a descriptor of that directory without following
+anything, a directory of this server's user: a symlink or a file planted under a recorded name
+is left alone, and so is every directory merely named like one in transit (logged).
+
+Why a journal and not a marker file inside the directory: that directory becomes the sealed
+image (:meth:`Staging.commit <torpor._images._image.Staging.commit>`), whose files are exactly
+the ones sealed, and a marker would have to be kept out of the seal and out of the restore; it
+would also be read from inside a directory of the images directory, which anyone with the
+image could have made. The journal is the home's own, like :data:`_JOURNAL`. Its names are
+random (``os.urandom``) and checked free before they are recorded, so it cannot name a
+directory that existed before (a user could make one of that name only after seeing it, by
+when it is the server's)."""
 
 from __future__ import annotations
 
@@ -9,21 +30,24 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from .. import _paths
 from .._errors import TorporError, UsageError
-from .._images._image import STAGING_MARK
+from .._images._image import STAGING_MARK, Staging, check_free
 from .._images._store import check_name
 from .._process import _registry
-from .._process._proc import ProcRef
+from .._process._proc import ProcRef, start_time
+from .._safe import open_dir
 from . import _address, _netlock
 
 _IN_TRANSIT = ".migrating-"  # in the names of image directories being received
 _JOURNAL = "migrate-inflight.json"  # service addresses brought up for a restore under way
 _MAX_JOURNAL = 64 << 10  # bytes of it read
 _MAX_ADDRESSES = 256  # addresses of it believed
+_TRANSIT = "migrate-transit.json"  # the image directories being received (made or to be)
 # Exactly what in_transit() makes: NAME.migrating-HEX (the received image, sealed) and its
 # staging directory .NAME.migrating-HEX.partial-HEX (Staging), NAME a process name.
 _HEX = "[0-9a-f]{8}"
@@ -53,15 +77,95 @@ def is_in_transit(entry: str) -> bool:
     return True
 
 
+def record_transit(staging: Staging) -> None:
+    """Name ``staging``'s directory and the image it becomes in :data:`_TRANSIT`, before
+    either is made (see the module docstring); :class:`~torpor.AlreadyExistsError` if one
+    exists already (never recorded, so never swept)."""
+    check_free(staging.dest)
+    check_free(staging.path)
+    pid = os.getpid()
+    journal = {"dirs": [staging.dest.name, staging.path.name], "owner": [pid, start_time(pid)]}
+    _paths.write_home_file(_TRANSIT, json.dumps(journal).encode())
+
+
+def forget_transit() -> None:
+    """Remove :data:`_TRANSIT` (the directories it names are gone)."""
+    with contextlib.suppress(OSError):
+        os.unlink(_paths.home() / _TRANSIT)
+
+
+def _recorded_transit() -> set[str] | None:
+    """The image directories :data:`_TRANSIT` names (only names :func:`is_in_transit`
+    knows), read as hostile; None if the server that wrote it still runs (not ours to take)."""
+    raw = _paths.read_home_file(_TRANSIT, limit=_MAX_JOURNAL)
+    try:
+        journal = json.loads(raw) if raw is not None else None
+    except (ValueError, RecursionError):
+        return set()
+    if not isinstance(journal, dict):
+        return set()
+    owner = journal.get("owner")
+    if isinstance(owner, list) and len(owner) == 2 and owner[0] != os.getpid():
+        pid, start = owner
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in owner)
+        if ok and 0 < pid < 1 << 31 and ProcRef(pid, start).alive():
+            return None
+    dirs = journal.get("dirs")
+    if not isinstance(dirs, list):
+        return set()
+    return {d for d in dirs[:2] if isinstance(d, str) and is_in_transit(d)}
+
+
+def _not_removable(images_fd: int, entry: str) -> str | None:
+    """Why the recorded ``entry`` of the images directory (its fd) is not the directory the
+    server made, or None: seen without following a symlink, it must be a directory of ours."""
+    try:
+        st = os.stat(entry, dir_fd=images_fd, follow_symlinks=False)
+    except OSError as exc:
+        return f"cannot be looked at ({exc.strerror or exc})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory (a symlink is never followed)"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not this server's"
+    return None
+
+
+def _sweep_transit(log: Callable[[str], None]) -> None:
+    """Remove the image directories :data:`_TRANSIT` names (the module docstring says
+    which); every other entry named like one is left, and said so."""
+    recorded = _recorded_transit()
+    if recorded is None:
+        log(f"left the images in transit alone: the server that recorded them in {_TRANSIT} runs")
+        return
+    images = _paths.images_dir()
+    fd = open_dir(images)
+    try:
+        for entry in sorted(os.listdir(fd)):
+            if not is_in_transit(entry):
+                continue
+            if entry not in recorded:
+                log(
+                    f"left {images / entry} alone: named like an image in transit, but no "
+                    "migration of this home recorded it (remove it by hand if it is a leftover)"
+                )
+                continue
+            why = _not_removable(fd, entry)
+            if why is not None:
+                log(f"left {images / entry} alone: {why}")
+                continue
+            # Relative to the directory's fd, never following a symlink (rmtree's fd walk).
+            shutil.rmtree(entry, ignore_errors=True, dir_fd=fd)
+            log(f"removed {images / entry}, left by a migration that did not finish")
+    finally:
+        os.close(fd)
+    forget_transit()
+
+
 def _sweep(log: Callable[[str], None]) -> None:
     """Remove what a killed server left (one server per home at a time): half-received
-    images, the service addresses it brought up for a copy that never ran, its network
-    locks."""
-    images = _paths.images_dir()
-    for entry in os.listdir(images):
-        if is_in_transit(entry):
-            shutil.rmtree(images / entry, ignore_errors=True)
-            log(f"removed {images / entry}, left by a migration that did not finish")
+    images (only those it recorded), the service addresses it brought up for a copy that
+    never ran, its network locks."""
+    _sweep_transit(log)
     left = _paths.read_home_file(_JOURNAL)
     if left is not None:
         try:
