@@ -235,6 +235,28 @@ def test_the_keeper_is_held_while_the_watch_runs(
     assert held == ["in", "out"]
 
 
+def test_a_state_file_that_cannot_be_written_does_not_leave_the_copy_unwatched(
+    image: Image, criu: str, copy: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy runs once watch() is called: a full disk writing its resume into the state
+    file must not keep the watch (which kills it if its daemon fails) from starting."""
+    monkeypatch.setenv("FAKE_LAZY", "exit0")
+    c = _copy(image, criu)
+    c.start()
+    c.restored(copy.pid, tasks=0)
+    write = c._write
+
+    def full_disk() -> None:
+        if c.state.resumed_at is not None and c.state.state == "filling":
+            raise OSError(28, "No space left on device")
+        write()
+
+    monkeypatch.setattr(c, "_write", full_disk)
+    c.watch()
+    assert c.wait(10)  # watched: the daemon's exit 0 made it resident
+    assert c.state.state == "resident"
+
+
 def test_a_daemon_that_never_gets_ready_fails_the_start(
     image: Image, criu: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

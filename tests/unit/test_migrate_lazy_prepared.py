@@ -226,3 +226,96 @@ def test_prepared_keeper_gets_an_image_bigger_than_a_socket_message(
         assert fake_keeper.read_text() == f"{name} peer-a"
     finally:
         prepared.cancel()
+
+
+class _Copy:
+    """The lazy copy as ``_work`` drives it: what was done to it, in order."""
+
+    done: list[str]
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        self.server = None
+
+    def start(self) -> None:
+        self.done.append("start")
+
+    def engine(self, engine: Any) -> Any:
+        return engine
+
+    def restored(self, pid: int, *, tasks: int) -> None:
+        self.done.append("restored")
+
+    def watch(self) -> None:
+        self.done.append("watch")
+
+    def abort(self) -> None:
+        self.done.append("abort")
+
+
+@pytest.mark.parametrize("fails", ["record", "watch"])
+def test_a_lazy_target_copy_whose_record_or_watch_fails_is_killed_and_its_daemon_stopped(
+    monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """After CRIU restored the copy, a record that cannot be written (a full disk) or a
+    watch that cannot start: the copy is killed (it must never run unwatched on memory that
+    may not come) and its daemon and page server stopped (never left serving)."""
+    done: list[str] = []
+
+    class Copy(_Copy):
+        def watch(self) -> None:
+            super().watch()
+            if fails == "watch":
+                raise OSError(28, "No space left on device")
+
+    Copy.done = done
+
+    class Engine:
+        binary = "criu"
+
+        def restore(self, path: Any, options: Any) -> Any:
+            return type("Res", (), {"pid": 4242})()
+
+    class Keeper:
+        pid = os.getpid()
+        holding = None
+
+        def _adopt(self, rec: ManagedProcess) -> None:
+            done.append("adopt")
+
+        def record(self, recs: Any, held: Any) -> list[ManagedProcess]:
+            if fails == "record":
+                raise OSError(28, "No space left on device")
+            done.append("record")
+            return list(recs)
+
+        def discard(self, recs: Any) -> None:
+            done.append(f"discard {recs[0].pid}")
+
+    @contextlib.contextmanager
+    def reserve(names: Any) -> Iterator[None]:
+        yield None
+
+    class Copies:
+        stdio = ()
+
+        def __init__(self, *_: Any) -> None:
+            pass
+
+    image = type("Img", (), {"trusted": lambda self: True, "path": Path("/i")})()
+    image.manifest = type("M", (), {"tcp_established": True, "shell_job": False, "cmdline": ()})
+    monkeypatch.setattr(_lazy_target._lazy, "LazyCopy", Copy)
+    monkeypatch.setattr(_lazy_target._lazy, "restored_tasks", lambda pid: 1)
+    monkeypatch.setattr(_lazy_target, "CriuEngine", Engine)
+    monkeypatch.setattr(_lazy_target._copies, "Copies", Copies)
+    monkeypatch.setattr(_lazy_target._registry, "reserve", reserve)
+    monkeypatch.setattr(_lazy_target._registry, "managed_name", lambda pid: None)
+    monkeypatch.setattr(_keeper, "_start_time", lambda pid: 1)
+    monkeypatch.setattr(_keeper, "_continue_tree", lambda pid: done.append("continue"))
+    r, w = os.pipe()
+    os.close(r)
+    with pytest.raises(OSError, match="No space left"):
+        _lazy_target._work(image, "app", w, "peer-a")(Keeper())  # type: ignore[arg-type]
+    before = ["start", "restored", "adopt"]
+    after = ["discard 4242", "abort"]
+    middle = [] if fails == "record" else ["record", "watch"]
+    assert done == before + middle + after

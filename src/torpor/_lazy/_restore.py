@@ -368,7 +368,8 @@ class LazyCopy:
         """The copy runs: record it, and start the thread that waits for its daemon."""
         _trace.mark("resumed")
         self.state = replace(self.state, resumed_at=time.time())
-        self._write()
+        with contextlib.suppress(OSError, TorporError):  # (a full disk): the watch matters more
+            self._write()
         held = self._hold()
         held.__enter__()  # left by the watch when it ends
 

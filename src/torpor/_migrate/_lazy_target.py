@@ -330,10 +330,15 @@ def _work(
                 migrating=f"from {source}, pages in flight",
             )
             k._adopt(rec)
-            recs = k.record([rec], held)
-            if copy.server is not None and copy.server.error is None:
-                _keeper._continue_tree(res.pid)
-            copy.watch()  # a copy left stopped is killed by the watch: its server failed
+            try:
+                recs = k.record([rec], held)  # (one not written: the copy is killed)
+                if copy.server is not None and copy.server.error is None:
+                    _keeper._continue_tree(res.pid)
+                copy.watch()  # a copy left stopped is killed by the watch: its server failed
+            except BaseException:
+                k.discard([rec])  # never to run unwatched on memory that may not come
+                copy.abort()  # its daemon and page server stop
+                raise
             return recs
 
     return work
