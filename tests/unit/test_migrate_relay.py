@@ -12,6 +12,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from torpor._migrate import ChannelError, Conn, _channel, connect, listen
 from torpor._migrate._lazy_dump import FAIL_COMMAND, Guard
 from torpor._migrate._relay import (
     Gate,
+    RelayStats,
     receive_socket,
     relay,
     send_socket,
@@ -288,4 +290,71 @@ def test_a_keeper_handing_nothing_over_fails_the_relay(
             handle.wait(10)  # the keeper holds its end and says nothing
         assert info.value.msg == "the keeper handed over no connection in 0.5 s"
         assert verdict(handle.criu_sock) == info.value.msg  # F: the keeper kills the copy
+    peer.join()
+
+
+def _source_that_breaks_after_the_close(answer: bytes) -> Callable[[Conn], Any]:
+    """The source's side: answers the daemon's request with its pages, reads the daemon's
+    close (as CRIU's page server would), then the link breaks (a reset) before CRIU's status
+    and the end frame go."""
+
+    def source(conn: Conn) -> Any:
+        frame = _channel._HEADER.size + 32
+        assert recv_exact(conn.sock, frame) == data(GET)
+        conn.sock.sendall(data(answer))
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        assert recv_exact(conn.sock, frame) == data(CLOSE)
+        time.sleep(0.1)  # its TCP acknowledges what it read (delayed ACKs: under 40 ms)
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.sock.close()
+
+    return source
+
+
+def test_target_keeps_a_copy_whose_close_reached_the_source_when_the_link_breaks(
+    homes: tuple[Path, Path],
+) -> None:
+    """The source acknowledged the daemon's close (every page is in; CRIU there kills the
+    original): a break then must not kill the copy too. The daemon gets the status of 0 the
+    source's CRIU would have sent, its socket is shut down, and the keeper hears K."""
+    a, b = homes
+    answer = b"pages" * 100
+    peer = Peer(a, _source_that_breaks_after_the_close(answer))
+    with connect("127.0.0.1", peer.port, home=b) as conn:
+        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
+        keeper = Keeper(handle.criu_sock)
+        daemon = socket.create_connection(keeper.listener.getsockname())
+        daemon.settimeout(10)
+        daemon.sendall(GET)
+        assert recv_exact(daemon, len(answer)) == answer
+        daemon.sendall(CLOSE)  # every page is in
+        assert recv_exact(daemon, 4) == b"\0\0\0\0"  # the status the source's CRIU sends
+        assert daemon.recv(10) == b""  # shut down: the daemon ends as after any transfer
+        assert handle.wait(10) == RelayStats(sent=64, received=len(answer))
+        assert keeper.join() is None  # K: the copy is not killed
+    peer.join()
+
+
+def test_target_kills_a_copy_whose_close_the_source_may_not_have(
+    homes: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same break, but the source's TCP had not acknowledged the close: the source may
+    never have had it and takes its original back, so the copy here is killed (F)."""
+    from torpor._migrate import _relay
+
+    monkeypatch.setattr(_relay, "_written", lambda sock: 1 << 62)  # never acknowledged
+    a, b = homes
+    answer = b"pages" * 100
+    peer = Peer(a, _source_that_breaks_after_the_close(answer))
+    with connect("127.0.0.1", peer.port, home=b) as conn:
+        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
+        keeper = Keeper(handle.criu_sock)
+        daemon = socket.create_connection(keeper.listener.getsockname())
+        daemon.sendall(GET)
+        assert recv_exact(daemon, len(answer)) == answer
+        daemon.sendall(CLOSE)
+        with pytest.raises(ChannelError):
+            handle.wait(10)
+        assert keeper.join() == "peer 'a' closed the channel mid-relay"
+        assert not readable(daemon)  # left open: the keeper kills the copy first
     peer.join()

@@ -23,10 +23,13 @@ for changes.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import selectors
 import socket
 import ssl
+import struct
+import termios
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +144,10 @@ class _Relay:
         self.tls_wants_write = False  # a TLS read that needs the socket writable first
         self.plain_ended = self.peer_ended = self.shut = False
         self.sent = self.received = 0
+        # The target: the channel's TCP bytes written up to the frame with the daemon's close
+        # (see :meth:`finish_close`), and the bytes written to the daemon since that close.
+        self.close_mark: int | None = None
+        self.after_close = 0
 
     def _to_plain(self) -> int:
         """Bytes waiting to go to plain."""
@@ -249,6 +256,9 @@ class _Relay:
             return
         if self.out_off == self.out_len:
             self.out_len = self.out_off = 0
+            gate = self.gate
+            if gate is not None and gate.closed and self.close_mark is None and not self.gated_in:
+                self.close_mark = _written(self.tls)
             if self.shut and not self.plain_ended and self.gated_in:
                 self._end_plain()  # the source's end, once the frame in hand has gone
 
@@ -312,6 +322,8 @@ class _Relay:
             n = self.plain.send(self.body_view[self.body_sent : self.body_got])
         except BlockingIOError:
             return
+        if self.gate is not None and self.gate.closed:
+            self.after_close += n
         self.body_sent += n
         if self.body_sent == self.body_len:
             self.body_len = -1
@@ -337,6 +349,51 @@ class _Relay:
         self.out_len = _HEADER.size + n
         self._tls_write()  # at once: the socket is most often writable
 
+    def finish_close(self) -> bool:
+        """The target, its relay broken: whether the copy has every page all the same, and
+        if so, end the daemon's transfer as the source would have. The daemon sent its close
+        (every page is in) and the source's TCP acknowledged the frame holding it: the source
+        has it, so CRIU there ends the dump and kills the original (``_lazy``: a break after
+        the close is a good end). Killing this copy too would lose the process; instead the
+        daemon gets the page server's answer to its close (a status of 0, four bytes, those
+        not already passed on) and its socket is shut down, so it exits as after any
+        transfer. A close not acknowledged may never have reached the source, which then
+        takes its original back: this copy is killed, as before (False)."""
+        gate = self.gate
+        if gate is None or gate.requests_to_plain or not gate.closed or self.close_mark is None:
+            return False
+        try:
+            if _acked(self.tls) < self.close_mark or self.after_close > len(_CLOSED_STATUS):
+                return False
+            self.plain.settimeout(HANDOVER_TIMEOUT)
+            self.plain.sendall(_CLOSED_STATUS[self.after_close :])
+            self.plain.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        return True
+
+
+_CLOSED_STATUS = b"\0\0\0\0"  # CRIU's page server's answer to PS_IOV_CLOSE: int32 status 0
+_TCP_INFO_BYTES_ACKED = 120  # the offset of tcpi_bytes_acked (u64) in struct tcp_info
+
+
+def _acked(sock: socket.socket) -> int:
+    """The bytes of ``sock``'s TCP stream its peer has acknowledged (plus one: the SYN);
+    still there once the connection is reset."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    (acked,) = struct.unpack_from("=Q", info, _TCP_INFO_BYTES_ACKED)
+    return int(acked)
+
+
+def _written(sock: socket.socket) -> int | None:
+    """The bytes written to ``sock``'s TCP stream so far, counted as :func:`_acked` counts
+    (acknowledged, and in the send queue); None if they cannot be told."""
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        return _acked(sock) + int(queued)
+    except OSError:
+        return None
+
 
 class RelayHandle:
     """A relay running in a thread: :attr:`criu_sock` is the end to give CRIU (as
@@ -347,7 +404,8 @@ class RelayHandle:
     one byte) once it has checked it is the daemon's: the relay then runs on that socket
     itself, with a :class:`Gate`, and tells the keeper how it ended (``K``: the daemon closed
     the transfer and the source ended; ``F`` and why: the transfer broke; nothing and EOF:
-    this server is gone). The keeper holds its own descriptor of the connection until the
+    this server is gone; ``K`` too for a break once the source has acknowledged the daemon's
+    close: :meth:`_Relay.finish_close`). The keeper holds its own descriptor of the connection until the
     copy is dead or resident. If the keeper ends the socket without sending one, the relay
     runs on the local socket (at EOF: the transfer ends at once); if it does neither for
     :data:`HANDOVER_TIMEOUT` seconds, the relay fails."""
@@ -373,7 +431,13 @@ class RelayHandle:
                 self._result = relay(conn, self._ours, idle_timeout=idle_timeout)
                 return
             self.gate = Gate(requests_to_plain=False)
-            self._result = relay(conn, daemon, idle_timeout=idle_timeout, gate=self.gate)
+            running = _Relay(conn, daemon, self.gate)
+            try:
+                self._result = running.run(idle_timeout)
+            except ChannelError:
+                if not running.finish_close():
+                    raise
+                self._result = RelayStats(running.sent, running.received)
             with contextlib.suppress(OSError):
                 self._ours.sendall(_GOOD)
         except BaseException as exc:  # handed to wait(), in the caller's thread
