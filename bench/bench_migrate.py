@@ -475,7 +475,7 @@ def main() -> int:
         plot(samples, sizes, png, args.client)
     log(f"wrote {OUT}/migrate-{stamp}.{{md,json,png}}")
     if args.publish_dir:
-        (args.publish_dir / "runs").mkdir(exist_ok=True)
+        (args.publish_dir / "runs").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(
             OUT / f"migrate-{stamp}.json", args.publish_dir / "runs" / f"migrate-{stamp}.json"
         )
