@@ -257,6 +257,27 @@ def test_a_state_file_that_cannot_be_written_does_not_leave_the_copy_unwatched(
     assert c.state.state == "resident"
 
 
+def test_a_copy_made_resident_on_a_full_disk_is_not_killed(
+    image: Image, criu: str, copy: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every page is in (the daemon exited 0) but its state file cannot say so: the copy
+    lives (it was killed as a failed watch)."""
+    monkeypatch.setenv("FAKE_LAZY", "exit0")
+    c = _copy(image, criu)
+    write = c._write
+
+    def full_disk() -> None:
+        if c.state.state == "resident":
+            raise OSError(28, "No space left on device")
+        write()
+
+    monkeypatch.setattr(c, "_write", full_disk)
+    _started(c, copy)
+    assert c.wait(10)
+    assert c.state.state == "resident"
+    assert copy.poll() is None  # alive
+
+
 def test_a_daemon_that_never_gets_ready_fails_the_start(
     image: Image, criu: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

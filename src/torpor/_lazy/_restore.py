@@ -411,7 +411,8 @@ class LazyCopy:
                         self._save_warm()  # so that a restore right after finds it
                 else:
                     self.state = replace(self.state, state=ENDED)
-                self._write()
+                with contextlib.suppress(OSError, TorporError):  # never kill a resident copy
+                    self._write()
                 if resident and self.server is not None:  # storing it in a pool takes a while
                     self._save_warm()
                 return
@@ -454,7 +455,7 @@ class LazyCopy:
             pool = _warm.pool_image(self.image)
             if pool is not None:  # beside the image: in its pool
                 pool.save_warm(ranges)
-        except (OSError, TorporError) as exc:  # a hint lost, not a failure
+        except Exception as exc:  # a hint lost, not a failure: the copy is resident
             print(f"{now_iso()} lazy restore: warm set not saved: {exc}", file=sys.stderr)
 
     def _fail(self, why: str) -> None:

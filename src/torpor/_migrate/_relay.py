@@ -405,10 +405,10 @@ class RelayHandle:
     itself, with a :class:`Gate`, and tells the keeper how it ended (``K``: the daemon closed
     the transfer and the source ended; ``F`` and why: the transfer broke; nothing and EOF:
     this server is gone; ``K`` too for a break once the source has acknowledged the daemon's
-    close: :meth:`_Relay.finish_close`). The keeper holds its own descriptor of the connection until the
-    copy is dead or resident. If the keeper ends the socket without sending one, the relay
-    runs on the local socket (at EOF: the transfer ends at once); if it does neither for
-    :data:`HANDOVER_TIMEOUT` seconds, the relay fails."""
+    close: :meth:`_Relay.finish_close`). The keeper holds its own descriptor of the
+    connection until the copy is dead or resident. If the keeper ends the socket without
+    sending one, the relay runs on the local socket (at EOF: the transfer ends at once); if it
+    does neither for :data:`HANDOVER_TIMEOUT` seconds, the relay fails."""
 
     def __init__(
         self, conn: Conn, *, idle_timeout: float | None, daemon_socket: bool = False
