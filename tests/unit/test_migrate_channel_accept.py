@@ -282,6 +282,39 @@ def test_one_source_flooding_does_not_keep_a_peer_at_another_out(
     ]
 
 
+def test_sources_flooding_together_give_up_their_own_before_a_peers_handshake(
+    homes: tuple[Path, Path], flood: Callable[[int, str], None]
+) -> None:
+    """Eight addresses, none at its cap, fill every slot and keep opening connections: each
+    then gives up the oldest handshake of a source holding the most, never the one of a far
+    trusted peer (with the oldest given up whoever holds it, the floods' fresh connections
+    soon make the peer's the oldest)."""
+    a, b = homes
+    flooders = [f"127.0.0.{i}" for i in range(4, 4 + _channel.MAX_HANDSHAKES // 2)]
+    with listen("127.0.0.1", 0, home=b) as listener:
+        port = listener.address[1]
+        acceptor = Acceptor(listener)
+        for source in flooders:
+            flood(port, source)
+        deadline = time.monotonic() + 10
+        full = False
+        while not full and time.monotonic() < deadline:  # every slot taken by the floods
+            time.sleep(0.05)
+            with listener._cond:
+                full = len(listener._pending) == _channel.MAX_HANDSHAKES
+        assert full
+        far = FarProxy(port, 0.4)
+        for _ in range(3):
+            host, at = far.address
+            with connect(host, at, tls_identity(b).fingerprint, home=a) as conn:
+                assert conn.peer.name == "b"
+                acceptor.thread.join(10)
+                assert acceptor.conn is not None and acceptor.conn.peer.name == "a"
+                acceptor.conn.close()
+            acceptor = Acceptor(listener)
+        far.close()
+
+
 @pytest.mark.parametrize(
     ("host", "source"),
     [

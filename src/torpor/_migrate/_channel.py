@@ -233,9 +233,10 @@ class Listener:
 
     Bounds: at most :data:`MAX_HANDSHAKES` handshakes at once, each over within
     :data:`HANDSHAKE_TIMEOUT` seconds from its start (a total deadline, not one per read);
-    a connection arriving when all are taken makes the **oldest** pending handshake give up
-    (its socket is shut down: it gets nothing), so a flood of idle connections ages out
-    instead of locking out a real peer, which needs a few milliseconds. Of those, at most
+    a connection arriving when all are taken makes the **oldest** pending handshake of the
+    source holding the most give up (its socket is shut down: it gets nothing), so a flood of
+    idle connections ages out instead of locking out a real peer, which needs a few
+    milliseconds, and sources flooding together give up their own first. Of those, at most
     :data:`MAX_PER_SOURCE` from one source (an IPv4 address; for IPv6 its /64, which one host
     commonly holds whole): a connection from a source at its cap is closed at once, before
     any TLS, so that one address cannot take every slot and make the trusted peers' handshakes
@@ -384,7 +385,11 @@ class Listener:
             while len(self._pending) >= MAX_HANDSHAKES and not self._closed:
                 live = [e for e in self._pending.values() if not e[2]]
                 if live:
-                    oldest = min(live, key=lambda e: e[0])
+                    # The oldest of the source holding the most: several flooding sources
+                    # give up their own before a peer's one handshake.
+                    held = collections.Counter(e[4] for e in live)
+                    most = max(held.values())
+                    oldest = min((e for e in live if held[e[4]] == most), key=lambda e: e[0])
                     oldest[2] = True
                     _shut(oldest[3])
                 self._cond.wait(1.0)
