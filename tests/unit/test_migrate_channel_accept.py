@@ -274,12 +274,14 @@ def test_one_source_flooding_does_not_keep_a_peer_at_another_out(
             refused += acceptor.refused
             acceptor = Acceptor(listener)
         far.close()
-    # Reported once, on one line, for the whole flood; none of the trusted peer's handshakes
-    # given up.
-    assert [str(e) for e in refused] == [
+    # Reported on one line for the flood (again only once a handshake of it has ended: after
+    # HANDSHAKE_TIMEOUT, which a slow run may reach); none of the trusted peer's given up.
+    line = (
         f"connections from 127.0.0.2 closed before TLS: {_channel.MAX_PER_SOURCE} of its "
         "handshakes are pending (more are closed unreported until one ends)"
-    ]
+    )
+    assert refused != []
+    assert {str(e) for e in refused} == {line}
 
 
 def test_sources_flooding_together_give_up_their_own_before_a_peers_handshake(

@@ -358,3 +358,29 @@ def test_target_kills_a_copy_whose_close_the_source_may_not_have(
         assert keeper.join() == "peer 'a' closed the channel mid-relay"
         assert not readable(daemon)  # left open: the keeper kills the copy first
     peer.join()
+
+
+def test_acked_counts_the_bytes_the_peer_acknowledged() -> None:
+    """``_relay._acked`` reads struct tcp_info's tcpi_bytes_acked (at its offset in this
+    kernel's struct): it grows by exactly what the peer's TCP received, and is still there
+    once the connection is reset."""
+    from torpor._migrate import _relay
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        with client, peer:
+            before = _relay._acked(client)
+            client.sendall(b"x" * 123_457)
+            assert recv_exact(peer, 123_457) == b"x" * 123_457
+            deadline = time.monotonic() + 5
+            while _relay._acked(client) - before < 123_457 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _relay._acked(client) - before == 123_457
+            assert _relay._written(client) == _relay._acked(client)  # nothing left unacked
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()
+            time.sleep(0.05)
+            with pytest.raises(ConnectionResetError):
+                client.send(b"y")
+            assert _relay._acked(client) - before == 123_457
