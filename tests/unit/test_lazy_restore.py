@@ -183,6 +183,36 @@ def test_daemon_exit_1_names_its_log_line(
     )
 
 
+@pytest.mark.parametrize(("mode", "ok"), [("exit0", True), ("exit1", False)])
+def test_a_server_that_asks_is_told_how_the_daemon_ended(
+    image: Image,
+    criu: str,
+    copy: subprocess.Popen[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    ok: bool,
+) -> None:
+    """A lazy migration's relay passes the daemon's close on to the source (whose CRIU then
+    kills the original) only once told the daemon exited 0: the watch tells a server that
+    has ``daemon_ended``, before the copy is judged."""
+    monkeypatch.setenv("FAKE_LAZY", mode)
+    told: list[tuple[bool, bool]] = []
+
+    class Told(FakeServer):
+        def daemon_ended(self, ok: bool) -> None:
+            told.append((ok, copy.poll() is None))
+
+    def factory(
+        img: Image, pid: Callable[[], int | None], on_error: Callable[[LazyPageError], None]
+    ) -> FakeServer:
+        return Told(pid, on_error)
+
+    c = _started(_copy(image, criu, server_factory=factory), copy)
+    assert c.wait(10)
+    assert told == [(ok, True)]  # once, while the copy still ran
+    assert (copy.poll() is None) == ok
+
+
 def test_server_error_kills_the_copy_before_the_server_lets_go(
     image: Image, criu: str, copy: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ tells the keeper why while the connection stays open.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
@@ -24,6 +25,8 @@ from torpor._identity._trust import TrustStore
 from torpor._migrate import ChannelError, Conn, _channel, connect, listen
 from torpor._migrate._lazy_dump import FAIL_COMMAND, Guard
 from torpor._migrate._relay import (
+    DAEMON_FAILED,
+    DAEMON_OK,
     Gate,
     RelayStats,
     receive_socket,
@@ -194,15 +197,31 @@ def fake_criu(sock: socket.socket, answer: bytes) -> None:
     sock.close()
 
 
+def criu_answering_the_close(sock: socket.socket, pages: bytes, got_close: threading.Event) -> None:
+    """CRIU's page server on the source: answers a request with ``pages``, then the close
+    with its status, then ends."""
+    assert recv_exact(sock, 32) == GET
+    sock.sendall(pages)
+    assert recv_exact(sock, 32) == CLOSE
+    got_close.set()
+    sock.sendall(b"\0\0\0\0")
+    sock.close()
+
+
 def test_target_relays_on_the_daemons_socket_and_shuts_it_after_the_close(
     homes: tuple[Path, Path],
 ) -> None:
+    """The daemon's close is answered on the target and passed to the source (whose CRIU
+    then kills the original) only once the keeper says the daemon exited 0."""
     a, b = homes
-    answer = b"pages" * 5000 + b"\0\0\0\0"
+    pages = b"pages" * 5000
+    got_close = threading.Event()
 
     def source(conn: Conn) -> Any:
         ours, criu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        threading.Thread(target=fake_criu, args=(criu, answer), daemon=True).start()
+        threading.Thread(
+            target=criu_answering_the_close, args=(criu, pages, got_close), daemon=True
+        ).start()
         return relay(conn, ours, idle_timeout=5)
 
     peer = Peer(a, source)
@@ -210,14 +229,64 @@ def test_target_relays_on_the_daemons_socket_and_shuts_it_after_the_close(
         handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
         keeper = Keeper(handle.criu_sock)
         daemon = socket.create_connection(keeper.listener.getsockname())
-        daemon.sendall(GET + CLOSE)
-        assert recv_exact(daemon, len(answer)) == answer
+        daemon.settimeout(10)
+        daemon.sendall(GET)
+        assert recv_exact(daemon, len(pages)) == pages
+        daemon.sendall(CLOSE)
+        assert recv_exact(daemon, 4) == b"\0\0\0\0"  # answered here
         daemon.shutdown(socket.SHUT_WR)  # the daemon got its status and closes
+        time.sleep(0.3)
+        assert not got_close.is_set()  # held back until the keeper's word
+        handle.criu_sock.send(DAEMON_OK)  # the keeper: the daemon exited 0
         stats = handle.wait(10)
-        assert (stats.sent, stats.received) == (64, len(answer))
+        assert got_close.is_set()
+        assert (stats.sent, stats.received) == (64, len(pages) + 4)
         assert keeper.join() is None  # K: ended well
-        assert daemon.recv(10) == b""  # shut down after the close: the daemon ends
+        assert daemon.recv(10) == b""  # nothing more for the daemon: the source's status
     assert peer.join().received == 64
+
+
+def test_a_daemon_failing_after_its_close_never_lets_the_source_have_it(
+    homes: tuple[Path, Path],
+) -> None:
+    """``criu lazy-pages`` sends its close also when its loop ended on an error: the keeper
+    says the daemon failed, the relay fails, and the source, which never got the close
+    (its CRIU would kill the original), takes its original back."""
+    a, b = homes
+    pages = b"pages" * 100
+
+    def source(conn: Conn) -> Any:
+        frame = _channel._HEADER.size + 32
+        assert recv_exact(conn.sock, frame) == data(GET)
+        conn.sock.sendall(data(pages))
+        got = b""
+        conn.sock.settimeout(10)
+        with contextlib.suppress(OSError):
+            while chunk := conn.sock.recv(4096):
+                got += chunk
+        return got
+
+    peer = Peer(a, source)
+    with connect("127.0.0.1", peer.port, home=b) as conn:
+        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
+        keeper = Keeper(handle.criu_sock)
+        daemon = socket.create_connection(keeper.listener.getsockname())
+        daemon.settimeout(10)
+        daemon.sendall(GET)
+        assert recv_exact(daemon, len(pages)) == pages
+        daemon.sendall(CLOSE)
+        assert recv_exact(daemon, 4) == b"\0\0\0\0"
+        daemon.close()
+        handle.criu_sock.send(DAEMON_FAILED)
+        with pytest.raises(ChannelError) as info:
+            handle.wait(10)
+        assert info.value.msg == (
+            "the lazy-pages daemon ended on an error after its close: its pages are not all "
+            "here (the source keeps its original)"
+        )
+        assert keeper.join() == info.value.msg  # F: the keeper kills the copy
+        conn.close()
+    assert data(CLOSE) not in peer.join()
 
 
 def test_target_keeps_the_daemons_connection_open_when_the_source_ends_early(
@@ -328,7 +397,8 @@ def test_target_keeps_a_copy_whose_close_reached_the_source_when_the_link_breaks
         daemon.sendall(GET)
         assert recv_exact(daemon, len(answer)) == answer
         daemon.sendall(CLOSE)  # every page is in
-        assert recv_exact(daemon, 4) == b"\0\0\0\0"  # the status the source's CRIU sends
+        assert recv_exact(daemon, 4) == b"\0\0\0\0"  # answered here
+        handle.criu_sock.send(DAEMON_OK)  # the daemon exited 0: the close goes on
         assert daemon.recv(10) == b""  # shut down: the daemon ends as after any transfer
         assert handle.wait(10) == RelayStats(sent=64, received=len(answer))
         assert keeper.join() is None  # K: the copy is not killed
@@ -353,6 +423,8 @@ def test_target_kills_a_copy_whose_close_the_source_may_not_have(
         daemon.sendall(GET)
         assert recv_exact(daemon, len(answer)) == answer
         daemon.sendall(CLOSE)
+        assert recv_exact(daemon, 4) == b"\0\0\0\0"
+        handle.criu_sock.send(DAEMON_OK)
         with pytest.raises(ChannelError):
             handle.wait(10)
         assert keeper.join() == "peer 'a' closed the channel mid-relay"

@@ -402,6 +402,9 @@ class LazyCopy:
                     continue
                 break
             error = self.server.error if self.server is not None else None
+            ended = getattr(self.server, "daemon_ended", None)  # (a migration's relay)
+            if ended is not None:
+                ended(code == 0 and error is None)
             if code == 0 and error is None:
                 daemon.release_uffds()  # no more faults to serve: none may wait forever
                 resident = self._alive()

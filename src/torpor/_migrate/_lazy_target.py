@@ -50,7 +50,7 @@ from .._process import _copies, _keeper, _registry
 from .._process._logs import open_log
 from .._process._registry import ManagedProcess
 from ._apart import Apart
-from ._relay import send_socket, verdict
+from ._relay import DAEMON_FAILED, DAEMON_OK, send_socket, verdict
 
 ACCEPT_TIMEOUT = 30.0  # seconds for the daemon to connect once started
 UNBLOCK = 2.0  # seconds a broken transfer leaves a restore waiting on a page before it ends
@@ -97,6 +97,12 @@ class RelayedPages:
             if s is not None:
                 with contextlib.suppress(OSError):
                     s.close()
+
+    def daemon_ended(self, ok: bool) -> None:
+        """The daemon exited (``ok``: 0, its server without an error): the relay passes the
+        daemon's close, held back, on to the source only once told so (``_relay``)."""
+        with contextlib.suppress(OSError):
+            self._ps.send(DAEMON_OK if ok else DAEMON_FAILED)
 
     def warm_set(self, *, within: float | None = None) -> list[Range]:
         return []  # pages are asked for in the order the source's CRIU is asked: no warm set

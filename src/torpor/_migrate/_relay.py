@@ -33,7 +33,7 @@ import termios
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._channel import _DATA, _END, _HEADER, MAX_DATA, ChannelError
 
@@ -81,18 +81,24 @@ class Gate:
         self._stall = Path(stall) if stall else None
         self.stalled = False
 
-    def take(self, data: memoryview | bytes) -> None:
+    def take(self, data: memoryview | bytes) -> int | None:
         """Requests seen going towards the daemon's peer: note a close; for the source,
-        queue the whole ones in :attr:`out`."""
+        queue the whole ones in :attr:`out`. Where in ``data`` the first close begins, if it
+        is in these (negative: it began in bytes taken before)."""
         unit = self._unit
+        before = len(unit)
         unit += data
         whole = len(unit) - len(unit) % PSI_SIZE
+        first = None
         for at in range(0, whole, PSI_SIZE):
             if int.from_bytes(unit[at : at + 4], "little") & 0xFFFF in CLOSE_COMMANDS:
+                if not self.closed:
+                    first = at - before
                 self.closed = True
         if self.requests_to_plain:
             self.out += unit[:whole]
         del unit[:whole]
+        return first
 
     def passed_pages(self, n: int) -> bool:
         """``n`` bytes of answers came from CRIU; whether they go on (False once stalled)."""
@@ -127,8 +133,20 @@ def relay(
 class _Relay:
     """The state of one :func:`relay` (see there)."""
 
-    def __init__(self, conn: Conn, plain: socket.socket, gate: Gate | None) -> None:
+    def __init__(
+        self,
+        conn: Conn,
+        plain: socket.socket,
+        gate: Gate | None,
+        confirm: socket.socket | None = None,
+    ) -> None:
         self.conn, self.tls, self.plain, self.gate = conn, conn.sock, plain, gate
+        # The target, with ``confirm`` (the keeper's socket): the daemon's close is held back
+        # and answered here until the keeper says how the daemon ended (see _hold_close).
+        self.confirm = confirm
+        self.held: bytes | None = None  # the close, held back
+        self.answered = False  # the daemon has its close's answer: nothing more goes to it
+        self.held_ok = False  # the keeper said the daemon exited 0: the close goes on
         self.gated_in = gate is not None and gate.requests_to_plain
         # plain -> channel: one frame, header included; ``out_len`` 0: none in hand.
         self.out = bytearray(_HEADER.size + MAX_DATA)
@@ -161,7 +179,8 @@ class _Relay:
         tls.setblocking(False)
         plain.setblocking(False)
         sel = selectors.DefaultSelector()
-        masks = {tls: 0, plain: 0}
+        confirm = self.confirm
+        masks: dict[Any, int] = {tls: 0, plain: 0, confirm: 0}
         read, write = selectors.EVENT_READ, selectors.EVENT_WRITE
         try:
             while True:
@@ -169,6 +188,9 @@ class _Relay:
                     self._peer_end()
                 if self.plain_ended and self.shut and not self.out_len:
                     return RelayStats(self.sent, self.received)
+                if self.held is not None and self.held_ok and not self.out_len:
+                    self._send_frame(self.held)  # the daemon ended well: the close goes on
+                    self.held = None
                 read_tls = not self.peer_ended and (
                     (len(self.gate.out) < MAX_DATA if self.gated_in and self.gate else True)
                     and (self.body_len < 0 or self.body_got < self.body_len)
@@ -176,10 +198,14 @@ class _Relay:
                 want_tls = (read if read_tls else 0) | (
                     write if self.out_len or self.tls_wants_write else 0
                 )
-                want_plain = (read if not self.plain_ended and not self.out_len else 0) | (
-                    write if self._to_plain() else 0
-                )
-                for s, ev in ((tls, want_tls), (plain, want_plain)):
+                held = self.held is not None
+                want_plain = (
+                    read if not self.plain_ended and not self.out_len and not held else 0
+                ) | (write if self._to_plain() else 0)
+                want_confirm = read if held and not self.held_ok else 0
+                for s, ev in ((tls, want_tls), (plain, want_plain), (confirm, want_confirm)):
+                    if s is None:
+                        continue
                     if ev != masks[s]:
                         if not masks[s]:
                             sel.register(s, ev)
@@ -200,8 +226,10 @@ class _Relay:
                     for key, ev in events:
                         if key.fileobj is tls:
                             ev_tls = ev
-                        else:
+                        elif key.fileobj is plain:
                             ev_plain = ev
+                        else:
+                            self._confirmed()
                 if ev_tls:
                     self.tls_wants_write = False
                     if self.out_len:
@@ -239,7 +267,8 @@ class _Relay:
             raise ChannelError(
                 f"{self.conn._who()} ended the transfer before the last page was asked for"
             )
-        self.plain.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError) if self.answered else contextlib.nullcontext():
+            self.plain.shutdown(socket.SHUT_WR)  # (a daemon answered here may be gone)
         self.shut = True
 
     def _end_plain(self) -> None:
@@ -288,6 +317,12 @@ class _Relay:
                         self.body_got = self.body_sent = 0
                     return
                 self.body_got += n
+                if self.answered:  # the source's answer to the close: the daemon has one
+                    self.body_sent = self.body_got
+                    if self.body_got == self.body_len:
+                        self.body_len = -1
+                        self.body_got = self.body_sent = 0
+                    continue
                 if self.body_got == self.body_len:
                     return  # this frame's bytes go to plain before the next is read
                 continue
@@ -343,11 +378,58 @@ class _Relay:
                 if not gate.passed_pages(n):
                     return  # tests: a stalled transfer
             else:
-                gate.take(self.out_view[_HEADER.size : _HEADER.size + n])
+                start = gate.take(self.out_view[_HEADER.size : _HEADER.size + n])
+                if start is not None and start >= 0 and self._hold_close(start, n):
+                    n = start  # what came before the close goes now; the close waits
+                    if not n:
+                        return
+        self._send_frame(None, n)
+
+    def _send_frame(self, data: bytes | None, n: int = 0) -> None:
+        """Send a D frame of ``data``, or of the ``n`` bytes read into the out buffer."""
+        if data is not None:
+            n = len(data)
+            self.out_view[_HEADER.size : _HEADER.size + n] = data
         self.sent += n
         _HEADER.pack_into(self.out, 0, _DATA, n)
         self.out_len = _HEADER.size + n
         self._tls_write()  # at once: the socket is most often writable
+
+    def _hold_close(self, start: int, n: int) -> bool:
+        """The target's daemon sent its close (the bytes ``start..n`` of what was read).
+        ``criu lazy-pages`` sends it when its loop ends, also on an error with pages
+        missing; the source's CRIU kills the original when it gets it. So it is held back:
+        the daemon gets the page server's answer here (a status of 0), and the close goes on
+        only once the keeper says the daemon exited 0 (:meth:`_confirmed`); else the relay
+        fails, and the source, which never had the close, takes its original back. Whether
+        it could be held (without a keeper to confirm, or with bytes for the daemon still to
+        write, it is passed on at once, as before)."""
+        if self.confirm is None or self._to_plain():
+            return False
+        try:
+            sent = self.plain.send(_CLOSED_STATUS)
+        except BlockingIOError:
+            return False  # nothing sent: the source answers it, as before
+        except OSError as exc:
+            raise ChannelError(
+                f"the lazy-pages daemon's close could not be answered: {exc}"
+            ) from exc
+        if sent != len(_CLOSED_STATUS):
+            raise ChannelError("the lazy-pages daemon took part of its close's answer")
+        self.answered = True
+        self.held = bytes(self.out_view[_HEADER.size + start : _HEADER.size + n])
+        return True
+
+    def _confirmed(self) -> None:
+        """The keeper's word on how the daemon ended, the close held back."""
+        assert self.confirm is not None
+        word = self.confirm.recv(1)
+        if word != DAEMON_OK:
+            raise ChannelError(
+                "the lazy-pages daemon ended on an error after its close: its pages are not "
+                "all here (the source keeps its original)"
+            )
+        self.held_ok = True
 
     def finish_close(self) -> bool:
         """The target, its relay broken: whether the copy has every page all the same, and
@@ -365,15 +447,17 @@ class _Relay:
         try:
             if _acked(self.tls) < self.close_mark or self.after_close > len(_CLOSED_STATUS):
                 return False
-            self.plain.settimeout(HANDOVER_TIMEOUT)
-            self.plain.sendall(_CLOSED_STATUS[self.after_close :])
+            if not self.answered:
+                self.plain.settimeout(HANDOVER_TIMEOUT)
+                self.plain.sendall(_CLOSED_STATUS[self.after_close :])
             self.plain.shutdown(socket.SHUT_WR)
         except OSError:
-            return False
+            return self.answered  # (answered: the daemon may be gone already)
         return True
 
 
 _CLOSED_STATUS = b"\0\0\0\0"  # CRIU's page server's answer to PS_IOV_CLOSE: int32 status 0
+DAEMON_OK, DAEMON_FAILED = b"0", b"X"  # the keeper's word on the daemon's end (daemon_ended)
 _TCP_INFO_BYTES_ACKED = 120  # the offset of tcpi_bytes_acked (u64) in struct tcp_info
 
 
@@ -431,7 +515,7 @@ class RelayHandle:
                 self._result = relay(conn, self._ours, idle_timeout=idle_timeout)
                 return
             self.gate = Gate(requests_to_plain=False)
-            running = _Relay(conn, daemon, self.gate)
+            running = _Relay(conn, daemon, self.gate, confirm=self._ours)
             try:
                 self._result = running.run(idle_timeout)
             except ChannelError:
