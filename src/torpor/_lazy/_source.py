@@ -398,10 +398,10 @@ class PoolSource:
             # A catalog read before our session began (prepared) named a pack a collection
             # swept meanwhile: one read under our session says where the chunk is now.
             with self._catalog_lock:
-                if self._catalog is catalog:
-                    self._catalog = self._read_catalog(d, file, i)
-                catalog = self._catalog
-            self._load_from(catalog, d, file, i, last=True)
+                current = self._catalog
+                if current is catalog or current is None:
+                    current = self._catalog = self._read_catalog(d, file, i)
+            self._load_from(current, d, file, i, last=True)
 
     def _read_catalog(self, d: bytes, file: str, i: int) -> Catalog:
         """The pool's catalog, read now (under :attr:`_catalog_lock`, which nothing else waits
