@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from torpor._migrate import _lazy_dump
 from torpor._migrate._lazy_dump import Guard
 from torpor._migrate._lazy_target import RelayedPages
-from torpor._migrate._relay import CLOSE_COMMANDS, receive_socket
+from torpor._migrate._relay import CLOSE_COMMANDS, DAEMON_OK, receive_socket
 from torpor._proto import criu_rpc_pb2 as pb
 
 PSI = struct.Struct("<I4xQQQ")
@@ -174,6 +175,42 @@ def test_relayed_pages_end_without_a_good_verdict_is_an_error_then_the_connectio
             assert errors == [pages.error]
             # Only once the copy is killed (on_error returned) is the connection shut down.
             assert daemon.recv(10) == b""
+    finally:
+        pages.close()
+
+
+@pytest.mark.parametrize(
+    ("verdict", "error"), [(b"K", None), (b"Fthe link broke", "the link broke")]
+)
+def test_a_daemon_that_exited_0_is_judged_only_after_the_relays_verdict(
+    verdict: bytes, error: str | None
+) -> None:
+    """``daemon_ended(True)``: the relay is told (it then passes the daemon's close to the
+    source, whose CRIU kills the original), and the watch waits for the relay's verdict
+    before it calls the copy resident: a failure (the close never reached the source, which
+    keeps its original) is the server's error, so the copy is killed, not made resident."""
+    pages, source, errors = relayed(os.getpid())
+    try:
+        with socket.create_connection(("127.0.0.1", pages.port), timeout=3):
+            relay_end = receive_socket(source)
+            assert relay_end is not None
+            relay_end.close()
+            ended = threading.Thread(target=pages.daemon_ended, args=(True,))
+            ended.start()
+            assert source.recv(1) == DAEMON_OK  # the relay's word
+            ended.join(0.3)
+            assert ended.is_alive()  # waiting for the verdict
+            source.sendall(verdict)
+            source.close()
+            ended.join(5)
+            assert not ended.is_alive()
+            if error is None:
+                assert pages.error is None and errors == []
+            else:
+                assert pages.error is not None and errors == [pages.error]
+                assert str(pages.error) == (
+                    f"lazy migration from a: {error}; the pages not yet here cannot arrive"
+                )
     finally:
         pages.close()
 

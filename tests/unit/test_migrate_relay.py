@@ -456,3 +456,134 @@ def test_acked_counts_the_bytes_the_peer_acknowledged() -> None:
             with pytest.raises(ConnectionResetError):
                 client.send(b"y")
             assert _relay._acked(client) - before == 123_457
+
+
+def _source_reading_until_the_end(pages: bytes) -> Callable[[Conn], Any]:
+    """The source's side: answers the daemon's request with ``pages``, then keeps what else
+    comes until the channel ends (a close must never be among it)."""
+
+    def source(conn: Conn) -> Any:
+        frame = _channel._HEADER.size + 32
+        assert recv_exact(conn.sock, frame) == data(GET)
+        conn.sock.sendall(data(pages))
+        got = b""
+        conn.sock.settimeout(15)
+        with contextlib.suppress(OSError):
+            while chunk := conn.sock.recv(4096):
+                got += chunk
+        return got
+
+    return source
+
+
+@pytest.mark.parametrize("how", ["failed", "keeper-gone", "no-word"])
+def test_a_close_sent_with_the_request_before_it_is_held_all_the_same(
+    homes: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The daemon's close in the same write as a request (an answer still due): the request
+    goes, the close is held; then the daemon failed, the keeper ended without a word, or no
+    word came in HOLD_LIMIT: the relay fails and the source never has the close."""
+    from torpor._migrate import _relay
+
+    monkeypatch.setattr(_relay, "HOLD_LIMIT", 0.5)
+    a, b = homes
+    pages = b"pages" * 100
+    peer = Peer(a, _source_reading_until_the_end(pages))
+    with connect("127.0.0.1", peer.port, home=b) as conn:
+        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
+        keeper = Keeper(handle.criu_sock)
+        daemon = socket.create_connection(keeper.listener.getsockname())
+        daemon.settimeout(10)
+        daemon.sendall(GET + CLOSE)
+        assert recv_exact(daemon, 4) == b"\0\0\0\0"  # answered at once; the pages dropped
+        daemon.close()
+        if how == "failed":
+            handle.criu_sock.send(DAEMON_FAILED)
+        elif how == "keeper-gone":
+            handle.criu_sock.shutdown(socket.SHUT_WR)
+        with pytest.raises(ChannelError) as info:
+            handle.wait(10)
+        why = (
+            "no word of the lazy-pages daemon's end 0.5 s after its close (the source keeps "
+            "its original)"
+            if how == "no-word"
+            else "the lazy-pages daemon ended on an error after its close: its pages are not "
+            "all here (the source keeps its original)"
+        )
+        assert info.value.msg == why
+        assert keeper.join() == why  # F: the keeper kills the copy
+        conn.close()
+    assert data(CLOSE) not in peer.join()
+
+
+def test_a_break_while_the_close_is_held_kills_the_copy(
+    homes: tuple[Path, Path],
+) -> None:
+    """The daemon's request and close in one write; the request goes (and is acknowledged),
+    the close is held, and the link breaks before the keeper's word: the source never had
+    the close and takes its original back, so the copy here is killed (F, never K: the
+    request's frame is not the close's)."""
+    a, b = homes
+
+    def source(conn: Conn) -> Any:
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        assert recv_exact(conn.sock, _channel._HEADER.size + 32) == data(GET)
+        time.sleep(0.1)  # acknowledged
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.sock.close()  # the link breaks before the close
+
+    peer = Peer(a, source)
+    with connect("127.0.0.1", peer.port, home=b) as conn:
+        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
+        keeper = Keeper(handle.criu_sock)
+        daemon = socket.create_connection(keeper.listener.getsockname())
+        daemon.settimeout(10)
+        daemon.sendall(GET + CLOSE)
+        assert recv_exact(daemon, 4) == b"\0\0\0\0"
+        peer.join()
+        time.sleep(0.2)
+        with contextlib.suppress(OSError):
+            handle.criu_sock.send(DAEMON_OK)
+        with pytest.raises(ChannelError):
+            handle.wait(10)
+        assert keeper.join() == "peer 'a' closed the channel mid-relay"  # F
+
+
+def test_the_close_is_marked_at_its_own_frame_not_the_requests_before_it(
+    homes: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TCP bytes a break is judged by (``finish_close``) are marked once the frame
+    holding the close is written: not at the frame of the request read with it, sent while
+    the close was held (a mark there would take an acknowledged request for the close)."""
+    from torpor._migrate import _relay
+
+    marked: list[str] = []
+    written = _relay._written
+    monkeypatch.setattr(_relay, "_written", lambda sock: marked.append("mark") or written(sock))
+    a, b = homes
+    pages = b"pages" * 100
+    got_close = threading.Event()
+
+    def source(conn: Conn) -> Any:
+        ours, criu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        threading.Thread(
+            target=criu_answering_the_close, args=(criu, pages, got_close), daemon=True
+        ).start()
+        return relay(conn, ours, idle_timeout=5)
+
+    peer = Peer(a, source)
+    with connect("127.0.0.1", peer.port, home=b) as conn:
+        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
+        keeper = Keeper(handle.criu_sock)
+        daemon = socket.create_connection(keeper.listener.getsockname())
+        daemon.settimeout(10)
+        daemon.sendall(GET + CLOSE)
+        assert recv_exact(daemon, 4) == b"\0\0\0\0"
+        daemon.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)  # the request's frame has gone, the close is held
+        assert marked == []
+        handle.criu_sock.send(DAEMON_OK)
+        handle.wait(10)
+        assert marked == ["mark"]
+        assert keeper.join() is None
+    peer.join()

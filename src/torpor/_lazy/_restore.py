@@ -401,10 +401,10 @@ class LazyCopy:
                         return
                     continue
                 break
-            error = self.server.error if self.server is not None else None
             ended = getattr(self.server, "daemon_ended", None)  # (a migration's relay)
             if ended is not None:
-                ended(code == 0 and error is None)
+                ended(code == 0 and self.server is not None and self.server.error is None)
+            error = self.server.error if self.server is not None else None
             if code == 0 and error is None:
                 daemon.release_uffds()  # no more faults to serve: none may wait forever
                 resident = self._alive()

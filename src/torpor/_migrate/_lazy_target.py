@@ -54,6 +54,7 @@ from ._relay import DAEMON_FAILED, DAEMON_OK, send_socket, verdict
 
 ACCEPT_TIMEOUT = 30.0  # seconds for the daemon to connect once started
 UNBLOCK = 2.0  # seconds a broken transfer leaves a restore waiting on a page before it ends
+VERDICT_TIMEOUT = 30.0  # seconds a daemon that exited 0 waits for the relay's verdict
 
 
 class RelayedPages:
@@ -78,6 +79,7 @@ class RelayedPages:
         self._closing = False  # the daemon asked to close: every page is in
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._judged = threading.Event()  # the relay's verdict came (or cannot)
 
     @property
     def port(self) -> int:
@@ -100,9 +102,15 @@ class RelayedPages:
 
     def daemon_ended(self, ok: bool) -> None:
         """The daemon exited (``ok``: 0, its server without an error): the relay passes the
-        daemon's close, held back, on to the source only once told so (``_relay``)."""
+        daemon's close, held back, on to the source only once told so (``_relay``). Told
+        ``ok``, wait for the relay's verdict before the copy is judged: resident only once
+        the source has the close (its original is then killed); a verdict of failure (the
+        close never went: the source keeps its original) is this server's error, and the
+        copy is killed (:meth:`_fail`, from :meth:`_run`) while its pidfd is still held."""
         with contextlib.suppress(OSError):
             self._ps.send(DAEMON_OK if ok else DAEMON_FAILED)
+        if ok and not self._judged.wait(VERDICT_TIMEOUT):
+            self._fail(f"no verdict from the relay {VERDICT_TIMEOUT:g} s after the daemon's end")
 
     def warm_set(self, *, within: float | None = None) -> list[Range]:
         return []  # pages are asked for in the order the source's CRIU is asked: no warm set
@@ -142,20 +150,23 @@ class RelayedPages:
 
     def _run(self) -> None:
         try:
-            conn = self._accept()
-        except OSError as exc:
-            self._fail(f"the lazy-pages daemon did not connect ({exc})")
-            return
-        self._daemon = conn
-        try:
-            # The server's relay speaks to the daemon itself; this keeps the connection
-            # open (its own descriptor) until the copy is resident or killed.
-            send_socket(self._ps, conn)
-            why = verdict(self._ps)
-        except OSError as exc:
-            why = f"the relay to the source broke ({exc.strerror or exc})"
-        if why is not None:
-            self._fail(why)
+            try:
+                conn = self._accept()
+            except OSError as exc:
+                self._fail(f"the lazy-pages daemon did not connect ({exc})")
+                return
+            self._daemon = conn
+            try:
+                # The server's relay speaks to the daemon itself; this keeps the connection
+                # open (its own descriptor) until the copy is resident or killed.
+                send_socket(self._ps, conn)
+                why = verdict(self._ps)
+            except OSError as exc:
+                why = f"the relay to the source broke ({exc.strerror or exc})"
+            if why is not None:
+                self._fail(why)
+        finally:
+            self._judged.set()
 
     def _accept(self) -> socket.socket:
         self._listener.settimeout(ACCEPT_TIMEOUT)

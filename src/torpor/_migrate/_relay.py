@@ -31,6 +31,7 @@ import ssl
 import struct
 import termios
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,8 +146,12 @@ class _Relay:
         # and answered here until the keeper says how the daemon ended (see _hold_close).
         self.confirm = confirm
         self.held: bytes | None = None  # the close, held back
+        self.held_at = 0.0  # (monotonic) since when
         self.answered = False  # the daemon has its close's answer: nothing more goes to it
-        self.held_ok = False  # the keeper said the daemon exited 0: the close goes on
+        self.word: bytes | None = None  # the keeper's word on the daemon's end, once read
+        self.confirm_open = confirm is not None
+        # The frame holding the close is in hand (its TCP bytes marked once written).
+        self.close_in_frame = False
         self.gated_in = gate is not None and gate.requests_to_plain
         # plain -> channel: one frame, header included; ``out_len`` 0: none in hand.
         self.out = bytearray(_HEADER.size + MAX_DATA)
@@ -188,9 +193,8 @@ class _Relay:
                     self._peer_end()
                 if self.plain_ended and self.shut and not self.out_len:
                     return RelayStats(self.sent, self.received)
-                if self.held is not None and self.held_ok and not self.out_len:
-                    self._send_frame(self.held)  # the daemon ended well: the close goes on
-                    self.held = None
+                if self.held is not None:
+                    self._judge_held()
                 read_tls = not self.peer_ended and (
                     (len(self.gate.out) < MAX_DATA if self.gated_in and self.gate else True)
                     and (self.body_len < 0 or self.body_got < self.body_len)
@@ -202,7 +206,7 @@ class _Relay:
                 want_plain = (
                     read if not self.plain_ended and not self.out_len and not held else 0
                 ) | (write if self._to_plain() else 0)
-                want_confirm = read if held and not self.held_ok else 0
+                want_confirm = read if self.confirm_open and self.word is None else 0
                 for s, ev in ((tls, want_tls), (plain, want_plain), (confirm, want_confirm)):
                     if s is None:
                         continue
@@ -218,8 +222,14 @@ class _Relay:
                 if read_tls and tls.pending():  # decrypted bytes select cannot see
                     ev_tls = read
                 else:
-                    events = sel.select(idle_timeout)
+                    wait = idle_timeout
+                    if held:
+                        left = max(0.0, self.held_at + HOLD_LIMIT - time.monotonic())
+                        wait = left if wait is None else min(wait, left)
+                    events = sel.select(wait)
                     if not events:
+                        if held:
+                            continue  # _judge_held: past HOLD_LIMIT
                         raise ChannelError(
                             f"relay with {self.conn._who()}: nothing moved in {idle_timeout} s"
                         )
@@ -262,7 +272,7 @@ class _Relay:
             if not self.plain_ended and not self.out_len:
                 self._end_plain()
             return
-        if gate is not None and not gate.closed:
+        if gate is not None and (not gate.closed or self.held is not None):
             # The daemon's connection stays open: the copy is killed before it closes.
             raise ChannelError(
                 f"{self.conn._who()} ended the transfer before the last page was asked for"
@@ -285,8 +295,8 @@ class _Relay:
             return
         if self.out_off == self.out_len:
             self.out_len = self.out_off = 0
-            gate = self.gate
-            if gate is not None and gate.closed and self.close_mark is None and not self.gated_in:
+            if self.close_in_frame:
+                self.close_in_frame = False
                 self.close_mark = _written(self.tls)
             if self.shut and not self.plain_ended and self.gated_in:
                 self._end_plain()  # the source's end, once the frame in hand has gone
@@ -379,10 +389,13 @@ class _Relay:
                     return  # tests: a stalled transfer
             else:
                 start = gate.take(self.out_view[_HEADER.size : _HEADER.size + n])
-                if start is not None and start >= 0 and self._hold_close(start, n):
-                    n = start  # what came before the close goes now; the close waits
-                    if not n:
-                        return
+                if start is not None:
+                    if self.confirm is not None:
+                        n = self._hold_close(max(start, 0), n)  # what came before it goes
+                        if not n:
+                            return
+                    else:
+                        self.close_in_frame = True
         self._send_frame(None, n)
 
     def _send_frame(self, data: bytes | None, n: int = 0) -> None:
@@ -395,41 +408,63 @@ class _Relay:
         self.out_len = _HEADER.size + n
         self._tls_write()  # at once: the socket is most often writable
 
-    def _hold_close(self, start: int, n: int) -> bool:
-        """The target's daemon sent its close (the bytes ``start..n`` of what was read).
-        ``criu lazy-pages`` sends it when its loop ends, also on an error with pages
-        missing; the source's CRIU kills the original when it gets it. So it is held back:
-        the daemon gets the page server's answer here (a status of 0), and the close goes on
-        only once the keeper says the daemon exited 0 (:meth:`_confirmed`); else the relay
-        fails, and the source, which never had the close, takes its original back. Whether
-        it could be held (without a keeper to confirm, or with bytes for the daemon still to
-        write, it is passed on at once, as before)."""
-        if self.confirm is None or self._to_plain():
-            return False
-        try:
-            sent = self.plain.send(_CLOSED_STATUS)
-        except BlockingIOError:
-            return False  # nothing sent: the source answers it, as before
-        except OSError as exc:
-            raise ChannelError(
-                f"the lazy-pages daemon's close could not be answered: {exc}"
-            ) from exc
-        if sent != len(_CLOSED_STATUS):
-            raise ChannelError("the lazy-pages daemon took part of its close's answer")
-        self.answered = True
+    def _hold_close(self, start: int, n: int) -> int:
+        """The target's daemon sent its close (from byte ``start`` of the ``n`` read; a close
+        begun in an earlier read has its rest held, the source's gate passing only whole
+        requests). ``criu lazy-pages`` sends it when its loop ends, also on an error with
+        pages missing, and the source's CRIU kills the original when it gets it. So it is
+        held back: the daemon gets the page server's answer here (a status of 0, which its
+        exit code does not depend on; what is still due to it, and what the source sends
+        from now on, is dropped: it asked for nothing more), and the close goes on only once
+        the keeper says the daemon exited 0 (:meth:`_judge_held`); else the relay fails, and
+        the source, which never had the close, takes its original back. The bytes before
+        the close, to send now."""
         self.held = bytes(self.out_view[_HEADER.size + start : _HEADER.size + n])
-        return True
+        self.held_at = time.monotonic()
+        self.answered = True
+        self.body_sent = self.body_got  # (dropped)
+        if self.body_len >= 0 and self.body_got == self.body_len:
+            self.body_len = -1
+            self.body_got = self.body_sent = 0
+        with contextlib.suppress(OSError):  # best effort: its exit code is what counts
+            self.plain.send(_CLOSED_STATUS)
+        return start
 
-    def _confirmed(self) -> None:
-        """The keeper's word on how the daemon ended, the close held back."""
-        assert self.confirm is not None
-        word = self.confirm.recv(1)
-        if word != DAEMON_OK:
+    def _judge_held(self) -> None:
+        """The close held back: on once the keeper's word is that the daemon exited 0 (and
+        the frame in hand has gone); the relay fails on any other word, on the keeper's end
+        without one, and after :data:`HOLD_LIMIT` seconds without one."""
+        assert self.held is not None
+        if self.word == DAEMON_OK:
+            if not self.out_len:
+                self.close_in_frame = True
+                self._send_frame(self.held)  # the daemon ended well: the close goes on
+                self.held = None
+            return
+        if self.word is not None or not self.confirm_open:
             raise ChannelError(
                 "the lazy-pages daemon ended on an error after its close: its pages are not "
                 "all here (the source keeps its original)"
             )
-        self.held_ok = True
+        if time.monotonic() - self.held_at >= HOLD_LIMIT:
+            raise ChannelError(
+                f"no word of the lazy-pages daemon's end {HOLD_LIMIT:g} s after its close "
+                "(the source keeps its original)"
+            )
+
+    def _confirmed(self) -> None:
+        """Read the keeper's word on how the daemon ended (its end without one: none)."""
+        assert self.confirm is not None
+        try:
+            word = self.confirm.recv(1)
+        except BlockingIOError:
+            return
+        except OSError:
+            word = b""
+        if word:
+            self.word = word
+        else:
+            self.confirm_open = False
 
     def finish_close(self) -> bool:
         """The target, its relay broken: whether the copy has every page all the same, and
@@ -442,7 +477,9 @@ class _Relay:
         transfer. A close not acknowledged may never have reached the source, which then
         takes its original back: this copy is killed, as before (False)."""
         gate = self.gate
-        if gate is None or gate.requests_to_plain or not gate.closed or self.close_mark is None:
+        if gate is None or gate.requests_to_plain or self.held is not None:
+            return False
+        if not gate.closed or self.close_mark is None:
             return False
         try:
             if _acked(self.tls) < self.close_mark or self.after_close > len(_CLOSED_STATUS):
@@ -458,6 +495,7 @@ class _Relay:
 
 _CLOSED_STATUS = b"\0\0\0\0"  # CRIU's page server's answer to PS_IOV_CLOSE: int32 status 0
 DAEMON_OK, DAEMON_FAILED = b"0", b"X"  # the keeper's word on the daemon's end (daemon_ended)
+HOLD_LIMIT = 4.0  # seconds a held close waits for that word (the source's IDLE is 8 s)
 _TCP_INFO_BYTES_ACKED = 120  # the offset of tcpi_bytes_acked (u64) in struct tcp_info
 
 
@@ -581,8 +619,12 @@ def verdict(local: socket.socket) -> str | None:
     """After :func:`send_socket`: block until the relay ended; None if it ended well, else
     why not."""
     got = bytearray()
-    while chunk := local.recv(4096):
-        got += chunk
+    try:
+        while chunk := local.recv(4096):
+            got += chunk
+    except OSError:
+        if not got:  # (else the relay's word came: a reset after it, e.g. a word of ours
+            raise  # it never read, changes nothing)
     if got[:1] == _GOOD:
         return None
     if got[:1] == _BAD:
