@@ -198,18 +198,30 @@ def test_a_server_that_asks_is_told_how_the_daemon_ended(
     monkeypatch.setenv("FAKE_LAZY", mode)
     told: list[tuple[bool, bool]] = []
 
+    released: list[bool] = []
+
     class Told(FakeServer):
         def daemon_ended(self, ok: bool) -> None:
             told.append((ok, copy.poll() is None))
+            assert c.daemon is not None
+            released.append(c.daemon._held == [])
 
     def factory(
         img: Image, pid: Callable[[], int | None], on_error: Callable[[LazyPageError], None]
     ) -> FakeServer:
         return Told(pid, on_error)
 
-    c = _started(_copy(image, criu, server_factory=factory), copy)
+    c = _copy(image, criu, server_factory=factory)
+    c.start()
+    c.restored(copy.pid, tasks=0)
+    assert c.daemon is not None
+    c.daemon._held.append(os.open(os.devnull, os.O_RDONLY))  # a userfaultfd, say
+    c.watch()
     assert c.wait(10)
     assert told == [(ok, True)]  # once, while the copy still ran
+    # Every page in: the copy's userfaultfds let go before the relay is waited for (a fork
+    # or munmap in the running copy would wait on them); else kept until the kill.
+    assert released == [ok]
     assert (copy.poll() is None) == ok
 
 

@@ -587,3 +587,42 @@ def test_the_close_is_marked_at_its_own_frame_not_the_requests_before_it(
         assert marked == ["mark"]
         assert keeper.join() is None
     peer.join()
+
+
+def test_a_held_close_keeps_the_sources_relay_waiting_for_the_word(
+    homes: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keeper's word may come only once its restore is done: while the close is held,
+    empty frames keep the source's relay (which gives up after its idle time of silence)
+    from giving up; the close then goes as ever."""
+    from torpor._migrate import _relay
+
+    monkeypatch.setattr(_relay, "KEEPALIVE", 0.2)
+    a, b = homes
+    pages = b"pages" * 100
+    got_close = threading.Event()
+
+    def source(conn: Conn) -> Any:
+        ours, criu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        threading.Thread(
+            target=criu_answering_the_close, args=(criu, pages, got_close), daemon=True
+        ).start()
+        return relay(conn, ours, idle_timeout=0.7)
+
+    peer = Peer(a, source)
+    with connect("127.0.0.1", peer.port, home=b) as conn:
+        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
+        keeper = Keeper(handle.criu_sock)
+        daemon = socket.create_connection(keeper.listener.getsockname())
+        daemon.settimeout(10)
+        daemon.sendall(GET)
+        assert recv_exact(daemon, len(pages)) == pages
+        daemon.sendall(CLOSE)
+        assert recv_exact(daemon, 4) == b"\0\0\0\0"
+        daemon.shutdown(socket.SHUT_WR)
+        time.sleep(2.0)  # the keeper's restore, say: thrice the source's idle time
+        handle.criu_sock.send(DAEMON_OK)
+        handle.wait(10)
+        assert got_close.is_set()
+        assert keeper.join() is None
+    assert peer.join().received == 64

@@ -401,12 +401,14 @@ class LazyCopy:
                         return
                     continue
                 break
-            ended = getattr(self.server, "daemon_ended", None)  # (a migration's relay)
-            if ended is not None:
-                ended(code == 0 and self.server is not None and self.server.error is None)
+            ok = code == 0 and (self.server is None or self.server.error is None)
+            if ok:
+                daemon.release_uffds()  # no more faults to serve: none may wait forever
+            ended = getattr(self.server, "daemon_ended", None)  # (a migration's relay: it
+            if ended is not None:  # may wait, the pidfd still held for a kill)
+                ended(ok)
             error = self.server.error if self.server is not None else None
             if code == 0 and error is None:
-                daemon.release_uffds()  # no more faults to serve: none may wait forever
                 resident = self._alive()
                 if resident:
                     self.state = replace(self.state, state=RESIDENT, resident_at=time.time())

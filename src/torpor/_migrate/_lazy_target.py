@@ -54,7 +54,10 @@ from ._relay import DAEMON_FAILED, DAEMON_OK, send_socket, verdict
 
 ACCEPT_TIMEOUT = 30.0  # seconds for the daemon to connect once started
 UNBLOCK = 2.0  # seconds a broken transfer leaves a restore waiting on a page before it ends
-VERDICT_TIMEOUT = 30.0  # seconds a daemon that exited 0 waits for the relay's verdict
+# Seconds a daemon that exited 0 waits for the relay's verdict: a relay that has the word
+# ends one round trip later, or within _lazy.IDLE (8 s) of silence; under the source's fence
+# (IDLE + 2 s of silence, then it thaws the original), so the copy is killed first.
+VERDICT_TIMEOUT = 10.0
 
 
 class RelayedPages:

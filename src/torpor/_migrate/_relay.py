@@ -146,7 +146,7 @@ class _Relay:
         # and answered here until the keeper says how the daemon ended (see _hold_close).
         self.confirm = confirm
         self.held: bytes | None = None  # the close, held back
-        self.held_at = 0.0  # (monotonic) since when
+        self.held_at = self.kept_alive = 0.0  # (monotonic) since when; its last keepalive
         self.answered = False  # the daemon has its close's answer: nothing more goes to it
         self.word: bytes | None = None  # the keeper's word on the daemon's end, once read
         self.confirm_open = confirm is not None
@@ -223,13 +223,13 @@ class _Relay:
                     ev_tls = read
                 else:
                     wait = idle_timeout
-                    if held:
-                        left = max(0.0, self.held_at + HOLD_LIMIT - time.monotonic())
-                        wait = left if wait is None else min(wait, left)
+                    waiting = held and self.word is None  # (the keeper's word on its way)
+                    if waiting:
+                        wait = self._keepalive(wait)
                     events = sel.select(wait)
                     if not events:
-                        if held:
-                            continue  # _judge_held: past HOLD_LIMIT
+                        if waiting:
+                            continue  # a keepalive due, or _judge_held: past HOLD_LIMIT
                         raise ChannelError(
                             f"relay with {self.conn._who()}: nothing moved in {idle_timeout} s"
                         )
@@ -420,7 +420,7 @@ class _Relay:
         the source, which never had the close, takes its original back. The bytes before
         the close, to send now."""
         self.held = bytes(self.out_view[_HEADER.size + start : _HEADER.size + n])
-        self.held_at = time.monotonic()
+        self.held_at = self.kept_alive = time.monotonic()
         self.answered = True
         self.body_sent = self.body_got  # (dropped)
         if self.body_len >= 0 and self.body_got == self.body_len:
@@ -451,6 +451,19 @@ class _Relay:
                 f"no word of the lazy-pages daemon's end {HOLD_LIMIT:g} s after its close "
                 "(the source keeps its original)"
             )
+
+    def _keepalive(self, idle: float | None) -> float:
+        """While the close waits for the keeper's word: an empty frame to the source each
+        :data:`KEEPALIVE` seconds (its relay gives up after 8 s of silence, and the word may
+        come only once the keeper's restore is done); how long the select may wait."""
+        now = time.monotonic()
+        due = self.held_at + HOLD_LIMIT - now
+        if not self.out_len:  # (a frame in hand is movement: the next select waits for it)
+            if now - self.kept_alive >= KEEPALIVE:
+                self.kept_alive = now
+                self._send_frame(b"")
+            due = min(due, self.kept_alive + KEEPALIVE - now)
+        return max(0.0, due if idle is None else min(idle, due))
 
     def _confirmed(self) -> None:
         """Read the keeper's word on how the daemon ended (its end without one: none)."""
@@ -495,7 +508,8 @@ class _Relay:
 
 _CLOSED_STATUS = b"\0\0\0\0"  # CRIU's page server's answer to PS_IOV_CLOSE: int32 status 0
 DAEMON_OK, DAEMON_FAILED = b"0", b"X"  # the keeper's word on the daemon's end (daemon_ended)
-HOLD_LIMIT = 4.0  # seconds a held close waits for that word (the source's IDLE is 8 s)
+HOLD_LIMIT = 20.0  # seconds a held close waits for that word (the keeper's restore may end)
+KEEPALIVE = 1.0  # seconds between the empty frames that keep the source's relay waiting
 _TCP_INFO_BYTES_ACKED = 120  # the offset of tcpi_bytes_acked (u64) in struct tcp_info
 
 
