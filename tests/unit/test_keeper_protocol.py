@@ -359,7 +359,7 @@ def test_seal_leaves_the_spares_alone_even_one_gone_meanwhile(
     keeper's seal met that in CI: 'No such file or directory (.torpor-tmp-spare-1)')."""
     staging = _staged(tmp_path)
     d = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-    reserve_spares(d, [4096, 4096], source=str(staging))
+    reserve_spares(d, [4096] * 6, source=str(staging))  # more than the seal writes into
     listed = _image.lstat_entries
 
     def listing_then_a_spare_goes(dir_fd: int) -> dict[str, os.stat_result]:
@@ -375,6 +375,10 @@ def test_seal_leaves_the_spares_alone_even_one_gone_meanwhile(
         os.close(d)
     assert [f.name for f in manifest.files] == ["inventory.img", "pstree.img", "stats-dump"]
     assert (staging / "pstree.img").stat().st_uid == 65534
+    # What is left of torpor's spares is the owner's too (a kept staging dir is theirs).
+    left = sorted(p.name for p in staging.iterdir() if p.name.startswith(SPARE_PREFIX))
+    assert left != []
+    assert {(staging / n).stat().st_uid for n in left} == {65534}
 
 
 def test_seal_refuses_a_symlink_among_the_files(tmp_path: Path) -> None:

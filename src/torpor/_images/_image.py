@@ -385,15 +385,13 @@ def seal(
     # Owner and mode first: changing them changes the files' ctime, which the stamp records.
     # The image's files (refused if one is no longer a regular file), CRIU's log and torpor's
     # other files (what is not a regular file is not part of the image: left alone).
-    # Not torpor's temporary files: spares and temporaries are made private, and go (a spare
-    # may be taken while this runs).
     everything = lstat_entries(dir_fd)
-    regular = [
-        n
-        for n, st in sorted(everything.items())
-        if stat.S_ISREG(st.st_mode) and not n.startswith(TEMP_PREFIX)
-    ]
-    give(dir_fd, sorted({*names, *regular}), owner, source=source)
+    regular = [n for n, st in sorted(everything.items()) if stat.S_ISREG(st.st_mode)]
+    temporary = {n for n in regular if n.startswith(TEMP_PREFIX)}
+    give(dir_fd, sorted({*names, *regular} - temporary), owner, source=source)
+    for name in sorted(temporary):  # torpor's spares: one may be taken or gone meanwhile
+        with contextlib.suppress(FileNotFoundError):
+            give(dir_fd, [name], owner, source=source)
     sizes = {n: os.stat(n, dir_fd=dir_fd, follow_symlinks=False).st_size for n in names}
     # A file that changed after it was hashed is hashed again.
     vouched = {n: e for n, e in (hashed or {}).items() if n in sizes and sizes[n] == e.size}
