@@ -14,7 +14,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from torpor._migrate._relay import (
     DAEMON_FAILED,
     DAEMON_OK,
     Gate,
+    RelayHandle,
     RelayStats,
     receive_socket,
     relay,
@@ -208,6 +209,33 @@ def criu_answering_the_close(sock: socket.socket, pages: bytes, got_close: threa
     sock.close()
 
 
+def criu_source(
+    pages: bytes, got_close: threading.Event, *, idle: float = 5.0
+) -> Callable[[Conn], Any]:
+    """The source's side: its relay to CRIU's page server (:func:`criu_answering_the_close`)."""
+
+    def source(conn: Conn) -> Any:
+        ours, criu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        threading.Thread(
+            target=criu_answering_the_close, args=(criu, pages, got_close), daemon=True
+        ).start()
+        return relay(conn, ours, idle_timeout=idle)
+
+    return source
+
+
+@contextlib.contextmanager
+def on_target(port: int, home: Path) -> Iterator[tuple[Conn, RelayHandle, Keeper, socket.socket]]:
+    """The target's side: its channel to the source, the relay on the daemon's connection
+    (handed over by the keeper), the keeper, and the daemon's end of that connection."""
+    with connect("127.0.0.1", port, home=home) as conn:
+        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
+        keeper = Keeper(handle.criu_sock)
+        daemon = socket.create_connection(keeper.listener.getsockname())
+        daemon.settimeout(10)
+        yield conn, handle, keeper, daemon
+
+
 def test_target_relays_on_the_daemons_socket_and_shuts_it_after_the_close(
     homes: tuple[Path, Path],
 ) -> None:
@@ -217,19 +245,8 @@ def test_target_relays_on_the_daemons_socket_and_shuts_it_after_the_close(
     pages = b"pages" * 5000
     got_close = threading.Event()
 
-    def source(conn: Conn) -> Any:
-        ours, criu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        threading.Thread(
-            target=criu_answering_the_close, args=(criu, pages, got_close), daemon=True
-        ).start()
-        return relay(conn, ours, idle_timeout=5)
-
-    peer = Peer(a, source)
-    with connect("127.0.0.1", peer.port, home=b) as conn:
-        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
-        keeper = Keeper(handle.criu_sock)
-        daemon = socket.create_connection(keeper.listener.getsockname())
-        daemon.settimeout(10)
+    peer = Peer(a, criu_source(pages, got_close))
+    with on_target(peer.port, b) as (_conn, handle, keeper, daemon):
         daemon.sendall(GET)
         assert recv_exact(daemon, len(pages)) == pages
         daemon.sendall(CLOSE)
@@ -267,11 +284,7 @@ def test_a_daemon_failing_after_its_close_never_lets_the_source_have_it(
         return got
 
     peer = Peer(a, source)
-    with connect("127.0.0.1", peer.port, home=b) as conn:
-        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
-        keeper = Keeper(handle.criu_sock)
-        daemon = socket.create_connection(keeper.listener.getsockname())
-        daemon.settimeout(10)
+    with on_target(peer.port, b) as (conn, handle, keeper, daemon):
         daemon.sendall(GET)
         assert recv_exact(daemon, len(pages)) == pages
         daemon.sendall(CLOSE)
@@ -302,10 +315,7 @@ def test_target_keeps_the_daemons_connection_open_when_the_source_ends_early(
             relay(conn, ours, idle_timeout=5)  # the target gives up: no E comes back
 
     peer = Peer(a, source)
-    with connect("127.0.0.1", peer.port, home=b) as conn:
-        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
-        keeper = Keeper(handle.criu_sock)
-        daemon = socket.create_connection(keeper.listener.getsockname())
+    with on_target(peer.port, b) as (_conn, handle, keeper, daemon):
         daemon.sendall(GET + GET2)  # no close: pages are still due
         assert recv_exact(daemon, len(answer)) == answer
         with pytest.raises(ChannelError) as info:
@@ -389,11 +399,7 @@ def test_target_keeps_a_copy_whose_close_reached_the_source_when_the_link_breaks
     a, b = homes
     answer = b"pages" * 100
     peer = Peer(a, _source_that_breaks_after_the_close(answer))
-    with connect("127.0.0.1", peer.port, home=b) as conn:
-        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
-        keeper = Keeper(handle.criu_sock)
-        daemon = socket.create_connection(keeper.listener.getsockname())
-        daemon.settimeout(10)
+    with on_target(peer.port, b) as (_conn, handle, keeper, daemon):
         daemon.sendall(GET)
         assert recv_exact(daemon, len(answer)) == answer
         daemon.sendall(CLOSE)  # every page is in
@@ -416,10 +422,7 @@ def test_target_kills_a_copy_whose_close_the_source_may_not_have(
     a, b = homes
     answer = b"pages" * 100
     peer = Peer(a, _source_that_breaks_after_the_close(answer))
-    with connect("127.0.0.1", peer.port, home=b) as conn:
-        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
-        keeper = Keeper(handle.criu_sock)
-        daemon = socket.create_connection(keeper.listener.getsockname())
+    with on_target(peer.port, b) as (_conn, handle, keeper, daemon):
         daemon.sendall(GET)
         assert recv_exact(daemon, len(answer)) == answer
         daemon.sendall(CLOSE)
@@ -489,11 +492,7 @@ def test_a_close_sent_with_the_request_before_it_is_held_all_the_same(
     a, b = homes
     pages = b"pages" * 100
     peer = Peer(a, _source_reading_until_the_end(pages))
-    with connect("127.0.0.1", peer.port, home=b) as conn:
-        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
-        keeper = Keeper(handle.criu_sock)
-        daemon = socket.create_connection(keeper.listener.getsockname())
-        daemon.settimeout(10)
+    with on_target(peer.port, b) as (conn, handle, keeper, daemon):
         daemon.sendall(GET + CLOSE)
         assert recv_exact(daemon, 4) == b"\0\0\0\0"  # answered at once; the pages dropped
         daemon.close()
@@ -533,11 +532,7 @@ def test_a_break_while_the_close_is_held_kills_the_copy(
         conn.sock.close()  # the link breaks before the close
 
     peer = Peer(a, source)
-    with connect("127.0.0.1", peer.port, home=b) as conn:
-        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
-        keeper = Keeper(handle.criu_sock)
-        daemon = socket.create_connection(keeper.listener.getsockname())
-        daemon.settimeout(10)
+    with on_target(peer.port, b) as (_conn, handle, keeper, daemon):
         daemon.sendall(GET + CLOSE)
         assert recv_exact(daemon, 4) == b"\0\0\0\0"
         peer.join()
@@ -564,19 +559,8 @@ def test_the_close_is_marked_at_its_own_frame_not_the_requests_before_it(
     pages = b"pages" * 100
     got_close = threading.Event()
 
-    def source(conn: Conn) -> Any:
-        ours, criu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        threading.Thread(
-            target=criu_answering_the_close, args=(criu, pages, got_close), daemon=True
-        ).start()
-        return relay(conn, ours, idle_timeout=5)
-
-    peer = Peer(a, source)
-    with connect("127.0.0.1", peer.port, home=b) as conn:
-        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
-        keeper = Keeper(handle.criu_sock)
-        daemon = socket.create_connection(keeper.listener.getsockname())
-        daemon.settimeout(10)
+    peer = Peer(a, criu_source(pages, got_close))
+    with on_target(peer.port, b) as (_conn, handle, keeper, daemon):
         daemon.sendall(GET + CLOSE)
         assert recv_exact(daemon, 4) == b"\0\0\0\0"
         daemon.shutdown(socket.SHUT_WR)
@@ -602,19 +586,8 @@ def test_a_held_close_keeps_the_sources_relay_waiting_for_the_word(
     pages = b"pages" * 100
     got_close = threading.Event()
 
-    def source(conn: Conn) -> Any:
-        ours, criu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        threading.Thread(
-            target=criu_answering_the_close, args=(criu, pages, got_close), daemon=True
-        ).start()
-        return relay(conn, ours, idle_timeout=0.7)
-
-    peer = Peer(a, source)
-    with connect("127.0.0.1", peer.port, home=b) as conn:
-        handle = start_relay(conn, idle_timeout=5, daemon_socket=True)
-        keeper = Keeper(handle.criu_sock)
-        daemon = socket.create_connection(keeper.listener.getsockname())
-        daemon.settimeout(10)
+    peer = Peer(a, criu_source(pages, got_close, idle=0.7))
+    with on_target(peer.port, b) as (_conn, handle, keeper, daemon):
         daemon.sendall(GET)
         assert recv_exact(daemon, len(pages)) == pages
         daemon.sendall(CLOSE)
