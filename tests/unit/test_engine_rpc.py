@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from pathlib import Path
@@ -140,3 +141,54 @@ def test_a_connection_knows_when_its_criu_is_gone() -> None:
     theirs.close()
     assert conn.alive() is False  # hung up
     ours.close()
+
+
+def test_a_killed_criu_whose_fork_holds_the_socket_ends_the_wait() -> None:
+    """CRIU killed while a task it forked (a restored one not yet itself) holds the socket's
+    other end: the socket never hangs up, so the wait for CRIU's answer ends on CRIU's exit
+    (a keeper waited for ever: the fault suite's SIGKILL of criu mid-restore). What CRIU
+    sent before it died is still read first."""
+    import os as _os
+    import subprocess as _subprocess
+    import sys as _sys
+    import time as _time
+
+    from torpor._engine._rpc import Connection, TransportError
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # "CRIU": forks a child that keeps the socket (and sleeps), says one thing, then waits
+    # to be killed.
+    script = (
+        "import os, socket, sys, time\n"
+        "s = socket.socket(fileno=int(sys.argv[1]))\n"
+        "if os.fork() == 0:\n"
+        "    time.sleep(60); os._exit(0)\n"
+        "s.send(b'\\x08\\x01')\n"  # a Resp: type 1
+        "time.sleep(60)\n"
+    )
+    proc = _subprocess.Popen(
+        [_sys.executable, "-c", script, str(theirs.fileno())], pass_fds=(theirs.fileno(),)
+    )
+    theirs.close()
+    conn = Connection(ours, proc)
+    fork_pid = None
+    try:
+        assert conn.recv().type == 1  # its words before it died
+        deadline = _time.monotonic() + 10
+        while fork_pid is None and _time.monotonic() < deadline:
+            kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            fork_pid = int(kids[0]) if kids else None
+        assert fork_pid is not None
+        proc.kill()
+        started = _time.monotonic()
+        with pytest.raises(TransportError) as info:
+            conn.recv()
+        assert _time.monotonic() - started < 5
+        assert str(info.value) == "CRIU exited, its socket held open by a process it forked"
+    finally:
+        if fork_pid is not None:  # ours: the child of the process we started
+            with contextlib.suppress(ProcessLookupError):
+                _os.kill(fork_pid, 9)
+        proc.kill()
+        proc.wait()
+        conn.close()

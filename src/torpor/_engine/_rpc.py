@@ -10,6 +10,7 @@ logs and stats 0644, and pages hold a process's secrets.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import subprocess
@@ -73,6 +74,7 @@ class Connection:
         self.sock = sock
         self.proc = proc
         self.notify_error: BaseException | None = None
+        self._pidfd: int | None = None  # of proc, once waited on (_until_readable)
 
     @classmethod
     def spawn(cls, criu: str, pass_fds: Sequence[int] = ()) -> Connection:
@@ -108,6 +110,7 @@ class Connection:
     def recv(self) -> pb.Resp:
         """Receive one response packet."""
         try:
+            self._until_readable()
             # With MSG_TRUNC the kernel reports the whole packet's length; Python returns a
             # buffer of that length, so len() is the size to read.
             size = len(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_TRUNC))
@@ -119,6 +122,31 @@ class Connection:
         resp = pb.Resp()
         resp.ParseFromString(data)
         return resp
+
+    def _until_readable(self) -> None:
+        """Wait until the socket has something to read, or hung up; with CRIU our child, stop
+        waiting once it has exited with nothing left to read (:class:`TransportError`): a
+        process it forked (a restored task not yet itself, CRIU killed under it) may hold the
+        socket's other end open for ever, so it never hangs up."""
+        if self.proc is None:
+            return
+        if self._pidfd is None:
+            try:
+                self._pidfd = os.pidfd_open(self.proc.pid)
+            except ProcessLookupError:  # reaped already: it has exited
+                self._pidfd = -1
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        if self._pidfd >= 0:
+            poller.register(self._pidfd, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll(None if self._pidfd >= 0 else 0)}
+            if self.sock.fileno() in ready:
+                return
+            if self._pidfd < 0 or self._pidfd in ready:
+                if select.select([self.sock], [], [], 0)[0]:  # its last words first
+                    return
+                raise TransportError("CRIU exited, its socket held open by a process it forked")
 
     def call(self, req: pb.Req, notify: NotifyHandler | None = None) -> pb.Resp:
         """Send ``req`` and return CRIU's final response, answering notifications on the way.
@@ -149,6 +177,9 @@ class Connection:
     def close(self) -> None:
         """Close the socket and reap the swrk process (CRIU exits when the socket closes)."""
         self.sock.close()
+        if self._pidfd is not None and self._pidfd >= 0:
+            os.close(self._pidfd)
+        self._pidfd = None
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=30)
