@@ -1,7 +1,7 @@
 """Dumps of processes that share a working directory (``_engine/_cwdlock``), on real CRIU: CRIU's
 parasite mounts a /proc at ``proc.crtools`` in the dumped task's working directory, so two dumps
 there at once collide; torpor's dumps take a lock per working directory, and a leftover
-``proc.crtools`` is named with its fix."""
+``proc.crtools`` is removed under it if empty, else named with its fix."""
 
 from __future__ import annotations
 
@@ -58,9 +58,13 @@ def test_a_dump_waits_for_another_in_the_same_working_directory(
     assert os.path.exists(f"/proc/{third}")
 
 
-def test_a_leftover_proc_crtools_is_named_with_its_fix(torpor_home: Path, tmp_path: Path) -> None:
+def test_a_leftover_proc_crtools_is_removed_if_empty_else_named_with_its_fix(
+    torpor_home: Path, tmp_path: Path
+) -> None:
     pid = run(tmp_path, "left")
-    (tmp_path / "proc.crtools").mkdir()  # as a killed dump's parasite would leave it
+    left = tmp_path / "proc.crtools"
+    left.mkdir()  # as a killed dump's parasite would leave it, but not empty: not CRIU's
+    (left / "keep").write_text("a user's")
     failed = cli(tmp_path, "checkpoint", "left", "--leave-running", "--name", "left-img")
     _, err = failed.communicate(timeout=60)
     assert failed.returncode != 0
@@ -71,8 +75,10 @@ def test_a_leftover_proc_crtools_is_named_with_its_fix(torpor_home: Path, tmp_pa
         "of a process there ran at the same moment (retry), or a killed one left it (remove "
         "proc.crtools from the working directory, `ls -l /proc/PID/cwd/`, if no dump runs)"
     ), line
-    (tmp_path / "proc.crtools").rmdir()
+    assert (left / "keep").read_text() == "a user's"  # never touched
+    (left / "keep").unlink()  # now as a killed dump leaves it: empty, removed by the next
     again = cli(tmp_path, "checkpoint", "left", "--leave-running", "--name", "left-img")
     _, err = again.communicate(timeout=60)
     assert again.returncode == 0, err
+    assert not left.exists()
     wait_for(lambda: os.path.exists(f"/proc/{pid}"))

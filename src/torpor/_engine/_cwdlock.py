@@ -7,6 +7,7 @@ detach, rmdir). Two dumps at once of processes with the same working directory c
 the second fails with ``Can't create a directory (-17)``. :func:`held` takes an exclusive
 ``flock`` per working directory of the tree, in ``/run/torpor/dump-locks`` (shared by every
 torpor home of the host: the directory is the host's), sorted so two dumps never deadlock.
+Under each lock, an empty ``proc.crtools`` there (left by a CRIU killed mid-dump) is removed.
 
 The lock is an optimisation of safety, not a boundary: where the lock directory cannot be had
 safely (not root, or it is not a root-owned 0700 directory) the dump goes on without it.
@@ -25,12 +26,20 @@ LOCK_DIR = Path("/run/torpor/dump-locks")
 _MAX_TASKS = 4096  # processes of one tree looked at
 
 
+PARASITE_PROC = "proc.crtools"  # where CRIU's parasite mounts a /proc (see the docstring)
+
+
 def tree_cwds(root: int) -> set[tuple[int, int]]:
     """(st_dev, st_ino) of the working directory of every process of the tree at ``root``
     (those that can be read: a process that ended meanwhile is skipped)."""
+    return set(_tree_cwds(root))
+
+
+def _tree_cwds(root: int) -> dict[tuple[int, int], int]:
+    """:func:`tree_cwds`, each with a process of the tree working in it."""
     seen: set[int] = set()
     todo = [root]
-    out: set[tuple[int, int]] = set()
+    out: dict[tuple[int, int], int] = {}
     while todo and len(seen) < _MAX_TASKS:
         pid = todo.pop()
         if pid in seen:
@@ -38,7 +47,7 @@ def tree_cwds(root: int) -> set[tuple[int, int]]:
         seen.add(pid)
         with contextlib.suppress(OSError):
             st = os.stat(f"/proc/{pid}/cwd")
-            out.add((st.st_dev, st.st_ino))
+            out.setdefault((st.st_dev, st.st_ino), pid)
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
@@ -67,7 +76,8 @@ def _lock_dir() -> int | None:
 @contextlib.contextmanager
 def held(root: int) -> Iterator[int]:
     """Hold the dump locks of the working directories of ``root``'s tree; how many."""
-    keys = sorted(tree_cwds(root))
+    cwds = _tree_cwds(root)
+    keys = sorted(cwds)
     dir_fd = _lock_dir() if keys else None
     fds: list[int] = []
     try:
@@ -81,9 +91,27 @@ def held(root: int) -> Iterator[int]:
                     continue
                 fds.append(fd)
                 fcntl.flock(fd, fcntl.LOCK_EX)
+                _drop_leftover(cwds[(dev, ino)], (dev, ino))
         yield len(fds)
     finally:
         for fd in fds:
             os.close(fd)  # the lock goes with it
         if dir_fd is not None:
             os.close(dir_fd)
+
+
+def _drop_leftover(pid: int, key: tuple[int, int]) -> None:
+    """Remove an empty ``proc.crtools`` from the working directory ``key`` of ``pid``, left
+    by a CRIU killed between its parasite's mkdir and rmdir: every later dump of a process
+    working there would fail (``Can't create a directory (-17)``). Only with that directory's
+    lock held (no dump of ours is using it), only an empty directory (rmdir: never a
+    symlink, a mount point or anything with content), and only the directory the process
+    still works in."""
+    with contextlib.suppress(OSError):
+        fd = os.open(f"/proc/{pid}/cwd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == key:
+                os.rmdir(PARASITE_PROC, dir_fd=fd)
+        finally:
+            os.close(fd)
