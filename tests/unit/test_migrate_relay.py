@@ -271,19 +271,7 @@ def test_a_daemon_failing_after_its_close_never_lets_the_source_have_it(
     (its CRIU would kill the original), takes its original back."""
     a, b = homes
     pages = b"pages" * 100
-
-    def source(conn: Conn) -> Any:
-        frame = _channel._HEADER.size + 32
-        assert recv_exact(conn.sock, frame) == data(GET)
-        conn.sock.sendall(data(pages))
-        got = b""
-        conn.sock.settimeout(10)
-        with contextlib.suppress(OSError):
-            while chunk := conn.sock.recv(4096):
-                got += chunk
-        return got
-
-    peer = Peer(a, source)
+    peer = Peer(a, _source_reading_until_the_end(pages))
     with on_target(peer.port, b) as (conn, handle, keeper, daemon):
         daemon.sendall(GET)
         assert recv_exact(daemon, len(pages)) == pages
