@@ -176,7 +176,7 @@ def _start_criu(criu: str) -> tuple[Connection | None, SpareLog | None]:
 
     spare = SpareLog.make()
     try:
-        return Connection.spawn(criu, (spare.fd,) if spare else ()), spare
+        return Connection.spawn(criu, (spare.fd,) if spare else (), restoring=True), spare
     except OSError:
         if spare is not None:
             spare.close()

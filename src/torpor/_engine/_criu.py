@@ -372,7 +372,7 @@ class CriuEngine:
         own = conn is None
         try:
             if conn is None:
-                conn = Connection.spawn(self.binary, pass_fds)
+                conn = Connection.spawn(self.binary, pass_fds, restoring=kind == "restore")
         except OSError as exc:
             raise CriuUnavailableError(
                 f"cannot start {self.binary}: {exc}", hint=_INSTALL_HINT

@@ -10,6 +10,7 @@ logs and stats 0644, and pages hold a process's secrets.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .._proto import criu_rpc_pb2 as pb
-from . import _kdat
+from . import _kdat, _thp
 
 
 @dataclass(frozen=True)
@@ -48,23 +49,28 @@ def start_swrk(
     pass_fds: Sequence[int] = (),
     options: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    restoring: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start ``criu swrk`` serving the socket ``sock_fd`` (which the caller then closes);
     ``pass_fds`` are further fds CRIU must open itself, ``options`` command-line options that
     hold for every request (``--action-script``), ``env`` its environment (ours by default).
     No stdio: CRIU logs to the log file a request names. CRIU's kernel-facts cache is made
-    first where CRIU cannot keep it itself (``_kdat``: ~30-65 ms less per request here)."""
+    first where CRIU cannot keep it itself (``_kdat``: ~30-65 ms less per request here).
+    A CRIU that will restore (``restoring``) starts with transparent huge pages off, which its
+    restored tasks inherit until its restorer sets their own flag back (``_thp``: else a
+    lazy copy with eager pages can read zeros on a host with THP ``always``)."""
     _kdat.ensure(criu)
-    return subprocess.Popen(
-        [criu, *options, "swrk", str(sock_fd)],
-        pass_fds=(sock_fd, *pass_fds),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        close_fds=True,
-        umask=SWRK_UMASK,
-        env=env,
-    )
+    with _thp.children_without_thp() if restoring else contextlib.nullcontext():
+        return subprocess.Popen(
+            [criu, *options, "swrk", str(sock_fd)],
+            pass_fds=(sock_fd, *pass_fds),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+            umask=SWRK_UMASK,
+            env=env,
+        )
 
 
 class Connection:
@@ -77,12 +83,15 @@ class Connection:
         self._pidfd: int | None = None  # of proc, once waited on (_until_readable)
 
     @classmethod
-    def spawn(cls, criu: str, pass_fds: Sequence[int] = ()) -> Connection:
+    def spawn(
+        cls, criu: str, pass_fds: Sequence[int] = (), *, restoring: bool = False
+    ) -> Connection:
         """Start ``criu swrk`` as our child, connected through a fresh socketpair; ``pass_fds``
-        are the fds CRIU must open (images dir, work dir, inherited fds)."""
+        are the fds CRIU must open (images dir, work dir, inherited fds); ``restoring``: it
+        is for a restore (:func:`start_swrk`)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            proc = start_swrk(criu, theirs.fileno(), pass_fds=pass_fds)
+            proc = start_swrk(criu, theirs.fileno(), pass_fds=pass_fds, restoring=restoring)
         except BaseException:
             ours.close()
             raise
