@@ -402,6 +402,9 @@ def run_app(app: App, reps: int, work: Path, log: Log, pool: Pool | None) -> dic
     for r in range(reps):
         k = r % len(methods)
         order = methods[k:] + methods[:k]
+        # The last round's copies are checked too (after their timing): they restore a warm
+        # set, which the warm-up's copies (recording it) did not.
+        app.check = r == reps - 1
         for method in order:
             time.sleep(0.5)  # the agent refills its spare workers 0.3 s after a command
             quiesce(app.warm_bytes, work)
@@ -422,6 +425,9 @@ def run_app(app: App, reps: int, work: Path, log: Log, pool: Pool | None) -> dic
             f"{app.label} round {r + 1}/{reps}: "
             + ", ".join(f"{m} {samples[m][-1]['answer']:.3f}" for m in order)
         )
+    app.check = False
+    if reps:
+        log(f"{app.label}: the last round's copies' memory matched the original's too")
     return {
         "label": app.label,
         "image_bytes": app.image.manifest.total_bytes,
