@@ -33,9 +33,9 @@ class NoPackReads:
         if key.startswith(("packs/", "lists/")):
             raise AssertionError(f"{key} was read from the cluster")
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         self._check(key)
-        data: bytes = self.inner.get(key)
+        data: bytes = self.inner.get(key, limit)
         return data
 
     def get_stream(self, key: str) -> BinaryIO:

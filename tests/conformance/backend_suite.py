@@ -171,6 +171,38 @@ class BackendConformance:
             rest = read_all(stream, block=MIB - 1)
         assert head + rest == value
 
+    # --- bounded reads (a pool's objects are hostile: root must not read them whole) -----
+
+    @pytest.mark.parametrize("size", [0, 1, 4096, MIB + 1, STRIPED], ids=str)
+    def test_get_within_limit(self, backend: Backend, size: int) -> None:
+        value = payload(size, seed=7)
+        backend.put("bounded/v", value)
+        assert backend.get("bounded/v", limit=size) == value
+        assert backend.get("bounded/v", limit=size + 12345) == value
+        assert backend.get("bounded/v", None) == value
+
+    @pytest.mark.parametrize(
+        ("size", "limit"),
+        [(1, 0), (4097, 4096), (MIB + 1, MIB), (STRIPED, 100), (STRIPED, STRIPED - 1)],
+        ids=["1-over-0", "page+1", "MiB+1", "striped-over-small", "striped-by-1"],
+    )
+    def test_get_over_limit_is_refused(self, backend: Backend, size: int, limit: int) -> None:
+        backend.put("bounded/big", payload(size, seed=8))
+        with pytest.raises(PoolError) as info:
+            backend.get("bounded/big", limit=limit)
+        message = str(info.value)
+        assert "\n" not in message
+        assert "'bounded/big'" in message
+        assert f"over the {limit} bytes" in message
+        assert f"is {size} bytes" in message or f"more than {limit} bytes" in message
+        assert "`torpor pool gc POOL`" in message
+        assert backend.get("bounded/big") == payload(size, seed=8)  # refused, not harmed
+
+    def test_get_with_limit_of_a_missing_key(self, backend: Backend) -> None:
+        with pytest.raises(KeyError) as info:
+            backend.get("no/such/key", limit=10)
+        assert info.value.args == ("no/such/key",)
+
     # --- missing keys, metadata --------------------------------------------------------
 
     def test_missing_key(self, backend: Backend) -> None:

@@ -41,10 +41,10 @@ class _Gets:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         if key.startswith("packs/"):
             self.packs.append(key.rsplit("/", 1)[-1])
-        data: bytes = self._inner.get(key)
+        data: bytes = self._inner.get(key, limit)
         return data
 
 

@@ -58,11 +58,11 @@ class Guarded:
         self.forbid = forbid
         self.got: list[str] = []
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         self.got.append(key)
         if key.startswith(self.forbid):
             raise AssertionError(f"{key} was fetched")
-        return self.inner.get(key)
+        return self.inner.get(key, limit)
 
     def get_stream(self, key: str) -> BinaryIO:
         self.got.append(key)

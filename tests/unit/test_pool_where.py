@@ -69,10 +69,10 @@ class _Counting:
         self.lists.append(prefix)
         return self._inner.list(prefix)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         if key.startswith("index/"):
             self.index_gets.append(key)
-        return self._inner.get(key)
+        return self._inner.get(key, limit)
 
 
 def _content(image: _poolimage.PoolLazyImage, name: str = "pages-1.img") -> bytes:

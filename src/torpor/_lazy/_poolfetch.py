@@ -34,7 +34,7 @@ from .._errors import TorporError
 from .._images._manifest import now_iso
 from .._pools import _cas
 from .._pools._located import Located, Stale
-from .._pools._pack import PACK_TARGET, pack_key
+from .._pools._pack import MAX_PACK, PACK_TARGET, pack_key
 from .._pools._pool import Pool
 from .._pools._reader import FETCHERS, Catalog, Indexed
 from .._pools._record import FileRecord, Record
@@ -163,7 +163,7 @@ class Early:
     def _get(self, pack_id: str) -> bytes:
         if self.distrusted:
             raise _Spent(f"pack {pack_id} not fetched early")
-        data = self._pool.backend.get(pack_key(pack_id))
+        data = self._pool.backend.get(pack_key(pack_id), limit=MAX_PACK)
         with self._lock:
             self._pulled += len(data)
             over = self._pulled > self._limit

@@ -503,11 +503,9 @@ def _local_chunks(rec: Record, fds: dict[str, int]) -> dict[str, Iterable[int]]:
 def _read_warm(pool: Pool, rec: Record) -> list[Range]:
     """The pool's warm set of ``rec``, checked (hostile: see the module docstring)."""
     try:
-        with pool.backend.get_stream(warm_key(rec.name)) as stream:
-            raw = stream.read(_MAX_WARM + 1)
+        # A hint: one unread (missing, over its bound, or not to be had) is no warm set.
+        raw = pool.backend.get(warm_key(rec.name), limit=_MAX_WARM)
     except (KeyError, OSError, TorporError):
-        return []
-    if len(raw) > _MAX_WARM:
         return []
     try:
         data = json.loads(raw)

@@ -50,11 +50,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .._errors import ImageCorruptedError, TorporError
+from .._errors import ImageCorruptedError, PoolError, TorporError
 from .._images._image import Image
 from .._pools import _cas
 from .._pools._located import Located, Stale
-from .._pools._pack import ChunkEntry, PackDamagedError, PackIndex, iter_pack, pack_key
+from .._pools._pack import (
+    ChunkEntry,
+    PackDamagedError,
+    PackIndex,
+    iter_pack,
+    pack_key,
+    pack_limit,
+)
 from .._pools._pool import Pool
 from .._pools._reader import Catalog
 from .._pools._record import FileRecord, Record
@@ -452,11 +459,15 @@ class PoolSource:
             data = self._packs.get(pack_id)
             if data is None:
                 try:
-                    data = self.pool.backend.get(pack_key(pack_id))
+                    data = self.pool.backend.get(pack_key(pack_id), limit=pack_limit(index))
                 except KeyError as exc:
                     if not last:
                         return True
                     raise self._bad(file, i, d, f"is in pack {pack_id}, which is missing") from exc
+                except PoolError as exc:  # the page's, to the daemon: the fix is the pool's
+                    what = f"is in pack {pack_id}, which cannot be read: {exc.msg}"
+                    hint = f"{_HINT}; {exc.hint}" if exc.hint else None
+                    raise self._bad(file, i, d, what, hint=hint) from exc
                 self.fetches += 1
                 self._packs.put(pack_id, data)
             self._decode_frame(data, index, entry.frame, d, file, i)
@@ -495,7 +506,9 @@ class PoolSource:
             )
         return sub
 
-    def _bad(self, file: str, i: int | None, d: bytes | None, what: str) -> LazyPageError:
+    def _bad(
+        self, file: str, i: int | None, d: bytes | None, what: str, *, hint: str | None = None
+    ) -> LazyPageError:
         chunk = None if i is None or d is None else f"{i} (sha256 {d.hex()})"
         where = f"file {file}" if chunk is None else f"file {file}, chunk {chunk}"
         return LazyPageError(
@@ -503,7 +516,7 @@ class PoolSource:
             image=self.name,
             file=file,
             chunk=chunk,
-            hint=_HINT,
+            hint=hint or _HINT,
         )
 
     def _warm(self, file: str, offset: int, length: int) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .._errors import PoolError, UnsafeImageError
-from ._backend import check_key
+from ._backend import check_key, too_large
 
 _ID = r"[0-9a-f]{32}"
 # Member names an export writes (image names as the store allows them: _images._store).
@@ -64,7 +64,7 @@ class ArchiveWriter:
         """Append a member from a stream."""
         self.put(key, stream.read())
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         """Nothing can be read back: always :class:`KeyError`."""
         raise KeyError(key)
 
@@ -141,9 +141,12 @@ class ArchiveReader:
         """Refused: archives are read-only here."""
         raise self._readonly()
 
-    def get(self, key: str) -> bytes:
-        """A member's content; :class:`KeyError` if there is none."""
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        """A member's content; :class:`KeyError` if there is none, :class:`~torpor.PoolError`
+        if it is over ``limit`` bytes (its size in the tar header, checked before reading)."""
         member = self._members[key]
+        if limit is not None and member.size > limit:
+            raise too_large(key, self._source, member.size, limit)
         try:
             with self._lock:
                 fh = self._tar.extractfile(member)

@@ -45,7 +45,7 @@ from typing import BinaryIO
 
 from .. import _safe
 from .._errors import PoolError
-from ._backend import check_key
+from ._backend import check_key, read_at_most, too_large
 from ._leases import DirLeases
 
 _DIR_SUFFIX = "+"
@@ -90,10 +90,18 @@ class DirBackend:
         with self._errors("write", key):
             self._write_atomic(key, lambda f: shutil.copyfileobj(stream, f, _COPY_BUFFER))
 
-    def get(self, key: str) -> bytes:
-        """The value under ``key``; :class:`KeyError` if missing."""
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        """The value under ``key``; :class:`KeyError` if missing; over ``limit`` bytes (the
+        opened file's size, then what is read: ``limit + 1`` bytes at most),
+        :class:`~torpor.PoolError`."""
         with self.get_stream(key) as fh, self._errors("read", key):
-            return fh.read()
+            if limit is None:
+                return fh.read()
+            size = os.fstat(fh.fileno()).st_size
+            where = f"dir pool {self._root}"
+            if size > limit:
+                raise too_large(key, where, size, limit)
+            return read_at_most(fh, key, where, limit, expect=size)
 
     def get_stream(self, key: str) -> BinaryIO:
         """An open file of the value under ``key``; :class:`KeyError` if missing."""

@@ -60,7 +60,15 @@ from dataclasses import dataclass
 
 from .._errors import PoolError
 from ._backend import Backend
-from ._pack import PackDamagedError, PackIndex, PackWriter, index_key, iter_pack, pack_key
+from ._pack import (
+    PackDamagedError,
+    PackIndex,
+    PackWriter,
+    index_key,
+    iter_pack,
+    pack_key,
+    pack_limit,
+)
 from ._reader import FETCHERS, PoolReader, bounded
 from ._record import LISTS_PREFIX, list_key
 from ._session import CONDEMNED_KEY, SESSIONS_PREFIX, Condemned, Heartbeat, Timing, read_beat
@@ -178,7 +186,7 @@ def _repack(
 
     def one(pack_id: str) -> str | None:
         try:
-            data = pool.backend.get(pack_key(pack_id))
+            data = pool.backend.get(pack_key(pack_id), limit=pack_limit(indexes[pack_id]))
             chunks = list(iter_pack(data, indexes[pack_id], live[pack_id]))
         except (KeyError, PackDamagedError):
             return None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 
-from ._pack import ChunkEntry, PackDamagedError, PackIndex, index_key
+from ._pack import MAX_INDEX, ChunkEntry, PackDamagedError, PackIndex, index_key
 from ._reader import READERS, PoolReader, bounded
 from ._record import Record
 from ._session import Condemned
@@ -78,7 +78,7 @@ class Located:
                 except PackDamagedError:
                     pool._cache_drop("index", pack_id)
             try:
-                blob = pool.backend.get(index_key(pack_id))
+                blob = pool.backend.get(index_key(pack_id), limit=MAX_INDEX)
                 return pack_id, PackIndex.decode(pack_id, blob), blob
             except (KeyError, PackDamagedError) as exc:
                 raise Stale(f"the index of pack {pack_id} is gone or damaged ({exc})") from exc

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from .._errors import PoolError
-from ._backend import check_key
+from ._backend import check_key, too_large
 from ._leases import MemoryLeases
 
 
@@ -41,11 +41,15 @@ class MemoryBackend:
         """Store the rest of ``stream`` under ``key`` (``size`` is only a hint here)."""
         self.put(key, stream.read())
 
-    def get(self, key: str) -> bytes:
-        """The value under ``key``; :class:`KeyError` if missing."""
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        """The value under ``key``; :class:`KeyError` if missing, :class:`~torpor.PoolError`
+        if over ``limit`` bytes."""
         self._check(key)
         with self._lock:
-            return self._objects[key]
+            value = self._objects[key]
+        if limit is not None and len(value) > limit:
+            raise too_large(key, "the memory backend", len(value), limit)
+        return value
 
     def get_stream(self, key: str) -> BinaryIO:
         """A stream over the value under ``key``; :class:`KeyError` if missing."""

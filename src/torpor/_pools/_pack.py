@@ -54,6 +54,11 @@ CODEC_ZSTD = 1
 # chunk of up to 1 MiB at most), a real index ~50 KiB.
 MAX_FRAME = 64 << 20
 MAX_INDEX = 256 << 20
+# The largest pack object read back (a bound on what a pool may make us allocate): the
+# packer's packs stay under PACK_TARGET, or are one frame of at most FRAME_TARGET plus one
+# 1 MiB chunk; four times the target leaves room for a later torpor's larger target. A pack
+# whose index is at hand is read with its index's size as the limit (:func:`pack_limit`).
+MAX_PACK = 4 * PACK_TARGET
 
 _HEADER = struct.Struct("<8sdQII")
 _FRAME = struct.Struct("<IIIB")
@@ -77,6 +82,12 @@ def pack_key(pack_id: str) -> str:
 def index_key(pack_id: str) -> str:
     """The backend key of a pack's index."""
     return f"index/{pack_id}"
+
+
+def pack_limit(index: PackIndex | None) -> int:
+    """The most bytes to read of the pack of ``index`` (its size as the packer wrote it;
+    :data:`MAX_PACK` when the index is not at hand, or says more)."""
+    return MAX_PACK if index is None else min(index.size, MAX_PACK)
 
 
 @dataclass(frozen=True)

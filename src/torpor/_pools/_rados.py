@@ -46,7 +46,7 @@ from types import ModuleType
 from typing import Any, BinaryIO
 
 from .._errors import PoolConfigError, PoolError
-from ._backend import check_key
+from ._backend import check_key, too_large
 from ._rados_lease import RadosLeases
 
 _MAGIC = b"\x00torpor-striped-v1\x00"
@@ -101,6 +101,12 @@ class _Manifest:
             )  # fmt: skip
         except (ValueError, KeyError, TypeError) as exc:
             raise PoolError(f"key {key!r} has a corrupted stripe manifest") from exc
+        m = manifest
+        # Parts are read by these numbers: they must be the ones a put writes.
+        if not (m.size >= 0 and 0 < m.part_size <= _MAX_STRIPE) or m.parts != -(
+            -m.size // m.part_size
+        ):
+            raise PoolError(f"key {key!r} has a corrupted stripe manifest")
         return manifest
 
     def part_name(self, key: str, index: int) -> str:
@@ -208,15 +214,21 @@ class RadosBackend:
 
             self._put_striped(key, blocks())
 
-    def get(self, key: str) -> bytes:
-        """The value under ``key``; :class:`KeyError` if missing."""
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        """The value under ``key``; :class:`KeyError` if missing. Over ``limit`` bytes,
+        :class:`~torpor.PoolError`: a plain head is read ``limit + 1`` bytes at most, a striped
+        value's size is its manifest's, checked before any part is read."""
         self._check(key)
         with self._errors("read", key):
             for _ in range(_READ_ATTEMPTS):
-                head = self._read_whole(key)
+                head = self._read_whole(key, limit)
                 manifest = _Manifest.decode(head, key)
                 if manifest is None:
+                    if limit is not None and len(head) > limit:
+                        raise too_large(key, self._where, len(head), limit, pool=self._pool)
                     return head
+                if limit is not None and manifest.size > limit:
+                    raise too_large(key, self._where, manifest.size, limit, pool=self._pool)
                 try:
                     parts = list(
                         self._executor.map(
@@ -306,6 +318,10 @@ class RadosBackend:
 
     # --- helpers -------------------------------------------------------------------------
 
+    @property
+    def _where(self) -> str:
+        return f"ceph pool {self._pool}"
+
     def _check_open(self) -> None:
         if self._closed:
             raise PoolError(f"ceph pool {self._pool} is closed", pool=self._pool)
@@ -387,21 +403,39 @@ class RadosBackend:
             return None
         return _Manifest.decode(head, key)
 
-    def _read_whole(self, key: str) -> bytes:
-        """The head object's data, in one read when it is no larger than a stripe."""
+    def _read_whole(self, key: str, limit: int | None = None) -> bytes:
+        """The head object's data, in one read when it is no larger than a stripe; a head
+        over ``limit`` bytes (a striped value's manifest is always read) is
+        :func:`~._backend.too_large`, found out by reading ``limit + 1`` bytes at most."""
+        cap = None if limit is None else max(limit, _HEAD_PROBE)
+        first = self._stripe if cap is None else min(self._stripe, cap)
         try:
-            data: bytes = self._ioctx.read(key, self._stripe + 1)
+            data: bytes = self._ioctx.read(key, first + 1)
         except self._rados.ObjectNotFound:
             raise KeyError(key) from None
-        if len(data) <= self._stripe:
+        if len(data) <= first:
             return data
         # Written by someone else, or by a backend with a larger stripe_size: read the rest.
         chunks = [data]
         offset = len(data)
-        while chunk := self._ioctx.read(key, self._stripe, offset):
+        while cap is None or offset <= cap:
+            step = self._stripe if cap is None else min(self._stripe, cap + 1 - offset)
+            chunk = self._ioctx.read(key, step, offset)
+            if not chunk:
+                break
             chunks.append(chunk)
             offset += len(chunk)
+        if cap is not None and offset > cap:
+            raise too_large(key, self._where, self._head_size(key), cap, pool=self._pool)
         return b"".join(chunks)
+
+    def _head_size(self, key: str) -> int | None:
+        """The head object's size, for a message (None if it is gone meanwhile)."""
+        try:
+            size: int = self._ioctx.stat(key)[0]
+        except self._rados.ObjectNotFound:
+            return None
+        return size
 
     def _read_part(self, key: str, manifest: _Manifest, index: int) -> bytes:
         want = manifest.part_length(index)

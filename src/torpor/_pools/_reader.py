@@ -8,13 +8,12 @@ fetched from packs concurrently, each checked against its SHA-256.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import hashlib
 import json
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, cast
@@ -25,20 +24,35 @@ from .._images._store import check_name
 from . import _cas
 from ._backend import Backend
 from ._cache import drop_cached, read_cached, write_cached
-from ._pack import ChunkEntry, PackDamagedError, PackIndex, iter_pack, pack_key
+from ._catalog import Catalog as Catalog
+from ._catalog import Where as Where
+from ._pack import (
+    MAX_INDEX,
+    PackDamagedError,
+    PackIndex,
+    index_key,
+    iter_pack,
+    pack_key,
+    pack_limit,
+)
 from ._record import (
     IMAGES_PREFIX,
+    MAX_RECORD,
+    FileRecord,
     Record,
     decode_list_object,
     decode_list_object_lazily,
     image_key,
     is_id,
     list_key,
+    list_limit,
 )
 from ._session import Condemned, Heartbeat, NoHeartbeat, Timing, session
 from ._sign import Policy
 
 META_KEY = "torpor-pool.json"
+# The format marker is a few dozen bytes of JSON.
+MAX_META = 64 << 10
 POOL_FORMAT = 1
 FETCHERS = 4
 READERS = 8
@@ -71,132 +85,6 @@ class PoolImage:
     pool: str
     cmdline: tuple[str, ...] = ()
     signer: str | None = None
-
-
-class Where:
-    """Which pack holds each chunk: ``get(digest)`` is ``(pack id, entry)`` or None.
-
-    One dict from digest to a position in the concatenated chunk tables of ``packs`` (in
-    order: a later pack's copy of a chunk wins), made with C-level loops, no object per chunk,
-    and only on first use: ~55 ms for the 262,144 chunks of a 1 GiB image (a dict of entry
-    objects took ~0.3 s). :meth:`locate` finds a few thousand chunks without it (~25 ms), which
-    is all a lazy restore needs before the process resumes.
-    """
-
-    def __init__(self, packs: Sequence[PackIndex]) -> None:
-        self._packs = list(packs)
-        self._starts: list[int] = []
-        base = 0
-        for index in self._packs:
-            self._starts.append(base)
-            base += index.count
-        self._built: dict[bytes, int] | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def _pos(self) -> dict[bytes, int]:
-        built = self._built
-        if built is None:
-            with self._lock:
-                if self._built is None:
-                    pos: dict[bytes, int] = {}
-                    for index, base in zip(self._packs, self._starts, strict=True):
-                        pos.update(
-                            zip(index.digests(), range(base, base + index.count), strict=True)
-                        )
-                    self._built = pos
-                built = self._built
-        return built
-
-    def build_soon(self) -> None:
-        """Build the map in a background thread now (a later lookup waits for it)."""
-        if self._built is None:
-            threading.Thread(target=lambda: self._pos, name="torpor-where", daemon=True).start()
-
-    def get(self, digest: bytes) -> tuple[str, ChunkEntry] | None:
-        """Where ``digest`` is, or None."""
-        pos = self._pos.get(digest)
-        if pos is None:
-            return None
-        i = bisect.bisect_right(self._starts, pos) - 1
-        index = self._packs[i]
-        return index.pack_id, index.entry(pos - self._starts[i])
-
-    def pack_of(self, digest: bytes) -> str | None:
-        """The id of the pack holding ``digest``, or None."""
-        pos = self._pos.get(digest)
-        if pos is None:
-            return None
-        return self._packs[bisect.bisect_right(self._starts, pos) - 1].pack_id
-
-    def locate(self, digests: Iterable[bytes]) -> dict[bytes, str]:
-        """The pack of each of ``digests`` that is in one (the same one :meth:`pack_of`
-        names), without building the whole map if it is not built yet."""
-        wanted = set(digests)
-        if self._built is not None or not wanted:
-            found = ((d, self.pack_of(d)) for d in wanted)
-            return {d: p for d, p in found if p is not None}
-        out: dict[bytes, str] = {}
-        for index in reversed(self._packs):  # the last pack holding a chunk wins
-            hits = wanted.intersection(index.digests())
-            if hits:
-                out.update(dict.fromkeys(hits, index.pack_id))
-                wanted -= hits
-                if not wanted:
-                    break
-        return out
-
-    def __contains__(self, digest: object) -> bool:
-        return digest in self._pos
-
-    def __len__(self) -> int:
-        return len(self._pos)
-
-    def digests(self) -> KeysView[bytes]:
-        """Every chunk id found."""
-        return self._pos.keys()
-
-
-class Catalog:
-    """Where each chunk of the pool is, as a session sees it.
-
-    ``present`` are the chunks a writer may rely on (in packs nobody condemned; made on first
-    use: a restore never asks); ``where`` finds any copy, preferring uncondemned and newer
-    packs. ``unsaved`` are the index objects fetched from the backend but not yet written to
-    the local cache (see :meth:`PoolReader._catalog`); :meth:`save_cache` writes them.
-    """
-
-    def __init__(
-        self,
-        indexes: dict[str, PackIndex],
-        condemned: Condemned,
-        unsaved: Callable[[], None] | None = None,
-    ) -> None:
-        self.indexes = indexes
-        self.condemned = condemned
-        order = sorted(indexes, key=lambda p: (p not in condemned.packs, indexes[p].created))
-        self.where = Where([indexes[p] for p in order])
-        self._present: set[bytes] | None = None
-        self._unsaved = unsaved
-
-    def save_cache(self) -> None:
-        """Write the indexes fetched for this catalog to the local cache (once)."""
-        save, self._unsaved = self._unsaved, None
-        if save is not None:
-            save()
-
-    @property
-    def present(self) -> set[bytes]:
-        """The chunks in packs nobody condemned, and the zero page."""
-        if self._present is None:
-            if self.condemned.packs & self.indexes.keys():
-                kept = [i for p, i in self.indexes.items() if p not in self.condemned.packs]
-                present = {d for i in kept for d in i.digests()}
-            else:
-                present = set(self.where.digests())
-            present.add(_cas.ZERO_PAGE)
-            self._present = present
-        return self._present
 
 
 class Indexed(Protocol):
@@ -290,7 +178,7 @@ class PoolReader:
 
     def _check_meta(self) -> None:
         try:
-            data = json.loads(self.backend.get(META_KEY))
+            data = json.loads(self.backend.get(META_KEY, limit=MAX_META))
         except KeyError:
             meta = {"format": POOL_FORMAT, "created": now_iso()}
             self.backend.put(META_KEY, json.dumps(meta).encode())
@@ -343,7 +231,7 @@ class PoolReader:
             if blob is not None:
                 return pack_id, blob, True
             try:
-                return pack_id, self.backend.get(f"index/{pack_id}"), False
+                return pack_id, self.backend.get(index_key(pack_id), limit=MAX_INDEX), False
             except KeyError:
                 return pack_id, None, False  # deleted by a collection since the listing
 
@@ -358,7 +246,7 @@ class PoolReader:
                 except PackDamagedError:
                     self._cache_drop("index", pack_id)
                 try:
-                    blob = self.backend.get(f"index/{pack_id}")
+                    blob = self.backend.get(index_key(pack_id), limit=MAX_INDEX)
                 except KeyError:
                     continue
             if blob is None:
@@ -402,7 +290,7 @@ class PoolReader:
     def _record(self, name: str) -> Record:
         check_name(name)
         try:
-            blob = self.backend.get(image_key(name))
+            blob = self.backend.get(image_key(name), limit=MAX_RECORD)
         except KeyError as exc:
             raise ImageNotFoundError(
                 f"no image {name!r} in pool {self.name!r}",
@@ -429,15 +317,19 @@ class PoolReader:
         found = bounded(one, names, workers=READERS, window=4 * READERS)
         return sorted((r for r in found if r is not None), key=lambda r: r.manifest.created)
 
-    def _load_list(self, list_id: str, sha256: str) -> list[bytes]:
-        """A list object, verified; :class:`KeyError` if missing, :class:`ValueError` if bad."""
-        return cast(list[bytes], self._load_list_as(list_id, sha256, lazily=False, unsaved=None))
+    def _load_list(self, f: FileRecord) -> list[bytes]:
+        """The list object of ``f``, verified; :class:`KeyError` if missing,
+        :class:`ValueError` if bad."""
+        return cast(list[bytes], self._load_list_as(f, lazily=False, unsaved=None))
 
     def _load_list_as(
-        self, list_id: str, sha256: str, *, lazily: bool, unsaved: list[tuple[str, bytes]] | None
+        self, f: FileRecord, *, lazily: bool, unsaved: list[tuple[str, bytes]] | None
     ) -> Sequence[bytes]:
         """:meth:`_load_list`; ``lazily``: as :class:`~._cas.Digests`; with ``unsaved``, a
-        blob fetched from the backend is appended there instead of written to the cache."""
+        blob fetched from the backend is appended there instead of written to the cache. It
+        is read :func:`~._record.list_limit` bytes at most."""
+        assert f.list_id is not None and f.list_sha256 is not None
+        list_id, sha256 = f.list_id, f.list_sha256
         decode = decode_list_object_lazily if lazily else decode_list_object
         blob = self._cached("lists", list_id)
         if blob is not None:
@@ -445,7 +337,7 @@ class PoolReader:
                 return decode(blob, sha256)
             except ValueError:
                 self._cache_drop("lists", list_id)
-        blob = self.backend.get(list_key(list_id))
+        blob = self.backend.get(list_key(list_id), limit=list_limit(f))
         digests = decode(blob, sha256)
         if unsaved is not None:
             unsaved.append((list_id, blob))
@@ -484,11 +376,9 @@ class PoolReader:
                 if f.inline is not None:
                     digests = _cas.decode_list(f.inline)
                 else:
-                    assert f.list_id is not None and f.list_sha256 is not None
+                    assert f.list_id is not None
                     if f.list_id not in memo:
-                        memo[f.list_id] = self._load_list_as(
-                            f.list_id, f.list_sha256, lazily=lazily, unsaved=unsaved
-                        )
+                        memo[f.list_id] = self._load_list_as(f, lazily=lazily, unsaved=unsaved)
                     base = memo[f.list_id]
                     digests = _cas.apply_patch(base, f.patch, f.count) if f.patch else base
                 if len(digests) != f.count:
@@ -565,7 +455,8 @@ class PoolReader:
             data = keep.get(pack_id) if keep is not None else None
             try:
                 if data is None:
-                    data = self.backend.get(pack_key(pack_id))
+                    limit = pack_limit(catalog.indexes[pack_id])
+                    data = self.backend.get(pack_key(pack_id), limit=limit)
                     if keep is not None:
                         keep[pack_id] = data
             except KeyError as exc:

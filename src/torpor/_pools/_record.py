@@ -379,6 +379,19 @@ def encode_list_object(digests: Sequence[bytes]) -> tuple[bytes, str]:
     return zstandard.ZstdCompressor(level=3).compress(raw), hashlib.sha256(raw).hexdigest()
 
 
+def _compress_bound(n: int) -> int:
+    """The most bytes zstd makes of ``n`` (ZSTD_compressBound, and a frame header's room)."""
+    return n + (n >> 8) + (((128 << 10) - n) >> 11 if n < 128 << 10 else 0) + 64
+
+
+def list_limit(f: FileRecord) -> int:
+    """The most bytes to read of the list object of ``f``: what zstd makes of its digests
+    (the file's chunk count of them, exactly, unless a patch is applied to the list; then
+    the list is another file's, of any length up to :data:`MAX_LIST` bytes)."""
+    raw = MAX_LIST if f.patch else f.count * _cas.DIGEST_SIZE
+    return _compress_bound(raw)
+
+
 def decode_list_object(blob: bytes, sha256: str) -> list[bytes]:
     """Decode and verify a list object; :class:`ValueError` if it does not match."""
     return _cas.decode_list(_verified_list(blob, sha256))

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from .._errors import PoolConfigError, PoolError
-from ._backend import check_key
+from ._backend import check_key, read_at_most, too_large
 from ._leases import S3Leases
 
 _MIB = 1 << 20
@@ -183,16 +183,27 @@ class S3Backend:
                 _FullReads(stream), self._bucket, self._name(key), Config=self._transfer
             )
 
-    def get(self, key: str) -> bytes:
-        """The value under ``key`` (one GET); :class:`KeyError` if missing."""
-        body = self._open(key)
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        """The value under ``key`` (one GET); :class:`KeyError` if missing. Over ``limit``
+        bytes, :class:`~torpor.PoolError`: the response's Content-Length is checked before
+        the body is read, and ``limit + 1`` bytes of it are read at most."""
+        reply = self._open(key)
+        body = reply["Body"]
+        where = f"s3 pool {self._bucket}"
         with self._errors("read", key), contextlib.closing(body):
-            data: bytes = body.read()
-        return data
+            if limit is None:
+                data: bytes = body.read()
+                return data
+            size = reply.get("ContentLength")
+            if isinstance(size, int) and size > limit:
+                raise too_large(key, where, size, limit, pool=self._bucket)
+            expect = size if isinstance(size, int) else None
+            return read_at_most(body, key, where, limit, expect=expect, pool=self._bucket)
 
     def get_stream(self, key: str) -> BinaryIO:
         """A stream of the object's body (one GET); :class:`KeyError` if missing."""
-        return io.BufferedReader(_BodyReader(self, key, self._open(key)), buffer_size=_MIB)
+        body = self._open(key)["Body"]
+        return io.BufferedReader(_BodyReader(self, key, body), buffer_size=_MIB)
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` exists (one HEAD)."""
@@ -255,11 +266,11 @@ class S3Backend:
         return self._prefix + key
 
     def _open(self, key: str) -> Any:
-        """The body of a GET of ``key``."""
+        """The response to a GET of ``key`` (its ``Body`` not read yet)."""
         self._check(key)
         with self._errors("read", key):
             try:
-                return self._client.get_object(Bucket=self._bucket, Key=self._name(key))["Body"]
+                return self._client.get_object(Bucket=self._bucket, Key=self._name(key))
             except self._boto.ClientError as exc:
                 if _missing(exc):
                     raise KeyError(key) from None

@@ -24,6 +24,11 @@ from ._backend import Backend
 
 SESSIONS_PREFIX = "sessions/"
 CONDEMNED_KEY = "gc/condemned"
+# Bounds on what these objects from outside may make us read: a beat is ~200 bytes of JSON; a
+# condemned set names each pack and list id (~36 bytes) a collection deletes, a million of
+# them in a 4 TiB pool.
+MAX_BEAT = 64 << 10
+MAX_CONDEMNED = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ class Condemned:
     def load(cls, backend: Backend) -> Condemned:
         """The current condemned set (empty when no collection is sweeping)."""
         try:
-            blob = backend.get(CONDEMNED_KEY)
+            blob = backend.get(CONDEMNED_KEY, limit=MAX_CONDEMNED)
         except KeyError:
             return cls()
         try:
@@ -155,7 +160,7 @@ def read_beat(backend: Backend, key: str) -> dict[str, Any] | None:
     """The object of a session or lock ``key``: None once it is gone, and one that cannot be
     read as a long dead one."""
     try:
-        blob = backend.get(key)
+        blob = backend.get(key, limit=MAX_BEAT)
     except KeyError:
         return None
     try:

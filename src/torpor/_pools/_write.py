@@ -190,9 +190,7 @@ class PoolWriter(PoolReader):
             if f.list_id is None or f.list_sha256 is None or f.list_id in condemned.lists:
                 continue
             with contextlib.suppress(KeyError, ValueError):
-                out[f.name] = _Base(
-                    f.list_id, f.list_sha256, self._load_list(f.list_id, f.list_sha256)
-                )
+                out[f.name] = _Base(f.list_id, f.list_sha256, self._load_list(f))
         return out
 
     def _commit(
