@@ -163,6 +163,10 @@ class Early:
     def _get(self, pack_id: str) -> bytes:
         if self.distrusted:
             raise _Spent(f"pack {pack_id} not fetched early")
+        # Counted once it has arrived: what is in flight then (FETCHERS packs of MAX_PACK
+        # bytes at most, the bound of a pack whose index is not at hand yet) is all the
+        # budget can be overrun by. One over that bound fails here, and is fetched again, and
+        # refused, under its index's size where it is used.
         data = self._pool.backend.get(pack_key(pack_id), limit=MAX_PACK)
         with self._lock:
             self._pulled += len(data)
