@@ -14,7 +14,9 @@ Nothing here decides anything the keeper would not: the copy begun is the one th
 rules: only a trusted image's warm image; the keeper's verdict on the image comes later and
 governs as before); a daemon serves nothing until a restore connects to it. One not taken
 (the command failed before its restore, or restored another way) is stopped and its work
-dir removed (:func:`drop`, which the command calls whatever happens).
+dir removed (:func:`drop`, which the command calls whatever happens). A command SIGKILLed
+before the keeper took it cannot: the daemon claimed the work dir as it was spawned, and the
+next sweep (``torpor restore``, ``torpor ps``) kills it, idle, and removes the dir (``_sweep``).
 """
 
 from __future__ import annotations

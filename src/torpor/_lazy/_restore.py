@@ -55,9 +55,8 @@ from .._engine import CriuEngine
 from .._errors import TorporError
 from .._images._image import Image
 from .._images._manifest import now_iso
-from . import _eager, _prestart, _sweep, _trace, _warm, _warmcache
+from . import _eager, _prestart, _sweep, _trace, _warm, _warmcache, _warmcopy
 from ._daemon import Daemon
-from ._pagemap import load_pagemaps
 from ._served import Server as Server
 from ._served import ServerFactory as ServerFactory
 from ._served import local_pages, served_from
@@ -162,7 +161,10 @@ class LazyCopy:
         """:meth:`start` when :meth:`begin` spawned no daemon (on the image, or served)."""
         assert self.work_dir is not None
         if self._server_factory is not None:
-            self._warm_dir = self._served_warm()
+            made = _warmcopy.served_warm(self.image, self.work_dir)
+            if made is not None:
+                self._warm_dir, self._warm_used = made[0], made[1]
+                self.state = replace(self.state, warm_bytes=made[2])
             _trace.mark("warm-image")
         if self._warm_dir is not None:
             self._image_fd = _safe.open_dir(self._warm_dir)
@@ -191,7 +193,8 @@ class LazyCopy:
         pool = _warm.pool_image(self.image)
         if pool is not None:
             pool.restoring()
-        self.daemon.start()
+        self._launch()
+        self.daemon.wait_ready()
         _trace.mark("daemon-ready")
         self._claim_for(self.daemon.pid)
         self.state = replace(self.state, daemon_pid=self.daemon.pid)
@@ -204,7 +207,7 @@ class LazyCopy:
             if d is not None:
                 _sweep.claim(d)
                 if pid is not None:
-                    _sweep.claim(d, pid)
+                    _sweep.claim(d, pid, daemon=True)
 
     def _early(self) -> bool:
         """A local image with a warm set, trusted: its daemon is started as soon as the warm
@@ -256,33 +259,15 @@ class LazyCopy:
         self.daemon = Daemon(
             self.binary, self._image_fd, self.image.path, self.work_dir, verbose=verbose
         )
-        self.daemon.spawn()
+        self._launch()
         _trace.mark("daemon-spawned")
 
-    def _served_warm(self) -> Path | None:
-        """The warm image a served copy restores from: only a pool image's local part, whose
-        warm chunks were fetched into it (``_eager``: for a trusted image, checked again once
-        made). Not for other served images (a migration target's holds no pages): CRIU
-        would restore holes as the process's memory. A local image's: :meth:`_early`."""
-        pool = _warm.pool_image(self.image)
-        if pool is None or not pool.holds(pool.warm):
-            return None
-        warm = pool.warm
-        if not warm:
-            return None
-        assert self.work_dir is not None
-        try:
-            made = self.image.trusted() and _eager.warm_image(
-                self.image, warm, self.work_dir / "image"
-            )
-        except (OSError, TorporError) as exc:  # a hint lost, not a failure
-            print(f"{now_iso()} lazy restore: warm set not used: {exc}", file=sys.stderr)
-            return None
-        if not made or not self.image.trusted():
-            return None
-        self._warm_used = warm
-        self.state = replace(self.state, warm_bytes=made[1])
-        return made[0]
+    def _launch(self) -> None:
+        """Spawn the daemon, and record it a claimant of the work dir at once: should its
+        starters die before a restore connects, ``_sweep`` ends it (it would wait for ever)."""
+        assert self.daemon is not None and self.work_dir is not None
+        self.daemon.spawn()
+        _sweep.claim(self.work_dir, self.daemon.pid, daemon=True)
 
     def _plain(self, *, verbose: bool = False) -> None:
         """A derived image restored (see ``_copies``), or a warm image not used after all:
@@ -301,10 +286,10 @@ class LazyCopy:
         self.daemon = Daemon(
             self.binary, self._image_fd, self.image.path, self.work_dir, verbose=verbose
         )
+        self._launch()
         if waiting:
-            self.daemon.spawn()
             return
-        self.daemon.start()
+        self.daemon.wait_ready()
         self._claim_for(self.daemon.pid)
         self.state = replace(self.state, daemon_pid=self.daemon.pid)
 
@@ -380,7 +365,26 @@ class LazyCopy:
                 held.__exit__(None, None, None)
 
         self._thread = threading.Thread(target=run, name=f"lazy-{self.name}", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException as exc:  # (can't start new thread): none may run unwatched
+            try:
+                self._unwatched(exc)
+            finally:
+                held.__exit__(None, None, None)
+
+    def _unwatched(self, exc: BaseException) -> None:
+        """The watch could not start: kill the copy and record why, as a failing watch does
+        (nothing would kill it should its memory stop arriving)."""
+        try:
+            self._fail(
+                f"lazy restore of {self.image.path}: the keeper could not start the thread "
+                f"that watches the copy ({exc}); free threads or memory and restore again"
+            )
+            if self.daemon is not None:
+                self.daemon.stop()
+        finally:
+            self._end_watch()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the watch ended (resident, failed or the copy ended); True if it did."""
@@ -429,39 +433,22 @@ class LazyCopy:
         except BaseException as exc:  # never leave a copy whose memory nobody serves
             self._fail(f"lazy restore of {self.image.path}: the watch failed: {exc!r}")
         finally:
-            self._close()
-            self._cleanup()
-            if self._on_end is not None:
-                with contextlib.suppress(Exception):
-                    self._on_end()
-            self._done.set()
+            self._end_watch()
+
+    def _end_watch(self) -> None:
+        self._close()
+        self._cleanup()
+        if self._on_end is not None:
+            with contextlib.suppress(Exception):
+                self._on_end()
+        self._done.set()
 
     def _save_warm(self) -> None:
-        try:
-            if self.server is None:
-                if not self._recording or self.daemon is None:
-                    return
-                ranges = _eager.faults(
-                    self.daemon.log_path,
-                    load_pagemaps(self.image.path),
-                    window=_warm.WINDOW,
-                    limit=_warm.MAX_BYTES,
-                )
-                if ranges:  # added to the one used (its pages were never faulted)
-                    # A kept warm image was used as it was: its warm set is the file's.
-                    used = self._warm_used or (_warm.load(self.image) if self._warm_dir else [])
-                    _warm.save(self.image, list(dict.fromkeys([*used, *ranges])))
-                _warmcache.ensure(self.image)  # the next restore's warm image, made now
-                return
-            ranges = self.server.warm_set(within=_warm.WINDOW)
-            if self._warm_dir is not None:  # those restored eagerly were never asked for
-                ranges = list(dict.fromkeys([*_warm.of(self.image), *ranges]))
-            _warm.save(self.image, ranges)
-            pool = _warm.pool_image(self.image)
-            if pool is not None:  # beside the image: in its pool
-                pool.save_warm(ranges)
-        except Exception as exc:  # a hint lost, not a failure: the copy is resident
-            print(f"{now_iso()} lazy restore: warm set not saved: {exc}", file=sys.stderr)
+        log = self.daemon.log_path if self._recording and self.daemon is not None else None
+        _warmcopy.save_warm(
+            self.image, server=self.server, faults_log=log, used=self._warm_used,
+            warm_dir=self._warm_dir,
+        )  # fmt: skip
 
     def _fail(self, why: str) -> None:
         """Kill the copy (through its pidfd) and record why (once)."""
