@@ -152,3 +152,14 @@ def test_a_spec_of_another_name_is_refused(pool: Pool) -> None:
     pool.backend.put("supervision/web", pool.backend.get("supervision/other"))
     with pytest.raises(PoolError, match="the spec of 'other', not of 'web'"):
         read_spec(pool, "web")
+
+
+def test_a_spec_object_that_grows_after_its_size_was_read_is_refused_unread(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool.backend.put("supervision/web", b" " * (MAX_SPEC_BYTES + 1))
+    monkeypatch.setattr(pool.backend, "size", lambda key: 2)  # it was small when asked
+    with pytest.raises(PoolError) as caught:
+        read_spec(pool, "web")
+    assert "\n" not in str(caught.value)
+    assert "supervision/web" in str(caught.value) and str(MAX_SPEC_BYTES) in str(caught.value)

@@ -36,12 +36,12 @@ _found: dict[str, str] = {}
 def identity(pool: Pool, driver: str) -> dict[str, str]:
     """What names ``pool`` on every host that reaches it: its driver and the SHA-256 of its
     format marker (the bytes torpor wrote there once, when the pool was first opened)."""
-    from .._pools._reader import META_KEY
+    from .._pools._reader import MAX_META, META_KEY
 
     return {
         "name": pool.name,
         "driver": driver,
-        "marker": hashlib.sha256(pool.backend.get(META_KEY)).hexdigest(),
+        "marker": hashlib.sha256(pool.backend.get(META_KEY, limit=MAX_META)).hexdigest(),
     }
 
 

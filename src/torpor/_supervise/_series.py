@@ -153,11 +153,10 @@ def read_spec(pool: Pool, name: str) -> Spec | None:
     try:
         if pool.backend.size(key) > MAX_SPEC_BYTES:
             raise _bad_spec(pool, source, f"bigger than {MAX_SPEC_BYTES} bytes")
-        blob = pool.backend.get(key)
+        # Bounded too: it may grow between size() and get() (refused then by the backend).
+        blob = pool.backend.get(key, limit=MAX_SPEC_BYTES)
     except KeyError:
         return None
-    if len(blob) > MAX_SPEC_BYTES:  # it grew between size() and get()
-        raise _bad_spec(pool, source, f"bigger than {MAX_SPEC_BYTES} bytes")
     try:
         data = json.loads(blob)
     except (ValueError, RecursionError) as exc:
