@@ -161,7 +161,8 @@ def criu(
     warm, fresh = _FakeCriu(), _FakeCriu()
     spawned: list[Sequence[int]] = []
 
-    def spawn(binary: str, pass_fds: Sequence[int] = ()) -> Connection:
+    def spawn(binary: str, pass_fds: Sequence[int] = (), *, restoring: bool = False) -> Connection:
+        assert restoring  # a CRIU for a restore: started with THP off (_engine._thp)
         spawned.append(tuple(pass_fds))
         return fresh.conn
 
