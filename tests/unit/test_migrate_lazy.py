@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from torpor._migrate import _lazy_dump
+from torpor._migrate._closehold import DAEMON_OK
 from torpor._migrate._lazy_dump import Guard
 from torpor._migrate._lazy_target import RelayedPages
-from torpor._migrate._relay import CLOSE_COMMANDS, DAEMON_OK, receive_socket
+from torpor._migrate._relay import CLOSE_COMMANDS, receive_socket
 from torpor._proto import criu_rpc_pb2 as pb
 
 PSI = struct.Struct("<I4xQQQ")

@@ -23,10 +23,9 @@ import pytest
 from torpor._identity._tls import tls_identity
 from torpor._identity._trust import TrustStore
 from torpor._migrate import ChannelError, Conn, _channel, connect, listen
+from torpor._migrate._closehold import DAEMON_FAILED, DAEMON_OK
 from torpor._migrate._lazy_dump import FAIL_COMMAND, Guard
 from torpor._migrate._relay import (
-    DAEMON_FAILED,
-    DAEMON_OK,
     Gate,
     RelayHandle,
     RelayStats,
@@ -474,9 +473,9 @@ def test_a_close_sent_with_the_request_before_it_is_held_all_the_same(
     """The daemon's close in the same write as a request (an answer still due): the request
     goes, the close is held; then the daemon failed, the keeper ended without a word, or no
     word came in HOLD_LIMIT: the relay fails and the source never has the close."""
-    from torpor._migrate import _relay
+    from torpor._migrate import _closehold
 
-    monkeypatch.setattr(_relay, "HOLD_LIMIT", 0.5)
+    monkeypatch.setattr(_closehold, "HOLD_LIMIT", 0.5)
     a, b = homes
     pages = b"pages" * 100
     peer = Peer(a, _source_reading_until_the_end(pages))
@@ -567,9 +566,9 @@ def test_a_held_close_keeps_the_sources_relay_waiting_for_the_word(
     """The keeper's word may come only once its restore is done: while the close is held,
     empty frames keep the source's relay (which gives up after its idle time of silence)
     from giving up; the close then goes as ever."""
-    from torpor._migrate import _relay
+    from torpor._migrate import _closehold
 
-    monkeypatch.setattr(_relay, "KEEPALIVE", 0.2)
+    monkeypatch.setattr(_closehold, "KEEPALIVE", 0.2)
     a, b = homes
     pages = b"pages" * 100
     got_close = threading.Event()

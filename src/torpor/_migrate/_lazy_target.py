@@ -50,7 +50,8 @@ from .._process import _copies, _keeper, _registry
 from .._process._logs import open_log
 from .._process._registry import ManagedProcess
 from ._apart import Apart
-from ._relay import DAEMON_FAILED, DAEMON_OK, send_socket, verdict
+from ._closehold import DAEMON_FAILED, DAEMON_OK
+from ._relay import send_socket, verdict
 
 ACCEPT_TIMEOUT = 30.0  # seconds for the daemon to connect once started
 UNBLOCK = 2.0  # seconds a broken transfer leaves a restore waiting on a page before it ends

@@ -31,12 +31,12 @@ import ssl
 import struct
 import termios
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._channel import _DATA, _END, _HEADER, MAX_DATA, ChannelError
+from ._closehold import CLOSED_STATUS, CloseHold
 
 if TYPE_CHECKING:
     from ._channel import Conn
@@ -131,7 +131,7 @@ def relay(
     return _Relay(conn, plain, gate).run(idle_timeout)
 
 
-class _Relay:
+class _Relay(CloseHold):
     """The state of one :func:`relay` (see there)."""
 
     def __init__(
@@ -143,13 +143,8 @@ class _Relay:
     ) -> None:
         self.conn, self.tls, self.plain, self.gate = conn, conn.sock, plain, gate
         # The target, with ``confirm`` (the keeper's socket): the daemon's close is held back
-        # and answered here until the keeper says how the daemon ended (see _hold_close).
-        self.confirm = confirm
-        self.held: bytes | None = None  # the close, held back
-        self.held_at = self.kept_alive = 0.0  # (monotonic) since when; its last keepalive
-        self.answered = False  # the daemon has its close's answer: nothing more goes to it
-        self.word: bytes | None = None  # the keeper's word on the daemon's end, once read
-        self.confirm_open = confirm is not None
+        # and answered here until the keeper says how the daemon ended (:mod:`._closehold`).
+        self._init_hold(confirm)
         # The frame holding the close is in hand (its TCP bytes marked once written).
         self.close_in_frame = False
         self.gated_in = gate is not None and gate.requests_to_plain
@@ -408,77 +403,6 @@ class _Relay:
         self.out_len = _HEADER.size + n
         self._tls_write()  # at once: the socket is most often writable
 
-    def _hold_close(self, start: int, n: int) -> int:
-        """The target's daemon sent its close (from byte ``start`` of the ``n`` read; a close
-        begun in an earlier read has its rest held, the source's gate passing only whole
-        requests). ``criu lazy-pages`` sends it when its loop ends, also on an error with
-        pages missing, and the source's CRIU kills the original when it gets it. So it is
-        held back: the daemon gets the page server's answer here (a status of 0, which its
-        exit code does not depend on; what is still due to it, and what the source sends
-        from now on, is dropped: it asked for nothing more), and the close goes on only once
-        the keeper says the daemon exited 0 (:meth:`_judge_held`); else the relay fails, and
-        the source, which never had the close, takes its original back. The bytes before
-        the close, to send now."""
-        self.held = bytes(self.out_view[_HEADER.size + start : _HEADER.size + n])
-        self.held_at = self.kept_alive = time.monotonic()
-        self.answered = True
-        self.body_sent = self.body_got  # (dropped)
-        if self.body_len >= 0 and self.body_got == self.body_len:
-            self.body_len = -1
-            self.body_got = self.body_sent = 0
-        with contextlib.suppress(OSError):  # best effort: its exit code is what counts
-            self.plain.send(_CLOSED_STATUS)
-        return start
-
-    def _judge_held(self) -> None:
-        """The close held back: on once the keeper's word is that the daemon exited 0 (and
-        the frame in hand has gone); the relay fails on any other word, on the keeper's end
-        without one, and after :data:`HOLD_LIMIT` seconds without one."""
-        assert self.held is not None
-        if self.word == DAEMON_OK:
-            if not self.out_len:
-                self.close_in_frame = True
-                self._send_frame(self.held)  # the daemon ended well: the close goes on
-                self.held = None
-            return
-        if self.word is not None or not self.confirm_open:
-            raise ChannelError(
-                "the lazy-pages daemon ended on an error after its close: its pages are not "
-                "all here (the source keeps its original)"
-            )
-        if time.monotonic() - self.held_at >= HOLD_LIMIT:
-            raise ChannelError(
-                f"no word of the lazy-pages daemon's end {HOLD_LIMIT:g} s after its close "
-                "(the source keeps its original)"
-            )
-
-    def _keepalive(self, idle: float | None) -> float:
-        """While the close waits for the keeper's word: an empty frame to the source each
-        :data:`KEEPALIVE` seconds (its relay gives up after 8 s of silence, and the word may
-        come only once the keeper's restore is done); how long the select may wait."""
-        now = time.monotonic()
-        due = self.held_at + HOLD_LIMIT - now
-        if not self.out_len:  # (a frame in hand is movement: the next select waits for it)
-            if now - self.kept_alive >= KEEPALIVE:
-                self.kept_alive = now
-                self._send_frame(b"")
-            due = min(due, self.kept_alive + KEEPALIVE - now)
-        return max(0.0, due if idle is None else min(idle, due))
-
-    def _confirmed(self) -> None:
-        """Read the keeper's word on how the daemon ended (its end without one: none)."""
-        assert self.confirm is not None
-        try:
-            word = self.confirm.recv(1)
-        except BlockingIOError:
-            return
-        except OSError:
-            word = b""
-        if word:
-            self.word = word
-        else:
-            self.confirm_open = False
-
     def finish_close(self) -> bool:
         """The target, its relay broken: whether the copy has every page all the same, and
         if so, end the daemon's transfer as the source would have. The daemon sent its close
@@ -495,21 +419,17 @@ class _Relay:
         if not gate.closed or self.close_mark is None:
             return False
         try:
-            if _acked(self.tls) < self.close_mark or self.after_close > len(_CLOSED_STATUS):
+            if _acked(self.tls) < self.close_mark or self.after_close > len(CLOSED_STATUS):
                 return False
             if not self.answered:
                 self.plain.settimeout(HANDOVER_TIMEOUT)
-                self.plain.sendall(_CLOSED_STATUS[self.after_close :])
+                self.plain.sendall(CLOSED_STATUS[self.after_close :])
             self.plain.shutdown(socket.SHUT_WR)
         except OSError:
             return self.answered  # (answered: the daemon may be gone already)
         return True
 
 
-_CLOSED_STATUS = b"\0\0\0\0"  # CRIU's page server's answer to PS_IOV_CLOSE: int32 status 0
-DAEMON_OK, DAEMON_FAILED = b"0", b"X"  # the keeper's word on the daemon's end (daemon_ended)
-HOLD_LIMIT = 20.0  # seconds a held close waits for that word (the keeper's restore may end)
-KEEPALIVE = 1.0  # seconds between the empty frames that keep the source's relay waiting
 _TCP_INFO_BYTES_ACKED = 120  # the offset of tcpi_bytes_acked (u64) in struct tcp_info
 
 
