@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from pathlib import Path
 
 from . import procs
@@ -172,11 +173,33 @@ def survived(
         # Not where it was asked to go, but torpor knows it: a user finds it in `torpor images`.
         restore(lab, listed, f"{app.name}-r", floor, ceiling, f"{story}; image {listed}")
         return "listed"
+    if not alive and trapped_by_killed_criu(lab, app, out):
+        lab.note("  lost to CRIU's own death mid-infection (SIGTRAP): docs/checkpoints.md")
+        return "trapped"
     assert alive, lab.fail(
         f"{story}: LOST: the app (pid {app.ref.pid}) is gone and there is no image {image} "
         f"(error: {out.stderr.strip() or '-'}; leftovers: {_leftovers(lab, committed)})"
     )
     return "running"
+
+
+CRIU_KILLED = re.compile(r"CRIU was killed by SIGKILL before it answered \(the process is gone")
+
+
+def trapped_by_killed_criu(lab: Lab, app: App, out: Outcome) -> bool:
+    """The one loss that is CRIU's, not torpor's: CRIU itself SIGKILLed while its parasite ran
+    in the app, which CRIU had stopped with its registers and code rewritten. The kernel then
+    detaches and resumes the app in that code, whose trap for CRIU (int3) kills it with
+    SIGTRAP; only CRIU could have put them back. It is accepted only as exactly that: the fault
+    fired on CRIU, the app's record ends with SIGTRAP, and the command said CRIU was killed and
+    the process is gone (docs/checkpoints.md)."""
+    if out.fault is None or out.fault.victim != "criu" or out.fired is None:
+        return False
+    record = json.loads((lab.home / "procs" / f"{app.name}.json").read_text())
+    if record.get("exit_status") != -signal.SIGTRAP:
+        return False
+    [line] = [x for x in out.stderr.splitlines() if x.startswith("torpor: error:")] or [""]
+    return CRIU_KILLED.search(line) is not None
 
 
 def _repairable(lab: Lab, app: App, out: Outcome, image: str, committed: Path | None) -> str | None:
