@@ -236,7 +236,7 @@ class FarProxy:
 def test_one_source_flooding_does_not_keep_a_peer_at_another_out(
     homes: tuple[Path, Path], idle: list[socket.socket], flood: Callable[[int, str], None]
 ) -> None:
-    a, b = homes
+    b = homes[1]
     with listen("127.0.0.1", 0, home=b) as listener:
         port = listener.address[1]
         acceptor = Acceptor(listener)
@@ -258,22 +258,7 @@ def test_one_source_flooding_does_not_keep_a_peer_at_another_out(
         for _ in range(4):
             flood(port, "127.0.0.2")
         time.sleep(0.5)
-        refused: list[PeerRefusedError] = []
-        far = FarProxy(port, 0.25)
-        for _ in range(2):
-            host, at = far.address
-            with connect(host, at, tls_identity(b).fingerprint, home=a) as conn:
-                assert conn.peer.name == "b"
-                acceptor.thread.join(10)
-                assert acceptor.conn is not None and acceptor.conn.peer.name == "a"
-                conn.send({"type": "preflight"})
-                assert acceptor.conn.recv() == {"type": "preflight"}
-                acceptor.conn.send({"type": "ready"})
-                assert conn.recv() == {"type": "ready"}
-                acceptor.conn.close()
-            refused += acceptor.refused
-            acceptor = Acceptor(listener)
-        far.close()
+        refused = _far_peer_gets_in(listener, acceptor, homes, latency=0.25, times=2, commands=True)
     # Reported on one line for the flood (again only once a handshake of it has ended: after
     # HANDSHAKE_TIMEOUT, which a slow run may reach); none of the trusted peer's given up.
     line = (
@@ -284,6 +269,39 @@ def test_one_source_flooding_does_not_keep_a_peer_at_another_out(
     assert {str(e) for e in refused} == {line}
 
 
+def _far_peer_gets_in(
+    listener: _channel.Listener,
+    acceptor: Acceptor,
+    homes: tuple[Path, Path],
+    *,
+    latency: float,
+    times: int,
+    commands: bool = False,
+) -> list[PeerRefusedError]:
+    """The trusted peer ``a``, far (a :class:`FarProxy` of ``latency`` s), connects to
+    ``listener`` (``b``'s) ``times`` times, each accepted (with ``commands``: a command each
+    way too); the refusals the acceptors saw meanwhile."""
+    a, b = homes
+    refused: list[PeerRefusedError] = []
+    far = FarProxy(listener.address[1], latency)
+    for _ in range(times):
+        host, at = far.address
+        with connect(host, at, tls_identity(b).fingerprint, home=a) as conn:
+            assert conn.peer.name == "b"
+            acceptor.thread.join(10)
+            assert acceptor.conn is not None and acceptor.conn.peer.name == "a"
+            if commands:
+                conn.send({"type": "preflight"})
+                assert acceptor.conn.recv() == {"type": "preflight"}
+                acceptor.conn.send({"type": "ready"})
+                assert conn.recv() == {"type": "ready"}
+            acceptor.conn.close()
+        refused += acceptor.refused
+        acceptor = Acceptor(listener)
+    far.close()
+    return refused
+
+
 def test_sources_flooding_together_give_up_their_own_before_a_peers_handshake(
     homes: tuple[Path, Path], flood: Callable[[int, str], None]
 ) -> None:
@@ -291,7 +309,7 @@ def test_sources_flooding_together_give_up_their_own_before_a_peers_handshake(
     then gives up the oldest handshake of a source holding the most, never the one of a far
     trusted peer (with the oldest given up whoever holds it, the floods' fresh connections
     soon make the peer's the oldest)."""
-    a, b = homes
+    b = homes[1]
     flooders = [f"127.0.0.{i}" for i in range(4, 4 + _channel.MAX_HANDSHAKES // 2)]
     with listen("127.0.0.1", 0, home=b) as listener:
         port = listener.address[1]
@@ -305,16 +323,7 @@ def test_sources_flooding_together_give_up_their_own_before_a_peers_handshake(
             with listener._cond:
                 full = len(listener._pending) == _channel.MAX_HANDSHAKES
         assert full
-        far = FarProxy(port, 0.4)
-        for _ in range(3):
-            host, at = far.address
-            with connect(host, at, tls_identity(b).fingerprint, home=a) as conn:
-                assert conn.peer.name == "b"
-                acceptor.thread.join(10)
-                assert acceptor.conn is not None and acceptor.conn.peer.name == "a"
-                acceptor.conn.close()
-            acceptor = Acceptor(listener)
-        far.close()
+        _far_peer_gets_in(listener, acceptor, homes, latency=0.4, times=3)
 
 
 @pytest.mark.parametrize(
