@@ -72,7 +72,9 @@ _SHA_RE = re.compile(r"[0-9a-f]{64}")
 MAX_RECORD = 64 << 20
 MAX_LIST = 1 << 30
 MAX_FILE_SIZE = 1 << 44
-MAX_CHUNK_SIZE = 64 << 20
+# The only chunk sizes torpor writes (:func:`~._cas.chunk_size_for`): a record naming another
+# (``chunk_size=1``: a chunk count, and so a list bound, of its file's size) is refused.
+CHUNK_SIZES = frozenset((_cas.PAGE_SIZE, _cas.LARGE_CHUNK))
 # ``where``: at most this many packs (a pack holds ~1000 chunks: 4 TiB of distinct pages).
 MAX_WHERE_PACKS = 1 << 20
 NO_PACK = 0xFFFFFFFF
@@ -156,8 +158,11 @@ class FileRecord:
         size, chunk_size, sha256 = data["size"], data["chunk_size"], data["sha256"]
         if type(size) is not int or not 0 <= size <= MAX_FILE_SIZE:
             raise ValueError(f"file {name}: size {size!r} is out of range")
-        if type(chunk_size) is not int or not 0 < chunk_size <= MAX_CHUNK_SIZE:
-            raise ValueError(f"file {name}: chunk size {chunk_size!r} is out of range")
+        if type(chunk_size) is not int or chunk_size not in CHUNK_SIZES:
+            raise ValueError(
+                f"file {name}: chunk size {chunk_size!r} is out of range (torpor writes "
+                f"{_cas.PAGE_SIZE} or {_cas.LARGE_CHUNK})"
+            )
         if not isinstance(sha256, str) or not _SHA_RE.fullmatch(sha256):
             raise ValueError(f"file {name}: {sha256!r} is not a SHA-256")
         common = (name, size, sha256, chunk_size)
@@ -387,8 +392,10 @@ def _compress_bound(n: int) -> int:
 def list_limit(f: FileRecord) -> int:
     """The most bytes to read of the list object of ``f``: what zstd makes of its digests
     (the file's chunk count of them, exactly, unless a patch is applied to the list; then
-    the list is another file's, of any length up to :data:`MAX_LIST` bytes)."""
-    raw = MAX_LIST if f.patch else f.count * _cas.DIGEST_SIZE
+    the list is another file's, of any length up to :data:`MAX_LIST` bytes). Never more
+    than :data:`MAX_LIST`'s bound: the count is the record's word, and a hostile record's
+    16 TiB file would otherwise let a list object of GiBs be read whole."""
+    raw = MAX_LIST if f.patch else min(f.count * _cas.DIGEST_SIZE, MAX_LIST)
     return _compress_bound(raw)
 
 

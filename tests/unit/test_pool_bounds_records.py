@@ -1,0 +1,131 @@
+"""A hostile record's own numbers never set a read bound beyond what torpor writes.
+
+The chunk-list bound comes from the record (its file's chunk count): a record naming a
+16 TiB file must not make an 8 GiB list object (a sparse file in a ``dir`` pool) be read
+whole. The read runs in a child under an address-space limit far below 8 GiB, as in
+:mod:`tests.unit.test_pool_bounds`; nothing of GiB size is read in the test runner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from torpor._errors import ImageCorruptedError
+from torpor._pools import Pool
+from torpor._pools._dir import DirBackend
+from torpor._pools._record import MAX_FILE_SIZE, MAX_LIST, _compress_bound, image_key, list_limit
+
+from .test_pool_support import FAST, make_image, random_pages
+
+HUGE = 8 << 30
+AS_HEADROOM = 2 << 30
+RSS_GROWTH = 200 << 20
+
+_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pathlib import Path
+    from torpor._errors import TorporError
+    from torpor._pools import Pool
+    from torpor._pools._dir import DirBackend
+
+    op, root = sys.argv[1], Path(sys.argv[2])
+    pool = Pool("hostile", DirBackend(root), cache=False)
+    with open("/proc/self/status") as fh:
+        vm = next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmSize:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    want = vm + int(sys.argv[3])
+    resource.setrlimit(resource.RLIMIT_AS, (want if hard < 0 else min(want, hard), hard))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = {"error": None, "type": None}
+    try:
+        if op == "list":
+            rec = pool._record("app")
+            (f,) = [f for f in rec.files if f.list_id is not None]
+            pool._load_list(f)
+    except (TorporError, MemoryError) as exc:
+        out = {"error": str(exc), "type": type(exc).__name__}
+    out["grew"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    print(json.dumps(out))
+    """
+)
+
+
+def _child(*args: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    return out
+
+
+@pytest.fixture
+def pool(tmp_path: Path, torpor_home: Path) -> Pool:
+    """A dir pool holding image ``app`` (its pages file's chunk list in a list object)."""
+    p = Pool("hostile", DirBackend(tmp_path / "pool"), timing=FAST)
+    p.push(make_image(tmp_path / "local", "app", bytes(random_pages(300, seed=5))), "app")
+    return p
+
+
+def _doc(pool: Pool) -> dict[str, Any]:
+    raw = zstandard.ZstdDecompressor().decompress(pool.backend.get(image_key("app")))
+    doc: dict[str, Any] = json.loads(raw)
+    return doc
+
+
+def _put_doc(pool: Pool, doc: dict[str, Any]) -> None:
+    raw = json.dumps(doc).encode()
+    pool.backend.put(image_key("app"), zstandard.ZstdCompressor().compress(raw))
+
+
+def _grow_listed_file(doc: dict[str, Any], size: int, chunk_size: int | None = None) -> str:
+    """Make the record's listed file ``size`` bytes (in the record and its manifest, as an
+    attacker who writes the record would; unsigned, no ``where``); its list id."""
+    doc.pop("signature", None)
+    doc.pop("where", None)
+    (f,) = [f for f in doc["files"] if "list" in f]
+    f["size"] = size
+    if chunk_size is not None:
+        f["chunk_size"] = chunk_size
+    (m,) = [m for m in doc["manifest"]["files"] if m["name"] == f["name"]]
+    m["size"] = size
+    return str(f["list"])
+
+
+def test_a_huge_file_s_list_object_is_refused_unread(pool: Pool) -> None:
+    doc = _doc(pool)
+    list_id = _grow_listed_file(doc, MAX_FILE_SIZE)  # 2^32 pages: 128 GiB of digests
+    _put_doc(pool, doc)
+    (f,) = [f for f in pool._record("app").files if f.list_id is not None]
+    bound = list_limit(f)
+    assert bound == _compress_bound(MAX_LIST)  # not the 128 GiB the count says
+    root = pool.backend.root  # type: ignore[attr-defined]
+    os.truncate(Path(root, "lists+", list_id), HUGE)  # a hole: 8 GiB to whoever reads it
+    out = _child("list", str(root), str(AS_HEADROOM))
+    assert out["type"] == "PoolError", out
+    assert "\n" not in out["error"]
+    assert f"'lists/{list_id}'" in out["error"]
+    assert f"is {HUGE} bytes, over the {bound} bytes" in out["error"]
+    assert out["grew"] < RSS_GROWTH, out
+
+
+@pytest.mark.parametrize("chunk_size", [1, 512, 8192, 64 << 20])
+def test_a_chunk_size_torpor_never_writes_is_refused(pool: Pool, chunk_size: int) -> None:
+    doc = _doc(pool)
+    _grow_listed_file(doc, MAX_FILE_SIZE, chunk_size)
+    _put_doc(pool, doc)
+    with pytest.raises(ImageCorruptedError) as info:
+        pool._record("app")
+    assert f"chunk size {chunk_size} is out of range (torpor writes 4096 or 1048576)" in str(
+        info.value
+    )
