@@ -6,7 +6,9 @@ or that a live process still claims, or a claim naming another process, is left 
 from __future__ import annotations
 
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,20 +23,36 @@ from torpor._process._proc import running, start_time
 FAKE = """
 import ctypes, os, socket, sys, time
 mode = os.environ["FAKE_MODE"]
+ready = open("ready.tmp", "w")
 keep = []
-if mode in ("idle", "uffd", "connected"):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind("lazy-pages.socket")
-    s.listen(1)
-    keep.append(s)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("lazy-pages.socket")
+s.listen(1)
+keep.append(s)
 if mode == "uffd":
     fd = ctypes.CDLL(None, use_errno=True).syscall(323, os.O_CLOEXEC)  # userfaultfd(2)
     assert fd >= 0, ctypes.get_errno()
-if mode == "connected":
+if mode in ("connected", "forged"):
     keep.extend(socket.socketpair())
-open("ready", "w").close()
+if mode == "forged":  # /proc/net/unix lines, in a socket's name, saying the pair listens
+    for k in keep[1:]:
+        forged = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        line = f"0000000000000000: 00000002 00000000 00010000 0001 01 {os.fstat(k.fileno()).st_ino}"
+        forged.bind(f"\\0x\\n{line} @y\\n".encode())
+        forged.listen(1)
+        keep.append(forged)
+if mode == "nonroot":
+    os.setresuid(65534, 65534, 65534)
+ready.close()
+os.rename("ready.tmp", "ready") if mode != "nonroot" else None
 time.sleep(60)
 """
+
+
+@pytest.fixture(autouse=True)
+def criu_is_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake daemons run this python: it is "the CRIU binary torpor uses"."""
+    monkeypatch.setattr(_sweep, "_criu_binary", lambda: sys.executable)
 
 
 @pytest.fixture
@@ -55,7 +73,7 @@ def spawn(tmp_path: Path) -> Iterator[object]:
         )
         procs.append(proc)
         deadline = time.monotonic() + 10
-        while not (work / "ready").exists():
+        while not (work / "ready").exists() and not (mode == "nonroot" and _nobody(proc.pid)):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
         if claim:
@@ -67,6 +85,11 @@ def spawn(tmp_path: Path) -> Iterator[object]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def _nobody(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return "Uid:\t65534\t65534\t65534\t65534" in status.splitlines()
 
 
 def _dead_claim(path: Path) -> None:
@@ -138,3 +161,119 @@ def test_a_claim_naming_another_process_kills_nothing(tmp_path: Path) -> None:
 
 def test_what_cannot_be_read_counts_as_busy() -> None:
     assert not _sweep.idle(2**22 + 12345)  # no such process
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_daemon_connected_to_between_its_stop_and_the_look_is_continued_not_killed(
+    tmp_path: Path, spawn: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work, proc = spawn("late", "idle")  # type: ignore[operator]
+    _dead_claim(work)
+    stopped = _sweep._stopped
+    clients = []
+
+    def then_a_restore_connects(pid: int) -> bool:
+        was = stopped(pid)
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(str(work / "lazy-pages.socket"))  # queued: the daemon cannot accept
+        clients.append(c)
+        return was
+
+    monkeypatch.setattr(_sweep, "_stopped", then_a_restore_connects)
+    assert _sweep.sweep([tmp_path / "lazy"]) == []
+    assert len(clients) == 1
+    assert proc.poll() is None and _state(proc.pid) != "T"  # SIGCONTed
+    clients[0].close()
+
+
+def test_a_daemon_that_does_not_stop_is_left_running(
+    tmp_path: Path, spawn: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work, proc = spawn("nostop", "idle")  # type: ignore[operator]
+    _dead_claim(work)
+    monkeypatch.setattr(_sweep, "_stopped", lambda pid: False)
+    assert _sweep.sweep([tmp_path / "lazy"]) == []
+    assert proc.poll() is None and _state(proc.pid) != "T"
+
+
+def test_a_forged_proc_net_unix_does_not_make_a_connected_daemon_idle(
+    tmp_path: Path, spawn: object
+) -> None:
+    work, proc = spawn("forged", "forged")  # type: ignore[operator]
+    _dead_claim(work)
+    assert _sweep.sweep([tmp_path / "lazy"]) == []
+    assert proc.poll() is None and work.exists()
+
+
+def test_a_daemon_is_found_working_in_the_dir_by_inode_not_by_path(
+    tmp_path: Path, spawn: object
+) -> None:
+    work, proc = spawn("unclaimed", "idle", False)  # type: ignore[operator]
+    _dead_claim(work)
+    (tmp_path / "via").symlink_to(tmp_path / "lazy")  # its cwd's path is not the one swept
+    assert _sweep.sweep([tmp_path / "via"]) == [tmp_path / "via" / work.name]
+    assert proc.wait(5) == -signal.SIGKILL
+
+
+def test_a_daemon_not_root_or_not_torpors_criu_is_not_killed(
+    tmp_path: Path, spawn: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nobody, p_nobody = spawn("nobody", "nonroot")  # type: ignore[operator]
+    _dead_claim(nobody)
+    assert _sweep.end_orphans(nobody) == [] and p_nobody.poll() is None
+    other, p_other = spawn("other", "idle")  # type: ignore[operator]
+    _dead_claim(other)
+    monkeypatch.setattr(_sweep, "_criu_binary", lambda: "/bin/sh")
+    assert _sweep.end_orphans(other) == [] and p_other.poll() is None
+
+
+def test_a_daemon_is_ended_only_from_its_own_work_dir(tmp_path: Path, spawn: object) -> None:
+    work, proc = spawn("pooled", "idle")  # type: ignore[operator]
+    part = tmp_path / "lazy-pool" / "123-0123456789abcdef"  # a pool image's local part
+    part.mkdir(parents=True)
+    _sweep.claim(part, proc.pid, daemon=True)
+    for d in (work, part):
+        _dead_claim(d)
+    assert _sweep.end_orphans(part) == [] and proc.poll() is None
+    assert _sweep.sweep([tmp_path / "lazy-pool"]) == []  # it still claims the part
+    assert _sweep.sweep([tmp_path / "lazy", tmp_path / "lazy-pool"]) == [work, part]
+    assert proc.wait(5) == -signal.SIGKILL
+
+
+def test_a_sweep_kills_at_most_max_kills(
+    tmp_path: Path, spawn: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = [spawn(f"d{i}", "idle") for i in range(2)]  # type: ignore[operator]
+    for work, _ in started:
+        _dead_claim(work)
+    monkeypatch.setattr(_sweep, "MAX_KILLS", 1)
+    assert len(_sweep.sweep([tmp_path / "lazy"])) == 1
+    assert sorted(p.poll() is None for _, p in started) == [False, True]
+
+
+def test_an_old_owner_claim_of_a_daemon_counts_as_its_daemon_claim(
+    tmp_path: Path, spawn: object
+) -> None:
+    work, proc = spawn("old", "idle", False)  # type: ignore[operator]
+    _sweep.claim(work, proc.pid)  # ``owner-<pid>-<start time>``, as before c604987
+    _dead_claim(work)
+    assert _sweep.end_orphans(work) == [proc.pid]
+    assert proc.wait(5) == -signal.SIGKILL
+
+
+def test_an_exit_is_waited_for_on_a_pidfd_above_1023() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), max(hard, 2048)))
+    proc = subprocess.Popen(["true"])
+    pidfd = os.pidfd_open(proc.pid)
+    high = os.dup2(pidfd, 1500)
+    try:
+        proc.wait()
+        assert _sweep._exited(high)
+    finally:
+        os.close(high)
+        os.close(pidfd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -64,3 +64,22 @@ def test_a_watch_that_cannot_start_kills_the_copy_and_lets_the_keeper_go(
     )
     assert [f.state for f in failed] == ["failed"]
     assert isinstance(c.work_dir, Path) and c.work_dir.exists()  # its logs are kept
+
+
+def test_a_copy_whose_failing_watch_fails_too_does_not_leave_the_next_unwatched() -> None:
+    watched: list[str] = []
+
+    class Copy:
+        def __init__(self, name: str, fails: bool) -> None:
+            self.name, self.fails = name, fails
+
+        def watch(self) -> None:
+            watched.append(self.name)
+            if self.fails:  # its ``_unwatched``, printing to a broken stderr
+                raise OSError(5, "Input/output error")
+
+    copies = object.__new__(lazy.LazyCopies)
+    copies.copies = [Copy("a", True), Copy("b", False)]  # type: ignore[list-item]
+    copies._lock = threading.Lock()
+    copies.watch()
+    assert watched == ["a", "b"]

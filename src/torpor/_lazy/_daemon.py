@@ -22,7 +22,6 @@ nobody serves would wait forever) or the process has been killed.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import signal
@@ -33,12 +32,12 @@ from pathlib import Path
 from .._engine import _kdat
 from .._engine._failures import log_errors
 from .._errors import RestoreError
+from ._fds import pidfd_getfd as _pidfd_getfd
+from ._fds import uffds as _uffds
 
 DAEMON_LOG = "lazy-pages.log"
 SOCKET_NAME = "lazy-pages.socket"  # CRIU's LAZY_PAGES_SOCK_NAME, in the work dir
 READY_TIMEOUT = 10.0  # seconds for the daemon to bind its socket (it takes ~10 ms)
-_UFFD_LINK = "anon_inode:[userfaultfd]"
-_SYS_PIDFD_GETFD = 438  # x86_64 and the generic table alike
 
 
 class LazyDaemonError(RestoreError):
@@ -129,7 +128,9 @@ class Daemon:
         status_r, self._status_r = self._status_r, None
         assert status_r is not None and self.proc is not None, "spawn() first"
         try:
-            ready, _, _ = select.select([status_r], [], [], timeout)
+            poller = select.poll()  # (select.select refuses an fd >= 1024)
+            poller.register(status_r, select.POLLIN)
+            ready = bool(poller.poll(timeout * 1000))
             got = os.read(status_r, 1) if ready else b""
         finally:
             os.close(status_r)
@@ -207,31 +208,3 @@ class Daemon:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             self.proc.wait()
-
-
-def _uffds(pid: int) -> set[int]:
-    """The fd numbers of ``pid`` that are userfaultfds."""
-    found = set()
-    base = f"/proc/{pid}/fd"
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return set()
-    for name in names:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"{base}/{name}") == _UFFD_LINK:
-                found.add(int(name))
-    return found
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _pidfd_getfd(pidfd: int, fd: int) -> int:
-    """``pidfd_getfd(2)`` (Python 3.11 has no wrapper): a duplicate of another process's fd."""
-    got = int(_libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
-    if got < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    os.set_inheritable(got, False)
-    return got

@@ -593,5 +593,6 @@ class LazyCopies:
         """Every copy runs: watch each."""
         with self._lock:
             self._running = len(self.copies)
-        for copy in self.copies:
-            copy.watch()
+        for copy in self.copies:  # one whose failing watch fails too: the others still run
+            with contextlib.suppress(Exception):
+                copy.watch()
