@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from torpor._lazy import _sweep
+from torpor._lazy import _daemon, _sweep
 from torpor._process._proc import running, start_time
 
 FAKE = """
@@ -276,4 +276,23 @@ def test_an_exit_is_waited_for_on_a_pidfd_above_1023() -> None:
     finally:
         os.close(high)
         os.close(pidfd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_daemon_is_waited_for_on_a_status_fd_above_1023(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), max(hard, 2048)))
+    r, w = os.pipe()
+    high = os.dup2(r, 1501)
+    os.close(r)
+    d = _daemon.Daemon("criu", -1, tmp_path, tmp_path)
+    d.proc = subprocess.Popen(["sleep", "30"])
+    d._status_r = high  # as spawn() leaves it
+    try:
+        os.write(w, b"\0")  # the daemon's "ready"
+        d.wait_ready(5)  # (select.select: ValueError, filedescriptor out of range)
+        assert d.proc.poll() is None
+    finally:
+        os.close(w)
+        d.stop()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
