@@ -19,9 +19,18 @@ from typing import Any
 import pytest
 import zstandard
 
-from torpor._errors import ImageCorruptedError
-from torpor._pools import Pool
+from torpor._errors import ImageCorruptedError, PoolError
+from torpor._pools import Pool, _reader
 from torpor._pools._dir import DirBackend
+from torpor._pools._memory import MemoryBackend
+from torpor._pools._pack import (
+    MAX_INDEX,
+    MAX_PACK_CHUNKS,
+    PACK_TARGET,
+    PackIndex,
+    PackWriter,
+    index_key,
+)
 from torpor._pools._record import MAX_FILE_SIZE, MAX_LIST, _compress_bound, image_key, list_limit
 
 from .test_pool_support import FAST, make_image, random_pages
@@ -52,6 +61,8 @@ _CHILD = textwrap.dedent(
             rec = pool._record("app")
             (f,) = [f for f in rec.files if f.list_id is not None]
             pool._load_list(f)
+        elif op == "catalog":
+            pool._catalog()
     except (TorporError, MemoryError) as exc:
         out = {"error": str(exc), "type": type(exc).__name__}
     out["grew"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
@@ -129,3 +140,52 @@ def test_a_chunk_size_torpor_never_writes_is_refused(pool: Pool, chunk_size: int
     assert f"chunk size {chunk_size} is out of range (torpor writes 4096 or 1048576)" in str(
         info.value
     )
+
+
+# --- pack indexes: bounded by what the packer writes, decoded as they arrive ---------------
+
+
+def test_the_packer_s_largest_index_is_within_max_index() -> None:
+    backend = MemoryBackend()
+    writer = PackWriter(backend, pack_target=PACK_TARGET)
+    for n in range(MAX_PACK_CHUNKS + 5):  # one byte each: the most chunks a pack can take
+        writer.add(os.urandom(32), n.to_bytes(4, "little")[:1])
+    indexes = writer.finish()
+    assert sorted(i.count for i in indexes) == [5, MAX_PACK_CHUNKS]
+    big = max(indexes, key=lambda i: i.count)
+    blob = backend.get(index_key(big.pack_id))
+    assert len(blob) <= MAX_INDEX < 16 << 20  # its digests are random: stored all but raw
+    assert PackIndex.decode(big.pack_id, blob) == big
+    # Every frame its own chunk, the most frames an index can have: still within.
+    frames = tuple(big.frames[0].__class__(n, 1, 1, 0) for n in range(MAX_PACK_CHUNKS))
+    worst = PackIndex(big.pack_id, big.created, big.size, frames, table=big.table)
+    assert len(worst.encode()) <= MAX_INDEX
+
+
+INDEXES = 128  # sparse objects of MAX_INDEX bytes: ~1.8 GiB if every one were kept
+
+
+def test_the_catalog_holds_a_window_of_index_blobs_not_all(pool: Pool) -> None:
+    root = pool.backend.root  # type: ignore[attr-defined]
+    for n in range(INDEXES):
+        path = Path(root, "index+", f"{n:032x}")
+        path.touch()
+        os.truncate(path, MAX_INDEX)  # at the bound: read, then skipped as damaged
+    out = _child("catalog", str(root), str(3 << 30))
+    assert out["type"] is None, out
+    assert out["grew"] < INDEXES * MAX_INDEX // 2, out  # at most the fetch window's
+
+
+def test_a_listing_s_records_are_bounded_in_total(
+    pool: Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool.push(make_image(tmp_path / "other", "app", bytes(random_pages(50, seed=6))), "web")
+    held = [pool._record(n).held for n in ("app", "web")]
+    monkeypatch.setattr(_reader, "MAX_RECORDS_TOTAL", sum(held))
+    assert len(pool.list_images()) == 2  # at the bound
+    monkeypatch.setattr(_reader, "MAX_RECORDS_TOTAL", sum(held) - 1)
+    with pytest.raises(PoolError) as info:
+        pool.list_images()
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"its image manifests hold over {sum(held) - 1} bytes" in message

@@ -53,16 +53,25 @@ CODEC_ZSTD = 1
 # Bounds on what an index from outside may make us allocate: a real frame is ~128 KiB (one
 # chunk of up to 1 MiB at most), a real index ~50 KiB.
 MAX_FRAME = 64 << 20
-MAX_INDEX = 256 << 20
+# The packer closes a pack at this many chunks (a pack of 4 MiB holds ~1000-2000 pages; this
+# is 1 GiB of pages compressed 256:1), so an index torpor writes has at most this many chunk
+# entries and as many frames (a frame holds one chunk at least).
+MAX_PACK_CHUNKS = 1 << 18
+_HEADER = struct.Struct("<8sdQII")
+_FRAME = struct.Struct("<IIIB")
+_CHUNK = struct.Struct("<32sIII")
+# The largest index torpor writes, decoded: header 32 + 2^18 * (frame 13 + chunk 44) +
+# trailer 32 = 14,942,272 bytes (~14.3 MiB); stored (zstd, never larger than its
+# ZSTD_compressBound: n + n/256 + a frame header's room) at most MAX_INDEX = 15,000,704
+# bytes (~14.3 MiB). An index object larger is not torpor's, and is not read.
+MAX_INDEX_RAW = _HEADER.size + MAX_PACK_CHUNKS * (_FRAME.size + _CHUNK.size) + 32
+MAX_INDEX = MAX_INDEX_RAW + (MAX_INDEX_RAW >> 8) + 64
 # The largest pack object read back (a bound on what a pool may make us allocate): the
 # packer's packs stay under PACK_TARGET, or are one frame of at most FRAME_TARGET plus one
 # 1 MiB chunk; four times the target leaves room for a later torpor's larger target. A pack
 # whose index is at hand is read with its index's size as the limit (:func:`pack_limit`).
 MAX_PACK = 4 * PACK_TARGET
 
-_HEADER = struct.Struct("<8sdQII")
-_FRAME = struct.Struct("<IIIB")
-_CHUNK = struct.Struct("<32sIII")
 _DIGEST = struct.Struct("<32s12x")  # the digest of one chunk entry
 
 
@@ -231,7 +240,7 @@ class PackIndex:
     def decode(cls, pack_id: str, blob: bytes) -> PackIndex:
         """Parse an index object; :class:`PackDamagedError` if it is damaged."""
         try:
-            data = bounded_decompress(blob, MAX_INDEX)
+            data = bounded_decompress(blob, MAX_INDEX_RAW)
         except ValueError as exc:
             raise PackDamagedError(f"index of pack {pack_id} does not decompress ({exc})") from exc
         body, check = data[:-32], data[-32:]
@@ -334,7 +343,10 @@ class PackWriter:
         self._frame_chunks.append((digest, len(self._frame), len(data)))
         self._frame += data
         self.chunk_bytes += len(data)
-        if len(self._frame) >= self._frame_target:
+        if len(self._chunks) + len(self._frame_chunks) >= MAX_PACK_CHUNKS:
+            self._close_frame()
+            self._close_pack()  # its index stays within MAX_INDEX
+        elif len(self._frame) >= self._frame_target:
             self._close_frame()
             if len(self._pack) >= self._pack_target - self._frame_target:
                 self._close_pack()

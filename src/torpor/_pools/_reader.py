@@ -56,6 +56,9 @@ MAX_META = 64 << 10
 POOL_FORMAT = 1
 FETCHERS = 4
 READERS = 8
+# The most bytes a listing keeps of every image manifest of a pool together (a manifest
+# holds a few KiB: this is tens of thousands of images).
+MAX_RECORDS_TOTAL = 256 << 20
 # True wherever it is raised (pull, restore NAME@POOL, copy, export, import): the image is
 # refused before it is used, and only torpor's own cache or pool objects were written.
 REFUSED_HINT = "the image was refused before any use; use another image"
@@ -222,10 +225,13 @@ class PoolReader:
         # A key of another form is not an index torpor wrote (nor a safe cache file name).
         ids = [i for k in self.backend.list("index/") if is_id(i := k[len("index/") :])]
 
-        # Threads fetch every index (the cache, else the backend), then this thread decodes
-        # them all, then writes the fetched ones to the cache. Decoding (or writing) while
-        # the fetches run made a 1 GiB image's 266 indexes take ~0.23 s on 2 cores (the
-        # threads fight over the GIL with the backend's own), against ~0.14 s in phases.
+        # Threads fetch every index (the cache, else the backend) and this thread decodes
+        # each as it arrives, keeping a blob only when the cache is to have it: at most the
+        # fetch window's blobs (of MAX_INDEX bytes each) are held at once, never every one
+        # (32 hostile 256 MiB index objects were 8 GiB). The cache writes wait for the end:
+        # decoding or writing while the fetches run made a 1 GiB image's 266 indexes take
+        # ~0.23 s on 2 cores (the threads fight over the GIL with the backend's own), against
+        # ~0.14 s with the writes after.
         def fetch(pack_id: str) -> tuple[str, bytes | None, bool]:
             blob = self._cached("index", pack_id)
             if blob is not None:
@@ -235,10 +241,10 @@ class PoolReader:
             except KeyError:
                 return pack_id, None, False  # deleted by a collection since the listing
 
-        fetched = list(bounded(fetch, ids, workers=READERS, window=4 * READERS))
         out: dict[str, PackIndex] = {}
         new: list[tuple[str, bytes]] = []
-        for pack_id, blob, cached in fetched:
+        keep = bool(self._cache)  # a blob is kept for the cache only
+        for pack_id, blob, cached in bounded(fetch, ids, workers=READERS, window=4 * READERS):
             if blob is not None and cached:
                 try:
                     out[pack_id] = PackIndex.decode(pack_id, blob)
@@ -261,7 +267,8 @@ class PoolReader:
                         hint="images using that pack cannot be restored; gc refuses to guess",
                     ) from exc
                 continue
-            new.append((pack_id, blob))
+            if keep:
+                new.append((pack_id, blob))
         if unsaved is not None:
             unsaved.extend(new)
         else:
@@ -314,8 +321,24 @@ class PoolReader:
             except ImageNotFoundError:
                 return None  # deleted since the listing
 
-        found = bounded(one, names, workers=READERS, window=4 * READERS)
-        return sorted((r for r in found if r is not None), key=lambda r: r.manifest.created)
+        # Each record is read MAX_RECORD bytes at most, and all are kept: their total is
+        # bounded too (counted as it arrives; the fetch window's records at most beyond it).
+        found: list[Record] = []
+        total = 0
+        for rec in bounded(one, names, workers=READERS, window=4 * READERS):
+            if rec is None:
+                continue
+            total += rec.held
+            if total > MAX_RECORDS_TOTAL:
+                raise PoolError(
+                    f"pool {self.name!r}: its image manifests hold over {MAX_RECORDS_TOTAL} "
+                    "bytes, more than torpor reads for a listing; not read",
+                    pool=self.name,
+                    hint="it is damaged or not torpor's: `torpor images --pool POOL` names "
+                    "its images; delete the ones not yours (`torpor image delete NAME@POOL`)",
+                )
+            found.append(rec)
+        return sorted(found, key=lambda r: r.manifest.created)
 
     def _load_list(self, f: FileRecord) -> list[bytes]:
         """The list object of ``f``, verified; :class:`KeyError` if missing,

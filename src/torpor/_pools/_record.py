@@ -290,6 +290,14 @@ class Record:
         return sum(f.size for f in self.files)
 
     @property
+    def held(self) -> int:
+        """About how many bytes the decoded record holds beyond its fixed fields (its inline
+        digests, patches and ``where``): what a listing of many records keeps."""
+        files = sum(len(f.inline or b"") + len(f.patch) + 256 for f in self.files)
+        where = len(self.where.runs) + 64 * len(self.where.packs) if self.where else 0
+        return files + where
+
+    @property
     def list_ids(self) -> set[str]:
         """The list objects this manifest needs."""
         return {f.list_id for f in self.files if f.list_id is not None}
