@@ -20,13 +20,13 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from torpor._errors import ImageCorruptedError, TorporError
+from torpor._errors import ImageCorruptedError, PoolError, TorporError
 from torpor._lazy import _poolimage
 from torpor._lazy._source import LazyPageError, pool_source
 from torpor._pools import _cas
 from torpor._pools._backend import Backend
 from torpor._pools._cache import drop_cached, read_cached
-from torpor._pools._pack import PackIndex, index_key
+from torpor._pools._pack import MAX_INDEX, PackIndex, index_key
 from torpor._pools._pool import Pool
 from torpor._pools._record import NO_PACK, Locations, image_key
 from torpor._pools._session import Condemned
@@ -335,4 +335,70 @@ def test_any_well_formed_lie_gives_the_right_pages_or_a_refusal(
         finally:
             source.close()
     finally:
+        image.discard()
+
+
+class _Failing:
+    """A backend whose index reads fail once :attr:`broken` is set (a transport error)."""
+
+    def __init__(self, inner: Backend, error: Exception) -> None:
+        self._inner = inner
+        self._error = error
+        self.broken = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        if self.broken and key.startswith("index/"):
+            raise self._error
+        return self._inner.get(key, limit)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        None,  # the index object is one byte over its bound
+        PoolError("ceph pool p: reading 'index/x' timed out", pool="p"),
+        OSError(5, "Input/output error"),
+    ],
+    ids=["oversized", "transport", "oserror"],
+)
+def test_an_index_the_page_source_cannot_read_is_the_chunk_s_bad_page(
+    pool: Pool, error: Exception | None
+) -> None:
+    from dataclasses import replace
+
+    from torpor._pools._located import Located
+
+    rec = pool._record("app")
+    assert rec.where is not None
+    pack_id = rec.where.finder(rec.files)("pages-1.img", 9)
+    assert pack_id is not None
+    failing = _Failing(pool.backend, error or PoolError("unused"))
+    fresh = Pool("mem", failing, cache=False)  # type: ignore[arg-type]
+    image = _poolimage.materialise(fresh, "app")
+    prepared = image._prepared
+    assert prepared is not None and prepared.located is not None
+    # No index read yet and no pack at hand: the chunk's index is read through ``where``.
+    unread = replace(prepared, located=Located(prepared.record, lambda *_: None), packs={})
+    source = pool_source(fresh, "app", prepared=unread)
+    try:
+        if error is None:
+            pool.backend.put(index_key(pack_id), bytes(MAX_INDEX + 1))
+        else:
+            failing.broken = True
+        with pytest.raises(LazyPageError) as info:
+            source.read("pages-1.img", 9 * PAGE, PAGE)
+        assert info.value.file == "pages-1.img" and info.value.chunk is not None
+        assert info.value.chunk.startswith("9 ")
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith("image 'app' in pool 'mem': file pages-1.img, chunk 9 ")
+        if error is None:
+            assert f"is {MAX_INDEX + 1} bytes, over the {MAX_INDEX} bytes" in message
+        else:
+            assert f"cannot be fetched: {error}" in message
+    finally:
+        source.close()
         image.discard()

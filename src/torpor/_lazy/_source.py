@@ -381,7 +381,20 @@ class PoolSource:
         return data
 
     def _load(self, d: bytes, file: str, i: int) -> None:
-        """Fetch, decode and verify the frame holding chunk ``d`` (and keep its neighbours)."""
+        """Fetch, decode and verify the frame holding chunk ``d`` (and keep its neighbours).
+
+        The one boundary of a chunk's fetch: any pool or transport failure under it (an
+        index over its bound, a Ceph or S3 error on any object) is the chunk's bad page,
+        never an exception that kills the page server's thread without a record."""
+        try:
+            self._fetch(d, file, i)
+        except LazyPageError:
+            raise
+        except (OSError, TorporError) as exc:
+            raise self._bad(file, i, d, f"cannot be fetched: {exc}") from exc
+
+    def _fetch(self, d: bytes, file: str, i: int) -> None:
+        """:meth:`_load`, unguarded."""
         found = self._located
         if found is not None:
             try:
