@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import secrets
 import time
 from collections import deque
@@ -52,6 +53,8 @@ from ._rados_lease import RadosLeases
 _MAGIC = b"\x00torpor-striped-v1\x00"
 _SIZE_XATTR = "torpor.size"
 _PART_SEP = "@"
+# A generation is ``secrets.token_hex(8)``; hex of another length is allowed, nothing else.
+_GEN_RE = re.compile(r"[0-9a-f]{1,64}")
 _HEAD_PROBE = 4096  # a manifest is ~150 bytes: one small read tells a head's kind
 _MIN_STRIPE = 64 * 1024
 # Below osd_max_write_size (90 MiB by default): a part is written in one operation.
@@ -93,15 +96,20 @@ class _Manifest:
         """The manifest in ``head``, or None if ``head`` is a plain value."""
         if not head.startswith(_MAGIC):
             return None
+        # The head is hostile: ``[[[[...`` (RecursionError), ``Infinity`` (OverflowError
+        # from int()), a float, a bool or a string number are all a corrupted manifest.
         try:
             fields = json.loads(head[len(_MAGIC) :])
-            manifest = cls(
-                int(fields["size"]), int(fields["part_size"]), int(fields["parts"]),
-                str(fields["gen"]),
+            size, part_size, parts, gen = (
+                fields["size"], fields["part_size"], fields["parts"], fields["gen"]
             )  # fmt: skip
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise PoolError(f"key {key!r} has a corrupted stripe manifest") from exc
-        m = manifest
+        if not all(type(n) is int for n in (size, part_size, parts)) or not (
+            isinstance(gen, str) and _GEN_RE.fullmatch(gen)
+        ):
+            raise PoolError(f"key {key!r} has a corrupted stripe manifest")
+        manifest = m = cls(size, part_size, parts, gen)
         # Parts are read by these numbers: they must be the ones a put writes.
         if not (m.size >= 0 and 0 < m.part_size <= _MAX_STRIPE) or m.parts != -(
             -m.size // m.part_size
