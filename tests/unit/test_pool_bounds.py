@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from torpor._errors import PoolError, TorporError
+from torpor._errors import ImageCorruptedError, PoolError, TorporError
 from torpor._pools import Pool
-from torpor._pools._backend import read_at_most
+from torpor._pools._backend import PoolObjectTooLargeError, read_at_most
 from torpor._pools._dir import DirBackend
 from torpor._pools._pack import MAX_PACK, PackIndex, index_key, pack_key, pack_limit
 from torpor._pools._reader import MAX_INDEX, MAX_META
@@ -109,7 +109,7 @@ def _doctor(packs: list[Path]) -> None:
 
 
 def _assert_refused(out: dict[str, Any], packs: list[Path]) -> None:
-    assert out["type"] == "PoolError", out
+    assert out["type"] == "PoolObjectTooLargeError", out  # a PoolError
     message = out["error"]
     assert "\n" not in message
     named = [p for p in packs if f"'packs/{p.parent.name[:-1]}/{p.name}'" in message]
@@ -229,10 +229,13 @@ def test_a_pack_index_one_byte_over_its_bound_is_refused(pool: Pool) -> None:
     root = pool.backend.root  # type: ignore[attr-defined]
     os.truncate(Path(root, "index+", pack_id), MAX_INDEX + 1)
     fresh = Pool("again", DirBackend(root), timing=FAST, cache=False)
-    with pytest.raises(PoolError) as info:
-        fresh.pull("app")
+    with pytest.raises(PoolObjectTooLargeError) as info:
+        fresh._load_indexes(strict=True)
     assert f"'index/{pack_id}'" in str(info.value)
     assert f"is {MAX_INDEX + 1} bytes, over the {MAX_INDEX} bytes" in str(info.value)
+    # Not strict, it is skipped as a damaged one is: its chunks are in no pack.
+    with pytest.raises(ImageCorruptedError, match=r"is in no pack of the pool"):
+        fresh.pull("app")
 
 
 class _Counted(io.BytesIO):

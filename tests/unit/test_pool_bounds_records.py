@@ -21,7 +21,9 @@ import zstandard
 
 from torpor._errors import ImageCorruptedError, PoolError
 from torpor._pools import Pool, _reader
+from torpor._pools._backend import PoolObjectTooLargeError
 from torpor._pools._dir import DirBackend
+from torpor._pools._gc import GC_LOCK_PREFIX, wait_for_sessions
 from torpor._pools._memory import MemoryBackend
 from torpor._pools._pack import (
     MAX_INDEX,
@@ -32,6 +34,7 @@ from torpor._pools._pack import (
     index_key,
 )
 from torpor._pools._record import MAX_FILE_SIZE, MAX_LIST, _compress_bound, image_key, list_limit
+from torpor._pools._session import MAX_BEAT, SESSIONS_PREFIX, read_beat
 
 from .test_pool_support import FAST, make_image, random_pages
 
@@ -123,7 +126,7 @@ def test_a_huge_file_s_list_object_is_refused_unread(pool: Pool) -> None:
     root = pool.backend.root  # type: ignore[attr-defined]
     os.truncate(Path(root, "lists+", list_id), HUGE)  # a hole: 8 GiB to whoever reads it
     out = _child("list", str(root), str(AS_HEADROOM))
-    assert out["type"] == "PoolError", out
+    assert out["type"] == "PoolObjectTooLargeError", out
     assert "\n" not in out["error"]
     assert f"'lists/{list_id}'" in out["error"]
     assert f"is {HUGE} bytes, over the {bound} bytes" in out["error"]
@@ -189,3 +192,44 @@ def test_a_listing_s_records_are_bounded_in_total(
     message = str(info.value)
     assert "\n" not in message
     assert f"its image manifests hold over {sum(held) - 1} bytes" in message
+
+
+# --- an oversized beat or index: typed, and what can be skipped is ------------------------
+
+
+def test_an_oversized_session_beat_is_a_long_dead_one(pool: Pool) -> None:
+    key = SESSIONS_PREFIX + "0" * 20 + "-" + "a" * 32
+    pool.backend.put(key, b" " * (MAX_BEAT + 1))  # one over: in this process, 64 KiB
+    assert read_beat(pool.backend, key) == {"beat": 0.0}
+    lock = GC_LOCK_PREFIX + "0" * 20 + "-" + "b" * 32
+    pool.backend.put(lock, b" " * (MAX_BEAT + 1))
+    # Neither blocks a collection: each is deleted as stale.
+    assert wait_for_sessions(pool.backend, {key}, FAST, timeout=5.0, pool="hostile") < 5.0
+    pool.gc(wait=5.0)
+    assert not pool.backend.exists(key) and not pool.backend.exists(lock)
+
+
+def test_a_beat_that_cannot_be_read_otherwise_is_not_taken_for_dead(pool: Pool) -> None:
+    class Broken:
+        def get(self, key: str, limit: int | None = None) -> bytes:
+            raise PoolError("ceph pool p: timed out")
+
+    with pytest.raises(PoolError, match="timed out"):
+        read_beat(Broken(), "sessions/x")  # type: ignore[arg-type]
+
+
+def test_an_oversized_index_is_skipped_unless_strict(pool: Pool, tmp_path: Path) -> None:
+    (pack_id,) = [k[len("index/") :] for k in pool.backend.list("index/")]
+    pool.push(make_image(tmp_path / "b", "b", bytes(random_pages(20, seed=7))), "b")
+    root = pool.backend.root  # type: ignore[attr-defined]
+    os.truncate(Path(root, "index+", pack_id), MAX_INDEX + 1)
+    fresh = Pool("again", DirBackend(root), timing=FAST, cache=False)
+    indexes = fresh._load_indexes()
+    assert pack_id not in indexes and indexes  # the others are read
+    with pytest.raises(PoolObjectTooLargeError) as info:
+        fresh._load_indexes(strict=True)
+    assert (info.value.key, info.value.size, info.value.limit) == (
+        index_key(pack_id),
+        MAX_INDEX + 1,
+        MAX_INDEX,
+    )

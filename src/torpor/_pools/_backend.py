@@ -13,7 +13,7 @@ Contract (checked by the shared conformance suite in ``tests/conformance``):
   ``put`` overwrites. ``put_stream`` is ``put`` from a readable binary stream of known or
   unknown length (large objects; drivers use multipart or striping as they see fit).
 - ``get`` of a missing key raises :class:`KeyError` (the key as its argument).
-  ``get(key, limit=N)`` raises :class:`~torpor.PoolError` (:func:`too_large`) when the value
+  ``get(key, limit=N)`` raises :class:`PoolObjectTooLargeError` (:func:`too_large`) when the value
   is larger than ``N`` bytes, and never holds more than ``N + 1`` bytes of it to find out: a
   pool's content is hostile, and an object of any size must not make root allocate it.
   ``get_stream`` returns a readable binary stream the caller closes (and bounds its reads).
@@ -51,16 +51,31 @@ def check_key(key: str) -> str:
     return key
 
 
+class PoolObjectTooLargeError(PoolError):
+    """A pool object is larger than torpor reads for it (:func:`too_large`): ``key``, its
+    ``size`` (None: over ``limit``, the exact size unknown) and the ``limit``."""
+
+    def __init__(
+        self, msg: str, *, key: str, size: int | None, limit: int, pool: str | None = None
+    ) -> None:
+        super().__init__(msg, pool=pool, hint=OVERSIZE_HINT)
+        self.key = key
+        self.size = size
+        self.limit = limit
+
+
 def too_large(
     key: str, where: str, size: int | None, limit: int, *, pool: str | None = None
-) -> PoolError:
+) -> PoolObjectTooLargeError:
     """The error for the value of ``key`` in ``where`` (``"dir pool /srv/p"``...) being
     ``size`` bytes (None: more than ``limit``, the exact size unknown) over ``limit``."""
     got = f"{size} bytes" if size is not None else f"more than {limit} bytes"
-    return PoolError(
+    return PoolObjectTooLargeError(
         f"key {key!r} in {where} is {got}, over the {limit} bytes torpor reads for it; not read",
+        key=key,
+        size=size,
+        limit=limit,
         pool=pool,
-        hint=OVERSIZE_HINT,
     )
 
 
