@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from .._errors import PoolError, UnsafeImageError
 from ._backend import check_key, too_large
@@ -117,8 +117,13 @@ class ArchiveReader:
         self._lock = threading.Lock()
         self._source = source
         try:
-            self._tar = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115
-            members = self._tar.getmembers()
+            bounded = _BoundedReads(fileobj)
+            self._tar = tarfile.open(fileobj=cast(BinaryIO, bounded), mode="r:")  # noqa: SIM115
+            members = []
+            while (member := self._tar.next()) is not None:  # stop past MAX_MEMBERS
+                members.append(member)
+                if len(members) > MAX_MEMBERS:
+                    break
         except (OSError, tarfile.TarError) as exc:
             raise PoolError(
                 f"{source} is not a torpor image archive ({exc})",
@@ -178,6 +183,37 @@ class ArchiveReader:
     def close(self) -> None:
         """Close the tar reader (the file object stays open)."""
         self._tar.close()
+
+
+class _BoundedReads:
+    """A read-only view of an archive's file object refusing any one read of more than a
+    member torpor writes (and its header block): CPython's tarfile reads a pax or GNU
+    long-name header whole, of whatever size it declares, before any member is checked."""
+
+    LIMIT = MAX_MEMBER + tarfile.BLOCKSIZE
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        self._f = fileobj
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > self.LIMIT:
+            raise tarfile.ReadError(
+                f"a header or member of {'unknown size' if size < 0 else f'{size} bytes'}, "
+                f"more than {self.LIMIT} bytes: not an archive `torpor image export` made"
+            )
+        return self._f.read(size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
 
 
 def _check_members(members: list[tarfile.TarInfo], source: str) -> dict[str, tarfile.TarInfo]:
