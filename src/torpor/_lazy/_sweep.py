@@ -42,7 +42,9 @@ the signals go through the pidfd, so to that very process or to none), and must 
 inode). One killed between its spawn and its claim is found, as the directory is about to
 go, as the ``lazy-pages`` process working in it, and judged the same way; so is one whose
 claim is an ``owner-`` file (how daemons claimed before ``daemon-`` claims). ``/proc`` is
-scanned once per sweep, and one sweep ends at most :data:`MAX_KILLS` daemons. A
+scanned at most once per sweep, only once a directory nobody claims is to be removed (each
+`torpor restore` and `torpor ps` sweeps), and one sweep ends at most :data:`MAX_KILLS`
+daemons. A
 ``PR_SET_PDEATHSIG`` would not do: it fires when the spawning *thread* ends, and the daemon
 begun by one thread (the command's) is handed to others (the keeper's watch).
 """
@@ -146,14 +148,17 @@ def end_orphans(
         here = _ident(os.lstat(directory))
     except OSError:
         return []
-    daemons = _scan() if daemons is None else daemons
     budget = _Budget(MAX_KILLS) if budget is None else budget
-    found = {(d.pid, d.born) for d in daemons}
+    found = None if daemons is None else {(d.pid, d.born) for d in daemons}
     claimants = list(_claims(names, _DAEMON))
     for pid, born in _claims(names, _OWNER):
-        if (pid, born) in found:  # a daemon's claim before daemon- claims were (c604987)
+        if _start_time(pid) != born:
+            continue  # gone
+        # A daemon's claim before daemon- claims were (c604987); asked of that pid alone
+        # unless the sweep's scan is at hand.
+        if (pid, born) in found if found is not None else _is_lazy_daemon(pid):
             claimants.append((pid, born))
-        elif _start_time(pid) == born:
+        else:
             return []  # a starter or keeper lives: the daemon is theirs to stop
     return [pid for pid, born in claimants if _end_if_idle(here, pid, born, budget)]
 
@@ -337,7 +342,16 @@ def sweep(parents: list[Path]) -> list[Path]:
     """Remove the lazy work dirs and local parts under ``parents`` nobody uses (see the module
     docstring); what was removed."""
     removed = []
-    daemons = _scan()
+    # /proc is scanned only once a directory nobody claims is to be removed (a daemon that
+    # never claimed it may work there): a sweep finds none, most times, and runs before
+    # every `torpor restore` and `torpor ps`.
+    scanned: list[list[_Daemon]] = []
+
+    def daemons() -> list[_Daemon]:
+        if not scanned:
+            scanned.append(_scan())
+        return scanned[0]
+
     budget = _Budget(MAX_KILLS)
     for parent in parents:
         try:
@@ -351,8 +365,8 @@ def sweep(parents: list[Path]) -> list[Path]:
                 if not stat.S_ISDIR(entry.stat(follow_symlinks=False).st_mode):
                     continue
                 path = Path(entry.path)
-                end_orphans(path, daemons=daemons, budget=budget)
-                if not in_use(path) and not _unclaimed_daemons(path, daemons, budget):
+                end_orphans(path, budget=budget)
+                if not in_use(path) and not _unclaimed_daemons(path, daemons(), budget):
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(path)
     return removed
