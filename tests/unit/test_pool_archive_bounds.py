@@ -6,47 +6,30 @@ runner)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tarfile
-import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from torpor._pools._archive import MAX_MEMBER
 
+from .capped import run_capped
+
 DECLARED = (8 << 30) - 1024  # the largest a ustar size field holds, about
 AS_HEADROOM = 2 << 30
 RSS_GROWTH = 200 << 20
 
-_CHILD = textwrap.dedent(
-    """
-    import json, resource, sys
+_SETUP = """
     from pathlib import Path
-    from torpor._errors import TorporError
     from torpor._pools import Pool
     from torpor._pools._memory import MemoryBackend
 
     pool = Pool("b", MemoryBackend())
-    with open("/proc/self/status") as fh:
-        vm = next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmSize:"))
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    want = vm + int(sys.argv[2])
-    resource.setrlimit(resource.RLIMIT_AS, (want if hard < 0 else min(want, hard), hard))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = {"error": None, "type": None}
-    try:
-        pool.import_image(Path(sys.argv[1]))
-    except (TorporError, MemoryError) as exc:
-        out = {"error": str(exc), "type": type(exc).__name__}
-    out["grew"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    print(json.dumps(out))
-    """
-)
+
+    def run(args):
+        pool.import_image(Path(args[0]))
+"""
 
 
 @pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME], ids=["pax", "gnu"])
@@ -59,14 +42,7 @@ def test_a_huge_declared_header_is_refused_unread(
     path = tmp_path / "hostile.torpor"
     path.write_bytes(info.tobuf(format=tarfile.USTAR_FORMAT))
     os.truncate(path, tarfile.BLOCKSIZE + DECLARED + 2 * tarfile.BLOCKSIZE)  # a hole
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(path), str(AS_HEADROOM)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    out = run_capped(_SETUP, AS_HEADROOM, str(path))
     assert out["type"] == "PoolError", out
     message = out["error"]
     assert "\n" not in message

@@ -10,11 +10,7 @@ and reports its peak RSS), and nothing local is left half made.
 from __future__ import annotations
 
 import io
-import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +25,7 @@ from torpor._pools._reader import MAX_INDEX, MAX_META
 from torpor._pools._record import MAX_RECORD, image_key, list_key, list_limit
 from torpor._pools._session import CONDEMNED_KEY, MAX_CONDEMNED
 
+from .capped import run_capped
 from .test_pool_support import FAST, make_image, random_pages
 
 HUGE = 8 << 30
@@ -40,26 +37,17 @@ AS_HEADROOM = 2 << 30
 # Peak RSS growth allowed to the operation (the packs it may read are 4 MiB each).
 RSS_GROWTH = 200 << 20
 
-_CHILD = textwrap.dedent(
-    """
-    import json, os, resource, sys
+_SETUP = """
     from pathlib import Path
-    from torpor._errors import TorporError
     from torpor._pools import Pool
     from torpor._pools._dir import DirBackend
     from torpor._lazy import _poolimage
     from torpor._lazy._source import pool_source
 
-    op, root = sys.argv[1], Path(sys.argv[2])
+    op, root = sys.argv[2], Path(sys.argv[3])
     pool = Pool("hostile", DirBackend(root), cache=False)
-    with open("/proc/self/status") as fh:
-        vm = next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmSize:"))
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    want = vm + int(sys.argv[3])
-    resource.setrlimit(resource.RLIMIT_AS, (want if hard < 0 else min(want, hard), hard))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = {"error": None, "type": None}
-    try:
+
+    def run(args):
         if op == "pull":
             pool.pull("app")
         elif op == "lazy":
@@ -70,21 +58,11 @@ _CHILD = textwrap.dedent(
                 source.read("pages-1.img", 0, 4096)
             finally:
                 source.close()
-    except (TorporError, MemoryError) as exc:
-        out = {"error": str(exc), "type": type(exc).__name__}
-    out["grew"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    print(json.dumps(out))
-    """
-)
+"""
 
 
-def _child(*args: str) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
-    out: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
-    return out
+def _child(op: str, root: str, headroom: str) -> dict[str, Any]:
+    return run_capped(_SETUP, int(headroom), op, root)
 
 
 @pytest.fixture
