@@ -113,3 +113,27 @@ def rados_module() -> Any:
 def boto3_module() -> Any:
     """boto3, for the s3 driver."""
     return require_module("boto3", "pip install 'torpor[s3]'")
+
+
+RADOS_TEST_POOL = "torpor-tests"
+
+
+@pytest.fixture(scope="module")
+def admin_ioctx(ceph_cluster: dict[str, Any], rados_module: Any) -> Iterator[Any]:
+    """A raw librados handle on the test pool (``RADOS_TEST_POOL``), to write or look under
+    the driver."""
+    from torpor._pools._rados import RadosBackend
+
+    RadosBackend(
+        ceph_cluster["conf"],
+        ceph_cluster["cluster"],
+        ceph_cluster["rados_user"],
+        RADOS_TEST_POOL,
+        8,
+    ).close()  # fmt: skip  (creates the pool)
+    cluster = rados_module.Rados(conffile=ceph_cluster["conf"], name="client.admin")
+    cluster.connect(timeout=10)
+    ioctx = cluster.open_ioctx(RADOS_TEST_POOL)
+    yield ioctx
+    ioctx.close()
+    cluster.shutdown()

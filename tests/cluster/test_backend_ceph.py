@@ -22,20 +22,6 @@ pytestmark = pytest.mark.ceph
 POOL = "torpor-tests"
 
 
-@pytest.fixture(scope="module")
-def admin_ioctx(ceph_cluster: dict[str, Any], rados_module: Any) -> Iterator[Any]:
-    """A raw librados handle on the test pool, to look under the driver."""
-    RadosBackend(
-        ceph_cluster["conf"], ceph_cluster["cluster"], ceph_cluster["rados_user"], POOL, 8
-    ).close()  # fmt: skip  (creates the pool)
-    cluster = rados_module.Rados(conffile=ceph_cluster["conf"], name="client.admin")
-    cluster.connect(timeout=10)
-    ioctx = cluster.open_ioctx(POOL)
-    yield ioctx
-    ioctx.close()
-    cluster.shutdown()
-
-
 def objects(ioctx: Any, namespace: str) -> set[str]:
     """Every RADOS object in ``namespace`` of the test pool: keys and stripe parts alike."""
     ioctx.set_namespace(namespace)

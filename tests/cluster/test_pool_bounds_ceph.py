@@ -24,20 +24,6 @@ pytestmark = pytest.mark.ceph
 POOL = "torpor-tests"
 
 
-@pytest.fixture(scope="module")
-def raw_ioctx(ceph_cluster: dict[str, Any], rados_module: Any) -> Iterator[Any]:
-    """A raw librados handle on the test pool, to write under the driver."""
-    RadosBackend(
-        ceph_cluster["conf"], ceph_cluster["cluster"], ceph_cluster["rados_user"], POOL, 8
-    ).close()  # fmt: skip  (creates the pool)
-    cluster = rados_module.Rados(conffile=ceph_cluster["conf"], name="client.admin")
-    cluster.connect(timeout=10)
-    ioctx = cluster.open_ioctx(POOL)
-    yield ioctx
-    ioctx.close()
-    cluster.shutdown()
-
-
 class _Reads:
     """An I/O context recording the length of every read."""
 
@@ -54,7 +40,7 @@ class _Reads:
 
 
 @pytest.fixture
-def backend(ceph_cluster: dict[str, Any], raw_ioctx: Any) -> Iterator[tuple[RadosBackend, Any]]:
+def backend(ceph_cluster: dict[str, Any], admin_ioctx: Any) -> Iterator[tuple[RadosBackend, Any]]:
     """A backend in a fresh namespace (its reads recorded), and the raw handle set to it."""
     ns = f"b-{uuid.uuid4().hex[:12]}"
     b = RadosBackend(
@@ -62,12 +48,12 @@ def backend(ceph_cluster: dict[str, Any], raw_ioctx: Any) -> Iterator[tuple[Rado
         namespace=ns,
     )  # fmt: skip
     b._ioctx = _Reads(b._ioctx)
-    raw_ioctx.set_namespace(ns)
-    yield b, raw_ioctx
+    admin_ioctx.set_namespace(ns)
+    yield b, admin_ioctx
     b.close()
-    raw_ioctx.set_namespace(ns)
-    for obj in list(raw_ioctx.list_objects()):
-        raw_ioctx.remove_object(obj.key)
+    admin_ioctx.set_namespace(ns)
+    for obj in list(admin_ioctx.list_objects()):
+        admin_ioctx.remove_object(obj.key)
 
 
 def test_a_foreign_object_over_a_stripe_is_refused_unread(
