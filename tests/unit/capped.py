@@ -15,6 +15,24 @@ import sys
 import textwrap
 from typing import Any
 
+HUGE = 8 << 30  # a hostile object's size (sparse: no disk used)
+# Headroom over the child's address space once torpor is imported and the pool opened: its
+# threads' stacks and malloc arenas, not 8 GiB.
+AS_HEADROOM = 2 << 30
+# Peak RSS growth allowed to the operation (the packs it may read are 4 MiB each).
+RSS_GROWTH = 200 << 20
+
+# The start of a ``setup`` on a dir pool at ``sys.argv[3]``, the operation named by
+# ``sys.argv[2]`` (``run_capped(setup, headroom, op, root)``).
+HOSTILE_DIR_POOL = """
+    from pathlib import Path
+    from torpor._pools import Pool
+    from torpor._pools._dir import DirBackend
+
+    op, root = sys.argv[2], Path(sys.argv[3])
+    pool = Pool("hostile", DirBackend(root), cache=False)
+"""
+
 _CAPPED = """
 import json as _json, resource as _resource
 from torpor._errors import TorporError as _TorporError

@@ -14,11 +14,9 @@ import pytest
 
 from torpor._pools._archive import MAX_MEMBER
 
-from .capped import run_capped
+from .capped import AS_HEADROOM, RSS_GROWTH, run_capped
 
 DECLARED = (8 << 30) - 1024  # the largest a ustar size field holds, about
-AS_HEADROOM = 2 << 30
-RSS_GROWTH = 200 << 20
 
 _SETUP = """
     from pathlib import Path

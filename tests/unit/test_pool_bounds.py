@@ -25,27 +25,17 @@ from torpor._pools._reader import MAX_INDEX, MAX_META
 from torpor._pools._record import MAX_RECORD, image_key, list_key, list_limit
 from torpor._pools._session import CONDEMNED_KEY, MAX_CONDEMNED
 
-from .capped import run_capped
+from .capped import AS_HEADROOM, HOSTILE_DIR_POOL, HUGE, RSS_GROWTH, run_capped
 from .test_pool_support import FAST, make_image, random_pages
 
-HUGE = 8 << 30
 MIB = 1 << 20
 PAGES = 1500  # ~6 MiB of incompressible pages: two packs
-# Headroom over the child's address space once torpor is imported and the pool opened: its
-# threads' stacks and malloc arenas, not 8 GiB.
-AS_HEADROOM = 2 << 30
-# Peak RSS growth allowed to the operation (the packs it may read are 4 MiB each).
-RSS_GROWTH = 200 << 20
 
-_SETUP = """
-    from pathlib import Path
-    from torpor._pools import Pool
-    from torpor._pools._dir import DirBackend
+_SETUP = (
+    HOSTILE_DIR_POOL
+    + """
     from torpor._lazy import _poolimage
     from torpor._lazy._source import pool_source
-
-    op, root = sys.argv[2], Path(sys.argv[3])
-    pool = Pool("hostile", DirBackend(root), cache=False)
 
     def run(args):
         if op == "pull":
@@ -59,6 +49,7 @@ _SETUP = """
             finally:
                 source.close()
 """
+)
 
 
 def _child(op: str, root: str, headroom: str) -> dict[str, Any]:

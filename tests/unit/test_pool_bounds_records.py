@@ -33,21 +33,12 @@ from torpor._pools._pack import (
 from torpor._pools._record import MAX_FILE_SIZE, MAX_LIST, _compress_bound, image_key, list_limit
 from torpor._pools._session import MAX_BEAT, SESSIONS_PREFIX, read_beat
 
-from .capped import run_capped
+from .capped import AS_HEADROOM, HOSTILE_DIR_POOL, HUGE, RSS_GROWTH, run_capped
 from .test_pool_support import FAST, make_image, random_pages
 
-HUGE = 8 << 30
-AS_HEADROOM = 2 << 30
-RSS_GROWTH = 200 << 20
-
-_SETUP = """
-    from pathlib import Path
-    from torpor._pools import Pool
-    from torpor._pools._dir import DirBackend
-
-    op, root = sys.argv[2], Path(sys.argv[3])
-    pool = Pool("hostile", DirBackend(root), cache=False)
-
+_SETUP = (
+    HOSTILE_DIR_POOL
+    + """
     def run(args):
         if op == "list":
             rec = pool._record("app")
@@ -56,6 +47,7 @@ _SETUP = """
         elif op == "catalog":
             pool._catalog()
 """
+)
 
 
 def _child(op: str, root: str, headroom: str) -> dict[str, Any]:
