@@ -26,6 +26,10 @@ from typing import BinaryIO, cast
 
 from .._errors import PoolError, UnsafeImageError
 from ._backend import check_key, too_large
+from ._pack import MAX_INDEX, MAX_PACK
+from ._reader import MAX_META
+from ._record import MAX_LIST, MAX_RECORD, _compress_bound, file_problem, human, list_bytes
+from ._write import INLINE_MAX
 
 _ID = r"[0-9a-f]{32}"
 # Member names an export writes (image names as the store allows them: _images._store).
@@ -33,9 +37,13 @@ _MEMBER_RE = re.compile(
     rf"torpor-pool\.json|images/[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}|lists/{_ID}|index/{_ID}"
     rf"|packs/(?P<fan>[0-9a-f]{{2}})/(?P<pack>{_ID})"
 )
-# A pack is at most ~5 MiB, a manifest or chunk list far less than this: a bigger member is
-# not one torpor wrote, and is read whole into memory.
-MAX_MEMBER = 256 << 20
+# The largest member an export writes is a chunk list object of MAX_LIST bytes that zstd
+# could not shrink (digests barely compress): whatever a pool holds can be exported, and
+# imported back. A bigger member is not one torpor wrote (and would be read whole). Each
+# member is still read with its own bound (``get(key, limit)``: a pack's index size, a
+# list's chunk count), so this only bounds the tar reader's own reads (headers).
+MAX_MEMBER = _compress_bound(MAX_LIST)
+assert max(MAX_PACK, MAX_INDEX, MAX_RECORD, MAX_META) <= MAX_MEMBER
 MAX_MEMBERS = 1 << 20
 
 
@@ -47,9 +55,19 @@ class ArchiveWriter:
         self._tar = tarfile.open(fileobj=fileobj, mode="w|")  # noqa: SIM115
         self._lock = threading.Lock()
         self._path = path  # the file written, named in errors (None: a stream)
+        self._members = 0
 
     def put(self, key: str, data: bytes) -> None:
-        """Append a member."""
+        """Append a member; :class:`PoolError` for one :class:`ArchiveReader` would refuse
+        (over :data:`MAX_MEMBER` bytes, or past :data:`MAX_MEMBERS` members)."""
+        problem = member_problem(len(data), self._members + 1)
+        if problem is not None:
+            where = f" {self._path}" if self._path is not None else ""
+            raise PoolError(
+                f"cannot write the archive{where}: its member {key} {problem}",
+                hint="the image stays in its pool; copy it to another pool instead",
+            )
+        self._members += 1
         info = tarfile.TarInfo(check_key(key))
         info.size = len(data)
         info.mode = 0o600
@@ -93,6 +111,28 @@ class ArchiveWriter:
             self._tar.close()
         except (OSError, tarfile.TarError) as exc:
             raise write_failure(exc, self._path) from exc
+
+
+def member_problem(size: int, members: int) -> str | None:
+    """Why :class:`ArchiveReader` would refuse the ``members``-th member of an archive, of
+    ``size`` bytes (the bounds of :func:`_check_members`), in words; None if it would not."""
+    if size > MAX_MEMBER:
+        return f"would be {human(size)}, over the {human(MAX_MEMBER)} an import reads"
+    if members > MAX_MEMBERS:
+        return f"would be member number {members}, over the {MAX_MEMBERS} an import reads"
+    return None
+
+
+def export_problem(size: int, chunk_size: int) -> str | None:
+    """Why an archive could not hold a file of ``size`` bytes in chunks of ``chunk_size`` so
+    that an import takes it back (:func:`~._record.file_problem`, or its chunk list object
+    as zstd may make it, over :data:`MAX_MEMBER`), in words; None if it could."""
+    problem = file_problem(size, chunk_size)
+    count = -(-size // chunk_size)
+    if problem is None and count > INLINE_MAX:
+        over = member_problem(_compress_bound(list_bytes(count)), 1)
+        problem = None if over is None else f"has a chunk list object that {over}"
+    return problem
 
 
 def write_failure(exc: Exception, path: Path | None) -> PoolError:
@@ -190,16 +230,15 @@ class _BoundedReads:
     member torpor writes (and its header block): CPython's tarfile reads a pax or GNU
     long-name header whole, of whatever size it declares, before any member is checked."""
 
-    LIMIT = MAX_MEMBER + tarfile.BLOCKSIZE
-
     def __init__(self, fileobj: BinaryIO) -> None:
         self._f = fileobj
 
     def read(self, size: int = -1) -> bytes:
-        if size < 0 or size > self.LIMIT:
+        limit = MAX_MEMBER + tarfile.BLOCKSIZE
+        if size < 0 or size > limit:
             raise tarfile.ReadError(
                 f"a header or member of {'unknown size' if size < 0 else f'{size} bytes'}, "
-                f"more than {self.LIMIT} bytes: not an archive `torpor image export` made"
+                f"more than {limit} bytes: not an archive `torpor image export` made"
             )
         return self._f.read(size)
 
@@ -221,7 +260,7 @@ def _check_members(members: list[tarfile.TarInfo], source: str) -> dict[str, tar
     if len(members) > MAX_MEMBERS:
         raise _refused(source, f"{len(members)} members", "more than an export ever holds")
     out: dict[str, tarfile.TarInfo] = {}
-    for m in members:
+    for n, m in enumerate(members, 1):
         if not m.isreg():
             kind = (
                 "a symlink"
@@ -240,7 +279,7 @@ def _check_members(members: list[tarfile.TarInfo], source: str) -> dict[str, tar
             raise _refused(source, m.name, "is not a name an export writes")
         if m.name in out:
             raise _refused(source, m.name, "is in the archive twice")
-        if m.size > MAX_MEMBER:
+        if member_problem(m.size, n) is not None:
             raise _refused(source, m.name, f"is larger than {MAX_MEMBER} bytes")
         out[check_key(m.name)] = m
     return out

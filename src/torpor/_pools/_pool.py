@@ -41,13 +41,13 @@ from .._errors import AlreadyExistsError, ImageError, ImageNotFoundError, PoolEr
 from .._images._manifest import FileEntry, new_id, now_iso
 from .._images._store import check_name
 from . import _cas, _config
-from ._archive import ArchiveReader, ArchiveWriter, write_failure
+from ._archive import ArchiveReader, ArchiveWriter, export_problem, write_failure
 from ._gc import GcStats, collect
 from ._pack import PackWriter
 from ._pull import PoolPuller
 from ._reader import META_KEY, Progress, Ticker, is_image_name
 from ._reader import PoolImage as PoolImage
-from ._record import IMAGES_PREFIX, Record, image_key
+from ._record import IMAGES_PREFIX, Record, human, image_key
 from ._registry import open_backend
 from ._session import Condemned, NoHeartbeat
 from ._sign import Policy
@@ -159,7 +159,13 @@ class Pool(PoolWriter, PoolPuller):
         return self._transfer(rec, target, dst, Ticker(progress))
 
     def _transfer(self, rec: Record, target: Pool, dst: str, tick: Ticker) -> PoolImage:
-        """Copy ``rec`` into ``target`` as ``dst``, moving the chunks ``target`` lacks."""
+        """Copy ``rec`` into ``target`` as ``dst``, moving the chunks ``target`` lacks
+        (refused before anything is stored if ``target``'s readers would refuse it)."""
+        target.check_storable(
+            dst,
+            [(f.name, f.size, f.chunk_size) for f in rec.files],
+            hint=f"it stays as it is in {self.name!r}",
+        )
         lists = self._resolve(rec)
         bad = self._bad_chunk(rec, lists)
         reading = self._session("read") if target is not self else NoHeartbeat()
@@ -273,7 +279,16 @@ class Pool(PoolWriter, PoolPuller):
     def _export(
         self, name: str, fh: BinaryIO, progress: Progress | None, *, path: Path | None = None
     ) -> None:
-        self._record(name)
+        rec = self._record(name)
+        for f in rec.files:
+            problem = export_problem(f.size, f.chunk_size)
+            if problem is not None:
+                raise PoolError(
+                    f"image {name!r} in pool {self.name!r} cannot be exported: its file "
+                    f"{f.name} ({human(f.size)}) {problem}",
+                    pool=self.name,
+                    hint=f"it stays in {self.name!r}; copy it to another pool instead",
+                )
         writer = ArchiveWriter(fh, path=path)
         try:
             archive = Pool("archive", writer, level=self.level, sessions=False, cache=False)

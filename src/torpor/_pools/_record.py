@@ -68,7 +68,9 @@ LISTS_PREFIX = "lists/"
 # outside of any other form is refused before it names a key or a cache file.
 ID_RE = re.compile(r"[0-9a-f]{32}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
-# Bounds on what a manifest from outside may make us allocate.
+# Bounds on what a manifest from outside may make us allocate. They are the pool format's
+# too: a writer stores nothing a reader would refuse (:func:`file_problem`,
+# :func:`record_problem`, :meth:`Locations.within`, checked by :mod:`._write`).
 MAX_RECORD = 64 << 20
 MAX_LIST = 1 << 30
 MAX_FILE_SIZE = 1 << 44
@@ -84,6 +86,55 @@ _RUN = struct.Struct("<II")
 def is_id(value: object) -> bool:
     """Whether ``value`` has the form of an id torpor makes (32 lowercase hex digits)."""
     return isinstance(value, str) and ID_RE.fullmatch(value) is not None
+
+
+def human(n: int) -> str:
+    """``1536`` → ``1.5 KiB`` (binary units, as the bounds are)."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def list_bytes(count: int) -> int:
+    """The decoded size of a chunk list of ``count`` chunks: what :data:`MAX_LIST` bounds."""
+    return count * _cas.DIGEST_SIZE
+
+
+def file_problem(size: int, chunk_size: int) -> str | None:
+    """Why a reader would refuse a file of ``size`` bytes in chunks of ``chunk_size`` (over
+    :data:`MAX_FILE_SIZE`, or its chunk list over :data:`MAX_LIST`: the bounds of
+    :meth:`FileRecord.from_dict` and :func:`decode_list_object`), in words; None if it would
+    not. A writer refuses such a file before it stores anything."""
+    if size > MAX_FILE_SIZE:
+        return f"is over the pool format's {human(MAX_FILE_SIZE)} for a file"
+    need = list_bytes(_cas.chunk_count(size, chunk_size))
+    if need > MAX_LIST:
+        return f"needs a chunk list of {human(need)}, over the pool format's {human(MAX_LIST)}"
+    return None
+
+
+def _record_json(blob: bytes) -> bytes:
+    """The JSON of a stored pool manifest, at most :data:`MAX_RECORD` bytes (``ValueError``
+    beyond): what every reader decodes, and every writer checks (:func:`record_problem`)."""
+    return _cas.bounded_decompress(blob, MAX_RECORD)
+
+
+def record_problem(blob: bytes) -> str | None:
+    """Why a reader would refuse the stored pool manifest ``blob`` for its size (over
+    :data:`MAX_RECORD` as stored, or decoded), in words; None if it would not."""
+    if len(blob) > MAX_RECORD:
+        return (
+            f"its pool manifest would be {human(len(blob))}, over the pool format's "
+            f"{human(MAX_RECORD)}"
+        )
+    try:
+        _record_json(blob)
+    except ValueError:
+        return f"its pool manifest would decode to over the pool format's {human(MAX_RECORD)}"
+    return None
 
 
 def _reserved(name: str) -> str | None:
@@ -216,6 +267,12 @@ class Locations:
             out += _RUN.pack(prev, count)
         return cls(tuple(numbers), bytes(out))
 
+    @staticmethod
+    def within(packs: int) -> bool:
+        """Whether a reader takes a ``where`` of this many packs (at most
+        :data:`MAX_WHERE_PACKS`); a writer leaves out one it would not (it is a hint)."""
+        return packs <= MAX_WHERE_PACKS
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
         return {"packs": list(self.packs), "runs": base64.b64encode(self.runs).decode("ascii")}
@@ -227,7 +284,7 @@ class Locations:
         if not isinstance(data, dict) or set(data) != {"packs", "runs"}:
             raise TypeError("where is not an object of packs and runs")
         packs, runs = data["packs"], data["runs"]
-        if not isinstance(packs, list) or len(packs) > MAX_WHERE_PACKS:
+        if not isinstance(packs, list) or not cls.within(len(packs)):
             raise ValueError(f"where: packs is not a list of at most {MAX_WHERE_PACKS}")
         if not all(is_id(p) for p in packs) or len(set(packs)) != len(packs):
             raise ValueError("where: packs are not distinct pack ids")
@@ -327,7 +384,7 @@ class Record:
         source = f"image {name!r} in pool {pool!r}"
         try:
             check_image_name(name)
-            data = json.loads(_cas.bounded_decompress(blob, MAX_RECORD))
+            data = json.loads(_record_json(blob))
             if not isinstance(data, dict):
                 raise TypeError("not a JSON object")
             if type(data["format"]) is not int or data["format"] > RECORD_FORMAT:
@@ -403,7 +460,7 @@ def list_limit(f: FileRecord) -> int:
     the list is another file's, of any length up to :data:`MAX_LIST` bytes). Never more
     than :data:`MAX_LIST`'s bound: the count is the record's word, and a hostile record's
     16 TiB file would otherwise let a list object of GiBs be read whole."""
-    raw = MAX_LIST if f.patch else min(f.count * _cas.DIGEST_SIZE, MAX_LIST)
+    raw = MAX_LIST if f.patch else min(list_bytes(f.count), MAX_LIST)
     return _compress_bound(raw)
 
 

@@ -151,9 +151,20 @@ class Condemned:
             ) from exc
 
     def store(self, backend: Backend) -> None:
-        """Publish this set."""
+        """Publish this set; :class:`PoolError` (nothing stored) if it is over the
+        :data:`MAX_CONDEMNED` bytes every transfer reads of it (:meth:`load`): stored, it
+        would stop every push, pull and copy while the collection ran."""
         data = {"packs": sorted(self.packs), "lists": sorted(self.lists), "time": time.time()}
-        backend.put(CONDEMNED_KEY, json.dumps(data).encode())
+        blob = json.dumps(data).encode()
+        if len(blob) > MAX_CONDEMNED:
+            raise PoolError(
+                f"{CONDEMNED_KEY}: this collection would condemn {len(self.packs)} packs and "
+                f"{len(self.lists)} lists ({len(blob)} bytes), over the {MAX_CONDEMNED} bytes "
+                "a transfer reads of it; nothing was deleted",
+                hint="delete fewer images between collections; this torpor cannot collect "
+                "that much at once",
+            )
+        backend.put(CONDEMNED_KEY, blob)
 
 
 def read_beat(backend: Backend, key: str) -> dict[str, Any] | None:

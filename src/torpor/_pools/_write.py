@@ -21,10 +21,20 @@ from .._errors import AlreadyExistsError, ImageCorruptedError, PoolError
 from .._images._image import Image
 from .._images._manifest import FileEntry, Manifest, new_id, now_iso
 from .._images._store import check_name
-from . import _cas
+from . import _cas, _record
 from ._pack import PackIndex, PackWriter
 from ._reader import Catalog, PoolImage, PoolReader, Progress, Ticker
-from ._record import FileRecord, Locations, Record, encode_list_object, image_key, list_key
+from ._record import (
+    FileRecord,
+    Locations,
+    Record,
+    encode_list_object,
+    file_problem,
+    human,
+    image_key,
+    list_key,
+    record_problem,
+)
 from ._session import Condemned, Heartbeat, NoHeartbeat
 from ._sign import SOURCE_LABEL, Origin, local_origin
 
@@ -32,6 +42,10 @@ from ._sign import SOURCE_LABEL, Origin, local_origin
 INLINE_MAX = 64
 # A patch bigger than this fraction of a whole list is replaced by a new keyframe list.
 KEYFRAME_RATIO = 0.25
+# The patches of one manifest together take at most this fraction of MAX_RECORD (they are
+# stored in it as base64); a file's patch beyond is replaced by a keyframe list.
+PATCH_SHARE = 0.25
+PUSH_HINT = "checkpoint a smaller process, or keep this image local"
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,8 @@ class PoolWriter(PoolReader):
         self._check_free(name)
         local, origin = local_origin(image)
         self.policy.check(name, self.name, origin)
+        sizes = [(e.name, e.size, _cas.chunk_size_for(e.name)) for e in local.files]
+        self.check_storable(name, sizes, hint=PUSH_HINT)
         tick = Ticker(progress)
         with self._session("push") as heartbeat, _safe.opened_dir(image.path) as dir_fd:
             catalog = self._catalog()
@@ -141,6 +157,33 @@ class PoolWriter(PoolReader):
             )
         return digests
 
+    def check_storable(
+        self, name: str, files: Sequence[tuple[str, int, int]], *, hint: str
+    ) -> None:
+        """Refuse (:class:`PoolError`) to store image ``name`` whose ``files`` (name, size,
+        chunk size) a reader of this pool would refuse (:func:`~._record.file_problem`):
+        called before anything is stored."""
+        for file, size, chunk_size in files:
+            problem = file_problem(size, chunk_size)
+            if problem is not None:
+                raise PoolError(
+                    f"image {name!r} cannot be stored in pool {self.name!r}: its file {file} "
+                    f"({human(size)}) {problem}",
+                    pool=self.name,
+                    hint=hint,
+                )
+
+    def _check_record(self, name: str, blob: bytes, *, hint: str) -> None:
+        """Refuse (:class:`PoolError`) a stored manifest a reader would refuse for its size
+        (:func:`~._record.record_problem`)."""
+        problem = record_problem(blob)
+        if problem is not None:
+            raise PoolError(
+                f"image {name!r} cannot be stored in pool {self.name!r}: {problem}",
+                pool=self.name,
+                hint=hint,
+            )
+
     def _seal(self, rec: Record, stored: int) -> tuple[Record, bytes]:
         """Encode ``rec`` with ``stored_bytes`` counting the manifest itself."""
         total = stored
@@ -161,7 +204,9 @@ class PoolWriter(PoolReader):
         return rec, blob
 
     def _land(self, heartbeat: Heartbeat | NoHeartbeat, rec: Record, blob: bytes) -> None:
-        """Store a manifest: the last write of every push, copy and import."""
+        """Store a manifest: the last write of every push, copy and import (one a reader
+        would refuse for its size is not stored: :class:`PoolError`)."""
+        self._check_record(rec.name, blob, hint="nothing was stored under this name")
         if not heartbeat.alive():
             raise PoolError(
                 f"pool {self.name!r}: a gc declared this transfer dead (no heartbeat for "
@@ -206,9 +251,20 @@ class PoolWriter(PoolReader):
     ) -> Record:
         """Store the chunk lists, then the manifest, of an image whose chunks are stored;
         with ``pack_of`` (the pack holding a chunk), the manifest says where its chunks are
-        (``where``, see :mod:`._record`)."""
+        (``where``, see :mod:`._record`, left out if a reader would not take it).
+
+        Nothing is stored that a reader would refuse: the files are checked first
+        (:meth:`check_storable`), and the manifest is sealed and checked before the first
+        list object is stored. A refusal here leaves the packs stored so far to garbage
+        collection, like any push that fails before its manifest."""
+        hint = "nothing was stored under this name; the image stays where it was"
+        self.check_storable(
+            manifest.name, [(e.name, e.size, size) for e, size, _ in files], hint=hint
+        )
         bases = self._bases(manifest.cmdline, condemned)
         recs: list[FileRecord] = []
+        lists: list[tuple[str, bytes]] = []
+        patch_room = PATCH_SHARE * _record.MAX_RECORD
         for entry, chunk_size, digests in files:
             common = (entry.name, entry.size, entry.sha256, chunk_size)
             if len(digests) <= INLINE_MAX:
@@ -217,7 +273,8 @@ class PoolWriter(PoolReader):
             base = bases.get(entry.name)
             if base is not None:
                 patch = _cas.make_patch(base.digests, digests)
-                if len(patch) <= KEYFRAME_RATIO * _cas.DIGEST_SIZE * len(digests):
+                if len(patch) <= min(KEYFRAME_RATIO * _cas.DIGEST_SIZE * len(digests), patch_room):
+                    patch_room -= len(patch)
                     recs.append(
                         FileRecord(
                             *common, list_id=base.list_id, list_sha256=base.sha256, patch=patch
@@ -226,14 +283,21 @@ class PoolWriter(PoolReader):
                     continue
             blob, sha = encode_list_object(digests)
             list_id = uuid.uuid4().hex
-            self.backend.put(list_key(list_id), blob)
-            self._cache_put("lists", list_id, blob)
+            lists.append((list_id, blob))
             stored += len(blob)
             recs.append(FileRecord(*common, list_id=list_id, list_sha256=sha))
         where = None
         if pack_of is not None:
             where = Locations.build([pack_of(d) for _, _, ds in files for d in ds])
+            if not Locations.within(len(where.packs)):
+                where = None  # a hint: without it a lazy restore reads every index
         rec = Record(manifest.name, manifest, now_iso(), 0, tuple(recs), origin, where)
         rec, blob = self._seal(rec, stored)
+        if where is not None and record_problem(blob) is not None:
+            rec, blob = self._seal(replace(rec, where=None), stored)
+        self._check_record(rec.name, blob, hint=hint)
+        for list_id, list_blob in lists:
+            self.backend.put(list_key(list_id), list_blob)
+            self._cache_put("lists", list_id, list_blob)
         self._land(heartbeat, rec, blob)
         return rec
