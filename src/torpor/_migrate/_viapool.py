@@ -41,7 +41,7 @@ from .._images._image import Image, seal
 from .._process import _locks, _registry
 from .._process._proc import facts
 from .._safe import open_dir
-from . import _address, _preflight
+from . import _preflight
 from ._channel import ChannelError, connect
 from ._copy import DEFAULT_TIMEOUT, _Move
 from ._poolident import _found, identity, local_pool, pool_problems  # noqa: F401 (re-exported)
@@ -152,13 +152,11 @@ class _PoolMove(_Move):
             raise MigrationError(f"{self.where} could not take it: {reply.get('error')}")
         if reply.get("type") != "running" or not isinstance(reply.get("pid"), int):
             raise MigrationError(f"{self.where} answered {reply.get('type')!r}, not running")
+        # The service addresses stay here until the commit (_Move.run takes them down after
+        # CRIU's kill, under its lock): a failure from here on (the journal, the lock's name)
+        # thaws the original, which must find them where it left them.
         self.running_at = time.monotonic()
         self.reply = reply
-        for addr in self.addresses:  # as copy mode: they leave before CRIU kills the original
-            try:
-                _address.take_down(addr)
-            except TorporError as exc:
-                self.warnings.append(f"warning: {addr} could not be removed here: {exc.msg}")
 
     def _seal(self) -> Image:
         """The dump in the staging directory, sealed in place as an image (signed)."""
