@@ -17,7 +17,9 @@ The order, and why the process is never lost:
    original. Anything else before that (a refusal, a failed restore, the link cut, the target
    dead, no answer within the timeout) is answered ``false``: CRIU thaws the tree and the
    original runs on, unchanged. The target is then told ``abort`` (it kills a copy it may have
-   restored); after a commit it is told ``done``.
+   restored); after a commit it is told ``done``, and so it is when the dump fails with the
+   original gone all the same (CRIU killed it, then failed before returning): the copy there
+   is then all there is of the process and must run on.
 
 Against a base (:mod:`._dedup`, :mod:`._dedup_source`): the pre-flight names the images the
 process came from or went to; if the target holds one it answers with that image's chunk ids,
@@ -272,12 +274,17 @@ class _Move:
                     CriuEngine().dump(self.pid, staging, self.options, notify=self._notify)
             except DumpError as exc:
                 self._stream_failure()
+                kept = self._copy_kept()
+                error = self._failed(exc, kept=kept)  # the target's verdict first
+                if kept:  # the copy there has the addresses: as after a commit
+                    for addr in self.addresses:
+                        self._take_down(addr)
                 self._unlock()  # CRIU removed its lock on its failure; one named goes too
-                for addr in self.addresses:  # the peers' caches back to this host
+                for addr in () if kept else self.addresses:  # the peers' caches back here
                     with contextlib.suppress(OSError, TorporError):
                         _address.announce(addr)
                 _leftovers.settle(self.journal)
-                raise self._failed(exc) from self.failure or exc
+                raise error from self.failure or exc
             with contextlib.suppress(TorporError):
                 # First: the original is gone, the copy is the process (what the target
                 # waits for, the window of two copies, is this long).
@@ -295,10 +302,7 @@ class _Move:
         # this host now. Until they have, CRIU's lock (kept after a dump that killed the
         # tree) drops what still comes here for the connections, so nothing answers an RST.
         for addr in self.addresses:
-            try:
-                _address.take_down(addr)
-            except TorporError as exc:
-                self.warnings.append(f"warning: {addr} could not be removed here: {exc.msg}")
+            self._take_down(addr)
         if locking:
             self._unlock()
         self.warnings += _leftovers.settle(self.journal)
@@ -381,15 +385,36 @@ class _Move:
         except TorporError as exc:
             self.warnings.append(f"warning: CRIU's network lock is left here: {exc.msg}")
 
-    def _failed(self, exc: DumpError) -> MigrationError:
+    def _take_down(self, addr: _address.IPAddr) -> None:
+        try:
+            _address.take_down(addr)
+        except TorporError as exc:
+            self.warnings.append(f"warning: {addr} could not be removed here: {exc.msg}")
+
+    def _copy_kept(self) -> bool:
+        """After a failed dump: whether the target's copy is all there is of the process (it
+        reported ``running`` and the original is gone: CRIU killed it, then failed before
+        its dump returned)."""
+        return bool(self.running_at) and not self.ref.alive()
+
+    def _failed(self, exc: DumpError, *, kept: bool) -> MigrationError:
+        # The target's verdict. A copy it restored must not run on beside the original:
+        # "abort" kills it. Once the original is gone (kept) the copy is the process:
+        # "abort" would kill the last one, and silence would leave it stopped, in doubt
+        # (none running); "done" lets the target continue it: exactly one runs.
         with contextlib.suppress(TorporError):
-            self.conn.send({"type": "abort"})  # a copy it restored must not run on
-        alive = self.ref.alive()
-        fate = (
-            f"the process runs here, unchanged (pid {self.pid})"
-            if alive
-            else "the process is gone here"
-        )
+            self.conn.send({"type": "done" if kept else "abort"})
+        if kept:
+            with contextlib.suppress(OSError, TorporError):
+                _registry.update(self.name, self.ref, migrated_to=self.where)
+            fate = (
+                f"the original is gone here; its copy was told to run on {self.where} "
+                f"(pid {self.reply.get('pid')})"
+            )
+        elif self.ref.alive():
+            fate = f"the process runs here, unchanged (pid {self.pid})"
+        else:
+            fate = "the process is gone here"
         why = self.failure
         reason = why.msg if isinstance(why, TorporError) else repr(why) if why else exc.msg
         return MigrationError(
