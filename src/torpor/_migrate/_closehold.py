@@ -25,7 +25,11 @@ from ._channel import _HEADER, ChannelError
 
 CLOSED_STATUS = b"\0\0\0\0"  # CRIU's page server's answer to PS_IOV_CLOSE: int32 status 0
 DAEMON_OK, DAEMON_FAILED = b"0", b"X"  # the keeper's word on the daemon's end (daemon_ended)
-HOLD_LIMIT = 20.0  # seconds a held close waits for that word (the keeper's restore may end)
+# Seconds a held close waits for that word (it comes once the keeper's restore has ended).
+# Under the source's fence (_lazy.FENCE) with a margin: a source whose relay fails (at once,
+# on a break) thaws its original FENCE seconds later, and a source in the hold sends nothing,
+# so the target cannot tell; its copy must be dead by then (tests/unit/test_migrate_fence.py).
+HOLD_LIMIT = 7.0
 KEEPALIVE = 1.0  # seconds between the empty frames that keep the source's relay waiting
 
 

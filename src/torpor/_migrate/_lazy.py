@@ -68,7 +68,10 @@ if TYPE_CHECKING:
 
 DEFAULT_TIMEOUT = 120.0
 IDLE = 8.0  # seconds without a byte on the relay after which the target gives up the copy
-FENCE = IDLE + 2.0  # seconds the source waits after a break before the original resumes
+# Seconds the source waits after a break before the original resumes: longer, with a margin,
+# than any wait of the target's copy without word from the source (IDLE, and
+# _closehold.HOLD_LIMIT for the daemon's held close): tests/unit/test_migrate_fence.py.
+FENCE = IDLE + 2.0
 SETTLE = 15.0  # seconds the target waits for the keeper to record how the copy's filling ended
 _STALL_ENV = "TORPOR_TEST_LAZY_STALL"  # tests: a path made once pages flow, then they stop
 
