@@ -34,6 +34,12 @@ The crash-loop rules (issue 8, point 2):
 Restores that fail do not count towards ``max_restarts`` (none ran), but each failed one
 removes a candidate, so the attempts after one crash are bounded by the checkpoints there are.
 Never a runaway loop.
+
+Retention (:func:`to_prune`) serves the fallback: a series is pruned to its newest ``keep``,
+but while a restored copy is on probation (restored less than ``min_uptime`` ago,
+:func:`probation_floor`) the checkpoint it came from and the ``keep - 1`` before it are kept
+too. Pruning by sequence number alone deleted them as the suspect copy checkpointed, and its
+crash then found only its own suspect checkpoints (review finding 5).
 """
 
 from __future__ import annotations
@@ -178,6 +184,36 @@ def decide(
             f"`torpor run --resume --name {spec.name} -- CMD`)"
         )
     return Restore(tuple(usable), reason, counts)
+
+
+# A prune judges probation on a clock of its own, a little after the supervisor (the restore's
+# event is written once the restore is done; the prune runs after a checkpoint), and may run
+# while the supervisor judges a crash: the floor is kept this many seconds longer.
+PROBATION_SLACK = 5.0
+
+
+def probation_floor(spec: Spec, history: History, now: float) -> str | None:
+    """The checkpoint the copy that runs was restored from while that copy is on probation
+    (restored by the supervisor less than ``min_uptime`` ago, plus :data:`PROBATION_SLACK`):
+    if it fails now, :func:`decide` falls back to the checkpoints before it. None when no
+    copy is on probation. A clock that went back keeps the floor (the safe side)."""
+    if history.last_image is None or history.running_since is None:
+        return None
+    if now - history.running_since >= spec.min_uptime + PROBATION_SLACK:
+        return None
+    return history.last_image
+
+
+def to_prune(checkpoints: Sequence[str], keep: int, floor: str | None = None) -> list[str]:
+    """The members of a series (``checkpoints``, newest first) a prune to ``keep`` deletes,
+    newest first: all but the newest ``keep`` and, with a ``floor`` (:func:`probation_floor`),
+    but ``floor`` and the ``keep - 1`` older than it, the candidates the fallback had when the
+    copy on probation was restored. At most ``2 * keep`` members stay."""
+    kept = set(checkpoints[:keep])
+    if floor is not None:
+        kept.add(floor)
+        kept.update(_older_than(checkpoints, floor)[: max(0, keep - 1)])
+    return [c for c in checkpoints if c not in kept]
 
 
 def _older_than(checkpoints: Sequence[str], image: str) -> list[str]:

@@ -13,9 +13,11 @@ the pool, as the object ``supervision/N`` (:func:`publish_spec`), so another hos
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import re
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,15 +89,38 @@ def next_seq(pool: Pool, name: str) -> int:
     return found[0][0] + 1 if found else 1
 
 
-def prune(pool: Pool, name: str, keep: int, *, collect: bool = True) -> list[str]:
-    """Delete all but the ``keep`` newest members of ``name``'s series, then (``collect``)
-    the pool's garbage (:meth:`Pool.gc`: safe next to running transfers, which it waits for);
-    the names deleted, oldest first. Nothing deleted, no collection."""
+class _Floor(enum.Enum):
+    FROM_RECORDS = "from-records"
+
+
+# prune()'s default floor: found by probation_floor() from what the supervisor recorded.
+FROM_RECORDS = _Floor.FROM_RECORDS
+
+
+def prune(
+    pool: Pool,
+    name: str,
+    keep: int,
+    *,
+    collect: bool = True,
+    floor: str | _Floor | None = FROM_RECORDS,
+) -> list[str]:
+    """Delete all but the ``keep`` newest members of ``name``'s series and, while a restored
+    copy is on probation, the ``floor`` it was restored from and the ``keep - 1`` before it
+    (:func:`._policy.to_prune`; by default the floor is :func:`probation_floor`'s, None: no
+    copy on probation), then (``collect``) the pool's garbage (:meth:`Pool.gc`: safe next to
+    running transfers, which it waits for); the names deleted, oldest first. Nothing
+    deleted, no collection."""
+    from . import _policy
+
     if keep < 1:
         raise UsageError(f"a series keeps at least 1 checkpoint, not {keep}")
+    if isinstance(floor, _Floor):
+        floor = probation_floor(name)
     older = [m.name for m in members(pool, name)[1:]]
+    names = [image for _, image in _member_names(pool, name)]
     deleted: list[str] = []
-    for _, image in _member_names(pool, name)[keep:]:
+    for image in _policy.to_prune(names, keep, floor):
         try:
             pool.delete_image(image)
         except ImageNotFoundError:
@@ -105,6 +130,39 @@ def prune(pool: Pool, name: str, keep: int, *, collect: bool = True) -> list[str
         pool.gc()
     drop_local_copies(older)
     return sorted(deleted)
+
+
+def probation_floor(name: str) -> str | None:
+    """The checkpoint the copy of ``name`` that runs was restored from, while it is on
+    probation (:func:`._policy.probation_floor`), from what the supervisor recorded: the
+    active spec's ``min_uptime`` and the supervisor's last ``restore`` event (its image and
+    time). The prune runs in a process of its own (and in the app's keeper, for the app's own
+    checkpoints): the supervisor's in-memory history is not there to read. None when ``name``
+    is not supervised, or its last restore is not a series member's (a migration's, none).
+    An event log torpor cannot trust raises (nothing is deleted then)."""
+    from . import _events, _policy, _spec
+
+    spec = _spec.load(name)
+    if spec is None:
+        return None  # nobody falls back
+    for event in reversed(_events.read(name)):
+        if event.kind != "restore":
+            continue
+        image = event.fields.get("image")
+        if not isinstance(image, str) or (parse_series_name(image) or ("",))[0] != name:
+            return None
+        try:
+            since = datetime.fromisoformat(event.time).timestamp()
+        except ValueError:
+            return None  # (read() checked the form: not reached)
+        history = _policy.History(last_image=image, running_since=since)
+        return _policy.probation_floor(spec, history, _wall_clock())
+    return None
+
+
+def _wall_clock() -> float:
+    """Now, on the clock events are written with (the tests move it)."""
+    return time.time()
 
 
 def local_copy(image: str) -> Path | None:
