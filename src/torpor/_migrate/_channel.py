@@ -28,7 +28,8 @@ certificate).
 
 **Framing.** Frames of a 5-byte header (kind, 32-bit big-endian length) and a body:
 ``M`` a JSON object (at most :data:`MAX_MESSAGE` bytes), ``D`` relayed bytes (at most
-:data:`MAX_DATA`), ``E`` the end of one direction of a relay.
+:data:`MAX_DATA`), ``E`` the end of one direction of a relay. A frame read must be whole
+within the timeout set (:meth:`Conn.settimeout`), however its bytes are spread (:mod:`._deadline`).
 
 **CRIU's page traffic.** CRIU speaks plain bytes on a socket torpor hands it; the TLS
 session stays here and :func:`relay` (:mod:`._relay`) copies between that plain socket and the
@@ -40,7 +41,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import ipaddress
 import itertools
 import json
 import os
@@ -56,6 +56,9 @@ from typing import Any
 from .._errors import TorporError
 from .._identity._tls import TlsIdentity, fingerprint, parse_fingerprint, tls_identity
 from .._identity._trust import Peer, TrustStore
+from . import _deadline
+from ._deadline import Deadline
+from ._sockutil import _reason, _shut, _source, _tune
 
 MAX_MESSAGE = 1 << 20
 MAX_DATA = 1 << 20
@@ -120,7 +123,8 @@ class Conn:
         self.sock.close()
 
     def settimeout(self, seconds: float | None) -> None:
-        """Time out a blocking send or receive after ``seconds`` (None: never)."""
+        """Time out a receive unless its frame is whole ``seconds`` after its first read, and
+        a blocking write after ``seconds`` (None: never)."""
         self.sock.settimeout(seconds)
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -168,44 +172,58 @@ class Conn:
         self._wbuf[_HEADER.size : _HEADER.size + n] = data
         self._sendall(memoryview(self._wbuf)[: _HEADER.size + n])
 
-    def _header(self) -> tuple[bytes, int]:
+    def _header(self, due: Deadline | None) -> tuple[bytes, int]:
         """The next frame's kind and length, checked against the kind's bound."""
-        kind, length = _HEADER.unpack(self._exact(_HEADER.size))
+        kind, length = _HEADER.unpack(self._exact(_HEADER.size, due))
         limit = {_MSG: MAX_MESSAGE, _DATA: MAX_DATA, _END: 0}.get(kind)
         if limit is None or length > limit:
             raise ChannelError(f"{self._who()} sent a bad frame header ({kind!r}, {length} bytes)")
         return kind, length
 
     def _frame(self) -> tuple[bytes, bytes]:
-        kind, length = self._header()
-        return kind, self._exact(length)
+        """The next frame, whole within the socket's timeout (:mod:`._deadline`)."""
+        due = _deadline.start(self.sock)
+        try:
+            kind, length = self._header(due)
+            return kind, self._exact(length, due)
+        finally:
+            if due is not None:
+                due.done()
 
     def _data_into(self, buf: bytearray | memoryview) -> int:
         """Read the next frame, which must be a ``D`` frame of 1 to ``len(buf)`` bytes (the
-        file data still due), into ``buf``; its length."""
-        kind, length = self._header()
-        if kind != _DATA:
-            raise ChannelError(f"{self._who()} sent a {kind!r} frame where file data was due")
-        if length > len(buf):
-            raise ChannelError(f"{self._who()} sent more file data than announced")
-        if not length:
-            raise ChannelError(f"{self._who()} sent an empty data frame")
-        self._fill(memoryview(buf)[:length])
+        file data still due), into ``buf``, whole within the socket's timeout; its length."""
+        due = _deadline.start(self.sock)
+        try:
+            kind, length = self._header(due)
+            if kind != _DATA:
+                raise ChannelError(f"{self._who()} sent a {kind!r} frame where file data was due")
+            if length > len(buf):
+                raise ChannelError(f"{self._who()} sent more file data than announced")
+            if not length:
+                raise ChannelError(f"{self._who()} sent an empty data frame")
+            self._fill(memoryview(buf)[:length], due)
+        finally:
+            if due is not None:
+                due.done()
         return length
 
-    def _exact(self, n: int) -> bytes:
+    def _exact(self, n: int, due: Deadline | None) -> bytes:
         buf = bytearray(n)
-        self._fill(memoryview(buf))
+        self._fill(memoryview(buf), due)
         return bytes(buf)
 
-    def _fill(self, view: memoryview) -> None:
-        """Fill ``view`` from the channel, reading no byte past it."""
+    def _fill(self, view: memoryview, due: Deadline | None) -> None:
+        """Fill ``view`` from the channel, reading no byte past it, by ``due``."""
         got, n = 0, len(view)
         while got < n:
             try:
+                if due is not None:
+                    due.before_read()
                 k = self._recv_into(view[got:])
             except TimeoutError as exc:
-                raise ChannelError(f"{self._who()} sent nothing in time") from exc
+                within = f"within {due.budget:g} s" if due is not None else "in time"
+                raise ChannelError(f"{self._who()} sent no whole frame {within}") from exc
             except (OSError, ssl.SSLError) as exc:
                 raise ChannelError(f"channel to {self._who()} broke: {exc}") from exc
             if not k:
@@ -467,31 +485,6 @@ class Listener:
             self._cond.notify_all()
 
 
-def _source(host: str) -> str:
-    """The source a connection from ``host`` counts against (:data:`MAX_PER_SOURCE`): the
-    address itself, or for IPv6 (not an IPv4-mapped one) its /64."""
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
-
-
-def _shut(fd: int) -> None:
-    """Shut the socket ``fd`` down (its handshake then fails at once), without closing it:
-    its thread does, and only after this (both under the listener's lock)."""
-    with contextlib.suppress(OSError):
-        dup = socket.socket(fileno=os.dup(fd))
-        try:
-            dup.shutdown(socket.SHUT_RDWR)
-        finally:
-            dup.close()
-
-
 def listen(addr: str, port: int, *, home: Path | None = None, backlog: int = 16) -> Listener:
     """Listen on ``addr:port`` (``port`` 0: any free one, see :attr:`Listener.address`) for
     trusted peers of the torpor home ``home`` (the current one by default)."""
@@ -581,17 +574,3 @@ def connect(
         raise
     tls.settimeout(None)
     return conn
-
-
-def _tune(sock: socket.socket) -> None:
-    """No Nagle delay on the channel: every write is a whole frame already, and a page
-    fault's 37-byte request must not wait for the ACK of the one before (40 ms)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.reason)
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__
