@@ -15,7 +15,8 @@ For each name whose supervision record says it should run (status ``supervised``
   N.sXXXXXX@P --name N --json`` (a subprocess, so the new keeper, not the daemon, parents the
   copy), trying older checkpoints when one fails to restore;
 - holds the lease on N in P (:mod:`._lease`) while it supervises N, renewed every third of
-  its duration.
+  its duration, and stops the copy here when it could not be renewed in time (:mod:`._fence`,
+  checked first in every iteration of the loop).
 
 Nothing heavy runs in the daemon itself: it forks nothing but ``exec``-ed CLI commands, each
 the tested command. The crash path is a pidfd wake-up, one record read, one pool listing and
@@ -25,7 +26,10 @@ could not be renewed for most of its duration, that process (through its checked
 another home may resume it then, and two live copies must never run (self-fencing).
 
 SIGTERM: checkpoint every supervised process that runs (in parallel, within the shutdown
-timeout), mark them ``shutdown`` and exit, the apps left running. SIGHUP: re-read the records.
+timeout), mark them ``shutdown`` and exit, the apps left running; their leases are not
+released but lapse (a restarted supervisor takes them again). SIGHUP: re-read the records. A
+name no longer to run (``torpor stop``, ``torpor unsupervise``) keeps its lease while its
+copy runs here; a changed pool's lease is taken before the old one is released.
 """
 
 from __future__ import annotations
@@ -34,15 +38,14 @@ import contextlib
 import json
 import os
 import select
-import signal
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import ProcessNotFoundError, TorporError
-from . import _policy
-from ._env import LEASE_DURATION, Env, log
+from . import _fence, _policy
+from ._env import Env, log
 from ._policy import Exit, History
 from ._spec import Spec
 from ._state import Crash, LastCheckpoint, State
@@ -51,7 +54,6 @@ from ._watch import Job
 __all__ = ["Env", "Supervisor", "Watch", "log"]  # Env and log: for _control, which runs it
 
 EXIT_WAIT = 0.5  # seconds the keeper is given to record an exit status
-FENCE_AT = 0.8  # of LEASE_DURATION without a renewal: the copy here is stopped
 GC_EVERY = 30.0  # seconds between the pool collections after prunes
 RUN_STATUSES = ("supervised", "shutdown")
 
@@ -77,6 +79,8 @@ class Watch:
     lease_renew: float = 0.0
     lease_ok: float = 0.0  # when the lease was last known held (taken or renewed)
     next_gc: float = 0.0
+    restore_waiting: bool = False  # a restore waits for a fresh lease (see _fence.fresh)
+    leaving: bool = False  # no longer to run: its lease kept until its copy here ends
 
     @property
     def name(self) -> str:
@@ -95,6 +99,7 @@ class Supervisor:
         self.stopping = False
         self.reload_wanted = True
         self.dirwatch: Any = None
+        self.next_reload: float | None = None  # a lease to take again once it expired
 
     # -- fds --------------------------------------------------------------------------------
 
@@ -125,9 +130,11 @@ class Supervisor:
     def step(self, timeout: float | None) -> None:
         """Wait (at most ``timeout`` seconds) and handle what is ready, then what is due."""
         ms = None if timeout is None else max(0, int(timeout * 1000) + 1)
-        for fd, _ in self.poller.poll(ms):
-            fn = self.fds.get(fd)
-            if fn is not None:
+        ready = [(fd, self.fds.get(fd)) for fd, _ in self.poller.poll(ms)]
+        # Leases first: a supervisor that was paused fences before it acts on anything.
+        self._guarded(lambda: _fence.leases_due(self))
+        for fd, fn in ready:
+            if fn is not None and self.fds.get(fd) is fn:  # not dropped by a fence meanwhile
                 self._guarded(fn)
         self._guarded(self._due)
 
@@ -150,47 +157,59 @@ class Supervisor:
             if self._checkpoint_wanted(w):
                 when.append(w.next_checkpoint)
             if w.lease is not None:
-                when.append(w.lease_renew)
+                when += [w.lease_renew, _fence.deadline(w)]
+        if self.next_reload is not None:
+            when.append(self.next_reload)
         return None if not when else max(0.0, min(when) - now)
 
     def _due(self) -> None:
+        _fence.leases_due(self)
         now = self.env.now()
+        if self.next_reload is not None and now >= self.next_reload:
+            self.next_reload = None
+            self.reload()
         for w in list(self.watches.values()):
+            if self.watches.get(w.name) is not w:
+                continue  # fenced or forgotten by an earlier one's handling
             if w.ended_at is not None:
                 self._read_exit(w, timed_out=now >= w.ended_at + EXIT_WAIT)
             if self._checkpoint_wanted(w) and now >= w.next_checkpoint:
                 self._start_checkpoint(w)
-            if w.lease is not None and now >= w.lease_renew:
-                self._renew(w)
 
     # -- records ----------------------------------------------------------------------------
 
     def reload(self) -> None:
         """Watch every name whose record says it should run; forget the others."""
         wanted = {s.name: s for s in self.env.states() if s.status in RUN_STATUSES}
-        for name in list(self.watches):
-            if name not in wanted:
+        for name, w in list(self.watches.items()):
+            if name in wanted:
+                continue
+            if w.pidfd is None:
                 log(f"{name}: no longer supervised")
-                self._forget(self.watches[name])
+                self._forget(w)
+            elif not w.leaving:
+                # Its copy runs on (`torpor stop` ends it next): fenced until it ends.
+                log(f"{name}: no longer supervised; its lease is kept while pid {w.rec.pid} runs")
+                w.leaving = True
         for name, state in wanted.items():
-            w = self.watches.get(name)
-            if w is None:
+            known = self.watches.get(name)
+            if known is None:
                 self._adopt(state)
-            else:
-                w.spec = state.spec  # a changed interval or policy applies from now on
+                continue
+            known.leaving = False
+            if state.spec.pool == known.spec.pool or _fence.switch_pool(self, known, state.spec):
+                known.spec = state.spec  # a changed interval or policy applies from now on
 
     def _adopt(self, state: State) -> None:
         spec = state.spec
         w = self.watches[spec.name] = Watch(spec=spec)
         try:
-            w.lease = self.env.lease(spec)
+            lease = self.env.lease(spec)
         except TorporError as exc:
-            log(f"{spec.name}: not supervised here: {exc}")
-            self.env.event(spec.name, "lease", held=False, error=str(exc))
             del self.watches[spec.name]
+            _fence.refused(self, spec, exc)
             return
-        w.lease_ok = self.env.now()
-        w.lease_renew = w.lease_ok + LEASE_DURATION / 3
+        _fence.held(self, w, lease)
         if state.status != "supervised":
             self.env.update(spec.name, lambda s: s.evolve(status="supervised"))
         w.next_checkpoint = self.env.now() + spec.interval
@@ -219,16 +238,38 @@ class Supervisor:
         self._add(pidfd, lambda: self._app_ended(w))
         return True
 
-    def _forget(self, w: Watch) -> None:
+    def _forget(self, w: Watch, *, release: bool = True) -> None:
+        """Let go of ``w``: its commands in flight are stopped (see :meth:`_abandon`), its
+        lease released unless ``release`` is False (then it lapses)."""
+        for job, restore in ((w.checkpoint, False), (w.prune, False), (w.restore, True)):
+            if job is not None:
+                self._abandon(job, w.name if restore else None)
+        w.checkpoint = w.prune = w.restore = None
+        w.restore_waiting = False
         if w.pidfd is not None:
             self._drop(w.pidfd)
             os.close(w.pidfd)
             w.pidfd = None
-        if w.lease is not None:
+        if w.lease is not None and release:
             with contextlib.suppress(TorporError, OSError):
                 w.lease.release()
-            w.lease = None
-        self.watches.pop(w.name, None)
+        w.lease = None
+        if self.watches.get(w.name) is w:
+            del self.watches[w.name]
+
+    def _abandon(self, job: Job, restoring: str | None) -> None:
+        """Stop a command of a watch let go of (SIGTERM to our child); reaped when it ends.
+        A restore of ``restoring`` that finishes all the same: the copy it made is killed
+        (nothing supervises it, no lease fences it)."""
+        self._drop(job.fd)
+        job.terminate()
+
+        def ended() -> None:
+            self._drop(job.fd)
+            if job.finish() == 0 and restoring is not None and restoring not in self.watches:
+                _fence.kill_copy(self, restoring, "restored after its supervision ended")
+
+        self._add(job.fd, ended)
 
     def _records_changed(self) -> None:
         self.dirwatch.drain()
@@ -300,6 +341,11 @@ class Supervisor:
     # -- restoring --------------------------------------------------------------------------
 
     def _restore_next(self, w: Watch) -> None:
+        if not _fence.fresh(self, w):
+            if self.watches.get(w.name) is w:  # not fenced: retried once it is renewed
+                log(f"{w.name}: not restored until its lease is renewed")
+                w.restore_waiting = True
+            return
         image = w.candidates.pop(0)
         # The newest checkpoint's local copy when this home made it (_process._topool): no
         # pull of what was just pushed. It is the same image, verified by its stamp.
@@ -354,7 +400,11 @@ class Supervisor:
 
     def _checkpoint_wanted(self, w: Watch) -> bool:
         return (
-            w.spec.interval > 0 and w.pidfd is not None and w.checkpoint is None and w.prune is None
+            w.spec.interval > 0
+            and w.pidfd is not None
+            and w.checkpoint is None
+            and w.prune is None
+            and not w.leaving
         )
 
     def _start_checkpoint(self, w: Watch, *, final: bool = False) -> None:
@@ -431,51 +481,15 @@ class Supervisor:
         self.env.event(w.name, "checkpoint-failed", error=error)
         self.env.update(w.name, lambda s: s.evolve(failed_checkpoints=s.failed_checkpoints + 1))
 
-    # -- leases -----------------------------------------------------------------------------
-
-    def _renew(self, w: Watch) -> None:
-        from ._lease import LeaseLostError
-
-        now = self.env.now()
-        w.lease_renew = now + LEASE_DURATION / 3
-        try:
-            w.lease.renew()
-        except LeaseLostError as exc:
-            # Lapsed or taken over (another home resumes it): only one copy may run.
-            self._fence(w, f"its lease was lost ({exc})")
-        except TorporError as exc:
-            # The pool unreachable: retried at the next renewal, unless the lease would lapse
-            # first (another home may then take it): the copy here is stopped before that.
-            if now - w.lease_ok >= LEASE_DURATION * FENCE_AT:
-                self._fence(w, f"its lease could not be renewed for {now - w.lease_ok:.0f}s "
-                            f"({exc})")  # fmt: skip
-            else:
-                log(f"{w.name}: lease not renewed (retrying): {exc}")
-                self.env.event(w.name, "lease", held=True, error=str(exc))
-        else:
-            w.lease_ok = now
-
-    def _fence(self, w: Watch, why: str) -> None:
-        """Stop the copy here (self-fencing): another home may resume the process once its
-        lease lapsed, and two live copies must never run."""
-        reason = f"{why}: stopped here so that only one copy runs"
-        log(f"{w.name}: {reason}")
-        if w.pidfd is not None:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(w.pidfd, signal.SIGKILL)  # the checked process
-        self.env.event(w.name, "lease", held=False, error=why)
-        self.env.update(w.name, lambda s: s.evolve(status="given-up", given_up=reason))
-        w.lease = None
-        self._forget(w)
-
     # -- shutdown ---------------------------------------------------------------------------
 
     def shutdown(self) -> None:
         """Checkpoint every running supervised app (within :attr:`shutdown_timeout`), mark
-        them ``shutdown`` and let go of them (they keep running)."""
+        them ``shutdown`` and let go of them (they keep running). Their leases are not
+        released: they lapse, and another home may resume them only after that."""
         deadline = self.env.now() + self.shutdown_timeout
         for w in self.watches.values():
-            if w.pidfd is not None and w.checkpoint is None:
+            if w.pidfd is not None and w.checkpoint is None and not w.leaving:
                 self._start_checkpoint(w)
         while True:
             pending = {w.checkpoint.fd: w for w in self.watches.values() if w.checkpoint}
@@ -493,10 +507,12 @@ class Supervisor:
                     job.terminate()  # a checkpoint aborts; the app runs on
                     self._drop(job.fd)
                     job.finish()
-            self.env.event(w.name, "shutdown")
-            with contextlib.suppress(TorporError):
-                self.env.update(w.name, lambda s: s.evolve(status="shutdown"))
-            self._forget(w)
+            w.checkpoint = w.prune = w.restore = None
+            if not w.leaving:
+                self.env.event(w.name, "shutdown")
+                with contextlib.suppress(TorporError):
+                    self.env.update(w.name, lambda s: s.evolve(status="shutdown"))
+            self._forget(w, release=False)
 
 
 def _parse_checkpoint(stdout: str, image: str, took: float) -> dict[str, Any]:

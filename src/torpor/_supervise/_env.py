@@ -127,6 +127,11 @@ class Env:
             self.pool(spec.pool), spec.name, holder=self.holder, duration=LEASE_DURATION
         )
 
+    def holder_is_ours(self, holder: str) -> bool:
+        """Whether a lease ``holder`` is a supervisor of this home on this host (a former
+        one: only one serves a home at a time)."""
+        return holder.startswith(f"{socket.gethostname()} {_home()} pid ")
+
     def watch_dir(self) -> Any:
         from .. import _paths
         from ._watch import DirWatch
