@@ -22,7 +22,7 @@ import stat
 from pathlib import Path
 
 from . import _safe
-from ._errors import PermissionDeniedError
+from ._errors import PermissionDeniedError, UnsafePathError
 
 
 def home() -> Path:
@@ -43,16 +43,17 @@ def home_path() -> Path:
 
 
 def private_dir(path: Path, *, what: str = "directory", ancestors: bool = False) -> Path:
-    """Return ``path``, a directory only its owner can change: created 0700 (parents as the
-    umask makes them) if missing, refused (:class:`~torpor.UnsafePathError`, or
+    """Return ``path``, a directory only its owner can change: created 0700 (parents 0755 less
+    the umask) if missing, refused (:class:`~torpor.UnsafePathError`, or
     :class:`~torpor.PermissionDeniedError` when it is root's and we are not) otherwise. With
     ``ancestors``, every directory on the way to it must be one only its owner can change too
-    (:func:`torpor._safe.check_ancestors`)."""
+    (:func:`torpor._safe.check_ancestors`); the way to what is missing is checked before
+    anything is made, whether or not ``ancestors`` is asked for (see :func:`_create`)."""
     try:
         try:
             st = _safe.check_private(path, what=what)
         except FileNotFoundError:
-            _create(path)
+            _create(path, what)
             st = _safe.check_private(path, what=what)
         if ancestors:
             _safe.check_ancestors(path, what=what)
@@ -68,24 +69,103 @@ def private_dir(path: Path, *, what: str = "directory", ancestors: bool = False)
     return path
 
 
-def _create(path: Path) -> None:
-    missing = [p for p in reversed(path.parents) if not p.exists()]
-    for parent in missing:
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _create(path: Path, what: str) -> None:
+    """Make ``path`` and whatever is missing on the way to it, never by path: the way to the
+    nearest directory that exists is checked first (:func:`torpor._safe.check_ancestors`: no
+    other user can change it, so it names one directory from then on), then each missing level
+    is made with ``mkdir`` relative to its parent's fd, opened ``O_NOFOLLOW`` relative to it,
+    checked to be the directory just made, and its mode set through that fd. A ``chmod`` by
+    path would follow a symlink swapped in meanwhile: whoever can write to a parent could make
+    root change the mode of any file. A level someone else made meanwhile is left as it is
+    (the home itself is then checked by the caller as any existing one)."""
+    missing: list[str] = []
+    existing = path
+    while True:
         try:
-            os.mkdir(parent, 0o755)
-        except FileExistsError:
-            continue
-        # Never writable by others, whatever the umask: the home's parents are checked too.
-        mode = stat.S_IMODE(os.lstat(parent).st_mode)
-        if mode & 0o022:
-            os.chmod(parent, mode & ~0o022)
+            os.stat(existing)
+            break
+        except FileNotFoundError:
+            if existing.name in ("", ".", "..") or existing.parent == existing:
+                raise
+            missing.append(existing.name)
+            existing = existing.parent
+    if not missing:
+        return  # made meanwhile: the caller checks it as any existing one
+    missing.reverse()
+    _safe.check_ancestors(existing / missing[0], what=what, shown=path)
+    fd = os.open(existing, _DIR_FLAGS)
     try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return  # made meanwhile by someone else: the caller checks it as any existing one
-    # We made it, so its mode is ours to set (the umask may have taken owner bits away).
-    if stat.S_IMODE(os.lstat(path).st_mode) != 0o700:
-        os.chmod(path, 0o700)
+        _check_level(path, what, existing, os.fstat(fd))
+        level = existing
+        for i, name in enumerate(missing):
+            last = i == len(missing) - 1
+            level = level / name
+            # 0755 less the umask is never writable by others (the home's parents are checked
+            # too); the home itself is 0700 whatever the umask.
+            mode = 0o700 if last else 0o755
+            try:
+                os.mkdir(name, mode, dir_fd=fd)
+                made = True
+            except FileExistsError:
+                if last:
+                    return  # made meanwhile by someone else: the caller checks it
+                made = False
+            sub = _open_level(path, what, level, name, fd)
+            os.close(fd)
+            fd = sub
+            st = os.fstat(fd)
+            if not made:
+                _check_level(path, what, level, st)
+                continue
+            if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & ~mode & 0o777:
+                raise _unsafe(path, what, level, "is not the directory torpor just made there")
+            # We made it, so its mode is ours to set (the umask may have taken owner bits
+            # away): through its fd, never by path.
+            if last and stat.S_IMODE(st.st_mode) != 0o700:
+                os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def _open_level(path: Path, what: str, level: Path, name: str, parent_fd: int) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _unsafe(path, what, level, "is not a directory (a symlink or a file)") from exc
+        raise
+
+
+def _check_level(path: Path, what: str, level: Path, st: os.stat_result) -> None:
+    """A directory on the way to ``path`` that torpor did not make: owned by the effective
+    user or root, not writable by others unless sticky (as :func:`torpor._safe.check_ancestors`
+    requires)."""
+    owner = _safe.owner_problem(st)
+    if owner is not None:
+        raise _unsafe(path, what, level, owner, hint=f"chown {os.geteuid()} {level}")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        who = "others" if st.st_mode & stat.S_IWOTH else "its group"
+        raise _unsafe(
+            path,
+            what,
+            level,
+            f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})",
+            hint=f"chmod go-w {level}, or use a directory only its owner can change",
+        )
+
+
+def _unsafe(
+    path: Path, what: str, level: Path, problem: str, *, hint: str | None = None
+) -> UnsafePathError:
+    return UnsafePathError(
+        f"{what} {path} is refused: {level} on the way to it {problem}",
+        path=level,
+        hint=hint
+        or f"{level} was replaced while torpor made it: check who can write to {level.parent}",
+    )
 
 
 def _unusable(path: Path, what: str, exc: OSError) -> PermissionDeniedError:

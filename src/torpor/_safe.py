@@ -354,18 +354,26 @@ def owner_problem(st: os.stat_result) -> str | None:
 _MAX_LINKS = 40  # as the kernel's MAXSYMLINKS
 
 
-def check_ancestors(path: str | os.PathLike[str], *, what: str = "directory") -> None:
+def check_ancestors(
+    path: str | os.PathLike[str],
+    *,
+    what: str = "directory",
+    shown: str | os.PathLike[str] | None = None,
+) -> None:
     """Refuse ``path`` (:class:`UnsafePathError`) if another user could change which directory
     it names: every directory on the way to it (symlinks followed, as the kernel does) must be
     owned by the effective user or root and not writable by group or others, as ssh's
     StrictModes requires of a home's parents. A directory others may write to is allowed if it
     is sticky (``/tmp``): others cannot rename or remove entries there that they do not own,
     so the entry on the way (or a symlink there) must then be owned by the effective user or
-    root. The last component itself is the caller's to check (:func:`check_private`).
+    root. The last component itself is the caller's to check (:func:`check_private`), and
+    need not exist. A refusal names ``shown`` (default ``path``): a directory yet to be made
+    below ``path``, whose way is checked before it is made.
 
     Without this, whoever can write to a parent can swap the directory (or a symlink on the
     way) between torpor's checks of it and a later use by path, CRIU's included.
     """
+    path_shown = path if shown is None else shown
     # Not normalised: after a symlink, ".." is the parent of where the link led.
     p = Path(path) if os.path.isabs(path) else Path.cwd() / path
     parts = list(p.parts[1:])
@@ -374,7 +382,7 @@ def check_ancestors(path: str | os.PathLike[str], *, what: str = "directory") ->
     todo = parts[::-1]  # a stack: the next component last
     current = Path("/")
     here = os.lstat(current)
-    _check_way(path, what, current, here)
+    _check_way(path_shown, what, current, here)
     links = 0
     while todo:
         name = todo.pop()
@@ -399,15 +407,15 @@ def check_ancestors(path: str | os.PathLike[str], *, what: str = "directory") ->
         if stat.S_ISLNK(st.st_mode):
             links += 1
             if links > _MAX_LINKS:
-                raise _unsafe_way(path, what, nxt, "leads through too many symlinks")
+                raise _unsafe_way(path_shown, what, nxt, "leads through too many symlinks")
             target = Path(os.readlink(nxt))
             if target.is_absolute():
                 current, here = Path("/"), os.lstat("/")
             todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
             continue
         if not stat.S_ISDIR(st.st_mode):
-            raise _unsafe_way(path, what, nxt, "is not a directory")
-        _check_way(path, what, nxt, st)
+            raise _unsafe_way(path_shown, what, nxt, "is not a directory")
+        _check_way(path_shown, what, nxt, st)
         current, here = nxt, st
 
 
