@@ -4,10 +4,11 @@ The checkpoints of process ``N`` in pool ``P`` are the pool images named ``N.s00
 ``N.s000002``, ... (:func:`series_name`): the sequence number orders them (newest = highest),
 whatever the clocks of the hosts that made them said. A member is recognised by its name
 alone and exactly (``N.s000007`` belongs to ``N``, ``N.s000001.s000002`` to ``N.s000001``),
-so two processes never share a series. The spec a series was made under is also stored in
-the pool, as the object ``supervision/N`` (:func:`publish_spec`), so another host can resume
-``N@P`` with it; what is read back from there is hostile (a shared pool) and checked by
-``Spec.from_json``.
+so two processes never share a series. The spec a series was made under is in the manifest
+of each member (field ``supervision``, signed with it): another host resumes ``N@P`` with the
+newest member's (:func:`read_spec`), checked as a restore checks that image, then by
+``Spec.from_json``. The pool object ``supervision/N`` (:func:`publish_spec`) is a copy for
+people and tools to read; it is not signed, and torpor does not trust it.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
     from ._spec import Spec
 
 SPEC_PREFIX = "supervision/"
-# A spec is a few hundred bytes; a command line may be long, but not this long.
-MAX_SPEC_BYTES = 64 * 1024
 
 # Six digits or more (f"{seq:06d}" grows past 999999); the canonical form only, so one
 # sequence number has exactly one name.
@@ -201,36 +200,38 @@ def publish_spec(pool: Pool, spec: Spec) -> None:
 
 
 def read_spec(pool: Pool, name: str) -> Spec | None:
-    """The spec stored for ``name`` in ``pool`` (None if there is none). The object comes
-    from a shared pool: one too big, not JSON, not a valid spec or the spec of another name
-    is refused with a one-line error."""
+    """The spec ``name``'s series was made under, for ``torpor resume NAME@POOL``: the
+    ``supervision`` field of the manifest of its newest member that carries one. That
+    manifest is checked as a restore checks it: its signed manifest must cover it
+    (``Record.decode``) and the pool's signature policy must accept it (``Policy.check``), so
+    the spec is exactly as trusted as the image the resume restores, and anyone who can only
+    write to the pool cannot change it. The object ``supervision/NAME`` (:func:`publish_spec`)
+    is not read: it is not signed. None when no member carries a spec (or there is none). A
+    member the policy refuses, or whose manifest is damaged or not the signed one, is refused
+    with a one-line error naming the pool and the image; so is its spec, checked by
+    ``Spec.from_json``, when it is not valid or the spec of another name."""
     from ._spec import Spec
 
-    key = spec_key(name)
-    source = f"pool {pool.name!r} object {key}"
-    try:
-        if pool.backend.size(key) > MAX_SPEC_BYTES:
-            raise _bad_spec(pool, source, f"bigger than {MAX_SPEC_BYTES} bytes")
-        # Bounded too: it may grow between size() and get() (refused then by the backend).
-        blob = pool.backend.get(key, limit=MAX_SPEC_BYTES)
-    except KeyError:
-        return None
-    try:
-        data = json.loads(blob)
-    except (ValueError, RecursionError) as exc:
-        raise _bad_spec(pool, source, "not JSON") from exc
-    spec = Spec.from_json(data, source=source)
-    if spec.name != name:
-        raise _bad_spec(pool, source, f"the spec of {spec.name!r}, not of {name!r}")
-    return spec
-
-
-def _bad_spec(pool: Pool, source: str, why: str) -> PoolError:
-    return PoolError(
-        f"{source} is not a supervision spec torpor wrote ({why}); refused",
-        pool=pool.name,
-        hint="supervise the process again to write a new one",
-    )
+    for _, image in _member_names(pool, name):
+        try:
+            rec = pool._record(image)
+        except ImageNotFoundError:
+            continue  # deleted since the listing
+        pool.policy.check(rec.name, pool.name, rec.origin)
+        data = rec.manifest.supervision
+        if data is None:
+            continue  # its spec could not be read when it was made: the one before says
+        source = f"image {image!r} in pool {pool.name!r}"
+        spec = Spec.from_json(dict(data), source=source)
+        if spec.name != name:
+            raise PoolError(
+                f"{source} carries the supervision spec of {spec.name!r}, not of {name!r}; refused",
+                pool=pool.name,
+                hint=f"it is not a checkpoint of {name}: delete it "
+                f"(torpor image delete {image}@{pool.name})",
+            )
+        return spec
+    return None
 
 
 # -- app-driven checkpoints -------------------------------------------------------------------

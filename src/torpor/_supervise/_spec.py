@@ -2,11 +2,13 @@
 checkpoints to keep, the restart policy), durations as users write them, and :func:`load`, the
 fast read of a managed name's active spec that every checkpoint's commit path makes.
 
-A spec is stored in three places, all read as hostile (torpor runs as root, and a spec names a
+A spec is read from two places, both as hostile (torpor runs as root, and a spec names a
 command that a restore or ``torpor resume`` may run): the supervision record
-``<home>/supervised/NAME.json`` (written by :mod:`._state`), the ``supervision`` field of each
-checkpoint's manifest, and the pool object ``supervision/NAME``. :meth:`Spec.from_json` is the
-one check of all three: every field's type and range, bounded sizes, one-line errors naming the
+``<home>/supervised/NAME.json`` (written by :mod:`._state`) and the ``supervision`` field of
+each checkpoint's manifest (signed with it: ``torpor resume NAME@POOL`` reads it there, see
+``_series.read_spec``). The pool object ``supervision/NAME`` is a copy torpor writes and never
+reads. :meth:`Spec.from_json` is the one check of both: every field's type and range (an
+interval of 0 or at least :data:`MIN_INTERVAL`), bounded sizes, one-line errors naming the
 source and the field.
 
 A leaf: it imports only the errors, :mod:`torpor._safe` and :mod:`torpor._paths` (name checks
@@ -35,6 +37,11 @@ MAX_RECORD = 1 << 20
 MAX_ARGS = 4096
 MAX_COMMAND_BYTES = 256 << 10
 MAX_DURATION = 30 * 24 * 3600.0  # 30 days: anything longer is a typo
+# The shortest checkpoint interval (0 aside: app-driven checkpoints only). Each checkpoint
+# freezes the app and runs CRIU, the prune and a push: shorter, they run back to back and the
+# app is frozen more than it runs. The one bound of the CLI (which makes a Spec) and of every
+# spec read (Spec.from_json).
+MIN_INTERVAL = 0.1
 MAX_KEEP = 10_000
 MAX_RESTARTS = 10_000
 MAX_EXIT_CODES = 256
@@ -187,7 +194,8 @@ _REQUIRED = {f.name for f in fields(Spec) if f.default is MISSING}
 assert set(_KINDS) == {f.name for f in fields(Spec)}
 
 _HINTS = {
-    "interval": _DURATION_HINT,
+    "interval": f"checkpoint every {format_duration(MIN_INTERVAL)} or more (500ms, 10s, 5m), "
+    "or 0: only when the app asks",
     "min_uptime": _DURATION_HINT,
     "restart_window": _DURATION_HINT,
     "stop_timeout": _DURATION_HINT,
@@ -242,6 +250,8 @@ def _problem(name: str, value: Any) -> str | None:
             return f"{value} s is longer than 30 days"
         if name == "restart_window" and value == 0:
             return "must be longer than 0"
+        if name == "interval" and 0 < value < MIN_INTERVAL:
+            return f"{value:g} s is shorter than {format_duration(MIN_INTERVAL)}"
         return None
     if name in ("keep", "max_restarts"):
         low, high = (1, MAX_KEEP) if name == "keep" else (0, MAX_RESTARTS)
