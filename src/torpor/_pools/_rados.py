@@ -63,6 +63,9 @@ _APPLICATION = "torpor"
 # How many times ``get`` restarts from the head when concurrent overwrites keep deleting
 # the parts it is reading.
 _READ_ATTEMPTS = 5
+# Seconds each lease operation may take (its connection's op timeouts): well under the fifth
+# of a supervisor's 15 s lease left between its fence deadline (80 %) and its expiry.
+LEASE_OP_TIMEOUT = 2
 
 
 def _import_rados() -> ModuleType:
@@ -186,6 +189,10 @@ class RadosBackend:
         self._ioctx: Any = ioctx
         self._ioctx.set_namespace(namespace)
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="torpor-rados")
+        # The leases' own connection, opened on first use (see leases()).
+        self._lease_conf = (str(conf_path), cluster_name, entity, mount_timeout, namespace)
+        self._lease_cluster: Any = None
+        self._lease_ioctx: Any = None
 
     # --- the contract --------------------------------------------------------------------
 
@@ -316,13 +323,44 @@ class RadosBackend:
         self._closed = True
         self._executor.shutdown(wait=True)
         with self._errors("disconnect", None):
+            if self._lease_cluster is not None:
+                self._lease_ioctx.close()
+                self._lease_cluster.shutdown()
             self._ioctx.close()
             self._cluster.shutdown()
 
     def leases(self) -> RadosLeases:
-        """The pool's leases: RADOS object locks with a duration (see :mod:`._leases`)."""
+        """The pool's leases: RADOS object locks with a duration (see :mod:`._leases`).
+
+        They go through a connection of their own whose every OSD and monitor operation
+        times out after :data:`LEASE_OP_TIMEOUT` seconds (``rados_osd_op_timeout``,
+        ``rados_mon_op_timeout``; librados waits for ever otherwise): a renewal against
+        unreachable OSDs fails (a PoolError) in time for the holder to stop its copy
+        before the lease lapses, instead of hanging its supervisor past the expiry."""
         self._check_open()
-        return RadosLeases(self._ioctx, self._rados, self._errors)
+        if self._lease_cluster is None:
+            conf_path, cluster_name, entity, mount_timeout, namespace = self._lease_conf
+            op_timeout = str(LEASE_OP_TIMEOUT)
+            with self._errors(f"connect to ceph cluster {cluster_name!r} as {entity}", None):
+                cluster = self._rados.Rados(
+                    conffile=conf_path,
+                    clustername=cluster_name,
+                    name=entity,
+                    conf={
+                        "client_mount_timeout": mount_timeout,
+                        "rados_osd_op_timeout": op_timeout,
+                        "rados_mon_op_timeout": op_timeout,
+                    },
+                )
+                try:
+                    cluster.connect(timeout=int(mount_timeout))
+                    ioctx = cluster.open_ioctx(self._pool)
+                except BaseException:
+                    cluster.shutdown()
+                    raise
+                ioctx.set_namespace(namespace)
+            self._lease_cluster, self._lease_ioctx = cluster, ioctx
+        return RadosLeases(self._lease_ioctx, self._rados, self._errors)
 
     # --- helpers -------------------------------------------------------------------------
 

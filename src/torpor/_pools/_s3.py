@@ -33,6 +33,10 @@ from ._leases import S3Leases
 
 _MIB = 1 << 20
 _MIN_PART = 5 * _MIB  # S3's smallest part (but the last)
+# Seconds a lease request may wait to connect, and for each read: a renewal (a GET, a PUT) is
+# bounded by about 4 s, within the 20 % of a supervisor's 15 s lease between its fence
+# deadline and its expiry plus the 2 s to the deadline from the last regular renewal.
+LEASE_TIMEOUT = 1.0
 _HINTS = {
     "InvalidAccessKeyId": "check the access key",
     "SignatureDoesNotMatch": "check the secret key",
@@ -156,6 +160,21 @@ class S3Backend:
                 region_name=region,
                 config=self._boto.Config(**options),
             )
+            # The leases' own client: one attempt a request, each bounded (see leases()).
+            lease_options = {
+                **options,
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
+                "connect_timeout": LEASE_TIMEOUT,
+                "read_timeout": LEASE_TIMEOUT,
+                "max_pool_connections": 2,
+            }
+            self._lease_client: Any = self._boto.client(
+                endpoint_url=endpoint_url,
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key,
+                region_name=region,
+                config=self._boto.Config(**lease_options),
+            )
             self._transfer: Any = self._boto.TransferConfig(
                 multipart_threshold=multipart_threshold,
                 multipart_chunksize=part_size,
@@ -243,13 +262,19 @@ class S3Backend:
             return
         self._closed = True
         with self._errors("disconnect from", None):
+            self._lease_client.close()
             self._client.close()
 
     def leases(self) -> S3Leases:
-        """The pool's leases: objects written with conditional PUTs (see :mod:`._leases`)."""
+        """The pool's leases: objects written with conditional PUTs (see :mod:`._leases`).
+
+        They go through a client of their own: one attempt a request (no retries), its
+        connect and each read bounded by :data:`LEASE_TIMEOUT` seconds, so that a renewal
+        (a GET and a PUT) against an unreachable endpoint fails in time for the holder to
+        stop its copy before the lease lapses (the data client waits 60 s, 3 times)."""
         self._check_open()
         return S3Leases(
-            self._client, self._bucket, self._name, self._errors, self._boto.ClientError
+            self._lease_client, self._bucket, self._name, self._errors, self._boto.ClientError
         )
 
     # --- helpers -------------------------------------------------------------------------
