@@ -15,6 +15,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
@@ -29,7 +30,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#define PROTOCOL "torpor-agent/2"
+#define PROTOCOL "torpor-agent/3"
 #define MAX_PACKET (1 << 20)
 #define READY_TIMEOUT 10 /* seconds for a worker to take the connection */
 
@@ -203,7 +204,14 @@ static int via_agent(int argc, char **argv) {
     wait.tv_sec = 0;
     setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
     setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait);
-    int fds[3] = {0, 1, 2};
+    /* Our fds 0, 1, 2 and our working directory itself: a path could be renamed meanwhile. */
+    int here = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (here < 0) {
+        free(packet);
+        close(sock);
+        return -1;
+    }
+    int fds[4] = {0, 1, 2, here};
     char control[CMSG_SPACE(sizeof fds)];
     memset(control, 0, sizeof control);
     struct iovec iov = {.iov_base = packet, .iov_len = used};
@@ -219,6 +227,7 @@ static int via_agent(int argc, char **argv) {
     cmsg->cmsg_len = CMSG_LEN(sizeof fds);
     memcpy(CMSG_DATA(cmsg), fds, sizeof fds);
     ssize_t sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    close(here);
     free(packet);
     if (sent < 0) { /* a closed stdio fd, a request too big for one packet, ... */
         close(sock);

@@ -67,9 +67,10 @@ def test_a_nul_byte_cannot_be_sent() -> None:
     [
         b"",
         b"torpor-agent/1\0/b\0/\x000\0\x000",
-        b"torpor-agent/2\0/b\0/\0zz\0\x000",
-        b"torpor-agent/2\0/b\0/\0-1\0\x000",
-        b"torpor-agent/2\0/b\0/",
+        b"torpor-agent/2\0/b\0/\x000\0\x000",  # an old launcher (no directory fd)
+        b"torpor-agent/3\0/b\0/\0zz\0\x000",
+        b"torpor-agent/3\0/b\0/\0-1\0\x000",
+        b"torpor-agent/3\0/b\0/",
     ],
 )
 def test_bad_requests_are_refused(packet: bytes) -> None:
@@ -157,7 +158,7 @@ class FakeAgent:
                 if self.answer is None:  # a worker that dies before it is ready
                     continue
                 conn.send(b"ready")
-                msg, anc, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(3 * 4))
+                msg, anc, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 4))
                 fds = [
                     int.from_bytes(data[i : i + 4], sys.byteorder)
                     for _, _, data in anc
@@ -227,7 +228,11 @@ def _home_env(home: Path, **extra: str) -> dict[str, str]:
 def test_the_command_runs_in_the_agent_with_the_clients_context(
     tmp_path: Path, launch: Callable[..., list[str]]
 ) -> None:
+    directories = []
+
     def answer(req: Request, fds: list[int], conn: socket.socket) -> None:
+        assert len(fds) == 4
+        directories.append(os.fstat(fds[3]))  # the launcher's directory itself (O_PATH)
         os.write(fds[1], b"out from the worker\n")
         os.write(fds[2], b"err from the worker\n")
         conn.send(b"exit:7")
@@ -249,6 +254,8 @@ def test_the_command_runs_in_the_agent_with_the_clients_context(
     [req] = agent.requests
     assert req.argv == ("restore", "img", "--name", "n")
     assert req.cwd == bytes(tmp_path)
+    [here] = directories
+    assert (here.st_dev, here.st_ino) == (tmp_path.stat().st_dev, tmp_path.stat().st_ino)
     assert req.environ[b"MARK"] == b"here"
     assert req.umask == _umask()
     import resource
@@ -285,6 +292,39 @@ def test_a_declined_command_runs_in_the_launcher(tmp_path: Path, native: Path) -
     # The launcher had SIGINT blocked while it waited; what runs the command gets it back.
     blocked = int(proc.stderr.split()[-1], 16)
     assert not blocked & (1 << (signal.SIGINT - 1))
+
+
+def test_a_request_bigger_than_a_worker_takes_runs_in_the_launcher(
+    tmp_path: Path, launch: Callable[..., list[str]]
+) -> None:
+    # A worker receives 1 MiB at most: a bigger request is never sent (the worker would get
+    # it cut short), the launcher runs the command itself.
+    agent = FakeAgent(tmp_path, lambda req, fds, conn: conn.send(b"exit:0"))
+    try:
+        proc = subprocess.run(
+            launch("--help"),
+            capture_output=True,
+            env=_home_env(tmp_path, **{f"BIG{i}": "x" * 100_000 for i in range(11)}),
+            timeout=60,
+        )
+    finally:
+        agent.close()
+    assert agent.requests == []
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_python_launcher_never_sends_more_than_a_worker_takes(tmp_path: Path) -> None:
+    # Even through a send buffer big enough for it (net.core.wmem_default raised).
+    agent = FakeAgent(tmp_path, lambda req, fds, conn: conn.send(b"exit:0"))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.setsockopt(socket.SOL_SOCKET, 32, 8 << 20)  # SO_SNDBUFFORCE
+    env = {**os.environb, b"PAD": b"x" * (1 << 20)}
+    try:
+        assert launcher._hand_over(sock, bytes(tmp_path / "agent.sock"), ["ps"], env) is None
+    finally:
+        sock.close()
+        agent.close()
+    assert agent.requests == []
 
 
 def test_a_connection_no_worker_took_runs_in_the_launcher(tmp_path: Path, native: Path) -> None:

@@ -1,9 +1,11 @@
 """An agent worker: takes one command from the launcher and runs the CLI on it.
 
 A worker is forked by the master (``_master``), starts a ``criu swrk`` child ahead of time and
-waits in ``accept()``. On a connection it says ``ready``, tells the master (``taken``), reads
-the request and runs the command as the client would have: the client's argv, cwd, umask,
-rlimits, environment and stdin/stdout/stderr (received as fds). It answers ``exit:CODE``, lets
+waits in ``accept()``. On a connection it tells the master (``taken``), checks the client
+(``_admit``: confined as the agent is, held by a pidfd), says ``ready``, reads the request
+(within ``RECEIVE_TIMEOUT``) and runs the command as the client would have: in the client's
+cgroups, with its argv, working directory, umask, rlimits, environment and
+stdin/stdout/stderr (the directory and streams received as fds). It answers ``exit:CODE``, lets
 go of the client's fds and tells the master (``done``: the master forks its replacement then).
 If the command started managed processes, the worker stays as their keeper, else it exits.
 A request it cannot run exactly as the client would is declined before anything runs.
@@ -24,13 +26,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .._agent_status import launcher_dir
+from . import _admit
+from ._admit import Declined
 
 if TYPE_CHECKING:
     from torpor._engine import Connection
     from torpor._process._logs import SpareLog
 
-PROTOCOL = b"torpor-agent/2"
+PROTOCOL = b"torpor-agent/3"
 MAX_REQUEST = 1 << 20
+# Seconds a launcher has to send its request once told ``ready`` (it has it ready before it
+# connects): a silent connection must not hold a worker.
+RECEIVE_TIMEOUT = 10.0
+# The launcher's fds 0, 1, 2 and its working directory (O_PATH).
+REQUEST_FDS = 4
 
 
 @dataclass(frozen=True)
@@ -107,27 +116,6 @@ class AgentContext:
         if req.environ.get(b"TORPOR_CRIU") != self.criu_env:
             return "TORPOR_CRIU differs from the agent's"
         return None
-
-
-# What a command run here would have differently from its client, and cannot take on: its
-# privileges and namespaces (a confined root shell must not get the agent's full powers).
-_STATUS_KEYS = ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp")
-_NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup")
-
-
-def _confinement(pid: int) -> dict[str, str]:
-    out: dict[str, str] = {}
-    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in _STATUS_KEYS:
-                out[key] = value.strip()
-    for ns in _NAMESPACES:
-        try:
-            out[f"{ns} namespace"] = os.readlink(f"/proc/{pid}/ns/{ns}")
-        except OSError:
-            out[f"{ns} namespace"] = "?"
-    return out
 
 
 # -- one command ----------------------------------------------------------------------------
@@ -213,7 +201,7 @@ def _warm_up() -> None:
     from torpor._process._registry import ManagedProcess
     from torpor._proto import criu_rpc_pb2 as pb
 
-    _own_confinement.update(_confinement(os.getpid()))
+    _own_confinement.update(_admit.confinement(os.getpid()))
     parser = _cli._prebuilt
     if parser is not None:
         with contextlib.suppress(SystemExit):
@@ -240,23 +228,35 @@ def _serve(
 
     keeper = None
     fds: list[int] = []
+    client = None
     try:
-        conn.send(b"ready")  # the launcher sends its request only to a worker that has it
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        peer = int.from_bytes(creds[:4], sys.byteorder)
-        uid = int.from_bytes(creds[4:8], sys.byteorder)
-        packet, fds = _receive(conn)
+        # Checked before `ready`: the client is held by a pidfd while it is judged, so a pid
+        # it left behind (and another process reused) is never what is judged.
         try:
-            req = _admit(peer, uid, packet, fds, ctx)
-        except _Declined as exc:
+            client = _admit.Client(conn)
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            uid = int.from_bytes(creds[4:8], sys.byteorder)
+            _admit.check(client, uid, _own_confinement or _admit.confinement(os.getpid()))
+        except Declined as exc:
+            return _decline(conn, str(exc))
+        conn.send(b"ready")  # the launcher sends its request only to a worker that has it
+        try:
+            packet, fds = _receive(conn)
+            req = _request(packet, fds, ctx)
+        except Declined as exc:
             return _decline(conn, str(exc))
         try:
-            os.chdir(req.cwd)
-            _adopt_context(req, peer)
+            os.fchdir(fds[3])  # the directory itself: a path could be renamed under us
+            _adopt_context(req, client, warm)
         except (OSError, ValueError) as exc:
             return _decline(conn, f"cannot take on the client's context: {exc}")
+        except Declined as exc:
+            return _decline(conn, str(exc))
+        os.close(fds.pop())
         _adopt_stdio(fds)
         fds = []  # now our fds 0, 1, 2
+        client.close()
+        client = None
         _keeper.host_here(warm, spare)
         _prestart.allow()  # the command's lazy-pages daemon may be started by the command
         code = _run_cli(req.argv, conn)
@@ -268,6 +268,8 @@ def _serve(
     finally:
         for fd in fds:
             os.close(fd)
+        if client is not None:
+            client.close()
         # The master forks this worker's replacement now rather than at ``taken``: a fork and
         # a CRIU start on the other core would slow the command (a restore) by ~10 %.
         _note(notes_fd, b"done")
@@ -279,43 +281,44 @@ def _serve(
         keeper.wait_idle()
 
 
-class _Declined(Exception):
-    """Why a request cannot run here as it would in its client."""
-
-
-def _admit(peer: int, uid: int, packet: bytes, fds: list[int], ctx: AgentContext) -> Request:
-    """The request, if it may run here; else :class:`_Declined` says why."""
-    if uid != os.geteuid():
-        raise _Declined(f"uid {uid} is not this agent's")
-    try:
-        theirs, ours = _confinement(peer), _own_confinement or _confinement(os.getpid())
-    except OSError as exc:
-        raise _Declined(f"cannot read the client's process status: {exc}") from exc
-    for key, value in ours.items():
-        if theirs.get(key) != value:
-            raise _Declined(
-                f"the client's {key} ({theirs.get(key)}) differs from the agent's ({value})"
-            )
+def _request(packet: bytes, fds: list[int], ctx: AgentContext) -> Request:
+    """The request, if it may run here; else :class:`Declined` says why."""
     try:
         req = decode_request(packet)
     except BadRequest as exc:
-        raise _Declined(str(exc)) from exc
-    if len(fds) != 3:
-        raise _Declined(f"{len(fds)} fds received, expected 3")
+        raise Declined(str(exc)) from exc
+    if len(fds) != REQUEST_FDS:
+        raise Declined(f"{len(fds)} fds received, expected {REQUEST_FDS}")
     reason = ctx.mismatch(req)
     if reason is not None:
-        raise _Declined(reason)
+        raise Declined(reason)
     return req
 
 
 def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """The request packet and its fds; :class:`Declined` if none comes in time, or it was cut
+    (a packet or fds beyond what is received here: running what is left would run another
+    command than the client's)."""
     fd_space = socket.CMSG_SPACE(16 * 4)
-    packet, ancdata, _, _ = conn.recvmsg(MAX_REQUEST, fd_space)
+    conn.settimeout(RECEIVE_TIMEOUT)
+    try:
+        packet, ancdata, flags, _ = conn.recvmsg(MAX_REQUEST, fd_space)
+    except TimeoutError as exc:
+        raise Declined(f"no request within {RECEIVE_TIMEOUT:g} s") from exc
+    except OSError as exc:
+        raise Declined(f"cannot receive the request: {exc}") from exc
+    finally:
+        conn.settimeout(None)
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(data) - len(data) % 4
             fds += [int.from_bytes(data[i : i + 4], sys.byteorder) for i in range(0, usable, 4)]
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        what = "request" if flags & socket.MSG_TRUNC else "fds"
+        raise Declined(f"the {what} did not fit (a request is at most {MAX_REQUEST} bytes)")
     return packet, fds
 
 
@@ -325,14 +328,17 @@ def _decline(conn: socket.socket, reason: str) -> None:
         conn.send(b"declined:" + reason.encode(errors="replace"))
 
 
-def _adopt_context(req: Request, peer: int) -> None:
-    """Take on the client's umask, resource limits, environment, CPU affinity and niceness
-    (raises if one of them cannot be had: the command would not run as in the client)."""
+def _adopt_context(req: Request, client: _admit.Client, warm: Connection | None) -> None:
+    """Take on the client's cgroups, umask, resource limits, environment, CPU affinity and
+    niceness (raises if one of them cannot be had: the command would not run as in the
+    client)."""
+    criu = warm.proc.pid if warm is not None and warm.proc is not None else None
+    _admit.join_cgroups(client, [os.getpid()] + ([criu] if criu is not None else []))
     os.umask(req.umask)
-    cpus = os.sched_getaffinity(peer)
+    cpus = client.verified(os.sched_getaffinity(client.pid))
     if cpus != os.sched_getaffinity(0):
         os.sched_setaffinity(0, cpus)
-    nice = os.getpriority(os.PRIO_PROCESS, peer)
+    nice = client.verified(os.getpriority(os.PRIO_PROCESS, client.pid))
     if nice != os.getpriority(os.PRIO_PROCESS, 0):
         os.setpriority(os.PRIO_PROCESS, 0, nice)
     for res, soft, hard in req.rlimits:
@@ -395,6 +401,8 @@ def _run_cli(argv: tuple[str, ...], conn: socket.socket) -> int:
     assert main_thread is not None
 
     def watch() -> None:
+        # Every signal is the main thread's (SIGINT must interrupt the command, not us).
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         while True:
             try:
                 msg = conn.recv(64)
