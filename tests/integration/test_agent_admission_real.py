@@ -19,7 +19,7 @@ import pytest
 from torpor._process._proc import ProcRef
 
 from .helpers import wait_for
-from .test_agent_real import TORPOR, _served_by_agent
+from .test_agent_real import TORPOR, _served_by_agent, cli
 from .test_agent_real import agent as running_agent
 
 agent = running_agent  # the same fixture: an agent serving the test's home
@@ -180,6 +180,28 @@ def test_a_silent_connection_is_declined_and_frees_its_worker(
     worker = int(line.split()[2].rstrip(":"))  # agent worker PID: declined: ...
     assert line == f"agent worker {worker}: declined: no request within 10 s"
     wait_for(lambda: worker not in _workers(agent), what="the worker to end")
+
+
+def test_silent_connections_do_not_make_the_agent_fork_without_bound(
+    torpor_home: Path, agent: ProcRef
+) -> None:
+    from torpor._agent._master import MAX_WAITING
+
+    socks = []
+    try:
+        for _ in range(MAX_WAITING + 3):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.connect(str(torpor_home / "agent.sock"))  # queued once no worker is forked
+            socks.append(sock)
+            time.sleep(0.3)  # the master forks a replacement, if it may, meanwhile
+        time.sleep(1)
+        assert len(_workers(agent)) == MAX_WAITING  # all waiting, none idle, none more
+    finally:
+        for sock in socks:
+            sock.close()  # the workers see them go: each declines (nothing sent) and ends
+    # Then the agent serves again.
+    wait_for(lambda: len(_workers(agent)) == 2, what="the spare workers to be back")
+    assert cli("ps").returncode == 0
 
 
 def test_the_worker_goes_to_the_clients_directory_not_its_path(

@@ -2,11 +2,13 @@
 
 Single-threaded on purpose (it forks). It holds ``agent.lock`` for its whole life, listens on
 ``agent.sock``, and loops over a notes pipe from its workers (``taken PID`` when a worker takes
-a command, ``done PID`` when it is done), an inotify fd (``_watch``) and signals:
+a connection, ``request PID`` once its request came, ``done PID`` when it is done), an inotify
+fd (``_watch``) and signals:
 
 - it keeps ``SPARES`` idle workers, but while a command runs it forks a replacement only if no
   idle worker is left: forking and starting CRIU would otherwise compete with the command
-  (a restore) for the machine's cores; the rest are forked when the command is done;
+  (a restore) for the machine's cores; the rest are forked when the command is done; none is
+  forked while ``MAX_WAITING`` workers wait for their connection's request;
 - a change to torpor's sources or the CRIU binary, or SIGHUP, makes it re-execute itself
   (idle workers are stopped first);
 - SIGTERM/SIGINT stop it: idle workers are stopped; busy workers, and keepers, finish on their
@@ -36,6 +38,11 @@ from .._process._proc import ref
 from . import _watch, _worker
 
 SPARES = 2
+# Workers whose connection has not sent its request yet (each is declined after the worker's
+# RECEIVE_TIMEOUT): no more are forked while this many wait, so silent connections cannot make
+# the agent fork without bound; later connections wait in the backlog, or their launchers run
+# the command themselves.
+MAX_WAITING = 4
 # A command running longer than this no longer holds back its replacement.
 BUSY_GRACE = 2.0
 # After a command, spares are refilled only this much later: a restored process is resuming
@@ -91,6 +98,7 @@ class _Master:
         self.log_fd = log_fd
         self.idle: dict[int, float] = {}  # worker pid -> fork time
         self.busy: dict[int, float] = {}  # worker pid -> when it took its command
+        self.waiting: set[int] = set()  # busy workers whose request has not come yet
         self.last_note = 0.0  # when a worker last took or finished a command
         self.changed_at: float | None = None  # when torpor's code last changed (unhandled)
         self.ctx = _worker.AgentContext.current(install)
@@ -205,9 +213,13 @@ class _Master:
             if what == "taken":
                 self.idle.pop(pid, None)
                 self.busy[pid] = self.last_note
+                self.waiting.add(pid)
                 self.crashes = 0  # a worker that serves is a healthy one
+            elif what == "request":
+                self.waiting.discard(pid)
             else:
                 self.busy.pop(pid, None)
+                self.waiting.discard(pid)
 
     def _on_stop(self, *_: object) -> None:
         self.stop = True
@@ -233,7 +245,11 @@ class _Master:
         settling = now - self.last_note < REFILL_DELAY
         target = 1 if running or settling else SPARES
         master = os.getpid()
-        while len(self.idle) < target and self.crashes < CRASH_LIMIT:
+        while (
+            len(self.idle) < target
+            and self.crashes < CRASH_LIMIT
+            and len(self.waiting) < MAX_WAITING
+        ):
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the worker's side; exercised by integration tests
                 self._become_worker(master)
@@ -269,6 +285,7 @@ class _Master:
             if pid == 0:
                 return
             self.busy.pop(pid, None)
+            self.waiting.discard(pid)
             forked = self.idle.pop(pid, None)
             if forked is not None:  # an idle worker died: it never took a command
                 code = os.waitstatus_to_exitcode(status)

@@ -242,6 +242,7 @@ def _serve(
         conn.send(b"ready")  # the launcher sends its request only to a worker that has it
         try:
             packet, fds = _receive(conn)
+            _note(notes_fd, b"request")  # the master may fork for the next connection
             req = _request(packet, fds, ctx)
         except Declined as exc:
             return _decline(conn, str(exc))
