@@ -166,6 +166,41 @@ def test_a_request_cut_short_is_declined(torpor_home: Path, tmp_path: Path, agen
     assert not (torpor_home / "procs" / "cut.json").exists()
 
 
+def test_fds_cut_short_are_declined(torpor_home: Path, tmp_path: Path, agent: ProcRef) -> None:
+    marker = tmp_path / "ran"
+    argv = ["run", "--name", "fds", "--", "sh", "-c", f"echo ran > {marker}; sleep 600"]
+    sock = _connect(torpor_home)
+    with sock:
+        assert sock.recv(64) == b"ready"
+        here = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+        try:  # 20 fds: more than a worker receives (16), the first four as they should be
+            fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, *[here] * 17))
+            packet = _encode(argv, os.fsencode(tmp_path))
+            sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        finally:
+            os.close(here)
+        reply = sock.recv(4096)
+    assert reply.startswith(b"declined:the fds did not fit"), reply
+    assert not marker.exists()
+
+
+def test_a_request_of_the_old_protocol_is_declined(
+    torpor_home: Path, tmp_path: Path, agent: ProcRef
+) -> None:
+    # A torpor-agent/2 launcher sends no directory fd: it must be declined, never misrun.
+    marker = tmp_path / "ran"
+    argv = ["run", "--name", "old", "--", "sh", "-c", f"echo ran > {marker}; sleep 600"]
+    packet = _encode(argv, os.fsencode(tmp_path)).replace(b"torpor-agent/3", b"torpor-agent/2", 1)
+    sock = _connect(torpor_home)
+    with sock:
+        assert sock.recv(64) == b"ready"
+        fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
+        sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        reply = sock.recv(4096)
+    assert reply.startswith(b"declined:protocol b'torpor-agent/2'"), reply
+    assert not marker.exists()
+
+
 def test_a_silent_connection_is_declined_and_frees_its_worker(
     torpor_home: Path, agent: ProcRef
 ) -> None:
