@@ -318,3 +318,50 @@ def test_the_command_runs_in_the_clients_cgroups(
         for group in made:
             wait_for(lambda g=group: not (g / "cgroup.procs").read_text(), what="it to empty")
             group.rmdir()
+
+
+def test_a_device_the_clients_cgroup_denies_stays_denied(
+    torpor_home: Path, tmp_path: Path, agent: ProcRef
+) -> None:
+    # The review's case: a shell whose devices cgroup denies /dev/zero (and /dev/null) ran
+    # `head -c1 /dev/zero` through the agent, in the agent's cgroup.
+    group = Path("/sys/fs/cgroup/devices") / f"torpor-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "devices.deny").write_text("c 1:5 rwm")  # /dev/zero
+
+        def enter() -> None:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+
+        out = tmp_path / "out"
+        script = f"head -c1 /dev/zero > {out} 2>&1; echo $? >> {out}; exec sleep 600"
+        proc = subprocess.run(
+            [str(TORPOR), "run", "--name", "zero", "--", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=enter,
+        )
+        assert proc.returncode == 0, proc.stderr
+        pid = int(proc.stdout.split()[1])
+        assert _served_by_agent(pid, agent)
+        wait_for(lambda: out.exists() and out.read_text().endswith("\n"), what="its output")
+        assert out.read_text().endswith("1\n")  # head could not open /dev/zero
+        assert "Operation not permitted" in out.read_text()
+        os.kill(pid, signal.SIGKILL)
+        record = torpor_home / "procs" / "zero.json"
+        wait_for(
+            lambda: json.loads(record.read_text()).get("exit_status") is not None,
+            what="the keeper to record the exit",
+        )
+        # With /dev/null denied as well, the worker (in the cgroup too) still answers once the
+        # command is done (it used to open /dev/null for itself then, and died).
+        (group / "devices.deny").write_text("c 1:3 rwm")
+        ps = subprocess.run(
+            [str(TORPOR), "ps"], capture_output=True, text=True, timeout=120, preexec_fn=enter
+        )
+        assert ps.returncode == 0, ps.stderr
+        assert "declined" not in _agent_log(torpor_home)
+    finally:
+        wait_for(lambda: not (group / "cgroup.procs").read_text(), what="it to empty")
+        group.rmdir()

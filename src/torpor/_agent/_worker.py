@@ -384,7 +384,10 @@ def _let_go_of_client(log_fd: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
-    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+    except OSError:  # the client's devices cgroup, which we joined, may deny it
+        devnull = os.dup(log_fd)
     os.dup2(devnull, 0)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
