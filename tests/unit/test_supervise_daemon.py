@@ -58,6 +58,7 @@ class FakeEnv:
         self.rec = Rec("app", 100)
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.jobs: list[list[str]] = []
+        self.told: list[float | None] = []  # what the keeper was told (keeper_fence)
         self.app_r, self.app_w = os.pipe()
 
     def now(self) -> float:
@@ -100,6 +101,9 @@ class FakeEnv:
 
     def lease(self, spec: Spec) -> None:
         return None
+
+    def keeper_fence(self, rec: Rec, seconds: float | None) -> None:
+        self.told.append(seconds)
 
     def holder_is_ours(self, holder: str) -> bool:
         return holder == "this home's former supervisor"

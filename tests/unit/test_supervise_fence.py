@@ -301,3 +301,23 @@ def test_renewals_slow_to_fail_are_fenced_before_the_lease_lapses() -> None:
     finally:
         env.app.kill()
         env.app.wait()
+
+
+def test_the_keeper_is_told_the_deadline_after_each_renewal_and_cleared_at_shutdown() -> None:
+    env = LeasedEnv(None)
+    env.next_image = lambda spec: "app.s000003"  # type: ignore[attr-defined]
+    sup = Supervisor(env, shutdown_timeout=0.1)  # type: ignore[arg-type]
+    sup.reload()
+    try:
+        assert env.told == [12.0]  # watched: 80 % of the lease from its taking
+        assert tick(env, sup) == 5.0
+        assert env.told == [12.0, 12.0]  # renewed at 5 s: until 17 s
+        env.held.fail = DOWN
+        assert tick(env, sup) == 10.0
+        assert env.told == [12.0, 12.0]  # not renewed: the word of 5 s stands (17 s)
+        sup.stopping = True
+        sup.shutdown()
+        assert env.told == [12.0, 12.0, None]  # let go of: it runs on
+    finally:
+        env.app.kill()
+        env.app.wait()

@@ -42,7 +42,7 @@ from .. import _errors, _paths
 from .._engine import Connection, CriuEngine
 from .._errors import TorporError
 from .._images._manifest import now_iso
-from . import _keeper_dump, _keeper_reply, _keeper_restore, _locks, _peer, _registry
+from . import _keeper_dump, _keeper_fence, _keeper_reply, _keeper_restore, _locks, _peer, _registry
 from ._keeper_address import address as address
 from ._keeper_children import child_start_time, exec_app, kill
 from ._keeper_children import continue_tree as continue_tree
@@ -78,6 +78,8 @@ class Keeper:
         self.dumps: dict[int, _keeper_dump.SelfDump] = {}
         self.guard: _peer.TreeGuard | None = None
         self.idle = threading.Condition(self.lock)
+        # The supervisor's fence deadline: the children are killed when it passes.
+        self.fence = _keeper_fence.Deadline(self._kill_children, self.pid)
         self.listener: socket.socket | None = None
 
     # -- run --------------------------------------------------------------------------------
@@ -187,6 +189,13 @@ class Keeper:
                     _registry.update(rec.name, rec.ref, exit_status=code, ended=now_iso())
             self.idle.notify_all()
 
+    def _kill_children(self) -> None:
+        """SIGKILL every child (the fence deadline passed)."""
+        with self.lock:
+            pids = list(self.children)
+        for pid in pids:
+            kill(pid)
+
     # -- CRIU for self-dumping children -------------------------------------------------------
 
     def serve(self) -> None:
@@ -216,6 +225,12 @@ class Keeper:
                 # Read the request before any refusal: the client never writes to a closed
                 # connection.
                 data = _keeper_dump.receive(conn)
+                fence = _keeper_fence.parse(data) if rec is None else False
+                if fence is not False:
+                    _keeper_fence.check_peer(peer)
+                    self.fence.set(fence)
+                    conn.send(b'{"ok": true}')
+                    return
                 if rec is None:
                     raise _errors.PermissionDeniedError(
                         f"process {peer.pid} is not a child of keeper {self.pid}; refused"

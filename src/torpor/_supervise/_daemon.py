@@ -21,13 +21,15 @@ For each name whose supervision record says it should run (status ``supervised``
 Nothing heavy runs in the daemon itself: it forks nothing but ``exec``-ed CLI commands, each
 the tested command. The crash path is a pidfd wake-up, one record read, one pool listing and
 the restore command: no sleep, no polling. It signals nothing itself but its own children
-(a checkpoint command it aborts at shutdown) and, when its lease on a process is lost or
-could not be renewed for most of its duration, that process (through its checked pidfd):
-another home may resume it then, and two live copies must never run (self-fencing).
+(a command it aborts at shutdown or when it lets go of a name) and, through a checked pidfd,
+a copy it must not leave running (self-fencing, :mod:`._fence`): when its lease on it is
+lost or could not be renewed for most of its duration, when another home holds that lease,
+when a restore it abandoned made it. Another home may resume it then, and two live copies
+must never run. The copy's keeper is told the lease's deadline too, and enforces it.
 
 SIGTERM: checkpoint every supervised process that runs (in parallel, within the shutdown
-timeout), mark them ``shutdown`` and exit, the apps left running; their leases are not
-released but lapse (a restarted supervisor takes them again). SIGHUP: re-read the records. A
+timeout), mark them ``shutdown`` and exit, the apps left running, unfenced: their leases are
+not released but lapse, their keepers told to let them run. SIGHUP: re-read the records. A
 name no longer to run (``torpor stop``, ``torpor unsupervise``) keeps its lease while its
 copy runs here; a changed pool's lease is taken before the old one is released.
 """
@@ -81,6 +83,7 @@ class Watch:
     next_gc: float = 0.0
     restore_waiting: bool = False  # a restore waits for a fresh lease (see _fence.fresh)
     leaving: bool = False  # no longer to run: its lease kept until its copy here ends
+    keeper_unfenced: bool = False  # its keeper was not told the lease's deadline
 
     @property
     def name(self) -> str:
@@ -236,6 +239,7 @@ class Supervisor:
             return False
         w.rec, w.pidfd = rec, pidfd
         self._add(pidfd, lambda: self._app_ended(w))
+        _fence.tell_keeper(self, w)
         return True
 
     def _forget(self, w: Watch, *, release: bool = True) -> None:
@@ -508,6 +512,7 @@ class Supervisor:
                     self._drop(job.fd)
                     job.finish()
             w.checkpoint = w.prune = w.restore = None
+            _fence.tell_keeper(self, w, clear=True)  # it runs on, its lease left to lapse
             if not w.leaving:
                 self.env.event(w.name, "shutdown")
                 with contextlib.suppress(TorporError):

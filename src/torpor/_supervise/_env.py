@@ -127,6 +127,16 @@ class Env:
             self.pool(spec.pool), spec.name, holder=self.holder, duration=LEASE_DURATION
         )
 
+    def keeper_fence(self, rec: Any, seconds: float | None) -> None:
+        """Tell the keeper of ``rec`` to kill it ``seconds`` from now unless told again (None:
+        never); OSError or TorporError if it was not told."""
+        from .._errors import ProcessNotFoundError
+        from .._process import _keeper_fence, _registry
+
+        if not _registry.keeper_alive(rec):
+            raise ProcessNotFoundError(f"the keeper of {rec.name} is gone", pid=rec.keeper_pid)
+        _keeper_fence.tell(rec.keeper_pid, seconds)
+
     def holder_is_ours(self, holder: str) -> bool:
         """Whether a lease ``holder`` is a supervisor of this home on this host (a former
         one: only one serves a home at a time)."""

@@ -12,6 +12,11 @@ a series another host may be writing by then. Every lease call is bounded by its
 (ceph op timeouts and an s3 client of their own, see :mod:`torpor._pools._rados` and
 :mod:`torpor._pools._s3`), well under the time left between the deadline and the expiry.
 
+The copy's keeper is told that deadline after each renewal (:func:`tell_keeper`) and kills
+the copy itself when it passes without a newer word: a supervisor that died, was paused or
+hangs in a call cannot leave the copy running past the point another host may take the
+lease. A supervisor that stops (SIGTERM) clears it: the apps run on, unfenced.
+
 A restore starts only with a lease renewed within :data:`FRESH` (renewed first, at once,
 when it is older): a restore is a copy started, and must not start on a lease about to lapse.
 A fence stops the name's commands in flight too, and kills the copy a restore finishing
@@ -81,10 +86,28 @@ def renew(sup: Supervisor, w: Watch) -> None:
             sup.env.event(w.name, "lease", held=True, error=str(exc))
     else:
         w.lease_ok = start
+        tell_keeper(sup, w)
         if w.restore_waiting:
             w.restore_waiting = False
             log(f"{w.name}: lease renewed; restoring it")
             sup._restore_next(w)
+
+
+def tell_keeper(sup: Supervisor, w: Watch, *, clear: bool = False) -> None:
+    """Tell the keeper of ``w``'s copy the deadline (:mod:`torpor._process._keeper_fence`):
+    it kills the copy itself if this supervisor has not renewed the lease by then (died,
+    paused, hung). ``clear``: the copy is let go of and runs on, unfenced."""
+    if w.rec is None or w.pidfd is None or (w.lease is None and not clear):
+        return
+    seconds = None if clear else max(0.0, deadline(w) - sup.env.now())
+    try:
+        sup.env.keeper_fence(w.rec, seconds)
+    except (OSError, TorporError) as exc:
+        if not w.keeper_unfenced:  # said once (a keeper of an older torpor refuses it)
+            log(f"{w.name}: its keeper does not enforce the lease's deadline: {exc}")
+        w.keeper_unfenced = True
+    else:
+        w.keeper_unfenced = False
 
 
 def fresh(sup: Supervisor, w: Watch) -> bool:
