@@ -522,7 +522,8 @@ _netlock.block("killed", addrs)
 for a in addrs:
     _address.bring_up(a)
 _paths.write_home_file(
-    "migrate-inflight.json", json.dumps({"addresses": [*sys.argv[1:], "0.0.0.0/0"]}).encode()
+    "migrate-inflight.json",
+    json.dumps({"addresses": [*sys.argv[1:], "0.0.0.0/0"], "tag": "killed"}).encode(),
 )
 """
 
@@ -556,10 +557,9 @@ def test_a_restarted_server_removes_what_a_killed_one_left(paired: Lab) -> None:
         log = srv.stop()
     doubt = "in doubt: the server ended before the source's verdict"
     assert log.splitlines() == [
+        "torpor-migrate: removed the network lock inet torpor-mig-killed, left by a migration",
         f"torpor-migrate: removed {left}, brought up by a migration that did not finish",
         f"torpor-migrate: 'keeper-of-8' (pid {pid}) runs here, migration {doubt}",
-        "torpor-migrate: removed the network lock inet torpor-mig-killed, left by a migration "
-        "that did not finish",
     ]
     assert ps(lab, "a", "keeper-of-8")["state"] == f"migrating from b ({doubt})"
     assert left not in addresses(lab, "a")

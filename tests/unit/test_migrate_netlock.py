@@ -1,6 +1,6 @@
 """The migration's nftables locks (``torpor._migrate._netlock``) against a fake ``nft``: the
 target's lock table, finding CRIU's lock left after a dump, deleting only well-formed tables,
-and the sweep of what a killed server left. (The lab tests run the real ``nft``.)"""
+and the table a killed server's journal names. (The lab tests run the real ``nft``.)"""
 
 from __future__ import annotations
 
@@ -116,10 +116,14 @@ def test_drop_deletes_only_an_existing_well_formed_table(nft: FakeNft) -> None:
             _netlock.drop(bad)
 
 
-def test_sweep_removes_torpor_locks_only(nft: FakeNft) -> None:
-    nft.tables += [("inet", "torpor-mig-1"), ("inet", "torpor-mig-2"), ("inet", "CRIU-9")]
-    assert _netlock.sweep() == ["inet torpor-mig-1", "inet torpor-mig-2"]
-    assert sorted(nft.tables) == [("inet", "CRIU-9"), ("inet", "filter")]
+def test_the_table_a_journal_names_is_one_block_could_have_made() -> None:
+    criu = "CRIU-59b7beb0-a3e8-4f9d-98"
+    assert _netlock.lock_table(criu, "ab12") == ("inet", criu)
+    assert _netlock.lock_table(None, "ab12") == ("inet", "torpor-mig-ab12")
+    for lock, tag in [("filter", "ab12"), (7, "ab12"), (None, None), (None, "x y"),
+                      (None, ""), (None, "a" * 50), (None, 12)]:  # fmt: skip
+        assert _netlock.lock_table(lock, tag) is None, (lock, tag)
+    assert _netlock.lock_table(None, "a" * 49) == ("inet", "torpor-mig-" + "a" * 49)
 
 
 def test_a_failing_nft_is_one_error_line(monkeypatch: pytest.MonkeyPatch) -> None:

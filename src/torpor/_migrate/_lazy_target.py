@@ -35,6 +35,7 @@ import os
 import pickle
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable
 
@@ -52,6 +53,7 @@ from .._process._registry import ManagedProcess
 from ._apart import Apart
 from ._closehold import DAEMON_FAILED, DAEMON_OK
 from ._relay import send_socket, verdict
+from ._serve_sweep import release_addresses
 
 ACCEPT_TIMEOUT = 30.0  # seconds for the daemon to connect once started
 UNBLOCK = 2.0  # seconds a broken transfer leaves a restore waiting on a page before it ends
@@ -366,7 +368,14 @@ def _work(
 
 
 def _failed(source: str) -> Callable[[_lazy.LazyState], None]:
+    """The keeper's report of a half-moved copy its watch killed: the event, and the copy's
+    service addresses taken down here (those nothing alive holds:
+    :func:`._serve_sweep.release_addresses`). The server's ``abandon`` does that too, but
+    only while it runs; killed, it left them up here while the source takes them back for
+    its resumed original."""
+
     def report(state: _lazy.LazyState) -> None:
+        _release(state, source)
         with contextlib.suppress(OSError, TorporError, ValueError):
             from .._supervise import _events
 
@@ -376,3 +385,13 @@ def _failed(source: str) -> Callable[[_lazy.LazyState], None]:
             )  # fmt: skip
 
     return report
+
+
+def _release(state: _lazy.LazyState, source: str) -> None:
+    """Take down the service addresses the record of the killed copy ``state`` names (only
+    if the record is that very copy's: its pid)."""
+    with contextlib.suppress(OSError, TorporError):
+        rec = _registry.load(state.name)
+        if state.pid is not None and rec.pid == state.pid and rec.service_addresses:
+            for line in release_addresses(rec):
+                print(f"{now_iso()} lazy migration from {source}: {line}", file=sys.stderr)

@@ -20,7 +20,8 @@ So the target needs a lock of its own: from the moment the service address is up
 retransmission would meet no socket and be answered with an RST, which kills the connection.
 :func:`block` makes a torpor table ``inet torpor-mig-<tag>`` dropping everything to and from
 the service addresses (but CRIU's marked packets); :func:`drop` removes it once the restore
-is done, or on any failure; :func:`sweep` removes what a killed server left.
+is done, or on any failure; the next server of the same home removes what a killed one left
+(:func:`lock_table`: the table its journal names, if it bears its mark).
 
 **A lock never takes over a table that exists.** The peer may name the lock (after its dump's
 CRIU table), so the name may be that of a table here, another dump's. :func:`block` makes the
@@ -35,7 +36,6 @@ leaves a journal naming another's table, which must stay.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import json
@@ -357,12 +357,15 @@ def drop(table: tuple[str, str], *, known: bool = False) -> bool:
     return True
 
 
-def sweep() -> list[str]:
-    """Delete every torpor migration lock left here (by a killed server); their names."""
-    gone = []
-    for table in sorted(tables()):
-        if table[1].startswith(TABLE_PREFIX):
-            with contextlib.suppress(NetlockError):
-                drop(table)
-                gone.append(f"{table[0]} {table[1]}")
-    return gone
+def lock_table(lock: object, tag: object) -> tuple[str, str] | None:
+    """The table a lock of :func:`block` made with ``tag`` (and ``criu``: ``lock``) has, as a
+    server's journal names them (read as hostile: anything :func:`block` would refuse names
+    no table); None if they name none. What a killed server's sweep may delete, and only
+    once :func:`made_by_block` has found the tag's mark on it: never every ``torpor-mig-*``
+    table of the host, since the servers of other homes make theirs here too."""
+    if lock is not None:
+        name = criu_name(lock)
+        return None if name is None else ("inet", name)
+    if isinstance(tag, str) and _NAME.match(tag) and len(TABLE_PREFIX) + len(tag) <= 60:
+        return ("inet", _mark(tag))
+    return None

@@ -31,10 +31,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -49,12 +47,15 @@ from .._process._proc import start_time
 from .._safe import create_file, is_plain_name, open_dir
 from . import _address, _dedup, _netlock, _preflight
 from ._apart import run_apart
-from ._channel import _DATA, _MSG, ChannelError, Conn, PeerRefusedError, listen
+from ._channel import _DATA, _MSG, ChannelError, Conn, PeerRefusedError
 from ._dedup_target import BaseCache, Held, agreed
 from ._dedup_target import receive_file as receive_planned
 from ._pagestream import PagesFailed
 from ._pagestream import receive as receive_pages
 from ._send import MAX_FILES
+from ._serve_start import holding_home, listening
+from ._serve_start import main as main
+from ._serve_start import start_detached as start_detached
 from ._serve_sweep import (
     _JOURNAL,
     _clear_journal,
@@ -74,11 +75,12 @@ _HOLD_ENV = "TORPOR_TEST_MIGRATE_HOLD"
 def serve(
     addr: str, port: int, *, ready: Callable[[str], None], log: Callable[[str], None]
 ) -> None:
-    """Serve migrations on ``addr:port`` until killed; ``ready(address)`` once listening."""
-    _sweep(log)
+    """Serve migrations on ``addr:port`` until killed; ``ready(address)`` once listening.
+    The home's lock first, then the bind, then the sweep (:mod:`._serve_start`)."""
     bases = BaseCache()  # the chunk ids of the bases used, for as long as this server runs
     verdicts: dict[bytes, list[str]] = {}  # CRIU's cpuinfo verdicts, likewise
-    with listen(addr, port) as lst:
+    with holding_home(), listening(addr, port) as lst:  # held for the server's life
+        _sweep(log)
         host, bound = lst.address
         where = f"{host}:{bound}"
         ready(where)
@@ -547,53 +549,3 @@ def _restore_apart(image: Image, name: str, *, stopped: bool = False) -> _regist
         lambda: _manage.restore(image, names=[name], stopped=stopped)[0],
         what=f"the restore of {name}",
     )
-
-
-def start_detached(listen_at: str, *, timeout: float = 15.0) -> tuple[int, str]:
-    """``torpor agent start --listen ADDR:PORT``: start :func:`main` in a session of its own
-    (stderr appended to ``<home>/logs/migrate-server.log``); its pid and address once it
-    listens."""
-    import subprocess
-
-    log_path = _paths.logs_dir() / "migrate-server.log"
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "torpor", "agent", "run", "--listen", listen_at],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd,
-            start_new_session=True, close_fds=True,
-        )  # fmt: skip
-    finally:
-        os.close(log_fd)
-    assert proc.stdout is not None
-    with proc.stdout:
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        line = proc.stdout.readline().decode(errors="replace") if ready else ""
-    if not line.startswith("listening on "):
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-        raise TorporError(
-            f"the migration server did not start listening on {listen_at}",
-            hint=f"see {log_path}",
-        )
-    return proc.pid, line.removeprefix("listening on ").strip()
-
-
-def main(listen_at: str) -> int:
-    """``torpor agent run --listen ADDR:PORT``: serve in the foreground; "listening on ..."
-    on stdout once ready, one line per event on stderr."""
-    addr, _, port = listen_at.rpartition(":")
-    if not addr or not port.isdigit():
-        raise TorporError(
-            f"--listen {listen_at!r} is not ADDR:PORT", hint="e.g. --listen 10.0.0.2:7070"
-        )
-
-    def ready(where: str) -> None:
-        print(f"listening on {where}", flush=True)
-
-    def log(line: str) -> None:
-        print(f"torpor-migrate: {line}", file=sys.stderr, flush=True)
-
-    serve(addr.strip("[]"), int(port), ready=ready, log=log)
-    return 0

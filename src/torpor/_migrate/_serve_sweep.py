@@ -33,6 +33,7 @@ import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .. import _paths
 from .._errors import TorporError, UsageError
@@ -104,16 +105,26 @@ def _recorded_transit() -> set[str] | None:
         return set()
     if not isinstance(journal, dict):
         return set()
-    owner = journal.get("owner")
-    if isinstance(owner, list) and len(owner) == 2 and owner[0] != os.getpid():
-        pid, start = owner
-        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in owner)
-        if ok and 0 < pid < 1 << 31 and ProcRef(pid, start).alive():
-            return None
+    if _live_owner(journal) is not None:
+        return None
     dirs = journal.get("dirs")
     if not isinstance(dirs, list):
         return set()
     return {d for d in dirs[:2] if isinstance(d, str) and is_in_transit(d)}
+
+
+def _live_owner(journal: dict[str, Any]) -> int | None:
+    """The pid of the server that wrote ``journal`` (its ``owner``: pid and start time) if
+    that very process, not this one, still runs; None if it has ended or the journal names
+    no owner it could have written (a server too old to name itself: the home's lock,
+    :mod:`._serve_start`, now keeps two servers of one home from running at once)."""
+    owner = journal.get("owner")
+    if not isinstance(owner, list) or len(owner) != 2 or owner[0] == os.getpid():
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in owner):
+        return None
+    pid, start = owner
+    return pid if 0 < pid < 1 << 31 and ProcRef(pid, start).alive() else None
 
 
 def _not_removable(images_fd: int, entry: str) -> str | None:
@@ -162,11 +173,15 @@ def _sweep_transit(log: Callable[[str], None]) -> None:
 
 
 def _sweep(log: Callable[[str], None]) -> None:
-    """Remove what a killed server left (one server per home at a time): half-received
-    images (only those it recorded), the service addresses it brought up for a copy that
-    never ran, its network locks."""
+    """Remove what a killed server of this home left (run with the home's server lock held,
+    :mod:`._serve_start`): half-received images (only those it recorded), the service
+    addresses it brought up for a copy that never ran and the network lock its journal
+    names (only if it bears the journal's mark: other homes' servers lock on this host
+    too), and the service addresses of copies it restored that died before their
+    migration settled (:func:`release_addresses`). A journal whose server still runs is
+    left whole."""
     _sweep_transit(log)
-    left = _paths.read_home_file(_JOURNAL)
+    left = _paths.read_home_file(_JOURNAL, limit=_MAX_JOURNAL)
     if left is not None:
         try:
             journal = json.loads(left)
@@ -174,30 +189,14 @@ def _sweep(log: Callable[[str], None]) -> None:
             journal = None
         if not isinstance(journal, dict):
             journal = {}
-        listed, lock, tag = journal.get("addresses", []), journal.get("lock"), journal.get("tag")
-        if _netlock.criu_name(lock) is not None:
-            named = ("inet", str(lock))
-            with contextlib.suppress(TorporError):
-                # Only the lock the server made: the journal is written before the table,
-                # whose creation fails if another's has that name (_netlock).
-                made = _netlock.made_by_block(named, tag)
-                if made and _netlock.drop(named, known=True):
-                    log(f"removed the network lock inet {lock}, left by a migration")
-                elif made is False:
-                    log(f"kept the table inet {lock} a migration's journal names: not its lock")
-        addrs = []
-        for item in listed if isinstance(listed, list) else []:
-            with contextlib.suppress(TorporError):  # each on its own: one bad entry skips one
-                addrs.append(_address.parse(item))
-        used = {
-            a for r in _registry.list_all() if r.state == "running" for a in r.service_addresses
-        }
-        for addr in addrs:
-            if str(addr) not in used:
-                with contextlib.suppress(TorporError):
-                    if _address.take_down(addr):
-                        log(f"removed {addr}, brought up by a migration that did not finish")
-        _clear_journal()
+        owner = _live_owner(journal)
+        if owner is not None:
+            log(
+                f"left the service addresses and lock of {_JOURNAL} alone: the server that "
+                f"recorded them (pid {owner}) runs"
+            )
+        else:
+            _sweep_journal(journal, log)
     # A copy restored by a server that ended before the source's verdict: whether the source
     # committed is unknown, so it runs on, and says so (docs/migration.md).
     for rec in _registry.list_all():
@@ -207,9 +206,72 @@ def _sweep(log: Callable[[str], None]) -> None:
             with contextlib.suppress(OSError, TorporError):
                 _registry.update(rec.name, rec.ref, migrating=f"{mark} ({doubt})")
             log(f"{rec.name!r} (pid {rec.pid}) runs here, migration {doubt}")
-    with contextlib.suppress(TorporError):
-        for table in _netlock.sweep():
-            log(f"removed the network lock {table}, left by a migration that did not finish")
+        elif rec.state != "running" and mark.startswith("from ") and rec.service_addresses:
+            for line in release_addresses(rec):
+                log(line)
+
+
+def _sweep_journal(journal: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Undo what the ended server that wrote ``journal`` (:data:`_JOURNAL`) brought up."""
+    listed = journal.get("addresses", [])
+    named = _netlock.lock_table(journal.get("lock"), journal.get("tag"))
+    if named is not None:
+        with contextlib.suppress(TorporError):
+            # Only the lock the server made: the journal is written before the table,
+            # whose creation fails if another's has that name (_netlock).
+            made = _netlock.made_by_block(named, journal.get("tag"))
+            if made and _netlock.drop(named, known=True):
+                log(f"removed the network lock inet {named[1]}, left by a migration")
+            elif made is False:
+                log(f"kept the table inet {named[1]} a migration's journal names: not its lock")
+    addrs = []
+    for item in listed[:_MAX_ADDRESSES] if isinstance(listed, list) else []:
+        with contextlib.suppress(TorporError):  # each on its own: one bad entry skips one
+            addrs.append(_address.parse(item))
+    used = {a for r in _registry.list_all() if r.state == "running" for a in r.service_addresses}
+    for addr in addrs:
+        if str(addr) not in used:
+            with contextlib.suppress(TorporError):
+                if _address.take_down(addr):
+                    log(f"removed {addr}, brought up by a migration that did not finish")
+    _clear_journal()
+
+
+def release_addresses(rec: _registry.ManagedProcess) -> list[str]:
+    """Take down the service addresses of ``rec``, a migrated copy killed (or ended) before
+    its migration settled, that nothing alive here holds: no other running managed
+    process's record, no live server's journal (:func:`inflight_addresses`: a copy on its
+    way in). Once each is down (or kept), the record no longer names them, so that no later
+    sweep takes down an address brought up since. What was done, one line each.
+
+    The copy's keeper calls this when it kills a half-moved copy (:mod:`._lazy_target`): the
+    server that would take them down (``abandon``) may be dead, and the source, which takes
+    them back for the resumed original, would then share them with this host."""
+    held = inflight_addresses()
+    for other in _registry.list_all():
+        if other.name != rec.name and other.state == "running":
+            for text in other.service_addresses:
+                with contextlib.suppress(TorporError):
+                    held.add(_address.parse(text).ip)
+    out, failed = [], False
+    for text in rec.service_addresses[:_MAX_ADDRESSES]:
+        try:
+            addr = _address.parse(text)
+        except TorporError:
+            continue
+        if addr.ip in held:
+            out.append(f"kept {addr} of {rec.name!r}: a running process or migration holds it")
+            continue
+        try:
+            if _address.take_down(addr):
+                out.append(f"removed {addr} of {rec.name!r}, whose migration did not finish")
+        except TorporError as exc:
+            failed = True
+            out.append(f"warning: {addr} of {rec.name!r} could not be removed: {exc.msg}")
+    if not failed:
+        with contextlib.suppress(OSError, TorporError):
+            _registry.update(rec.name, rec.ref, service_addresses=())
+    return out
 
 
 def inflight_addresses() -> set[object]:
