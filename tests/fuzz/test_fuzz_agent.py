@@ -1,10 +1,11 @@
 """Fuzzing the agent protocol, both ends (``bin/torpor-py`` describes it).
 
-- The worker's admission of a request packet (``_worker._admit``): any packet is admitted as
-  a :class:`~torpor._agent._worker.Request` or declined (``_Declined``, which the worker
-  answers with ``declined:REASON``), never another exception; an admitted request can be
-  taken on (cwd, umask, rlimits, environment) or fails with the ``OSError``/``ValueError``
-  the worker turns into a decline — tried in a forked child, since it changes the process.
+- The worker's reading of a request packet with its fds (``_worker._request``): any packet
+  is admitted as a :class:`~torpor._agent._worker.Request` or declined (``Declined``, which
+  the worker answers with ``declined:REASON``), never another exception; an admitted request
+  can be taken on (directory, cgroups, umask, rlimits, environment) or fails with the
+  ``OSError``/``ValueError``/``Declined`` the worker turns into a decline — tried in a forked
+  child, since it changes the process.
 - What the launcher sends, the worker reads back exactly.
 - The launcher against a fake agent sending hostile ``ready`` and reply packets: it returns
   an exit code or None (run the command here), never raises, in bounded time.
@@ -25,8 +26,9 @@ from types import ModuleType
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from torpor._agent import _worker
-from torpor._agent._worker import AgentContext, Request, decode_request
+from torpor._agent import _admit, _worker
+from torpor._agent._admit import Declined
+from torpor._agent._worker import PROTOCOL, AgentContext, Request, decode_request
 
 from .support import Jail, bounded, in_child, scaled
 
@@ -68,7 +70,7 @@ def packets(draw: st.DrawFn) -> bytes:
         return draw(st.binary(max_size=200))
     argv = draw(st.lists(FIELD, max_size=4))
     fields = [
-        draw(st.sampled_from([b"torpor-agent/2", b"torpor-agent/1", b"torpor-agent/2 "])),
+        draw(st.sampled_from([PROTOCOL, b"torpor-agent/2", PROTOCOL + b" "])),
         draw(st.sampled_from([INSTALL, b"/nonexistent", b"", b"../../bin"]) | FIELD),
         draw(st.sampled_from([b"/", b"/nonexistent", b"", b"relative", b"/dev/zero"]) | FIELD),
         draw(NUMBERS),  # umask (octal)
@@ -86,27 +88,37 @@ def packets(draw: st.DrawFn) -> bytes:
 
 
 def admit(packet: bytes) -> Request | None:
-    """The worker's admission of ``packet`` from this process (same uid, same confinement,
-    three fds): the request, or None if declined."""
+    """The worker's reading of ``packet`` with a launcher's four fds (0, 1, 2 and a
+    directory): the request, or None if declined."""
+    cwd = os.open("/", os.O_PATH | os.O_DIRECTORY)
     try:
-        return _worker._admit(os.getpid(), os.geteuid(), packet, [0, 1, 2], CTX)
-    except _worker._Declined as exc:
+        return _worker._request(packet, [0, 1, 2, cwd], CTX)
+    except Declined as exc:
         assert str(exc) and "\n" not in str(exc)
         return None
+    finally:
+        os.close(cwd)
 
 
 def take_on(req: Request) -> None:
-    """What the worker does with an admitted request before running it (in a child)."""
+    """What the worker does with an admitted request before running it (in a child): this
+    process is the client, held by a pidfd over a socket pair as a worker holds its own."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client = _admit.Client(ours)
     try:
-        os.chdir(req.cwd)
-        _worker._adopt_context(req, os.getpid())
-    except (OSError, ValueError):
+        os.chdir("/")
+        _worker._adopt_context(req, client, None)
+    except (OSError, ValueError, Declined):
         pass  # declined by the worker: "cannot take on the client's context"
+    finally:
+        client.close()
+        ours.close()
+        theirs.close()
 
 
 def pkt(*fields: bytes) -> bytes:
     """A packet of these fields after the protocol and install ones."""
-    return b"\0".join((b"torpor-agent/2", INSTALL, *fields))
+    return b"\0".join((PROTOCOL, INSTALL, *fields))
 
 
 @given(packets())

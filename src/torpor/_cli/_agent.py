@@ -43,7 +43,7 @@ def _start(app: App, args: argparse.Namespace) -> int:
     for line in sweep():  # what killed migrations left here (their commands are gone)
         app.warn(line)
     if args.listen:
-        from .._migrate._serve import start_detached
+        from .._migrate._serve_start import start_detached
 
         pid, where = start_detached(args.listen)
         app.out(f"migration server started (pid {pid}), listening on {where}")

@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -54,8 +55,6 @@ from ._pagestream import PagesFailed
 from ._pagestream import receive as receive_pages
 from ._send import MAX_FILES
 from ._serve_start import holding_home, listening
-from ._serve_start import main as main
-from ._serve_start import start_detached as start_detached
 from ._serve_sweep import (
     _JOURNAL,
     _clear_journal,
@@ -549,3 +548,22 @@ def _restore_apart(image: Image, name: str, *, stopped: bool = False) -> _regist
         lambda: _manage.restore(image, names=[name], stopped=stopped)[0],
         what=f"the restore of {name}",
     )
+
+
+def main(listen_at: str) -> int:
+    """``torpor agent run --listen ADDR:PORT``: serve in the foreground; "listening on ..."
+    on stdout once ready, one line per event on stderr."""
+    addr, _, port = listen_at.rpartition(":")
+    if not addr or not port.isdigit() or int(port) > 65535:
+        raise TorporError(
+            f"--listen {listen_at!r} is not ADDR:PORT", hint="e.g. --listen 10.0.0.2:7070"
+        )
+
+    def ready(where: str) -> None:
+        print(f"listening on {where}", flush=True)
+
+    def log(line: str) -> None:
+        print(f"torpor-migrate: {line}", file=sys.stderr, flush=True)
+
+    serve(addr.strip("[]"), int(port), ready=ready, log=log)
+    return 0

@@ -136,7 +136,7 @@ def listening(addr: str, port: int) -> Iterator[Listener]:
 
 
 def start_detached(listen_at: str, *, timeout: float = 15.0) -> tuple[int, str]:
-    """``torpor agent start --listen ADDR:PORT``: start :func:`main` in a session of its own
+    """``torpor agent start --listen ADDR:PORT``: start :func:`._serve.main` in a session of its own
     (stderr appended to ``<home>/logs/migrate-server.log``); its pid and address once it
     listens. A server that does not start is an error naming why (its last line)."""
     check_home_free()
@@ -178,24 +178,3 @@ def _last_error(log_path: Path, began: int) -> str | None:
         if errors:
             return errors[-1].removeprefix("torpor: error: ")
     return None
-
-
-def main(listen_at: str) -> int:
-    """``torpor agent run --listen ADDR:PORT``: serve in the foreground; "listening on ..."
-    on stdout once ready, one line per event on stderr."""
-    from ._serve import serve
-
-    addr, _, port = listen_at.rpartition(":")
-    if not addr or not port.isdigit() or int(port) > 65535:
-        raise TorporError(
-            f"--listen {listen_at!r} is not ADDR:PORT", hint="e.g. --listen 10.0.0.2:7070"
-        )
-
-    def ready(where: str) -> None:
-        print(f"listening on {where}", flush=True)
-
-    def log(line: str) -> None:
-        print(f"torpor-migrate: {line}", file=sys.stderr, flush=True)
-
-    serve(addr.strip("[]"), int(port), ready=ready, log=log)
-    return 0
