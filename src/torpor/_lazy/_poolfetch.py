@@ -23,6 +23,7 @@ line on stderr names the pool and image), and the pool's catalog says where the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import threading
@@ -291,15 +292,68 @@ def write(
         return written
     by_pack, indexes = finder.group(pool, chunks)
 
+    # (fd, offset, chunk), verified, written in runs (:func:`_write_runs`) once all arrived
+    # or, for a big file, each time :data:`_HELD` bytes are held.
+    arrived: list[tuple[int, int, bytes]] = []
+    held = [0]
+    lock = threading.Lock()
+
     def sink(d: bytes, chunk: bytes) -> None:
-        for fd, offset in places[d]:
-            os.pwrite(fd, chunk, offset)
+        with lock:
+            arrived.extend((fd, offset, chunk) for fd, offset in places[d])
+            held[0] += len(chunk)
+            if held[0] < _HELD:
+                return
+            batch = arrived[:]
+            del arrived[:]
+            held[0] = 0
+        _write_runs(batch)
 
     try:
         pool._fetch(by_pack, indexes, sink, finder.bad, keep=stash)
+        _write_runs(arrived)
     except OSError as exc:
         raise TorporError(
             f"cannot write the local part of image {next(iter(files), '')!r}: {exc.strerror}",
             hint="check the space and permissions of torpor's cache directory",
         ) from exc
     return written
+
+
+_IOV_MAX = 1024  # Linux's UIO_MAXIOV: buffers one pwritev takes
+_HELD = 32 << 20  # bytes of verified chunks held before they are written
+
+
+def _write_runs(pieces: list[tuple[int, int, bytes]]) -> None:
+    """Write ``(fd, offset, data)`` pieces, each run of ones that continue each other in one
+    file with one ``pwritev`` (a warm set's ~5,000 chunks are ~20 runs: one ``pwrite`` per
+    chunk was ~10 % of the local part's time from a pool)."""
+    pieces.sort(key=lambda p: (p[0], p[1]))
+    i = 0
+    while i < len(pieces):
+        fd, start, first = pieces[i]
+        bufs = [first]
+        end = start + len(first)
+        j = i + 1
+        while j < len(pieces) and len(bufs) < _IOV_MAX:
+            nfd, off, data = pieces[j]
+            if nfd != fd or off != end:
+                break
+            bufs.append(data)
+            end += len(data)
+            j += 1
+        done = os.pwritev(fd, bufs, start)
+        if done < end - start:  # short (a file system may): the rest piece by piece
+            _write_rest(fd, bufs, start, done)
+        i = j
+
+
+def _write_rest(fd: int, bufs: list[bytes], start: int, done: int) -> None:
+    """Finish a short ``pwritev`` of ``bufs`` at ``start`` that wrote ``done`` bytes."""
+    view = memoryview(b"".join(bufs))[done:]
+    offset = start + done
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        view, offset = view[n:], offset + n

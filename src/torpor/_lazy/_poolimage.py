@@ -261,7 +261,10 @@ class PoolLazyImage(Image):
             return
         from .._pools import open_pool
 
-        data = {"image": self.manifest.id, "ranges": [list(r) for r in _warm.clip(ranges)]}
+        # Coalesced as a local warm set is: the page server records one range per page
+        # asked for (~5,000 for 20 MiB), each checked and spanned on every later restore.
+        merged = _warm.coalesce(_warm.clip(ranges))
+        data = {"image": self.manifest.id, "ranges": [list(r) for r in merged]}
         with open_pool(self.pool_name) as pool:
             pool.backend.put(warm_key(self.record.name), json.dumps(data).encode())
 

@@ -494,10 +494,8 @@ class PoolSource:
         # a frame holds chunks pushed together, of this image but after a repack, and a set
         # of the image's 262,144 chunks (1 GiB) to filter them cost 20-60 ms at the first
         # fault after the resume.
-        wanted = {c.digest for c in sub.chunks}
-        wanted.add(d)
         try:
-            for digest, chunk in iter_pack(data, sub, wanted):
+            for digest, chunk in iter_pack(data, sub):
                 if hashlib.sha256(chunk).digest() != digest:
                     self._failed[digest] = f"in pack {index.pack_id} does not match its SHA-256"
                     continue

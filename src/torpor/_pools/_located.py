@@ -49,7 +49,6 @@ class Located:
         self.packs = frozenset(rec.where.packs)
         self._find = rec.where.finder(rec.files)
         self.indexes: dict[str, PackIndex] = {}
-        self._digests: dict[str, dict[bytes, int]] = {}
         self._lock = threading.Lock()
         self._save = save
         self._unsaved: list[tuple[str, bytes]] = []
@@ -103,12 +102,7 @@ class Located:
 
     def entry(self, index: PackIndex, digest: bytes) -> ChunkEntry | None:
         """``digest``'s entry in ``index``, or None if the pack does not hold it."""
-        pos = self._digests.get(index.pack_id)
-        if pos is None:
-            pos = {d: i for i, d in enumerate(index.digests())}
-            with self._lock:
-                self._digests[index.pack_id] = pos
-        i = pos.get(digest)
+        i = index.position(digest)
         return None if i is None else index.entry(i)
 
     def save_cache(self) -> None:

@@ -133,6 +133,7 @@ class PackIndex:
         "_by_frame",
         "_chunks",
         "_digests",
+        "_positions",
         "_table",
         "created",
         "frames",
@@ -162,6 +163,7 @@ class PackIndex:
         self._chunks = chunks
         self._by_frame: dict[int, tuple[ChunkEntry, ...]] | None = None
         self._digests: list[bytes] | None = None
+        self._positions: dict[bytes, int] | None = None
 
     @property
     def table(self) -> bytes:
@@ -195,6 +197,14 @@ class PackIndex:
             else:
                 self._digests = [d for (d,) in _DIGEST.iter_unpack(self.table)]
         return self._digests
+
+    def position(self, digest: bytes) -> int | None:
+        """The index-order number of ``digest``'s entry (the last, should an index list it
+        twice), or None if the pack does not hold it (the map is made on first use)."""
+        positions = self._positions
+        if positions is None:
+            positions = self._positions = {d: i for i, d in enumerate(self.digests())}
+        return positions.get(digest)
 
     def entry(self, i: int) -> ChunkEntry:
         """Entry ``i`` (index order)."""
@@ -268,9 +278,15 @@ def iter_pack(
     decode raises :class:`PackDamagedError` naming the wanted chunks it holds.
     """
     by_frame: dict[int, list[ChunkEntry]] = defaultdict(list)
-    for c in index.chunks:
-        if wanted is None or c.digest in wanted:
+    if wanted is None:
+        for c in index.chunks:
             by_frame[c.frame].append(c)
+    else:  # found by digest: no entry made for the chunks not wanted (most of a pack, often)
+        for d in wanted:
+            i = index.position(d)
+            if i is not None:
+                c = index.entry(i)
+                by_frame[c.frame].append(c)
     if by_frame and not pack.startswith(PACK_MAGIC):
         raise PackDamagedError(
             f"pack {index.pack_id} has a bad magic number",
