@@ -239,7 +239,7 @@ class Finder:
         for pack_id, ds in by_pack.items():
             index = found.indexes[pack_id]
             for d in ds:
-                if found.entry(index, d) is None:
+                if index.position(d) is None:  # (no entry made: iter_pack makes it)
                     raise self.bad(d, f"is not in pack {pack_id}, where its record says it is")
         return by_pack, found
 
