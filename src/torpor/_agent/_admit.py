@@ -14,15 +14,10 @@ and its warm CRIU, into each of them before it runs the command).
 from __future__ import annotations
 
 import os
-import signal
 import socket
 from collections.abc import Iterable
-from typing import TypeVar
 
-T = TypeVar("T")
-
-# Linux's SO_PEERPIDFD (6.5; Python 3.11 has no constant for it).
-SO_PEERPIDFD = 77
+from .._process._pidfd_peer import PeerProcess
 
 # What a command run here would have differently from its client, and cannot take on: its
 # privileges and namespaces (a confined root shell must not get the agent's full powers).
@@ -34,46 +29,13 @@ class Declined(Exception):
     """Why a request cannot run here as it would in its client."""
 
 
-class Client:
-    """The process at the other end of ``conn``, held by a pidfd."""
+class Client(PeerProcess):
+    """The process at the other end of ``conn``, held by a pidfd (the shared read-then-verify
+    of :mod:`torpor._process._pidfd_peer`); :class:`Declined` if it cannot be held, or exited
+    before what was read of it was verified."""
 
     def __init__(self, conn: socket.socket) -> None:
-        try:
-            self.pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-        except OSError as exc:  # ENOPROTOOPT before Linux 6.5; ESRCH: the client is gone
-            raise Declined(f"cannot hold the client process (SO_PEERPIDFD): {exc}") from exc
-        try:
-            os.set_inheritable(self.pidfd, False)
-            self.pid = _pidfd_pid(self.pidfd)
-        except (OSError, ValueError) as exc:
-            os.close(self.pidfd)
-            raise Declined(f"cannot identify the client process: {exc}") from exc
-
-    def verified(self, value: T) -> T:
-        """``value`` (read from ``/proc/PID``) if the client is still alive: then that pid was
-        the client's when it was read. Else :class:`Declined`."""
-        try:
-            signal.pidfd_send_signal(self.pidfd, 0)
-        except OSError as exc:
-            raise Declined(f"the client process exited before it could be checked: {exc}") from exc
-        return value
-
-    def close(self) -> None:
-        os.close(self.pidfd)
-
-
-def _pidfd_pid(pidfd: int) -> int:
-    """The pid (in our pid namespace) of the process ``pidfd`` names; ValueError if it has
-    exited (-1) or is not visible here (0)."""
-    with open(f"/proc/self/fdinfo/{pidfd}", encoding="ascii") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key == "Pid":
-                pid = int(value)
-                if pid <= 0:
-                    raise ValueError("it has exited" if pid < 0 else "not in our pid namespace")
-                return pid
-    raise ValueError("no Pid in the pidfd's fdinfo")
+        super().__init__(conn, what="the client process", error=Declined)
 
 
 def confinement(pid: int | str) -> dict[str, str]:

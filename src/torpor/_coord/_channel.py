@@ -14,8 +14,10 @@ outside process cannot be dumped) and bound again after restore, under the new h
 The protocol, one JSON object per packet:
 
 1. the client binds a *reply* socket ``@torpor-reply/<its pid>/<random>``, connects to the
-   listener and checks through ``SO_PEERCRED`` that the listener is the target pid, running as
-   root or one of the target's uids (a squatter whose pid was reused is not);
+   listener and checks that the listener is the target process, running as root or one of
+   the target's uids: its process held by a pidfd (``SO_PEERPIDFD``), its pid and start time
+   the target's, read while it is not reaped (a squatter whose pid was reused by the target is
+   not; before Linux 6.5 no listener is believed);
 2. the listener checks the client through ``SO_PEERCRED``: only root or the process's own uid
    may trigger (others get ``PermissionDeniedError`` back, with a reason);
 3. the client sends ``{"v": 1, "op": "checkpoint", "dest", "leave_running",
@@ -25,7 +27,8 @@ The protocol, one JSON object per packet:
    or success in the original after ``leave_running``) it connects to the reply socket, checks
    that its owner is the requester, and sends ``{"ok": ..., ...}``; the client believes only a
    connection from the target pid (anyone can see the reply address and connect to it: others
-   are ignored). A restored copy never reports: its requester is long gone.
+   are ignored; the same check as the listener's). A restored copy never reports: its
+   requester is long gone.
 5. Without ``leave_running`` CRIU kills the original after the dump, so the client instead
    waits for the process to exit (pidfd, else polling ``/proc/PID/stat``'s start time) and for
    ``dest/torpor.json`` to appear (the engine's helper finalises the image).
@@ -36,6 +39,7 @@ A second request that arrives while a checkpoint runs finds no listener and gets
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -58,6 +62,7 @@ from .._errors import (
     TorporError,
     UsageError,
 )
+from .._process._pidfd_peer import PeerProcess
 from .._process._proc import start_time
 from ._contexts import system_context
 from ._failures import NotCoordinatedError as NotCoordinatedError
@@ -206,18 +211,15 @@ def request_checkpoint(
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as reply:
         reply.bind(b"\0" + token.encode())
         reply.listen(4)
-        ack = _handshake(pid, dest, token, leave_running, tcp_established, name, deadline)
+        ack = _handshake(pid, born, dest, token, leave_running, tcp_established, name, deadline)
         if not ack.get("ok"):
             raise _remote_error(pid, dest, ack)
         return _await_outcome(pid, born, dest, reply, leave_running, started, deadline)
 
 
 def _may_be(pid: int, uid: int) -> bool:
-    """Whether a socket of a process running as ``uid`` may speak for process ``pid``: root,
-    or one of ``pid``'s own uids. ``SO_PEERCRED`` names the pid that called ``listen()`` (or
-    ``connect()``), which may be gone and its number reused by ``pid``: the uid says more."""
-    if uid == 0:
-        return True
+    """Whether ``uid`` is one of process ``pid``'s uids (read from ``/proc``: believed only as
+    :func:`_speaker_problem` reads it)."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
             for line in fh:
@@ -228,8 +230,45 @@ def _may_be(pid: int, uid: int) -> bool:
     return False
 
 
+_NO_PIDFD = "cannot be traced to its process: this kernel has no SO_PEERPIDFD (Linux 6.5)"
+
+
+class _Unheld(Exception):
+    """The process of a socket cannot be held by a pidfd, or is gone."""
+
+
+def _speaker_problem(conn: socket.socket, pid: int, born: int) -> str | None:
+    """Why the process at the other end of ``conn`` (the one that called ``listen()``, or
+    ``connect()``) does not speak for process ``pid`` started at ``born`` (None: it does).
+
+    Root may speak for any process (``SO_PEERCRED``'s uid and pid decide, nothing is read).
+    Another uid must be that very process, running as one of its uids. ``SO_PEERCRED``'s pid
+    would not do for that: it names a process that may be gone, its pid reused by ``pid``
+    (which ``/proc/PID`` then shows, uids and start time). So the process is held by a pidfd
+    (``SO_PEERPIDFD``), and its pid, uids and start time are read while it is not reaped (read,
+    then verify: the shared ``_process._pidfd_peer``). Without ``SO_PEERPIDFD`` (before Linux
+    6.5) only root does; a process that exited before it is judged does not.
+    """
+    seen, uid, _ = _peercred(conn)
+    if uid == 0:
+        return None if seen in (0, pid) else f"belongs to process {seen} (uid 0)"
+    try:
+        with PeerProcess(conn, what="its process", error=_Unheld) as peer:
+            if peer.pid != pid or not peer.verified(_may_be(pid, uid)):
+                return f"belongs to process {peer.pid} (uid {uid})"
+            if peer.verified(start_time(pid)) != born:
+                return f"belongs to a newer process {pid} (uid {uid}): the one asked has exited"
+    except _Unheld as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno == errno.ENOPROTOOPT:
+            return _NO_PIDFD
+        return str(exc)
+    return None
+
+
 def _handshake(
     pid: int,
+    born: int,
     dest: Path,
     token: str,
     leave_running: bool,
@@ -247,12 +286,13 @@ def _handshake(
                 pid=pid,
                 hint="it does not use torpor (or set TORPOR_CHANNEL=0): dump it uncoordinated",
             ) from exc
-        peer_pid, peer_uid, _ = _peercred(conn)
-        if peer_pid not in (0, pid) or not _may_be(pid, peer_uid):
+        problem = _speaker_problem(conn, pid, born)
+        if problem is not None:
             raise CoordinationError(
-                f"the socket named for process {pid} belongs to process {peer_pid} (uid "
-                f"{peer_uid})",
-                hint="another process squats on torpor's address; refusing to talk to it",
+                f"the socket named for process {pid} {problem}",
+                hint="checkpoint it with --no-coordinate (its hooks do not run)"
+                if problem == _NO_PIDFD
+                else "another process squats on torpor's address; refusing to talk to it",
             )
         try:
             _send(
@@ -302,7 +342,7 @@ def _await_outcome(
                 )
             ready, _, _ = select.select(watch, [], [], min(left, 0.05 if pidfd is None else left))
             if reply in ready:
-                message = _read_reply(pid, reply)
+                message = _read_reply(pid, born, reply)
                 if message is None:
                     continue  # not from the process: ignored
                 if not message.get("ok"):
@@ -315,26 +355,23 @@ def _await_outcome(
             gone = (pidfd is not None and pidfd in ready) or start_time(pid) != born
             if gone:
                 break
-        return _await_image(pid, dest, reply, leave_running, started, deadline)
+        return _await_image(pid, born, dest, reply, leave_running, started, deadline)
     finally:
         if pidfd is not None:
             os.close(pidfd)
 
 
-def _read_reply(pid: int, reply: socket.socket) -> dict[str, Any] | None:
+def _read_reply(pid: int, born: int, reply: socket.socket) -> dict[str, Any] | None:
     """The result on the next connection to the reply socket, None if that connection is not
-    from process ``pid``: the reply address is visible to every user (``/proc/net/unix``), and
-    anyone may connect to an abstract socket, so a result is believed only from the process
-    asked (``SO_PEERCRED``)."""
+    from process ``pid`` (started at ``born``): the reply address is visible to every user
+    (``/proc/net/unix``), and anyone may connect to an abstract socket, so a result is
+    believed only from the process asked (:func:`_speaker_problem`)."""
     conn, _ = reply.accept()
     with conn:
-        peer_pid, peer_uid, _ = _peercred(conn)
-        if peer_pid != pid or not _may_be(pid, peer_uid):
+        problem = _speaker_problem(conn, pid, born)
+        if problem is not None:
             log.warning(
-                "torpor: a result for process %d came from process %d (uid %d); ignored",
-                pid,
-                peer_pid,
-                peer_uid,
+                "torpor: a result for process %d came from one that %s; ignored", pid, problem
             )
             return None
         conn.settimeout(_HANDSHAKE_TIMEOUT)
@@ -346,6 +383,7 @@ def _read_reply(pid: int, reply: socket.socket) -> dict[str, Any] | None:
 
 def _await_image(
     pid: int,
+    born: int,
     dest: Path,
     reply: socket.socket,
     leave_running: bool,
@@ -356,7 +394,7 @@ def _await_image(
     for _ in range(8):  # connections from others are ignored, but not forever
         if not select.select([reply], [], [], 0)[0]:
             break
-        message = _read_reply(pid, reply)
+        message = _read_reply(pid, born, reply)
         if message is not None and not message.get("ok"):
             raise _remote_error(pid, dest, message)
         if message is not None:

@@ -22,7 +22,10 @@ def listener_address(pid: int) -> bytes:
 
 
 def peercred(sock: socket.socket) -> tuple[int, int, int]:
-    """The ``(pid, uid, gid)`` of the process at the other end of ``sock`` (``SO_PEERCRED``)."""
+    """The ``(pid, uid, gid)`` of the process at the other end of ``sock`` (``SO_PEERCRED``):
+    the uid and gid are the kernel's, taken at ``connect()``/``listen()``; the pid is a number
+    another process may have by now, so nothing read from ``/proc/PID`` by it alone is that
+    process's (``_process._pidfd_peer`` holds the process itself)."""
     pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
     return pid, uid, gid
 

@@ -4,8 +4,11 @@ CRIU must run outside the tree it dumps, and a PID namespace's init cannot start
 a managed app asks its keeper (root) over ``@torpor-keeper-<pid>``. The app sends a JSON
 request only (:func:`parse_request`); the keeper never forwards anything of it to CRIU:
 
-1. the peer is authenticated (``SO_PEERCRED``: one of the keeper's children; its credentials,
-   ``_peer.identify``) and every field is checked; a request carrying fds is refused;
+1. the peer is authenticated (one of the keeper's children, its credentials: ``SO_PEERCRED``
+   and its /proc status, ``_peer.identify``) while it is held by a pidfd: it must still be
+   the process of its pid once its request is read (:func:`receive`), so a peer that exited,
+   its pid reused by a child, is not taken for that child. Every field is checked; a request
+   carrying fds is refused;
 2. the staging directory is opened with the peer's credentials (``O_NOFOLLOW``), and must be
    a directory the peer could have made itself: owned by its uid, not writable by group or
    others, and empty. The keeper then takes it (root-owned, 0700) for the whole dump, so
@@ -58,7 +61,7 @@ from .._images._image import Image, check_same, give, published, rename_noreplac
 from .._images._incomplete import Record, drop_bookkeeping, lock
 from .._safe import create_file, is_plain_name, lstat_entries, open_regular
 from ._finalize import ImageFacts, before_dump, not_finished, seal_reserved, supervision_of
-from ._peer import Peer, TreeGuard, run_as, tree_problem
+from ._peer import Peer, TreeGuard, run_as, still_there, tree_problem
 from ._proc import facts as process_facts
 from ._registry import ManagedProcess
 
@@ -102,7 +105,8 @@ Request = DumpRequest | CollectRequest
 
 def receive(conn: socket.socket) -> bytes:
     """One request packet from ``conn``: refused if it carries fds (a keeper takes none: an
-    older torpor sent CRIU's socket) or does not fit."""
+    older torpor sent CRIU's socket), does not fit, or its sender's connecting process is gone
+    (``_peer.still_there``)."""
     data, anc, flags, _ = conn.recvmsg(MAX_REQUEST, _FD_SPACE)
     fds = array.array("i")
     for level, kind, blob in anc:
@@ -117,6 +121,10 @@ def receive(conn: socket.socket) -> bytes:
         )
     if flags & socket.MSG_TRUNC:
         raise UsageError(f"request over {MAX_REQUEST} bytes; refused")
+    # The keeper looked the peer up among its children by pid before this: believed only if
+    # the peer is still the process of that pid (a peer gone since, its pid reused by a new
+    # child, is refused), see ``_peer.still_there``.
+    still_there(conn)
     return data
 
 

@@ -3,9 +3,10 @@
 A keeper runs as root; the app it started may have dropped to another uid since. Whatever
 the keeper does for such a child it does as the child could itself, or checks first:
 
-- :func:`identify`: the peer of a connection, from ``SO_PEERCRED`` and its /proc status. A
-  process with uid 0 in any of its uid slots can be root again at will, so it *is* root here;
-  another must have one uid and one gid in all slots (a half-dropped process is refused).
+- :func:`identify`: the peer of a connection, from ``SO_PEERCRED`` and its /proc status (read
+  while the peer is held by a pidfd, and verified after: ``_pidfd_peer``). A process with uid
+  0 in any of its uid slots can be root again at will, so it *is* root here; another must
+  have one uid and one gid in all slots (a half-dropped process is refused).
 - :func:`run_as`: run a few system calls in a forked child that took on the peer's groups,
   gid and uid (opening the directory a request names, renaming in it): the kernel then checks
   them as it would for the peer; fds opened there come back over ``SCM_RIGHTS``.
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .._errors import PermissionDeniedError
+from ._pidfd_peer import PeerProcess
 from ._proc import descendants
 
 _CRED = struct.Struct("3i")
@@ -101,13 +103,41 @@ def peer_of(pid: int, uid: int, gid: int, creds: Creds) -> Peer:
 
 
 def identify(conn: socket.socket) -> Peer:
-    """The peer of the unix socket ``conn`` (see :func:`peer_of`)."""
+    """The peer of the unix socket ``conn`` (see :func:`peer_of`), its status read from
+    ``/proc/PID`` while it is held by a pidfd and believed only once it is seen not reaped
+    after the read (``_pidfd_peer``): a peer that connected and exited, its pid now another
+    process's (a root one), is refused, never judged by that process's status.
+
+    :class:`PermissionDeniedError` if it cannot be held: it exited, or the kernel has no
+    ``SO_PEERPIDFD`` (before Linux 6.5 the keeper serves no one: a pid alone is not sound).
+    """
     pid, uid, gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-    try:
-        creds = read_creds(f"/proc/{pid}/status")
-    except (OSError, ValueError) as exc:
-        raise PermissionDeniedError(f"cannot read the credentials of process {pid}: {exc}") from exc
+    with PeerProcess(conn, what=f"process {pid}", error=_refused) as held:
+        if held.pid != pid:  # our /proc is not of our pid namespace: its PID is not the peer
+            raise PermissionDeniedError(
+                f"process {pid} reads as pid {held.pid} in /proc; refused",
+                hint="run the keeper with the /proc of its own pid namespace",
+            )
+        try:
+            creds = held.verified(read_creds(f"/proc/{pid}/status"))
+        except (OSError, ValueError) as exc:
+            raise _refused(f"cannot read the credentials of process {pid}: {exc}") from exc
     return peer_of(pid, uid, gid, creds)
+
+
+def still_there(conn: socket.socket) -> None:
+    """:class:`PermissionDeniedError` unless the peer of ``conn`` is not reaped yet: then its
+    pid is still its own, and whatever was looked up by that pid since it connected (the
+    keeper's children, :func:`identify`'s status) was about it. A pid is held by a fresh
+    pidfd of the same process (``SO_PEERPIDFD`` names it for as long as ``conn`` lives)."""
+    pid, _, _ = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    with PeerProcess(conn, what=f"process {pid}", error=_refused) as held:
+        if held.pid != pid:
+            raise _refused(f"process {pid} reads as pid {held.pid} in /proc")
+
+
+def _refused(msg: str) -> PermissionDeniedError:
+    return PermissionDeniedError(f"{msg}; refused")
 
 
 def _ids(values: Sequence[int]) -> str:
