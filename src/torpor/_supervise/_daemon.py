@@ -48,6 +48,7 @@ from typing import Any
 from .._errors import ProcessNotFoundError, TorporError
 from . import _fence, _policy
 from ._env import Env, log
+from ._linger import Lingering
 from ._policy import Exit, History
 from ._spec import Spec
 from ._state import Crash, LastCheckpoint, State
@@ -103,6 +104,7 @@ class Supervisor:
         self.reload_wanted = True
         self.dirwatch: Any = None
         self.next_reload: float | None = None  # a lease to take again once it expired
+        self.linger = Lingering(self)  # prunes let finish after their watch ended
 
     # -- fds --------------------------------------------------------------------------------
 
@@ -163,11 +165,14 @@ class Supervisor:
                 when += [w.lease_renew, _fence.deadline(w)]
         if self.next_reload is not None:
             when.append(self.next_reload)
+        if (lingering := self.linger.next()) is not None:
+            when.append(lingering)
         return None if not when else max(0.0, min(when) - now)
 
     def _due(self) -> None:
         _fence.leases_due(self)
         now = self.env.now()
+        self.linger.due(now)
         if self.next_reload is not None and now >= self.next_reload:
             self.next_reload = None
             self.reload()
@@ -245,6 +250,10 @@ class Supervisor:
     def _forget(self, w: Watch, *, release: bool = True) -> None:
         """Let go of ``w``: its commands in flight are stopped (see :meth:`_abandon`), its
         lease released unless ``release`` is False (then it lapses)."""
+        if w.prune is not None and w.lease is not None and release:
+            # Let finish, holding the lease (not fenced): see ._linger.
+            self.linger.add(w.name, w.prune, w.lease, _fence.deadline(w))
+            w.prune = w.lease = None
         for job, restore in ((w.checkpoint, False), (w.prune, False), (w.restore, True)):
             if job is not None:
                 self._abandon(job, w.name if restore else None)
@@ -518,6 +527,7 @@ class Supervisor:
                 with contextlib.suppress(TorporError):
                     self.env.update(w.name, lambda s: s.evolve(status="shutdown"))
             self._forget(w, release=False)
+        self.linger.stop_all()
 
 
 def _parse_checkpoint(stdout: str, image: str, took: float) -> dict[str, Any]:
