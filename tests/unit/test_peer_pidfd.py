@@ -228,21 +228,30 @@ def test_without_peerpidfd_the_channel_believes_root_only(
         assert _channel._speaker_problem(b, me, born) is None  # nothing is read for root
         monkeypatch.setattr(_channel, "_peercred", lambda s: (me, 4242, 4242))
         assert _channel._speaker_problem(b, me, born) == _channel._NO_PIDFD
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as squat:
-        squat.bind(_channel.listener_address(me))
-        squat.listen(1)
-        with pytest.raises(CoordinationError) as info:
-            _channel.request_checkpoint(
-                me,
-                tmp_path / "img",
-                leave_running=True,
-                tcp_established=False,
-                name=None,
-                timeout=5,
-            )
+    # Squatting the address of a process started here (a sleep, no torpor in it): this
+    # (pytest's) process may have a listener of its own from another test.
+    target = subprocess.Popen(["sleep", "60"])
+    try:
+        pid = target.pid
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as squat:
+            squat.bind(_channel.listener_address(pid))
+            squat.listen(1)
+            monkeypatch.setattr(_channel, "_peercred", lambda s: (pid, 4242, 4242))
+            with pytest.raises(CoordinationError) as info:
+                _channel.request_checkpoint(
+                    pid,
+                    tmp_path / "img",
+                    leave_running=True,
+                    tcp_established=False,
+                    name=None,
+                    timeout=5,
+                )
+    finally:
+        target.kill()
+        target.wait()
     assert str(info.value) == (
-        f"the socket named for process {me} cannot be traced to its process: this kernel has no"
-        " SO_PEERPIDFD (Linux 6.5) — checkpoint it with --no-coordinate (its hooks do not run)"
+        f"the socket named for process {pid} cannot be traced to its process: this kernel has"
+        " no SO_PEERPIDFD (Linux 6.5) — checkpoint it with --no-coordinate (its hooks do not run)"
     )
 
 
