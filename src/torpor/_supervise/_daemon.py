@@ -301,15 +301,19 @@ class Supervisor:
         self._read_exit(w, timed_out=False)
 
     def _read_exit(self, w: Watch, *, timed_out: bool) -> None:
-        try:
-            rec = self.env.record(w.name)
-        except TorporError:
-            rec = None
-        if rec is not None and w.rec is not None and rec.ref == w.rec.ref:
+        # Read twice if need be: a keeper that wrote the exit status just after the first
+        # read, then ended, is seen gone; its record then says how the copy ended.
+        for again in (False, True):
+            try:
+                rec = self.env.record(w.name)
+            except TorporError:
+                rec = None
+            if rec is None or w.rec is None or rec.ref != w.rec.ref:
+                break
             if rec.ended is not None or rec.exit_status is not None:
                 self._on_end(w, Exit.from_status(rec.exit_status))
                 return
-            if self.env.keeper_alive(rec) and not timed_out:
+            if not again and self.env.keeper_alive(rec) and not timed_out:
                 return  # its keeper is about to write it
         self._on_end(w, Exit())
 
