@@ -448,7 +448,7 @@ class Supervisor:
         w.checkpoint = w.checkpoint_image = None
         # The next period counts from this one's start: a slow checkpoint is followed at once.
         w.next_checkpoint = job.started + w.spec.interval
-        if code != 0:
+        if code != 0 and not self._published(w, image):
             if w.pidfd is not None:  # not the app's own end, which the crash path handles
                 self._checkpoint_failed(w, job.error_line())
             return
@@ -456,8 +456,10 @@ class Supervisor:
         last = LastCheckpoint(
             info["image"], _now_iso(), info["duration_s"], info["frozen_ms"], info["new_bytes"]
         )
-        self.env.event(
-            w.name,
+        # Made: recorded so, whatever fails after (an event write, a step of the command
+        # after it published the image): that is recorded as what it is (``step-failed``).
+        self._record(
+            w,
             "checkpoint",
             image=last.image,
             duration_s=last.duration_s,
@@ -465,6 +467,10 @@ class Supervisor:
             new_bytes=last.new_bytes,
         )
         self.env.update(w.name, lambda s: s.evolve(last_checkpoint=last))
+        if code != 0:
+            error = job.error_line()
+            log(f"{w.name}: {image} was checkpointed, then its command failed: {error}")
+            self._record(w, "step-failed", step="checkpoint", image=image, error=error)
         if self.stopping or w.restore is not None:
             # Not while a restore runs: the prune drops the local copy it may be reading
             # (the next checkpoint prunes).
@@ -488,10 +494,26 @@ class Supervisor:
         w.prune = None
         if code != 0:
             log(f"{w.name}: prune failed: {job.error_line()}")
+            self._record(w, "step-failed", step="prune", error=job.error_line())
             return
         with contextlib.suppress(ValueError, KeyError, TypeError):
             kept = int(json.loads(job.stdout)["kept"])
             self.env.update(w.name, lambda s: s.evolve(kept=kept))
+
+    def _published(self, w: Watch, image: str) -> bool:
+        """Whether ``image`` is a member of ``w``'s series in its pool (a command that failed
+        may have failed after publishing it); not known is not."""
+        try:
+            return image in self.env.checkpoints(w.spec)
+        except (TorporError, OSError):
+            return False
+
+    def _record(self, w: Watch, kind: str, **fields: Any) -> None:
+        """An event that fails to be written is logged: it fails nothing else."""
+        try:
+            self.env.event(w.name, kind, **fields)
+        except (TorporError, OSError) as exc:
+            log(f"{w.name}: event {kind} not recorded: {exc}")
 
     def _checkpoint_failed(self, w: Watch, error: str) -> None:
         log(f"{w.name}: checkpoint failed: {error}")

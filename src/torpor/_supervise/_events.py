@@ -34,6 +34,7 @@ KINDS = (
     "unsupervise",
     "checkpoint",
     "checkpoint-failed",
+    "step-failed",
     "crash",
     "restore",
     "restore-failed",

@@ -248,8 +248,9 @@ def join_series(name: str, image: Image, *, started: float | None = None) -> str
     last checkpoint and count kept), prune to the spec's ``keep``. The image pushed is
     checked against ``image.manifest`` (what the keeper sealed; the directory is the app's,
     see ``_pools._sign.local_origin``). The member's name, or None if ``name`` is not
-    supervised (``NAME.sNNNNNN@POOL``), or None if ``name`` is not supervised. A failure is
-    recorded as ``checkpoint-failed`` and raised."""
+    supervised (``NAME.sNNNNNN@POOL``), or None if ``name`` is not supervised. A failure to push
+    is recorded as ``checkpoint-failed`` and raised; a failure after the push (the prune) is
+    not the checkpoint's: it is recorded as made, the failure as ``step-failed``."""
     from .._images._stats import read_dump_stats_at
     from .._pools import open_pool
     from . import _events, _spec, _state
@@ -260,15 +261,20 @@ def join_series(name: str, image: Image, *, started: float | None = None) -> str
     begun = time.monotonic() if started is None else started
     stats = read_dump_stats_at(image.path)
     frozen = stats.frozen_ms if stats is not None else None
+    stored: PoolImage | None = None
+    kept: int | None = None
+    later: TorporError | None = None  # a step after the push failed: the checkpoint is made
     try:
         with open_pool(spec.pool) as pool:
             stored = _push_next(pool, name, image)
             prune(pool, name, spec.keep)
             kept = len(_member_names(pool, name))
     except TorporError as exc:
-        with contextlib.suppress(TorporError, OSError):
-            _events.append(name, "checkpoint-failed", by="app", error=str(exc))
-        raise
+        if stored is None:
+            with contextlib.suppress(TorporError, OSError):
+                _events.append(name, "checkpoint-failed", by="app", error=str(exc))
+            raise
+        later = exc
     duration = time.monotonic() - begun
     done = _state.LastCheckpoint(
         image=stored.name,
@@ -288,7 +294,14 @@ def join_series(name: str, image: Image, *, started: float | None = None) -> str
         bytes=image.manifest.total_bytes,
         new_bytes=stored.stored_bytes,
     )
-    _state.update(name, lambda s: s.evolve(last_checkpoint=done, kept=kept))
+    _state.update(
+        name, lambda s: s.evolve(last_checkpoint=done, kept=s.kept if kept is None else kept)
+    )
+    if later is not None:
+        with contextlib.suppress(TorporError, OSError):
+            _events.append(
+                name, "step-failed", by="app", step="prune", image=stored.name, error=str(later)
+            )
     return f"{stored.name}@{spec.pool}"
 
 
